@@ -1,0 +1,87 @@
+"""The llmjax checkpoint folder: orbax weights, the Hugging Face config, the tokenizer files.
+
+```
+OUT/
+  llmjax.json          format marker, weight dtype, the weight groups in order
+  config.json          the source model's Hugging Face config (LlamaConfig.from_hf reads it)
+  generation_config.json, tokenizer.model | tokenizer.json, tokenizer_config.json, ...
+  weights/<group>/     one orbax checkpoint per top-level group: embed, layer_0 ... layer_{L-1},
+                       final_norm, lm_head
+```
+One orbax item per group lets conversion write a layer at a time (memory bounded by the largest
+layer, not the model) and restore read each tensor straight into the sharding it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+MANIFEST = "llmjax.json"
+FORMAT = "llmjax-checkpoint"
+VERSION = 1
+WEIGHTS_DIR = "weights"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def write_weights(root: str, groups) -> list[str]:
+    """Saves each `(key, subtree)` of `groups` (an iterable) under `root/weights/key`; returns the keys."""
+    checkpointer = ocp.StandardCheckpointer()
+    keys = []
+    for key, tree in groups:
+        checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), tree)
+        keys.append(key)
+    checkpointer.wait_until_finished()
+    return keys
+
+
+def write_manifest(root: str, keys: list[str], dtype: str) -> None:
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "groups": keys}
+    with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); convert the model again with `llmjax convert`") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{path}: not an llmjax checkpoint of version {VERSION} ({manifest!r}); "
+                         "convert the model again with this version of `llmjax convert`")
+    return manifest
+
+
+def restore_weights(root: str, target: dict) -> dict:
+    """Restores every group of `target` (a tree of `jax.ShapeDtypeStruct` with shardings)."""
+    manifest = read_manifest(root)
+    missing = sorted(set(target) - set(manifest["groups"]))
+    if missing:
+        raise ValueError(f"{root}: the checkpoint lacks weight groups {missing}; it does not match its "
+                         "config.json; convert the model again")
+    checkpointer = ocp.StandardCheckpointer()
+    weights = {}
+    for key, group_target in target.items():
+        path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
+        try:
+            weights[key] = checkpointer.restore(path, group_target)
+        except Exception as e:  # orbax raises many types; all mean the same to a user
+            raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(e).__name__}: {e}); "
+                             "the checkpoint is damaged or does not match its config.json; convert the "
+                             "model again") from e
+    return weights
+
+
+def default_target(abstract: dict, sharding: jax.sharding.Sharding | None = None) -> dict:
+    """Gives each abstract leaf a sharding (by default the first local device)."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)

@@ -1,0 +1,88 @@
+"""The `llmjax` command: `convert` a Hugging Face folder, `generate` text from a model.
+
+Errors a user can fix (a missing file, a bad argument, an unsupported model) print one line naming the
+problem and the fix, and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args) -> None:
+    from llmjax.convert.hf import convert
+
+    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _generate(args) -> None:
+    import llmjax
+
+    params = llmjax.load(args.model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) \
+            if params.tokenizer else prompt
+    stream = llmjax.stream(params, prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           min_p=args.min_p, seed=args.seed, stop=args.stop or None)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    s = stream.stats
+    print(f"[prefill] {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms "
+          f"({s.prompt_tokens / s.prefill_s:.1f} tok/s) | [decode] {s.new_tokens} tokens, "
+          f"{s.decode_tok_s:.1f} tok/s | [compile] {s.compile_s:.1f} s", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmjax", description="Llama inference with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="convert a Hugging Face Llama folder into an llmjax checkpoint",
+                          description="Streams the safetensors of HF_DIR through llmjax's name map into "
+                                      "an orbax checkpoint at OUT_DIR, with config and tokenizer files.")
+    conv.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and *.safetensors")
+    conv.add_argument("out_dir", metavar="OUT_DIR", help="where to write the llmjax checkpoint")
+    conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                      help="weight dtype to store (default: the checkpoint's own)")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    conv.set_defaults(run=_convert)
+
+    gen = sub.add_parser("generate", help="stream a continuation of a prompt",
+                         description="Loads a model, streams the continuation of --prompt, then prints "
+                                     "prefill and decode speed to stderr.")
+    gen.add_argument("--model", required=True, help="llmjax checkpoint or Hugging Face folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--min-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+        print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

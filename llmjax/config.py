@@ -1,0 +1,182 @@
+"""Model configuration: one frozen dataclass, named presets, and a reader for Hugging Face `config.json`.
+
+The config is hashable so it can be a static argument of `jax.jit`. It describes the architecture only;
+the weights' dtype travels with the weights. Anything `from_hf` does not understand is refused with an
+error that names the field, rather than guessed at: a model that loads but computes something else is
+the worst outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Frequency scaling of rotary embeddings: Llama 3.1's `llama3` type or plain `linear`."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{self.num_kv_heads}; grouped-query attention needs whole groups")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def preset(cls, name: str) -> "LlamaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> "LlamaConfig":
+        """Reads a Hugging Face Llama `config.json` (a file, the folder holding it, or its dict)."""
+        hf = _read_json_config(path_or_dict)
+        return _from_hf_dict(hf)
+
+
+def _read_json_config(path_or_dict) -> dict[str, Any]:
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json at {path}: point at a Hugging Face model folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export the model's config.json") from e
+
+
+def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(
+            f"config.json: model_type={model_type!r} is not supported; llmjax runs model_type 'llama' "
+            "(Llama 2, Code Llama, Llama 3, Llama 3.1 and models of the same architecture)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act={act!r} is not supported; Llama uses 'silu'")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"):
+        if field not in hf:
+            raise ValueError(f"config.json: required field {field!r} is missing")
+    num_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    theta, scaling = _rope_from_hf(hf)
+    eos = hf.get("eos_token_id", 2)
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+    )
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Both spellings: transformers 5's `rope_parameters` block, or classic `rope_theta`/`rope_scaling`."""
+    if hf.get("rope_parameters") is not None:
+        params, field = dict(hf["rope_parameters"]), "rope_parameters"
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        params, field = dict(hf.get("rope_scaling") or {}), "rope_scaling"
+        theta = hf.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"config.json: {field}.rope_type={rope_type!r} is not supported; llmjax implements "
+            f"{', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return float(theta), None
+    if "factor" not in params:
+        raise ValueError(f"config.json: {field} of type {rope_type!r} needs a 'factor'")
+    if rope_type == "linear":
+        return float(theta), RopeScaling("linear", float(params["factor"]))
+    missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in params]
+    if missing:
+        raise ValueError(f"config.json: {field} of type 'llama3' lacks {', '.join(missing)}")
+    return float(theta), RopeScaling(
+        "llama3", float(params["factor"]), float(params["low_freq_factor"]),
+        float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+
+
+_LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+_LLAMA3 = dict(vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+               bos_token_id=128000, eos_token_ids=(128001,))
+_LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, eos_token_ids=(128001, 128008, 128009),
+                rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+_SHAPE_7B = dict(hidden_size=4096, num_layers=32, num_heads=32, head_dim=128)
+_SHAPE_70B = dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                  num_kv_heads=8, head_dim=128)
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama2-7b": LlamaConfig(**_LLAMA2, **_SHAPE_7B, intermediate_size=11008, num_kv_heads=32),
+    "llama2-13b": LlamaConfig(**_LLAMA2, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                              num_heads=40, num_kv_heads=40, head_dim=128),
+    "llama2-70b": LlamaConfig(**_LLAMA2, **_SHAPE_70B),
+    "codellama-34b": LlamaConfig(**dict(_LLAMA2, vocab_size=32000, max_position_embeddings=16384),
+                                 rope_theta=1e6, hidden_size=8192, intermediate_size=22016,
+                                 num_layers=48, num_heads=64, num_kv_heads=8, head_dim=128),
+    "llama3-8b": LlamaConfig(**_LLAMA3, **_SHAPE_7B, intermediate_size=14336, num_kv_heads=8),
+    "llama3-70b": LlamaConfig(**_LLAMA3, **_SHAPE_70B),
+    "llama3.1-8b": LlamaConfig(**_LLAMA31, **_SHAPE_7B, intermediate_size=14336, num_kv_heads=8),
+    "llama3.1-70b": LlamaConfig(**_LLAMA31, **_SHAPE_70B),
+    # Odd, distinct sizes so that a transposed or mixed-up axis fails loudly in tests.
+    "tiny": LlamaConfig(vocab_size=515, hidden_size=96, intermediate_size=200, num_layers=2,
+                        num_heads=6, num_kv_heads=2, head_dim=16, max_position_embeddings=256),
+}

@@ -1,0 +1,203 @@
+"""Hugging Face Llama folder -> llmjax weights, streamed tensor by tensor.
+
+Reads safetensors only (one file, or shards listed in `model.safetensors.index.json`); pickled
+`.bin`/`.pt` checkpoints are refused, since unpickling runs arbitrary code. Every name and shape is
+checked against `config.json` from the file headers before any tensor is read, so a mismatch fails in
+a second rather than after minutes of copying. `convert` writes into a temporary folder beside the
+output and renames it at the end: a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from typing import Iterator
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from llmjax import checkpoint
+from llmjax.config import LlamaConfig
+from llmjax.convert.names import Entry, is_ignorable, name_map
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+_STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+INDEX = "model.safetensors.index.json"
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# Files copied from the source folder into a converted checkpoint, when present.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "chat_template.json")
+
+_HOW_TO_GET_SAFETENSORS = (
+    "llmjax never unpickles checkpoints (unpickling runs arbitrary code). Get the safetensors "
+    "release of the model, or, in an environment you trust, re-save it with transformers: "
+    "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
+
+
+class SafetensorsFolder:
+    """The tensors of a Hugging Face folder, by name, read lazily from their files."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files = _tensor_files(folder)  # tensor name -> file path
+        self._handles: dict[str, object] = {}
+
+    def _open(self, path: str):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); "
+                                 "download it again") from e
+        return self._handles[path]
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        sl = self._open(self.files[name]).get_slice(name)
+        return tuple(sl.get_shape()), sl.get_dtype()
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            return self._open(self.files[name]).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); the file is "
+                             "corrupt or truncated; download it again") from e
+
+
+def _tensor_files(folder: str) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder; point at a Hugging Face model folder "
+                                "holding config.json and *.safetensors")
+    index = os.path.join(folder, INDEX)
+    if os.path.isfile(index):
+        return _files_from_index(folder, index)
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        pickles = [os.path.basename(p) for pat in PICKLES for p in glob.glob(os.path.join(folder, pat))]
+        if pickles:
+            raise ValueError(f"{folder} holds only pickled weights ({', '.join(sorted(pickles))}). "
+                             + _HOW_TO_GET_SAFETENSORS)
+        raise FileNotFoundError(f"{folder}: no *.safetensors files; a Hugging Face model folder "
+                                "holds model.safetensors or shards with model.safetensors.index.json")
+    names: dict[str, str] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="numpy") as f:
+                names.update({k: path for k in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); download it "
+                             "again") from e
+    return names
+
+
+def _files_from_index(folder: str, index: str) -> dict[str, str]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is unreadable or has no 'weight_map' ({e}); download it again") from e
+    missing = sorted({fn for fn in weight_map.values() if not os.path.isfile(os.path.join(folder, fn))})
+    if missing:
+        raise FileNotFoundError(f"{folder}: {INDEX} lists shards that are missing: {', '.join(missing)}; "
+                                "download them")
+    return {name: os.path.join(folder, fn) for name, fn in weight_map.items()}
+
+
+def check_tensors(source: SafetensorsFolder, config: LlamaConfig) -> list[Entry]:
+    """Checks names and shapes against the config (headers only); returns the entries to read."""
+    entries = name_map(config)
+    expected = {e.hf_name for e in entries}
+    missing = [e.hf_name for e in entries if e.hf_name not in source.files]
+    if missing:
+        raise ValueError(f"{source.folder}: {len(missing)} tensor(s) that config.json implies are missing, "
+                         f"first {missing[:5]}; the weights do not match config.json")
+    unexpected = sorted(n for n in source.files if n not in expected and not is_ignorable(n, config))
+    if unexpected:
+        raise ValueError(f"{source.folder}: unexpected tensor(s) {unexpected[:5]}; config.json does not "
+                         "describe them (a different architecture, or attention_bias/mlp_bias/"
+                         "tie_word_embeddings set wrong?)")
+    for e in entries:
+        shape, dtype = source.shape_and_dtype(e.hf_name)
+        if shape != e.hf_shape:
+            raise ValueError(f"{source.files[e.hf_name]}: tensor {e.hf_name!r} has shape {shape}, but "
+                             f"config.json implies {e.hf_shape}")
+        if dtype not in _STORED:
+            raise ValueError(f"{source.files[e.hf_name]}: tensor {e.hf_name!r} is stored as {dtype}; "
+                             f"llmjax reads float32, float16 and bfloat16 checkpoints")
+    return entries
+
+
+def resolve_dtype(dtype: str, source: SafetensorsFolder) -> str:
+    """`auto` keeps the checkpoint's own dtype (that of its embedding table)."""
+    if dtype == "auto":
+        return _STORED[source.shape_and_dtype("model.embed_tokens.weight")[1]]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def iter_weight_groups(source: SafetensorsFolder, config: LlamaConfig, dtype: str,
+                       progress: bool = True) -> Iterator[tuple[str, dict]]:
+    """Yields `(group, weights subtree)` in model order, reading each tensor once."""
+    entries = check_tensors(source, config)
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[e.path[0]].append(e)
+    np_dtype = DTYPES[dtype]
+    with tqdm(total=len(entries), desc="tensors", unit="tensor", disable=not progress) as bar:
+        for key, group in groups.items():
+            tree: dict = {}
+            for e in group:
+                array = np.ascontiguousarray(e.to_llmjax(source.read(e.hf_name)).astype(np_dtype))
+                _set_path(tree, e.path[1:], array)
+                bar.update()
+            yield key, tree
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def read_hf_weights(folder: str, config: LlamaConfig, dtype: str = "auto",
+                    progress: bool = False) -> tuple[dict, str]:
+    """All weights of a Hugging Face folder as numpy arrays, in memory; returns (weights, dtype)."""
+    source = SafetensorsFolder(folder)
+    dtype = resolve_dtype(dtype, source)
+    return dict(iter_weight_groups(source, config, dtype, progress)), dtype
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
+            progress: bool = True) -> str:
+    """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir."""
+    config = LlamaConfig.from_hf(hf_dir)  # refuses unsupported architectures before any work
+    source = SafetensorsFolder(hf_dir)
+    dtype = resolve_dtype(dtype, source)
+    check_tensors(source, config)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
+                              "--overwrite (overwrite=True)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.partial-")
+    try:
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        keys = checkpoint.write_weights(tmp, iter_weight_groups(source, config, dtype, progress))
+        checkpoint.write_manifest(tmp, keys, dtype)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

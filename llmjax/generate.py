@@ -1,0 +1,410 @@
+"""`generate`, `stream` and `logits`: the public entry points over a loaded model.
+
+`generate` runs prefill and the whole decode loop (`lax.while_loop`) inside one jit: no host round
+trip per token. `stream` steps the same jitted decode from Python so text can be shown as it comes.
+Prompts are right-padded into one batch; each row keeps its own positions, so a batch gives each
+prompt what it would get alone.
+
+Static shapes, and why each exists (each distinct value compiles once):
+- prompt length is padded to a power of two (>= 16): prompts of similar length share a compilation;
+- new tokens are budgeted in powers of two (>= 16): the output buffer and cache need a fixed size,
+  while the loop itself stops at `max_new_tokens` or when every row has finished;
+- the batch is padded to a power of two, up to `MAX_BATCH` rows per call.
+Stop strings are matched on the host, on decoded text: the loop stops at EOS or the token budget, and
+the text is cut before the first stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.cache import KVCache
+from llmjax.models.llama import Llama
+from llmjax.params import Params
+from llmjax.sampling import Sampling, sample
+
+MIN_BUCKET = 16
+MAX_BATCH = 64  # rows per compiled call; longer lists run in several calls
+PAD_ID = -1  # marks output slots after a row finished
+
+
+def _bucket(n: int, cap: int | None = None) -> int:
+    b = max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    return min(b, cap) if cap else b
+
+
+# ---------------------------------------------------------------- device side
+
+
+def _row_keys(key: jax.Array, step, batch: int) -> jax.Array:
+    return jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(jnp.arange(batch))
+
+
+def _prefill(model, weights, tokens, lengths, cache):
+    """Writes the prompts into the cache; returns the last prompt position's logits `[B, V]`."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, cache = model.apply({"params": weights}, tokens, positions, cache, logits_at=lengths - 1)
+    return logits[:, 0], cache
+
+
+def _decode(model, weights, last, positions, cache):
+    """One token per row `[B]` at `positions` `[B]`; returns logits `[B, V]` and the cache."""
+    logits, cache = model.apply({"params": weights}, last[:, None], positions[:, None], cache)
+    return logits[:, 0], cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+    step: jax.Array  # tokens produced so far
+    out: jax.Array  # [B, out_len]
+    last: jax.Array  # [B] the token to feed next
+    positions: jax.Array  # [B] where `last` goes in the cache
+    done: jax.Array  # [B]
+    cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_len", "out_len", "greedy", "filters"))
+def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key, *,
+                  model, cache_len, out_len, greedy, filters):
+    batch = tokens.shape[0]
+    pick = functools.partial(sample, knobs=knobs, greedy=greedy, filters=filters)
+    cache = KVCache.zeros(model.config, batch, cache_len, weights["embed"]["embedding"].dtype)
+    logits, cache = _prefill(model, weights, tokens, lengths, cache)
+    first = pick(logits, _row_keys(key, 0, batch))
+    out = jnp.full((batch, out_len), PAD_ID, jnp.int32).at[:, 0].set(first)
+    state = _Loop(jnp.int32(1), out, first, lengths, ~active | jnp.isin(first, eos_ids), cache)
+
+    def cond(s: _Loop):
+        return (s.step < max_new) & ~jnp.all(s.done)
+
+    def body(s: _Loop):
+        logits, cache = _decode(model, weights, s.last, s.positions, s.cache)
+        token = jnp.where(s.done, PAD_ID, pick(logits, _row_keys(key, s.step, batch)))
+        out = s.out.at[:, s.step].set(token)
+        done = s.done | jnp.isin(token, eos_ids)
+        return _Loop(s.step + 1, out, jnp.maximum(token, 0), s.positions + 1, done, cache)
+
+    final = jax.lax.while_loop(cond, body, state)
+    return final.out, final.step
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_len", "greedy", "filters"))
+def _start(weights, tokens, lengths, knobs, key, *, model, cache_len, greedy, filters):
+    cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
+    logits, cache = _prefill(model, weights, tokens, lengths, cache)
+    keys = _row_keys(key, 0, tokens.shape[0])
+    return sample(logits, keys, knobs, greedy=greedy, filters=filters), cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "greedy", "filters"), donate_argnames=("cache",))
+def _step(weights, last, positions, cache, knobs, key, step, *, model, greedy, filters):
+    logits, cache = _decode(model, weights, last, positions, cache)
+    keys = _row_keys(key, step, last.shape[0])
+    return sample(logits, keys, knobs, greedy=greedy, filters=filters), cache
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _forward(weights, tokens, *, model):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return model.apply({"params": weights}, tokens, positions)[0]
+
+
+# ---------------------------------------------------------------- host side: prompts
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _parse_prompt(prompt) -> tuple[str, list]:
+    """Classifies a prompt: ("text", [str]), ("texts", [str...]), ("ids", [[int]]), ("ids_batch", ...)."""
+    if isinstance(prompt, str):
+        return "text", [prompt]
+    if isinstance(prompt, (np.ndarray, jax.Array)):
+        if prompt.ndim not in (1, 2) or not jnp.issubdtype(prompt.dtype, jnp.integer):
+            raise ValueError(f"a token-id prompt array must be 1-D or 2-D integers, got {prompt.dtype} "
+                             f"of shape {prompt.shape}")
+        prompt = np.asarray(prompt).tolist()
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise ValueError(f"prompt must be a str, a list of str, a list of token ids or a list of such "
+                         f"lists; got {prompt!r}")
+    if all(isinstance(p, str) for p in prompt):
+        return "texts", list(prompt)
+    if all(_is_int(p) for p in prompt):
+        return "ids", [list(prompt)]
+    if all(isinstance(p, (list, tuple, np.ndarray)) and all(_is_int(t) for t in p) for p in prompt):
+        return "ids_batch", [list(p) for p in prompt]
+    raise ValueError("prompt must be a str, a list of str, a list of token ids or a list of such lists; "
+                     "mixed or nested types are not accepted")
+
+
+def _encode(params: Params, text: str) -> list[int]:
+    tok = params.tokenizer
+    if tok is None:
+        raise ValueError("these params have no tokenizer (the model folder held no tokenizer.model or "
+                         "tokenizer.json); pass token ids instead of text")
+    # A chat template already writes the BOS token into the text; do not add a second one.
+    has_bos = tok.bos_token is not None and text.startswith(tok.bos_token)
+    return tok.encode(text, add_special_tokens=not has_bos)
+
+
+def _token_rows(params: Params, kind: str, prompts: list) -> list[list[int]]:
+    rows = [_encode(params, p) for p in prompts] if kind in ("text", "texts") else prompts
+    vocab = params.config.vocab_size
+    for n, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {n} is empty (no tokens); give at least one token")
+        bad = [t for t in row if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {n} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    return [[int(t) for t in row] for row in rows]
+
+
+def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    context = params.config.max_position_embeddings
+    longest = max(len(r) for r in rows)
+    if longest > context:
+        raise ValueError(f"a prompt of {longest} tokens is longer than the model's context of {context} "
+                         "tokens; shorten it (llmjax never truncates a prompt)")
+    if longest + max_new_tokens > context:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context of {context} tokens; lower max_new_tokens to at most "
+                         f"{context - longest} or shorten the prompt")
+
+
+def _stop_strings(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def _pad(rows: list[list[int]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def _model(params: Params) -> Llama:
+    return Llama(params.config, params.dtype)
+
+
+def _cache_len(params: Params, prompt_bucket: int, max_new_tokens: int) -> int:
+    return min(prompt_bucket + _bucket(max_new_tokens), params.config.max_position_embeddings)
+
+
+# ---------------------------------------------------------------- host side: public API
+
+
+def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             seed: int = 0, stop: str | Sequence[str] | None = None):
+    """Continues a prompt. Greedy when `temperature` is 0.
+
+    `prompt` is a str (returns a str), a list of str (a list of str; ragged lengths batched), a list
+    of token ids (returns the new ids) or a list of such lists. Generation ends at an EOS token (kept
+    at the end of returned ids, never in text), after `max_new_tokens`, or, for text, before the first
+    `stop` string.
+    """
+    sampling = Sampling(temperature, top_k, top_p, min_p)
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    kind, prompts = _parse_prompt(prompt)
+    stops = _stop_strings(stop)
+    if stops and kind.startswith("ids"):
+        raise ValueError("stop strings apply to text prompts; with token ids, stop on EOS or "
+                         "max_new_tokens")
+    rows = _token_rows(params, kind, prompts)
+    _check_budget(params, rows, max_new_tokens)
+    outputs = []
+    for start in range(0, len(rows), MAX_BATCH):
+        outputs += _generate_batch(params, rows[start:start + MAX_BATCH], max_new_tokens, sampling,
+                                   seed, first_row=start)
+    if kind.startswith("ids"):
+        return outputs[0] if kind == "ids" else outputs
+    texts = [_cut_at_stop(params.tokenizer.decode(ids), stops)[0] for ids in outputs]
+    return texts[0] if kind == "text" else texts
+
+
+def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int, first_row: int):
+    batch = 1 << (len(rows) - 1).bit_length()
+    prompt_bucket = _bucket(max(len(r) for r in rows), params.config.max_position_embeddings)
+    padded = rows + [[0]] * (batch - len(rows))
+    eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)
+    key = jax.random.fold_in(jax.random.key(seed), first_row)
+    out, steps = _generate_ids(
+        params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
+        jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
+        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), key, model=_model(params),
+        cache_len=_cache_len(params, prompt_bucket, max_new_tokens), out_len=_bucket(max_new_tokens),
+        greedy=sampling.greedy, filters=sampling.filters)
+    out = np.asarray(out)[:len(rows), :int(steps)]
+    eos_set = set(params.config.eos_token_ids)
+    results = []
+    for row in out.tolist():
+        ids = [t for t in row if t != PAD_ID]
+        ends = [i for i, t in enumerate(ids) if t in eos_set]
+        results.append(ids[:ends[0] + 1] if ends else ids)
+    return results
+
+
+@dataclasses.dataclass
+class StreamStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    compile_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1  # the first token comes out of prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+class Stream:
+    """Iterates over text pieces as they are decoded; `stats` holds the timings afterwards."""
+
+    def __init__(self, params: Params, prompt, *, max_new_tokens=256, temperature=0.0, top_k=None,
+                 top_p=None, min_p=None, seed=0, stop=None):
+        self._sampling = Sampling(temperature, top_k, top_p, min_p)
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        kind, prompts = _parse_prompt(prompt)
+        if kind not in ("text", "ids"):
+            raise ValueError("stream takes one prompt (a str or a list of token ids); use generate for "
+                             "a batch")
+        if params.tokenizer is None:
+            raise ValueError("stream yields text and these params have no tokenizer; use generate with "
+                             "token ids")
+        self._params, self._stops = params, _stop_strings(stop)
+        self._row = _token_rows(params, kind, prompts)[0]
+        _check_budget(params, [self._row], max_new_tokens)
+        self._max_new, self._key = max_new_tokens, jax.random.key(seed)
+        self.stats = StreamStats(prompt_tokens=len(self._row))
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _compile(self, bucket: int):
+        p, s = self._params, self._sampling
+        static = dict(model=_model(p), greedy=s.greedy, filters=s.filters)
+        tokens = jnp.asarray(_pad([self._row], bucket))
+        lengths = jnp.asarray([len(self._row)], jnp.int32)
+        args = (p.weights, tokens, lengths, s.arrays(1), self._key)
+        start_fn = functools.partial(_start, cache_len=_cache_len(p, bucket, self._max_new), **static)
+        start = start_fn.lower(*args).compile()
+        cache_shape = jax.eval_shape(start_fn, *args)[1]
+        last = jnp.zeros((1,), jnp.int32)
+        step = _step.lower(p.weights, last, lengths, cache_shape, s.arrays(1), self._key, jnp.int32(0),
+                           **static).compile()
+        return start, step, args
+
+    def _run(self) -> Iterator[str]:
+        t0 = time.perf_counter()
+        start, step, args = self._compile(_bucket(len(self._row), self._params.config.max_position_embeddings))
+        t1 = time.perf_counter()
+        token, cache = start(*args)
+        ids = [int(token[0])]
+        t2 = time.perf_counter()
+        self.stats.compile_s, self.stats.prefill_s = t1 - t0, t2 - t1
+        knobs, position = self._sampling.arrays(1), len(self._row)
+        detok = _Detokenizer(self._params, self._stops)
+        eos = set(self._params.config.eos_token_ids)
+        try:
+            while True:
+                piece = detok.push(ids[-1] if ids[-1] not in eos else None)
+                if piece:
+                    yield piece
+                if detok.stopped or ids[-1] in eos or len(ids) >= self._max_new:
+                    break
+                token, cache = step(self._params.weights, token, jnp.asarray([position], jnp.int32),
+                                    cache, knobs, self._key, jnp.int32(len(ids)))
+                ids.append(int(token[0]))
+                position += 1
+            tail = detok.flush()
+            if tail:
+                yield tail
+        finally:
+            self.stats.new_tokens = len(ids)
+            self.stats.decode_s = time.perf_counter() - t2
+
+
+class _Detokenizer:
+    """Turns a growing list of ids into new text, holding back what might still change: an
+    incomplete UTF-8 character, or the start of a stop string."""
+
+    def __init__(self, params: Params, stops: list[str]):
+        self._tok, self._stops = params.tokenizer, stops
+        self._ids: list[int] = []
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, token: int | None) -> str:
+        if token is not None:
+            self._ids.append(token)
+        text, self.stopped = _cut_at_stop(self._tok.decode(self._ids), self._stops)
+        if self.stopped:
+            return self._emit(text)
+        if text.endswith("\ufffd"):
+            return ""
+        held = max((k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text[:len(text) - held])
+
+    def flush(self) -> str:
+        text, _ = _cut_at_stop(self._tok.decode(self._ids), self._stops)
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        piece = text[self._sent:]
+        self._sent = max(self._sent, len(text))
+        return piece
+
+
+def stream(params: Params, prompt, **kwargs) -> Stream:
+    """Like `generate` for one prompt, but yields text pieces as they are decoded."""
+    return Stream(params, prompt, **kwargs)
+
+
+def logits(params: Params, token_ids) -> jax.Array:
+    """float32 logits `[batch, seq, vocab]` for token ids `[seq]` or `[batch, seq]` (one forward)."""
+    if isinstance(token_ids, str):
+        raise ValueError("logits takes token ids; encode text with params.tokenizer.encode(text)")
+    kind, rows = _parse_prompt(token_ids)
+    if kind not in ("ids", "ids_batch"):
+        raise ValueError("logits takes token ids: a list of ints, a list of equal-length lists, or an "
+                         "integer array")
+    rows = _token_rows(params, kind, rows)
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(f"logits needs rows of equal length, got lengths {sorted({len(r) for r in rows})}; "
+                         "score ragged sequences one at a time")
+    length = len(rows[0])
+    context = params.config.max_position_embeddings
+    if length > context:
+        raise ValueError(f"{length} tokens are longer than the model's context of {context} tokens")
+    # Padding at the end leaves earlier positions unchanged (attention is causal), so the length is
+    # bucketed to bound the number of compilations.
+    tokens = jnp.asarray(_pad(rows, _bucket(length, context)))
+    return _forward(params.weights, tokens, model=_model(params))[:, :length]

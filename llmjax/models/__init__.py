@@ -1,0 +1,1 @@
+"""Model definitions: `llama` (the Llama family) and `rope` (rotary embeddings)."""

@@ -1,0 +1,55 @@
+"""Rotary position embeddings in the Hugging Face layout (rotate-half), with Llama 3.1 and linear scaling.
+
+Checkpoints converted from Hugging Face already carry q/k projections permuted for the rotate-half
+convention, so this module does not implement Meta's interleaved one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.config import LlamaConfig
+
+
+def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """`[head_dim // 2]` float32 inverse frequencies, scaled as the config says."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    return _llama3_scaled(inv_freq, scaling).astype(np.float32)
+
+
+def _llama3_scaled(inv_freq: np.ndarray, s) -> np.ndarray:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+    old_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_len / s.low_freq_factor
+    high_freq_wavelen = old_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(config: LlamaConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin, each `[B, T, head_dim]` float32, for integer positions `[B, T]`."""
+    inv_freq = jnp.asarray(inverse_frequencies(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, head_dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotates `x` `[B, T, N, head_dim]` by the tables `[B, T, head_dim]`; keeps x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin

@@ -1,0 +1,91 @@
+"""`llmjax.load`: a model folder in, a `Params` out (weights + config + tokenizer), ready for `generate`.
+
+`load` reads an llmjax checkpoint (from `llmjax convert`) or a Hugging Face folder directly (converted
+in memory through the same name map). `Params` is a pytree whose only leaves are the weights; the
+config and tokenizer ride along as static metadata, so `jax.tree.map` and `jax.device_put` see weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from llmjax import checkpoint
+from llmjax.config import LlamaConfig
+from llmjax.convert.hf import read_hf_weights
+from llmjax.models import llama
+from llmjax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Params:
+    weights: dict
+    config: LlamaConfig
+    tokenizer: Tokenizer | None = None
+
+    @property
+    def dtype(self):
+        return self.weights["embed"]["embedding"].dtype
+
+    @property
+    def num_params(self) -> int:
+        return llama.count_params(self.weights)
+
+    def __repr__(self):
+        tok = "no tokenizer" if self.tokenizer is None else f"tokenizer vocab {self.tokenizer.vocab_size}"
+        return (f"Params({self.num_params / 1e6:.1f}M weights, {jnp.dtype(self.dtype).name}, "
+                f"{self.config.num_layers} layers, {tok})")
+
+
+jax.tree_util.register_dataclass(Params, data_fields=["weights"], meta_fields=["config", "tokenizer"])
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
+    """Loads an llmjax checkpoint or a Hugging Face Llama folder onto the first local device.
+
+    `dtype` (`bfloat16`, `float16`, `float32`) casts the weights; by default they keep the stored dtype.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
+                                "`llmjax convert`) or a Hugging Face Llama folder")
+    config = _with_generation_eos(LlamaConfig.from_hf(path), path)
+    if checkpoint.is_checkpoint(path):
+        stored = checkpoint.read_manifest(path)["dtype"]
+        target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(stored)))
+        weights = checkpoint.restore_weights(path, target)
+    elif glob.glob(os.path.join(path, "*.safetensors")) or os.path.isfile(
+            os.path.join(path, "model.safetensors.index.json")):
+        weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
+    else:
+        raise FileNotFoundError(f"{path} holds config.json but no weights: neither an llmjax checkpoint "
+                                "(llmjax.json) nor *.safetensors")
+    if dtype is not None:
+        weights = jax.tree.map(lambda w: w.astype(jnp.dtype(dtype)), weights)
+    return Params(weights, config, Tokenizer.from_dir(path))
+
+
+def _with_generation_eos(config: LlamaConfig, folder: str) -> LlamaConfig:
+    """`generation_config.json`'s eos_token_id (often several ids) governs when generation stops."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return config
+    with open(path, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return config
+    return dataclasses.replace(config, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
+
+
+def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloat16",
+                tokenizer: Tokenizer | None = None) -> Params:
+    """Random weights for a config or preset name: for benchmarks and tests."""
+    if isinstance(config, str):
+        config = LlamaConfig.preset(config)
+    weights = llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype))
+    return Params(weights, config, tokenizer)

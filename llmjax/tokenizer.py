@@ -1,0 +1,218 @@
+"""One tokenizer interface over sentencepiece `tokenizer.model` and Hugging Face `tokenizer.json`.
+
+Token ids agree with `transformers.AutoTokenizer` on the same folder: `tokenizer.json` is run by the
+`tokenizers` library itself; a sentencepiece model is run the way transformers runs it (a whitespace
+marker prepended only at the start of the text, special-token strings such as `<s>` recognised in the
+text, BOS/EOS added as `tokenizer_config.json` says). Chat templates are rendered with jinja2 from
+`tokenizer_config.json` or `chat_template.jinja`, in a sandbox as transformers does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import jinja2
+import jinja2.sandbox
+
+FILES = ("tokenizer.json", "tokenizer.model")
+
+
+class Tokenizer:
+    """`encode(text) -> ids`, `decode(ids) -> text`, `apply_chat_template(messages) -> text`."""
+
+    def __init__(self, backend, *, bos_token: str | None, eos_token: str | None,
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
+        self._backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = backend.token_to_id(bos_token) if bos_token else None
+        self.eos_id = backend.token_to_id(eos_token) if eos_token else None
+        self.chat_template = chat_template
+        self._special_tokens = special_tokens or {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Renders a conversation with the checkpoint's chat template; returns the prompt text.
+
+        The text begins with the BOS token where the template writes it; `llmjax.generate` then adds
+        no second BOS.
+        """
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (no 'chat_template' in "
+                             "tokenizer_config.json and no chat_template.jinja); format the prompt yourself")
+        template = _jinja_env().from_string(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **self._special_tokens, **kwargs)
+
+    @classmethod
+    def from_dir(cls, folder: str) -> "Tokenizer | None":
+        """The tokenizer of a model folder, or None when it holds no tokenizer file."""
+        cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            backend = _HFTokenizersBackend(os.path.join(folder, "tokenizer.json"))
+        elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
+            backend = _SentencePieceBackend(os.path.join(folder, "tokenizer.model"), cfg)
+        else:
+            return None
+        special = {name: _token_str(cfg.get(name)) for name in
+                   ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special = {k: v for k, v in special.items() if v is not None}
+        return cls(backend, bos_token=special.get("bos_token"), eos_token=special.get("eos_token"),
+                   chat_template=_chat_template(folder, cfg), special_tokens=special)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the model's release") from e
+
+
+def _token_str(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(folder: str, cfg: dict) -> str | None:
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = cfg.get("chat_template") or _read_json(os.path.join(folder, "chat_template.json")).get(
+        "chat_template")
+    if isinstance(template, list):  # named templates: the one called "default"
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return template
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt):
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _jinja_env() -> jinja2.Environment:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class _HFTokenizersBackend:
+    def __init__(self, path: str):
+        import tokenizers
+
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{path}: cannot read tokenizer ({e}); restore it from the model's "
+                             "release") from e
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class _SentencePieceBackend:
+    """Sentencepiece with transformers' conventions (see the module docstring)."""
+
+    def __init__(self, path: str, cfg: dict):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+
+        try:
+            with open(path, "rb") as f:
+                proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+            self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            # The same model without the automatic prefix, so that only the text's start gets one.
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_bare = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        except Exception as e:  # protobuf's DecodeError and sentencepiece's RuntimeError
+            raise ValueError(f"{path}: not a sentencepiece model ({e}); restore it from the model's "
+                             "release") from e
+        self._add_bos = cfg.get("add_bos_token", True)
+        self._add_eos = cfg.get("add_eos_token", False)
+        self._specials = self._special_tokens(cfg)
+        pattern = "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
+        self._split = re.compile(f"({pattern})") if pattern else None
+
+    def _special_tokens(self, cfg: dict) -> dict[str, int]:
+        sp = self._sp
+        specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                    if sp.is_control(i) or sp.is_unknown(i)}
+        for key, value in (cfg.get("added_tokens_decoder") or {}).items():
+            specials[_token_str(value)] = int(key)
+        return specials
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._specials:
+            return self._specials[token]
+        i = self._sp.piece_to_id(token)
+        return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        chunks = self._split.split(text) if self._split else [text]
+        ids: list[int] = []
+        for n, chunk in enumerate(chunks):
+            if chunk in self._specials:
+                ids.append(self._specials[chunk])
+            elif chunk:
+                # The start of the text gets the whitespace marker unless it begins with a space.
+                prefix = " " if n == 0 and not chunk.startswith(" ") else ""
+                ids += self._sp_bare.encode(prefix + chunk)
+        if add_special_tokens:
+            bos, eos = self._sp.bos_id(), self._sp.eos_id()
+            ids = ([bos] if self._add_bos and bos >= 0 else []) + ids
+            ids += [eos] if self._add_eos and eos >= 0 else []
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        # Pieces are joined with special tokens in place, then one leading space (the marker that
+        # encode prepended) is stripped from the whole text, as transformers' decoder does.
+        by_id = {i: t for t, i in self._specials.items()}
+        out, run = [], []
+        for i in ids:
+            if i in by_id:
+                out.append(self._sp_bare.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    out.append(by_id[i])
+            else:
+                run.append(i)
+        out.append(self._sp_bare.decode(run))
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text

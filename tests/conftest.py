@@ -1,0 +1,103 @@
+"""Test setup: 8 fake CPU devices, rank promotion raises, float32 matmuls at full precision.
+
+Helpers here build Hugging Face model folders with `transformers` (random weights; biases and norm
+scales randomised too, so a mis-mapped one shows) and a sentencepiece tokenizer trained on standard
+library source, which every machine has.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SP_VOCAB = 600
+
+
+def train_sentencepiece(folder: pathlib.Path) -> pathlib.Path:
+    """A Llama-style sentencepiece model (BPE, byte fallback, digits split) trained on stdlib source."""
+    import inspect
+    import json as json_module
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    text = inspect.getsource(json_module) + inspect.getsource(pathlib) + "héllo wörld 你好 😀\n" * 5
+    corpus.write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=SP_VOCAB,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995, minloglevel=2)
+    corpus.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+        "chat_template": LLAMA2_CHAT_TEMPLATE}))
+    return folder / "tokenizer.model"
+
+
+# The shape of Llama 2's chat template: BOS per turn, [INST] markers, an optional system prompt.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = false %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system %}{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + "
+    "message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("sp")
+    train_sentencepiece(folder)
+    return folder
+
+
+def hf_config(**overrides):
+    """A tiny transformers LlamaConfig with distinct odd sizes, float32, eager attention."""
+    import transformers
+
+    kwargs = dict(vocab_size=1003, hidden_size=96, intermediate_size=136, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    config = transformers.LlamaConfig(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def save_hf_model(folder: pathlib.Path, config, seed: int = 0, tokenizer_dir=None, **save_kwargs):
+    """Saves a random `LlamaForCausalLM` (float32) in Hugging Face layout; returns the torch model."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(folder, **save_kwargs)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return model
