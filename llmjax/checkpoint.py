@@ -35,10 +35,14 @@ def write_weights(root: str, groups) -> list[str]:
     """Saves each `(key, subtree)` of `groups` (an iterable) under `root/weights/key`; returns the keys."""
     checkpointer = ocp.StandardCheckpointer()
     keys = []
-    for key, tree in groups:
-        checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), tree)
-        keys.append(key)
-    checkpointer.wait_until_finished()
+    try:
+        for key, tree in groups:
+            checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), tree)
+            keys.append(key)
+    finally:
+        # Saves run in the background; on failure too, none may still be writing when the caller
+        # removes the partial folder.
+        checkpointer.close()
     return keys
 
 

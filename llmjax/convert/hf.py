@@ -142,10 +142,9 @@ def resolve_dtype(dtype: str, source: SafetensorsFolder) -> str:
     return dtype
 
 
-def iter_weight_groups(source: SafetensorsFolder, config: LlamaConfig, dtype: str,
+def iter_weight_groups(source: SafetensorsFolder, entries: list[Entry], dtype: str,
                        progress: bool = True) -> Iterator[tuple[str, dict]]:
-    """Yields `(group, weights subtree)` in model order, reading each tensor once."""
-    entries = check_tensors(source, config)
+    """Yields `(group, weights subtree)` in model order, reading each checked entry once."""
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         groups[e.path[0]].append(e)
@@ -170,8 +169,9 @@ def read_hf_weights(folder: str, config: LlamaConfig, dtype: str = "auto",
                     progress: bool = False) -> tuple[dict, str]:
     """All weights of a Hugging Face folder as numpy arrays, in memory; returns (weights, dtype)."""
     source = SafetensorsFolder(folder)
+    entries = check_tensors(source, config)
     dtype = resolve_dtype(dtype, source)
-    return dict(iter_weight_groups(source, config, dtype, progress)), dtype
+    return dict(iter_weight_groups(source, entries, dtype, progress)), dtype
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
@@ -179,8 +179,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir."""
     config = LlamaConfig.from_hf(hf_dir)  # refuses unsupported architectures before any work
     source = SafetensorsFolder(hf_dir)
+    entries = check_tensors(source, config)
     dtype = resolve_dtype(dtype, source)
-    check_tensors(source, config)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
@@ -192,7 +192,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
-        keys = checkpoint.write_weights(tmp, iter_weight_groups(source, config, dtype, progress))
+        keys = checkpoint.write_weights(tmp, iter_weight_groups(source, entries, dtype, progress))
         checkpoint.write_manifest(tmp, keys, dtype)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)

@@ -1,0 +1,105 @@
+"""LlamaConfig: presets, both spellings of Hugging Face's rope fields, refusals, full-size shapes."""
+
+import dataclasses
+import json
+
+import pytest
+
+from llmjax.config import PRESETS, LlamaConfig, RopeScaling
+from llmjax.models import llama
+
+from conftest import hf_config
+
+CLASSIC = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+           "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+
+
+def test_classic_and_transformers5_spellings_agree(tmp_path):
+    classic = LlamaConfig.from_hf(CLASSIC)
+    v5 = dict(CLASSIC)
+    v5.pop("rope_theta")
+    v5["rope_parameters"] = dict(v5.pop("rope_scaling"), rope_theta=500000.0)
+    assert LlamaConfig.from_hf(v5) == classic
+    assert classic == PRESETS["llama3.1-8b"]
+    (tmp_path / "config.json").write_text(json.dumps(CLASSIC))
+    assert LlamaConfig.from_hf(tmp_path) == classic
+    assert LlamaConfig.from_hf(tmp_path / "config.json") == classic
+
+
+def test_reads_what_transformers_writes():
+    written = hf_config(num_key_value_heads=1, head_dim=24, tie_word_embeddings=True, attention_bias=True,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}).to_dict()
+    c = LlamaConfig.from_hf(written)
+    assert (c.num_kv_heads, c.head_dim, c.tie_word_embeddings, c.attention_bias) == (1, 24, True, True)
+    assert c.rope_scaling == RopeScaling("linear", 2.0)
+    assert c.vocab_size == 1003 and c.num_heads == 6 and c.hidden_size == 96
+
+
+def test_head_dim_and_kv_heads_default_from_heads():
+    c = LlamaConfig.from_hf({k: v for k, v in CLASSIC.items() if k != "num_key_value_heads"})
+    assert c.num_kv_heads == 32 and c.head_dim == 128
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"model_type": "mixtral"}, "model_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type='dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+    ({"num_key_value_heads": 5}, "num_kv_heads"),
+])
+def test_refuses_what_it_does_not_implement(change, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[")):
+        LlamaConfig.from_hf({**CLASSIC, **change})
+
+
+def test_refuses_unknown_rope_in_transformers5_spelling():
+    bad = dict(CLASSIC, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='longrope'"):
+        LlamaConfig.from_hf(bad)
+
+
+def test_missing_field_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="'vocab_size' is missing"):
+        LlamaConfig.from_hf({k: v for k, v in CLASSIC.items() if k != "vocab_size"})
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LlamaConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LlamaConfig.from_hf(tmp_path)
+
+
+def test_config_is_frozen_hashable_and_replaceable():
+    tiny = LlamaConfig.preset("tiny")
+    assert hash(tiny) == hash(dataclasses.replace(tiny))
+    assert dataclasses.replace(PRESETS["llama2-7b"], num_layers=2).num_layers == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny.num_layers = 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        LlamaConfig.preset("llama9-1t")
+
+
+@pytest.mark.parametrize("name, count", [
+    ("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320), ("llama2-70b", 68_976_648_192),
+    ("codellama-34b", 33_743_970_304), ("llama3-8b", 8_030_261_248), ("llama3-70b", 70_553_706_496),
+    ("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496)])
+def test_full_presets_have_their_published_parameter_counts(name, count):
+    # jax.eval_shape: the full-size model is traced, no memory allocated.
+    assert llama.count_params(llama.abstract_params(LlamaConfig.preset(name))) == count
+
+
+def test_every_weight_declares_logical_axes_of_its_rank():
+    import jax
+
+    config = LlamaConfig.preset("tiny")
+    shapes, axes = llama.abstract_params(config), llama.logical_axes(config)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=is_spec)
+    leaves = zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=is_spec))
+    assert all(len(shape.shape) == len(spec) for shape, spec in leaves)
+    assert axes["layer_0"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "head_dim")
+    assert axes["layer_1"]["mlp"]["down"]["kernel"] == jax.sharding.PartitionSpec("mlp", "embed")

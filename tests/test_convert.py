@@ -1,0 +1,183 @@
+"""Conversion: sharded checkpoints, dtypes, and every error path naming its tensor or file."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import llmjax
+from llmjax.cli import main as cli_main
+from llmjax.convert import hf
+
+from conftest import hf_config, save_hf_model
+
+TOKENS = [1, 5, 9, 200, 7, 3]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, sp_dir):
+    folder = tmp_path_factory.mktemp("hf")
+    save_hf_model(folder, hf_config(num_hidden_layers=2), tokenizer_dir=sp_dir)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ckpt"
+    hf.convert(str(hf_dir), str(out), progress=False)
+    return np.asarray(llmjax.logits(llmjax.load(out), TOKENS))
+
+
+def _copy_with(src, dst, edit):
+    """Copies a single-file HF folder, letting `edit` change its tensors dict."""
+    dst.mkdir()
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            (dst / name).write_bytes((src / name).read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _convert_error(src, out):
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        hf.convert(str(src), str(out), progress=False)
+    assert not out.exists()
+    assert not [n for n in os.listdir(out.parent) if ".partial-" in n]
+    return str(err.value)
+
+
+def test_sharded_checkpoint_converts_like_a_single_file(tmp_path, hf_dir, reference):
+    import torch  # noqa: F401  (transformers saves through torch)
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="150KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    hf.convert(str(tmp_path / "sharded"), str(tmp_path / "out"), progress=False)
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "out"), TOKENS)), reference)
+
+
+def test_missing_shard_is_named(tmp_path, hf_dir):
+    import transformers
+
+    transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(tmp_path / "sh", max_shard_size="150KB")
+    shard = sorted(n for n in os.listdir(tmp_path / "sh") if n.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / "sh" / shard)
+    assert shard in _convert_error(tmp_path / "sh", tmp_path / "out")
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, hf_dir):
+    msg = _convert_error(_copy_with(hf_dir, tmp_path / "e", lambda t: t.pop("model.embed_tokens.weight")),
+                         tmp_path / "o0")
+    assert "model.embed_tokens.weight" in msg and "missing" in msg
+    name = "model.layers.1.mlp.up_proj.weight"
+    msg = _convert_error(_copy_with(hf_dir, tmp_path / "a", lambda t: t.pop(name)), tmp_path / "o1")
+    assert name in msg and "missing" in msg
+    msg = _convert_error(_copy_with(hf_dir, tmp_path / "b", lambda t: t.update(extra=np.zeros(3, np.float32))),
+                         tmp_path / "o2")
+    assert "'extra'" in msg and "unexpected" in msg
+    msg = _convert_error(_copy_with(hf_dir, tmp_path / "c", lambda t: t.update({name: t[name][:, :-1].copy()})),
+                         tmp_path / "o3")
+    assert name in msg and "(136, 95)" in msg and "(136, 96)" in msg
+
+
+def test_int8_tensors_are_refused(tmp_path, hf_dir):
+    name = "model.norm.weight"
+    src = _copy_with(hf_dir, tmp_path / "a", lambda t: t.update({name: t[name].astype(np.int8)}))
+    assert "stored as I8" in _convert_error(src, tmp_path / "out")
+
+
+def test_corrupt_file_is_named(tmp_path, hf_dir):
+    src = _copy_with(hf_dir, tmp_path / "a", lambda t: None)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    msg = _convert_error(src, tmp_path / "out")
+    assert "model.safetensors" in msg and "corrupt" in msg
+
+
+def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "config.json").write_text((hf_dir / "config.json").read_text())
+    (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really")
+    msg = _convert_error(tmp_path / "p", tmp_path / "out")
+    assert "pytorch_model.bin" in msg and "never unpickles" in msg and "save_pretrained" in msg
+
+
+def test_unsupported_architecture_fails_before_any_work(tmp_path, hf_dir):
+    src = _copy_with(hf_dir, tmp_path / "a", lambda t: None)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, model_type="mixtral")))
+    assert "model_type='mixtral'" in _convert_error(src, tmp_path / "out")
+
+
+def test_failure_midway_leaves_nothing(tmp_path, hf_dir, monkeypatch):
+    reads = []
+
+    def failing_read(self, name):
+        reads.append(name)
+        if len(reads) == 12:
+            raise ValueError(f"cannot read tensor {name!r}")
+        return load_file(self.files[name])[name]
+
+    monkeypatch.setattr(hf.SafetensorsFolder, "read", failing_read)
+    _convert_error(hf_dir, tmp_path / "out")
+    assert len(reads) == 12
+
+
+def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        hf.convert(str(hf_dir), str(out), progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    hf.convert(str(hf_dir), str(out), overwrite=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
+
+
+def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_dir):
+    bf16 = _copy_with(hf_dir, tmp_path / "bf16", lambda t: t.update(
+        {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+    out = hf.convert(str(bf16), str(tmp_path / "out"), progress=False)
+    for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                 "llmjax.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    params = llmjax.load(out)
+    assert str(params.dtype) == "bfloat16" and params.tokenizer is not None
+    assert str(llmjax.load(out, dtype="float32").dtype) == "float32"
+
+
+def test_rotary_buffers_and_tied_head_copies_are_skipped(tmp_path, hf_dir, reference):
+    src = _copy_with(hf_dir, tmp_path / "a", lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+    hf.convert(str(src), str(tmp_path / "out"), progress=False)
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "out"), TOKENS)), reference)
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    assert cli_main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmjax convert: error:") and "nowhere" in err and "\n" not in err
+
+
+def test_load_errors_name_the_problem(tmp_path, hf_dir):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        llmjax.load(tmp_path / "nowhere")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        llmjax.load(tmp_path / "cfg")
+
+
+def test_damaged_checkpoint_is_named(tmp_path, hf_dir):
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    import shutil
+
+    shutil.rmtree(os.path.join(out, "weights", "layer_1"))
+    with pytest.raises(ValueError, match="layer_1.*convert the model again"):
+        llmjax.load(out)

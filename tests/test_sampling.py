@@ -1,0 +1,88 @@
+"""Sampling: exact masks on crafted logits, seeded reproducibility, and refusal of bad knobs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.sampling import Sampling, filter_logits, sample
+
+# Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 (as logits), shuffled so sorting matters.
+PROBS = np.array([0.1, 0.4, 0.05, 0.3, 0.15])
+LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))[None, :]
+
+
+def _kept(top_k=0, top_p=1.0, min_p=0.0):
+    out = filter_logits(LOGITS, jnp.array([top_k]), jnp.array([top_p], jnp.float32),
+                        jnp.array([min_p], jnp.float32))
+    return set(np.flatnonzero(np.isfinite(np.asarray(out[0]))).tolist())
+
+
+@pytest.mark.parametrize("top_k, kept", [(1, {1}), (2, {1, 3}), (3, {1, 3, 4}), (5, set(range(5))),
+                                         (99, set(range(5))), (0, set(range(5)))])
+def test_top_k_keeps_the_k_largest(top_k, kept):
+    assert _kept(top_k=top_k) == kept
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.3, {1}), (0.4, {1}), (0.41, {1, 3}), (0.7, {1, 3}),
+                                         (0.71, {1, 3, 4}), (0.9, {1, 3, 4, 0}), (1.0, set(range(5)))])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    assert _kept(top_p=top_p) == kept
+
+
+def test_top_p_applies_to_what_top_k_kept():
+    # After top-k=2 the mass renormalises to 0.4/0.7 = 0.571 and 0.3/0.7: p=0.5 keeps one token.
+    assert _kept(top_k=2, top_p=0.5) == {1}
+    assert _kept(top_k=2, top_p=0.6) == {1, 3}
+
+
+@pytest.mark.parametrize("min_p, kept", [(0.0, set(range(5))), (0.3, {1, 3, 4}), (0.5, {1, 3}),
+                                         (0.76, {1}), (1.0, {1})])
+def test_min_p_keeps_tokens_within_a_fraction_of_the_best(min_p, kept):
+    assert _kept(min_p=min_p) == kept
+
+
+def _draw(sampling: Sampling, seed: int, n: int = 2000):
+    logits = jnp.broadcast_to(LOGITS, (n, 5))
+    keys = jax.random.split(jax.random.key(seed), n)
+    return np.asarray(sample(logits, keys, sampling.arrays(n), greedy=sampling.greedy,
+                             filters=sampling.filters))
+
+
+def test_sampling_follows_the_distribution_and_respects_masks():
+    counts = np.bincount(_draw(Sampling(temperature=1.0), seed=0), minlength=5) / 2000
+    np.testing.assert_allclose(counts, PROBS, atol=0.04)
+    assert set(_draw(Sampling(temperature=1.0, top_k=2), seed=1).tolist()) == {1, 3}
+    assert set(_draw(Sampling(temperature=1.0, top_p=0.71), seed=2).tolist()) == {1, 3, 4}
+    # Temperature applies first: at 5 the distribution flattens and top-p 0.71 keeps four tokens.
+    assert set(_draw(Sampling(temperature=5.0, top_p=0.71), seed=3).tolist()) == {0, 1, 3, 4}
+
+
+def test_a_fixed_seed_reproduces_and_another_differs():
+    s = Sampling(temperature=1.0, top_p=0.95)
+    assert (_draw(s, seed=7) == _draw(s, seed=7)).all()
+    assert (_draw(s, seed=7) != _draw(s, seed=8)).any()
+
+
+def test_greedy_and_low_temperature_pick_the_argmax():
+    assert set(_draw(Sampling(), seed=0, n=10).tolist()) == {1}
+    assert set(_draw(Sampling(temperature=1e-4), seed=0, n=50).tolist()) == {1}
+
+
+def test_rows_may_differ_in_temperature():
+    knobs = Sampling(temperature=1.0).arrays(2)
+    knobs["temperature"] = jnp.array([0.0, 1.0], jnp.float32)
+    logits = jnp.broadcast_to(LOGITS, (2, 5))
+    draws = [np.asarray(sample(logits, jax.random.split(jax.random.key(s), 2), knobs, greedy=False,
+                               filters=False)) for s in range(40)]
+    assert {int(d[0]) for d in draws} == {1} and len({int(d[1]) for d in draws}) > 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature="hot"), "temperature"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(top_k=True), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(min_p=-0.1), "min_p"), (dict(min_p=2), "min_p")])
+def test_out_of_range_knobs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Sampling(**kwargs)

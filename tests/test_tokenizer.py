@@ -1,0 +1,117 @@
+"""Tokenizer parity with transformers.AutoTokenizer, for sentencepiece and tokenizer.json folders."""
+
+import json
+import shutil
+
+import pytest
+import transformers
+
+from llmjax.tokenizer import Tokenizer
+
+from conftest import LLAMA2_CHAT_TEMPLATE
+
+TEXTS = ["", " ", "   ", "\n", "\t tab", "hello world", " hello", "trailing  ", "  two leading",
+         "hello  world\n\n  x", "héllo wörld", "你好，世界", "emoji 😀👍🏽", "ünïcödé ☃ ∑ 𝔘",
+         "def f(x):\n    return x ** 2\n", "12345 67.89", "<s>special</s> tokens", "x</s>", "a<unk>b"]
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+
+
+def _assert_same(ours: Tokenizer, theirs):
+    for text in TEXTS:
+        for special in (True, False):
+            ids = theirs.encode(text, add_special_tokens=special)
+            assert ours.encode(text, add_special_tokens=special) == ids, (text, special)
+            for skip in (True, False):
+                expected = theirs.decode(ids, skip_special_tokens=skip)
+                assert ours.decode(ids, skip_special_tokens=skip) == expected, (text, skip)
+
+
+def test_sentencepiece_matches_autotokenizer(sp_dir):
+    theirs = transformers.AutoTokenizer.from_pretrained(sp_dir)
+    ours = Tokenizer.from_dir(str(sp_dir))
+    _assert_same(ours, theirs)
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2)
+    assert ours.vocab_size == 600
+
+
+def test_sentencepiece_add_eos_token(sp_dir, tmp_path):
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, add_bos_token=False,
+                                                                    add_eos_token=True)))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(str(tmp_path))
+    for text in TEXTS[:8]:
+        assert ours.encode(text) == theirs.encode(text)
+    assert ours.encode("hi")[-1] == 2 and ours.encode("hi")[0] != 1
+
+
+@pytest.fixture(scope="module")
+def json_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer.json (Llama 3's kind) built with the tokenizers library."""
+    import inspect
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    folder = tmp_path_factory.mktemp("tokjson")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([inspect.getsource(json)], trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}"
+                "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>", "chat_template": template}))
+    return folder
+
+
+def test_tokenizer_json_matches_autotokenizer(json_dir):
+    theirs = transformers.AutoTokenizer.from_pretrained(json_dir)
+    ours = Tokenizer.from_dir(str(json_dir))
+    _assert_same(ours, theirs)
+    assert ours.encode("hi")[0] == ours.bos_id == theirs.bos_token_id
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
+def test_chat_template_matches_transformers(which, sp_dir, json_dir):
+    folder = sp_dir if which == "sp" else json_dir
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = Tokenizer.from_dir(str(folder))
+    for gen_prompt in (True, False):
+        expected = theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen_prompt)
+        assert ours.apply_chat_template(CHAT, add_generation_prompt=gen_prompt) == expected
+
+
+def test_chat_template_from_jinja_file_and_errors(sp_dir, tmp_path):
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer.from_dir(str(tmp_path)).apply_chat_template(CHAT)
+    (tmp_path / "chat_template.jinja").write_text(LLAMA2_CHAT_TEMPLATE)
+    tok = Tokenizer.from_dir(str(tmp_path))
+    assert tok.apply_chat_template(CHAT[1:2]) == "<s>[INST] Hi there [/INST]"
+    import jinja2
+
+    with pytest.raises(jinja2.TemplateError, match="alternate"):
+        tok.apply_chat_template([CHAT[1], CHAT[1]])
+
+
+def test_bad_tokenizer_files_name_the_file(tmp_path):
+    assert Tokenizer.from_dir(str(tmp_path)) is None
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):
+        Tokenizer.from_dir(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json: cannot read tokenizer"):
+        Tokenizer.from_dir(str(tmp_path))
