@@ -43,6 +43,11 @@ def _bucket(n: int, cap: int | None = None) -> int:
 # ---------------------------------------------------------------- device side
 
 
+def _batch_key(seed: int, first_row: int) -> jax.Array:
+    """The key of a batch whose first row is prompt `first_row` of the caller's list."""
+    return jax.random.fold_in(jax.random.key(seed), first_row)
+
+
 def _row_keys(key: jax.Array, step, batch: int) -> jax.Array:
     return jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(jnp.arange(batch))
 
@@ -249,7 +254,7 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     prompt_bucket = _bucket(max(len(r) for r in rows), params.config.max_position_embeddings)
     padded = rows + [[0]] * (batch - len(rows))
     eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)
-    key = jax.random.fold_in(jax.random.key(seed), first_row)
+    key = _batch_key(seed, first_row)
     out, steps = _generate_ids(
         params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
         jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
@@ -298,7 +303,7 @@ class Stream:
         self._params, self._stops = params, _stop_strings(stop)
         self._row = _token_rows(params, kind, prompts)[0]
         _check_budget(params, [self._row], max_new_tokens)
-        self._max_new, self._key = max_new_tokens, jax.random.key(seed)
+        self._max_new, self._key = max_new_tokens, _batch_key(seed, 0)
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()
 
@@ -314,9 +319,9 @@ class Stream:
         tokens = jnp.asarray(_pad([self._row], bucket))
         lengths = jnp.asarray([len(self._row)], jnp.int32)
         args = (p.weights, tokens, lengths, s.arrays(1), self._key)
-        start_fn = functools.partial(_start, cache_len=_cache_len(p, bucket, self._max_new), **static)
-        start = start_fn.lower(*args).compile()
-        cache_shape = jax.eval_shape(start_fn, *args)[1]
+        static_start = dict(static, cache_len=_cache_len(p, bucket, self._max_new))
+        start = _start.lower(*args, **static_start).compile()
+        cache_shape = jax.eval_shape(functools.partial(_start, **static_start), *args)[1]
         last = jnp.zeros((1,), jnp.int32)
         step = _step.lower(p.weights, last, lengths, cache_shape, s.arrays(1), self._key, jnp.int32(0),
                            **static).compile()
@@ -365,11 +370,12 @@ class _Detokenizer:
     def push(self, token: int | None) -> str:
         if token is not None:
             self._ids.append(token)
-        text, self.stopped = _cut_at_stop(self._tok.decode(self._ids), self._stops)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):  # perhaps a character whose bytes have not all come yet
+            return ""
+        text, self.stopped = _cut_at_stop(text, self._stops)
         if self.stopped:
             return self._emit(text)
-        if text.endswith("\ufffd"):
-            return ""
         held = max((k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return self._emit(text[:len(text) - held])
 

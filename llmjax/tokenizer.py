@@ -206,6 +206,8 @@ class _SentencePieceBackend:
         by_id = {i: t for t, i in self._specials.items()}
         out, run = [], []
         for i in ids:
+            if not 0 <= i < self._sp.get_piece_size():
+                continue  # an id of a model vocabulary padded past the tokenizer's: no text
             if i in by_id:
                 out.append(self._sp_bare.decode(run))
                 run = []

@@ -1,0 +1,138 @@
+"""generate, stream and logits: return types, stopping, budgets, seeds, and bad input."""
+
+import dataclasses
+import importlib
+
+import numpy as np
+import pytest
+
+import llmjax
+
+from conftest import hf_config, save_hf_model
+
+# The module; `llmjax.generate` is the function of the same name.
+gen = importlib.import_module("llmjax.generate")
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory, sp_dir):
+    folder = tmp_path_factory.mktemp("model")
+    save_hf_model(folder, hf_config(vocab_size=600, max_position_embeddings=64), seed=3, tokenizer_dir=sp_dir)
+    return llmjax.load(folder)
+
+
+def _no_eos(params):
+    return dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+
+
+def test_return_types_follow_the_prompt(params):
+    p = _no_eos(params)
+    text = llmjax.generate(p, "def f(x):", max_new_tokens=5)
+    assert isinstance(text, str) and text
+    texts = llmjax.generate(p, ["def f(x):", "import json"], max_new_tokens=5)
+    assert isinstance(texts, list) and texts[0] == text
+    ids = llmjax.generate(p, [1, 5, 9], max_new_tokens=5)
+    assert isinstance(ids, list) and len(ids) == 5 and all(isinstance(t, int) for t in ids)
+    batch = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=5)
+    assert batch[0] == ids and len(batch[1]) == 5
+    assert llmjax.generate(p, np.array([1, 5, 9]), max_new_tokens=5) == ids
+
+
+def test_text_is_the_decoded_ids(params):
+    p = _no_eos(params)
+    prompt_ids = p.tokenizer.encode("class A:")
+    ids = llmjax.generate(p, prompt_ids, max_new_tokens=12)
+    assert llmjax.generate(p, "class A:", max_new_tokens=12) == p.tokenizer.decode(ids)
+
+
+def test_stream_yields_what_generate_returns(params):
+    p = _no_eos(params)
+    pieces = list(llmjax.stream(p, "for i in range(", max_new_tokens=20))
+    assert len(pieces) > 1
+    assert "".join(pieces) == llmjax.generate(p, "for i in range(", max_new_tokens=20)
+    s = llmjax.stream(p, "x = ", max_new_tokens=7, temperature=0.8, seed=5)
+    assert "".join(s) == llmjax.generate(p, "x = ", max_new_tokens=7, temperature=0.8, seed=5)
+    assert s.stats.new_tokens == 7 and s.stats.prompt_tokens == len(p.tokenizer.encode("x = "))
+
+
+def test_eos_ends_generation_and_is_kept_in_ids(params):
+    first = llmjax.generate(_no_eos(params), [1, 5, 9], max_new_tokens=4)
+    p = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=(first[2],)))
+    assert llmjax.generate(p, [1, 5, 9], max_new_tokens=10) == first[:3]
+    text = llmjax.generate(p, p.tokenizer.decode([5, 9]), max_new_tokens=10)
+    assert isinstance(text, str)
+
+
+def test_stop_strings_cut_text_in_generate_and_stream(params):
+    p = _no_eos(params)
+    full = llmjax.generate(p, "def f(x):", max_new_tokens=24)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    expected = full[:full.find(stop)]
+    assert llmjax.generate(p, "def f(x):", max_new_tokens=24, stop=stop) == expected
+    assert llmjax.generate(p, "def f(x):", max_new_tokens=24, stop=["\x00never", stop]) == expected
+    assert "".join(llmjax.stream(p, "def f(x):", max_new_tokens=24, stop=stop)) == expected
+
+
+def test_seeds_reproduce_and_differ(params):
+    p = _no_eos(params)
+    a = llmjax.generate(p, [1, 5], max_new_tokens=16, temperature=1.0, seed=1)
+    assert a == llmjax.generate(p, [1, 5], max_new_tokens=16, temperature=1.0, seed=1)
+    assert a != llmjax.generate(p, [1, 5], max_new_tokens=16, temperature=1.0, seed=2)
+    filtered = llmjax.generate(p, [1, 5], max_new_tokens=16, temperature=1.0, top_k=3, top_p=0.9, seed=1)
+    assert len(filtered) == 16
+
+
+def test_more_prompts_than_one_batch(params, monkeypatch):
+    monkeypatch.setattr(gen, "MAX_BATCH", 2)
+    p = _no_eos(params)
+    prompts = [[1, 5 + i, 9] for i in range(5)]
+    assert llmjax.generate(p, prompts, max_new_tokens=4) == [
+        llmjax.generate(p, q, max_new_tokens=4) for q in prompts]
+
+
+def test_chat_prompt_gets_no_second_bos(params):
+    text = params.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text.startswith("<s>")
+    ids = gen._encode(params, text)
+    assert ids[0] == 1 and ids[1] != 1
+
+
+def test_logits_shapes_and_padding_invariance(params):
+    one = np.asarray(llmjax.logits(params, [1, 5, 9, 4]))
+    assert one.shape == (1, 4, 600) and one.dtype == np.float32
+    two = np.asarray(llmjax.logits(params, [[1, 5, 9, 4], [1, 7, 7, 7]]))
+    np.testing.assert_allclose(two[0], one[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(llmjax.logits(params, [1, 5]))[0], one[0, :2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: llmjax.generate(p, "x", max_new_tokens=0), "max_new_tokens"),
+    (lambda p: llmjax.generate(p, "x", max_new_tokens=2.5), "max_new_tokens"),
+    (lambda p: llmjax.generate(p, [1] * 65), "longer than the model's context of 64"),
+    (lambda p: llmjax.generate(p, [1] * 40, max_new_tokens=30), "at most 24"),
+    (lambda p: llmjax.generate(p, [1, 600]), r"outside the vocabulary \[0, 600\): \[600\]"),
+    (lambda p: llmjax.generate(p, [1, -3]), "outside the vocabulary"),
+    (lambda p: llmjax.generate(p, []), "prompt must be"),
+    (lambda p: llmjax.generate(p, [[1], []]), "prompt 1 is empty"),
+    (lambda p: llmjax.generate(p, [1, "a"]), "mixed"),
+    (lambda p: llmjax.generate(p, [1, 2], stop="x"), "stop strings apply to text"),
+    (lambda p: llmjax.generate(p, "x", stop=[""]), "stop must be"),
+    (lambda p: llmjax.generate(p, "x", temperature=-1), "temperature"),
+    (lambda p: llmjax.generate(p, "x", top_p=2), "top_p"),
+    (lambda p: llmjax.generate(p, "x", seed="s"), "seed"),
+    (lambda p: llmjax.stream(p, ["a", "b"]), "one prompt"),
+    (lambda p: llmjax.logits(p, "text"), "encode text"),
+    (lambda p: llmjax.logits(p, [[1, 2], [1]]), "equal length"),
+    (lambda p: llmjax.logits(p, [1] * 65), "context of 64"),
+    (lambda p: llmjax.generate(dataclasses.replace(p, tokenizer=None), "x"), "no tokenizer"),
+])
+def test_bad_input_is_refused_with_a_reason(params, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(params)
+
+
+def test_random_params_need_no_files():
+    p = llmjax.init_random("tiny", dtype="float32", seed=1)
+    assert "tiny" not in repr(p) and "no tokenizer" in repr(p)
+    out = llmjax.generate(p, [[3, 4, 5]], max_new_tokens=3)
+    assert len(out[0]) <= 3
