@@ -174,6 +174,17 @@ def read_hf_weights(folder: str, config: LlamaConfig, dtype: str = "auto",
     return dict(iter_weight_groups(source, entries, dtype, progress)), dtype
 
 
+def to_hf_tensors(weights: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """The inverse map: llmjax weights as Hugging Face tensors (for `safetensors.numpy.save_file`)."""
+    tensors = {}
+    for e in name_map(config):
+        leaf = weights
+        for key in e.path:
+            leaf = leaf[key]
+        tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(np.asarray(leaf)))
+    return tensors
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
             progress: bool = True) -> str:
     """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir."""

@@ -1,0 +1,77 @@
+"""The `llmjax` command as a user runs it, and the example that makes a random model folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llmjax
+from llmjax.cli import main as cli_main
+from llmjax.convert.hf import to_hf_tensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "llmjax.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["generate"]])
+def test_help(command):
+    out = _run(*command, "--help")
+    assert out.returncode == 0 and "usage: llmjax" in out.stdout
+
+
+def test_console_script_is_installed():
+    import sysconfig
+
+    script = os.path.join(sysconfig.get_path("scripts"), "llmjax")
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "convert" in out.stdout and "generate" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def example_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("example") / "hf"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "random_model.py"), str(folder)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return folder
+
+
+@pytest.mark.slow
+def test_convert_then_generate_from_the_command_line(example_model, tmp_path):
+    out = _run("convert", str(example_model), str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stderr and "tensors" in out.stderr  # the progress bar
+    gen = _run("generate", "--model", str(tmp_path / "ckpt"), "--prompt", "def fibonacci(n):",
+               "--max-new-tokens", "12")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("def fibonacci(n):") and len(gen.stdout) > len("def fibonacci(n):\n")
+    assert "[prefill]" in gen.stderr and "[decode] 12 tokens" in gen.stderr
+    expected = llmjax.generate(llmjax.load(tmp_path / "ckpt"), "def fibonacci(n):", max_new_tokens=12)
+    assert gen.stdout == "def fibonacci(n):" + expected + "\n"
+
+
+def test_generate_errors_are_one_line(example_model, capsys):
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmjax generate: error: top_p") and "\n" not in err
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x " * 300]) == 2
+    assert "context of 256 tokens" in capsys.readouterr().err
+
+
+def test_example_folder_round_trips_through_conversion(example_model):
+    params = llmjax.load(example_model)
+    assert json.loads((example_model / "config.json").read_text())["num_hidden_layers"] == 2
+    tensors = to_hf_tensors(params.weights, params.config)
+    from safetensors.numpy import load_file
+
+    stored = load_file(example_model / "model.safetensors")
+    assert set(tensors) == set(stored)
+    for name, value in stored.items():
+        np.testing.assert_array_equal(tensors[name], value)

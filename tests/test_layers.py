@@ -1,0 +1,69 @@
+"""Each part of the model against transformers' own: RMSNorm, rotary embeddings, attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama import modeling_llama as hf
+
+from llmjax.config import LlamaConfig
+from llmjax.models import llama, rope
+
+from conftest import hf_config
+
+
+def test_rms_norm_matches():
+    x = np.random.default_rng(0).normal(size=(3, 5, 96)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(96,)).astype(np.float32)
+    theirs = hf.LlamaRMSNorm(96, eps=1e-5)
+    theirs.weight.data = torch.tensor(w)
+    ours = llama.RMSNorm(1e-5).apply({"params": {"scale": jnp.asarray(w)}}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(ours), theirs(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0},
+                                          {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+def test_rotary_embedding_matches(rope_scaling):
+    cfg = hf_config(rope_scaling=rope_scaling, rope_theta=5000.0, head_dim=24)
+    ours_cfg = LlamaConfig.from_hf(cfg.to_dict())
+    positions = np.array([[0, 1, 2, 7, 50, 127], [3, 3, 9, 64, 100, 5]])
+    x = np.random.default_rng(2).normal(size=(2, 6, 6, 24)).astype(np.float32)  # [B, T, H, D]
+    emb = hf.LlamaRotaryEmbedding(cfg)
+    xt = torch.tensor(x).transpose(1, 2)
+    cos, sin = emb(xt, torch.tensor(positions))
+    theirs, _ = hf.apply_rotary_pos_emb(xt, xt, cos, sin)
+    ours_cos, ours_sin = rope.rope_tables(ours_cfg, jnp.asarray(positions))
+    np.testing.assert_allclose(np.asarray(ours_cos), cos.numpy(), rtol=1e-5, atol=1e-5)
+    ours = rope.apply_rope(jnp.asarray(x), ours_cos, ours_sin)
+    np.testing.assert_allclose(np.asarray(ours), theirs.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(6, 6), (6, 2), (6, 1)])
+def test_attention_matches_repeated_kv_reference(heads, kv_heads):
+    rng = np.random.default_rng(heads + kv_heads)
+    b, t, s, d = 2, 5, 9, 16
+    q = rng.normal(size=(b, t, heads, d)).astype(np.float32)
+    k = rng.normal(size=(b, s, kv_heads, d)).astype(np.float32)
+    v = rng.normal(size=(b, s, kv_heads, d)).astype(np.float32)
+    q_pos = np.array([[4, 5, 6, 7, 8], [0, 1, 2, 3, 4]])
+    k_pos = np.broadcast_to(np.arange(s), (b, s))
+    # transformers' eager attention with K/V repeated per group and an additive causal mask.
+    mask = np.where(k_pos[:, None, :] <= q_pos[:, :, None], 0.0, -np.inf)[:, None].astype(np.float32)
+    module = type("M", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
+    theirs, _ = hf.eager_attention_forward(
+        module, torch.tensor(q).transpose(1, 2), torch.tensor(k).transpose(1, 2),
+        torch.tensor(v).transpose(1, 2), torch.tensor(mask), scaling=d ** -0.5, dropout=0.0)
+    ours = llama.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(q_pos), jnp.asarray(k_pos))
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_write_drops_positions_past_the_end():
+    from llmjax.cache import write
+
+    cache = jnp.zeros((2, 4, 1, 1))
+    new = jnp.arange(1, 7, dtype=jnp.float32).reshape(2, 3, 1, 1)
+    out = write(cache, new, jnp.array([[2, 3, 4], [0, 1, 2]]))
+    np.testing.assert_array_equal(np.asarray(out)[..., 0, 0], [[0, 0, 1, 2], [4, 5, 6, 0]])
+    assert jax.tree.leaves(out)[0].dtype == jnp.float32
