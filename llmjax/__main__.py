@@ -1,0 +1,7 @@
+"""`python -m llmjax ...` is the `llmjax` command."""
+
+import sys
+
+from llmjax.cli import main
+
+sys.exit(main())

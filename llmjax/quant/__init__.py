@@ -1,0 +1,1 @@
+"""Weight-only quantization (int4 group-wise, int8 per-channel). Not implemented yet."""
