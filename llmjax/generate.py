@@ -133,7 +133,9 @@ def _parse_prompt(prompt) -> tuple[str, list]:
     """Classifies a prompt: ("text", [str]), ("texts", [str...]), ("ids", [[int]]), ("ids_batch", ...)."""
     if isinstance(prompt, str):
         return "text", [prompt]
-    if isinstance(prompt, (np.ndarray, jax.Array)):
+    if not isinstance(prompt, (str, list, tuple)) and hasattr(prompt, "__array__"):
+        prompt = np.asarray(prompt)  # numpy, jax and torch arrays alike
+    if isinstance(prompt, np.ndarray):
         if prompt.ndim not in (1, 2) or not jnp.issubdtype(prompt.dtype, jnp.integer):
             raise ValueError(f"a token-id prompt array must be 1-D or 2-D integers, got {prompt.dtype} "
                              f"of shape {prompt.shape}")
@@ -178,8 +180,8 @@ def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     context = params.config.max_position_embeddings
     longest = max(len(r) for r in rows)
-    if longest > context:
-        raise ValueError(f"a prompt of {longest} tokens is longer than the model's context of {context} "
+    if longest >= context:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context} "
                          "tokens; shorten it (llmjax never truncates a prompt)")
     if longest + max_new_tokens > context:
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "

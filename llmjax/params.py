@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.convert.hf import read_hf_weights
+from llmjax.convert.hf import DTYPES, read_hf_weights
 from llmjax.models import llama
 from llmjax.tokenizer import Tokenizer
 
@@ -51,6 +51,9 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
     `dtype` (`bfloat16`, `float16`, `float32`) casts the weights; by default they keep the stored dtype.
     """
     path = os.fspath(path)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)} (or None "
+                         "to keep the stored dtype)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`) or a Hugging Face Llama folder")

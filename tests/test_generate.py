@@ -36,6 +36,9 @@ def test_return_types_follow_the_prompt(params):
     batch = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=5)
     assert batch[0] == ids and len(batch[1]) == 5
     assert llmjax.generate(p, np.array([1, 5, 9]), max_new_tokens=5) == ids
+    import torch
+
+    assert llmjax.generate(p, torch.tensor([[1, 5, 9]]), max_new_tokens=5) == [ids]
 
 
 def test_text_is_the_decoded_ids(params):
@@ -108,7 +111,8 @@ def test_logits_shapes_and_padding_invariance(params):
 @pytest.mark.parametrize("call, match", [
     (lambda p: llmjax.generate(p, "x", max_new_tokens=0), "max_new_tokens"),
     (lambda p: llmjax.generate(p, "x", max_new_tokens=2.5), "max_new_tokens"),
-    (lambda p: llmjax.generate(p, [1] * 65), "longer than the model's context of 64"),
+    (lambda p: llmjax.generate(p, [1] * 65), "leaves no room in the model's context of 64"),
+    (lambda p: llmjax.generate(p, [1] * 64, max_new_tokens=1), "leaves no room"),
     (lambda p: llmjax.generate(p, [1] * 40, max_new_tokens=30), "at most 24"),
     (lambda p: llmjax.generate(p, [1, 600]), r"outside the vocabulary \[0, 600\): \[600\]"),
     (lambda p: llmjax.generate(p, [1, -3]), "outside the vocabulary"),
