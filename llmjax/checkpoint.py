@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from llmjax.files import read_json
+
 MANIFEST = "llmjax.json"
 FORMAT = "llmjax-checkpoint"
 VERSION = 1
@@ -54,12 +56,9 @@ def write_manifest(root: str, keys: list[str], dtype: str) -> None:
 
 def read_manifest(root: str) -> dict[str, Any]:
     path = os.path.join(root, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); convert the model again with `llmjax convert`") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = read_json(path)
+    if (manifest.get("format") != FORMAT or manifest.get("version") != VERSION
+            or not isinstance(manifest.get("groups"), list) or "dtype" not in manifest):
         raise ValueError(f"{path}: not an llmjax checkpoint of version {VERSION} ({manifest!r}); "
                          "convert the model again with this version of `llmjax convert`")
     return manifest

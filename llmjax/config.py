@@ -9,9 +9,10 @@ the worst outcome.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from llmjax.files import read_json
 
 ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -83,11 +84,7 @@ def _read_json_config(path_or_dict) -> dict[str, Any]:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json at {path}: point at a Hugging Face model folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export the model's config.json") from e
+    return read_json(path)
 
 
 def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import DTYPES, read_hf_weights
+from llmjax.files import read_json
 from llmjax.models import llama
 from llmjax.tokenizer import Tokenizer
 
@@ -75,11 +75,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
 
 def _with_generation_eos(config: LlamaConfig, folder: str) -> LlamaConfig:
     """`generation_config.json`'s eos_token_id (often several ids) governs when generation stops."""
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        return config
-    with open(path, encoding="utf-8") as f:
-        eos = json.load(f).get("eos_token_id")
+    eos = read_json(os.path.join(folder, "generation_config.json"), optional=True).get("eos_token_id")
     if eos is None:
         return config
     return dataclasses.replace(config, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))

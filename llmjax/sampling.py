@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +27,22 @@ class Sampling:
 
     def __post_init__(self):
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")
         p = self.top_p
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+        if p is not None and (not _is_real(p) or not 0 < p <= 1):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {p!r}")
         m = self.min_p
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1):
+        if m is not None and (not _is_real(m) or not 0 <= m <= 1):
             raise ValueError(f"min_p must be None or a number in [0, 1], got {m!r}")
+        # numpy scalars become Python numbers, so equal knobs hash and compare equal.
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_k", None if k is None else int(k))
+        object.__setattr__(self, "top_p", None if p is None else float(p))
+        object.__setattr__(self, "min_p", None if m is None else float(m))
 
     @property
     def greedy(self) -> bool:
@@ -55,22 +61,31 @@ class Sampling:
                 "min_p": full(self.min_p or 0.0, jnp.float32)}
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Masks `[B, V]` (temperature-scaled) logits to -inf outside top-k, top-p and min-p."""
+    """Masks `[B, V]` (temperature-scaled) logits to -inf outside top-k, top-p and min-p.
+
+    As in transformers, top-k keeps every token tied with the k-th, while top-p cuts by rank in the
+    sorted order: tokens tied at its cut-off are kept only as far as the prefix reaches top_p.
+    """
     neg_inf = jnp.array(-jnp.inf, logits.dtype)
-    vocab = logits.shape[-1]
-    ordered = -jnp.sort(-logits, axis=-1)  # [B, V], descending
+    batch, vocab = logits.shape
+    order = jnp.argsort(-logits, axis=-1)  # [B, V], stable, descending
+    ordered = jnp.take_along_axis(logits, order, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
-    logits = jnp.where(logits < kth, neg_inf, logits)
-    ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, neg_inf)
+    ordered = jnp.where(ordered < kth, neg_inf, ordered)
     # Keep the smallest prefix whose probability reaches top_p: a token stays when the mass before it
-    # is below top_p.
+    # is below top_p. top_p = 1 keeps everything exactly (a float32 cumsum can reach 1 early).
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.sum(mass_before < top_p[:, None], axis=-1)  # >= 1
-    threshold = jnp.take_along_axis(ordered, (kept - 1)[:, None], axis=-1)
-    logits = jnp.where(logits < threshold, neg_inf, logits)
+    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
+    keep_sorted = keep_sorted.at[:, 0].set(True) & jnp.isfinite(ordered)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(batch)[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, neg_inf)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.where(probs < min_p[:, None] * probs.max(axis=-1, keepdims=True), neg_inf, logits)
 

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import jinja2
 import jinja2.sandbox
 
+from llmjax.files import read_json
+
 FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -62,7 +64,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, folder: str) -> "Tokenizer | None":
         """The tokenizer of a model folder, or None when it holds no tokenizer file."""
-        cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        cfg = read_json(os.path.join(folder, "tokenizer_config.json"), optional=True)
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
             backend = _HFTokenizersBackend(os.path.join(folder, "tokenizer.json"))
         elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
@@ -76,16 +78,6 @@ class Tokenizer:
                    chat_template=_chat_template(folder, cfg), special_tokens=special)
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the model's release") from e
-
-
 def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -95,10 +87,10 @@ def _chat_template(folder: str, cfg: dict) -> str | None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
-    template = cfg.get("chat_template") or _read_json(os.path.join(folder, "chat_template.json")).get(
-        "chat_template")
+    template = cfg.get("chat_template") or read_json(
+        os.path.join(folder, "chat_template.json"), optional=True).get("chat_template")
     if isinstance(template, list):  # named templates: the one called "default"
-        template = {t["name"]: t["template"] for t in template}.get("default")
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     return template
 
 

@@ -52,7 +52,6 @@ def _convert_error(src, out):
 
 
 def test_sharded_checkpoint_converts_like_a_single_file(tmp_path, hf_dir, reference):
-    import torch  # noqa: F401  (transformers saves through torch)
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir)

@@ -86,3 +86,52 @@ def test_rows_may_differ_in_temperature():
 def test_out_of_range_knobs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampling(**kwargs)
+
+
+def test_top_p_one_keeps_a_long_tail_exactly():
+    logits = jnp.concatenate([jnp.array([[20.0]]), jnp.full((1, 32000), -10.0)], axis=-1)
+    out = filter_logits(logits, jnp.array([0]), jnp.array([1.0], jnp.float32), jnp.array([0.0], jnp.float32))
+    assert int(np.isfinite(np.asarray(out)).sum()) == 32001
+
+
+def _hf_kept(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """What transformers' warpers keep, in its order: top-k, then top-p, then min-p."""
+    import torch
+    from transformers.generation import logits_process as lp
+
+    scores = torch.tensor(np.asarray(logits))
+    if top_k:
+        scores = lp.TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = lp.TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = lp.MinPLogitsWarper(min_p)(None, scores)
+    return np.isfinite(scores.numpy())
+
+
+def _our_kept(logits, top_k=0, top_p=1.0, min_p=0.0):
+    b = logits.shape[0]
+    out = filter_logits(logits, jnp.full((b,), top_k), jnp.full((b,), top_p, jnp.float32),
+                        jnp.full((b,), min_p, jnp.float32))
+    return np.isfinite(np.asarray(out))
+
+
+@pytest.mark.parametrize("seed, knobs", list(enumerate([
+    dict(top_k=7), dict(top_p=0.5), dict(top_p=0.93), dict(min_p=0.05), dict(top_k=20, top_p=0.8),
+    dict(top_k=50, top_p=0.9, min_p=0.02)])))
+def test_masks_equal_transformers_warpers(seed, knobs):
+    logits = jax.random.normal(jax.random.key(seed), (4, 301)) * 3
+    np.testing.assert_array_equal(_our_kept(logits, **knobs), _hf_kept(logits, **knobs))
+
+
+def test_ties_top_k_keeps_all_tied_top_p_cuts_by_rank():
+    tied = jnp.array([[1.0, 1.0, 1.0, 0.0]])  # three tokens of probability 0.297 each
+    assert _our_kept(tied, top_k=1).sum() == _hf_kept(tied, top_k=1).sum() == 3
+    for top_p in (0.25, 0.5, 0.65):
+        assert _our_kept(tied, top_p=top_p).sum() == _hf_kept(tied, top_p=top_p).sum()
+    assert [_our_kept(tied, top_p=p).sum() for p in (0.25, 0.5, 0.65)] == [1, 2, 3]
+
+
+def test_numpy_scalars_are_accepted_as_knobs():
+    s = Sampling(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9))
+    assert s == Sampling(temperature=0.5, top_k=5, top_p=0.9) and isinstance(s.top_k, int)

@@ -10,7 +10,6 @@ output and renames it at the end: a failure leaves nothing half-written.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
+from llmjax.files import read_json
 from llmjax.convert.names import Entry, is_ignorable, name_map
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -97,11 +97,9 @@ def _tensor_files(folder: str) -> dict[str, str]:
 
 
 def _files_from_index(folder: str, index: str) -> dict[str, str]:
-    try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is unreadable or has no 'weight_map' ({e}); download it again") from e
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map'; download it again")
     missing = sorted({fn for fn in weight_map.values() if not os.path.isfile(os.path.join(folder, fn))})
     if missing:
         raise FileNotFoundError(f"{folder}: {INDEX} lists shards that are missing: {', '.join(missing)}; "
