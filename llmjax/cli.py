@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jinja2
+
 
 def _convert(args) -> None:
     from llmjax.convert.hf import convert
@@ -24,8 +26,9 @@ def _generate(args) -> None:
     params = llmjax.load(args.model)
     prompt = args.prompt
     if args.chat:
-        prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) \
-            if params.tokenizer else prompt
+        if params.tokenizer is None:
+            raise ValueError(f"--chat needs a tokenizer with a chat template; {args.model} has no tokenizer")
+        prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     stream = llmjax.stream(params, prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            min_p=args.min_p, seed=args.seed, stop=args.stop or None)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError) as e:  # FileNotFoundError and FileExistsError are OSErrors
+    except (ValueError, OSError, jinja2.TemplateError) as e:  # OSError: FileNotFound, FileExists
         print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

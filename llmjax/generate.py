@@ -3,7 +3,8 @@
 `generate` runs prefill and the whole decode loop (`lax.while_loop`) inside one jit: no host round
 trip per token. `stream` steps the same jitted decode from Python so text can be shown as it comes.
 Prompts are right-padded into one batch; each row keeps its own positions, so a batch gives each
-prompt what it would get alone.
+prompt what it would get alone. When sampling, prompt i of the caller's list draws from the key
+(seed, i): its tokens depend on the seed and its place in the list, never on how the list was batched.
 
 Static shapes, and why each exists (each distinct value compiles once):
 - prompt length is padded to a power of two (>= 16): prompts of similar length share a compilation;
@@ -31,25 +32,24 @@ from llmjax.params import Params
 from llmjax.sampling import Sampling, sample
 
 MIN_BUCKET = 16
+# Prompt tokens decoded before a continuation, so that text joins the prompt as the tokenizer would
+# render the two together (sentencepiece drops a leading space when new ids are decoded alone).
+CONTEXT_TOKENS = 8
 MAX_BATCH = 64  # rows per compiled call; longer lists run in several calls
 PAD_ID = -1  # marks output slots after a row finished
 
 
 def _bucket(n: int, cap: int | None = None) -> int:
-    b = max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    b = max(MIN_BUCKET, 1 << (int(n) - 1).bit_length())
     return min(b, cap) if cap else b
 
 
 # ---------------------------------------------------------------- device side
 
 
-def _batch_key(seed: int, first_row: int) -> jax.Array:
-    """The key of a batch whose first row is prompt `first_row` of the caller's list."""
-    return jax.random.fold_in(jax.random.key(seed), first_row)
-
-
-def _row_keys(key: jax.Array, step, batch: int) -> jax.Array:
-    return jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(jnp.arange(batch))
+def _row_keys(key: jax.Array, rows: jax.Array, step) -> jax.Array:
+    """One key per row `[B]`: the seed's key folded with the prompt's index, then the step."""
+    return jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(rows)
 
 
 def _prefill(model, weights, tokens, lengths, cache):
@@ -77,13 +77,13 @@ class _Loop:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "out_len", "greedy", "filters"))
-def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key, *,
+def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key, rows, *,
                   model, cache_len, out_len, greedy, filters):
     batch = tokens.shape[0]
     pick = functools.partial(sample, knobs=knobs, greedy=greedy, filters=filters)
     cache = KVCache.zeros(model.config, batch, cache_len, weights["embed"]["embedding"].dtype)
     logits, cache = _prefill(model, weights, tokens, lengths, cache)
-    first = pick(logits, _row_keys(key, 0, batch))
+    first = pick(logits, _row_keys(key, rows, 0))
     out = jnp.full((batch, out_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     state = _Loop(jnp.int32(1), out, first, lengths, ~active | jnp.isin(first, eos_ids), cache)
 
@@ -92,7 +92,7 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 
     def body(s: _Loop):
         logits, cache = _decode(model, weights, s.last, s.positions, s.cache)
-        token = jnp.where(s.done, PAD_ID, pick(logits, _row_keys(key, s.step, batch)))
+        token = jnp.where(s.done, PAD_ID, pick(logits, _row_keys(key, rows, s.step)))
         out = s.out.at[:, s.step].set(token)
         done = s.done | jnp.isin(token, eos_ids)
         return _Loop(s.step + 1, out, jnp.maximum(token, 0), s.positions + 1, done, cache)
@@ -102,17 +102,17 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "greedy", "filters"))
-def _start(weights, tokens, lengths, knobs, key, *, model, cache_len, greedy, filters):
+def _start(weights, tokens, lengths, knobs, key, rows, *, model, cache_len, greedy, filters):
     cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
     logits, cache = _prefill(model, weights, tokens, lengths, cache)
-    keys = _row_keys(key, 0, tokens.shape[0])
+    keys = _row_keys(key, rows, 0)
     return sample(logits, keys, knobs, greedy=greedy, filters=filters), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "greedy", "filters"), donate_argnames=("cache",))
-def _step(weights, last, positions, cache, knobs, key, step, *, model, greedy, filters):
+def _step(weights, last, positions, cache, knobs, key, rows, step, *, model, greedy, filters):
     logits, cache = _decode(model, weights, last, positions, cache)
-    keys = _row_keys(key, step, last.shape[0])
+    keys = _row_keys(key, rows, step)
     return sample(logits, keys, knobs, greedy=greedy, filters=filters), cache
 
 
@@ -189,13 +189,25 @@ def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None
                          f"{context - longest} or shorten the prompt")
 
 
+def _check_seed(seed) -> None:
+    if not _is_int(seed) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer that fits in 64 bits, got {seed!r}")
+
+
 def _stop_strings(stop) -> list[str]:
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) and s for s in stops):
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else None
+    if not stops or not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return stops
+
+
+def _continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text of `new` as it reads after the prompt."""
+    context = prompt[-CONTEXT_TOKENS:]
+    before, full = tokenizer.decode(context), tokenizer.decode(context + new)
+    return full[len(before):] if full.startswith(before) else tokenizer.decode(new)
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -232,8 +244,7 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
     `stop` string.
     """
     sampling = Sampling(temperature, top_k, top_p, min_p)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_seed(seed)
     kind, prompts = _parse_prompt(prompt)
     stops = _stop_strings(stop)
     if stops and kind.startswith("ids"):
@@ -247,7 +258,8 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
                                    seed, first_row=start)
     if kind.startswith("ids"):
         return outputs[0] if kind == "ids" else outputs
-    texts = [_cut_at_stop(params.tokenizer.decode(ids), stops)[0] for ids in outputs]
+    texts = [_cut_at_stop(_continuation(params.tokenizer, row, ids), stops)[0]
+             for row, ids in zip(rows, outputs)]
     return texts[0] if kind == "text" else texts
 
 
@@ -256,11 +268,12 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     prompt_bucket = _bucket(max(len(r) for r in rows), params.config.max_position_embeddings)
     padded = rows + [[0]] * (batch - len(rows))
     eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)
-    key = _batch_key(seed, first_row)
+    row_ids = first_row + jnp.arange(batch, dtype=jnp.int32)
     out, steps = _generate_ids(
         params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
         jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
-        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), key, model=_model(params),
+        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), jax.random.key(seed), row_ids,
+        model=_model(params),
         cache_len=_cache_len(params, prompt_bucket, max_new_tokens), out_len=_bucket(max_new_tokens),
         greedy=sampling.greedy, filters=sampling.filters)
     out = np.asarray(out)[:len(rows), :int(steps)]
@@ -293,8 +306,7 @@ class Stream:
     def __init__(self, params: Params, prompt, *, max_new_tokens=256, temperature=0.0, top_k=None,
                  top_p=None, min_p=None, seed=0, stop=None):
         self._sampling = Sampling(temperature, top_k, top_p, min_p)
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        _check_seed(seed)
         kind, prompts = _parse_prompt(prompt)
         if kind not in ("text", "ids"):
             raise ValueError("stream takes one prompt (a str or a list of token ids); use generate for "
@@ -305,7 +317,8 @@ class Stream:
         self._params, self._stops = params, _stop_strings(stop)
         self._row = _token_rows(params, kind, prompts)[0]
         _check_budget(params, [self._row], max_new_tokens)
-        self._max_new, self._key = max_new_tokens, _batch_key(seed, 0)
+        self._max_new, self._key = int(max_new_tokens), jax.random.key(seed)
+        self._rows = jnp.zeros((1,), jnp.int32)  # a single prompt is prompt 0, as in generate
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()
 
@@ -320,13 +333,13 @@ class Stream:
         static = dict(model=_model(p), greedy=s.greedy, filters=s.filters)
         tokens = jnp.asarray(_pad([self._row], bucket))
         lengths = jnp.asarray([len(self._row)], jnp.int32)
-        args = (p.weights, tokens, lengths, s.arrays(1), self._key)
+        args = (p.weights, tokens, lengths, s.arrays(1), self._key, self._rows)
         static_start = dict(static, cache_len=_cache_len(p, bucket, self._max_new))
         start = _start.lower(*args, **static_start).compile()
         cache_shape = jax.eval_shape(functools.partial(_start, **static_start), *args)[1]
         last = jnp.zeros((1,), jnp.int32)
-        step = _step.lower(p.weights, last, lengths, cache_shape, s.arrays(1), self._key, jnp.int32(0),
-                           **static).compile()
+        step = _step.lower(p.weights, last, lengths, cache_shape, s.arrays(1), self._key, self._rows,
+                           jnp.int32(0), **static).compile()
         return start, step, args
 
     def _run(self) -> Iterator[str]:
@@ -338,7 +351,7 @@ class Stream:
         t2 = time.perf_counter()
         self.stats.compile_s, self.stats.prefill_s = t1 - t0, t2 - t1
         knobs, position = self._sampling.arrays(1), len(self._row)
-        detok = _Detokenizer(self._params, self._stops)
+        detok = _Detokenizer(self._params.tokenizer, self._row, self._stops)
         eos = set(self._params.config.eos_token_ids)
         try:
             while True:
@@ -348,7 +361,7 @@ class Stream:
                 if detok.stopped or ids[-1] in eos or len(ids) >= self._max_new:
                     break
                 token, cache = step(self._params.weights, token, jnp.asarray([position], jnp.int32),
-                                    cache, knobs, self._key, jnp.int32(len(ids)))
+                                    cache, knobs, self._key, self._rows, jnp.int32(len(ids)))
                 ids.append(int(token[0]))
                 position += 1
             tail = detok.flush()
@@ -360,32 +373,46 @@ class Stream:
 
 
 class _Detokenizer:
-    """Turns a growing list of ids into new text, holding back what might still change: an
-    incomplete UTF-8 character, or the start of a stop string."""
+    """Turns a growing list of ids into new text, decoding only a window of recent ids per token.
 
-    def __init__(self, params: Params, stops: list[str]):
-        self._tok, self._stops = params.tokenizer, stops
-        self._ids: list[int] = []
-        self._sent = 0
+    Text that might still change is held back: an incomplete UTF-8 character (decoded as U+FFFD
+    until its last byte comes), or what could be the start of a stop string. The window starts at
+    the last complete character, preceded by the prompt's last tokens, so each delta joins the text
+    before it exactly as one decode of everything would.
+    """
+
+    def __init__(self, tokenizer, prompt: list[int], stops: list[str]):
+        self._tok, self._stops = tokenizer, stops
+        self._ids = list(prompt[-CONTEXT_TOKENS:])
+        self._start, self._done = 0, len(self._ids)  # ids[_start:_done] are already in _text
+        self._text, self._sent = "", 0
         self.stopped = False
 
     def push(self, token: int | None) -> str:
         if token is not None:
             self._ids.append(token)
-        text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd"):  # perhaps a character whose bytes have not all come yet
-            return ""
-        text, self.stopped = _cut_at_stop(text, self._stops)
-        if self.stopped:
-            return self._emit(text)
-        held = max((k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._emit(text[:len(text) - held])
+        before = self._tok.decode(self._ids[self._start:self._done])
+        after = self._tok.decode(self._ids[self._start:])
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return ""  # a character is incomplete: wait for its next byte
+        self._text += after[len(before):]
+        self._start, self._done = self._done, len(self._ids)
+        return self._release(final=False)
 
     def flush(self) -> str:
-        text, _ = _cut_at_stop(self._tok.decode(self._ids), self._stops)
-        return self._emit(text)
+        before = self._tok.decode(self._ids[self._start:self._done])
+        after = self._tok.decode(self._ids[self._start:])
+        self._text += after[len(before):] if after.startswith(before) else self._tok.decode(
+            self._ids[self._done:])
+        self._start = self._done = len(self._ids)
+        return self._release(final=True)
 
-    def _emit(self, text: str) -> str:
+    def _release(self, final: bool) -> str:
+        text, self.stopped = _cut_at_stop(self._text, self._stops)
+        if not (self.stopped or final):
+            held = max((k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                       default=0)
+            text = text[:len(text) - held]
         piece = text[self._sent:]
         self._sent = max(self._sent, len(text))
         return piece

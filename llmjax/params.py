@@ -51,9 +51,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
     `dtype` (`bfloat16`, `float16`, `float32`) casts the weights; by default they keep the stored dtype.
     """
     path = os.fspath(path)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)} (or None "
-                         "to keep the stored dtype)")
+    if dtype is not None:
+        dtype = _dtype_name(dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`) or a Hugging Face Llama folder")
@@ -71,6 +70,18 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
     if dtype is not None:
         weights = jax.tree.map(lambda w: w.astype(jnp.dtype(dtype)), weights)
     return Params(weights, config, Tokenizer.from_dir(path))
+
+
+def _dtype_name(dtype) -> str:
+    """`"bfloat16"`, `jnp.bfloat16` and `np.dtype("bfloat16")` alike, or a ValueError."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)} (or None "
+                         "to keep the stored dtype)")
+    return name
 
 
 def _with_generation_eos(config: LlamaConfig, folder: str) -> LlamaConfig:

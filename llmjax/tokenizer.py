@@ -58,8 +58,8 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat template (no 'chat_template' in "
                              "tokenizer_config.json and no chat_template.jinja); format the prompt yourself")
         template = _jinja_env().from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **self._special_tokens, **kwargs)
+        variables = {**self._special_tokens, **kwargs}  # the caller may override e.g. bos_token
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 
     @classmethod
     def from_dir(cls, folder: str) -> "Tokenizer | None":

@@ -75,3 +75,16 @@ def test_example_folder_round_trips_through_conversion(example_model):
     assert set(tensors) == set(stored)
     for name, value in stored.items():
         np.testing.assert_array_equal(tensors[name], value)
+
+
+def test_chat_errors_are_one_line(example_model, tmp_path, capsys):
+    import shutil
+
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "hi", "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    folder = tmp_path / "m"
+    shutil.copytree(example_model, folder)
+    (folder / "chat_template.jinja").write_text("{{ raise_exception('only system messages') }}")
+    assert cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--chat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "llmjax generate: error: only system messages"

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -149,8 +150,10 @@ def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_
     params = llmjax.load(out)
     assert str(params.dtype) == "bfloat16" and params.tokenizer is not None
     assert str(llmjax.load(out, dtype="float32").dtype) == "float32"
-    with pytest.raises(ValueError, match="dtype 'float8' is not supported"):
-        llmjax.load(out, dtype="float8")
+    assert str(llmjax.load(out, dtype=jnp.float16).dtype) == "float16"
+    for bad in ("float8", "int8", 3):
+        with pytest.raises(ValueError, match="is not supported"):
+            llmjax.load(out, dtype=bad)
 
 
 def test_rotary_buffers_and_tied_head_copies_are_skipped(tmp_path, hf_dir, reference):

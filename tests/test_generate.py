@@ -36,16 +36,21 @@ def test_return_types_follow_the_prompt(params):
     batch = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=5)
     assert batch[0] == ids and len(batch[1]) == 5
     assert llmjax.generate(p, np.array([1, 5, 9]), max_new_tokens=5) == ids
+    assert llmjax.generate(p, [1, 5, 9], max_new_tokens=np.int64(5), seed=np.int32(0)) == ids
     import torch
 
     assert llmjax.generate(p, torch.tensor([[1, 5, 9]]), max_new_tokens=5) == [ids]
 
 
-def test_text_is_the_decoded_ids(params):
+def test_text_continues_the_prompt_as_one_decode_would(params):
     p = _no_eos(params)
-    prompt_ids = p.tokenizer.encode("class A:")
-    ids = llmjax.generate(p, prompt_ids, max_new_tokens=12)
-    assert llmjax.generate(p, "class A:", max_new_tokens=12) == p.tokenizer.decode(ids)
+    for prompt in ("class A:", "import json", "x"):
+        prompt_ids = p.tokenizer.encode(prompt)
+        ids = llmjax.generate(p, prompt_ids, max_new_tokens=12)
+        whole = p.tokenizer.decode(prompt_ids + ids)
+        assert whole.startswith(prompt)
+        assert prompt + llmjax.generate(p, prompt, max_new_tokens=12) == whole
+        assert prompt + "".join(llmjax.stream(p, prompt, max_new_tokens=12)) == whole
 
 
 def test_stream_yields_what_generate_returns(params):
@@ -86,11 +91,15 @@ def test_seeds_reproduce_and_differ(params):
 
 
 def test_more_prompts_than_one_batch(params, monkeypatch):
-    monkeypatch.setattr(gen, "MAX_BATCH", 2)
     p = _no_eos(params)
     prompts = [[1, 5 + i, 9] for i in range(5)]
+    sampled = llmjax.generate(p, prompts, max_new_tokens=6, temperature=1.0, seed=4)
+    monkeypatch.setattr(gen, "MAX_BATCH", 2)
     assert llmjax.generate(p, prompts, max_new_tokens=4) == [
         llmjax.generate(p, q, max_new_tokens=4) for q in prompts]
+    # Prompt i samples from (seed, i), however the list is split into batches.
+    assert llmjax.generate(p, prompts, max_new_tokens=6, temperature=1.0, seed=4) == sampled
+    assert sampled[0] == llmjax.generate(p, prompts[0], max_new_tokens=6, temperature=1.0, seed=4)
 
 
 def test_chat_prompt_gets_no_second_bos(params):
@@ -124,6 +133,9 @@ def test_logits_shapes_and_padding_invariance(params):
     (lambda p: llmjax.generate(p, "x", temperature=-1), "temperature"),
     (lambda p: llmjax.generate(p, "x", top_p=2), "top_p"),
     (lambda p: llmjax.generate(p, "x", seed="s"), "seed"),
+    (lambda p: llmjax.generate(p, "x", seed=2**64), "fits in 64 bits"),
+    (lambda p: llmjax.generate(p, "x", stop=5), "stop must be"),
+    (lambda p: llmjax.generate(p, "x", stop=[]), "stop must be"),
     (lambda p: llmjax.stream(p, ["a", "b"]), "one prompt"),
     (lambda p: llmjax.logits(p, "text"), "encode text"),
     (lambda p: llmjax.logits(p, [[1, 2], [1]]), "equal length"),

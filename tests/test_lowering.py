@@ -59,6 +59,6 @@ def test_whole_generate_loop_lowers_for_gpu(platform, device_kind):
                            out_len=32, greedy=False, filters=True)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     args = (weights, ids, rows, jax.ShapeDtypeStruct((2,), jnp.bool_), scalar,
-            jax.ShapeDtypeStruct((1,), jnp.int32), knobs, jax.eval_shape(lambda: jax.random.key(0)))
+            jax.ShapeDtypeStruct((1,), jnp.int32), knobs, jax.eval_shape(lambda: jax.random.key(0)), rows)
     text = _lower(fn, args, platform, device_kind)
     assert "stablehlo.while" in text and "stablehlo.sort" in text

@@ -103,6 +103,7 @@ def test_chat_template_from_jinja_file_and_errors(sp_dir, tmp_path):
     (tmp_path / "chat_template.jinja").write_text(LLAMA2_CHAT_TEMPLATE)
     tok = Tokenizer.from_dir(str(tmp_path))
     assert tok.apply_chat_template(CHAT[1:2]) == "<s>[INST] Hi there [/INST]"
+    assert tok.apply_chat_template(CHAT[1:2], bos_token="") == "[INST] Hi there [/INST]"
     import jinja2
 
     with pytest.raises(jinja2.TemplateError, match="alternate"):
