@@ -52,10 +52,13 @@ def _row_keys(key: jax.Array, rows: jax.Array, step) -> jax.Array:
     return jax.vmap(lambda row: jax.random.fold_in(jax.random.fold_in(key, row), step))(rows)
 
 
+def _positions(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
 def _prefill(model, weights, tokens, lengths, cache):
     """Writes the prompts into the cache; returns the last prompt position's logits `[B, V]`."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, cache = model.apply({"params": weights}, tokens, positions, cache, logits_at=lengths - 1)
+    logits, cache = model.apply({"params": weights}, tokens, _positions(tokens), cache, logits_at=lengths - 1)
     return logits[:, 0], cache
 
 
@@ -63,6 +66,24 @@ def _decode(model, weights, last, positions, cache):
     """One token per row `[B]` at `positions` `[B]`; returns logits `[B, V]` and the cache."""
     logits, cache = model.apply({"params": weights}, last[:, None], positions[:, None], cache)
     return logits[:, 0], cache
+
+
+def _first_tokens(weights, tokens, lengths, knobs, key, rows, *, model, cache_len, greedy, filters):
+    """A fresh cache holding the prompts, and each row's first new token `[B]`."""
+    cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
+    logits, cache = _prefill(model, weights, tokens, lengths, cache)
+    return sample(logits, _row_keys(key, rows, 0), knobs, greedy=greedy, filters=filters), cache
+
+
+def _next_tokens(weights, last, positions, cache, knobs, key, rows, step, *, model, greedy, filters):
+    """Feeds `last` `[B]` at `positions`; returns the next tokens `[B]` and the cache."""
+    logits, cache = _decode(model, weights, last, positions, cache)
+    return sample(logits, _row_keys(key, rows, step), knobs, greedy=greedy, filters=filters), cache
+
+
+# What `stream` steps from Python; `generate` runs the same two functions inside one jit.
+_start = jax.jit(_first_tokens, static_argnames=("model", "cache_len", "greedy", "filters"))
+_step = jax.jit(_next_tokens, static_argnames=("model", "greedy", "filters"), donate_argnames=("cache",))
 
 
 @jax.tree_util.register_dataclass
@@ -79,20 +100,17 @@ class _Loop:
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "out_len", "greedy", "filters"))
 def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key, rows, *,
                   model, cache_len, out_len, greedy, filters):
-    batch = tokens.shape[0]
-    pick = functools.partial(sample, knobs=knobs, greedy=greedy, filters=filters)
-    cache = KVCache.zeros(model.config, batch, cache_len, weights["embed"]["embedding"].dtype)
-    logits, cache = _prefill(model, weights, tokens, lengths, cache)
-    first = pick(logits, _row_keys(key, rows, 0))
-    out = jnp.full((batch, out_len), PAD_ID, jnp.int32).at[:, 0].set(first)
+    static = dict(model=model, greedy=greedy, filters=filters)
+    first, cache = _first_tokens(weights, tokens, lengths, knobs, key, rows, cache_len=cache_len, **static)
+    out = jnp.full((tokens.shape[0], out_len), PAD_ID, jnp.int32).at[:, 0].set(first)
     state = _Loop(jnp.int32(1), out, first, lengths, ~active | jnp.isin(first, eos_ids), cache)
 
     def cond(s: _Loop):
         return (s.step < max_new) & ~jnp.all(s.done)
 
     def body(s: _Loop):
-        logits, cache = _decode(model, weights, s.last, s.positions, s.cache)
-        token = jnp.where(s.done, PAD_ID, pick(logits, _row_keys(key, rows, s.step)))
+        token, cache = _next_tokens(weights, s.last, s.positions, s.cache, knobs, key, rows, s.step, **static)
+        token = jnp.where(s.done, PAD_ID, token)
         out = s.out.at[:, s.step].set(token)
         done = s.done | jnp.isin(token, eos_ids)
         return _Loop(s.step + 1, out, jnp.maximum(token, 0), s.positions + 1, done, cache)
@@ -101,25 +119,9 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
     return final.out, final.step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cache_len", "greedy", "filters"))
-def _start(weights, tokens, lengths, knobs, key, rows, *, model, cache_len, greedy, filters):
-    cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
-    logits, cache = _prefill(model, weights, tokens, lengths, cache)
-    keys = _row_keys(key, rows, 0)
-    return sample(logits, keys, knobs, greedy=greedy, filters=filters), cache
-
-
-@functools.partial(jax.jit, static_argnames=("model", "greedy", "filters"), donate_argnames=("cache",))
-def _step(weights, last, positions, cache, knobs, key, rows, step, *, model, greedy, filters):
-    logits, cache = _decode(model, weights, last, positions, cache)
-    keys = _row_keys(key, rows, step)
-    return sample(logits, keys, knobs, greedy=greedy, filters=filters), cache
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _forward(weights, tokens, *, model):
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return model.apply({"params": weights}, tokens, positions)[0]
+    return model.apply({"params": weights}, tokens, _positions(tokens))[0]
 
 
 # ---------------------------------------------------------------- host side: prompts
@@ -391,21 +393,27 @@ class _Detokenizer:
     def push(self, token: int | None) -> str:
         if token is not None:
             self._ids.append(token)
-        before = self._tok.decode(self._ids[self._start:self._done])
-        after = self._tok.decode(self._ids[self._start:])
-        if after.endswith("\ufffd") or not after.startswith(before):
+        delta = self._pending()
+        if delta is None or delta.endswith("\ufffd"):
             return ""  # a character is incomplete: wait for its next byte
-        self._text += after[len(before):]
-        self._start, self._done = self._done, len(self._ids)
+        self._take(delta)
         return self._release(final=False)
 
     def flush(self) -> str:
+        delta = self._pending()
+        self._take(self._tok.decode(self._ids[self._done:]) if delta is None else delta)
+        return self._release(final=True)
+
+    def _pending(self) -> str | None:
+        """The text of the ids not yet taken, decoded after the window's start; None if it would
+        rewrite text already taken."""
         before = self._tok.decode(self._ids[self._start:self._done])
         after = self._tok.decode(self._ids[self._start:])
-        self._text += after[len(before):] if after.startswith(before) else self._tok.decode(
-            self._ids[self._done:])
-        self._start = self._done = len(self._ids)
-        return self._release(final=True)
+        return after[len(before):] if after.startswith(before) else None
+
+    def _take(self, delta: str) -> None:
+        self._text += delta
+        self._start, self._done = self._done, len(self._ids)
 
     def _release(self, final: bool) -> str:
         text, self.stopped = _cut_at_stop(self._text, self._stops)

@@ -155,6 +155,7 @@ class _SentencePieceBackend:
         self._add_bos = cfg.get("add_bos_token", True)
         self._add_eos = cfg.get("add_eos_token", False)
         self._specials = self._special_tokens(cfg)
+        self._special_ids = {i: t for t, i in self._specials.items()}
         pattern = "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
         self._split = re.compile(f"({pattern})") if pattern else None
 
@@ -195,16 +196,15 @@ class _SentencePieceBackend:
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         # Pieces are joined with special tokens in place, then one leading space (the marker that
         # encode prepended) is stripped from the whole text, as transformers' decoder does.
-        by_id = {i: t for t, i in self._specials.items()}
         out, run = [], []
         for i in ids:
-            if not 0 <= i < self._sp.get_piece_size():
+            if not 0 <= i < self.vocab_size:
                 continue  # an id of a model vocabulary padded past the tokenizer's: no text
-            if i in by_id:
+            if i in self._special_ids:
                 out.append(self._sp_bare.decode(run))
                 run = []
                 if not skip_special_tokens:
-                    out.append(by_id[i])
+                    out.append(self._special_ids[i])
             else:
                 run.append(i)
         out.append(self._sp_bare.decode(run))
