@@ -69,6 +69,25 @@ class LlamaConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
         return PRESETS[name]
 
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` of this config (classic rope spelling); `from_hf` inverts it."""
+        eos = self.eos_token_ids
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+              "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+              "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+              "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+              "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+              "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id,
+              "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None)}
+        if self.rope_scaling is not None:
+            scaling = dataclasses.asdict(self.rope_scaling)
+            if scaling["rope_type"] == "linear":
+                scaling = {"rope_type": "linear", "factor": scaling["factor"]}
+            hf["rope_scaling"] = scaling
+        return hf
+
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> "LlamaConfig":
         """Reads a Hugging Face Llama `config.json` (a file, the folder holding it, or its dict)."""

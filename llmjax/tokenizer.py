@@ -23,6 +23,37 @@ from llmjax.files import read_json
 FILES = ("tokenizer.json", "tokenizer.model")
 
 
+def train_sentencepiece(text: str, folder: str | os.PathLike, vocab_size: int,
+                        chat_template: str | None = None) -> "Tokenizer":
+    """Trains a Llama-style sentencepiece tokenizer on `text` and writes it into `folder`.
+
+    BPE with byte fallback (any text encodes), digits split, whitespace kept as it is, ids 0-2 for
+    `<unk>`, `<s>`, `</s>`: the conventions of Llama 2's tokenizer. Writes `tokenizer.model` and
+    `tokenizer_config.json`; returns the loaded tokenizer.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995, minloglevel=2)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return Tokenizer.from_dir(folder)
+
+
 class Tokenizer:
     """`encode(text) -> ids`, `decode(ids) -> text`, `apply_chat_template(messages) -> text`."""
 

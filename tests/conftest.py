@@ -15,37 +15,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 SP_VOCAB = 600
-
-
-def train_sentencepiece(folder: pathlib.Path) -> pathlib.Path:
-    """A Llama-style sentencepiece model (BPE, byte fallback, digits split) trained on stdlib source."""
-    import inspect
-    import json as json_module
-
-    import sentencepiece as spm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    corpus = folder / "corpus.txt"
-    text = inspect.getsource(json_module) + inspect.getsource(pathlib) + "héllo wörld 你好 😀\n" * 5
-    corpus.write_text(text, encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=SP_VOCAB,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995, minloglevel=2)
-    corpus.unlink()
-    (folder / "tokenizer.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-        "chat_template": LLAMA2_CHAT_TEMPLATE}))
-    return folder / "tokenizer.model"
 
 
 # The shape of Llama 2's chat template: BOS per turn, [INST] markers, an optional system prompt.
@@ -65,8 +39,14 @@ LLAMA2_CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def sp_dir(tmp_path_factory) -> pathlib.Path:
+    import inspect
+    import json as json_module
+
+    from llmjax.tokenizer import train_sentencepiece
+
     folder = tmp_path_factory.mktemp("sp")
-    train_sentencepiece(folder)
+    text = inspect.getsource(json_module) + inspect.getsource(pathlib) + "héllo wörld 你好 😀\n" * 5
+    train_sentencepiece(text, folder, SP_VOCAB, chat_template=LLAMA2_CHAT_TEMPLATE)
     return folder
 
 

@@ -103,3 +103,12 @@ def test_every_weight_declares_logical_axes_of_its_rank():
     assert all(len(shape.shape) == len(spec) for shape, spec in leaves)
     assert axes["layer_0"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "head_dim")
     assert axes["layer_1"]["mlp"]["down"]["kernel"] == jax.sharding.PartitionSpec("mlp", "embed")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_to_hf_round_trips_every_preset(name):
+    config = PRESETS[name]
+    assert LlamaConfig.from_hf(config.to_hf()) == config
+    variant = dataclasses.replace(config, rope_scaling=RopeScaling("linear", 2.0), tie_word_embeddings=True,
+                                  attention_bias=True, eos_token_ids=())
+    assert LlamaConfig.from_hf(json.loads(json.dumps(variant.to_hf()))) == variant
