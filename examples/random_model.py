@@ -10,15 +10,11 @@ It needs only llmjax's own dependencies (no torch, no transformers).
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sysconfig
 
-import numpy as np
-from safetensors.numpy import save_file
-
 import llmjax
-from llmjax.convert.hf import to_hf_tensors
+from llmjax.convert.hf import save_hf
 from llmjax.tokenizer import train_sentencepiece
 
 STDLIB_FILES = ("json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "fractions.py")
@@ -38,10 +34,7 @@ def main() -> None:
     config = dataclasses.replace(llmjax.LlamaConfig.preset(args.preset), vocab_size=vocab,
                                  bos_token_id=1, eos_token_ids=(2,))
     params = llmjax.init_random(config, seed=args.seed, dtype="float32")
-    tensors = {k: np.asarray(v) for k, v in to_hf_tensors(params.weights, config).items()}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(dict(config.to_hf(), torch_dtype="float32"), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    save_hf(params.weights, config, out, dtype="float32")
     print(f"wrote a random {params.num_params / 1e6:.2f}M-parameter Llama to {out}")
 
 

@@ -15,9 +15,10 @@ from llmjax.convert.hf import convert
 from llmjax.generate import generate, logits, stream
 from llmjax.params import Params, init_random, load
 from llmjax.sampling import Sampling
+from llmjax.scoring import Perplexity, perplexity
 from llmjax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["LlamaConfig", "RopeScaling", "Params", "Sampling", "Tokenizer", "convert", "generate",
-           "init_random", "load", "logits", "stream"]
+__all__ = ["LlamaConfig", "RopeScaling", "Params", "Perplexity", "Sampling", "Tokenizer", "convert",
+           "generate", "init_random", "load", "logits", "perplexity", "stream"]

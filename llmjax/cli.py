@@ -1,4 +1,4 @@
-"""The `llmjax` command: `convert` a Hugging Face folder, `generate` text from a model.
+"""The `llmjax` command: `convert` a Hugging Face folder, `generate` text, score a text's `perplexity`.
 
 Errors a user can fix (a missing file, a bad argument, an unsupported model) print one line naming the
 problem and the fix, and exit with status 2; anything else is a bug and keeps its traceback.
@@ -7,9 +7,12 @@ problem and the fix, and exit with status 2; anything else is a bug and keeps it
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import jinja2
+
+from llmjax.params import DEFAULT_MODEL
 
 
 def _convert(args) -> None:
@@ -43,6 +46,21 @@ def _generate(args) -> None:
           f"{s.decode_tok_s:.1f} tok/s | [compile] {s.compile_s:.1f} s", file=sys.stderr)
 
 
+def _perplexity(args) -> None:
+    import llmjax
+
+    texts = []
+    for path in args.text:
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    params = llmjax.load(args.model, dtype=args.dtype)
+    result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
+    chars = sum(len(t.encode("utf-8")) for t in texts)
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "
+          f"(nll {result.nll:.4f} nats/token, {result.nll * result.tokens / math.log(2) / chars:.4f} "
+          "bits/byte)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmjax", description="Llama inference with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a continuation of a prompt",
                          description="Loads a model, streams the continuation of --prompt, then prints "
                                      "prefill and decode speed to stderr.")
-    gen.add_argument("--model", required=True, help="llmjax checkpoint or Hugging Face folder")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="llmjax checkpoint, Hugging Face folder or "
+                     f"bundled model name (default: {DEFAULT_MODEL}, the bundled demo model)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
@@ -72,6 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(run=_generate)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a model on text files",
+                         description="Scores every token of each --text file (each file on its own, in "
+                                     "overlapping windows when longer than --window) and prints the "
+                                     "pooled perplexity.")
+    ppl.add_argument("--model", default=DEFAULT_MODEL, help="llmjax checkpoint, Hugging Face folder or "
+                     f"bundled model name (default: {DEFAULT_MODEL})")
+    ppl.add_argument("--text", required=True, action="append", metavar="FILE",
+                     help="UTF-8 text file to score (repeatable)")
+    ppl.add_argument("--window", type=int, default=None, help="tokens the model sees at once (default: "
+                     "its context)")
+    ppl.add_argument("--stride", type=int, default=None, help="new tokens scored per later window "
+                     "(default: half the window)")
+    ppl.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                     help="cast the weights (default: as stored)")
+    ppl.set_defaults(run=_perplexity)
     return parser
 
 

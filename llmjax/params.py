@@ -45,17 +45,35 @@ class Params:
 jax.tree_util.register_dataclass(Params, data_fields=["weights"], meta_fields=["config", "tokenizer"])
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
-    """Loads an llmjax checkpoint or a Hugging Face Llama folder onto the first local device.
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# Models that ship inside the package, by name; `load(name)` finds them wherever llmjax is installed.
+BUNDLED = ("tiny-stdlib",)
+DEFAULT_MODEL = "tiny-stdlib"
 
-    `dtype` (`bfloat16`, `float16`, `float32`) casts the weights; by default they keep the stored dtype.
-    """
+
+def resolve(path: str | os.PathLike) -> str:
+    """The folder `load` reads: `path` itself, or a bundled model's folder when `path` is its name
+    and no such file or folder exists (a folder of that name in the working directory wins)."""
     path = os.fspath(path)
+    if path in BUNDLED and not os.path.exists(path):
+        return os.path.join(ASSETS, path)
+    return path
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
+    """Loads an llmjax checkpoint, a Hugging Face Llama folder or a bundled model onto the first device.
+
+    `path` is a folder, or the name of a model bundled with llmjax (`"tiny-stdlib"`, a 7.8M-parameter
+    demo Llama trained on Python's standard library). `dtype` (`bfloat16`, `float16`, `float32`)
+    casts the weights; by default they keep the stored dtype.
+    """
+    path = resolve(path)
     if dtype is not None:
         dtype = _dtype_name(dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
-                                "`llmjax convert`) or a Hugging Face Llama folder")
+                                "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
+                                f"name ({', '.join(BUNDLED)})")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     if checkpoint.is_checkpoint(path):
         stored = checkpoint.read_manifest(path)["dtype"]

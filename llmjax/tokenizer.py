@@ -24,12 +24,14 @@ FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def train_sentencepiece(text: str, folder: str | os.PathLike, vocab_size: int,
-                        chat_template: str | None = None) -> "Tokenizer":
+                        chat_template: str | None = None, add_prefix_space: bool = True) -> "Tokenizer":
     """Trains a Llama-style sentencepiece tokenizer on `text` and writes it into `folder`.
 
     BPE with byte fallback (any text encodes), digits split, whitespace kept as it is, ids 0-2 for
-    `<unk>`, `<s>`, `</s>`: the conventions of Llama 2's tokenizer. Writes `tokenizer.model` and
-    `tokenizer_config.json`; returns the loaded tokenizer.
+    `<unk>`, `<s>`, `</s>`: the conventions of Llama 2's tokenizer. With `add_prefix_space=False` the
+    text's start gets no whitespace marker, so a line encodes the same at the start of a text as
+    after a newline (what a code model wants). Writes `tokenizer.model` and `tokenizer_config.json`;
+    returns the loaded tokenizer.
     """
     import io
 
@@ -46,7 +48,8 @@ def train_sentencepiece(text: str, folder: str | os.PathLike, vocab_size: int,
     with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+              "add_prefix_space": add_prefix_space}
     if chat_template is not None:
         config["chat_template"] = chat_template
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -185,6 +188,8 @@ class _SentencePieceBackend:
                              "release") from e
         self._add_bos = cfg.get("add_bos_token", True)
         self._add_eos = cfg.get("add_eos_token", False)
+        prefix = cfg.get("add_prefix_space")
+        self._prefix = True if prefix is None else bool(prefix)
         self._specials = self._special_tokens(cfg)
         self._special_ids = {i: t for t, i in self._specials.items()}
         pattern = "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
@@ -215,8 +220,9 @@ class _SentencePieceBackend:
             if chunk in self._specials:
                 ids.append(self._specials[chunk])
             elif chunk:
-                # The start of the text gets the whitespace marker unless it begins with a space.
-                prefix = " " if n == 0 and not chunk.startswith(" ") else ""
+                # The start of the text gets the whitespace marker unless it begins with a space
+                # (or the tokenizer's config sets add_prefix_space to false).
+                prefix = " " if self._prefix and n == 0 and not chunk.startswith(" ") else ""
                 ids += self._sp_bare.encode(prefix + chunk)
         if add_special_tokens:
             bos, eos = self._sp.bos_id(), self._sp.eos_id()
@@ -240,4 +246,4 @@ class _SentencePieceBackend:
                 run.append(i)
         out.append(self._sp_bare.decode(run))
         text = "".join(out)
-        return text[1:] if text.startswith(" ") else text
+        return text[1:] if self._prefix and text.startswith(" ") else text

@@ -50,6 +50,18 @@ def test_sentencepiece_add_eos_token(sp_dir, tmp_path):
     assert ours.encode("hi")[-1] == 2 and ours.encode("hi")[0] != 1
 
 
+def test_sentencepiece_without_prefix_space(sp_dir, tmp_path):
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, add_prefix_space=False)))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(str(tmp_path))
+    _assert_same(ours, theirs)
+    # A line encodes the same at the start of the text as after a newline.
+    line = ours.encode("def f(x):", add_special_tokens=False)
+    assert ours.encode("x\ndef f(x):", add_special_tokens=False)[-len(line):] == line
+
+
 @pytest.fixture(scope="module")
 def json_dir(tmp_path_factory):
     """A byte-level BPE tokenizer.json (Llama 3's kind) built with the tokenizers library."""

@@ -10,6 +10,7 @@ output and renames it at the end: a failure leaves nothing half-written.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from typing import Iterator
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
@@ -181,6 +182,26 @@ def to_hf_tensors(weights: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
             leaf = leaf[key]
         tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(np.asarray(leaf)))
     return tensors
+
+
+def save_hf(weights: dict, config: LlamaConfig, folder: str | os.PathLike,
+            dtype: str = "bfloat16") -> None:
+    """Writes weights as a Hugging Face Llama folder: `model.safetensors`, `config.json` and
+    `generation_config.json` (tokenizer files are the caller's). `transformers` and `llmjax.load` read it.
+    """
+    from safetensors.numpy import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.astype(DTYPES[dtype]) for k, v in to_hf_tensors(weights, config).items()}
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    hf = config.to_hf()
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(hf, torch_dtype=dtype), f, indent=2)
+    with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}, f, indent=2)
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,

@@ -1,0 +1,116 @@
+"""`perplexity`: how well a model predicts a text, token by token.
+
+A text longer than the model's context is scored in overlapping windows: the first window scores its
+tokens from the start of the text; each later window begins with BOS, re-reads `window - stride - 1`
+tokens of context and scores the next `stride` tokens. Every token is scored exactly once, and (past
+the first window) always with at least `window - stride - 1` tokens of context. Each text is scored on
+its own (texts never see each other), and the result pools the tokens of all of them; an empty text
+adds no tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.generate import _is_int, _model, _positions, _token_rows
+from llmjax.params import Params
+
+BATCH = 8  # windows per compiled call
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+    """`perplexity = exp(nll)`; `nll` is the mean negative log-likelihood per token, in nats.
+
+    `ids` are the scored tokens of each text (without the BOS added before it) and `logprobs` the
+    log-probability the model gave each of them, so `logprobs[i][j]` belongs to `ids[i][j]`.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    ids: list[list[int]]
+    logprobs: list[np.ndarray]
+
+    def __repr__(self):
+        return f"Perplexity({self.perplexity:.3f} over {self.tokens} tokens, nll {self.nll:.4f} nats)"
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _logprobs(weights, tokens, targets, *, model):
+    """Log-probability of `targets[b, t]` after `tokens[b, :t+1]`, float32 `[B, T]`."""
+    logits = model.apply({"params": weights}, tokens, _positions(tokens))[0]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
+
+
+def _windows(ids: list[int], bos: int, window: int, stride: int):
+    """(input tokens, first scored input index, number scored) per window over `[bos] + ids`."""
+    seq = [bos] + ids
+    first = seq[:window]
+    out = [(first, 0, len(first) - 1)]
+    scored = len(first) - 1  # tokens of `ids` scored so far
+    while scored < len(ids):
+        n = min(stride, len(ids) - scored)
+        start = scored + 1 + n - (window - 1)  # index into seq of the first context token
+        out.append(([bos] + seq[start:scored + 1 + n], window - 1 - n, n))
+        scored += n
+    return out
+
+
+def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, window: int | None = None,
+               stride: int | None = None) -> Perplexity:
+    """Perplexity of the model on a text, a list of texts, or a list of token ids.
+
+    Text is encoded with BOS first (as `generate` encodes a prompt); every token after BOS is scored.
+    `window` (default: the model's context) is the most tokens the model sees at once, BOS included;
+    `stride` (default: half the window) is how many new tokens each later window scores.
+    """
+    config, tok = params.config, params.tokenizer
+    window = config.max_position_embeddings if window is None else window
+    if not isinstance(window, int) or not 2 <= window <= config.max_position_embeddings:
+        raise ValueError(f"window must be an integer in [2, {config.max_position_embeddings}] (the "
+                         f"model's context), got {window!r}")
+    stride = max(1, window // 2) if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= window - 1:
+        raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}")
+    if isinstance(text, str):
+        text = [text]
+    if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+        if tok is None or tok.bos_id is None:
+            raise ValueError("scoring text needs a tokenizer with a BOS token; these params have none, "
+                             "so pass token ids (BOS first) instead")
+        bos, rows = tok.bos_id, [tok.encode(t, add_special_tokens=False) for t in text]
+    elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and all(map(_is_int, text)):
+        (row,) = _token_rows(params, "ids", [list(text)])
+        bos, rows = row[0], [row[1:]]
+    else:
+        raise ValueError("perplexity takes a str, a list of str, or a list of at least 2 token ids (the "
+                         f"first one is read as BOS and not scored); got {text!r:.80}")
+    if not any(rows):
+        raise ValueError("there are no tokens to score (the text is empty); give a non-empty text")
+
+    model = _model(params)
+    jobs = [(n, w) for n, row in enumerate(rows) if row for w in _windows(row, bos, window, stride)]
+    scores = [[] for _ in rows]
+    width = min(window, max(len(w[0]) for _, w in jobs))
+    width = min(window, 1 << (width - 1).bit_length())  # few distinct shapes, few compilations
+    for i in range(0, len(jobs), BATCH):
+        chunk = jobs[i:i + BATCH]
+        tokens = np.zeros((BATCH, width), np.int32)
+        for b, (_, (inp, _, _)) in enumerate(chunk):
+            tokens[b, :len(inp)] = inp
+        targets = np.concatenate([tokens[:, 1:], np.zeros((BATCH, 1), np.int32)], axis=1)
+        lp = np.asarray(_logprobs(params.weights, tokens, targets, model=model))
+        for b, (n, (_, first, count)) in enumerate(chunk):
+            scores[n].append(lp[b, first:first + count])
+    logprobs = [np.concatenate(s) if s else np.zeros(0, np.float32) for s in scores]
+    total = sum(len(s) for s in logprobs)
+    nll = -float(sum(np.sum(s, dtype=np.float64) for s in logprobs)) / total
+    return Perplexity(float(np.exp(nll)), nll, total, rows, logprobs)

@@ -1,0 +1,112 @@
+"""The bundled demo model, tiny-stdlib: it loads by name, it is what the CLI uses without --model, and
+its held-out perplexity stays where it was recorded."""
+
+import hashlib
+import json
+import os
+import pathlib
+import sysconfig
+
+import numpy as np
+import pytest
+
+import llmjax
+from llmjax import cli
+from llmjax.params import resolve
+
+FOLDER = pathlib.Path(resolve("tiny-stdlib"))
+TRAINING = json.loads((FOLDER / "training.json").read_text())
+# Held-out files (see the model card) scored by the regression test below: ~16k tokens, seconds on a CPU.
+SUBSET = ("chunk.py", "copyreg.py", "secrets.py", "token.py", "sched.py", "lib2to3/fixer_base.py",
+          "email/_encoded_words.py", "opcode.py")
+# llmjax.perplexity(llmjax.load("tiny-stdlib"), SUBSET's texts) when the model was bundled (bf16 as stored;
+# float32 gives the same to 4 digits).
+RECORDED_PERPLEXITY = 9.865
+
+
+@pytest.fixture(scope="module")
+def params():
+    return llmjax.load("tiny-stdlib")
+
+
+def _heldout_texts() -> list[str]:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for name in SUBSET:
+        assert name in TRAINING["heldout_files"], f"{name} is not a held-out file of tiny-stdlib"
+        path = root / name
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+        if text is None or hashlib.sha256(text.encode()).hexdigest() != TRAINING["heldout_files"][name]:
+            pytest.skip(f"this Python's {name} is not the file tiny-stdlib was evaluated on "
+                        f"(Python {TRAINING['python']})")
+        texts.append(text)
+    return texts
+
+
+def test_bundled_model_loads_by_name_within_its_size_budget(params):
+    assert params.num_params == TRAINING["parameters"] <= 8_000_000
+    assert (FOLDER / "model.safetensors").stat().st_size < 16 * 2**20
+    assert params.dtype == np.dtype("bfloat16")
+    assert params.tokenizer.vocab_size == params.config.vocab_size == 8000
+    card = (FOLDER / "README.md").read_text()
+    assert f"**{TRAINING['heldout_perplexity']:.3f}**" in card and "chunk.py" in card
+
+
+def test_a_folder_of_the_same_name_wins_over_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve("tiny-stdlib") == str(FOLDER)
+    (tmp_path / "tiny-stdlib").mkdir()
+    assert resolve("tiny-stdlib") == "tiny-stdlib"
+
+
+@pytest.fixture(scope="module")
+def heldout(params):
+    return llmjax.perplexity(params, _heldout_texts())
+
+
+def test_heldout_perplexity_has_not_moved(heldout):
+    result = heldout
+    assert result.tokens > 15_000
+    assert result.perplexity == pytest.approx(RECORDED_PERPLEXITY, rel=0.02)
+
+
+def test_model_predicts_far_better_than_token_frequencies(heldout):
+    result = heldout
+    ids = np.concatenate([np.asarray(i) for i in result.ids])
+    counts = np.bincount(ids)
+    unigram = float(np.exp(-np.mean(np.log(counts[ids] / ids.size))))  # fitted on these very tokens
+    assert result.perplexity < unigram / 10, (result.perplexity, unigram)
+
+
+def test_generates_python_at_the_right_indentation(params):
+    text = llmjax.generate(params, "class Stack:\n    def push(self, item):", max_new_tokens=24)
+    first_line = text.split("\n")[1]
+    assert first_line.startswith("        ") and first_line.strip(), text
+
+
+def test_cli_uses_the_bundled_model_by_default(capsys):
+    assert cli.main(["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "16"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def fibonacci(n):") and len(out) > len("def fibonacci(n):\n") + 10
+    assert "tok/s" in err
+
+
+def test_cli_perplexity(tmp_path, capsys):
+    text = "def add(a, b):\n    return a + b\n"
+    path = tmp_path / "add.py"
+    path.write_text(text)
+    assert cli.main(["perplexity", "--text", str(path), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    want = llmjax.perplexity(llmjax.load("tiny-stdlib", dtype="float32"), text)
+    assert f"perplexity {want.perplexity:.4f} over {want.tokens} tokens of 1 file(s)" in out
+    assert cli.main(["perplexity", "--text", str(tmp_path / "missing.py")]) == 2
+    assert "missing.py" in capsys.readouterr().err
+    assert cli.main(["perplexity", "--text", str(path), "--window", "1"]) == 2
+    assert "window" in capsys.readouterr().err
+
+
+def test_unknown_model_name_says_what_is_bundled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tiny-stdlib"):
+        llmjax.load("tiny-stdlb")
+    assert not os.path.exists("tiny-stdlb")

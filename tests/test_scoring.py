@@ -1,0 +1,78 @@
+"""perplexity: every token scored once, with the context its window promises, and bad input refused."""
+
+import numpy as np
+import pytest
+
+import llmjax
+
+from conftest import hf_config, save_hf_model
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory, sp_dir):
+    folder = tmp_path_factory.mktemp("model")
+    save_hf_model(folder, hf_config(vocab_size=600, max_position_embeddings=64), seed=5, tokenizer_dir=sp_dir)
+    return llmjax.load(folder)
+
+
+def _logprob_after(params, context: list[int], token: int) -> float:
+    """log p(token | context), from one forward pass over exactly `context`."""
+    row = np.asarray(llmjax.logits(params, [context]))[0, -1].astype(np.float64)
+    return float(row[token] - np.log(np.sum(np.exp(row - row.max()))) - row.max())
+
+
+def test_short_text_scores_each_token_after_all_before_it(params):
+    text = "def add(a, b):\n    return a + b\n"
+    result = llmjax.perplexity(params, text)
+    (ids,) = result.ids
+    assert ids == params.tokenizer.encode(text, add_special_tokens=False)
+    bos = params.tokenizer.bos_id
+    want = [_logprob_after(params, [bos] + ids[:k], ids[k]) for k in range(len(ids))]
+    np.testing.assert_allclose(result.logprobs[0], want, atol=2e-5)
+    assert result.tokens == len(ids)
+    assert result.nll == pytest.approx(-np.mean(want), abs=1e-5)
+    assert result.perplexity == pytest.approx(np.exp(-np.mean(want)), rel=1e-5)
+
+
+@pytest.mark.parametrize("window,stride", [(8, 3), (9, 8), (6, 1), (16, 8)])
+def test_long_text_windows_give_each_token_its_promised_context(params, window, stride):
+    rng = np.random.default_rng(window * 100 + stride)
+    bos = params.tokenizer.bos_id
+    ids = [int(t) for t in rng.integers(3, 600, size=29)]
+    result = llmjax.perplexity(params, [bos] + ids, window=window, stride=stride)
+    assert result.ids == [ids] and len(result.logprobs[0]) == len(ids)
+    # The spec, token by token: the first window scores ids[:window-1] from the start; each later
+    # window scores the next `stride` tokens, reading BOS and the window-1 tokens that end at its last.
+    want, end = [], window - 1
+    want += [_logprob_after(params, [bos] + ids[:k], ids[k]) for k in range(min(end, len(ids)))]
+    while end < len(ids):
+        last = min(end + stride, len(ids))
+        first_context = last - (window - 1)
+        want += [_logprob_after(params, [bos] + ids[first_context:k], ids[k]) for k in range(end, last)]
+        end = last
+    np.testing.assert_allclose(result.logprobs[0], want, atol=2e-5)
+
+
+def test_texts_are_scored_apart_and_pooled(params):
+    a, b = "import os\n", "x = [i * i for i in range(10)]\n"
+    both = llmjax.perplexity(params, [a, "", b])
+    one, two = llmjax.perplexity(params, a), llmjax.perplexity(params, b)
+    np.testing.assert_allclose(both.logprobs[0], one.logprobs[0], atol=1e-6)
+    np.testing.assert_allclose(both.logprobs[2], two.logprobs[0], atol=1e-6)
+    assert len(both.logprobs[1]) == 0 and both.tokens == one.tokens + two.tokens
+    pooled = -np.concatenate([one.logprobs[0], two.logprobs[0]]).mean()
+    assert both.nll == pytest.approx(pooled, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=1), "window"), (dict(window=65), "window"), (dict(window=8, stride=8), "stride"),
+    (dict(stride=0), "stride"), (dict(window=8.0), "window")])
+def test_bad_window_and_stride_are_refused(params, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llmjax.perplexity(params, "x = 1", **kwargs)
+
+
+@pytest.mark.parametrize("text", ["", [""], [], [1], None, [1, "a"], 3.5, [1, 10**6]])
+def test_nothing_to_score_or_wrong_type_is_refused(params, text):
+    with pytest.raises(ValueError):
+        llmjax.perplexity(params, text)
