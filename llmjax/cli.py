@@ -1,4 +1,5 @@
-"""The `llmjax` command: `convert` a Hugging Face folder, `generate` text, score a text's `perplexity`.
+"""The `llmjax` command: `convert` a Hugging Face folder, `generate` text, score a text's `perplexity`,
+`bench` decode speed.
 
 Errors a user can fix (a missing file, a bad argument, an unsupported model) print one line naming the
 problem and the fix, and exit with status 2; anything else is a bug and keeps its traceback.
@@ -61,6 +62,28 @@ def _perplexity(args) -> None:
           "bits/byte)")
 
 
+def _bench(args) -> None:
+    from llmjax import bench
+
+    if args.tensor != 1 or args.stage != 1:
+        raise ValueError("--tensor and --stage above 1 need the sharding rules (llmjax/sharding), which "
+                         "have not landed yet; run with one device")
+    options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
+                   gen_len=args.gen_len, repeats=args.repeats, compare_hf=args.compare_hf)
+    if args.sweep:
+        key, values = bench.parse_sweep(args.sweep)
+        results = bench.sweep(key, values, **options)
+        path = args.plot or f"bench-{args.model}-{args.dtype}-{key}.png"
+        bench.plot(results, key, path)
+        print(f"plot: {path}", file=sys.stderr)
+    else:
+        results = [bench.bench(**options)]
+        print(results[0].report())
+    if args.json:
+        bench.save_json(results, args.json)
+        print(f"results: {args.json}", file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmjax", description="Llama inference with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +130,29 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                      help="cast the weights (default: as stored)")
     ppl.set_defaults(run=_perplexity)
+
+    b = sub.add_parser("bench", help="time decode on random weights against the bandwidth bound",
+                       description="Times greedy generation on random weights of a preset: prefill, "
+                                   "decode tok/s, bytes read per step, the HBM bandwidth measured in the "
+                                   "same process and the fraction of the bound reached.")
+    b.add_argument("--model", default="llama2-7b", help="a preset (llama2-7b, llama2-13b, llama3-8b, "
+                   "tiny, ...; see llmjax.LlamaConfig.preset)")
+    b.add_argument("--random-weights", action="store_true", default=True,
+                   help="random weights of the preset (the only mode; accepted for clarity)")
+    b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int4-g128"])
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=8)
+    b.add_argument("--gen-len", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
+    b.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree")
+    b.add_argument("--stage", type=int, default=1, help="pipeline stages")
+    b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
+                   "(static cache, compiled) on the same shapes")
+    b.add_argument("--json", metavar="FILE", help="save the results as JSON")
+    b.add_argument("--sweep", metavar="NAME=V1,V2", help="run once per value, e.g. batch=1,8,32,64, and "
+                   "draw a plot")
+    b.add_argument("--plot", metavar="FILE.png", help="where --sweep draws its plot")
+    b.set_defaults(run=_bench)
     return parser
 
 

@@ -101,8 +101,8 @@ def test_every_weight_declares_logical_axes_of_its_rank():
     assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=is_spec)
     leaves = zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=is_spec))
     assert all(len(shape.shape) == len(spec) for shape, spec in leaves)
-    assert axes["layer_0"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "head_dim")
-    assert axes["layer_1"]["mlp"]["down"]["kernel"] == jax.sharding.PartitionSpec("mlp", "embed")
+    assert axes["layer_0"]["attn"]["qkv"]["kernel"] == jax.sharding.PartitionSpec("kv_heads", "qkv", "head_dim", "embed")
+    assert axes["layer_1"]["mlp"]["down"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -143,7 +143,8 @@ def resolve_dtype(dtype: str, source: SafetensorsFolder) -> str:
 
 def iter_weight_groups(source: SafetensorsFolder, entries: list[Entry], dtype: str,
                        progress: bool = True) -> Iterator[tuple[str, dict]]:
-    """Yields `(group, weights subtree)` in model order, reading each checked entry once."""
+    """Yields `(group, weights subtree)` in model order, reading each checked entry once; tensors
+    that are slots of a fused weight (q/k/v, gate/up) are written into it in place."""
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         groups[e.path[0]].append(e)
@@ -152,8 +153,15 @@ def iter_weight_groups(source: SafetensorsFolder, entries: list[Entry], dtype: s
         for key, group in groups.items():
             tree: dict = {}
             for e in group:
-                array = np.ascontiguousarray(e.to_llmjax(source.read(e.hf_name)).astype(np_dtype))
-                _set_path(tree, e.path[1:], array)
+                array = e.to_llmjax(source.read(e.hf_name)).astype(np_dtype)
+                if e.fused_shape is None:
+                    _set_path(tree, e.path[1:], np.ascontiguousarray(array))
+                else:
+                    fused = _get_path(tree, e.path[1:])
+                    if fused is None:
+                        fused = np.empty(e.fused_shape, np_dtype)
+                        _set_path(tree, e.path[1:], fused)
+                    fused[e.index] = array
                 bar.update()
             yield key, tree
 
@@ -162,6 +170,14 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def _get_path(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def read_hf_weights(folder: str, config: LlamaConfig, dtype: str = "auto",
@@ -180,7 +196,7 @@ def to_hf_tensors(weights: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
         leaf = weights
         for key in e.path:
             leaf = leaf[key]
-        tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(np.asarray(leaf)))
+        tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(np.asarray(leaf)[e.index]))
     return tensors
 
 

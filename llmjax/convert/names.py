@@ -1,9 +1,11 @@
 """The explicit map between Hugging Face Llama tensor names and llmjax weight paths.
 
-One `Entry` per tensor: its Hugging Face name and shape (as `config.json` implies), its path in the
-llmjax weights dict, and the two reshapes between the layouts. Hugging Face stores a projection as
-`[out, in]`; llmjax stores `[in..., out...]` with heads as their own axis (`q`: `[D, H, head_dim]`,
-`o`: `[H, head_dim, D]`), so einsums and sharding rules can name them.
+One `Entry` per Hugging Face tensor: its name and shape (as `config.json` implies), its path in the
+llmjax weights dict, its shape there, and, for a tensor that is one slot of a fused llmjax weight,
+that slot. Both sides store projections output first (`[out, in]`), so every conversion is a reshape:
+llmjax gives heads their own axes (`o`: `[D, H, head_dim]`) so einsums and sharding rules can name
+them, and fuses q/k/v into `qkv` `[KV, H/KV + 2, head_dim, D]` (per kv head: its query heads, its
+key, its value) and gate/up into `gate_up` `[2, F, D]`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable
 
 import numpy as np
 
@@ -26,49 +27,62 @@ class Entry:
     hf_name: str
     path: tuple[str, ...]
     hf_shape: tuple[int, ...]
-    to_llmjax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...]  # this tensor's shape in llmjax
+    fused_shape: tuple[int, ...] | None = None  # the whole fused weight this tensor is a slot of
+    slot: tuple[int, int] | None = None  # [start, stop) along the fused weight's slot axis
+    slot_axis: int = 0
+
+    def to_llmjax(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(self.shape)
+
+    def to_hf(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(self.hf_shape)
+
+    @property
+    def index(self) -> tuple:
+        """Where this tensor sits in its fused weight (numpy indexing); `()` for a whole weight."""
+        if self.slot is None:
+            return ()
+        return (slice(None),) * self.slot_axis + (slice(*self.slot),)
 
 
 def _same(hf_name, path, shape) -> Entry:
-    return Entry(hf_name, path, tuple(shape), lambda a: a, lambda a: a)
+    return Entry(hf_name, path, tuple(shape), tuple(shape))
 
 
-def _kernel(hf_name, path, in_shape, out_shape) -> Entry:
-    """A projection: HF `[prod(out), prod(in)]` <-> llmjax `[*in_shape, *out_shape]`."""
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    shape = tuple(in_shape) + tuple(out_shape)
-    return Entry(hf_name, path + ("kernel",), (n_out, n_in),
-                 lambda a: a.T.reshape(shape), lambda a: a.reshape(n_in, n_out).T)
-
-
-def _bias(hf_name, path, out_shape) -> Entry:
-    out_shape = tuple(out_shape)
-    return Entry(hf_name, path + ("bias",), (math.prod(out_shape),),
-                 lambda a: a.reshape(out_shape), lambda a: a.reshape(-1))
-
-
-def _projection(hf_prefix, path, in_shape, out_shape, bias) -> list[Entry]:
-    entries = [_kernel(f"{hf_prefix}.weight", path, in_shape, out_shape)]
+def _projection(hf_prefix, path, out_shape, in_shape, bias, **slot) -> list[Entry]:
+    """A projection: HF `[prod(out), prod(in)]` (and bias `[prod(out)]`) <-> llmjax `[*out, *in]`."""
+    out_shape, in_shape = tuple(out_shape), tuple(in_shape)
+    fused = slot.pop("fused_out", None)
+    kernel = dict(slot, fused_shape=fused + in_shape) if fused else {}
+    entries = [Entry(f"{hf_prefix}.weight", path + ("kernel",), (math.prod(out_shape), math.prod(in_shape)),
+                     out_shape + in_shape, **kernel)]
     if bias:
-        entries.append(_bias(f"{hf_prefix}.bias", path, out_shape))
+        b = dict(slot, fused_shape=fused) if fused else {}
+        entries.append(Entry(f"{hf_prefix}.bias", path + ("bias",), (math.prod(out_shape),), out_shape, **b))
     return entries
 
 
 def _layer(c: LlamaConfig, i: int) -> list[Entry]:
-    d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    d, f, hd, n_kv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_kv_heads
+    g = c.num_heads // n_kv
     p, key = f"model.layers.{i}", f"layer_{i}"
     ab, mb = c.attention_bias, c.mlp_bias
+    qkv, attn = (n_kv, g + 2, hd), (key, "attn", "qkv")
+    gate_up, mlp = (2, f), (key, "mlp", "gate_up")
     return [
         _same(f"{p}.input_layernorm.weight", (key, "attn_norm", "scale"), (d,)),
-        *_projection(f"{p}.self_attn.q_proj", (key, "attn", "q"), (d,), (c.num_heads, hd), ab),
-        *_projection(f"{p}.self_attn.k_proj", (key, "attn", "k"), (d,), (c.num_kv_heads, hd), ab),
-        *_projection(f"{p}.self_attn.v_proj", (key, "attn", "v"), (d,), (c.num_kv_heads, hd), ab),
-        *_projection(f"{p}.self_attn.o_proj", (key, "attn", "o"), (c.num_heads, hd), (d,), ab),
+        *_projection(f"{p}.self_attn.q_proj", attn, (n_kv, g, hd), (d,), ab, fused_out=qkv, slot=(0, g),
+                     slot_axis=1),
+        *_projection(f"{p}.self_attn.k_proj", attn, (n_kv, 1, hd), (d,), ab, fused_out=qkv,
+                     slot=(g, g + 1), slot_axis=1),
+        *_projection(f"{p}.self_attn.v_proj", attn, (n_kv, 1, hd), (d,), ab, fused_out=qkv,
+                     slot=(g + 1, g + 2), slot_axis=1),
+        *_projection(f"{p}.self_attn.o_proj", (key, "attn", "o"), (d,), (c.num_heads, hd), ab),
         _same(f"{p}.post_attention_layernorm.weight", (key, "mlp_norm", "scale"), (d,)),
-        *_projection(f"{p}.mlp.gate_proj", (key, "mlp", "gate"), (d,), (f,), mb),
-        *_projection(f"{p}.mlp.up_proj", (key, "mlp", "up"), (d,), (f,), mb),
-        *_projection(f"{p}.mlp.down_proj", (key, "mlp", "down"), (f,), (d,), mb),
+        *_projection(f"{p}.mlp.gate_proj", mlp, (1, f), (d,), mb, fused_out=gate_up, slot=(0, 1)),
+        *_projection(f"{p}.mlp.up_proj", mlp, (1, f), (d,), mb, fused_out=gate_up, slot=(1, 2)),
+        *_projection(f"{p}.mlp.down_proj", (key, "mlp", "down"), (d,), (f,), mb),
     ]
 
 
@@ -80,7 +94,7 @@ def name_map(config: LlamaConfig) -> list[Entry]:
         entries += _layer(c, i)
     entries.append(_same("model.norm.weight", ("final_norm", "scale"), (c.hidden_size,)))
     if not c.tie_word_embeddings:
-        entries += _projection("lm_head", ("lm_head",), (c.hidden_size,), (c.vocab_size,), False)
+        entries += _projection("lm_head", ("lm_head",), (c.vocab_size,), (c.hidden_size,), False)
     return entries
 
 

@@ -7,8 +7,8 @@ step that scanned over stacked layer weights ran 2.3x slower than the unrolled o
 Llama-2-7B shape), because slicing stacked weights inside the loop costs copies.
 
 Every parameter is declared once, in `Linear`, `Embed` or `RMSNorm`, with its shape and logical axes
-(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`); init, abstract shapes and shardings all
-derive from that declaration. Left out on purpose: training (dropout, gradients), Pallas kernels
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, and `qkv` and `gate_up` for the slots of
+the fused kernels); init, abstract shapes and shardings all derive from that declaration. Left out on purpose: training (dropout, gradients), Pallas kernels
 (`llmjax.kernels` dispatches them), sharding (`llmjax.sharding` maps the logical axes).
 """
 
@@ -28,12 +28,17 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class Linear(nn.Module):
-    """Every projection of the model: one einsum with a kernel declared with its logical axes."""
+    """Every projection of the model: one einsum with a kernel declared with its logical axes.
 
-    shape: tuple[int, ...]  # the kernel's shape, input dims first
+    Kernels are stored output dims first, `[out..., in...]`: Hugging Face's `[out, in]` with heads as
+    their own axes, so conversion is a reshape. One-row products (batch-1 decode) read this layout
+    5-10% faster than `[in, out]` on the H200 (`benchmarks/gemv_shapes.py`).
+    """
+
+    shape: tuple[int, ...]  # the kernel's shape, output dims first
     axes: tuple[str, ...]
     equation: str
-    num_in_dims: int = 1
+    num_out_dims: int = 1
     use_bias: bool = False
     dtype: Any = jnp.float32
 
@@ -43,7 +48,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", init, self.shape, self.dtype)
         y = jnp.einsum(self.equation, x, kernel)
         if self.use_bias:
-            out_shape, out_axes = self.shape[self.num_in_dims:], self.axes[self.num_in_dims:]
+            out_shape, out_axes = self.shape[:self.num_out_dims], self.axes[:self.num_out_dims]
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes)
             bias = self.param("bias", init, out_shape, self.dtype)
             y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
@@ -104,14 +109,16 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, positions, layer_cache):
         c, bias = self.config, self.config.attention_bias
         d, h, n_kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-
-        def proj(name, heads, head_axis):
-            return Linear((d, heads, hd), ("embed", head_axis, "head_dim"), "btd,dnh->btnh",
-                          use_bias=bias, dtype=self.dtype, name=name)(x)
-
-        q = apply_rope(proj("q", h, "heads"), cos, sin)
-        k = apply_rope(proj("k", n_kv, "kv_heads"), cos, sin)
-        v = proj("v", n_kv, "kv_heads")
+        g = h // n_kv  # query heads per kv head
+        # q, k and v in one kernel `[kv_heads, g + 2, head_dim, embed]`: for kv head j, its g query
+        # heads (HF heads j*g .. j*g+g-1), then its key, then its value. One wide product reads its
+        # weights faster than three narrow ones, and sharding over kv_heads keeps each group whole.
+        qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), "btd,kchd->btkch",
+                     num_out_dims=3, use_bias=bias, dtype=self.dtype, name="qkv")(x)
+        b, t = x.shape[:2]
+        q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
+        k = apply_rope(qkv[:, :, :, g], cos, sin)
+        v = qkv[:, :, :, g + 1]
         if layer_cache is None:  # scoring a whole sequence: attend within it
             keys, values, k_pos = k, v, positions
         else:
@@ -119,8 +126,8 @@ class Attention(nn.Module):
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             layer_cache = (keys, values)
         out = attention(q, keys, values, positions, k_pos)
-        o = Linear((h, hd, d), ("heads", "head_dim", "embed"), "btnh,nhd->btd", num_in_dims=2,
-                   use_bias=bias, dtype=self.dtype, name="o")
+        o = Linear((d, h, hd), ("embed", "heads", "head_dim"), "btnh,dnh->btd", use_bias=bias,
+                   dtype=self.dtype, name="o")
         return o(out), layer_cache
 
 
@@ -131,13 +138,12 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         d, f, bias = self.config.hidden_size, self.config.intermediate_size, self.config.mlp_bias
-
-        def linear(name, shape, axes, eq):
-            return Linear(shape, axes, eq, use_bias=bias, dtype=self.dtype, name=name)
-
-        gate = linear("gate", (d, f), ("embed", "mlp"), "btd,df->btf")(x)
-        up = linear("up", (d, f), ("embed", "mlp"), "btd,df->btf")(x)
-        return linear("down", (f, d), ("mlp", "embed"), "btf,fd->btd")(nn.silu(gate) * up)
+        # gate and up in one kernel `[2, mlp, embed]`: on the H200 one 4096x22016 product reads its
+        # weights at 3.2 TB/s where two 4096x11008 ones manage 2.0 (benchmarks/gemv_shapes.py).
+        gate_up = Linear((2, f, d), ("gate_up", "mlp", "embed"), "btd,cfd->btcf", num_out_dims=2,
+                         use_bias=bias, dtype=self.dtype, name="gate_up")(x)
+        down = Linear((d, f), ("embed", "mlp"), "btf,df->btd", use_bias=bias, dtype=self.dtype, name="down")
+        return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
 
 
 class Block(nn.Module):
@@ -188,7 +194,7 @@ class Llama(nn.Module):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
             else:
-                logits = Linear((c.hidden_size, c.vocab_size), ("embed", "vocab"), "btd,dv->btv",
+                logits = Linear((c.vocab_size, c.hidden_size), ("vocab", "embed"), "btd,vd->btv",
                                 dtype=self.dtype, name="lm_head")(x)
         new_cache = None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
         return logits.astype(jnp.float32), new_cache

@@ -1,0 +1,313 @@
+"""`llmjax bench`: decode speed on random weights, against the memory-bandwidth bound and a peer.
+
+Decode reads every weight (but the embedding table) and the whole KV cache once per step, so a step can
+take no less than `bytes_per_step / bandwidth`. `bench` measures that bandwidth in the same process
+(the best of three XLA read kernels over 4 GiB), times llmjax's one-jit generate loop, and reports
+the fraction of the bound reached. Timing, all medians over `repeats` runs of the compiled loop:
+- `prefill_ms`: the loop stopped after the first token (prefill, sampling, the loop's setup);
+- decode: `(gen_len - 1)` steps in the difference between a full run and that one-token run;
+- `end_to_end_tok_s`: `gen_len` tokens over a full run, per sequence.
+Both runs share one compilation (the token budget is a runtime value), so nothing is compiled inside
+a timed region. `compare_hf=True` times Hugging Face transformers (static cache, `torch.compile`) on
+the same shapes in the same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.cache import KVCache
+from llmjax.config import LlamaConfig
+from llmjax.params import init_random
+
+DTYPES = ("bfloat16", "float16", "float32")
+LATER = {"int4-g128": "int4 weights arrive with the quantization issue (llmjax/quant)"}
+
+
+@dataclasses.dataclass
+class BenchResult:
+    model: str
+    dtype: str
+    batch: int
+    prompt_len: int
+    gen_len: int
+    device: str
+    jax_version: str
+    num_params: int
+    prefill_ms: float
+    decode_ms_per_step: float
+    decode_tok_s: float  # per sequence
+    throughput_tok_s: float  # all sequences: batch * decode_tok_s
+    end_to_end_tok_s: float  # per sequence, prefill included
+    weight_bytes_per_step: int
+    cache_bytes_per_step: int
+    bandwidth_gb_s: float
+    bound_tok_s: float  # per sequence
+    fraction_of_bound: float
+    peak_memory_gib: float | None
+    hf_tok_s: float | None = None
+    hf_setup: str | None = None
+    hf_error: str | None = None
+
+    @property
+    def bytes_per_step(self) -> int:
+        return self.weight_bytes_per_step + self.cache_bytes_per_step
+
+    def report(self) -> str:
+        lines = [
+            f"device {self.device}, jax {self.jax_version}",
+            f"model {self.model} ({_count(self.num_params)} parameters, {self.dtype}, random weights), "
+            f"batch {self.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens",
+            f"prefill + first token   {self.prefill_ms:9.2f} ms",
+            f"decode                  {self.decode_tok_s:9.1f} tok/s per sequence "
+            f"({self.decode_ms_per_step:.3f} ms per step; {self.throughput_tok_s:.1f} tok/s in all)",
+            f"end to end              {self.end_to_end_tok_s:9.1f} tok/s per sequence",
+            f"read per step           {self.bytes_per_step / 1e9:9.3f} GB (weights "
+            f"{self.weight_bytes_per_step / 1e9:.3f}, KV cache {self.cache_bytes_per_step / 1e9:.3f})",
+            f"bandwidth (measured)    {self.bandwidth_gb_s / 1e3:9.2f} TB/s -> bound "
+            f"{self.bound_tok_s:.1f} tok/s per sequence",
+            f"fraction of bound       {self.fraction_of_bound:9.1%} (reads at "
+            f"{self.bytes_per_step / self.decode_ms_per_step / 1e9:.2f} TB/s)",
+        ]
+        if self.peak_memory_gib is not None:
+            lines.append(f"peak device memory      {self.peak_memory_gib:9.2f} GiB")
+        if self.hf_tok_s is not None:
+            lines.append(f"transformers ({self.hf_setup}, same run) {self.hf_tok_s:.1f} tok/s per sequence "
+                         f"end to end: llmjax is {self.end_to_end_tok_s / self.hf_tok_s:.2f}x")
+        elif self.hf_error:
+            lines.append(f"transformers: not timed ({self.hf_error})")
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
+    """Bytes per second that XLA reads from device memory: the best of three read kernels over `gib`
+    GiB (default 4 on accelerators, 0.25 on CPU), median of `repeats` timed calls each: a sum over
+    float32, a row sum over bfloat16, and one row times 8192x28672 bfloat16 matrices (the GEMV a
+    decode step is made of; on the H200 it reads fastest)."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if gib is None:
+        gib = 0.25 if on_cpu else 4.0
+    n = int(gib * 2**30)
+    k, m = (8192, 28672) if not on_cpu else (1024, 4096)
+    count = max(1, n // (k * m * 2))
+    kernels = [(lambda: (jnp.ones((n // 4,), jnp.float32),), lambda a: jnp.sum(a)),
+               (lambda: (jnp.ones((n // 2 // 8192, 8192), jnp.bfloat16),),
+                lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)),
+               (lambda: (jnp.ones((k,), jnp.bfloat16), [jnp.ones((m, k), jnp.bfloat16) for _ in range(count)]),
+                lambda x, ws: sum(jnp.einsum("k,mk->m", x, w, preferred_element_type=jnp.float32) for w in ws))]
+    best = 0.0
+    for make, fn in kernels:
+        args = make()
+        nbytes = sum(a.nbytes for a in jax.tree.leaves(args))
+        f = jax.jit(fn)
+        f(*args).block_until_ready()
+        best = max(best, nbytes / _median_time(lambda: f(*args), repeats))
+        del args
+    return best
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
+    if dtype in LATER:
+        raise ValueError(f"--dtype {dtype} is not available yet: {LATER[dtype]}; use one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len),
+                        ("repeats", repeats)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if gen_len < 2:
+        raise ValueError(f"gen_len must be at least 2 (decode speed is timed over gen_len - 1 steps), "
+                         f"got {gen_len}")
+    config = model if isinstance(model, LlamaConfig) else LlamaConfig.preset(model)
+    if prompt_len + gen_len > config.max_position_embeddings:
+        raise ValueError(f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens")
+    return dataclasses.replace(config, eos_token_ids=())  # random weights must not stop early
+
+
+def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", batch: int = 1,
+          prompt_len: int = 8, gen_len: int = 256, repeats: int = 3, compare_hf: bool = False,
+          seed: int = 0) -> BenchResult:
+    """Times greedy generation of `gen_len` tokens after `prompt_len` random prompt tokens, `batch`
+    sequences at once, on random weights of a preset (or a `LlamaConfig`)."""
+    gen = _generate_module()
+    config = _check(model, dtype, batch, prompt_len, gen_len, repeats)
+    params = init_random(config, seed=seed, dtype=dtype)
+    name = model if isinstance(model, str) else "custom"
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+    prompt_bucket = gen._bucket(prompt_len, config.max_position_embeddings)
+    cache_len = gen._cache_len(params, prompt_bucket, gen_len)
+    out_len = gen._bucket(gen_len)
+    sampling_arrays = gen.Sampling().arrays(batch)
+    args = (params.weights, jnp.asarray(gen._pad(prompts, prompt_bucket)),
+            jnp.full((batch,), prompt_len, jnp.int32), jnp.ones((batch,), bool))
+    tail = (jnp.asarray([gen.PAD_ID], jnp.int32), sampling_arrays, jax.random.key(seed),
+            jnp.arange(batch, dtype=jnp.int32))
+    static = dict(model=gen._model(params), cache_len=cache_len, out_len=out_len, greedy=True, filters=())
+
+    def run(n: int):
+        return gen._generate_ids(*args, jnp.int32(n), *tail, **static)
+
+    out, steps = run(gen_len)  # compiles; the one-token run reuses the compilation
+    if int(steps) != gen_len:
+        raise RuntimeError(f"the loop ran {int(steps)} steps, expected {gen_len}")
+    run(1)[0].block_until_ready()
+    full = _median_time(lambda: run(gen_len), repeats)
+    first = _median_time(lambda: run(1), repeats)
+    step_s = max(full - first, 1e-9) / (gen_len - 1)
+
+    weight_bytes = sum(w.nbytes for w in jax.tree.leaves(params.weights))
+    embed = params.weights["embed"]["embedding"]
+    weight_read = weight_bytes - embed.nbytes + batch * embed.nbytes // config.vocab_size
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, cache_len, embed.dtype))
+    cache_read = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    bandwidth = measure_bandwidth()
+    bound = bandwidth / (weight_read + cache_read)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+
+    result = BenchResult(
+        model=name, dtype=dtype, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+        device=jax.devices()[0].device_kind, jax_version=jax.__version__, num_params=params.num_params,
+        prefill_ms=first * 1e3, decode_ms_per_step=step_s * 1e3, decode_tok_s=1 / step_s,
+        throughput_tok_s=batch / step_s, end_to_end_tok_s=gen_len / full,
+        weight_bytes_per_step=int(weight_read), cache_bytes_per_step=int(cache_read),
+        bandwidth_gb_s=bandwidth / 1e9, bound_tok_s=bound, fraction_of_bound=(1 / step_s) / bound,
+        peak_memory_gib=None if peak is None else peak / 2**30)
+    del params, out
+    args = tail = None  # drop the weights before transformers allocates its own
+    if compare_hf:
+        try:
+            result.hf_tok_s, result.hf_setup = hf_tok_s(config, dtype, prompts, gen_len, repeats)
+        except ImportError as e:
+            result.hf_error = f"{e.name or e} is not installed"
+    return result
+
+
+def hf_tok_s(config: LlamaConfig, dtype: str, prompts: list[list[int]], gen_len: int,
+             repeats: int) -> tuple[float, str]:
+    """Hugging Face transformers on the same shapes: static cache, compiled decode step (on CUDA),
+    greedy; tokens per second per sequence, end to end (prefill included), median of `repeats` runs
+    after two warmups. Returns (tok/s, a description of the setup)."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = transformers.LlamaConfig(**config.to_hf())
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf_config).to(torch_dtype).eval()
+    # A static cache makes transformers compile the decode step itself (torch.compile, CUDA graphs).
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = device != "cuda"  # no compiler toolchain assumed on CPU
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+
+    def once():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    for _ in range(2):
+        out = once()
+    if out.shape[1] != ids.shape[1] + gen_len:
+        raise RuntimeError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens, expected {gen_len}")
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    model = None  # frees the GPU memory before the caller goes on
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    setup = "static cache, compiled" if device == "cuda" else "static cache, eager on CPU"
+    return gen_len / statistics.median(times), f"{setup}, torch {torch.__version__}"
+
+
+def parse_sweep(spec: str) -> tuple[str, list[int]]:
+    """`"batch=1,8,32"` -> ("batch", [1, 8, 32])."""
+    key, _, values = spec.partition("=")
+    key = key.strip().replace("-", "_")
+    if key not in ("batch", "prompt_len", "gen_len") or not values:
+        raise ValueError(f"--sweep takes NAME=V1,V2,... with NAME one of batch, prompt_len, gen_len; "
+                         f"got {spec!r}")
+    try:
+        return key, [int(v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep values must be integers, got {values!r}") from None
+
+
+def sweep(key: str, values: list[int], **kwargs) -> list[BenchResult]:
+    results = []
+    for v in values:
+        results.append(bench(**{**kwargs, key: v}))
+        print(results[-1].report(), end="\n\n", flush=True)
+    return results
+
+
+def plot(results: list[BenchResult], key: str, path: str) -> None:
+    """Decode tokens per second (in all, and per sequence) against the swept value, with the bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [getattr(r, key) for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(xs, [r.throughput_tok_s for r in results], "o-", label="llmjax")
+    left.plot(xs, [r.bound_tok_s * r.batch for r in results], "--", color="gray",
+              label="memory-bandwidth bound")
+    left.set_ylabel("decode tokens/s, all sequences")
+    right.plot(xs, [r.decode_tok_s for r in results], "o-", label="llmjax")
+    right.plot(xs, [r.bound_tok_s for r in results], "--", color="gray", label="bound")
+    if any(r.hf_tok_s for r in results):
+        right.plot(xs, [r.hf_tok_s or np.nan for r in results], "s-", label="transformers (end to end)")
+    right.set_ylabel("tokens/s per sequence")
+    first = results[0]
+    for ax in (left, right):
+        ax.set_xlabel(key.replace("_", " "))
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{first.model} {first.dtype} on {first.device} (prompt {first.prompt_len}, "
+                 f"{first.gen_len} new tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_json(results: list[BenchResult], path: str) -> None:
+    rows: list[dict[str, Any]] = [dataclasses.asdict(r) for r in results]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows if len(rows) > 1 else rows[0], f, indent=2)
+
+
+def _generate_module():
+    import importlib
+
+    return importlib.import_module("llmjax.generate")

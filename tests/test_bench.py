@@ -1,0 +1,68 @@
+"""`llmjax bench` on CPU with the tiny preset: the figures it reports hang together, the CLI writes
+JSON and a sweep plot, transformers is timed alongside, and bad options are refused."""
+
+import json
+
+import pytest
+
+from llmjax import bench, cli
+from llmjax.config import LlamaConfig
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.bench("tiny", batch=2, prompt_len=5, gen_len=20, repeats=1, compare_hf=True)
+
+
+def test_bytes_and_bound_follow_from_the_shapes(result):
+    c = LlamaConfig.preset("tiny")
+    params = c.vocab_size * c.hidden_size * 2 + c.num_layers * (
+        2 * c.hidden_size + c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+        + 3 * c.hidden_size * c.intermediate_size) + c.hidden_size
+    assert result.num_params == params
+    embed = c.vocab_size * c.hidden_size * 2
+    assert result.weight_bytes_per_step == params * 2 - embed + 2 * c.hidden_size * 2  # 2 rows read
+    cache_len = 16 + 32  # prompt bucket + new-token bucket
+    assert result.cache_bytes_per_step == 2 * c.num_layers * 2 * cache_len * c.num_kv_heads * c.head_dim * 2
+    assert result.bound_tok_s == pytest.approx(result.bandwidth_gb_s * 1e9 / result.bytes_per_step)
+    assert result.fraction_of_bound == pytest.approx(result.decode_tok_s / result.bound_tok_s)
+    assert result.throughput_tok_s == pytest.approx(2 * result.decode_tok_s)
+    assert result.decode_ms_per_step == pytest.approx(1e3 / result.decode_tok_s)
+    assert result.prefill_ms > 0 and result.end_to_end_tok_s > 0 and result.bandwidth_gb_s > 0
+
+
+def test_transformers_is_timed_in_the_same_run(result):
+    assert result.hf_tok_s and result.hf_tok_s > 0 and result.hf_error is None
+    assert "static cache" in result.hf_setup
+    assert "transformers (" in result.report()
+
+
+def test_report_names_every_figure(result):
+    text = result.report()
+    for needle in ("prefill", "tok/s per sequence", "ms per step", "GB", "TB/s", "bound",
+                   "fraction of bound", f"{result.decode_tok_s:.1f}"):
+        assert needle in text
+
+
+def test_cli_json_and_sweep_plot(tmp_path, capsys):
+    out = tmp_path / "one.json"
+    assert cli.main(["bench", "--model", "tiny", "--random-weights", "--gen-len", "16", "--repeats", "1",
+                     "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["model"] == "tiny" and row["batch"] == 1 and row["gen_len"] == 16 and row["decode_tok_s"] > 0
+    assert "fraction of bound" in capsys.readouterr().out
+    plot, rows = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    assert cli.main(["bench", "--model", "tiny", "--gen-len", "16", "--repeats", "1",
+                     "--sweep", "batch=1,4", "--plot", str(plot), "--json", str(rows)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["batch"] for r in json.loads(rows.read_text())] == [1, 4]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dtype", "int4-g128"], "quantization"), (["--tensor", "2"], "sharding"),
+    (["--gen-len", "1"], "gen_len"), (["--batch", "0"], "batch"),
+    (["--prompt-len", "250", "--gen-len", "10"], "context"), (["--model", "llama9"], "llama9"),
+    (["--sweep", "heads=1,2"], "sweep"), (["--sweep", "batch=1,x"], "integers")])
+def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
+    assert cli.main(["bench", "--model", "tiny", *argv]) == 2
+    assert match in capsys.readouterr().err
