@@ -114,7 +114,7 @@ def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
         f = jax.jit(fn)
         f(*args).block_until_ready()
         best = max(best, nbytes / _median_time(lambda: f(*args), repeats))
-        del args
+        args = None  # frees this kernel's input before the next allocates its own
     return best
 
 
