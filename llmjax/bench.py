@@ -292,6 +292,7 @@ def plot(results: list[BenchResult], key: str, path: str) -> None:
     for ax in (left, right):
         ax.set_xlabel(key.replace("_", " "))
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{first.model} {first.dtype} on {first.device} (prompt {first.prompt_len}, "
