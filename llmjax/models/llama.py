@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
+from llmjax.kernels import gemv
 from llmjax.models.rope import apply_rope, rope_tables
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -37,7 +38,6 @@ class Linear(nn.Module):
 
     shape: tuple[int, ...]  # the kernel's shape, output dims first
     axes: tuple[str, ...]
-    equation: str
     num_out_dims: int = 1
     use_bias: bool = False
     dtype: Any = jnp.float32
@@ -46,7 +46,7 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(_init, self.axes)
         kernel = self.param("kernel", init, self.shape, self.dtype)
-        y = jnp.einsum(self.equation, x, kernel)
+        y = gemv.linear(x, kernel, self.num_out_dims)  # x [..., *in] -> [..., *out]
         if self.use_bias:
             out_shape, out_axes = self.shape[:self.num_out_dims], self.axes[:self.num_out_dims]
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes)
@@ -113,8 +113,8 @@ class Attention(nn.Module):
         # q, k and v in one kernel `[kv_heads, g + 2, head_dim, embed]`: for kv head j, its g query
         # heads (HF heads j*g .. j*g+g-1), then its key, then its value. One wide product reads its
         # weights faster than three narrow ones, and sharding over kv_heads keeps each group whole.
-        qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), "btd,kchd->btkch",
-                     num_out_dims=3, use_bias=bias, dtype=self.dtype, name="qkv")(x)
+        qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), num_out_dims=3,
+                     use_bias=bias, dtype=self.dtype, name="qkv")(x)
         b, t = x.shape[:2]
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
         k = apply_rope(qkv[:, :, :, g], cos, sin)
@@ -126,7 +126,7 @@ class Attention(nn.Module):
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             layer_cache = (keys, values)
         out = attention(q, keys, values, positions, k_pos)
-        o = Linear((d, h, hd), ("embed", "heads", "head_dim"), "btnh,dnh->btd", use_bias=bias,
+        o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, name="o")
         return o(out), layer_cache
 
@@ -140,9 +140,9 @@ class Mlp(nn.Module):
         d, f, bias = self.config.hidden_size, self.config.intermediate_size, self.config.mlp_bias
         # gate and up in one kernel `[2, mlp, embed]`: on the H200 one 4096x22016 product reads its
         # weights at 3.2 TB/s where two 4096x11008 ones manage 2.0 (benchmarks/gemv_shapes.py).
-        gate_up = Linear((2, f, d), ("gate_up", "mlp", "embed"), "btd,cfd->btcf", num_out_dims=2,
+        gate_up = Linear((2, f, d), ("gate_up", "mlp", "embed"), num_out_dims=2,
                          use_bias=bias, dtype=self.dtype, name="gate_up")(x)
-        down = Linear((d, f), ("embed", "mlp"), "btf,df->btd", use_bias=bias, dtype=self.dtype, name="down")
+        down = Linear((d, f), ("embed", "mlp"), use_bias=bias, dtype=self.dtype, name="down")
         return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
 
 
@@ -194,8 +194,8 @@ class Llama(nn.Module):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
             else:
-                logits = Linear((c.vocab_size, c.hidden_size), ("vocab", "embed"), "btd,vd->btv",
-                                dtype=self.dtype, name="lm_head")(x)
+                logits = Linear((c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=self.dtype,
+                                name="lm_head")(x)
         new_cache = None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
         return logits.astype(jnp.float32), new_cache
 

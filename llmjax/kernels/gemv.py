@@ -1,0 +1,118 @@
+"""A few rows times a bf16 weight matrix stored `[out, in]`: the product batch-1 decode is made of.
+
+`gemv(x, w)` computes `x @ w.T` for x `[M, K]` (M <= 16) and w `[N, K]` with a Pallas kernel on the
+Triton backend (so it lowers for cuda and rocm). The grid is (output blocks, K splits): each program
+reads a `[block_n, k_per_split]` strip of w in `block_k` chunks and keeps a float32 partial sum; the
+partial sums of the K splits are added afterwards. Splitting K gives a matrix with few outputs (Llama's
+4096-wide o and down projections) enough programs to keep every SM reading. Any N and K work: loads
+past the edges are masked to zero.
+
+`gemv_reference` is the definition: the same product in jnp, float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MAX_ROWS = 16
+
+
+def gemv_reference(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w.T` for x `[M, K]`, w `[N, K]`, accumulated in float32, returned in x's dtype."""
+    return jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _kernel(x_ref, w_ref, o_ref, *, rows, n, k, block_n, block_k, k_per_split):
+    i, j = pl.program_id(0), pl.program_id(1)
+    n_idx = i * block_n + jnp.arange(block_n)
+    n_mask = n_idx < n
+    k_start = j * k_per_split
+
+    def body(step, acc):
+        k0 = k_start + step * block_k
+        k_mask = (k0 + jnp.arange(block_k)) < k
+        w = plgpu.load(w_ref.at[pl.ds(i * block_n, block_n), pl.ds(k0, block_k)],
+                       mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        x = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=k_mask[None, :], other=0.0)
+        if rows == 1:  # one row: multiply and reduce, no tensor-core padding
+            return acc + jnp.sum(w.astype(jnp.float32) * x.astype(jnp.float32), axis=1)[None, :]
+        return acc + plgpu.dot(x, w.T, allow_tf32=False).astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, k_per_split // block_k, body,
+                            jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+    plgpu.store(o_ref.at[j, :, pl.ds(i * block_n, block_n)], acc, mask=n_mask[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages",
+                                             "interpret"))
+def gemv(x: jax.Array, w: jax.Array, *, block_n: int = 64, block_k: int = 256, splits: int = 8,
+         num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """`x @ w.T` with the split-K Pallas kernel; x `[M, K]` with M <= 16, w `[N, K]`."""
+    m, k = x.shape
+    n, k_w = w.shape
+    if k_w != k or m > MAX_ROWS:
+        raise ValueError(f"gemv takes x [M<={MAX_ROWS}, K] and w [N, K]; got {x.shape} and {w.shape}")
+    rows = 1 if m == 1 else MAX_ROWS  # tensor-core dots need 16 rows: pad
+    xp = x if rows == m else jnp.zeros((rows, k), x.dtype).at[:m].set(x)
+    splits = max(1, min(splits, pl.cdiv(k, block_k)))
+    k_per_split = pl.cdiv(pl.cdiv(k, splits), block_k) * block_k
+    splits = pl.cdiv(k, k_per_split)
+    kernel = functools.partial(_kernel, rows=rows, n=n, k=k, block_n=block_n, block_k=block_k,
+                               k_per_split=k_per_split)
+    partial = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, block_n), splits),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(xp, w)
+    return partial.sum(axis=0)[:m].astype(x.dtype)
+
+
+MODES = ("auto", "on", "off", "narrow")
+
+
+def _mode() -> str:
+    mode = os.environ.get("LLMJAX_GEMV", "auto")
+    if mode not in MODES:
+        raise ValueError(f"LLMJAX_GEMV must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def use_kernel(rows: int, n: int, k: int, dtype) -> bool:
+    """Whether `linear` lowers this product to the Pallas kernel on GPUs (other platforms always take
+    XLA's product). `LLMJAX_GEMV` chooses, for measuring: `on` (every bf16 product of <= 16 rows),
+    `narrow` (only those with no more outputs than inputs, such as o and down), `off`; `auto`, the
+    default, keeps XLA's product until the kernel has been measured faster on a GPU."""
+    if rows > MAX_ROWS or jnp.dtype(dtype) != jnp.bfloat16:
+        return False
+    mode = _mode()
+    return mode == "on" or (mode == "narrow" and n <= k)
+
+
+def linear(x: jax.Array, w: jax.Array, num_out_dims: int) -> jax.Array:
+    """The model's one projection entry point: x `[..., *in]` times a kernel `[*out, *in]` -> `[..., *out]`.
+
+    The choice between the kernel and XLA's product is made when the program is lowered: the kernel
+    for cuda and rocm, XLA's product for every other platform.
+    """
+    out_shape, in_shape = w.shape[:num_out_dims], w.shape[num_out_dims:]
+    lead = x.shape[:x.ndim - len(in_shape)]
+    n, k = math.prod(out_shape), math.prod(in_shape)
+    x2, w2 = x.reshape(-1, k), w.reshape(n, k)
+
+    def xla(x2, w2):
+        return jnp.einsum("mk,nk->mn", x2, w2)
+
+    if use_kernel(x2.shape[0], n, k, w.dtype):
+        y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
+    else:
+        y = xla(x2, w2)
+    return y.reshape(*lead, *out_shape)
