@@ -8,6 +8,11 @@ partial sums of the K splits are added afterwards. Splitting K gives a matrix wi
 past the edges are masked to zero.
 
 `gemv_reference` is the definition: the same product in jnp, float32 accumulation.
+
+Measured on the H200 (BENCHMARKS.md, `benchmarks/gemv_kernel.py`): correct on every Llama-2 shape,
+but not yet faster than XLA's product. The best of ten configurations (the defaults below: narrow
+output blocks, long K chunks, few warps) ties XLA on 4096x11008 and trails it elsewhere, so
+`linear` keeps XLA's product unless `LLMJAX_GEMV` asks for the kernel.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ def _kernel(x_ref, w_ref, o_ref, *, rows, n, k, block_n, block_k, k_per_split):
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages",
                                              "interpret"))
-def gemv(x: jax.Array, w: jax.Array, *, block_n: int = 64, block_k: int = 256, splits: int = 8,
-         num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+def gemv(x: jax.Array, w: jax.Array, *, block_n: int = 16, block_k: int = 512, splits: int = 8,
+         num_warps: int = 2, num_stages: int = 3, interpret: bool = False) -> jax.Array:
     """`x @ w.T` with the split-K Pallas kernel; x `[M, K]` with M <= 16, w `[N, K]`."""
     m, k = x.shape
     n, k_w = w.shape
