@@ -13,7 +13,7 @@ scores = llmjax.logits(params, [1, 450, 4996])   # float32 [batch, seq, vocab]
 from llmjax.config import LlamaConfig, RopeScaling
 from llmjax.convert.hf import convert
 from llmjax.generate import generate, logits, stream
-from llmjax.params import Params, init_random, load
+from llmjax.params import Params, init_random, load, shard
 from llmjax.sampling import Sampling
 from llmjax.scoring import Perplexity, perplexity
 from llmjax.tokenizer import Tokenizer
@@ -21,4 +21,4 @@ from llmjax.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = ["LlamaConfig", "RopeScaling", "Params", "Perplexity", "Sampling", "Tokenizer", "convert",
-           "generate", "init_random", "load", "logits", "perplexity", "stream"]
+           "generate", "init_random", "load", "logits", "perplexity", "shard", "stream"]

@@ -26,7 +26,7 @@ import numpy as np
 
 from llmjax.cache import KVCache
 from llmjax.config import LlamaConfig
-from llmjax.params import init_random
+from llmjax.params import init_random, shard
 
 DTYPES = ("bfloat16", "float16", "float32")
 LATER = {"int4-g128": "int4 weights arrive with the quantization issue (llmjax/quant)"}
@@ -118,6 +118,12 @@ def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
     return best
 
 
+def _per_device(w: jax.Array) -> int:
+    """Bytes of `w` that one device holds."""
+    shard_shape = w.sharding.shard_shape(w.shape)
+    return int(np.prod(shard_shape)) * w.dtype.itemsize
+
+
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -148,12 +154,16 @@ def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
 
 def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", batch: int = 1,
           prompt_len: int = 8, gen_len: int = 256, repeats: int = 3, compare_hf: bool = False,
-          seed: int = 0) -> BenchResult:
+          seed: int = 0, mesh=None) -> BenchResult:
     """Times greedy generation of `gen_len` tokens after `prompt_len` random prompt tokens, `batch`
-    sequences at once, on random weights of a preset (or a `LlamaConfig`)."""
+    sequences at once, on random weights of a preset (or a `LlamaConfig`), on one device or sharded
+    over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh."""
     gen = _generate_module()
     config = _check(model, dtype, batch, prompt_len, gen_len, repeats)
     params = init_random(config, seed=seed, dtype=dtype)
+    if mesh is not None:
+        params = shard(params, mesh)
+        config = params.config
     name = model if isinstance(model, str) else "custom"
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()
@@ -178,11 +188,13 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     first = _median_time(lambda: run(1), repeats)
     step_s = max(full - first, 1e-9) / (gen_len - 1)
 
-    weight_bytes = sum(w.nbytes for w in jax.tree.leaves(params.weights))
+    weight_bytes = sum(_per_device(w) for w in jax.tree.leaves(params.weights))
     embed = params.weights["embed"]["embedding"]
-    weight_read = weight_bytes - embed.nbytes + batch * embed.nbytes // config.vocab_size
+    weight_read = weight_bytes - _per_device(embed) + batch * embed.nbytes // config.vocab_size
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, cache_len, embed.dtype))
     cache_read = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    if mesh is not None:  # split over tensor by kv heads; assume the batch splits over data
+        cache_read //= mesh.shape["tensor"] * (mesh.shape["data"] if batch % mesh.shape["data"] == 0 else 1)
     bandwidth = measure_bandwidth()
     bound = bandwidth / (weight_read + cache_read)
     stats = jax.devices()[0].memory_stats() or {}

@@ -24,10 +24,24 @@ def _convert(args) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def _mesh(args):
+    if args.tensor == args.stage == args.data == 1:
+        return None
+    from llmjax.sharding import make_mesh
+
+    return make_mesh(tensor=args.tensor, stage=args.stage, data=args.data)
+
+
+def _add_mesh_flags(parser) -> None:
+    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree")
+    parser.add_argument("--stage", type=int, default=1, help="pipeline stages (not implemented yet)")
+    parser.add_argument("--data", type=int, default=1, help="data-parallel degree")
+
+
 def _generate(args) -> None:
     import llmjax
 
-    params = llmjax.load(args.model)
+    params = llmjax.load(args.model, mesh=_mesh(args))
     prompt = args.prompt
     if args.chat:
         if params.tokenizer is None:
@@ -65,11 +79,8 @@ def _perplexity(args) -> None:
 def _bench(args) -> None:
     from llmjax import bench
 
-    if args.tensor != 1 or args.stage != 1:
-        raise ValueError("--tensor and --stage above 1 need the sharding rules (llmjax/sharding), which "
-                         "have not landed yet; run with one device")
     options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
-                   gen_len=args.gen_len, repeats=args.repeats, compare_hf=args.compare_hf)
+                   gen_len=args.gen_len, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args))
     if args.sweep:
         key, values = bench.parse_sweep(args.sweep)
         results = bench.sweep(key, values, **options)
@@ -113,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_mesh_flags(gen)
     gen.set_defaults(run=_generate)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a model on text files",
@@ -144,8 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=8)
     b.add_argument("--gen-len", type=int, default=256)
     b.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
-    b.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree")
-    b.add_argument("--stage", type=int, default=1, help="pipeline stages")
+    _add_mesh_flags(b)
     b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
                    "(static cache, compiled) on the same shapes")
     b.add_argument("--json", metavar="FILE", help="save the results as JSON")

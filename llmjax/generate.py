@@ -25,11 +25,13 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax.cache import KVCache
 from llmjax.models.llama import Llama
 from llmjax.params import Params
 from llmjax.sampling import Sampling, sample
+from llmjax.sharding.rules import CACHE_SPEC
 
 MIN_BUCKET = 16
 # Prompt tokens decoded before a continuation, so that text joins the prompt as the tokenizer would
@@ -71,6 +73,9 @@ def _decode(model, weights, last, positions, cache):
 def _first_tokens(weights, tokens, lengths, knobs, key, rows, *, model, cache_len, greedy, filters):
     """A fresh cache holding the prompts, and each row's first new token `[B]`."""
     cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
+    if model.mesh is not None:  # split by batch over `data` (when it divides) and kv heads over `tensor`
+        spec = CACHE_SPEC if tokens.shape[0] % model.mesh.shape["data"] == 0 else P(None, *CACHE_SPEC[1:])
+        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(model.mesh, spec))
     logits, cache = _prefill(model, weights, tokens, lengths, cache)
     return sample(logits, _row_keys(key, rows, 0), knobs, greedy=greedy, filters=filters), cache
 
@@ -225,7 +230,13 @@ def _pad(rows: list[list[int]], length: int) -> np.ndarray:
 
 
 def _model(params: Params) -> Llama:
-    return Llama(params.config, params.dtype)
+    return Llama(params.config, params.dtype, params.mesh)
+
+
+def _batch_size(params: Params, rows: int) -> int:
+    """Rows per compiled call: a power of two, and a multiple of the mesh's `data` degree."""
+    data = params.mesh.shape["data"] if params.mesh is not None else 1
+    return max(1 << (rows - 1).bit_length(), data)
 
 
 def _cache_len(params: Params, prompt_bucket: int, max_new_tokens: int) -> int:
@@ -266,7 +277,7 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
 
 
 def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int, first_row: int):
-    batch = 1 << (len(rows) - 1).bit_length()
+    batch = _batch_size(params, len(rows))
     prompt_bucket = _bucket(max(len(r) for r in rows), params.config.max_position_embeddings)
     padded = rows + [[0]] * (batch - len(rows))
     eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)

@@ -13,10 +13,12 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.convert.hf import DTYPES, read_hf_weights
+from llmjax.convert.hf import (DTYPES, SafetensorsFolder, check_tensors, iter_weight_groups,
+                               read_hf_weights, resolve_dtype)
 from llmjax.files import read_json
 from llmjax.models import llama
 from llmjax.tokenizer import Tokenizer
@@ -27,6 +29,7 @@ class Params:
     weights: dict
     config: LlamaConfig
     tokenizer: Tokenizer | None = None
+    mesh: jax.sharding.Mesh | None = None  # set when the weights are sharded over a mesh
 
     @property
     def dtype(self):
@@ -42,7 +45,7 @@ class Params:
                 f"{self.config.num_layers} layers, {tok})")
 
 
-jax.tree_util.register_dataclass(Params, data_fields=["weights"], meta_fields=["config", "tokenizer"])
+jax.tree_util.register_dataclass(Params, data_fields=["weights"], meta_fields=["config", "tokenizer", "mesh"])
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -60,12 +63,14 @@ def resolve(path: str | os.PathLike) -> str:
     return path
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
+def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Params:
     """Loads an llmjax checkpoint, a Hugging Face Llama folder or a bundled model onto the first device.
 
     `path` is a folder, or the name of a model bundled with llmjax (`"tiny-stdlib"`, a 7.8M-parameter
     demo Llama trained on Python's standard library). `dtype` (`bfloat16`, `float16`, `float32`)
-    casts the weights; by default they keep the stored dtype.
+    casts the weights; by default they keep the stored dtype. With a `mesh`
+    (`llmjax.sharding.make_mesh`), each weight group is read and placed straight into its sharding,
+    a layer at a time: the model is never whole on one device.
     """
     path = resolve(path)
     if dtype is not None:
@@ -75,19 +80,72 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> Params:
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
                                 f"name ({', '.join(BUNDLED)})")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
-    if checkpoint.is_checkpoint(path):
+    tokenizer = Tokenizer.from_dir(path)
+    is_ckpt = checkpoint.is_checkpoint(path)
+    if not is_ckpt and not (glob.glob(os.path.join(path, "*.safetensors")) or os.path.isfile(
+            os.path.join(path, "model.safetensors.index.json"))):
+        raise FileNotFoundError(f"{path} holds config.json but no weights: neither an llmjax checkpoint "
+                                "(llmjax.json) nor *.safetensors")
+    if mesh is not None:
+        return _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh)
+    if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(stored)))
         weights = checkpoint.restore_weights(path, target)
-    elif glob.glob(os.path.join(path, "*.safetensors")) or os.path.isfile(
-            os.path.join(path, "model.safetensors.index.json")):
-        weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
     else:
-        raise FileNotFoundError(f"{path} holds config.json but no weights: neither an llmjax checkpoint "
-                                "(llmjax.json) nor *.safetensors")
+        weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
     if dtype is not None:
         weights = jax.tree.map(lambda w: w.astype(jnp.dtype(dtype)), weights)
-    return Params(weights, config, Tokenizer.from_dir(path))
+    return Params(weights, config, tokenizer)
+
+
+def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh) -> Params:
+    from llmjax.sharding import mesh as meshes, rules
+
+    fitted, repeat = meshes.fit_config(config, mesh)
+    if is_ckpt:
+        stored = checkpoint.read_manifest(path)["dtype"]
+        abstract = llama.abstract_params(config, jnp.dtype(stored))
+        if repeat == 1 and dtype in (None, stored):
+            # orbax reads every tensor straight into its sharding
+            targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   abstract, rules.weight_shardings(config, mesh))
+            return Params(checkpoint.restore_weights(path, targets), config, tokenizer, mesh)
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        groups = ((key, jax.tree.map(np.asarray, checkpoint.restore_weights(
+            path, {key: checkpoint.default_target(abstract[key], host)})[key])) for key in abstract)
+    else:
+        source = SafetensorsFolder(path)
+        groups = iter_weight_groups(source, check_tensors(source, config), resolve_dtype("auto", source),
+                                    progress=False)
+    return Params(_place(groups, config, fitted, repeat, mesh, dtype), fitted, tokenizer, mesh)
+
+
+def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
+    """Puts each `(key, numpy tree)` group onto the mesh in its sharding, one group at a time."""
+    from llmjax.sharding import rules
+
+    shardings = rules.weight_shardings(fitted, mesh)
+    weights = {}
+    for key, tree in groups:
+        if key.startswith("layer_"):
+            tree = rules.repeat_kv_heads(tree, config, repeat)
+        if dtype is not None:
+            tree = jax.tree.map(lambda w: np.asarray(w).astype(jnp.dtype(dtype)), tree)
+        weights[key] = jax.device_put(tree, shardings[key])
+    return weights
+
+
+def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
+    """The same model sharded over `mesh` by llmjax's rules (a layer at a time, through the host)."""
+    if params.mesh is not None:
+        raise ValueError("these params are already sharded over a mesh; load or init them unsharded, "
+                         "then shard them once")
+    from llmjax.sharding import mesh as meshes
+
+    fitted, repeat = meshes.fit_config(params.config, mesh)
+    groups = ((key, jax.tree.map(np.asarray, tree)) for key, tree in params.weights.items())
+    return Params(_place(groups, params.config, fitted, repeat, mesh, None), fitted, params.tokenizer, mesh)
 
 
 def _dtype_name(dtype) -> str:

@@ -44,6 +44,20 @@ def test_report_names_every_figure(result):
         assert needle in text
 
 
+def test_bench_on_a_mesh_counts_bytes_per_device(tmp_path):
+    config = LlamaConfig.preset("tiny")
+    import dataclasses
+
+    config = dataclasses.replace(config, num_heads=8, num_kv_heads=4, intermediate_size=192, vocab_size=512)
+    from llmjax.sharding import make_mesh
+
+    one = bench.bench(config, gen_len=16, repeats=1)
+    four = bench.bench(config, gen_len=16, repeats=1, mesh=make_mesh(tensor=4, data=2))
+    assert four.cache_bytes_per_step * 4 == one.cache_bytes_per_step
+    norms = (2 * config.num_layers + 1) * config.hidden_size * 2  # replicated on every device
+    assert four.weight_bytes_per_step - norms == pytest.approx((one.weight_bytes_per_step - norms) / 4, rel=0.01)
+
+
 def test_cli_json_and_sweep_plot(tmp_path, capsys):
     out = tmp_path / "one.json"
     assert cli.main(["bench", "--model", "tiny", "--random-weights", "--gen-len", "16", "--repeats", "1",
@@ -59,7 +73,7 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--dtype", "int4-g128"], "quantization"), (["--tensor", "2"], "sharding"),
+    (["--dtype", "int4-g128"], "quantization"), (["--tensor", "3"], "devices"), (["--stage", "2", "--tensor", "4"], "pipeline"),
     (["--gen-len", "1"], "gen_len"), (["--batch", "0"], "batch"),
     (["--prompt-len", "250", "--gen-len", "10"], "context"), (["--model", "llama9"], "llama9"),
     (["--sweep", "heads=1,2"], "sweep"), (["--sweep", "batch=1,x"], "integers")])

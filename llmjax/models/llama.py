@@ -173,6 +173,7 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32  # the dtype of freshly initialised weights; compute follows the weights
+    mesh: Any = None  # the mesh the weights are sharded over (llmjax.sharding), or None
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):

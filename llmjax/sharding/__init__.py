@@ -1,6 +1,11 @@
 """Sharding over a device mesh (axes `data`, `stage`, `tensor`) by logical axis names.
 
-Every weight already declares its logical axes (`llmjax.models.llama.logical_axes`); the rules table
-that maps them onto mesh axes, mesh construction and pipeline parallelism are not implemented yet:
-today llmjax runs on one device.
+`make_mesh(tensor=, data=)` builds the mesh; `llmjax.load(path, mesh=mesh)` or `llmjax.shard(params,
+mesh)` places the weights by the rules in `rules.py` (Megatron tensor parallelism, data parallelism
+over the batch); `generate`, `stream` and `logits` then run on the mesh. Pipeline parallelism
+(`stage`) is not implemented yet.
 """
+
+from llmjax.sharding.mesh import fit_config, make_mesh
+
+__all__ = ["fit_config", "make_mesh"]

@@ -1,0 +1,62 @@
+"""`make_mesh(tensor, stage, data)`: a device mesh with axes `data`, `stage`, `tensor`, and the checks
+that a model fits it.
+
+The mesh spans `jax.devices()`: the local devices, or every process's devices after
+`jax.distributed.initialize`. Its axes are Auto (GSPMD places the collectives), ordered so that
+`tensor`, the axis with the most traffic, runs over neighbouring devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from llmjax.config import LlamaConfig
+
+AXES = ("data", "stage", "tensor")
+
+
+def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A mesh of `data * stage * tensor` devices (all of `jax.devices()` unless `devices` is given)."""
+    for name, value in (("tensor", tensor), ("stage", stage), ("data", data)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if stage > 1:
+        raise ValueError(f"stage={stage}: pipeline parallelism is not implemented yet; use tensor and "
+                         "data parallelism (stage=1)")
+    devices = list(jax.devices() if devices is None else devices)
+    if tensor * stage * data != len(devices):
+        raise ValueError(f"data * stage * tensor = {data} * {stage} * {tensor} = {tensor * stage * data}, "
+                         f"but there are {len(devices)} devices; choose degrees whose product is "
+                         f"{len(devices)} (or pass devices=...)")
+    grid = np.asarray(devices, dtype=object).reshape(data, stage, tensor)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfig, int]:
+    """The config the model runs with on `mesh`, and how many times each kv head is repeated.
+
+    The tensor degree must divide the query heads, the MLP width and the vocabulary. When it exceeds
+    the kv heads, each kv head is repeated `tensor / kv_heads` times (an exact rewrite of the weights:
+    every query head still reads the same key and value), so that every device holds whole heads.
+    """
+    tensor = mesh.shape["tensor"]
+    problems = [f"{what} ({value})" for what, value in (
+        ("query heads", config.num_heads), ("MLP width", config.intermediate_size),
+        ("vocabulary", config.vocab_size)) if value % tensor]
+    if problems:
+        raise ValueError(f"tensor={tensor} does not divide the model's {', '.join(problems)}; choose a "
+                         "tensor degree that divides each of them")
+    kv = config.num_kv_heads
+    if tensor <= kv:
+        if kv % tensor:
+            raise ValueError(f"tensor={tensor} does not divide the {kv} kv heads; choose a tensor degree "
+                             f"that divides {kv} or is a multiple of it")
+        return config, 1
+    if tensor % kv:
+        raise ValueError(f"tensor={tensor} is larger than the {kv} kv heads but not a multiple of them; "
+                         f"choose a divisor or a multiple of {kv}")
+    repeat = tensor // kv
+    return dataclasses.replace(config, num_kv_heads=kv * repeat), repeat

@@ -1,0 +1,71 @@
+"""One table from the model's logical axes to the mesh axes, and the shardings it implies.
+
+Megatron's tensor parallelism: q/k/v and gate/up are split by their outputs (kv heads, MLP columns),
+o and down by their inputs (query heads, MLP rows), the embedding and the LM head by the vocabulary;
+XLA adds the all-reduce after each row-parallel product. The batch splits over `data`. The KV cache
+follows the kv heads. Changing the parallelism is changing the mesh, never the model.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax.config import LlamaConfig
+from llmjax.models import llama
+
+RULES = (
+    ("batch", "data"),
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("mlp", "tensor"),
+    ("gate_up", None),
+    ("layers", "stage"),
+    ("cache_seq", None),
+)
+
+CACHE_SPEC = P("data", None, "tensor", None)  # [batch, cache_seq, kv_heads, head_dim]
+
+
+def weight_specs(config: LlamaConfig) -> dict:
+    """Every weight's mesh PartitionSpec under RULES."""
+    logical = llama.logical_axes(config)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, RULES), logical, is_leaf=is_spec)
+
+
+def weight_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh) -> dict:
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), weight_specs(config), is_leaf=is_spec)
+
+
+def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, CACHE_SPEC)
+
+
+def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
+    """Rewrites one layer's fused q/k/v weights (numpy) so each kv head appears `repeat` times.
+
+    `qkv` `[KV, G+2, hd, D]` becomes `[KV*repeat, G/repeat+2, hd, D]`: kv head j's G query heads are
+    split among its copies in order, and each copy carries j's key and value. Biases alike.
+    """
+    if repeat == 1:
+        return layer
+    g = config.num_heads // config.num_kv_heads
+
+    def rewrite(w):
+        kv, rest = w.shape[0], w.shape[2:]
+        q = w[:, :g].reshape(kv, repeat, g // repeat, *rest)
+        k = np.broadcast_to(w[:, g:g + 1][:, None], (kv, repeat, 1, *rest))
+        v = np.broadcast_to(w[:, g + 1:g + 2][:, None], (kv, repeat, 1, *rest))
+        return np.concatenate([q, k, v], axis=2).reshape(kv * repeat, g // repeat + 2, *rest)
+
+    attn = dict(layer["attn"])
+    attn["qkv"] = {name: rewrite(np.asarray(w)) for name, w in layer["attn"]["qkv"].items()}
+    return dict(layer, attn=attn)

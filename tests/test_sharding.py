@@ -1,0 +1,129 @@
+"""Tensor and data parallelism on 8 fake CPU devices: every mesh gives the single-device logits and
+greedy tokens, weights and cache are sharded as the rules say, and impossible meshes are refused."""
+
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import llmjax
+from llmjax.sharding import make_mesh
+from llmjax.sharding.mesh import fit_config
+from llmjax.sharding.rules import CACHE_SPEC
+
+from conftest import hf_config, save_hf_model
+
+gen = importlib.import_module("llmjax.generate")
+
+MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (2, 2), (8, 1), (2, 1)]  # (data, tensor)
+PROMPTS = [[1, 17, 300, 5, 9], [1, 800], [1, 4, 4, 4, 900, 12, 33]]
+
+
+def _mesh(tensor, data):
+    return make_mesh(tensor=tensor, data=data, devices=jax.devices()[:tensor * data])
+
+
+@pytest.fixture(scope="module", params=[8, 2], ids=["mha", "gqa"])
+def folder(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"kv{request.param}")
+    save_hf_model(folder, hf_config(vocab_size=1024, num_attention_heads=8, num_key_value_heads=request.param,
+                                    attention_bias=True, max_position_embeddings=64), seed=request.param)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(folder):
+    params = llmjax.load(folder)
+    ids = jnp.asarray(gen._pad(PROMPTS, 8))
+    return params, np.asarray(llmjax.logits(params, ids)), llmjax.generate(params, PROMPTS, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("data,tensor", MESHES)
+def test_every_mesh_gives_the_single_device_result(folder, single, data, tensor):
+    params, logits, tokens = single
+    sharded = llmjax.load(folder, mesh=_mesh(tensor, data))
+    np.testing.assert_allclose(np.asarray(llmjax.logits(sharded, jnp.asarray(gen._pad(PROMPTS, 8)))), logits,
+                               rtol=1e-5, atol=1e-5)
+    assert llmjax.generate(sharded, PROMPTS, max_new_tokens=12) == tokens
+    assert llmjax.generate(sharded, PROMPTS[1], max_new_tokens=12) == tokens[1]
+
+
+@pytest.mark.parametrize("data,tensor", [(1, 4), (2, 2)])
+def test_weights_and_cache_are_sharded_as_the_rules_say(folder, data, tensor):
+    mesh = _mesh(tensor, data)
+    p = llmjax.load(folder, mesh=mesh)
+    w, layer = p.weights, p.weights["layer_1"]
+    specs = {
+        "embed": (w["embed"]["embedding"], P("tensor", None)),
+        "lm_head": (w["lm_head"]["kernel"], P("tensor", None)),
+        "qkv": (layer["attn"]["qkv"]["kernel"], P("tensor", None, None, None)),
+        "qkv bias": (layer["attn"]["qkv"]["bias"], P("tensor", None, None)),
+        "o": (layer["attn"]["o"]["kernel"], P(None, "tensor", None)),
+        "gate_up": (layer["mlp"]["gate_up"]["kernel"], P(None, "tensor", None)),
+        "down": (layer["mlp"]["down"]["kernel"], P(None, "tensor")),
+        "norm": (layer["attn_norm"]["scale"], P(None)),
+    }
+    for name, (array, spec) in specs.items():
+        assert array.sharding.mesh == mesh and array.sharding.spec == spec, name
+    tokens = jnp.asarray(gen._pad(PROMPTS + [[1, 2]], 8))
+    model = gen._model(p)
+    _, cache = jax.jit(gen._first_tokens, static_argnames=("model", "cache_len", "greedy", "filters"))(
+        p.weights, tokens, jnp.asarray([5, 2, 7, 2]), gen.Sampling().arrays(4), jax.random.key(0),
+        jnp.arange(4), model=model, cache_len=16, greedy=True, filters=())
+    want = NamedSharding(mesh, CACHE_SPEC)
+    assert cache.k[0].sharding.is_equivalent_to(want, 4) and cache.v[1].sharding.is_equivalent_to(want, 4)
+    assert not cache.k[0].sharding.is_fully_replicated
+
+
+def test_kv_heads_are_repeated_when_tensor_exceeds_them(folder):
+    config = llmjax.LlamaConfig.from_hf(folder)
+    for tensor in (1, 2, 4, 8):
+        fitted, repeat = fit_config(config, _mesh(tensor, 1))
+        assert fitted.num_kv_heads == max(config.num_kv_heads, tensor)
+        assert repeat == max(1, tensor // config.num_kv_heads)
+
+
+def test_checkpoints_and_shard_give_the_same_result(folder, single, tmp_path):
+    params, logits, tokens = single
+    ckpt = llmjax.convert(folder, tmp_path / "ckpt", progress=False)
+    ids = jnp.asarray(gen._pad(PROMPTS, 8))
+    for tensor, data in ((2, 4), (8, 1)):  # kv heads kept, and (for gqa) repeated
+        mesh = make_mesh(tensor=tensor, data=data)
+        for p in (llmjax.load(ckpt, mesh=mesh), llmjax.shard(params, mesh)):
+            np.testing.assert_allclose(np.asarray(llmjax.logits(p, ids)), logits, rtol=1e-5, atol=1e-5)
+            assert p.weights["layer_0"]["mlp"]["down"]["kernel"].sharding.spec == P(None, "tensor")
+    with pytest.raises(ValueError, match="already sharded"):
+        llmjax.shard(llmjax.shard(params, make_mesh(tensor=2, data=4)), make_mesh(tensor=2, data=4))
+
+
+def test_impossible_meshes_are_refused():
+    with pytest.raises(ValueError, match="there are 8 devices"):
+        make_mesh(tensor=3)
+    with pytest.raises(ValueError, match="pipeline"):
+        make_mesh(tensor=4, stage=2)
+    with pytest.raises(ValueError, match="integer"):
+        make_mesh(tensor=0, data=8)
+    config = llmjax.LlamaConfig.preset("tiny")  # 6 query heads, 2 kv heads, MLP 200, vocab 515
+    with pytest.raises(ValueError, match=r"query heads \(6\).*vocabulary \(515\)"):
+        fit_config(config, make_mesh(tensor=4, data=2))
+    three_kv = dataclasses.replace(config, num_heads=12, num_kv_heads=3, vocab_size=516)
+    with pytest.raises(ValueError, match="does not divide the 3 kv heads"):
+        fit_config(three_kv, make_mesh(tensor=2, data=4))
+    with pytest.raises(ValueError, match="not a multiple"):
+        fit_config(dataclasses.replace(three_kv, intermediate_size=204), make_mesh(tensor=4, data=2))
+
+
+def test_cli_generate_on_a_mesh_prints_the_single_device_text(capsys):
+    from llmjax import cli
+
+    argv = ["generate", "--prompt", "def mean(values):", "--max-new-tokens", "12"]
+    assert cli.main(argv) == 0
+    alone = capsys.readouterr().out
+    assert cli.main(argv + ["--tensor", "8"]) == 0  # tiny-stdlib's 4 kv heads, each repeated twice
+    assert capsys.readouterr().out == alone
+    assert cli.main(argv + ["--tensor", "3"]) == 2
+    assert "devices" in capsys.readouterr().err
