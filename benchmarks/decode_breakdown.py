@@ -13,8 +13,6 @@ loop's own bookkeeping and the gaps between kernels.
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +26,7 @@ STEPS = 32
 
 def _time(f, *args) -> float:
     f(*args).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(*args).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / STEPS
+    return bench._median_time(lambda: f(*args), 5) / STEPS
 
 
 def weights_only(c: LlamaConfig) -> tuple[float, int]:

@@ -2,48 +2,24 @@
 
     PYTHONPATH=. python benchmarks/gemv_kernel.py [--rows 1] [--json FILE]
 
-Timed as in `benchmarks/gemv_shapes.py`: `LAYERS` distinct `[out, in]` bf16 weights, each multiplied
-`ROUNDS` times inside one jit with the rounds chained; the figure is the median call time over
-`LAYERS * ROUNDS` products, and TB/s counts the weight bytes.
+Timed by `benchmarks/gemv_shapes.py`'s `time_product`: 16 distinct `[out, in]` bf16 weights, each
+multiplied 8 times inside one jit with the rounds chained; the figure is the median call time over
+those products, and TB/s counts the weight bytes.
 """
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from gemv_shapes import time_product
 from llmjax.kernels.gemv import gemv, gemv_reference
 
-LAYERS, ROUNDS = 16, 8
 SHAPES = {"o 4096x4096": (4096, 4096), "down 4096x11008": (4096, 11008), "qkv 12288x4096": (12288, 4096),
           "gate_up 22016x4096": (22016, 4096), "13B down 5120x13824": (5120, 13824)}
 CONFIGS = [(32, 256, 8, 4), (64, 256, 8, 4), (64, 512, 4, 4), (64, 256, 16, 4), (128, 256, 8, 4),
            (128, 128, 8, 4), (32, 512, 8, 4), (64, 256, 8, 8), (128, 512, 4, 8), (16, 512, 8, 2)]
-
-
-def time_product(n, k, rows, product):
-    ws = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(LAYERS)]
-
-    @jax.jit
-    def run(x, ws):
-        def body(_, x):
-            acc = jnp.zeros((), jnp.float32)
-            for w in ws:
-                acc += product(x, w).astype(jnp.float32).sum()
-            return x + (acc * 1e-9).astype(x.dtype)
-        return jax.lax.fori_loop(0, ROUNDS, body, x)
-
-    x = jnp.ones((rows, k), jnp.bfloat16)
-    run(x, ws).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        run(x, ws).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / (LAYERS * ROUNDS)
 
 
 def main():
@@ -54,7 +30,7 @@ def main():
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, rows {args.rows}")
     rows = []
     for name, (n, k) in SHAPES.items():
-        s = time_product(n, k, args.rows, lambda x, w: jnp.einsum("mk,nk->mn", x, w))
+        s = time_product((n, k), args.rows, k, lambda x, w: jnp.einsum("mk,nk->mn", x, w))
         rows.append({"shape": name, "impl": "xla", "us": s * 1e6, "tb_s": n * k * 2 / s / 1e12})
         print(f"{name:22s} xla                  {s * 1e6:7.1f} us {n * k * 2 / s / 1e12:5.2f} TB/s", flush=True)
         x = jax.random.normal(jax.random.key(7), (args.rows, k), jnp.bfloat16)
@@ -66,7 +42,7 @@ def main():
             def product(x, w, bn=bn, bk=bk, sp=sp, nw=nw):
                 return gemv(x, w, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
             try:
-                s = time_product(n, k, args.rows, product)
+                s = time_product((n, k), args.rows, k, product)
             except Exception as e:  # a configuration the compiler refuses: say so and go on
                 print(f"{name:22s} pallas {bn}/{bk}/{sp}/{nw}: {type(e).__name__}: {str(e)[:120]}")
                 continue

@@ -11,13 +11,10 @@ call time over `LAYERS * ROUNDS`. Layout `kn` is llmjax's `[in, out]`; `nk` is `
 
 import argparse
 import json
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 
-from llmjax.bench import measure_bandwidth
+from llmjax.bench import _median_time, measure_bandwidth
 
 LAYERS, ROUNDS = 16, 8
 SHAPES = {  # (K, N): Llama-2-7B's, separate and fused, and the 70B MLP's
@@ -27,28 +24,30 @@ SHAPES = {  # (K, N): Llama-2-7B's, separate and fused, and the 70B MLP's
 }
 
 
-def time_products(k: int, n: int, layout: str, batch: int) -> float:
-    shape = (k, n) if layout == "kn" else (n, k)
-    weights = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(LAYERS)]
-    eq = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"
+def time_product(weight_shape: tuple[int, int], rows: int, k: int, product) -> float:
+    """Seconds per `product(x, w)` for x `[rows, k]` bf16, over `LAYERS` distinct weights of
+    `weight_shape`, `ROUNDS` chained rounds in one jit; the median of 5 calls."""
+    weights = [jax.random.normal(jax.random.key(i), weight_shape, jnp.bfloat16) for i in range(LAYERS)]
 
     @jax.jit
     def run(x, ws):
         def body(_, x):
             acc = jnp.zeros((), jnp.float32)
             for w in ws:
-                acc += jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).sum()
+                acc += product(x, w).astype(jnp.float32).sum()
             return x + (acc * 1e-9).astype(x.dtype)
         return jax.lax.fori_loop(0, ROUNDS, body, x)
 
-    x = jnp.ones((batch, k), jnp.bfloat16)
+    x = jnp.ones((rows, k), jnp.bfloat16)
     run(x, weights).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        run(x, weights).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / (LAYERS * ROUNDS)
+    return _median_time(lambda: run(x, weights), 5) / (LAYERS * ROUNDS)
+
+
+def time_products(k: int, n: int, layout: str, batch: int) -> float:
+    shape = (k, n) if layout == "kn" else (n, k)
+    eq = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"
+    return time_product(shape, batch, k,
+                        lambda x, w: jnp.einsum(eq, x, w, preferred_element_type=jnp.float32))
 
 
 def main():

@@ -121,12 +121,19 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
         return _Loop(s.step + 1, out, jnp.maximum(token, 0), s.positions + 1, done, cache)
 
     final = jax.lax.while_loop(cond, body, state)
-    return final.out, final.step
+    return _replicated(model, final.out), final.step
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _forward(weights, tokens, *, model):
-    return model.apply({"params": weights}, tokens, _positions(tokens))[0]
+    return _replicated(model, model.apply({"params": weights}, tokens, _positions(tokens))[0])
+
+
+def _replicated(model, x):
+    """On a mesh, `x` whole on every device, so every process can read it."""
+    if model.mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(model.mesh, P()))
 
 
 # ---------------------------------------------------------------- host side: prompts

@@ -132,7 +132,10 @@ def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
             tree = rules.repeat_kv_heads(tree, config, repeat)
         if dtype is not None:
             tree = jax.tree.map(lambda w: np.asarray(w).astype(jnp.dtype(dtype)), tree)
-        weights[key] = jax.device_put(tree, shardings[key])
+        # Every process holds the same host arrays and hands each of its devices its shard.
+        weights[key] = jax.tree.map(
+            lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index]),
+            tree, shardings[key])
     return weights
 
 

@@ -1,0 +1,75 @@
+"""Two processes x 4 CPU devices on loopback run `generate` as one program and get the tokens one
+process gets alone."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import llmjax
+
+from conftest import hf_config, save_hf_model
+
+PROMPTS = [[1, 17, 300, 5, 9], [1, 800], [1, 4, 4, 4, 900, 12, 33]]
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    import numpy as np
+    import llmjax, llmjax.distributed
+    from llmjax.sharding import make_mesh
+    port, rank, folder, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+    llmjax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    params = llmjax.load(folder, mesh=make_mesh(tensor=4, data=2))
+    tokens = llmjax.generate(params, prompts, max_new_tokens=10)
+    logits = np.asarray(llmjax.logits(params, [prompts[0]]))
+    print("RESULT " + json.dumps({"tokens": tokens, "logits": logits[0, -1, :8].tolist()}), flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_generate_what_one_does(tmp_path):
+    folder = tmp_path / "model"
+    save_hf_model(folder, hf_config(vocab_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                                    max_position_embeddings=64), seed=4)
+    alone = llmjax.load(folder)
+    want_tokens = llmjax.generate(alone, PROMPTS, max_new_tokens=10)
+    want_logits = llmjax.logits(alone, [PROMPTS[0]])[0, -1, :8].tolist()
+
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(rank), str(folder),
+                               json.dumps(PROMPTS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for rank in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    for out, _ in outs:
+        result = json.loads(out.split("RESULT ", 1)[1])
+        assert result["tokens"] == want_tokens
+        assert result["logits"] == pytest.approx(want_logits, abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(coordinator_address="127.0.0.1:1"), "together"),
+    (dict(coordinator_address="x", num_processes=2, process_id=0), "host:port"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2), "process_id"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=0, process_id=0), "num_processes")])
+def test_initialize_refuses_incomplete_or_bad_arguments(kwargs, match):
+    import llmjax.distributed
+
+    with pytest.raises(ValueError, match=match):
+        llmjax.distributed.initialize(**kwargs)
