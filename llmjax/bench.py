@@ -190,7 +190,7 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
 
     weight_bytes = sum(_per_device(w) for w in jax.tree.leaves(params.weights))
     embed = params.weights["embed"]["embedding"]
-    weight_read = weight_bytes - _per_device(embed) + batch * embed.nbytes // config.vocab_size
+    weight_read = weight_bytes - _per_device(embed) + batch * embed.nbytes // config.embedding_rows
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, cache_len, embed.dtype))
     cache_read = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     if mesh is not None:  # split over tensor by kv heads; assume the batch splits over data

@@ -46,6 +46,13 @@ class LlamaConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    # Rows of the embedding and LM head: vocab_size, or more when a tensor-parallel mesh needs the
+    # vocabulary split evenly (llmjax.sharding.fit_config). Logits keep vocab_size columns.
+    padded_vocab_size: int | None = None
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -53,6 +60,9 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"LlamaConfig.padded_vocab_size={self.padded_vocab_size} is below "
+                             f"vocab_size={self.vocab_size}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads="

@@ -106,7 +106,7 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh) -> Params:
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored))
-        if repeat == 1 and dtype in (None, stored):
+        if fitted == config and dtype in (None, stored):
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    abstract, rules.weight_shardings(config, mesh))
@@ -130,6 +130,8 @@ def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
     for key, tree in groups:
         if key.startswith("layer_"):
             tree = rules.repeat_kv_heads(tree, config, repeat)
+        elif key in ("embed", "lm_head"):
+            tree = rules.pad_vocab(tree, fitted.embedding_rows)
         if dtype is not None:
             tree = jax.tree.map(lambda w: np.asarray(w).astype(jnp.dtype(dtype)), tree)
         # Every process holds the same host arrays and hands each of its devices its shard.

@@ -178,7 +178,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
         c = self.config
-        embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed")
+        embed = Embed(c.embedding_rows, c.hidden_size, self.dtype, name="embed")
         x = embed(tokens)
         cos, sin = rope_tables(c, positions)
         new_k, new_v = [], []
@@ -195,8 +195,10 @@ class Llama(nn.Module):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
             else:
-                logits = Linear((c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=self.dtype,
+                logits = Linear((c.embedding_rows, c.hidden_size), ("vocab", "embed"), dtype=self.dtype,
                                 name="lm_head")(x)
+        if c.embedding_rows != c.vocab_size:  # rows added to split the vocabulary evenly: no logits
+            logits = logits[..., :c.vocab_size]
         new_cache = None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
         return logits.astype(jnp.float32), new_cache
 

@@ -38,17 +38,20 @@ def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> j
 def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfig, int]:
     """The config the model runs with on `mesh`, and how many times each kv head is repeated.
 
-    The tensor degree must divide the query heads, the MLP width and the vocabulary. When it exceeds
+    The tensor degree must divide the query heads and the MLP width. A vocabulary it does not divide
+    is padded with zero rows of the embedding and LM head (their logits are dropped). When it exceeds
     the kv heads, each kv head is repeated `tensor / kv_heads` times (an exact rewrite of the weights:
     every query head still reads the same key and value), so that every device holds whole heads.
     """
     tensor = mesh.shape["tensor"]
     problems = [f"{what} ({value})" for what, value in (
-        ("query heads", config.num_heads), ("MLP width", config.intermediate_size),
-        ("vocabulary", config.vocab_size)) if value % tensor]
+        ("query heads", config.num_heads), ("MLP width", config.intermediate_size)) if value % tensor]
     if problems:
         raise ValueError(f"tensor={tensor} does not divide the model's {', '.join(problems)}; choose a "
                          "tensor degree that divides each of them")
+    rows = -(-config.vocab_size // tensor) * tensor
+    if rows != config.embedding_rows:
+        config = dataclasses.replace(config, padded_vocab_size=rows)
     kv = config.num_kv_heads
     if tensor <= kv:
         if kv % tensor:

@@ -69,3 +69,12 @@ def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
     attn = dict(layer["attn"])
     attn["qkv"] = {name: rewrite(np.asarray(w)) for name, w in layer["attn"]["qkv"].items()}
     return dict(layer, attn=attn)
+
+
+def pad_vocab(group: dict, rows: int) -> dict:
+    """The embedding or LM head group (numpy) with zero rows appended up to `rows`."""
+    def pad(w):
+        w = np.asarray(w)
+        return w if w.shape[0] == rows else np.concatenate([w, np.zeros((rows - w.shape[0],) + w.shape[1:],
+                                                                        w.dtype)])
+    return {leaf: pad(w) for leaf, w in group.items()}
