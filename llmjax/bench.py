@@ -26,7 +26,7 @@ import numpy as np
 
 from llmjax.cache import KVCache
 from llmjax.config import LlamaConfig
-from llmjax.params import init_random, shard
+from llmjax.params import init_random
 
 DTYPES = ("bfloat16", "float16", "float32")
 LATER = {"int4-g128": "int4 weights arrive with the quantization issue (llmjax/quant)"}
@@ -160,10 +160,8 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh."""
     gen = _generate_module()
     config = _check(model, dtype, batch, prompt_len, gen_len, repeats)
-    params = init_random(config, seed=seed, dtype=dtype)
-    if mesh is not None:
-        params = shard(params, mesh)
-        config = params.config
+    params = init_random(config, seed=seed, dtype=dtype, mesh=mesh)  # made in place on the mesh
+    config = params.config
     name = model if isinstance(model, str) else "custom"
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()

@@ -174,9 +174,16 @@ def _with_generation_eos(config: LlamaConfig, folder: str) -> LlamaConfig:
 
 
 def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloat16",
-                tokenizer: Tokenizer | None = None) -> Params:
-    """Random weights for a config or preset name: for benchmarks and tests."""
+                tokenizer: Tokenizer | None = None, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Random weights for a config or preset name: for benchmarks and tests. With a `mesh`, each
+    weight is created in its sharding (a 70B model never sits whole on one device)."""
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
-    weights = llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype))
-    return Params(weights, config, tokenizer)
+    if mesh is None:
+        return Params(llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype)), config, tokenizer)
+    from llmjax.sharding import mesh as meshes, rules
+
+    fitted, _ = meshes.fit_config(config, mesh)
+    weights = llama.init_params(fitted, jax.random.key(seed), jnp.dtype(dtype),
+                                rules.weight_shardings(fitted, mesh))
+    return Params(weights, fitted, tokenizer, mesh)

@@ -145,3 +145,14 @@ def test_a_vocabulary_the_tensor_degree_does_not_divide_is_padded(tmp_path):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert llmjax.generate(p, PROMPTS, max_new_tokens=8) == tokens
+
+
+def test_random_weights_are_made_in_their_shardings():
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2,
+                                 intermediate_size=192, eos_token_ids=())
+    p = llmjax.init_random(config, mesh=_mesh(4, 2))
+    assert p.config.num_kv_heads == 4 and p.config.embedding_rows == 516  # kv repeated, vocab padded
+    qkv = p.weights["layer_0"]["attn"]["qkv"]["kernel"]
+    assert qkv.shape[0] == 4 and qkv.sharding.spec == P("tensor", None, None, None)
+    assert p.weights["embed"]["embedding"].sharding.spec == P("tensor", None)
+    assert len(llmjax.generate(p, [1, 5, 9], max_new_tokens=4)) == 4

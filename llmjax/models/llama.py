@@ -220,10 +220,12 @@ def logical_axes(config: LlamaConfig) -> dict:
     return nn.get_partition_spec(boxed)
 
 
-def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict:
-    """Random weights (normal, std 0.02; norms one): for tests and benchmarks."""
-    init = jax.jit(Llama(config, dtype).init)
-    return nn.meta.unbox(init(key, *_init_args())["params"])
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardings=None) -> dict:
+    """Random weights (normal, std 0.02; norms one): for tests and benchmarks. With `shardings` (a
+    tree like the weights'), each weight is made in place on its devices."""
+    def init(key):
+        return nn.meta.unbox(Llama(config, dtype).init(key, *_init_args())["params"])
+    return jax.jit(init, out_shardings=shardings)(key)
 
 
 def count_params(tree) -> int:
