@@ -15,6 +15,7 @@ the same shapes in the same process.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import statistics
 import time
@@ -26,8 +27,10 @@ import numpy as np
 
 from llmjax.cache import KVCache
 from llmjax.config import LlamaConfig
-from llmjax.params import init_random
+from llmjax.params import Params, init_random
+from llmjax.sharding.rules import cache_sharding
 
+gen = importlib.import_module("llmjax.generate")  # the module; `llmjax.generate` is also a function
 DTYPES = ("bfloat16", "float16", "float32")
 LATER = {"int4-g128": "int4 weights arrive with the quantization issue (llmjax/quant)"}
 
@@ -118,10 +121,11 @@ def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
     return best
 
 
-def _per_device(w: jax.Array) -> int:
-    """Bytes of `w` that one device holds."""
-    shard_shape = w.sharding.shard_shape(w.shape)
-    return int(np.prod(shard_shape)) * w.dtype.itemsize
+def _per_device(w, sharding=None) -> int:
+    """Bytes of `w` (an array, or a shape under `sharding`) that one device holds."""
+    sharding = sharding or getattr(w, "sharding", None)
+    shape = w.shape if sharding is None else sharding.shard_shape(w.shape)
+    return int(np.prod(shape)) * w.dtype.itemsize
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -133,11 +137,17 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
+def _model_config(model, dtype) -> LlamaConfig:
+    """The preset (or config) to bench, after checking the dtype."""
     if dtype in LATER:
         raise ValueError(f"--dtype {dtype} is not available yet: {LATER[dtype]}; use one of {', '.join(DTYPES)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return model if isinstance(model, LlamaConfig) else LlamaConfig.preset(model)
+
+
+def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
+    config = _model_config(model, dtype)
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len),
                         ("repeats", repeats)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -145,22 +155,23 @@ def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
     if gen_len < 2:
         raise ValueError(f"gen_len must be at least 2 (decode speed is timed over gen_len - 1 steps), "
                          f"got {gen_len}")
-    config = model if isinstance(model, LlamaConfig) else LlamaConfig.preset(model)
     if prompt_len + gen_len > config.max_position_embeddings:
         raise ValueError(f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the model's context of "
                          f"{config.max_position_embeddings} tokens")
-    return dataclasses.replace(config, eos_token_ids=())  # random weights must not stop early
+    return config
 
 
 def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", batch: int = 1,
           prompt_len: int = 8, gen_len: int = 256, repeats: int = 3, compare_hf: bool = False,
-          seed: int = 0, mesh=None) -> BenchResult:
+          seed: int = 0, mesh=None, params: Params | None = None,
+          bandwidth: float | None = None) -> BenchResult:
     """Times greedy generation of `gen_len` tokens after `prompt_len` random prompt tokens, `batch`
     sequences at once, on random weights of a preset (or a `LlamaConfig`), on one device or sharded
-    over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh."""
-    gen = _generate_module()
+    over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh.
+    `params` and `bandwidth` (from an earlier run, as `sweep` passes them) skip making and measuring."""
     config = _check(model, dtype, batch, prompt_len, gen_len, repeats)
-    params = init_random(config, seed=seed, dtype=dtype, mesh=mesh)  # made in place on the mesh
+    if params is None:
+        params = random_params(config, dtype, seed, mesh)
     config = params.config
     name = model if isinstance(model, str) else "custom"
     rng = np.random.default_rng(seed)
@@ -190,10 +201,9 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     embed = params.weights["embed"]["embedding"]
     weight_read = weight_bytes - _per_device(embed) + batch * embed.nbytes // config.embedding_rows
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, cache_len, embed.dtype))
-    cache_read = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    if mesh is not None:  # split over tensor by kv heads; assume the batch splits over data
-        cache_read //= mesh.shape["tensor"] * (mesh.shape["data"] if batch % mesh.shape["data"] == 0 else 1)
-    bandwidth = measure_bandwidth()
+    sharding = None if mesh is None else cache_sharding(mesh, batch)  # as generate places it
+    cache_read = sum(_per_device(x, sharding) for x in jax.tree.leaves(cache))
+    bandwidth = bandwidth or measure_bandwidth()
     bound = bandwidth / (weight_read + cache_read)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -214,6 +224,11 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
         except ImportError as e:
             result.hf_error = f"{e.name or e} is not installed"
     return result
+
+
+def random_params(config: LlamaConfig, dtype: str, seed: int, mesh=None) -> Params:
+    """Random weights of `config` (made in place on `mesh`), never stopping on EOS."""
+    return init_random(dataclasses.replace(config, eos_token_ids=()), seed=seed, dtype=dtype, mesh=mesh)
 
 
 def hf_tok_s(config: LlamaConfig, dtype: str, prompts: list[list[int]], gen_len: int,
@@ -272,10 +287,14 @@ def parse_sweep(spec: str) -> tuple[str, list[int]]:
         raise ValueError(f"--sweep values must be integers, got {values!r}") from None
 
 
-def sweep(key: str, values: list[int], **kwargs) -> list[BenchResult]:
+def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b", dtype: str = "bfloat16",
+          seed: int = 0, mesh=None, **kwargs) -> list[BenchResult]:
+    """One bench per value of `key`; the random weights are made and the bandwidth measured once."""
+    params = random_params(_model_config(model, dtype), dtype, seed, mesh)
+    shared = dict(model=model, dtype=dtype, seed=seed, mesh=mesh, params=params, bandwidth=measure_bandwidth())
     results = []
     for v in values:
-        results.append(bench(**{**kwargs, key: v}))
+        results.append(bench(**{**kwargs, **shared, key: v}))
         print(results[-1].report(), end="\n\n", flush=True)
     return results
 
@@ -317,8 +336,3 @@ def save_json(results: list[BenchResult], path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(rows if len(rows) > 1 else rows[0], f, indent=2)
 
-
-def _generate_module():
-    import importlib
-
-    return importlib.import_module("llmjax.generate")

@@ -31,7 +31,7 @@ from llmjax.cache import KVCache
 from llmjax.models.llama import Llama
 from llmjax.params import Params
 from llmjax.sampling import Sampling, sample
-from llmjax.sharding.rules import CACHE_SPEC
+from llmjax.sharding.rules import cache_sharding
 
 MIN_BUCKET = 16
 # Prompt tokens decoded before a continuation, so that text joins the prompt as the tokenizer would
@@ -73,9 +73,8 @@ def _decode(model, weights, last, positions, cache):
 def _first_tokens(weights, tokens, lengths, knobs, key, rows, *, model, cache_len, greedy, filters):
     """A fresh cache holding the prompts, and each row's first new token `[B]`."""
     cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
-    if model.mesh is not None:  # split by batch over `data` (when it divides) and kv heads over `tensor`
-        spec = CACHE_SPEC if tokens.shape[0] % model.mesh.shape["data"] == 0 else P(None, *CACHE_SPEC[1:])
-        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(model.mesh, spec))
+    if model.mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding(model.mesh, tokens.shape[0]))
     logits, cache = _prefill(model, weights, tokens, lengths, cache)
     return sample(logits, _row_keys(key, rows, 0), knobs, greedy=greedy, filters=filters), cache
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.generate import _is_int, _model, _positions, _token_rows
+from llmjax.generate import _bucket, _forward, _is_int, _model, _token_rows
 from llmjax.params import Params
 
 BATCH = 8  # windows per compiled call
@@ -45,7 +45,7 @@ class Perplexity:
 @functools.partial(jax.jit, static_argnames=("model",))
 def _logprobs(weights, tokens, targets, *, model):
     """Log-probability of `targets[b, t]` after `tokens[b, :t+1]`, float32 `[B, T]`."""
-    logits = model.apply({"params": weights}, tokens, _positions(tokens))[0]
+    logits = _forward(weights, tokens, model=model)
     logz = jax.nn.logsumexp(logits, axis=-1)
     return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
 
@@ -98,16 +98,18 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
 
     model = _model(params)
     jobs = [(n, w) for n, row in enumerate(rows) if row for w in _windows(row, bos, window, stride)]
-    scores = [[] for _ in rows]
-    width = min(window, max(len(w[0]) for _, w in jobs))
-    width = min(window, 1 << (width - 1).bit_length())  # few distinct shapes, few compilations
+    width = _bucket(max(len(w[0]) for _, w in jobs), window)  # few distinct shapes, few compilations
+    pending = []  # dispatched batches: the host prepares the next while the device runs one
     for i in range(0, len(jobs), BATCH):
         chunk = jobs[i:i + BATCH]
         tokens = np.zeros((BATCH, width), np.int32)
         for b, (_, (inp, _, _)) in enumerate(chunk):
             tokens[b, :len(inp)] = inp
         targets = np.concatenate([tokens[:, 1:], np.zeros((BATCH, 1), np.int32)], axis=1)
-        lp = np.asarray(_logprobs(params.weights, tokens, targets, model=model))
+        pending.append((chunk, _logprobs(params.weights, tokens, targets, model=model)))
+    scores = [[] for _ in rows]
+    for chunk, lp in pending:
+        lp = np.asarray(lp)
         for b, (n, (_, first, count)) in enumerate(chunk):
             scores[n].append(lp[b, first:first + count])
     logprobs = [np.concatenate(s) if s else np.zeros(0, np.float32) for s in scores]

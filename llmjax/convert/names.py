@@ -50,16 +50,17 @@ def _same(hf_name, path, shape) -> Entry:
     return Entry(hf_name, path, tuple(shape), tuple(shape))
 
 
-def _projection(hf_prefix, path, out_shape, in_shape, bias, **slot) -> list[Entry]:
-    """A projection: HF `[prod(out), prod(in)]` (and bias `[prod(out)]`) <-> llmjax `[*out, *in]`."""
+def _projection(hf_prefix, path, out_shape, in_shape, bias, fused_out=None, slot=None,
+                slot_axis=0) -> list[Entry]:
+    """A projection: HF `[prod(out), prod(in)]` (and bias `[prod(out)]`) <-> llmjax `[*out, *in]`;
+    with `fused_out`, the slot `slot` (along `slot_axis`) of a fused weight `[*fused_out, *in]`."""
     out_shape, in_shape = tuple(out_shape), tuple(in_shape)
-    fused = slot.pop("fused_out", None)
-    kernel = dict(slot, fused_shape=fused + in_shape) if fused else {}
+    fused_kernel = None if fused_out is None else tuple(fused_out) + in_shape
     entries = [Entry(f"{hf_prefix}.weight", path + ("kernel",), (math.prod(out_shape), math.prod(in_shape)),
-                     out_shape + in_shape, **kernel)]
+                     out_shape + in_shape, fused_kernel, slot, slot_axis)]
     if bias:
-        b = dict(slot, fused_shape=fused) if fused else {}
-        entries.append(Entry(f"{hf_prefix}.bias", path + ("bias",), (math.prod(out_shape),), out_shape, **b))
+        entries.append(Entry(f"{hf_prefix}.bias", path + ("bias",), (math.prod(out_shape),), out_shape,
+                             fused_out, slot, slot_axis))
     return entries
 
 

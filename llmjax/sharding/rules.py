@@ -45,8 +45,11 @@ def weight_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh) -> dict:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), weight_specs(config), is_leaf=is_spec)
 
 
-def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, CACHE_SPEC)
+def cache_sharding(mesh: jax.sharding.Mesh, batch: int) -> NamedSharding:
+    """The KV cache's sharding for `batch` rows: by kv heads over `tensor`, and by rows over `data`
+    when the rows split evenly (a single streamed prompt does not; its cache is copied over `data`)."""
+    spec = CACHE_SPEC if batch % mesh.shape["data"] == 0 else P(None, *CACHE_SPEC[1:])
+    return NamedSharding(mesh, spec)
 
 
 def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
