@@ -88,7 +88,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "xla_flags.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\n| variant | XLA_FLAGS | decode tok/s | ms per step | of own bound |")
+    print("\n| variant | XLA_FLAGS | decode tok/s | ms per step | of own bound |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
