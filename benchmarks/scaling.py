@@ -149,8 +149,8 @@ def main():
                 for spec in args.meshes.split(","):
                     degrees = parse_mesh(spec)
                     n = degrees.get("tensor", 1) * degrees.get("stage", 1)
-                    # 8 GiB for the cache, activations and XLA's scratch beside each GPU's weights
-                    if n > gpus or (memory and weight_gib(model, dtype) / n + 8 > memory):
+                    # 16 GiB for the cache, activations and XLA's scratch beside each GPU's weights
+                    if n > gpus or (memory and weight_gib(model, dtype) / n + 16 > memory):
                         continue
                     if time.time() - start > args.budget_s:
                         print(f"budget spent: {model} {dtype} {spec} not run", flush=True)
