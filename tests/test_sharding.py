@@ -156,3 +156,36 @@ def test_random_weights_are_made_in_their_shardings():
     assert qkv.shape[0] == 4 and qkv.sharding.spec == P("tensor", None, None, None)
     assert p.weights["embed"]["embedding"].sharding.spec == P("tensor", None)
     assert len(llmjax.generate(p, [1, 5, 9], max_new_tokens=4)) == 4
+
+
+def _collectives(compiled_text: str, op: str) -> list[int]:
+    """The element count of every `op` (e.g. all-gather) result in compiled HLO text."""
+    sizes = []
+    for line in compiled_text.splitlines():
+        if f" {op}(" in line or f" {op}-start(" in line:
+            dims = line.split("=", 1)[1].split("[", 1)[1].split("]", 1)[0]
+            sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+    return sizes
+
+
+@pytest.mark.parametrize("data,tensor", [(1, 4), (2, 2)])
+def test_no_weight_moves_between_devices_in_generate(folder, data, tensor):
+    """Correct results alone do not show that each device reads only its own weights: a kernel
+    gathered to every device at every step gives the same tokens, many times slower. The compiled
+    generate loop may gather only activations (the sampled token, the LM head's best logit, and with
+    `data` > 1 the new keys and values of the cache write), each smaller than any weight's shard."""
+    params = llmjax.load(folder, mesh=_mesh(tensor, data))
+    rows = [PROMPTS[0]] * 2
+    bucket, new = gen._bucket(len(rows[0])), 16
+    args = (params.weights, jnp.asarray(gen._pad(rows, bucket)), jnp.full((2,), len(rows[0]), jnp.int32),
+            jnp.ones((2,), bool), jnp.int32(new), jnp.asarray([gen.PAD_ID], jnp.int32),
+            gen.Sampling().arrays(2), jax.random.key(0), jnp.arange(2, dtype=jnp.int32))
+    static = dict(model=gen._model(params), cache_len=gen._cache_len(params, bucket, new), out_len=new,
+                  greedy=True, filters=())
+    text = gen._generate_ids.lower(*args, **static).compile().as_text()
+    kernels = [w for path, w in jax.tree_util.tree_leaves_with_path(params.weights)
+               if path[-1].key in ("kernel", "embedding")]
+    smallest_shard = min(w.size // tensor for w in kernels)
+    gathered = _collectives(text, "all-gather") + _collectives(text, "all-to-all")
+    assert max(gathered, default=0) < smallest_shard, gathered
+    assert _collectives(text, "all-reduce"), "row-parallel products must be all-reduced"

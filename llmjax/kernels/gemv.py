@@ -111,13 +111,24 @@ def linear(x: jax.Array, w: jax.Array, num_out_dims: int) -> jax.Array:
     out_shape, in_shape = w.shape[:num_out_dims], w.shape[num_out_dims:]
     lead = x.shape[:x.ndim - len(in_shape)]
     n, k = math.prod(out_shape), math.prod(in_shape)
+    if not use_kernel(math.prod(lead), n, k, w.dtype):
+        return _dot(x, w, len(in_shape))
     x2, w2 = x.reshape(-1, k), w.reshape(n, k)
 
     def xla(x2, w2):
-        return jnp.einsum("mk,nk->mn", x2, w2)
+        return _dot(x2, w2, 1)
 
-    if use_kernel(x2.shape[0], n, k, w.dtype):
-        y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
-    else:
-        y = xla(x2, w2)
+    y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
     return y.reshape(*lead, *out_shape)
+
+
+def _dot(x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:
+    """XLA's product, contracting x's last `in_dims` axes with w's, the kernel never reshaped.
+
+    Reshaping a sharded kernel to two dimensions is not free: `gate_up` `[2, mlp, embed]` split over
+    `mlp` would become `[2 * mlp, embed]` with each device's rows in two pieces, a layout GSPMD cannot
+    express, so it gathered the whole kernel on every device at every step (Llama-2-70B at tensor=4
+    decoded at 4 tok/s on the H200s). Contracting in place keeps every weight where it lies.
+    """
+    contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(w.ndim - in_dims, w.ndim)))
+    return jax.lax.dot_general(x, w, (contract, ((), ())))
