@@ -1,11 +1,20 @@
 """The KV cache: preallocated, per layer, passed into the model and returned (and donated by callers).
 
-Layout per layer: keys and values `[B, S, KV, head_dim]`, one array each, so the unrolled layer loop
-touches each layer's cache without slicing a stacked array. A sequence's token at position p is
-written at slot p; attention sees slots `<= p` of its own row. Slots past a row's last token hold
-padding or stale values and are never attended to, which is what lets ragged prompts share a batch
-(right-padded, each row with its own positions). A paged cache for continuous batching lives with
-the engine.
+Two kinds, both one array of keys and one of values per layer (so the unrolled layer loop touches each
+layer's cache without slicing a stacked array), and both handed to the model layer by layer through
+`layer(i)` and gathered back with `with_layers`:
+
+- `KVCache`, contiguous, for `generate`: `[B, S, KV, head_dim]` per layer. A sequence's token at
+  position p is written at slot p; attention sees slots `<= p` of its own row. Slots past a row's
+  last token hold padding or stale values and are never attended to, which is what lets ragged
+  prompts share a batch (right-padded, each row with its own positions).
+- `PagedKVCache`, a pool of fixed-size pages for the engine (`llmjax.engine`): `[num_pages,
+  page_size, KV, head_dim]` per layer, shared by every sequence. A sequence owns a list of pages (its
+  block table); its token at position p lives in page `table[p // page_size]` at offset
+  `p % page_size`. Memory is taken a page at a time as a sequence grows and returned whole when it
+  ends, so sequences of any length share one pool without reserving their maximum length.
+  `PagedView` pairs the pool with a `PagedBatch`, which says where this step's tokens are written
+  and what each one attends to.
 """
 
 from __future__ import annotations
@@ -35,6 +44,12 @@ class KVCache:
     def length(self) -> int:
         return self.k[0].shape[1]
 
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        return self.k[i], self.v[i]
+
+    def with_layers(self, layers: list[tuple[jax.Array, jax.Array]]) -> "KVCache":
+        return KVCache(tuple(k for k, _ in layers), tuple(v for _, v in layers))
+
 
 def write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """Writes `new` `[B, T, KV, D]` into `cache` `[B, S, KV, D]` at slots `positions` `[B, T]`.
@@ -43,3 +58,105 @@ def write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """
     rows = jnp.arange(cache.shape[0])[:, None]
     return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+# ---------------------------------------------------------------- paged
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """The page pool: per layer, keys and values `[num_pages, page_size, KV, head_dim]`."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, num_pages: int, page_size: int, dtype) -> "PagedKVCache":
+        shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+        layers = range(config.num_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   tuple(jnp.zeros(shape, dtype) for _ in layers))
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+    """Where one step's tokens go. The step's N tokens are one flat row `[1, N]`: first one token for
+    each of `rows` decode rows, then `chunk_rows x chunk_len` prefill tokens (pieces of prompts, one
+    piece per chunk row, padded at the end). Every count is a static shape.
+
+    slots `[N]`: the flat pool slot (page * page_size + offset) each token's keys and values are
+    written to; the pool's size or more means "write nothing" (idle rows, padding).
+    tables `[rows, max_pages]`, lengths `[rows]`: each decode row's pages and its valid tokens,
+    the current one included (0 for an idle row), as `paged_attention` takes them.
+    chunk_tables `[chunk_rows, max_pages]` or None: the pages of the sequence each prefill row
+    belongs to; a prefill token at position p attends to that sequence's tokens at positions <= p.
+    """
+
+    slots: jax.Array
+    tables: jax.Array
+    lengths: jax.Array
+    chunk_tables: jax.Array | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.tables.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedLayer:
+    """One layer's pages and the step's layout, as the attention module receives them."""
+
+    k: jax.Array  # [num_pages, page_size, KV, D]
+    v: jax.Array
+    batch: PagedBatch
+
+    def write(self, k: jax.Array, v: jax.Array) -> "PagedLayer":
+        """Writes the step's keys and values `[N, KV, D]` into their slots."""
+        return PagedLayer(write_pages(self.k, k, self.batch.slots), write_pages(self.v, v, self.batch.slots),
+                          self.batch)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedView:
+    """What the model takes as `cache` for a paged step: the pool and this step's layout."""
+
+    pool: PagedKVCache
+    batch: PagedBatch
+
+    def layer(self, i: int) -> PagedLayer:
+        return PagedLayer(self.pool.k[i], self.pool.v[i], self.batch)
+
+    def with_layers(self, layers: list[PagedLayer]) -> "PagedView":
+        return PagedView(PagedKVCache(tuple(x.k for x in layers), tuple(x.v for x in layers)), self.batch)
+
+
+def page_slots(tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int,
+               num_pages: int) -> jax.Array:
+    """Flat pool slots `[B, T]` of the tokens at `positions` `[B, T]` of the sequences whose pages are
+    `tables` `[B, max_pages]`; past the pool's end (nothing written) where `valid` `[B, T]` is False."""
+    index = jnp.clip(positions // page_size, 0, tables.shape[1] - 1)
+    pages = jnp.take_along_axis(tables, index, axis=1)
+    return jnp.where(valid, pages * page_size + positions % page_size, num_pages * page_size)
+
+
+def write_pages(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """`pages` `[num_pages, page_size, KV, D]` with `new` `[N, KV, D]` written at flat `slots` `[N]`;
+    slots past the pool's end are dropped."""
+    flat = pages.reshape(-1, *pages.shape[2:])
+    return flat.at[slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+
+def gather_pages(pages: jax.Array, tables: jax.Array) -> jax.Array:
+    """Each row's pages in order as one contiguous sequence: `[B, max_pages * page_size, KV, D]`."""
+    return pages[tables].reshape(tables.shape[0], -1, *pages.shape[2:])

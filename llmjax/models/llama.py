@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
 from llmjax.kernels import gemv
+from llmjax.kernels.paged_attention import paged_attention
 from llmjax.models.rope import apply_rope, rope_tables
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -101,6 +102,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     return out.reshape(b, t, h, d)
 
 
+def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer) -> jax.Array:
+    """Attention for the engine's flat step `q` `[1, N, H, D]` (see `cache.PagedBatch`), after the
+    step's keys and values are in `layer`'s pages.
+
+    Decode rows (one token each) go through `paged_attention`, which reads only each row's pages.
+    Prefill rows (a piece of a prompt each) gather their sequence's pages into one contiguous view
+    and use `attention` with positions as the mask: a prompt token sees every earlier token of its
+    sequence, whether written by an earlier step or by an earlier row of this one.
+    """
+    batch, rows = layer.batch, layer.batch.rows
+    h, d = q.shape[2:]
+    out = paged_attention(q[0, :rows], layer.k, layer.v, batch.tables, batch.lengths)  # [rows, H, D]
+    if batch.chunk_tables is not None:
+        chunk_rows = batch.chunk_tables.shape[0]
+        q_chunk = q[0, rows:].reshape(chunk_rows, -1, h, d)
+        q_pos = positions[0, rows:].reshape(chunk_rows, -1)
+        keys = kv.gather_pages(layer.k, batch.chunk_tables)  # [chunk_rows, S, KV, D]
+        values = kv.gather_pages(layer.v, batch.chunk_tables)
+        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+        chunk = attention(q_chunk, keys, values, q_pos, k_pos)
+        out = jnp.concatenate([out, chunk.reshape(-1, h, d)])
+    return out[None]
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
@@ -119,13 +144,17 @@ class Attention(nn.Module):
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
         k = apply_rope(qkv[:, :, :, g], cos, sin)
         v = qkv[:, :, :, g + 1]
-        if layer_cache is None:  # scoring a whole sequence: attend within it
-            keys, values, k_pos = k, v, positions
+        if isinstance(layer_cache, kv.PagedLayer):  # the engine's step: a page pool
+            layer_cache = layer_cache.write(k[0], v[0])
+            out = paged_step_attention(q, positions, layer_cache)
         else:
-            keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
-            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-            layer_cache = (keys, values)
-        out = attention(q, keys, values, positions, k_pos)
+            if layer_cache is None:  # scoring a whole sequence: attend within it
+                keys, values, k_pos = k, v, positions
+            else:
+                keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
+                k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+                layer_cache = (keys, values)
+            out = attention(q, keys, values, positions, k_pos)
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, name="o")
         return o(out), layer_cache
@@ -166,9 +195,11 @@ class Llama(nn.Module):
     """`apply({"params": w}, tokens, positions, cache=None, logits_at=None) -> (logits, cache)`.
 
     tokens, positions `[B, T]` int32. With a `KVCache`, each token's keys and values are written at its
-    position and attention reads the cache; without one, attention stays within `tokens`.
-    `logits_at` `[B]` picks one position per row (the last prompt token), so prefill does not
-    compute the LM head over the whole prompt. Logits are float32.
+    position and attention reads the cache; with a `cache.PagedView` (the engine's step), they are
+    written into pages and attention reads each sequence's pages; without a cache, attention stays
+    within `tokens`. `logits_at` `[B]` picks one position per row (the last prompt token), so
+    prefill does not compute the LM head over the whole prompt; `[B, M]` picks M positions per row
+    (the engine's flat step). Logits are float32.
     """
 
     config: LlamaConfig
@@ -181,16 +212,15 @@ class Llama(nn.Module):
         embed = Embed(c.embedding_rows, c.hidden_size, self.dtype, name="embed")
         x = embed(tokens)
         cos, sin = rope_tables(c, positions)
-        new_k, new_v = [], []
+        layers = []
         for i in range(c.num_layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            layer_cache = None if cache is None else cache.layer(i)
             x, layer_cache = Block(c, self.dtype, name=f"layer_{i}")(x, cos, sin, positions, layer_cache)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+            layers.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if logits_at is not None:
-            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
+            picks = logits_at if logits_at.ndim == 2 else logits_at[:, None]  # [B, M]
+            x = jnp.take_along_axis(x, picks[:, :, None], axis=1)  # [B, M, D]
         with jax.named_scope("lm_head"):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
@@ -199,7 +229,7 @@ class Llama(nn.Module):
                                 name="lm_head")(x)
         if c.embedding_rows != c.vocab_size:  # rows added to split the vocabulary evenly: no logits
             logits = logits[..., :c.vocab_size]
-        new_cache = None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
+        new_cache = None if cache is None else cache.with_layers(layers)
         return logits.astype(jnp.float32), new_cache
 
 

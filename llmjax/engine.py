@@ -1,0 +1,802 @@
+"""Continuous batching: many requests share one page pool and one compiled step.
+
+```python
+engine = llmjax.Engine(params, max_slots=256)
+a = engine.add_request("def f(x):", max_new_tokens=64)
+b = engine.add_request([1, 450, 4996], max_new_tokens=16, temperature=0.8, seed=3)
+for piece in engine.stream(a):       # steps the engine; b advances too
+    print(piece, end="")
+outputs = llmjax.LLM(params).generate(prompts, max_new_tokens=128)   # offline, in request order
+```
+
+Each `step()` is one call of a compiled function on the device. The call runs a first iteration that
+feeds one token to every decoding row *and* a chunk of prompt tokens (chunked prefill, mixed into the
+same forward so the weights are read once for both), then up to `decode_steps - 1` more decode
+iterations in a `lax.while_loop`, sampling on the device, before the host looks at the tokens. So the
+host decides (admits, preempts, frees) once per `decode_steps` tokens, not once per token; a row that
+meets EOS or its token budget stops inside the call, and the loop ends early when every row has.
+
+Memory is a pool of fixed-size pages (`llmjax.cache.PagedKVCache`). A request holds the pages its
+tokens need, taken as it grows and returned when it ends. Admission waits for free pages; when pages
+run out, the latest-arrived running request is preempted: its pages are freed and it goes back to
+the head of the queue, to be recomputed from its prompt and the tokens it already produced (no work is
+kept, nothing fails). Requests are served in arrival order and the oldest one always advances.
+
+Static shapes, and why each exists (each distinct value compiles once; `warmup` compiles them ahead):
+- decode rows: the running requests are packed into the first rows, and the row count is the
+  smallest of `max_slots / 4**k` (down to 8) that holds them, so a nearly drained batch does not pay
+  for `max_slots` rows. Moving a request between rows is free: its cache is its pages.
+- block-table width: the pages of the longest sequence in the call, rounded up to
+  `max_pages / 4**k`, so short sequences do not gather a `max_seq_len`-long view.
+- the prefill chunk: `prefill_tokens` tokens as rows of `prefill_row` tokens. A row holds one piece
+  of one prompt (a long prompt spans several rows, in order); a call with no prompt work compiles
+  without the chunk.
+- `decode_steps`: the iterations per call.
+
+Sampling: a request's tokens depend only on its seed and its index, never on which rows, batch or
+call it lands in: token n of a request drawn with key `fold_in(fold_in(key(seed), index), n)`, the
+convention of `llmjax.generate` (index 0 for `add_request`, the prompt's place in the list for
+`LLM.generate`). Greedy requests match `llmjax.generate` token for token (float32; in bfloat16 both
+depend on rounding, as `generate`'s own batches do). Stop strings are matched on the host, on
+decoded text, as in `generate`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax import cache as kv
+from llmjax.generate import (_check_budget, _check_seed, _continuation, _Detokenizer, _is_int, _model,
+                             _parse_prompt, _stop_strings, _token_rows)
+from llmjax.params import Params, shard
+from llmjax.sampling import Sampling, sample
+
+PAD_ID = -1  # an output slot after a row stopped
+MIN_ROWS = 8  # the fewest decode rows a call is compiled for
+HOST_POOL_BYTES = 256 * 2**20  # default pool on a device that reports no memory (the CPU)
+MEMORY_FRACTION = 0.9  # of the device memory left after the weights, less the step's workspace
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A handle on one request. `token_ids` grows as it is generated (EOS, if reached, kept at the
+    end, as `generate` returns ids); `finish_reason` is "eos", "length", "stop" or "cancelled" once
+    it is done. `Engine.text(request)` and `Engine.stream(request)` give its text."""
+
+    id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    seed: int
+    index: int  # the request's place in a list (LLM.generate), for its sampling key
+    stops: list[str]
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    # engine bookkeeping
+    _pages: list[int] = dataclasses.field(default_factory=list, repr=False)
+    _computed: int = 0  # tokens (prompt, then generated) whose keys and values are in the pages
+    _key: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    _detok: _Detokenizer | None = dataclasses.field(default=None, repr=False)
+    _fed: int = 0  # tokens pushed into the detokenizer
+    _flushed: bool = False
+    _pieces: list[str] = dataclasses.field(default_factory=list, repr=False)
+    _taken: int = 0  # pieces already handed out by `Engine.stream`
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def _sequence_len(self) -> int:
+        return len(self.prompt_ids) + len(self.token_ids)
+
+    @property
+    def _decoding(self) -> bool:
+        """Its last token is the only one without keys and values: the next step feeds it."""
+        return self._computed == self._sequence_len - 1
+
+    def _budget(self, steps: int) -> int:
+        return min(steps, self.max_new_tokens - len(self.token_ids))
+
+    def _tokens(self, start: int, stop: int) -> list[int]:
+        ids = self.prompt_ids + self.token_ids if stop > len(self.prompt_ids) else self.prompt_ids
+        return ids[start:stop]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    calls: int = 0  # device calls (`step`s that ran)
+    decode_tokens: int = 0  # tokens sampled
+    prefill_tokens: int = 0  # prompt (and recomputed) tokens written into the pool
+    recomputed_tokens: int = 0  # of which recomputation after a preemption
+    preemptions: int = 0
+    busy_rows: int = 0  # decode rows that held a request, summed over calls
+    compiled: int = 0  # step variants compiled
+
+
+# ---------------------------------------------------------------- device side
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """The decode rows of one call, `[R]` each (`tables` `[R, W]`, `keys` `[R, 2]`)."""
+
+    last: jax.Array  # the token fed at the first iteration (rows that are `active`)
+    positions: jax.Array  # its position (for a row finishing its prefill: the last prompt position)
+    active: jax.Array  # bool: the row feeds `last` at the first iteration
+    generated: jax.Array  # tokens the request had before the call: the index of its next token
+    budget: jax.Array  # tokens the row may produce in this call
+    tables: jax.Array
+    keys: jax.Array  # uint32 key data of (seed, index)
+    knobs: dict
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """The prefill rows of one call: `[P, T]` tokens, each row a piece of one prompt."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    valid: jax.Array  # bool [P, T]: not padding
+    tables: jax.Array  # [P, W] the pages of the row's sequence
+    last: jax.Array  # [P] the index in the row of the prompt's last token when the prefill ends there
+    target: jax.Array  # [P] the decode row that takes the first sampled token (R: none)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+    step: jax.Array
+    last: jax.Array  # [R] the token to feed next
+    positions: jax.Array  # [R] its position
+    alive: jax.Array  # [R] the row feeds `last` in the next iteration
+    out: jax.Array  # [steps, R] sampled tokens, PAD_ID where none
+    pool: kv.PagedKVCache
+
+
+def _forward(model, weights, pool, tokens, positions, batch, logits_at=None):
+    view = kv.PagedView(pool, batch)
+    logits, view = model.apply({"params": weights}, tokens[None], positions[None], view, logits_at=logits_at)
+    return logits[0], view.pool
+
+
+def _decode_batch(rows: _Rows, positions, alive, pool) -> kv.PagedBatch:
+    slots = kv.page_slots(rows.tables, positions[:, None], alive[:, None], pool.page_size, pool.num_pages)
+    return kv.PagedBatch(slots[:, 0], rows.tables, jnp.where(alive, positions + 1, 0))
+
+
+def _mixed_iteration(model, weights, pool, rows: _Rows, chunk: _Chunk):
+    """Decode rows and prefill rows in one forward; logits `[R, V]` for each row that produces a
+    token (a decode row, or the row of a request whose prompt ends in this chunk) and which rows."""
+    r, (p, t) = rows.last.shape[0], chunk.tokens.shape
+    decode = _decode_batch(rows, rows.positions, rows.active, pool)
+    chunk_slots = kv.page_slots(chunk.tables, chunk.positions, chunk.valid, pool.page_size, pool.num_pages)
+    batch = kv.PagedBatch(jnp.concatenate([decode.slots, chunk_slots.reshape(-1)]), decode.tables,
+                          decode.lengths, chunk.tables)
+    tokens = jnp.concatenate([rows.last, chunk.tokens.reshape(-1)])
+    positions = jnp.concatenate([rows.positions, chunk.positions.reshape(-1)])
+    picks = jnp.concatenate([jnp.arange(r), r + jnp.arange(p) * t + jnp.maximum(chunk.last, 0)])
+    logits, pool = _forward(model, weights, pool, tokens, positions, batch, picks[None])
+    logits = logits[:r].at[chunk.target].set(logits[r:], mode="drop")
+    finishing = jnp.zeros((r,), bool).at[chunk.target].set(True, mode="drop")
+    return logits, rows.active | finishing, pool
+
+
+def _sample(logits, rows: _Rows, step, greedy, filters):
+    keys = None
+    if not greedy:
+        base = jax.random.wrap_key_data(rows.keys)
+        keys = jax.vmap(jax.random.fold_in)(base, rows.generated + step)
+    return sample(logits, keys, rows.knobs, greedy=greedy, filters=filters)
+
+
+def _engine_call(weights, pool, rows: _Rows, chunk: _Chunk | None, eos, *, model, steps, greedy, filters):
+    """One step: the mixed first iteration (when there is a chunk), then decode iterations until
+    `steps` or until no row is alive. Returns tokens `[steps, R]` (PAD_ID after a row stopped)."""
+    r = rows.last.shape[0]
+
+    def record(state: _Loop, logits, producing, pool):
+        token = jnp.where(producing, _sample(logits, rows, state.step, greedy, filters), PAD_ID)
+        alive = producing & ~jnp.isin(token, eos) & (state.step + 1 < rows.budget)
+        return _Loop(state.step + 1, jnp.maximum(token, 0), state.positions + 1, alive,
+                     state.out.at[state.step].set(token), pool)
+
+    state = _Loop(jnp.int32(0), rows.last, rows.positions, rows.active,
+                  jnp.full((steps, r), PAD_ID, jnp.int32), pool)
+    if chunk is not None:
+        logits, producing, pool = _mixed_iteration(model, weights, pool, rows, chunk)
+        state = record(state, logits, producing, pool)
+
+    def body(s: _Loop):
+        batch = _decode_batch(rows, s.positions, s.alive, s.pool)
+        logits, pool = _forward(model, weights, s.pool, s.last, s.positions, batch)
+        return record(s, logits, s.alive, pool)
+
+    state = jax.lax.while_loop(lambda s: (s.step < steps) & jnp.any(s.alive), body, state)
+    out = state.out
+    if model.mesh is not None:  # whole on every device, so every process can read it
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(model.mesh, P()))
+    return out, state.pool
+
+
+_jitted_call = jax.jit(_engine_call, static_argnames=("model", "steps", "greedy", "filters"),
+                       donate_argnames=("pool",))
+# Compiled step variants, shared by every engine of the same model and shapes (as jit shares its
+# own): keyed by the model, the pool's shape and every static size of the call.
+_EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}
+
+
+def _key_data(seed: int, index: int) -> np.ndarray:
+    """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold."""
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
+
+
+@functools.cache
+def _key_words() -> int:
+    return jax.random.key_data(jax.random.key(0)).shape[-1]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _positive(name: str, value) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _quarters(top: int, floor: int) -> tuple[int, ...]:
+    """`top`, `top / 4`, `top / 16`, ... while at least `floor` (always `top`), ascending."""
+    sizes = {top}
+    while top // 4 >= floor:
+        top //= 4
+        sizes.add(top)
+    return tuple(sorted(sizes))
+
+
+class Engine:
+    """Serves many requests at once over one model; see the module docstring.
+
+    params: from `llmjax.load` / `init_random`. mesh: shard the weights over it (params already
+    sharded keep theirs); the pool is split by kv heads like the contiguous cache.
+    max_slots: requests running at once (decode rows). page_size: tokens per page.
+    kv_memory: bytes of each device's memory for the page pool; by default what the device has free
+    after the weights, times 0.9, less the step's workspace (on a device that reports no memory,
+    such as the CPU, 256 MiB), and never more than `max_slots` sequences of `max_seq_len` tokens.
+    max_seq_len: the longest prompt + new tokens a request may have (default: the model's context).
+    prefill_tokens, prefill_row: prompt tokens per step and per chunk row. decode_steps: tokens
+    each running request may produce per step, between the host's scheduling decisions.
+    """
+
+    def __init__(self, params: Params, mesh=None, *, max_slots: int = 256, page_size: int = 16,
+                 kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
+                 prefill_row: int = 64, decode_steps: int = 8):
+        if mesh is not None and params.mesh is None:
+            params = shard(params, mesh)
+        elif mesh is not None and mesh != params.mesh:
+            raise ValueError("these params are sharded over another mesh; pass mesh=None to keep theirs")
+        self.params, self.config = params, params.config
+        self.max_slots = _positive("max_slots", max_slots)
+        self.page_size = _positive("page_size", page_size)
+        self.decode_steps = _positive("decode_steps", decode_steps)
+        self.prefill_row = _positive("prefill_row", prefill_row)
+        if not _is_int(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
+            raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({prefill_row}), "
+                             f"got {prefill_tokens!r}")
+        self.chunk_rows = prefill_tokens // prefill_row
+        context = self.config.max_position_embeddings
+        self.max_seq_len = context if max_seq_len is None else _positive("max_seq_len", max_seq_len)
+        if self.max_seq_len > context:
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's context of {context} tokens")
+        self.max_pages = -(-self.max_seq_len // self.page_size)
+        self._model = _model(params)
+        self._eos = jnp.asarray(self.config.eos_token_ids or (PAD_ID,), jnp.int32)
+        self._eos_set = set(self.config.eos_token_ids)
+        self.num_pages = self._pool_pages(kv_memory)
+        self._pool = self._make_pool()
+        self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() takes the lowest id
+        self._waiting: list[Request] = []  # by arrival (id)
+        self._running: list[Request] = []  # admitted, by arrival (id)
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+        self.row_buckets = _quarters(self.max_slots, min(MIN_ROWS, self.max_slots))
+        self.width_buckets = _quarters(self.max_pages, 1)
+
+    # ------------------------------------------------------------ memory
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page takes on each device, over all layers, keys and values."""
+        c = self.config
+        heads = c.num_kv_heads // self._tensor_degree()
+        return 2 * c.num_layers * self.page_size * heads * c.head_dim * jnp.dtype(self.params.dtype).itemsize
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def _tensor_degree(self) -> int:
+        mesh = self.params.mesh
+        return 1 if mesh is None or self.config.num_kv_heads % mesh.shape["tensor"] else mesh.shape["tensor"]
+
+    def _workspace_bytes(self) -> int:
+        """A generous bound on one step's activations: the prefill rows' gathered keys and values and
+        float32 scores, every token's MLP activations, and the logits with a sampling copy or two."""
+        c, itemsize = self.config, jnp.dtype(self.params.dtype).itemsize
+        tokens = self.max_slots + self.chunk_rows * self.prefill_row
+        length = self.max_pages * self.page_size
+        gathered = 2 * self.chunk_rows * length * c.num_kv_heads * c.head_dim * itemsize
+        scores = 2 * self.chunk_rows * c.num_heads * self.prefill_row * length * 4
+        mlp = 4 * tokens * (c.hidden_size + c.intermediate_size) * itemsize
+        logits = 4 * (self.max_slots + self.chunk_rows) * c.vocab_size * 4
+        return 2 * (gathered + scores + mlp + logits) + 2**29
+
+    def _pool_pages(self, kv_memory) -> int:
+        wanted = self.max_slots * self.max_pages
+        if kv_memory is None:
+            stats = jax.local_devices()[0].memory_stats() or {}
+            if "bytes_limit" in stats:
+                free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+                kv_memory = int(MEMORY_FRACTION * free) - self._workspace_bytes()
+            else:
+                kv_memory = HOST_POOL_BYTES
+            pages = min(wanted, max(kv_memory, 0) // self.page_bytes)
+        else:
+            if not _is_int(kv_memory) or kv_memory < 1:
+                raise ValueError(f"kv_memory must be a number of bytes >= 1, got {kv_memory!r}")
+            pages = kv_memory // self.page_bytes
+        if pages < 1:
+            raise ValueError(f"the page pool would hold no page: one page of {self.page_size} tokens takes "
+                             f"{self.page_bytes} bytes per device and {kv_memory} bytes are available for "
+                             "the pool; pass a larger kv_memory or a smaller page_size")
+        return int(pages)
+
+    def _pool_sharding(self):
+        mesh = self.params.mesh
+        if mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return NamedSharding(mesh, P(None, None, "tensor" if self._tensor_degree() > 1 else None, None))
+
+    def _make_pool(self) -> kv.PagedKVCache:
+        def zeros():
+            return kv.PagedKVCache.zeros(self.config, self.num_pages, self.page_size, self.params.dtype)
+        return jax.jit(zeros, out_shardings=self._pool_sharding())()
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                    seed: int = 0, stop: str | Sequence[str] | None = None) -> Request:
+        """Queues one prompt (a str or a list of token ids); returns its handle. Its sampling key is
+        (seed, 0), as `generate(params, prompt, seed=seed)` uses for a single prompt."""
+        kind, prompts = _parse_prompt(prompt)
+        if kind not in ("text", "ids"):
+            raise ValueError("add_request takes one prompt (a str or a list of token ids); call it once "
+                             "per prompt, or use llmjax.LLM(params).generate for a list")
+        return self._add(kind, prompts[0], max_new_tokens, Sampling(temperature, top_k, top_p, min_p),
+                         seed, stop, index=0)
+
+    def _add(self, kind, prompt, max_new_tokens, sampling: Sampling, seed, stop, index) -> Request:
+        _check_seed(seed)
+        stops = _stop_strings(stop)
+        if stops and kind.startswith("ids"):
+            raise ValueError("stop strings apply to text prompts; with token ids, stop on EOS or "
+                             "max_new_tokens")
+        ids = _token_rows(self.params, kind, [prompt])[0]
+        _check_budget(self.params, [ids], max_new_tokens)
+        self._check_fits(len(ids), int(max_new_tokens))
+        request = Request(next(self._ids), ids, int(max_new_tokens), sampling, int(seed), index, stops,
+                          arrival_time=time.perf_counter())
+        if not sampling.greedy:
+            request._key = _key_data(request.seed, index)
+        if self.params.tokenizer is not None:
+            request._detok = _Detokenizer(self.params.tokenizer, ids, stops)
+        self._waiting.append(request)
+        return request
+
+    def _check_fits(self, prompt_len: int, max_new: int) -> None:
+        total = prompt_len + max_new
+        if total > self.max_seq_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new} exceeds this "
+                             f"engine's max_seq_len of {self.max_seq_len}; lower max_new_tokens, shorten the "
+                             "prompt, or make the Engine with a larger max_seq_len")
+        pages = self._pages_for(total - 1)  # the last new token is never fed back, so never stored
+        if pages > self.num_pages:
+            raise ValueError(f"this request could never fit: {total - 1} tokens take {pages} pages of "
+                             f"{self.page_size} and the pool holds {self.num_pages} "
+                             f"({self.num_pages * self.page_bytes} bytes); give the Engine a larger "
+                             "kv_memory, or lower max_new_tokens or the prompt's length")
+
+    def cancel(self, request: Request) -> bool:
+        """Stops a request and frees its pages; False if it had already finished."""
+        if not isinstance(request, Request):
+            raise ValueError(f"cancel takes a Request handle from add_request, got {type(request).__name__}")
+        if request.finished:
+            return False
+        if request in self._waiting:
+            self._waiting.remove(request)
+        elif request in self._running:
+            self._release(request)
+        else:
+            raise ValueError(f"request {request.id} does not belong to this engine")
+        self._finish(request, "cancelled")
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Requests not finished: waiting or running."""
+        return len(self._waiting) + len(self._running)
+
+    def stream(self, request: Request) -> Iterator[str]:
+        """Text pieces of `request` as they are produced; steps the engine (every running request
+        advances) whenever the request has nothing new to give."""
+        if self.params.tokenizer is None:
+            raise ValueError("stream yields text and these params have no tokenizer; read "
+                             "request.token_ids instead")
+        while True:
+            piece = self._take_text(request)
+            if piece:
+                yield piece
+            if request.finished:
+                return
+            self.step()
+
+    def text(self, request: Request) -> str:
+        """The request's continuation so far (its whole text once finished), cut before a stop string."""
+        if self.params.tokenizer is None:
+            raise ValueError("these params have no tokenizer; read request.token_ids instead")
+        if request.finished and not request.stops:  # as generate renders it, in one decode
+            return _continuation(self.params.tokenizer, request.prompt_ids, request.token_ids)
+        self._push_text(request)
+        return "".join(request._pieces)
+
+    def _push_text(self, request: Request) -> None:
+        """Feeds the tokens the detokenizer has not seen; keeps the pieces it releases."""
+        detok = request._detok
+        while request._fed < len(request.token_ids) and not detok.stopped:
+            token = request.token_ids[request._fed]
+            request._fed += 1
+            piece = detok.push(None if token in self._eos_set else token)
+            if piece:
+                request._pieces.append(piece)
+        if request.finished and request._fed == len(request.token_ids) and not request._flushed:
+            request._flushed = True
+            tail = detok.flush()
+            if tail:
+                request._pieces.append(tail)
+
+    def _take_text(self, request: Request) -> str:
+        self._push_text(request)
+        start, request._taken = request._taken, len(request._pieces)
+        return "".join(request._pieces[start:])
+
+    # ------------------------------------------------------------ scheduling
+
+    def _release(self, request: Request) -> None:
+        self._running.remove(request)
+        self._free.extend(reversed(request._pages))
+        request._pages = []
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        request.finish_time = time.perf_counter()
+
+    def _preempt_latest(self) -> None:
+        victim = self._running[-1]
+        self._release(victim)
+        self.stats.preemptions += 1
+        self.stats.recomputed_tokens += victim._computed
+        victim._computed = 0
+        bisect.insort(self._waiting, victim, key=lambda r: r.id)
+
+    def _grow(self, request: Request, tokens: int) -> None:
+        """Gives `request` pages for its first `tokens` tokens (the caller checked they are free)."""
+        for _ in range(self._pages_for(tokens) - len(request._pages)):
+            request._pages.append(self._free.pop())
+
+    def _piece(self, request: Request, rows: int) -> tuple[int, int]:
+        """(prompt tokens to compute now, tokens the request's pages must then cover) when it may
+        use `rows` chunk rows; when the prefill ends, its first decode iterations are covered too."""
+        remaining = request._sequence_len - request._computed
+        count = min(remaining, rows * self.prefill_row)
+        if count == remaining:
+            return count, request._sequence_len - 1 + request._budget(self.decode_steps)
+        return count, request._computed + count
+
+    def _schedule(self):
+        """Decides one call: the decode requests and the prompt pieces `(request, start, count)`."""
+        decode, pieces, rows_left = [], [], self.chunk_rows
+        for request in list(self._running):
+            if request not in self._running:  # preempted below for an older request
+                continue
+            if request._decoding:
+                cover = request._sequence_len - 1 + request._budget(self.decode_steps)
+                count = 0
+            elif rows_left:
+                count, cover = self._piece(request, rows_left)
+            else:
+                continue
+            if not self._reserve(request, cover):
+                count = self._shrunk_piece(request, count)
+                if not count:
+                    self._preempt_latest()  # `request` itself, the youngest
+                    continue
+                cover = request._computed + count
+            self._grow(request, cover)
+            if count:
+                pieces.append((request, request._computed, count))
+                rows_left -= -(-count // self.prefill_row)
+            else:
+                decode.append(request)
+        self._admit(pieces, rows_left)
+        return decode, pieces
+
+    def _reserve(self, request: Request, cover: int) -> bool:
+        """Frees pages for `request` to cover `cover` tokens by preempting younger requests; False if
+        only preempting `request` itself would do."""
+        while self._pages_for(cover) - len(request._pages) > len(self._free):
+            if self._running[-1] is request:
+                return False
+            self._preempt_latest()
+        return True
+
+    def _shrunk_piece(self, request: Request, count: int) -> int:
+        """The youngest request's prompt piece cut to the pages left (0 if none). It stops short of
+        the prompt's last token, whose step would need pages for the decode iterations too."""
+        if not count:
+            return 0
+        room = (len(request._pages) + len(self._free)) * self.page_size - request._computed
+        return max(0, min(count, room, request._sequence_len - request._computed - 1))
+
+    def _admit(self, pieces: list, rows_left: int) -> None:
+        """Admits waiting requests, in arrival order, while seats, chunk rows and pages allow."""
+        while self._waiting and rows_left and len(self._running) < self.max_slots:
+            request = self._waiting[0]
+            count, cover = self._piece(request, rows_left)
+            if self._pages_for(cover) > len(self._free):
+                return
+            self._waiting.pop(0)
+            bisect.insort(self._running, request, key=lambda r: r.id)
+            self._grow(request, cover)
+            pieces.append((request, request._computed, count))
+            rows_left -= -(-count // self.prefill_row)
+
+    # ------------------------------------------------------------ one step
+
+    def step(self) -> list[Request]:
+        """Runs one device call; returns the requests that got tokens or finished in it."""
+        decode, pieces = self._schedule()
+        if not decode and not pieces:
+            return []
+        finishing = [req for req, start, count in pieces if start + count == req._sequence_len]
+        rows = decode + finishing
+        width = self._bucket(self.width_buckets, max(len(r._pages) for r in rows + [p[0] for p in pieces]))
+        num_rows = self._bucket(self.row_buckets, len(rows))
+        host_rows = self._rows(rows, decode, num_rows, width)
+        chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width) if pieces else None
+        greedy = all(r.sampling.greedy for r in rows)
+        filters = any(r.sampling.filters for r in rows)
+        run = self._executable(num_rows, width, chunk is not None, greedy, filters)
+        out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
+        out = np.asarray(out)
+        self._account(decode, pieces, rows, num_rows)
+        return self._collect(rows, decode, out)
+
+    @staticmethod
+    def _bucket(buckets: tuple[int, ...], n: int) -> int:
+        return next(b for b in buckets if b >= n)
+
+    def _rows(self, rows: list[Request], decode: list[Request], num_rows: int, width: int) -> _Rows:
+        last = np.zeros(num_rows, np.int32)
+        positions, generated, budget = np.zeros_like(last), np.zeros_like(last), np.zeros_like(last)
+        active = np.zeros(num_rows, bool)
+        tables = np.zeros((num_rows, width), np.int32)
+        keys = np.zeros((num_rows, _key_words()), np.uint32)
+        knobs = {"temperature": np.zeros(num_rows, np.float32), "top_k": np.zeros(num_rows, np.int32),
+                 "top_p": np.ones(num_rows, np.float32), "min_p": np.zeros(num_rows, np.float32)}
+        for i, request in enumerate(rows):
+            if i < len(decode):
+                last[i], active[i] = request.token_ids[-1], True
+            positions[i] = request._sequence_len - 1
+            generated[i], budget[i] = len(request.token_ids), request._budget(self.decode_steps)
+            tables[i, :len(request._pages)] = request._pages
+            if request._key is not None:
+                keys[i] = request._key
+            s = request.sampling
+            knobs["temperature"][i], knobs["top_k"][i] = s.temperature, s.top_k or 0
+            knobs["top_p"][i], knobs["min_p"][i] = 1.0 if s.top_p is None else s.top_p, s.min_p or 0.0
+        return _Rows(last, positions, active, generated, budget, tables, keys, knobs)
+
+    def _chunk(self, pieces, row_of: dict, num_rows: int, width: int) -> _Chunk:
+        p, t = self.chunk_rows, self.prefill_row
+        tokens, positions = np.zeros((p, t), np.int32), np.zeros((p, t), np.int32)
+        valid, tables = np.zeros((p, t), bool), np.zeros((p, width), np.int32)
+        last, target = np.full(p, -1, np.int32), np.full(p, num_rows, np.int32)
+        row = 0
+        for request, start, count in pieces:
+            ids = request._tokens(start, start + count)
+            for offset in range(0, count, t):
+                n = min(t, count - offset)
+                tokens[row, :n] = ids[offset:offset + n]
+                positions[row, :n] = np.arange(start + offset, start + offset + n)
+                valid[row, :n] = True
+                tables[row, :len(request._pages)] = request._pages
+                row += 1
+            if start + count == request._sequence_len:
+                last[row - 1], target[row - 1] = n - 1, row_of[id(request)]
+        return _Chunk(tokens, positions, valid, tables, last, target)
+
+    def _place(self, tree):
+        """The call's host arrays on the device (replicated over a mesh)."""
+        mesh = self.params.mesh
+        target = jax.local_devices()[0] if mesh is None else NamedSharding(mesh, P())
+        return jax.device_put(tree, target)
+
+    def _account(self, decode, pieces, rows, num_rows) -> None:
+        s = self.stats
+        s.calls += 1
+        s.busy_rows += len(rows)
+        for request, start, count in pieces:
+            s.prefill_tokens += count
+            request._computed = start + count
+
+    def _collect(self, rows: list[Request], decode: list[Request], out: np.ndarray) -> list[Request]:
+        """Hands each row's tokens to its request; finishes those that ended."""
+        now = time.perf_counter()
+        for i, request in enumerate(rows):
+            new = out[:, i]
+            new = new[:np.argmax(new == PAD_ID)] if (new == PAD_ID).any() else new
+            self.stats.decode_tokens += len(new)
+            if request.first_token_time is None and len(new):
+                request.first_token_time = now
+            if i >= len(decode):  # its prefill ended in this call: the first token came from the chunk
+                request._computed -= 1
+            request.token_ids.extend(int(t) for t in new)
+            request._computed += len(new)
+            self._check_end(request)
+        return rows
+
+    def _check_end(self, request: Request) -> None:
+        reason = None
+        if request.token_ids and request.token_ids[-1] in self._eos_set:
+            reason = "eos"
+        elif len(request.token_ids) >= request.max_new_tokens:
+            reason = "length"
+        if request.stops:
+            self._push_text(request)
+            if request._detok.stopped:
+                del request.token_ids[request._fed:]
+                reason = "stop"
+        if reason is not None:
+            self._release(request)
+            self._finish(request, reason)
+            if request._detok is not None and request.stops:
+                self._push_text(request)
+
+    # ------------------------------------------------------------ compilation
+
+    def _cache_key(self, variant: tuple) -> tuple:
+        return (self._model, self.num_pages, self.page_size, self.chunk_rows, self.prefill_row,
+                self.decode_steps, *variant)
+
+    def _executable(self, num_rows: int, width: int, has_chunk: bool, greedy: bool, filters: bool):
+        variant = (num_rows, width, has_chunk, greedy, filters)
+        key = self._cache_key(variant)
+        if key not in _EXECUTABLES:
+            _EXECUTABLES[key] = self._compile(*variant)
+        return _EXECUTABLES[key]
+
+    def _compile(self, num_rows: int, width: int, has_chunk: bool, greedy: bool, filters: bool):
+        self.stats.compiled += 1
+        shapes = self._abstract_inputs(num_rows, width, has_chunk)
+        return _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=self._model,
+                                  steps=self.decode_steps, greedy=greedy, filters=filters).compile()
+
+    def _abstract_inputs(self, num_rows: int, width: int, has_chunk: bool):
+        mesh = self.params.mesh
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else \
+            NamedSharding(mesh, P())
+
+        def spec(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        r, i32 = (num_rows,), jnp.int32
+        knobs = {"temperature": spec(r, jnp.float32), "top_k": spec(r, i32), "top_p": spec(r, jnp.float32),
+                 "min_p": spec(r, jnp.float32)}
+        rows = _Rows(spec(r, i32), spec(r, i32), spec(r, bool), spec(r, i32), spec(r, i32),
+                     spec((num_rows, width), i32), spec((num_rows, _key_words()), jnp.uint32), knobs)
+        if not has_chunk:
+            return rows, None
+        pt, p = (self.chunk_rows, self.prefill_row), (self.chunk_rows,)
+        return rows, _Chunk(spec(pt, i32), spec(pt, i32), spec(pt, bool), spec((self.chunk_rows, width), i32),
+                            spec(p, i32), spec(p, i32))
+
+    def warmup(self, max_len: int | None = None, *, greedy: bool = True, filters: bool = False,
+               threads: int = 8) -> int:
+        """Compiles every step variant that sequences of up to `max_len` tokens (default
+        `max_seq_len`) can use, several at once; returns how many were compiled. Without it, each
+        variant compiles the first time a step needs it."""
+        widths = [w for w in self.width_buckets if w <= self._bucket(
+            self.width_buckets, self._pages_for(max_len or self.max_seq_len))]
+        variants = [(r, w, c, greedy, filters) for r in self.row_buckets for w in widths for c in (False, True)]
+        variants = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            for variant, compiled in zip(variants, pool.map(lambda v: self._compile(*v), variants)):
+                _EXECUTABLES[self._cache_key(variant)] = compiled
+        return len(variants)
+
+
+# ---------------------------------------------------------------- offline
+
+
+class LLM:
+    """Offline batch generation over an `Engine`: `LLM(params, **engine_options).generate(prompts)`."""
+
+    def __init__(self, params: Params, **engine_options):
+        self.engine = Engine(params, **engine_options)
+
+    def generate(self, prompts, *, max_new_tokens: int | Sequence[int] = 256, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 seed: int = 0, stop: str | Sequence[str] | None = None, progress: bool = True):
+        """Like `llmjax.generate` (same prompts, same return types, same tokens), but served by the
+        engine: prompts run as slots and pages free up, with a progress bar. `max_new_tokens` may
+        be one number or one per prompt. Prompt i samples from the key (seed, i)."""
+        sampling = Sampling(temperature, top_k, top_p, min_p)
+        kind, items = _parse_prompt(prompts)
+        budgets = self._budgets(max_new_tokens, len(items))
+        single = "text" if kind == "texts" else "ids" if kind == "ids_batch" else kind
+        engine = self.engine
+        requests = [engine._add(single, p, n, sampling, seed, stop, index=i)
+                    for i, (p, n) in enumerate(zip(items, budgets))]
+        self._run(requests, progress)
+        if kind.startswith("ids"):
+            outputs = [r.token_ids for r in requests]
+            return outputs[0] if kind == "ids" else outputs
+        texts = [engine.text(r) for r in requests]
+        return texts[0] if kind == "text" else texts
+
+    @staticmethod
+    def _budgets(max_new_tokens, count: int) -> list:
+        if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+            if len(max_new_tokens) != count:
+                raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {count} prompts; "
+                                 "give one number, or one per prompt")
+            return list(max_new_tokens)
+        return [max_new_tokens] * count
+
+    def _run(self, requests: list[Request], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        pending = set(id(r) for r in requests)
+        with tqdm(total=len(requests), unit="req", disable=not progress, desc="generate") as bar:
+            while pending:
+                calls = self.engine.stats.calls
+                advanced = self.engine.step()
+                if self.engine.stats.calls == calls:
+                    raise RuntimeError("the engine has unfinished requests but scheduled nothing")
+                for request in advanced:
+                    if request.finished and id(request) in pending:
+                        pending.discard(id(request))
+                        bar.update(1)
