@@ -109,7 +109,8 @@ class Request:
 
     @property
     def _decoding(self) -> bool:
-        """Its last token is the only one without keys and values: the next step feeds it."""
+        """Its last token is the only one without keys and values: the next step feeds it as a decode
+        row (the last generated token, or a prompt's last token when its prefill stopped one short)."""
         return self._computed == self._sequence_len - 1
 
     def _budget(self, steps: int) -> int:
@@ -618,7 +619,7 @@ class Engine:
                  "top_p": np.ones(num_rows, np.float32), "min_p": np.zeros(num_rows, np.float32)}
         for i, request in enumerate(rows):
             if i < len(decode):
-                last[i], active[i] = request.token_ids[-1], True
+                last[i], active[i] = (request.token_ids or request.prompt_ids)[-1], True
             positions[i] = request._sequence_len - 1
             generated[i], budget[i] = len(request.token_ids), request._budget(self.decode_steps)
             tables[i, :len(request._pages)] = request._pages
