@@ -1,5 +1,5 @@
 """The `llmjax` command: `convert` a Hugging Face folder, `generate` text, score a text's `perplexity`,
-`bench` decode speed.
+`bench` decode speed (or, with `--throughput`, the engine's requests per second).
 
 Errors a user can fix (a missing file, a bad argument, an unsupported model) print one line naming the
 problem and the fix, and exit with status 2; anything else is a bug and keeps its traceback.
@@ -79,8 +79,10 @@ def _perplexity(args) -> None:
 def _bench(args) -> None:
     from llmjax import bench
 
-    options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
-                   gen_len=args.gen_len, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args))
+    if args.throughput:
+        return _throughput(args)
+    options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len or 8,
+                   gen_len=args.gen_len or 256, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args))
     if args.sweep:
         key, values = bench.parse_sweep(args.sweep)
         results = bench.sweep(key, values, **options)
@@ -93,6 +95,55 @@ def _bench(args) -> None:
     if args.json:
         bench.save_json(results, args.json)
         print(f"results: {args.json}", file=sys.stderr)
+
+
+def _throughput(args) -> None:
+    from llmjax import throughput
+
+    rates = None
+    if args.rates:
+        try:
+            rates = [float(r) for r in args.rates.split(",")]
+        except ValueError:
+            raise ValueError(f"--rates takes requests per second, comma-separated, got {args.rates!r}") from None
+    kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
+    result = throughput.throughput_bench(
+        args.model, dtype=args.dtype, requests=args.requests, prompt_len=args.prompt_len or 128,
+        gen_len=args.gen_len or 128, mix=not args.no_mix, serving_requests=args.serving_requests, rates=rates,
+        compare_hf=args.compare_hf, hf_requests=args.hf_requests, hf_batch=args.hf_batch, mesh=_mesh(args),
+        max_slots=args.max_slots, page_size=args.page_size, decode_steps=args.decode_steps,
+        prefill_tokens=args.prefill_tokens, prefill_row=args.prefill_row, kv_memory=kv_memory,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(result.report())
+    if result.serving:
+        path = args.plot or f"serving-{args.model}-{args.dtype}.png"
+        throughput.plot_serving(result, path)
+        print(f"serving curve: {path}", file=sys.stderr)
+    if args.json:
+        throughput.save_json(result, args.json)
+        print(f"results: {args.json}", file=sys.stderr)
+
+
+def _add_throughput_flags(b) -> None:
+    t = b.add_argument_group("--throughput", "the engine (continuous batching) on many requests")
+    t.add_argument("--throughput", action="store_true", help="serve --requests requests of --prompt-len "
+                   "in / --gen-len out (default 128/128), a mix of lengths around them, and Poisson "
+                   "arrivals (a serving curve, drawn to --plot) instead of timing one batch")
+    t.add_argument("--requests", type=int, default=1000, help="requests in the fixed set and in the mix")
+    t.add_argument("--no-mix", action="store_true", help="skip the mix and the serving curve")
+    t.add_argument("--serving-requests", type=int, default=200, help="requests per arrival rate (0: none)")
+    t.add_argument("--rates", metavar="R1,R2", help="arrival rates in requests/s (default: 25-125%% of the "
+                   "rate the mix sustained offline)")
+    t.add_argument("--hf-requests", type=int, default=128, help="requests of the fixed set that "
+                   "--compare-hf gives transformers")
+    t.add_argument("--hf-batch", type=int, default=64, help="transformers' batch size")
+    t.add_argument("--max-slots", type=int, default=256, help="requests decoding at once")
+    t.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    t.add_argument("--decode-steps", type=int, default=8, help="decode iterations per device call")
+    t.add_argument("--prefill-tokens", type=int, default=2048, help="prompt tokens per device call")
+    t.add_argument("--prefill-row", type=int, default=64, help="prompt tokens per chunk row")
+    t.add_argument("--kv-memory", type=float, default=None, metavar="GIB", help="GiB per device for the "
+                   "page pool (default: what the device has free after the weights, less a margin)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,8 +204,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="random weights of the preset (the only mode; accepted for clarity)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int4-g128"])
     b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--prompt-len", type=int, default=8)
-    b.add_argument("--gen-len", type=int, default=256)
+    b.add_argument("--prompt-len", type=int, default=None, help="default 8 (128 with --throughput)")
+    b.add_argument("--gen-len", type=int, default=None, help="default 256 (128 with --throughput)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
     _add_mesh_flags(b)
     b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
@@ -162,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="save the results as JSON")
     b.add_argument("--sweep", metavar="NAME=V1,V2", help="run once per value, e.g. batch=1,8,32,64, and "
                    "draw a plot")
-    b.add_argument("--plot", metavar="FILE.png", help="where --sweep draws its plot")
+    b.add_argument("--plot", metavar="FILE.png", help="where --sweep or --throughput draws its plot")
+    _add_throughput_flags(b)
     b.set_defaults(run=_bench)
     return parser
 
