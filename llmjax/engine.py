@@ -92,6 +92,8 @@ class Request:
     # engine bookkeeping
     _pages: list[int] = dataclasses.field(default_factory=list, repr=False)
     _computed: int = 0  # tokens (prompt, then generated) whose keys and values are in the pages
+    _admitted: bool = False  # running: it holds a seat (and pages)
+    _engine: object = dataclasses.field(default=None, repr=False)
     _key: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _detok: _Detokenizer | None = dataclasses.field(default=None, repr=False)
     _fed: int = 0  # tokens pushed into the detokenizer
@@ -319,6 +321,7 @@ class Engine:
         self._running: list[Request] = []  # admitted, by arrival (id)
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _quarters(self.max_slots, min(MIN_ROWS, self.max_slots))
         self.width_buckets = _quarters(self.max_pages, 1)
 
@@ -396,20 +399,30 @@ class Engine:
         if kind not in ("text", "ids"):
             raise ValueError("add_request takes one prompt (a str or a list of token ids); call it once "
                              "per prompt, or use llmjax.LLM(params).generate for a list")
-        return self._add(kind, prompts[0], max_new_tokens, Sampling(temperature, top_k, top_p, min_p),
-                         seed, stop, index=0)
+        sampling, stops = Sampling(temperature, top_k, top_p, min_p), self._check_options(kind, seed, stop)
+        ids = self._checked_ids(kind, prompts, [max_new_tokens])[0]
+        return self._queue(ids, int(max_new_tokens), sampling, seed, stops, index=0)
 
-    def _add(self, kind, prompt, max_new_tokens, sampling: Sampling, seed, stop, index) -> Request:
+    def _check_options(self, kind: str, seed, stop) -> list[str]:
         _check_seed(seed)
         stops = _stop_strings(stop)
         if stops and kind.startswith("ids"):
             raise ValueError("stop strings apply to text prompts; with token ids, stop on EOS or "
                              "max_new_tokens")
-        ids = _token_rows(self.params, kind, [prompt])[0]
-        _check_budget(self.params, [ids], max_new_tokens)
-        self._check_fits(len(ids), int(max_new_tokens))
-        request = Request(next(self._ids), ids, int(max_new_tokens), sampling, int(seed), index, stops,
-                          arrival_time=time.perf_counter())
+        return stops
+
+    def _checked_ids(self, kind: str, prompts: list, budgets: list) -> list[list[int]]:
+        """Every prompt's token ids, after checking all of them (errors name the prompt's index)."""
+        rows = _token_rows(self.params, kind, prompts)
+        for ids, max_new in zip(rows, budgets):
+            _check_budget(self.params, [ids], max_new)
+            self._check_fits(len(ids), int(max_new))
+        return rows
+
+    def _queue(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int, stops: list[str],
+               index: int) -> Request:
+        request = Request(next(self._ids), ids, max_new_tokens, sampling, int(seed), index, stops,
+                          arrival_time=time.perf_counter(), _engine=self)
         if not sampling.greedy:
             request._key = _key_data(request.seed, index)
         if self.params.tokenizer is not None:
@@ -436,12 +449,12 @@ class Engine:
             raise ValueError(f"cancel takes a Request handle from add_request, got {type(request).__name__}")
         if request.finished:
             return False
-        if request in self._waiting:
-            self._waiting.remove(request)
-        elif request in self._running:
+        if request._engine is not self:
+            raise ValueError(f"request {request.id} does not belong to this engine")
+        if request._admitted:
             self._release(request)
         else:
-            raise ValueError(f"request {request.id} does not belong to this engine")
+            self._waiting.remove(request)
         self._finish(request, "cancelled")
         return True
 
@@ -497,6 +510,7 @@ class Engine:
 
     def _release(self, request: Request) -> None:
         self._running.remove(request)
+        request._admitted = False
         self._free.extend(reversed(request._pages))
         request._pages = []
 
@@ -530,7 +544,7 @@ class Engine:
         """Decides one call: the decode requests and the prompt pieces `(request, start, count)`."""
         decode, pieces, rows_left = [], [], self.chunk_rows
         for request in list(self._running):
-            if request not in self._running:  # preempted below for an older request
+            if not request._admitted:  # preempted below for an older request
                 continue
             if request._decoding:
                 cover = request._sequence_len - 1 + request._budget(self.decode_steps)
@@ -580,6 +594,7 @@ class Engine:
                 return
             self._waiting.pop(0)
             bisect.insort(self._running, request, key=lambda r: r.id)
+            request._admitted = True
             self._grow(request, cover)
             pieces.append((request, request._computed, count))
             rows_left -= -(-count // self.prefill_row)
@@ -593,13 +608,13 @@ class Engine:
             return []
         finishing = [req for req, start, count in pieces if start + count == req._sequence_len]
         rows = decode + finishing
-        width = self._bucket(self.width_buckets, max(len(r._pages) for r in rows + [p[0] for p in pieces]))
-        num_rows = self._bucket(self.row_buckets, len(rows))
+        pages = max(len(r._pages) for r in rows + [p[0] for p in pieces])
+        greedy, filters = all(r.sampling.greedy for r in rows), any(r.sampling.filters for r in rows)
+        variant = self._variant(len(rows), pages, bool(pieces), greedy, filters)
+        num_rows, width = variant[:2]
         host_rows = self._rows(rows, decode, num_rows, width)
         chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width) if pieces else None
-        greedy = all(r.sampling.greedy for r in rows)
-        filters = any(r.sampling.filters for r in rows)
-        run = self._executable(num_rows, width, chunk is not None, greedy, filters)
+        run = self._executable(variant)
         out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
         out = np.asarray(out)
         self._account(decode, pieces, rows, num_rows)
@@ -702,8 +717,19 @@ class Engine:
         return (self._model, self.num_pages, self.page_size, self.chunk_rows, self.prefill_row,
                 self.decode_steps, *variant)
 
-    def _executable(self, num_rows: int, width: int, has_chunk: bool, greedy: bool, filters: bool):
-        variant = (num_rows, width, has_chunk, greedy, filters)
+    def _variant(self, rows: int, pages: int, has_chunk: bool, greedy: bool, filters: bool) -> tuple:
+        """The step variant for a call: the smallest buckets that hold `rows` rows and `pages`
+        pages; after `warmup`, the smallest warmed variant that holds them, if any (so nothing
+        compiles while the engine serves)."""
+        exact = (self._bucket(self.row_buckets, rows), self._bucket(self.width_buckets, pages), has_chunk,
+                 greedy, filters)
+        if self._warmed and self._cache_key(exact) not in _EXECUTABLES:
+            fits = [v for v in self._warmed if v[2:] == exact[2:] and v[0] >= rows and v[1] >= pages]
+            if fits:
+                return min(fits)
+        return exact
+
+    def _executable(self, variant: tuple):
         key = self._cache_key(variant)
         if key not in _EXECUTABLES:
             _EXECUTABLES[key] = self._compile(*variant)
@@ -734,19 +760,23 @@ class Engine:
         return rows, _Chunk(spec(pt, i32), spec(pt, i32), spec(pt, bool), spec((self.chunk_rows, width), i32),
                             spec(p, i32), spec(p, i32))
 
-    def warmup(self, max_len: int | None = None, *, greedy: bool = True, filters: bool = False,
-               threads: int = 8) -> int:
-        """Compiles every step variant that sequences of up to `max_len` tokens (default
-        `max_seq_len`) can use, several at once; returns how many were compiled. Without it, each
-        variant compiles the first time a step needs it."""
-        widths = [w for w in self.width_buckets if w <= self._bucket(
-            self.width_buckets, self._pages_for(max_len or self.max_seq_len))]
-        variants = [(r, w, c, greedy, filters) for r in self.row_buckets for w in widths for c in (False, True)]
-        variants = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
+    def warmup(self, max_len: int | None = None, *, rows: Sequence[int] | None = None, greedy: bool = True,
+               filters: bool = False, threads: int = 8) -> int:
+        """Compiles, several at once, the step variants for sequences of up to `max_len` tokens
+        (default `max_seq_len`): the block-table width they need, with and without a prefill chunk,
+        for each of `rows` (default every row bucket, `max_slots / 4**k`). From then on a step uses
+        the smallest of these that holds it (a narrower call pads its tables), so serving compiles
+        nothing more unless a step fits none of them. Returns how many were compiled. Without
+        `warmup`, each variant compiles the first time a step needs it."""
+        width = self._bucket(self.width_buckets, self._pages_for(max_len or self.max_seq_len))
+        rows = self.row_buckets if rows is None else [self._bucket(self.row_buckets, r) for r in rows]
+        variants = {(r, width, c, greedy, filters) for r in rows for c in (False, True)}
+        self._warmed = self._warmed | variants
+        todo = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-            for variant, compiled in zip(variants, pool.map(lambda v: self._compile(*v), variants)):
+            for variant, compiled in zip(todo, pool.map(lambda v: self._compile(*v), todo)):
                 _EXECUTABLES[self._cache_key(variant)] = compiled
-        return len(variants)
+        return len(todo)
 
 
 # ---------------------------------------------------------------- offline
@@ -767,10 +797,11 @@ class LLM:
         sampling = Sampling(temperature, top_k, top_p, min_p)
         kind, items = _parse_prompt(prompts)
         budgets = self._budgets(max_new_tokens, len(items))
-        single = "text" if kind == "texts" else "ids" if kind == "ids_batch" else kind
         engine = self.engine
-        requests = [engine._add(single, p, n, sampling, seed, stop, index=i)
-                    for i, (p, n) in enumerate(zip(items, budgets))]
+        stops = engine._check_options(kind, seed, stop)
+        rows = engine._checked_ids(kind, items, budgets)
+        requests = [engine._queue(ids, int(n), sampling, seed, stops, index=i)
+                    for i, (ids, n) in enumerate(zip(rows, budgets))]
         self._run(requests, progress)
         if kind.startswith("ids"):
             outputs = [r.token_ids for r in requests]
