@@ -71,6 +71,40 @@ MEMORY_FRACTION = 0.9  # of the device memory left after the weights, less the s
 # ---------------------------------------------------------------- requests
 
 
+class _Text:
+    """A request's text, decoded as its tokens come: the pieces `_Detokenizer` releases (text that
+    cannot change any more, held back before a possible stop string), and how many were handed out."""
+
+    def __init__(self, tokenizer, prompt: list[int], stops: list[str], eos: set[int]):
+        self._detok, self._eos = _Detokenizer(tokenizer, prompt, stops), eos
+        self.fed = 0  # tokens pushed into the detokenizer
+        self.pieces: list[str] = []
+        self._flushed, self._taken = False, 0
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has appeared; tokens after `fed` are not part of the text."""
+        return self._detok.stopped
+
+    def push(self, token_ids: list[int], finished: bool) -> None:
+        while self.fed < len(token_ids) and not self._detok.stopped:
+            token = token_ids[self.fed]
+            self.fed += 1
+            self._keep(self._detok.push(None if token in self._eos else token))
+        if finished and self.fed == len(token_ids) and not self._flushed:
+            self._flushed = True
+            self._keep(self._detok.flush())
+
+    def _keep(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+
+    def take(self) -> str:
+        """The pieces not handed out yet, joined."""
+        start, self._taken = self._taken, len(self.pieces)
+        return "".join(self.pieces[start:])
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """A handle on one request. `token_ids` grows as it is generated (EOS, if reached, kept at the
@@ -95,11 +129,7 @@ class Request:
     _admitted: bool = False  # running: it holds a seat (and pages)
     _engine: object = dataclasses.field(default=None, repr=False)
     _key: np.ndarray | None = dataclasses.field(default=None, repr=False)
-    _detok: _Detokenizer | None = dataclasses.field(default=None, repr=False)
-    _fed: int = 0  # tokens pushed into the detokenizer
-    _flushed: bool = False
-    _pieces: list[str] = dataclasses.field(default_factory=list, repr=False)
-    _taken: int = 0  # pieces already handed out by `Engine.stream`
+    _text: _Text | None = dataclasses.field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -128,7 +158,7 @@ class EngineStats:
     calls: int = 0  # device calls (`step`s that ran)
     decode_tokens: int = 0  # tokens sampled
     prefill_tokens: int = 0  # prompt (and recomputed) tokens written into the pool
-    recomputed_tokens: int = 0  # of which recomputation after a preemption
+    recomputed_tokens: int = 0  # keys and values a preemption threw away (computed again later)
     preemptions: int = 0
     busy_rows: int = 0  # decode rows that held a request, summed over calls
     compiled: int = 0  # step variants compiled
@@ -426,7 +456,7 @@ class Engine:
         if not sampling.greedy:
             request._key = _key_data(request.seed, index)
         if self.params.tokenizer is not None:
-            request._detok = _Detokenizer(self.params.tokenizer, ids, stops)
+            request._text = _Text(self.params.tokenizer, ids, stops, self._eos_set)
         self._waiting.append(request)
         return request
 
@@ -470,7 +500,8 @@ class Engine:
             raise ValueError("stream yields text and these params have no tokenizer; read "
                              "request.token_ids instead")
         while True:
-            piece = self._take_text(request)
+            request._text.push(request.token_ids, request.finished)
+            piece = request._text.take()
             if piece:
                 yield piece
             if request.finished:
@@ -483,28 +514,8 @@ class Engine:
             raise ValueError("these params have no tokenizer; read request.token_ids instead")
         if request.finished and not request.stops:  # as generate renders it, in one decode
             return _continuation(self.params.tokenizer, request.prompt_ids, request.token_ids)
-        self._push_text(request)
-        return "".join(request._pieces)
-
-    def _push_text(self, request: Request) -> None:
-        """Feeds the tokens the detokenizer has not seen; keeps the pieces it releases."""
-        detok = request._detok
-        while request._fed < len(request.token_ids) and not detok.stopped:
-            token = request.token_ids[request._fed]
-            request._fed += 1
-            piece = detok.push(None if token in self._eos_set else token)
-            if piece:
-                request._pieces.append(piece)
-        if request.finished and request._fed == len(request.token_ids) and not request._flushed:
-            request._flushed = True
-            tail = detok.flush()
-            if tail:
-                request._pieces.append(tail)
-
-    def _take_text(self, request: Request) -> str:
-        self._push_text(request)
-        start, request._taken = request._taken, len(request._pieces)
-        return "".join(request._pieces[start:])
+        request._text.push(request.token_ids, request.finished)
+        return "".join(request._text.pieces)
 
     # ------------------------------------------------------------ scheduling
 
@@ -695,21 +706,23 @@ class Engine:
         return rows
 
     def _check_end(self, request: Request) -> None:
+        """Finishes a request at EOS, its budget or a stop string (its text is decoded now only when
+        it has stop strings; otherwise when someone reads it)."""
         reason = None
         if request.token_ids and request.token_ids[-1] in self._eos_set:
             reason = "eos"
         elif len(request.token_ids) >= request.max_new_tokens:
             reason = "length"
         if request.stops:
-            self._push_text(request)
-            if request._detok.stopped:
-                del request.token_ids[request._fed:]
+            request._text.push(request.token_ids, finished=False)
+            if request._text.stopped:
+                del request.token_ids[request._text.fed:]  # tokens past the stop string are not its own
                 reason = "stop"
         if reason is not None:
             self._release(request)
             self._finish(request, reason)
-            if request._detok is not None and request.stops:
-                self._push_text(request)
+            if request.stops:
+                request._text.push(request.token_ids, finished=True)
 
     # ------------------------------------------------------------ compilation
 

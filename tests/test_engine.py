@@ -217,3 +217,37 @@ def _engine(params, **options):
 def test_bad_input_is_refused_with_a_reason(params, call, match):
     with pytest.raises(ValueError, match=match):
         call(params)
+
+
+@pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
+def test_engine_step_lowers_for_gpu(platform, device_kind):
+    """The whole step (mixed prefill + decode iteration, the decode loop, sampling with filters)
+    lowers for AMD and NVIDIA on a CPU-only machine (lowered, not run)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from llmjax import cache as kv, engine
+    from llmjax.models.llama import Llama, abstract_params
+
+    config = LlamaConfig.preset("tiny")
+    rows, width, chunk_rows, row_len = 4, 3, 2, 8
+    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    knobs = {"temperature": jax.ShapeDtypeStruct((rows,), jnp.float32), "top_k": i32((rows,)),
+             "top_p": jax.ShapeDtypeStruct((rows,), jnp.float32), "min_p": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+    decode = engine._Rows(i32((rows,)), i32((rows,)), jax.ShapeDtypeStruct((rows,), jnp.bool_), i32((rows,)),
+                          i32((rows,)), i32((rows, width)), jax.ShapeDtypeStruct((rows, 2), jnp.uint32), knobs)
+    chunk = engine._Chunk(i32((chunk_rows, row_len)), i32((chunk_rows, row_len)),
+                          jax.ShapeDtypeStruct((chunk_rows, row_len), jnp.bool_), i32((chunk_rows, width)),
+                          i32((chunk_rows,)), i32((chunk_rows,)))
+    pool = jax.eval_shape(lambda: kv.PagedKVCache.zeros(config, 16, 8, jnp.bfloat16))
+    fn = functools.partial(engine._engine_call, model=Llama(config, jnp.bfloat16), steps=4, greedy=False,
+                           filters=True)
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(abstract_params(config, jnp.bfloat16), pool, decode, chunk, i32((1,))).lower(
+            lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.while" in text and "stablehlo.sort" in text and "tensor<16x8x2x16xbf16>" in text
