@@ -155,6 +155,8 @@ class Request:
 
 @dataclasses.dataclass
 class EngineStats:
+    """Counters since the engine was made (`engine.stats`)."""
+
     calls: int = 0  # device calls (`step`s that ran)
     decode_tokens: int = 0  # tokens sampled
     prefill_tokens: int = 0  # prompt (and recomputed) tokens written into the pool

@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from llmjax.bench import _model_config, random_params
+from llmjax.bench import _count, _model_config, random_params
 from llmjax.config import LlamaConfig
 from llmjax.engine import Engine
 
@@ -80,7 +80,7 @@ class ThroughputResult:
     def report(self) -> str:
         e = self.engine
         lines = [f"device {self.device}, jax {self.jax_version}",
-                 f"model {self.model} ({self.num_params / 1e9:.2f} B parameters, {self.dtype}, random weights)",
+                 f"model {self.model} ({_count(self.num_params)} parameters, {self.dtype}, random weights)",
                  f"engine: {e['max_slots']} slots, pages of {e['page_size']} tokens x {e['num_pages']} "
                  f"({e['kv_gib']:.1f} GiB), {e['decode_steps']} decode steps per call, "
                  f"{e['prefill_tokens']} prefill tokens per call; compiled in {self.compile_s:.1f} s"]
@@ -140,14 +140,15 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
     # Rows down to a quarter of the slots: the tail of a run drains through them; fewer rows would
     # save little and cost another compilation of the whole model.
     engine.warmup(longest, rows=[r for r in engine.row_buckets if r >= max_slots // 4])
+    compile_s = time.perf_counter() - start
+    log(f"engine ready: {_engine_options(engine)}; compiled in {compile_s:.1f} s")
+    # One untimed pass, so first-run costs (buffer allocation, first launches) stay out of the figures.
+    _offline(engine, "warm", fixed[:max_slots], [min(gen_len, 2 * decode_steps)] * min(requests, max_slots))
     result = ThroughputResult(
         model=model if isinstance(model, str) else "custom", dtype=dtype, device=jax.devices()[0].device_kind,
         jax_version=jax.__version__, num_params=params.num_params, engine=_engine_options(engine),
-        compile_s=time.perf_counter() - start, fixed=None)
-    log(f"engine ready: {result.engine}; compiled in {result.compile_s:.1f} s")
-    # One untimed pass, so first-run costs (buffer allocation, first launches) stay out of the figures.
-    _offline(engine, "warm", fixed[:max_slots], [min(gen_len, 2 * decode_steps)] * min(requests, max_slots))
-    result.fixed = _offline(engine, f"fixed {prompt_len} in / {gen_len} out", fixed, [gen_len] * requests)
+        compile_s=compile_s,
+        fixed=_offline(engine, f"fixed {prompt_len} in / {gen_len} out", fixed, [gen_len] * requests))
     log(_line(result.fixed))
     if mix:
         prompts = [rng.integers(3, vocab, n).tolist() for n in mix_in]
