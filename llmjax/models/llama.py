@@ -106,7 +106,8 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     """Attention for the engine's flat step `q` `[1, N, H, D]` (see `cache.PagedBatch`), after the
     step's keys and values are in `layer`'s pages.
 
-    Decode rows (one token each) go through `paged_attention`, which reads only each row's pages.
+    Decode rows (one token each) go through `paged_attention` (on a GPU a kernel that reads only
+    each row's valid pages).
     Prefill rows (a piece of a prompt each) gather their sequence's pages into one contiguous view
     and use `attention` with positions as the mask: a prompt token sees every earlier token of its
     sequence, whether written by an earlier step or by an earlier row of this one.
@@ -147,13 +148,12 @@ class Attention(nn.Module):
         if isinstance(layer_cache, kv.PagedLayer):  # the engine's step: a page pool
             layer_cache = layer_cache.write(k[0], v[0])
             out = paged_step_attention(q, positions, layer_cache)
+        elif layer_cache is None:  # scoring a whole sequence: attend within it
+            out = attention(q, k, v, positions, positions)
         else:
-            if layer_cache is None:  # scoring a whole sequence: attend within it
-                keys, values, k_pos = k, v, positions
-            else:
-                keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
-                k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-                layer_cache = (keys, values)
+            keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
+            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+            layer_cache = (keys, values)
             out = attention(q, keys, values, positions, k_pos)
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, name="o")
