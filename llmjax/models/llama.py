@@ -19,10 +19,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import gemv
+from llmjax.kernels import decode_attention, flash_attention, gemv
 from llmjax.models.rope import apply_rope, rope_tables
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -84,26 +85,37 @@ class RMSNorm(nn.Module):
         return scale.reshape((1,) * (x.ndim - 1) + (-1,)) * normed.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+              mesh: Any = None) -> jax.Array:
     """Causal grouped-query attention by positions; K/V are not repeated per query group.
 
     q `[B, T, H, D]`; k, v `[B, S, KV, D]`; q_pos `[B, T]`, k_pos `[B, S]`: key s is visible to query t
-    when `k_pos[s] <= q_pos[t]`. Scores and softmax in float32.
+    when `k_pos[s] <= q_pos[t]`. Scores and softmax in float32. Positions must count up by one along
+    each row, as every caller's do (the cache's slots, a prompt's `arange`): the attention kernels
+    work from each row's first query position relative to its first key. One query token per row
+    (decode) goes to `llmjax.kernels.decode_attention`, more (prefill, scoring) to
+    `llmjax.kernels.flash_attention`; each runs its Pallas kernel on cuda and rocm and its jnp
+    reference elsewhere (`LLMJAX_ATTENTION` overrides). On a `mesh`, each device attends over its own
+    rows (`data`) and heads (`tensor`), so the kernels never see a sharded array.
     """
-    b, t, h, d = q.shape
-    n_kv = k.shape[2]
-    q = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    if mesh is not None and mesh.size > 1:
+        batch = "data" if "data" in mesh.axis_names and q.shape[0] % mesh.shape["data"] == 0 else None
+        heads = P(batch, None, "tensor" if "tensor" in mesh.axis_names else None, None)
+        rows = P(batch, None)
+        local = jax.shard_map(attention, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
+                              out_specs=heads, check_vma=False)
+        return local(q, k, v, q_pos, k_pos)
+    offsets = q_pos[:, 0] - k_pos[:, 0]  # each row's first query position among its keys
+    if q.shape[1] == 1:
+        lengths = jnp.clip(offsets + 1, 0, k.shape[1])
+        return decode_attention.attend(q[:, 0], k, v, lengths)[:, None]
+    return flash_attention.attend(q, k, v, offsets, jnp.full(offsets.shape, k.shape[1], jnp.int32))
 
 
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    mesh: Any = None  # where attention runs per device (see `attention`), or None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
@@ -125,7 +137,7 @@ class Attention(nn.Module):
             keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             layer_cache = (keys, values)
-        out = attention(q, keys, values, positions, k_pos)
+        out = attention(q, keys, values, positions, k_pos, self.mesh)
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, name="o")
         return o(out), layer_cache
@@ -149,12 +161,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
         eps = self.config.rms_norm_eps
         with jax.named_scope("attention"):
-            h, layer_cache = Attention(self.config, self.dtype, name="attn")(
+            h, layer_cache = Attention(self.config, self.dtype, self.mesh, name="attn")(
                 RMSNorm(eps, self.dtype, name="attn_norm")(x), cos, sin, positions, layer_cache)
         x = x + h
         with jax.named_scope("mlp"):
@@ -184,7 +197,8 @@ class Llama(nn.Module):
         new_k, new_v = [], []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = Block(c, self.dtype, name=f"layer_{i}")(x, cos, sin, positions, layer_cache)
+            block = Block(c, self.dtype, self.mesh, name=f"layer_{i}")
+            x, layer_cache = block(x, cos, sin, positions, layer_cache)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
