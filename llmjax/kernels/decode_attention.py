@@ -69,11 +69,11 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h
             v = plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0)
         else:
             k, v = plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact) * scale  # [block_h, block_k] f32
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
         if masked:
             s = jnp.where(exists[None, :], s, MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=1))
-        p = jnp.exp2(s - new_top[:, None])
+        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
         rescale = jnp.exp2(top - new_top)
         acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
         return acc, new_top, total * rescale + jnp.sum(p, axis=1)

@@ -92,11 +92,11 @@ def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, blo
             v = plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0)
         else:
             k, v = plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact) * scale  # [block_q, block_k] f32
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_q, block_k] f32, unscaled
         if masked:
             s = jnp.where((cols[None, :] <= q_pos[:, None]) & exists[None, :], s, MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=1))
-        p = jnp.exp2(s - new_top[:, None])
+        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
         rescale = jnp.exp2(top - new_top)
         acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
         return acc, new_top, total * rescale + jnp.sum(p, axis=1)
@@ -116,7 +116,7 @@ def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, blo
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret"))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
-                    *, block_q: int = 128, block_k: int = 64, num_warps: int = 8, num_stages: int = 2,
+                    *, block_q: int = 128, block_k: int = 64, num_warps: int = 8, num_stages: int = 3,
                     interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention with the Pallas kernel (see the module doc for the arguments)."""
     b, t, h, d = q.shape

@@ -80,11 +80,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, gro
             v = plgpu.load(v_ref.at[rows], mask=exists[:, None], other=0.0)
         else:
             k, v = plgpu.load(k_ref.at[rows]), plgpu.load(v_ref.at[rows])
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact) * scale  # [block_h, block_k] f32
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
         if masked:
             s = jnp.where(exists[None, :], s, MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=1))
-        p = jnp.exp2(s - new_top[:, None])
+        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
         rescale = jnp.exp2(top - new_top)
         acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
         return acc, new_top, total * rescale + jnp.sum(p, axis=1)
@@ -106,8 +106,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, gro
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "interpret"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                     lengths: jax.Array, *, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 3, interpret: bool = False) -> jax.Array:
-    """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout)."""
+                    num_stages: int = 5, interpret: bool = False) -> jax.Array:
+    """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout).
+
+    More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
+    5 stages keep two K/V blocks in flight where the contiguous kernel needs 3 for the same."""
     b, h, d = q.shape
     _check(q, k_pages, v_pages, block_tables, lengths)
     num_pages, page_size, n_kv, _ = k_pages.shape
