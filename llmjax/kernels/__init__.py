@@ -1,4 +1,6 @@
 """Pallas kernels (Triton backend, so they lower for cuda and rocm), each beside a pure-jnp reference.
 
-None yet: attention and every projection run through XLA (`llmjax.models.llama`).
+`gemv` (few-row products against `[out, in]` weights), `flash_attention` (prefill), `decode_attention`
+(one token per row, contiguous cache), `paged_attention` (one token per row, paged cache);
+`dispatch` picks the kernel on cuda and rocm and the reference elsewhere.
 """

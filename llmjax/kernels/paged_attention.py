@@ -1,44 +1,162 @@
-"""Decode attention over a paged KV cache: one query token per row against that row's pages.
+"""Decode attention over a paged KV cache: one query token per row, keys found through a block table.
 
-The pool holds one layer's keys and values in fixed-size pages, `[num_pages, page_size, KV, D]`; row
-b's tokens live in pages `block_tables[b, 0]`, `block_tables[b, 1]`, ... in order, so token p sits at
-page `block_tables[b, p // page_size]`, offset `p % page_size`. `lengths[b]` counts the row's valid
-tokens including the current one; a row of length 0 is empty and gets zeros.
+Layout (what the continuous-batching engine keeps, one layer at a time):
+- `k_pages`, `v_pages` `[num_pages, page_size, KV, D]`: the layer's page pool. A page holds
+  `page_size` consecutive tokens of one sequence, all kv heads of each token together, the same
+  per-token layout as the contiguous cache (`llmjax.cache`), so a page is a slice of one.
+- `block_tables` `[B, max_pages]` int32: row b's token at position p lives in page
+  `block_tables[b, p // page_size]`, slot `p % page_size`. Entries past a row's last page may hold
+  any page id (0 included); they are never read.
+- `lengths` `[B]` int32: the row's valid tokens, the current one included (it must already be
+  written to its page). 0 marks an empty row, whose output is zeros, never NaN.
+- `q` `[B, H, D]`, H a multiple of KV (grouped-query: query head h reads kv head `h // (H // KV)`).
+Scale `1/sqrt(D)`, scores and softmax in float32; the result is `[B, H, D]` in q's dtype.
 
-This file holds the definition (`paged_attention_reference`, pure jnp) and the entry point the engine
-calls (`paged_attention`); the Pallas kernel that reads only a row's valid pages replaces the entry
-point's body, keeping this interface.
+`paged_attention_reference` is the definition: gather each row's pages into a contiguous cache and
+apply `decode_attention_reference`. The kernel is `decode_attention`'s (split-K, all query heads of a
+kv head in one program, per-row lengths) with one change: each block of `block_k` keys finds its pool
+rows through the block table. When `block_k` divides `page_size` a block lies in one page and is read
+as one contiguous slice; otherwise each token looks up its own page. Head dims must be powers of two
+>= 16; `page_size` may be anything.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from llmjax.kernels import dispatch
+from llmjax.kernels.decode_attention import decode_attention_reference, merge_splits, split_plan
+from llmjax.kernels.flash_attention import LOG2E, MASKED, supported
 
 
-def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                              block_tables: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Attention of q `[B, H, D]` over each row's first `lengths[b]` tokens of its pages.
-
-    k_pages, v_pages `[num_pages, page_size, KV, D]`; block_tables `[B, max_pages]` int32 (entries
-    past a row's pages may hold any page id); lengths `[B]` int32. Grouped-query: query head h reads
-    kv head `h // (H // KV)`, without repeating K/V. Scores scaled by 1/sqrt(D), softmax in float32.
-    Returns `[B, H, D]` in q's dtype; rows of length 0 are zeros.
-    """
-    b, h, d = q.shape
-    n_kv = k_pages.shape[2]
-    keys = k_pages[block_tables].reshape(b, -1, n_kv, d)  # [B, S, KV, D], S = max_pages * page_size
-    values = v_pages[block_tables].reshape(b, -1, n_kv, d)
-    q = q.reshape(b, n_kv, h // n_kv, d)
-    scores = jnp.einsum("bkgd,bskd->bkgs", q, keys, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    visible = jnp.arange(keys.shape[1])[None, :] < lengths[:, None]  # [B, S]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgs,bskd->bkgd", probs, values).reshape(b, h, d)
-    return jnp.where((lengths > 0)[:, None, None], out, 0).astype(q.dtype)
+def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                              lengths: jax.Array) -> jax.Array:
+    """The definition (see the module doc): each row's pages gathered in order, then decode attention."""
+    b, max_pages = block_tables.shape
+    _, page_size, n_kv, d = k_pages.shape
+    k = k_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d)
+    v = v_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d)
+    return decode_attention_reference(q, k, v, lengths)
 
 
+def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h, block_k,
+            chunk, page_size, exact):
+    # lengths_ref [B]; tables_ref [B, max_pages]; q_ref [B, H, D]; k_ref, v_ref [num_pages * page_size,
+    # KV, D] (the pool, pages flattened); o_ref [B, P, H, D]; lse_ref [B, P, H]
+    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    d = k_ref.shape[2]
+    in_group = jnp.arange(block_h) < groups
+    heads = pl.ds(kv * groups, block_h)
+    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    start = split * chunk
+    stop = jnp.minimum(jnp.minimum(lengths_ref[b], tables_ref.shape[1] * page_size), start + chunk)
+    scale = LOG2E / math.sqrt(d)
+
+    def pool_index(first, exists):
+        """Where tokens [first, first + block_k) of kv head `kv` sit in the pool: one slice when the
+        block lies in one page, else a gather of one pool row per token (every index an array,
+        which interpret mode requires of gathers)."""
+        if page_size % block_k == 0:
+            page = tables_ref[b, jax.lax.div(first, page_size)]
+            return pl.ds(page * page_size + jax.lax.rem(first, page_size), block_k), kv, slice(None)
+        tokens = first + jnp.arange(block_k)
+        pages = plgpu.load(tables_ref.at[b, jax.lax.div(tokens, page_size)], mask=exists, other=0)
+        rows = pages * page_size + jax.lax.rem(tokens, page_size)
+        return rows[:, None], kv, jnp.arange(d)[None, :]
+
+    def step(j, carry, masked):
+        acc, top, total = carry
+        first = start + j * block_k
+        exists = first + jnp.arange(block_k) < stop
+        rows = pool_index(first, exists)
+        if masked:
+            k = plgpu.load(k_ref.at[rows], mask=exists[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[rows], mask=exists[:, None], other=0.0)
+        else:
+            k, v = plgpu.load(k_ref.at[rows]), plgpu.load(v_ref.at[rows])
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
+        if masked:
+            s = jnp.where(exists[None, :], s, MASKED)
+        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
+        rescale = jnp.exp2(top - new_top)
+        acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
+        return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+
+    keys = jnp.maximum(stop - start, 0)
+    full = jax.lax.div(keys, block_k)
+    carry = (jnp.zeros((block_h, d), jnp.float32), jnp.full((block_h,), MASKED, jnp.float32),
+             jnp.zeros((block_h,), jnp.float32))
+    carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+    acc, top, total = jax.lax.fori_loop(full, jax.lax.div(keys + block_k - 1, block_k),
+                                        functools.partial(step, masked=True), carry)
+    seen = total > 0
+    out = acc / jnp.where(seen, total, 1.0)[:, None]
+    lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
+    plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
+    plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "interpret"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
-                    lengths: jax.Array) -> jax.Array:
-    """What the engine's decode rows call; see `paged_attention_reference` for the contract."""
-    return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths)
+                    lengths: jax.Array, *, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
+                    num_stages: int = 5, interpret: bool = False) -> jax.Array:
+    """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout).
+
+    More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
+    5 stages keep two K/V blocks in flight where the contiguous kernel needs 3 for the same."""
+    b, h, d = q.shape
+    _check(q, k_pages, v_pages, block_tables, lengths)
+    num_pages, page_size, n_kv, _ = k_pages.shape
+    groups = h // n_kv
+    splits, chunk = split_plan(block_tables.shape[1] * page_size, block_k, b * n_kv, splits)
+    kernel = functools.partial(_kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
+                               block_k=block_k, chunk=chunk, page_size=page_size, exact=q.dtype == jnp.float32)
+    pool = (num_pages * page_size, n_kv, d)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(splits, n_kv, b),
+        out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_attention",
+    )(lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pages.reshape(pool),
+      v_pages.reshape(pool))
+    return merge_splits(out, lse, q.dtype)
+
+
+def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
+    b, h, d = q.shape
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape or k_pages.shape[3] != d:
+        raise ValueError(f"paged_attention takes q [B, H, D] and k_pages, v_pages [num_pages, page_size, KV, D] "
+                         f"with the same D; got q {q.shape}, k_pages {k_pages.shape}, v_pages {v_pages.shape}")
+    if h % k_pages.shape[2]:
+        raise ValueError(f"paged_attention: {h} query heads are not a multiple of {k_pages.shape[2]} kv heads")
+    if block_tables.ndim != 2 or block_tables.shape[0] != b or lengths.shape != (b,):
+        raise ValueError(f"paged_attention takes block_tables [B, max_pages] and lengths [B] with B = {b}; got "
+                         f"{block_tables.shape} and {lengths.shape}")
+    if not supported(d):
+        raise ValueError(f"paged_attention needs a head dim that is a power of two >= 16, got {d}; "
+                         "use paged_attention_reference")
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise ValueError(f"paged_attention takes q and the pages in one dtype; got {q.dtype}, {k_pages.dtype}, "
+                         f"{v_pages.dtype}")
+
+
+def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
+           **tuning) -> jax.Array:
+    """The engine's entry point: the kernel on cuda and rocm; the reference elsewhere, and for a head
+    dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
+    `flash_attention.attend`."""
+    if not supported(q.shape[-1]) or not q.dtype == k_pages.dtype == v_pages.dtype:
+        return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths)
+    kernel = functools.partial(paged_attention, **tuning)
+    return dispatch.dispatch(kernel, paged_attention_reference, q, k_pages, v_pages, block_tables, lengths,
+                             variable="LLMJAX_ATTENTION")

@@ -19,11 +19,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import gemv
-from llmjax.kernels.paged_attention import paged_attention
+from llmjax.kernels import decode_attention, flash_attention, gemv, paged_attention
 from llmjax.models.rope import apply_rope, rope_tables
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -85,28 +85,38 @@ class RMSNorm(nn.Module):
         return scale.reshape((1,) * (x.ndim - 1) + (-1,)) * normed.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+              mesh: Any = None) -> jax.Array:
     """Causal grouped-query attention by positions; K/V are not repeated per query group.
 
     q `[B, T, H, D]`; k, v `[B, S, KV, D]`; q_pos `[B, T]`, k_pos `[B, S]`: key s is visible to query t
-    when `k_pos[s] <= q_pos[t]`. Scores and softmax in float32.
+    when `k_pos[s] <= q_pos[t]`. Scores and softmax in float32. Positions must count up by one along
+    each row, as every caller's do (the cache's slots, a prompt's `arange`): the attention kernels
+    work from each row's first query position relative to its first key. One query token per row
+    (decode) goes to `llmjax.kernels.decode_attention`, more (prefill, scoring) to
+    `llmjax.kernels.flash_attention`; each runs its Pallas kernel on cuda and rocm and its jnp
+    reference elsewhere (`LLMJAX_ATTENTION` overrides). On a `mesh`, each device attends over its own
+    rows (`data`) and heads (`tensor`), so the kernels never see a sharded array.
     """
-    b, t, h, d = q.shape
-    n_kv = k.shape[2]
-    q = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    if mesh is not None and mesh.size > 1:
+        batch = "data" if "data" in mesh.axis_names and q.shape[0] % mesh.shape["data"] == 0 else None
+        heads = P(batch, None, "tensor" if "tensor" in mesh.axis_names else None, None)
+        rows = P(batch, None)
+        local = jax.shard_map(attention, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
+                              out_specs=heads, check_vma=False)
+        return local(q, k, v, q_pos, k_pos)
+    offsets = q_pos[:, 0] - k_pos[:, 0]  # each row's first query position among its keys
+    if q.shape[1] == 1:
+        lengths = jnp.clip(offsets + 1, 0, k.shape[1])
+        return decode_attention.attend(q[:, 0], k, v, lengths)[:, None]
+    return flash_attention.attend(q, k, v, offsets, jnp.full(offsets.shape, k.shape[1], jnp.int32))
 
 
 def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer) -> jax.Array:
     """Attention for the engine's flat step `q` `[1, N, H, D]` (see `cache.PagedBatch`), after the
     step's keys and values are in `layer`'s pages.
 
-    Decode rows (one token each) go through `paged_attention` (on a GPU a kernel that reads only
+    Decode rows (one token each) go through `paged_attention.attend` (on a GPU a kernel that reads only
     each row's valid pages).
     Prefill rows (a piece of a prompt each) gather their sequence's pages into one contiguous view
     and use `attention` with positions as the mask: a prompt token sees every earlier token of its
@@ -114,7 +124,7 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     """
     batch, rows = layer.batch, layer.batch.rows
     h, d = q.shape[2:]
-    out = paged_attention(q[0, :rows], layer.k, layer.v, batch.tables, batch.lengths)  # [rows, H, D]
+    out = paged_attention.attend(q[0, :rows], layer.k, layer.v, batch.tables, batch.lengths)  # [rows, H, D]
     if batch.chunk_tables is not None:
         chunk_rows = batch.chunk_tables.shape[0]
         q_chunk = q[0, rows:].reshape(chunk_rows, -1, h, d)
@@ -130,6 +140,7 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    mesh: Any = None  # where attention runs per device (see `attention`), or None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
@@ -149,12 +160,12 @@ class Attention(nn.Module):
             layer_cache = layer_cache.write(k[0], v[0])
             out = paged_step_attention(q, positions, layer_cache)
         elif layer_cache is None:  # scoring a whole sequence: attend within it
-            out = attention(q, k, v, positions, positions)
+            out = attention(q, k, v, positions, positions, self.mesh)
         else:
             keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             layer_cache = (keys, values)
-            out = attention(q, keys, values, positions, k_pos)
+            out = attention(q, keys, values, positions, k_pos, self.mesh)
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, name="o")
         return o(out), layer_cache
@@ -178,12 +189,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
         eps = self.config.rms_norm_eps
         with jax.named_scope("attention"):
-            h, layer_cache = Attention(self.config, self.dtype, name="attn")(
+            h, layer_cache = Attention(self.config, self.dtype, self.mesh, name="attn")(
                 RMSNorm(eps, self.dtype, name="attn_norm")(x), cos, sin, positions, layer_cache)
         x = x + h
         with jax.named_scope("mlp"):
@@ -215,7 +227,8 @@ class Llama(nn.Module):
         layers = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache.layer(i)
-            x, layer_cache = Block(c, self.dtype, name=f"layer_{i}")(x, cos, sin, positions, layer_cache)
+            block = Block(c, self.dtype, self.mesh, name=f"layer_{i}")
+            x, layer_cache = block(x, cos, sin, positions, layer_cache)
             layers.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if logits_at is not None:

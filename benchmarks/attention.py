@@ -1,0 +1,445 @@
+"""The attention kernels on one GPU: checked against their references, tuned, then timed.
+
+    PYTHONPATH=. python benchmarks/attention.py --out DIR [--only check,sweep,prefill,decode,model]
+    PYTHONPATH=. python benchmarks/attention.py --out DIR --smoke      # tiny shapes, interpret mode, CPU
+
+Sections, in order (`--only` picks some; each prints its figures as it goes):
+1. check: every kernel (flash prefill, split-K decode, paged decode) against its jnp reference on
+   awkward shapes (lengths off the block grid, length 1, empty rows, offsets, grouped-query groups of
+   1, 4 and 8, head dims 32, 64, 128, bf16 and f32), and cuDNN's attention against the reference.
+   A failed check is printed as FAILED and makes the script exit 1 at the end.
+2. sweep: a few tuning configurations per kernel on one representative shape (flash: 8k context;
+   decode and paged: batch 64 x 4k, and batch 1 x 32k for the key splits), each output compared with
+   the default configuration's; prints the best, which the later sections use.
+3. prefill: causal attention TFLOP/s (4 * B * H * T^2 * D / 2 FLOPs) at 2k, 8k and 32k context with
+   Llama-3-8B's heads (32 query, 8 kv, head dim 128), B = 16k tokens / context: the flash kernel,
+   XLA's einsum attention (the reference; skipped where its score matrix would not fit) and
+   `jax.nn.dot_product_attention(implementation="cudnn")`.
+4. decode: effective bandwidth on cache bytes (B * context * KV * D * 2 bytes * 2 for K and V) at
+   batch 1 and 64, context 1k, 4k, 8k and 32k: the contiguous kernel, the reference, and the paged
+   kernel (pages of 16 tokens, block tables shuffled so pages are scattered). Small caches are
+   replicated (distinct arrays read in turn) until a call reads >= 128 MB, so L2 cannot serve them.
+   XLA's reference runs at batch 64 only (at batch 1 it measures launches, not attention).
+5. model: prefill tokens/s of the whole Llama-3-8B shape (random weights, bf16) on one 8k prompt,
+   with the kernels (`LLMJAX_ATTENTION` unset: the default tuning) and without (`off`).
+
+Timing: each call runs `ROUNDS` times inside one jit, every round's query depending on the previous
+round's output so nothing is hoisted; the figure is the median of `REPEATS` such runs / rounds.
+Writes DIR/attention.json (every row) and DIR/attention.txt (what was printed); with `--only`,
+DIR/attention-<sections>.json and .txt, so that runs of different sections do not overwrite each
+other. On the H200 the whole script should take about 4 minutes, most of it compiling; run it as
+`--only check,sweep,prefill,decode` and `--only model` when a command has less time than that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.kernels import decode_attention as da, flash_attention as fa, paged_attention as pa
+
+ROUNDS, REPEATS = 10, 5
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B
+HBM = 4.14e12  # bytes/s, the H200's read-only ceiling measured through torch (GPU.md)
+PAGE = 16
+MIN_READ = 128 << 20  # bytes one timed call reads at least (L2 is 60 MB)
+
+FLASH_CONFIGS = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),  # the default
+                 dict(block_q=128, block_k=64, num_warps=8, num_stages=2),
+                 dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+                 dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
+                 dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+                 dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+DECODE_CONFIGS = [dict(block_k=64, splits=None, num_warps=4, num_stages=3),  # the default
+                  dict(block_k=128, splits=None, num_warps=4, num_stages=3),
+                  dict(block_k=32, splits=None, num_warps=4, num_stages=4),
+                  dict(block_k=64, splits=None, num_warps=8, num_stages=3),
+                  dict(block_k=128, splits=None, num_warps=8, num_stages=2),
+                  dict(block_k=64, splits=2, num_warps=4, num_stages=3)]
+SPLIT_CONFIGS = [dict(block_k=64, splits=None, num_warps=4, num_stages=3),  # batch 1: how many key splits
+                 dict(block_k=64, splits=16, num_warps=4, num_stages=3),
+                 dict(block_k=64, splits=64, num_warps=4, num_stages=3)]
+PAGED_CONFIGS = [dict(block_k=64, splits=None, num_warps=4, num_stages=5),  # the default
+                 dict(block_k=64, splits=None, num_warps=4, num_stages=3),
+                 dict(block_k=16, splits=None, num_warps=4, num_stages=6),
+                 dict(block_k=32, splits=None, num_warps=4, num_stages=5),
+                 dict(block_k=128, splits=None, num_warps=8, num_stages=4),
+                 dict(block_k=64, splits=None, num_warps=8, num_stages=5)]
+
+
+class Report:
+    """Prints lines as they come and keeps them, with every measured row, for the files in DIR."""
+
+    def __init__(self, out: str, name: str):
+        self.out, self.name, self.lines, self.rows, self.failed = out, name, [], [], []
+        os.makedirs(out, exist_ok=True)
+
+    def say(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def row(self, **row) -> None:
+        self.rows.append(row)
+
+    def save(self) -> None:
+        with open(os.path.join(self.out, self.name + ".json"), "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": self.rows,
+                       "failed_checks": self.failed}, f, indent=1)
+        with open(os.path.join(self.out, self.name + ".txt"), "w") as f:
+            f.write("\n".join(self.lines) + "\n")
+
+
+# ---------------------------------------------------------------- data and timing
+
+
+def normal(seed: int, shape, dtype=jnp.bfloat16) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def scattered_tables(seed: int, batch: int, pages_per_row: int, junk: bool = False) -> jax.Array:
+    """Block tables giving each row distinct pages of a pool of `batch * pages_per_row`, shuffled."""
+    order = jax.random.permutation(jax.random.key(seed), batch * pages_per_row).astype(jnp.int32)
+    tables = order.reshape(batch, pages_per_row)
+    return jnp.concatenate([tables, jnp.zeros((batch, 2), jnp.int32)], axis=1) if junk else tables
+
+
+def seconds_per_call(attend, q: jax.Array, operands: list[tuple]) -> float:
+    """Seconds per `attend(q, *ops)`: over every `ops` in `operands` (distinct arrays), `ROUNDS`
+    rounds in one jit, each round's q nudged by the last round's outputs; median of `REPEATS`."""
+    @jax.jit
+    def run(q, operands):
+        def round_(_, q):
+            total = jnp.zeros((), jnp.float32)
+            for ops in operands:
+                total += jnp.sum(attend(q, *ops).astype(jnp.float32))
+            return q.at[(0,) * q.ndim].add((total * 1e-30).astype(q.dtype))
+        return jax.lax.fori_loop(0, ROUNDS, round_, q)
+
+    jax.block_until_ready(run(q, operands))
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        jax.block_until_ready(run(q, operands))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (ROUNDS * len(operands))
+
+
+def error(got: jax.Array, want: jax.Array) -> float:
+    """Largest absolute difference, relative to the largest |want| (NaN anywhere counts as inf)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if not np.isfinite(got).all():
+        return math.inf
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6))
+
+
+def tolerance(dtype) -> float:
+    return 2e-2 if dtype == jnp.bfloat16 else 1e-4
+
+
+# ---------------------------------------------------------------- 1. checks
+
+
+def check(report: Report, name: str, got, want, dtype) -> None:
+    err = error(got, want)
+    ok = err <= tolerance(dtype)
+    report.say(f"  {'ok    ' if ok else 'FAILED'} {name:60s} max error {err:.1e} of the largest output")
+    report.row(section="check", name=name, error=err, ok=ok)
+    if not ok:
+        report.failed.append(name)
+
+
+def run_checks(report: Report, interpret: bool, smoke: bool) -> None:
+    report.say("1. kernels against their references")
+    scale = 1 if not smoke else 0
+    for name, (b, t, s, h, kv, d, offsets, lengths, dtype) in {
+        "flash gqa4 hd128 padded rows": (2, 1000 * scale + 37, 1000 * scale + 37, 32, 8, 128, [0, 0],
+                                         [1000 * scale + 37, 600 * scale + 20], jnp.bfloat16),
+        "flash gqa4 hd128 chunk at offsets": (2, 300 * scale + 20, 1300 * scale + 50, 32, 8, 128,
+                                              [1000 * scale + 30, 500 * scale + 2],
+                                              [1300 * scale + 50, 800 * scale + 22], jnp.bfloat16),
+        "flash gqa1 hd64 empty and length-1 rows": (3, 77, 77, 16, 16, 64, [0, 0, 0], [0, 1, 77], jnp.bfloat16),
+        "flash gqa8 hd32 (demo model's head dim)": (2, 77, 77, 8, 1, 32, [0, 0], [77, 50], jnp.bfloat16),
+        "flash gqa4 hd64 float32": (1, 100, 100, 8, 2, 64, [0], [100], jnp.float32),
+    }.items():
+        q, k, v = normal(1, (b, t, h, d), dtype), normal(2, (b, s, kv, d), dtype), normal(3, (b, s, kv, d), dtype)
+        offsets, lengths = jnp.array(offsets, jnp.int32), jnp.array(lengths, jnp.int32)
+        tuning = dict(block_q=32, block_k=16, num_warps=4) if smoke else {}
+        check(report, name, fa.flash_attention(q, k, v, offsets, lengths, interpret=interpret, **tuning),
+              fa.flash_attention_reference(q, k, v, offsets, lengths), dtype)
+        if name.startswith("flash gqa4 hd128 padded") and not interpret:
+            got = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            want = fa.flash_attention_reference(q, k, v, offsets, jnp.full_like(lengths, s))
+            check(report, "cudnn dot_product_attention (same shape, no padding)", got, want, dtype)
+    s = 4100 if not smoke else 70
+    for name, (h, kv, d, splits, dtype) in {
+        "decode gqa4 hd128 auto splits": (32, 8, 128, None, jnp.bfloat16),
+        "decode gqa1 hd128 one split": (32, 32, 128, 1, jnp.bfloat16),
+        "decode gqa8 hd64 7 splits": (64, 8, 64, 7, jnp.bfloat16),
+        "decode gqa4 hd32 float32": (8, 2, 32, 3, jnp.float32),
+    }.items():
+        q, k, v = normal(4, (3, h, d), dtype), normal(5, (3, s, kv, d), dtype), normal(6, (3, s, kv, d), dtype)
+        lengths = jnp.array([s, 1, 0], jnp.int32)
+        tuning = dict(block_k=16) if smoke else {}
+        check(report, name + f", lengths {s}/1/0",
+              da.decode_attention(q, k, v, lengths, splits=splits, interpret=interpret, **tuning),
+              da.decode_attention_reference(q, k, v, lengths), dtype)
+    for page, block_k in ((16, 64), (64, 64), (128, 64), (5, 32)):
+        b, h, kv, d, dtype = 3, 32, 8, 128, jnp.bfloat16
+        max_pages = -(-s // page)
+        tables = scattered_tables(7, b, max_pages, junk=True)
+        q = normal(8, (b, h, d), dtype)
+        k_pages, v_pages = normal(9, (b * max_pages, page, kv, d), dtype), normal(10, (b * max_pages, page, kv, d), dtype)
+        lengths = jnp.array([s, 1, 0], jnp.int32)
+        block_k = block_k if not smoke else 16
+        check(report, f"paged gqa4 hd128 page {page} block_k {block_k}, lengths {s}/1/0",
+              pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_k=block_k, interpret=interpret),
+              pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths), dtype)
+
+
+# ---------------------------------------------------------------- 2. sweeps
+
+
+def flash_flops(b: int, t: int) -> float:
+    return 4 * b * HEADS * t * t * HEAD_DIM / 2
+
+
+def cache_bytes(b: int, context: int) -> int:
+    return b * context * KV_HEADS * HEAD_DIM * 2 * 2
+
+
+def sweep(report: Report, label: str, configs: list[dict], make_call, measure: str, figure) -> dict:
+    """Times `make_call(config)` (a function of q) for each config; checks each output against the
+    first config's; returns the fastest config that agreed."""
+    call0, q, operands = make_call(configs[0])
+    want = call0(q, *operands[0])
+    best, best_s = configs[0], math.inf
+    for config in configs:
+        call, q, operands = make_call(config)
+        try:
+            err = error(call(q, *operands[0]), want)
+            seconds = seconds_per_call(call, q, operands)
+        except Exception as e:  # a configuration the compiler refuses (shared memory, ...): say so
+            report.say(f"  {label} {config}: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+            continue
+        agrees = err <= 2e-2
+        report.say(f"  {label} {_short(config)}: {seconds * 1e6:9.1f} us  {figure(seconds)}"
+                   f"{'' if agrees else f'  DISAGREES with the default config ({err:.1e})'}")
+        report.row(section="sweep", kernel=label, config=config, us=seconds * 1e6, measure=measure,
+                   value=figure(seconds), agrees=agrees)
+        if agrees and seconds < best_s:
+            best, best_s = config, seconds
+    report.say(f"  best {label}: {_short(best)}")
+    return best
+
+
+def _short(config: dict) -> str:
+    return " ".join(f"{k.replace('num_', '')}={v}" for k, v in config.items())
+
+
+def run_sweeps(report: Report, smoke: bool) -> dict:
+    report.say("2. tuning sweeps (each output compared with the default configuration's)")
+    t = 8192 if not smoke else 64
+    b = 2 if not smoke else 1
+    q, k, v = normal(11, (b, t, HEADS, HEAD_DIM)), normal(12, (b, t, KV_HEADS, HEAD_DIM)), normal(13, (b, t, KV_HEADS, HEAD_DIM))
+    zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+    if not smoke:
+        check(report, f"flash (default config) at the sweep shape {b}x{t}",
+              fa.flash_attention(q, k, v, zeros, full), fa.flash_attention_reference(q, k, v, zeros, full),
+              jnp.bfloat16)
+    best = {}
+    best["flash"] = sweep(
+        report, f"flash {b}x{t}", FLASH_CONFIGS if not smoke else FLASH_CONFIGS[5:],
+        lambda c: (lambda q, k, v: fa.flash_attention(q, k, v, zeros, full, interpret=smoke, **c), q, [(k, v)]),
+        "TFLOP/s", lambda s: f"{flash_flops(b, t) / s / 1e12:6.1f} TFLOP/s")
+    for batch, context, configs in ((64, 4096, DECODE_CONFIGS), (1, 32768, SPLIT_CONFIGS)) if not smoke else \
+            ((2, 64, DECODE_CONFIGS[2:3]),):
+        operands = decode_operands(batch, context)
+        q = normal(14, (batch, HEADS, HEAD_DIM))
+        best[f"decode {batch}x{context}"] = sweep(
+            report, f"decode {batch}x{context}", configs,
+            lambda c: (lambda q, k, v, n: da.decode_attention(q, k, v, n, interpret=smoke, **c), q, operands),
+            "TB/s", lambda s: f"{cache_bytes(batch, context) / s / 1e12:5.2f} TB/s")
+    batch, context = (64, 4096) if not smoke else (2, 64)
+    operands = paged_operands(batch, context)
+    q = normal(15, (batch, HEADS, HEAD_DIM))
+    best["paged"] = sweep(
+        report, f"paged {batch}x{context} page {PAGE}", PAGED_CONFIGS if not smoke else PAGED_CONFIGS[1:2],
+        lambda c: (lambda q, *ops: pa.paged_attention(q, *ops, interpret=smoke, **c), q, operands),
+        "TB/s", lambda s: f"{cache_bytes(batch, context) / s / 1e12:5.2f} TB/s")
+    return best
+
+
+def copies(nbytes: int) -> int:
+    """Distinct caches to read in turn so that one timed call reads at least `MIN_READ` bytes."""
+    return max(1, -(-MIN_READ // nbytes))
+
+
+def decode_operands(batch: int, context: int) -> list[tuple]:
+    n = copies(cache_bytes(batch, context))
+    lengths = jnp.full((batch,), context, jnp.int32)
+    shape = (batch, context, KV_HEADS, HEAD_DIM)
+    return [(normal(100 + 2 * i, shape), normal(101 + 2 * i, shape), lengths) for i in range(n)]
+
+
+def paged_operands(batch: int, context: int) -> list[tuple]:
+    n = copies(cache_bytes(batch, context))
+    pages = -(-context // PAGE)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    shape = (batch * pages, PAGE, KV_HEADS, HEAD_DIM)
+    return [(normal(200 + 2 * i, shape), normal(201 + 2 * i, shape), scattered_tables(i, batch, pages), lengths)
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------- 3. prefill, 4. decode
+
+
+def run_prefill(report: Report, best: dict, smoke: bool) -> None:
+    report.say("3. prefill attention, causal, 32 q / 8 kv heads, head dim 128, bf16 (batch = 16k tokens / context)")
+    for t in (2048, 8192, 32768) if not smoke else (64,):
+        b = max(1, 16384 // t) if not smoke else 1
+        q = normal(20, (b, t, HEADS, HEAD_DIM))
+        k, v = normal(21, (b, t, KV_HEADS, HEAD_DIM)), normal(22, (b, t, KV_HEADS, HEAD_DIM))
+        zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+        scores_gb = b * HEADS * t * t * 4 / 1e9
+        impls = {"flash kernel": lambda q, k, v: fa.flash_attention(q, k, v, zeros, full, interpret=smoke,
+                                                                     **best.get("flash", {}))}
+        if scores_gb < 40:
+            impls["xla einsum (reference)"] = lambda q, k, v: fa.flash_attention_reference(q, k, v, zeros, full)
+        if not smoke:
+            impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                          implementation="cudnn")
+        for name, fn in impls.items():
+            try:
+                s = seconds_per_call(fn, q, [(k, v)])
+            except Exception as e:
+                report.say(f"  {t:6d} x{b} {name:24s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                continue
+            tflops = flash_flops(b, t) / s / 1e12
+            report.say(f"  {t:6d} x{b} {name:24s} {s * 1e3:8.2f} ms  {tflops:6.1f} TFLOP/s")
+            report.row(section="prefill", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops)
+        if scores_gb >= 40:
+            report.say(f"  {t:6d} x{b} xla einsum (reference)  skipped: its f32 scores would take {scores_gb:.0f} GB")
+
+
+def run_decode(report: Report, best: dict, bandwidth: float, smoke: bool) -> None:
+    report.say(f"4. decode attention, effective bandwidth on cache bytes (32 q / 8 kv heads, hd 128, bf16; "
+               f"pages of {PAGE})")
+    for batch in (1, 64) if not smoke else (2,):
+        for context in (1024, 4096, 8192, 32768) if not smoke else (64,):
+            tuned = best.get(f"decode {batch}x{4096 if batch > 1 else 32768}", {})
+            q = normal(30, (batch, HEADS, HEAD_DIM))
+            contiguous = decode_operands(batch, context)
+            impls = {
+                "contiguous kernel": (lambda q, k, v, n: da.decode_attention(q, k, v, n, interpret=smoke, **tuned),
+                                      contiguous),
+                "contiguous reference": (da.decode_attention_reference, contiguous),  # batch 64 only, below
+                "paged kernel": (lambda q, *ops: pa.paged_attention(q, *ops, interpret=smoke, **best.get("paged", {})),
+                                 paged_operands(batch, context)),
+            }
+            if batch == 1:  # one row: XLA's reference is bound by launches, not worth the compile time
+                del impls["contiguous reference"]
+            for name, (fn, operands) in impls.items():
+                try:
+                    s = seconds_per_call(fn, q, operands)
+                except Exception as e:
+                    report.say(f"  b{batch:<3d} {context:6d} {name:21s} {type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:150]}")
+                    continue
+                tb_s = cache_bytes(batch, context) / s / 1e12
+                report.say(f"  b{batch:<3d} {context:6d} {name:21s} {s * 1e6:9.1f} us  {tb_s:5.2f} TB/s  "
+                           f"{tb_s * 1e12 / HBM:5.1%} of 4.14 TB/s  {tb_s * 1e12 / bandwidth:5.1%} of measured")
+                report.row(section="decode", batch=batch, context=context, impl=name, us=s * 1e6, tb_s=tb_s,
+                           of_hbm=tb_s * 1e12 / HBM)
+            del contiguous, impls
+
+
+# ---------------------------------------------------------------- 5. model prefill
+
+
+def run_model(report: Report, smoke: bool) -> None:
+    import importlib
+
+    import llmjax
+
+    gen = importlib.import_module("llmjax.generate")
+    preset, t = ("llama3-8b", 8192) if not smoke else ("tiny", 64)
+    report.say(f"5. model prefill, {preset} shape, random bf16 weights, one prompt of {t} tokens")
+    params = llmjax.init_random(preset, dtype="bfloat16")
+    tokens = jax.random.randint(jax.random.key(40), (1, t), 0, params.config.vocab_size, jnp.int32)
+    lengths = jnp.full((1,), t, jnp.int32)
+    model = gen._model(params)
+    for mode in ("auto", "off") if not smoke else ("interpret", "off"):
+        os.environ["LLMJAX_ATTENTION"] = mode  # read when the prefill below is traced
+        prefill = jax.jit(lambda w, ids, n, cache: gen._prefill(model, w, ids, n, cache), donate_argnums=3)
+        cache = llmjax.cache.KVCache.zeros(params.config, 1, t, params.dtype)
+        logits, cache = prefill(params.weights, tokens, lengths, cache)
+        jax.block_until_ready(logits)
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            logits, cache = prefill(params.weights, tokens, lengths, cache)
+            jax.block_until_ready(logits)
+            times.append(time.perf_counter() - start)
+        s = statistics.median(times)
+        name = {"auto": "kernels", "interpret": "kernels (interpret)", "off": "reference attention"}[mode]
+        report.say(f"  {name:22s} {s * 1e3:8.1f} ms  {t / s:9.0f} tok/s")
+        report.row(section="model", preset=preset, tokens=t, attention=name, ms=s * 1e3, tok_s=t / s)
+        del cache
+    os.environ.pop("LLMJAX_ATTENTION")
+
+
+SECTIONS = ("check", "sweep", "prefill", "decode", "model")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (a CPU dry run)")
+    args = parser.parse_args()
+    only = args.only.split(",")
+    if not set(only) <= set(SECTIONS):
+        parser.error(f"--only takes {', '.join(SECTIONS)}; got {args.only}")
+    if args.smoke:
+        global ROUNDS, REPEATS, MIN_READ
+        ROUNDS, REPEATS, MIN_READ = 1, 1, 0
+    report = Report(args.out, "attention" if set(only) == set(SECTIONS) else "attention-" + "-".join(only))
+    from llmjax.bench import measure_bandwidth
+
+    bandwidth = measure_bandwidth()
+    report.say(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; XLA read bandwidth measured "
+               f"{bandwidth / 1e12:.2f} TB/s")
+    report.row(section="bandwidth", tb_s=bandwidth / 1e12)
+    start, best = time.perf_counter(), {}
+    for section in SECTIONS:
+        if section not in only:
+            continue
+        if section == "check":
+            run_checks(report, interpret=args.smoke, smoke=args.smoke)
+        elif section == "sweep":
+            best = run_sweeps(report, args.smoke)
+        elif section == "prefill":
+            run_prefill(report, best, args.smoke)
+        elif section == "decode":
+            run_decode(report, best, bandwidth, args.smoke)
+        else:
+            run_model(report, args.smoke)
+        report.say(f"  ({section} done at {time.perf_counter() - start:.0f} s)")
+        report.save()
+    if report.failed:
+        report.say(f"FAILED checks: {', '.join(report.failed)}")
+        report.save()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

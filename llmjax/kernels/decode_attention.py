@@ -1,0 +1,162 @@
+"""Attention for one new token per row against a contiguous KV cache (decode), split over the keys.
+
+`decode_attention(q, k, v, lengths)`: q `[B, H, D]` (the row's one query token), k and v
+`[B, S, KV, D]` (the cache of `llmjax.cache`: the token at position p sits at slot p), lengths `[B]`
+int32 = the row's valid keys, slots `[0, lengths[b])`, the current token included. A row of length
+0 gives zeros, never NaN. Grouped-query: `H` a multiple of `KV`, query head h reads kv head
+`h // (H // KV)`. Scale `1/sqrt(D)`, scores and softmax in float32; the result has q's dtype.
+
+Decode reads the whole cache for one token per row, so it is bound by memory, and the kernel exists
+to read each cache byte once at full bandwidth (flash-decoding):
+- one program per (key split, kv head, row) holds all the query heads of its kv head (padded to 16
+  rows, what a tensor-core product needs), so each K/V block is loaded once for the whole group;
+- the keys are split into `splits` chunks, each reduced by its own program with an online softmax,
+  so a small batch still gives every SM work; each split writes its normalized partial output and
+  its log-sum-exp, and a small jnp epilogue merges the splits (skipped when there is one);
+- splits and blocks past a row's length are skipped, so a cache longer than the rows costs nothing.
+`splits=None` picks enough splits for about `TARGET_PROGRAMS` programs.
+
+Head dims must be powers of two >= 16 (`flash_attention.supported`); the model falls back to
+`decode_attention_reference` for others.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from llmjax.kernels import dispatch
+from llmjax.kernels.flash_attention import LOG2E, MASKED, masked_softmax, supported
+
+TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
+
+
+def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """The definition: one query token per row over the first `lengths[b]` cache slots, in jnp."""
+    b, h, d = q.shape
+    s, n_kv = k.shape[1], k.shape[2]
+    qg = q.reshape(b, n_kv, h // n_kv, d)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    visible = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    probs = masked_softmax(scores, visible[:, None, None, :])
+    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(v.dtype), v)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h, block_k, chunk, exact):
+    # lengths_ref [B]; q_ref [B, H, D]; k_ref, v_ref [B, S, KV, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]
+    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seq_k, d = k_ref.shape[1], k_ref.shape[3]
+    in_group = jnp.arange(block_h) < groups
+    heads = pl.ds(kv * groups, block_h)
+    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    start = split * chunk
+    stop = jnp.minimum(jnp.minimum(lengths_ref[b], seq_k), start + chunk)
+    scale = LOG2E / math.sqrt(d)
+
+    def step(j, carry, masked):
+        acc, top, total = carry
+        first = start + j * block_k
+        ref_slice = (b, pl.ds(first, block_k), kv, slice(None))
+        if masked:
+            exists = first + jnp.arange(block_k) < stop
+            k = plgpu.load(k_ref.at[ref_slice], mask=exists[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0)
+        else:
+            k, v = plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
+        if masked:
+            s = jnp.where(exists[None, :], s, MASKED)
+        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
+        rescale = jnp.exp2(top - new_top)
+        acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
+        return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+
+    keys = jnp.maximum(stop - start, 0)
+    full = jax.lax.div(keys, block_k)
+    carry = (jnp.zeros((block_h, d), jnp.float32), jnp.full((block_h,), MASKED, jnp.float32),
+             jnp.zeros((block_h,), jnp.float32))
+    carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+    acc, top, total = jax.lax.fori_loop(full, jax.lax.div(keys + block_k - 1, block_k),
+                                        functools.partial(step, masked=True), carry)
+    seen = total > 0
+    out = acc / jnp.where(seen, total, 1.0)[:, None]
+    lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
+    plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
+    plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
+
+
+def merge_splits(out: jax.Array, lse: jax.Array, dtype) -> jax.Array:
+    """Joins per-split results: out `[B, P, H, D]` (each normalized over its split), lse `[B, P, H]`
+    (base-2 log-sum-exp, `MASKED` for a split without keys) -> `[B, H, D]` in `dtype`."""
+    if out.shape[1] == 1:
+        return out[:, 0].astype(dtype)
+    weight = jnp.exp2(lse - jnp.max(lse, axis=1, keepdims=True))  # [B, P, H]; an empty row: all ones
+    merged = jnp.sum(weight[..., None] * out, axis=1) / jnp.sum(weight, axis=1)[..., None]
+    return merged.astype(dtype)
+
+
+def split_plan(seq: int, block_k: int, programs: int, splits: int | None) -> tuple[int, int]:
+    """(splits, keys per split) for `seq` keys and `programs` programs per split; the chunk is a whole
+    number of blocks. `splits=None` aims at `TARGET_PROGRAMS` programs in all."""
+    if splits is None:
+        splits = pl.cdiv(TARGET_PROGRAMS, programs)
+    splits = max(1, min(splits, pl.cdiv(seq, block_k)))
+    chunk = pl.cdiv(pl.cdiv(seq, splits), block_k) * block_k
+    return pl.cdiv(seq, chunk), chunk
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "interpret"))
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, block_k: int = 64,
+                     splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                     interpret: bool = False) -> jax.Array:
+    """Split-K decode attention with the Pallas kernel (see the module doc for the arguments)."""
+    b, h, d = q.shape
+    _check(q, k, v, lengths)
+    n_kv = k.shape[2]
+    groups = h // n_kv
+    splits, chunk = split_plan(k.shape[1], block_k, b * n_kv, splits)
+    kernel = functools.partial(_kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
+                               block_k=block_k, chunk=chunk, exact=q.dtype == jnp.float32)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(splits, n_kv, b),
+        out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(lengths.astype(jnp.int32), q, k, v)
+    return merge_splits(out, lse, q.dtype)
+
+
+def _check(q, k, v, lengths) -> None:
+    b, h, d = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"decode_attention takes q [B, H, D] and k, v [B, S, KV, D] with the same B and D; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    if h % k.shape[2]:
+        raise ValueError(f"decode_attention: {h} query heads are not a multiple of {k.shape[2]} kv heads")
+    if lengths.shape != (b,):
+        raise ValueError(f"decode_attention takes lengths of shape [B] = ({b},); got {lengths.shape}")
+    if not supported(d):
+        raise ValueError(f"decode_attention needs a head dim that is a power of two >= 16, got {d}; "
+                         "use decode_attention_reference (llmjax.models.llama does so by itself)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"decode_attention takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, **tuning) -> jax.Array:
+    """The model's decode entry point: the kernel on cuda and rocm; the reference elsewhere, and for a
+    head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
+    `flash_attention.attend`."""
+    if not supported(q.shape[-1]) or not q.dtype == k.dtype == v.dtype:
+        return decode_attention_reference(q, k, v, lengths)
+    kernel = functools.partial(decode_attention, **tuning)
+    return dispatch.dispatch(kernel, decode_attention_reference, q, k, v, lengths, variable="LLMJAX_ATTENTION")

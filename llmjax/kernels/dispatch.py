@@ -1,0 +1,57 @@
+"""Where a kernel runs: its Pallas kernel on cuda and rocm, its jnp reference everywhere else.
+
+The choice is made when the program is lowered (`jax.lax.platform_dependent`), so one traced
+function serves a GPU and a CPU alike. An environment variable per kernel family can override it:
+`off` keeps the reference on every platform (to measure the kernel's worth, or to step around a
+compiler bug), `interpret` runs the kernel in Pallas interpret mode on every platform (how tests
+push the whole model through the kernels on a CPU). Gradients always come from the reference: the
+kernels have no backward pass of their own, and training (examples/train_tiny.py) is rare enough
+that recomputing the reference's backward is the right trade.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import jax
+
+MODES = ("auto", "off", "interpret")
+
+
+def mode(variable: str) -> str:
+    """The mode the environment variable `variable` selects: `auto` (the default), `off` or `interpret`."""
+    value = os.environ.get(variable, "auto")
+    if value not in MODES:
+        raise ValueError(f"{variable} must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def dispatch(kernel: Callable, reference: Callable, *args, variable: str):
+    """`kernel(*args, interpret=...)` or `reference(*args)`, as the platform and `variable` decide.
+
+    `kernel` takes the tuning it needs as defaults and an `interpret` keyword; `reference` computes
+    the same result in jnp. Under `jax.grad` the backward pass is the reference's.
+    """
+    chosen = mode(variable)
+    if chosen == "off":
+        return reference(*args)
+    if chosen == "interpret":
+        forward = functools.partial(kernel, interpret=True)
+    else:
+        def forward(*a):
+            return jax.lax.platform_dependent(*a, cuda=kernel, rocm=kernel, default=reference)
+
+    @jax.custom_vjp
+    def run(*a):
+        return forward(*a)
+
+    def run_fwd(*a):
+        return forward(*a), a
+
+    def run_bwd(saved, cotangent):
+        return jax.vjp(reference, *saved)[1](cotangent)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(*args)

@@ -1,0 +1,163 @@
+"""Causal attention over many query tokens (prefill) without materializing the score matrix.
+
+`flash_attention(q, k, v, q_offsets, kv_lengths)`: q `[B, T, H, D]`, k and v `[B, S, KV, D]`
+(grouped-query: `H` a multiple of `KV`, query head h reads kv head `h // (H // KV)`; K/V are never
+repeated in memory). Query t of row b sits at position `q_offsets[b] + t`; key s sits at position s
+and exists when `s < kv_lengths[b]`. Key s is visible to query t when `s <= q_offsets[b] + t` and it
+exists. So one call covers a whole prompt against itself (offsets 0, lengths T), a right-padded batch
+(lengths per row), and a chunk of a prompt prefilled against a cache that already holds the row's
+earlier tokens (offset = tokens already cached, keys = the cache). A query that sees no key (a row
+of length 0) gets zeros, never NaN. Scale `1/sqrt(D)`, scores and softmax in float32.
+
+The kernel (Pallas, Triton backend, so it lowers for cuda and rocm): one program per (query head,
+block of `block_q` queries, row). It keeps its query block on chip and walks the key blocks with an
+online softmax (running max and sum, in base 2), first the blocks every query of the block sees in
+full, unmasked, then the few on the diagonal or at the length edge, masked. Only the key blocks some
+query can see are read. Programs of the query heads sharing a kv head are launched side by side, so
+their K/V blocks are read from DRAM once and then hit L2. Query blocks run last-first: the longest
+ones start earliest, which evens the tail of a causal launch.
+
+Head dims must be powers of two >= 16 (the tensor-core product needs 16; Triton blocks are powers of
+two): 32 (the demo model), 64 and 128 are. `supported` says whether a shape fits; the model's
+dispatch falls back to `flash_attention_reference` for the rest (llmjax's test configs with head_dim
+24, for instance).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from llmjax.kernels import dispatch
+
+LOG2E = math.log2(math.e)
+MASKED = -1e30  # a finite "minus infinity": a fully masked block gives exp2(0), never NaN
+
+
+def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array,
+                              kv_lengths: jax.Array) -> jax.Array:
+    """The definition: causal grouped-query attention by offsets and lengths, in jnp (see module doc)."""
+    b, t, h, d = q.shape
+    s, n_kv = k.shape[1], k.shape[2]
+    q_pos = q_offsets[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    keys = jnp.arange(s)[None, None, :]
+    visible = (keys <= q_pos[:, :, None]) & (keys < kv_lengths[:, None, None])  # [B, T, S]
+    qg = q.reshape(b, t, n_kv, h // n_kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    probs = masked_softmax(scores, visible[:, None, None])  # [B, KV, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax over the last axis among `visible` entries; all zeros where none is visible."""
+    scores = jnp.where(visible, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
+
+
+def supported(head_dim: int) -> bool:
+    """Whether the kernel takes this head dim: a power of two, at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, block_q, block_k, exact):
+    # offsets_ref, lengths_ref [B]; q_ref, o_ref [B, T, H, D]; k_ref, v_ref [B, S, KV, D]
+    h, b = pl.program_id(0), pl.program_id(2)
+    block = pl.num_programs(1) - 1 - pl.program_id(1)  # the longest query blocks first
+    seq_q, seq_k, d = q_ref.shape[1], k_ref.shape[1], q_ref.shape[3]
+    kv = jax.lax.div(h, groups)
+    t0 = block * block_q
+    offset = offsets_ref[b]
+    kv_len = jnp.minimum(lengths_ref[b], seq_k)
+    rows = t0 + jnp.arange(block_q)
+    q_pos = offset + rows
+    q = plgpu.load(q_ref.at[b, pl.ds(t0, block_q), h, :], mask=(rows < seq_q)[:, None], other=0.0)
+    scale = LOG2E / math.sqrt(d)  # scores in base 2: exp2 is the cheaper instruction
+
+    def step(j, carry, masked):
+        acc, top, total = carry
+        cols = j * block_k + jnp.arange(block_k)
+        ref_slice = (b, pl.ds(j * block_k, block_k), kv, slice(None))
+        if masked:
+            exists = cols < kv_len
+            k = plgpu.load(k_ref.at[ref_slice], mask=exists[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0)
+        else:
+            k, v = plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_q, block_k] f32, unscaled
+        if masked:
+            s = jnp.where((cols[None, :] <= q_pos[:, None]) & exists[None, :], s, MASKED)
+        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
+        rescale = jnp.exp2(top - new_top)
+        acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
+        return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+
+    # Keys [0, full) are visible to every query of the block; [full, end) only to some.
+    last_pos = offset + jnp.minimum(t0 + block_q, seq_q) - 1
+    full = jax.lax.div(jnp.maximum(jnp.minimum(offset + t0 + 1, kv_len), 0), block_k)
+    end = jax.lax.div(jnp.maximum(jnp.minimum(last_pos + 1, kv_len), 0) + block_k - 1, block_k)
+    carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), MASKED, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+    acc, _, total = jax.lax.fori_loop(full, end, functools.partial(step, masked=True), carry)
+    sees_a_key = (q_pos >= 0) & (kv_len > 0)  # key 0 is visible, so the sum counts real keys
+    out = jnp.where(sees_a_key[:, None], acc / jnp.where(sees_a_key, total, 1.0)[:, None], 0.0)
+    plgpu.store(o_ref.at[b, pl.ds(t0, block_q), h, :], out.astype(o_ref.dtype), mask=(rows < seq_q)[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret"))
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
+                    *, block_q: int = 128, block_k: int = 64, num_warps: int = 8, num_stages: int = 3,
+                    interpret: bool = False) -> jax.Array:
+    """Causal grouped-query attention with the Pallas kernel (see the module doc for the arguments)."""
+    b, t, h, d = q.shape
+    _check(q, k, v, q_offsets, kv_lengths)
+    block_q = min(block_q, max(16, pl.next_power_of_2(t)))
+    kernel = functools.partial(_kernel, groups=h // k.shape[2], block_q=block_q, block_k=block_k,
+                               exact=q.dtype == jnp.float32)
+    return pl.pallas_call(
+        kernel,
+        grid=(h, pl.cdiv(t, block_q), b),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="flash_attention",
+    )(q_offsets.astype(jnp.int32), kv_lengths.astype(jnp.int32), q, k, v)
+
+
+def _check(q, k, v, q_offsets, kv_lengths) -> None:
+    b, t, h, d = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"flash_attention takes q [B, T, H, D] and k, v [B, S, KV, D] with the same B and D; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    if h % k.shape[2]:
+        raise ValueError(f"flash_attention: {h} query heads are not a multiple of {k.shape[2]} kv heads")
+    if q_offsets.shape != (b,) or kv_lengths.shape != (b,):
+        raise ValueError(f"flash_attention takes q_offsets and kv_lengths of shape [B] = ({b},); got "
+                         f"{q_offsets.shape} and {kv_lengths.shape}")
+    if not supported(d):
+        raise ValueError(f"flash_attention needs a head dim that is a power of two >= 16, got {d}; "
+                         "use flash_attention_reference (llmjax.models.llama does so by itself)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"flash_attention takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
+           **tuning) -> jax.Array:
+    """The model's prefill entry point: the kernel on cuda and rocm; the reference elsewhere, and for a
+    head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides: `off` (the
+    reference everywhere) or `interpret` (the kernel in interpret mode everywhere; for tests)."""
+    if not supported(q.shape[-1]) or not q.dtype == k.dtype == v.dtype:
+        return flash_attention_reference(q, k, v, q_offsets, kv_lengths)
+    kernel = functools.partial(flash_attention, **tuning)
+    return dispatch.dispatch(kernel, flash_attention_reference, q, k, v, q_offsets, kv_lengths,
+                             variable="LLMJAX_ATTENTION")

@@ -1,0 +1,287 @@
+"""The attention kernels in Pallas interpret mode against their references, their lowering for rocm and
+cuda, and the model pushed through them.
+
+Each kernel case names the `*_reference` it is compared with. Shapes are small (interpret mode runs
+the grid one program at a time) but awkward: lengths that are not block multiples, length 1, empty
+rows, grouped-query groups of 1, 4 and 8, query offsets, pages that do and do not hold whole blocks.
+"""
+
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+import llmjax
+from llmjax.kernels import decode_attention as da, dispatch, flash_attention as fa, paged_attention as pa
+from llmjax.models import llama
+from llmjax.sharding import make_mesh
+
+gen = importlib.import_module("llmjax.generate")
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # of the largest |output|
+
+
+def _normal(seed, *shapes, dtype):
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return [jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes)]
+
+
+def _assert_close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype] * max(1.0, np.abs(want).max()))
+
+
+# (batch, queries, keys, heads, kv heads, head dim, q_offsets, kv_lengths, block_q, block_k, dtype)
+FLASH_CASES = {
+    "groups1-padded-rows": (2, 37, 37, 2, 2, 16, [0, 0], [37, 20], 16, 16, jnp.float32),
+    "groups4-chunk-offsets": (2, 10, 45, 8, 2, 32, [35, 3], [45, 13], 16, 16, jnp.float32),
+    "groups8": (1, 19, 19, 8, 1, 16, [0], [19], 16, 16, jnp.float32),
+    "empty-and-length-1-rows": (3, 5, 20, 2, 1, 16, [0, 0, 0], [0, 1, 20], 16, 16, jnp.float32),
+    "bf16-head-dim-64": (1, 33, 40, 4, 2, 64, [7], [40], 32, 16, jnp.bfloat16),
+    "bf16-head-dim-128": (1, 17, 17, 2, 1, 128, [0], [17], 16, 32, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", FLASH_CASES)
+def test_flash_attention_matches_flash_attention_reference(case):
+    b, t, s, h, n_kv, d, offsets, lengths, block_q, block_k, dtype = FLASH_CASES[case]
+    q, k, v = _normal(t * s + h, (b, t, h, d), (b, s, n_kv, d), (b, s, n_kv, d), dtype=dtype)
+    offsets, lengths = jnp.array(offsets, jnp.int32), jnp.array(lengths, jnp.int32)
+    got = fa.flash_attention(q, k, v, offsets, lengths, block_q=block_q, block_k=block_k, interpret=True)
+    want = fa.flash_attention_reference(q, k, v, offsets, lengths)
+    assert got.dtype == dtype
+    _assert_close(got, want, dtype)
+    if case == "empty-and-length-1-rows":
+        assert not np.asarray(got[0]).any()  # a row without keys gives zeros
+        np.testing.assert_allclose(np.asarray(got[1]), np.broadcast_to(np.asarray(v[1, :1]).repeat(2, 1), (t, h, d)),
+                                   atol=1e-6)  # one key: its value, whatever the score
+
+
+def test_flash_attention_reference_is_the_models_attention_by_positions():
+    """The reference agrees with attention written by explicit positions (the model's contract)."""
+    q, k, v = _normal(3, (2, 6, 4, 16), (2, 11, 2, 16), (2, 11, 2, 16), dtype=jnp.float32)
+    offsets = jnp.array([5, 0], jnp.int32)
+    q_pos = offsets[:, None] + jnp.arange(6)[None, :]
+    scores = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, 2, axis=2)) / 4.0
+    visible = jnp.arange(11)[None, None, :] <= q_pos[:, :, None]
+    probs = jax.nn.softmax(jnp.where(visible[:, None], scores, -jnp.inf), axis=-1)
+    want = jnp.einsum("bhts,bshd->bthd", probs, jnp.repeat(v, 2, axis=2))
+    got = fa.flash_attention_reference(q, k, v, offsets, jnp.array([11, 11], jnp.int32))
+    _assert_close(got, want, jnp.float32)
+
+
+# (batch, keys, heads, kv heads, head dim, lengths, block_k, splits, dtype)
+DECODE_CASES = {
+    "groups1-auto-splits": (3, 50, 2, 2, 16, [50, 1, 0], 16, None, jnp.float32),
+    "groups4-three-splits": (3, 61, 8, 2, 32, [37, 17, 16], 16, 3, jnp.float32),
+    "groups8-one-split-bf16": (2, 70, 8, 1, 64, [70, 5], 32, 1, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_attention_matches_decode_attention_reference(case):
+    b, s, h, n_kv, d, lengths, block_k, splits, dtype = DECODE_CASES[case]
+    q, k, v = _normal(s + h, (b, h, d), (b, s, n_kv, d), (b, s, n_kv, d), dtype=dtype)
+    lengths = jnp.array(lengths, jnp.int32)
+    got = da.decode_attention(q, k, v, lengths, block_k=block_k, splits=splits, interpret=True)
+    want = da.decode_attention_reference(q, k, v, lengths)
+    assert got.dtype == dtype
+    _assert_close(got, want, dtype)
+    if 0 in lengths:
+        assert not np.asarray(got[list(lengths).index(0)]).any()
+
+
+def test_decode_attention_reference_is_flash_attention_reference_for_one_query():
+    q, k, v = _normal(5, (3, 4, 16), (3, 9, 2, 16), (3, 9, 2, 16), dtype=jnp.float32)
+    lengths = jnp.array([9, 4, 0], jnp.int32)
+    want = fa.flash_attention_reference(q[:, None], k, v, lengths - 1, lengths)[:, 0]
+    _assert_close(da.decode_attention_reference(q, k, v, lengths), want, jnp.float32)
+
+
+# (batch, heads, kv heads, head dim, page size, pages in the pool, max pages, lengths, block_k, splits, dtype)
+PAGED_CASES = {
+    "blocks-within-pages": (3, 4, 2, 16, 16, 20, 5, [70, 1, 0], 16, None, jnp.float32),
+    "pages-of-5-gathered": (3, 8, 1, 32, 5, 40, 9, [45, 17, 16], 16, 3, jnp.float32),
+    "big-pages-groups1-bf16": (2, 2, 2, 16, 32, 9, 4, [100, 33], 16, 2, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_attention_matches_paged_attention_reference(case):
+    b, h, n_kv, d, page, pool, max_pages, lengths, block_k, splits, dtype = PAGED_CASES[case]
+    q, k_pages, v_pages = _normal(page + pool, (b, h, d), (pool, page, n_kv, d), (pool, page, n_kv, d),
+                                  dtype=dtype)
+    # Rows own distinct pages in a shuffled order; table entries past a row's pages hold 0 or junk ids.
+    tables = np.array(jax.random.permutation(jax.random.key(pool), pool))[:b * max_pages].reshape(b, max_pages)
+    for row, n in enumerate(lengths):
+        unused = max_pages - -(-n // page)
+        tables[row, max_pages - unused:] = np.where(np.arange(unused) % 2, pool - 1, 0)
+    tables = jnp.asarray(tables, jnp.int32)
+    lengths = jnp.array(lengths, jnp.int32)
+    got = pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_k=block_k, splits=splits, interpret=True)
+    want = pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths)
+    assert got.dtype == dtype
+    _assert_close(got, want, dtype)
+
+
+def test_paged_attention_reference_reads_pages_as_the_module_says():
+    """A contiguous cache cut into pages (token p in page `table[p // page_size]`, slot
+    `p % page_size`) gives decode attention over the contiguous cache."""
+    b, s, page, n_kv, d = 2, 12, 4, 2, 16
+    q, k, v = _normal(9, (b, 4, d), (b, s, n_kv, d), (b, s, n_kv, d), dtype=jnp.float32)
+    tables = jnp.array([[5, 1, 3], [0, 4, 2]], jnp.int32)
+    pool = jnp.zeros((6, page, n_kv, d))
+    k_pages = pool.at[tables].set(k.reshape(b, s // page, page, n_kv, d))
+    v_pages = pool.at[tables].set(v.reshape(b, s // page, page, n_kv, d))
+    lengths = jnp.array([11, 5], jnp.int32)
+    _assert_close(pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths),
+                  da.decode_attention_reference(q, k, v, lengths), jnp.float32)
+
+
+GPUS = [("rocm", "gfx942"), ("cuda", "NVIDIA H200")]
+S = jax.ShapeDtypeStruct
+LOWERED = {
+    "flash_attention": (fa.flash_attention, (S((2, 100, 32, 128), jnp.bfloat16), S((2, 300, 8, 128), jnp.bfloat16),
+                                             S((2, 300, 8, 128), jnp.bfloat16), S((2,), jnp.int32),
+                                             S((2,), jnp.int32))),
+    "decode_attention": (da.decode_attention, (S((4, 32, 128), jnp.bfloat16), S((4, 1000, 8, 128), jnp.bfloat16),
+                                               S((4, 1000, 8, 128), jnp.bfloat16), S((4,), jnp.int32))),
+    "paged_attention": (pa.paged_attention, (S((4, 32, 128), jnp.bfloat16), S((100, 16, 8, 128), jnp.bfloat16),
+                                             S((100, 16, 8, 128), jnp.bfloat16), S((4, 20), jnp.int32),
+                                             S((4,), jnp.int32))),
+}
+
+
+def _lower(fn, args, platform, device_kind):
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform,device_kind", GPUS)
+@pytest.mark.parametrize("kernel", LOWERED)
+def test_kernel_lowers_to_a_triton_call(kernel, platform, device_kind):
+    fn, args = LOWERED[kernel]
+    text = _lower(fn, args, platform, device_kind)
+    assert "__gpu$xla.gpu.triton" in text and f'name = "{kernel}"' in text
+
+
+@pytest.mark.parametrize("platform,device_kind", GPUS)
+def test_model_prefill_and_decode_lower_through_the_kernels(platform, device_kind):
+    config = llmjax.LlamaConfig.preset("tiny")
+    model = llama.Llama(config, jnp.bfloat16)
+    weights = llama.abstract_params(config, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: llmjax.cache.KVCache.zeros(config, 2, 64, jnp.bfloat16))
+    ids, rows = S((2, 16), jnp.int32), S((2,), jnp.int32)
+    prefill = _lower(lambda *a: gen._prefill(model, *a), (weights, ids, rows, cache), platform, device_kind)
+    decode = _lower(lambda *a: gen._decode(model, *a), (weights, rows, rows, cache), platform, device_kind)
+    assert 'name = "flash_attention"' in prefill and 'name = "decode_attention"' not in prefill
+    assert 'name = "decode_attention"' in decode and 'name = "flash_attention"' not in decode
+
+
+PROMPTS = [[1, 17, 300, 5, 9, 44, 2, 80, 81, 3, 7, 19, 23, 29, 31, 37, 41, 43], [1, 500], [1, 4, 4, 4, 400]]
+
+
+def _peaked(params):
+    """Random weights whose attention is far from uniform (q and k scaled up), so that an error in
+    attention shows in the logits instead of vanishing in an average of near-equal values."""
+    def scale(path, w):
+        return w * 12.0 if any(getattr(p, "key", None) == "qkv" for p in path) else w
+    return dataclasses.replace(params, weights=jax.tree_util.tree_map_with_path(scale, params.weights))
+
+
+def _run_model(params, mode, monkeypatch):
+    """Logits without a cache (flash), of prefill into a cache (flash) and of three decode steps
+    (split-K), and greedy tokens from `generate` (the same kernels inside its loop), under `mode`."""
+    monkeypatch.setenv("LLMJAX_ATTENTION", mode)
+    jax.clear_caches()  # the mode is read when a function is traced; make every function retrace
+    ids = jnp.asarray(gen._pad(PROMPTS, 24))
+    lengths = jnp.array([len(p) for p in PROMPTS], jnp.int32)
+    model = gen._model(params)
+    cache = llmjax.cache.KVCache.zeros(params.config, 3, 32, params.dtype)
+    step, cache = jax.jit(gen._prefill, static_argnums=0)(model, params.weights, ids, lengths, cache)
+    steps = [step]
+    for i in range(3):
+        step, cache = jax.jit(gen._decode, static_argnums=0)(model, params.weights, jnp.argmax(step, -1),
+                                                            lengths + i, cache)
+        steps.append(step)
+    logits = np.concatenate([np.asarray(llmjax.logits(params, ids)).reshape(-1)] +
+                            [np.asarray(s).reshape(-1) for s in steps])
+    return logits, llmjax.generate(params, PROMPTS, max_new_tokens=6)
+
+
+@pytest.mark.slow
+def test_model_through_the_kernels_matches_the_reference_model(monkeypatch):
+    params = _peaked(llmjax.init_random("tiny", dtype="float32", seed=3))  # head_dim 16, 3 q heads per kv head
+    logits, tokens = _run_model(params, "interpret", monkeypatch)
+    want_logits, want_tokens = _run_model(params, "off", monkeypatch)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert tokens == want_tokens
+
+
+@pytest.mark.slow
+def test_sharded_model_through_the_kernels_matches_one_device(monkeypatch):
+    """On a mesh each device runs the kernel on its own rows and heads (shard_map)."""
+    params = _peaked(llmjax.init_random("tiny", dtype="float32", seed=4))
+    want_logits, want_tokens = _run_model(params, "off", monkeypatch)
+    sharded = llmjax.shard(params, make_mesh(tensor=2, data=2, devices=jax.devices()[:4]))
+    logits, tokens = _run_model(sharded, "interpret", monkeypatch)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert tokens == want_tokens
+
+
+def test_gradients_through_a_kernel_are_the_references(monkeypatch):
+    monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
+    q, k, v = _normal(11, (1, 20, 4, 16), (1, 20, 2, 16), (1, 20, 2, 16), dtype=jnp.float32)
+    offsets, lengths = jnp.zeros((1,), jnp.int32), jnp.full((1,), 20, jnp.int32)
+
+    def loss(attend, q, k, v):
+        return jnp.sum(jnp.sin(attend(q, k, v, offsets, lengths)))
+
+    got = jax.grad(lambda *a: loss(fa.attend, *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: loss(fa.flash_attention_reference, *a), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        _assert_close(g, w, jnp.float32)
+
+
+def test_attention_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMJAX_ATTENTION", "fast")
+    q = jnp.zeros((1, 2, 16))
+    with pytest.raises(ValueError, match="LLMJAX_ATTENTION must be one of auto, off, interpret"):
+        da.attend(q, jnp.zeros((1, 4, 1, 16)), jnp.zeros((1, 4, 1, 16)), jnp.ones((1,), jnp.int32))
+    assert dispatch.mode("LLMJAX_SOMETHING_UNSET") == "auto"
+
+
+def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
+    assert [fa.supported(d) for d in (8, 16, 24, 32, 64, 96, 128, 256)] == [False, True, False, True, True, False,
+                                                                               True, True]
+    q, k, v = _normal(12, (2, 6, 24), (2, 5, 3, 24), (2, 5, 3, 24), dtype=jnp.float32)
+    lengths = jnp.array([5, 2], jnp.int32)
+    _assert_close(da.attend(q, k, v, lengths), da.decode_attention_reference(q, k, v, lengths), jnp.float32)
+    with pytest.raises(ValueError, match="power of two >= 16, got 24"):
+        da.decode_attention(q, k, v, lengths, interpret=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: fa.flash_attention(jnp.zeros((1, 4, 6, 16)), jnp.zeros((1, 4, 4, 16)), jnp.zeros((1, 4, 4, 16)),
+                                jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32)), "not a multiple of 4 kv"),
+    (lambda: fa.flash_attention(jnp.zeros((2, 4, 4, 16)), jnp.zeros((2, 4, 4, 16)), jnp.zeros((2, 4, 4, 16)),
+                                jnp.zeros((1,), jnp.int32), jnp.ones((2,), jnp.int32)), r"shape \[B\] = \(2,\)"),
+    (lambda: da.decode_attention(jnp.zeros((1, 4, 16)), jnp.zeros((1, 8, 4, 32)), jnp.zeros((1, 8, 4, 32)),
+                                 jnp.ones((1,), jnp.int32)), "same B and D"),
+    (lambda: pa.paged_attention(jnp.zeros((2, 4, 16)), jnp.zeros((3, 8, 2, 16)), jnp.zeros((3, 8, 2, 16)),
+                                jnp.zeros((3, 2), jnp.int32), jnp.ones((2,), jnp.int32)), r"block_tables \[B, max_pages\]"),
+    (lambda: pa.paged_attention(jnp.zeros((2, 4, 16), jnp.bfloat16), jnp.zeros((3, 8, 2, 16)),
+                                jnp.zeros((3, 8, 2, 16)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)),
+     "one dtype"),
+])
+def test_bad_inputs_are_refused_with_the_reason(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
