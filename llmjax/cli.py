@@ -14,16 +14,7 @@ import sys
 import jinja2
 
 from llmjax.params import DEFAULT_MODEL
-from llmjax.quant.weights import SCHEMES, QuantScheme
-
-
-def _quant_name(name: str) -> str:
-    """argparse type for --quant: a scheme name (`-asym` variants too), checked by QuantScheme.parse."""
-    try:
-        QuantScheme.parse(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return name
+from llmjax.quant.weights import SCHEMES
 
 
 def _convert(args) -> None:
@@ -116,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("out_dir", metavar="OUT_DIR", help="where to write the llmjax checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="weight dtype to store (default: the checkpoint's own)")
-    conv.add_argument("--quant", metavar="{" + ",".join(SCHEMES) + "}[-asym]", type=_quant_name, help="quantize the projections (q/k/v, o, gate/up, down) to "
+    conv.add_argument("--quant", metavar="{" + ",".join(SCHEMES) + "}[-asym]", help="quantize the projections (q/k/v, o, gate/up, down) to "
                       "group-wise int4 (group 128, 64 or 32; -asym adds zero points) or per-channel int8")
     conv.add_argument("--quant-lm-head", action="store_true", help="with --quant, also quantize an "
                       "untied LM head (the embedding table always stays in --dtype)")

@@ -6,24 +6,31 @@ if the product reads it at memory speed. XLA does not fuse a group dequantizatio
 Triton backend (they lower for cuda and rocm). Weights arrive as uint32 words `[N, K/8]`: eight codes
 per word, input `j*W + i` of a group of G = 8W inputs in nibble j of the group's word i.
 
+Turning a nibble into a float costs one AND and one subtraction: the word is first split once into its
+low five nibbles (in place) and its top three (shifted down by 12), each under the exponent bits of the
+float 2**23; ANDing one nibble's bits and those exponent bits gives the float 2**23 + code * 16**pos,
+where pos is where the nibble lies, and subtracting 2**23 + zero * 16**pos leaves (code - zero) *
+16**pos exactly. No shift and no int-to-float conversion per nibble; the factor 16**pos is undone on
+x's side, which is multiplied by 16**-pos (exact: a power of two) before the kernel. An offline count
+of the compiled H200 code (Triton 3.6) gives ~3.7 instructions per weight for the one-row kernel
+(AND, subtract, multiply-add, and a little per word), where plain shift-mask-convert code needs ~6.
+
 Two kernel bodies, one wrapper (`int4_matmul`), the choice in `Int4Config.kind`:
 
 - `fma`, for a few rows (batch-1 decode): CUDA-core multiply-adds, split-K. A program owns `block_n`
-  outputs and one of `splits` slices of K, and reads its weights `block_k` inputs at a time as
-  `[block_n, groups, W]` words. Per word and nibble j it does three operations: AND the nibble where it
-  lies (bits 4j..4j+3; the top three nibbles after one shift of the word by 12), OR it into the
-  mantissa of the float 2**23, and subtract 2**23 + 8 * 16**j, which leaves `(code - 8) * 16**j`
-  exactly; the matching x run is pre-multiplied by 16**-j (exact: a power of two), so the product is
-  `(code - 8) * x`. The eight products of a word are summed, then scaled once (all eight share a
-  group), into a float32 `[block_n, groups, W]` accumulator that is reduced once, after the K loop.
-  Zero points (asymmetric) subtract `z * sum(x run)` per word instead of folding 8 into the constant.
-- `dot`, for more rows (decode batches and prefill): each nibble plane `j` is dequantized to x's dtype
-  (shift, AND, the same float trick, times the scale) and multiplied with x's matching run on tensor
-  cores; row tiles of `block_m` (at least 16, a tensor-core minimum), optional split-K.
+  outputs and one of `splits` slices of K, reads `block_k` inputs per step as `[block_n, groups, W]`
+  words (wide loads of whole groups), sums the eight products of each word, scales the sum once (a
+  word lies in one group) into a float32 `[block_n, groups, W]` accumulator, and reduces that once,
+  after the K loop. Zero points subtract `zero * sum(x run)` per word.
+- `dot`, for more rows (decode batches and prefill): tensor cores. Each word is repeated for its eight
+  nibbles, so `[block_n, groups, 8, W]` holds the step's weights in input order; they become x's dtype
+  (exact: (code - zero) * 16**pos has four significant bits) and meet x in one product per step. When
+  a step is one group (`block_k` = group) the scale multiplies the product's columns, else each weight.
 
-Split-K partial sums `[splits, M, N]` (float32) are added after the kernel. Any M, N and any K that is a
-multiple of the group: loads past the edges are masked. `int4_matmul_reference` defines the result:
-dequantize (`llmjax.quant.dequantize_int4`), then one float32 product.
+Split-K partial sums `[splits, M, N]` (float32) are added after the kernel. Any M and N, and any K
+that is a multiple of the group: loads past the edges are masked, and only where a shape needs it.
+`int4_matmul_reference` defines the result: dequantize (`llmjax.quant.dequantize_int4`), then one
+float32 product.
 """
 
 from __future__ import annotations
@@ -49,15 +56,15 @@ _NIBBLE_SCALE = tuple(16.0 ** -(j if j < _IN_PLACE else j - _HIGH_SHIFT // 4) fo
 
 @dataclasses.dataclass(frozen=True)
 class Int4Config:
-    """Tuning of one `int4_matmul` call. `kind`: `fma` (few rows) or `dot` (tensor cores).
-    `block_k` (inputs per loop step) must be a multiple of the group; for `dot` it must also give
-    nibble runs of at least 16 inputs (`block_k >= 128`). `splits` cuts K into that many slices,
-    each its own program (more programs for matrices with few outputs)."""
+    """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows) or `dot` (tensor
+    cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
+    and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program
+    (more programs for a matrix with few outputs)."""
 
     kind: str = "fma"
     block_m: int = 16
-    block_n: int = 64
-    block_k: int = 256
+    block_n: int = 128
+    block_k: int = 128
     splits: int = 4
     num_warps: int = 4
     num_stages: int = 3
@@ -67,26 +74,31 @@ class Int4Config:
             raise ValueError(f"Int4Config.kind must be 'fma' or 'dot', got {self.kind!r}")
         for name in ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"Int4Config.{name} must be a positive integer, got {v!r}")
-        if self.block_k % group_size or self.block_k & (self.block_k - 1):
-            raise ValueError(f"Int4Config.block_k={self.block_k} must be a power of two and a multiple "
-                             f"of the group size {group_size}")
-        if self.kind == "dot" and (self.block_k < 16 * NIBBLES or self.block_m < 16 or self.block_n < 16):
-            raise ValueError(f"the dot kernel needs block_k >= {16 * NIBBLES} and block_m, block_n >= 16 "
-                             f"(tensor-core tiles); got {self}")
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"Int4Config.{name}={v} must be a power of two (a Triton block)")
+        if self.block_k % group_size:
+            raise ValueError(f"Int4Config.block_k={self.block_k} must be a multiple of the group size "
+                             f"{group_size}")
+        if self.kind == "dot" and min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"the dot kernel's tiles must be at least 16 wide (tensor cores); got "
+                             f"block_m={self.block_m}, block_n={self.block_n}")
 
 
-# Defaults, by rows (the H200 sweep in benchmarks/int4_matmul.py is where they come from).
-FMA_MAX_ROWS = 4
-DECODE = Int4Config("fma", block_n=64, block_k=256, splits=4, num_warps=4, num_stages=3)
-DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=256, splits=4, num_warps=4, num_stages=3)
-PREFILL = Int4Config("dot", block_m=64, block_n=64, block_k=128, splits=1, num_warps=4, num_stages=3)
+# Defaults by rows. The `fma` kernel up to FMA_MAX_ROWS rows (each extra row adds a multiply-add per
+# weight), the tensor-core kernel beyond, split-K up to 16 rows. Chosen from the offline instruction
+# counts; `benchmarks/int4_matmul.py` measures these against alternatives on the H200.
+FMA_MAX_ROWS = 2
+DECODE = Int4Config("fma", block_n=128, block_k=128, splits=8, num_warps=4, num_stages=3)
+DECODE_DOT = Int4Config("dot", block_m=16, block_n=128, block_k=128, splits=4, num_warps=4, num_stages=3)
+PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, splits=1, num_warps=4, num_stages=3)
 
 
-def default_config(m: int, n: int, k: int) -> Int4Config:
+def default_config(m: int) -> Int4Config:
     """The configuration `int4_matmul` uses for `m` rows when none is given."""
-    del n, k
     if m <= FMA_MAX_ROWS:
         return DECODE
     return DECODE_DOT if m <= 16 else PREFILL
@@ -242,7 +254,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         raise ValueError(f"int4_matmul takes x [M, K] = {x.shape}, values uint32 [N, K/8], scales and zeros "
                          f"[N, K/group]; got values {values.dtype}{list(values.shape)}, scales "
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
-    config = config or default_config(m, n, k)
+    config = config or default_config(m)
     config.check(group_size)
     block_groups = config.block_k // group_size
     steps_total = pl.cdiv(groups, block_groups)

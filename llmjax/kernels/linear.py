@@ -63,8 +63,9 @@ def _sharded_product(x2, qw: QuantizedWeight, mesh, axes: tuple, num_out_dims: i
         y = _product(x2, qw)
         return y if in_axis is None else jax.lax.psum(y, in_axis)
 
+    # check_vma=False: a Pallas call's output carries no record of which mesh axes it varies over
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, in_axis), _leaf_specs(qw, out_axes, in_axis)),
-                         out_specs=P(rows, *out_axes))(x2, qw)
+                         out_specs=P(rows, *out_axes), check_vma=False)(x2, qw)
 
 
 def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None):

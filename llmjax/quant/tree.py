@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import LlamaConfig
-from llmjax.quant.weights import (QuantizedWeight, QuantScheme, dequantize, is_quantized, quantize_int4,
+from llmjax.quant.weights import (GROUP_SIZES, QuantizedWeight, QuantScheme, dequantize, is_quantized, quantize_int4,
                                   quantize_int8)
 
 STORAGE_FIELDS = ("values", "scales", "zeros")
@@ -79,12 +79,13 @@ def check_tensor_split(config: LlamaConfig, scheme: QuantScheme | None, tensor: 
     for name, width in (("o", config.num_heads * config.head_dim), ("down", config.intermediate_size)):
         group = scheme.group_for(width)
         if group is not None and (width // tensor) % group:
-            fits = [t for t in range(1, tensor + 1) if width % t == 0 and (width // t) % group == 0]
+            fits = [t for t in range(1, tensor) if width % t == 0 and (width // t) % group == 0]
+            smaller = [f"int4-g{g}" for g in GROUP_SIZES if g < group and (width // tensor) % g == 0]
             raise ValueError(
                 f"tensor={tensor} would cut int4 groups of {group}: the {name} projection's input width "
                 f"{width} splits into {width // tensor} per device, not a multiple of {group}; use a "
-                f"tensor degree that keeps whole groups (one of {fits}) or convert with a smaller group "
-                "(int4-g64, int4-g32)")
+                f"tensor degree that keeps whole groups (one of {fits}) or convert with "
+                f"{' or '.join(smaller) if smaller else 'int8'}")
 
 
 def parse_dtype(dtype: str) -> tuple[str, QuantScheme | None]:

@@ -5,9 +5,8 @@ its flattened input width K, row by row:
 
 - **int4, group-wise** (`int4-g32|g64|g128`): each row is cut into groups of `group_size` consecutive
   inputs; each group gets one bf16 scale (and, asymmetric, one integer zero point stored as bf16).
-  Symmetric codes are `round(w / s) + 8` with `s = max|w| / 7` (codes 1..15, so 0 stays exact);
-  asymmetric ones are `round(w / s) + z` with `s = (max - min) / 15`, `z = round(-min / s)`, in 0..15.
-  A weight is `(code - 8) * s` or `(code - z) * s`.
+  Codes are 0..15: symmetric `round(w / s) + 8` (0 stays exact), asymmetric `round(w / s) + z`; a
+  weight is `(code - 8) * s` or `(code - z) * s`. The scale is searched per group (`quantize_int4`).
 - **int8, per channel** (`int8`): one bf16 scale per output row, codes `round(w / s)` in -127..127
   with `s = max|w| / 127`; a weight is `code * s`.
 
@@ -46,6 +45,8 @@ SCALE_DTYPE = jnp.bfloat16
 # 0..15 around 8, int8 codes -127..127 around 0.
 _INT4_CODE_STD = math.sqrt(((np.arange(16) - 8.0) ** 2).mean())
 _INT8_CODE_STD = math.sqrt((np.arange(-127, 128) ** 2.0).mean())
+# The symmetric scales quantize_int4 tries per group: max|w| / divisor.
+_SYMMETRIC_DIVISORS = (6.0, 6.5, 7.0, 7.5, 8.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,7 @@ def pack_int4(codes: jax.Array, group_size: int) -> jax.Array:
     *out, k = codes.shape
     w = group_size // NIBBLES
     c = codes.astype(jnp.uint32).reshape(*out, k // group_size, NIBBLES, w)
-    shifts = (4 * jnp.arange(NIBBLES, dtype=jnp.uint32)).reshape(NIBBLES, 1)
+    shifts = (4 * jnp.arange(NIBBLES, dtype=jnp.uint32)).reshape((1,) * (c.ndim - 2) + (NIBBLES, 1))
     return jnp.sum(c << shifts, axis=-2, dtype=jnp.uint32).reshape(*out, k // NIBBLES)
 
 
@@ -177,13 +178,21 @@ def unpack_int4(words: jax.Array, group_size: int) -> jax.Array:
     *out, kw = words.shape
     w = group_size // NIBBLES
     g = words.reshape(*out, kw // w, 1, w)
-    shifts = (4 * jnp.arange(NIBBLES, dtype=jnp.uint32)).reshape(NIBBLES, 1)
+    shifts = (4 * jnp.arange(NIBBLES, dtype=jnp.uint32)).reshape((1,) * (g.ndim - 2) + (NIBBLES, 1))
     return ((g >> shifts) & jnp.uint32(0xF)).reshape(*out, kw * NIBBLES)
 
 
 @functools.partial(jax.jit, static_argnames=("num_out_dims", "group_size", "symmetric"))
 def quantize_int4(w, *, num_out_dims: int, group_size: int, symmetric: bool = True) -> QuantizedWeight:
-    """Group-wise int4 of a kernel `[*out, *in]` (K, the product of `in`, a multiple of `group_size`)."""
+    """Group-wise int4 of a kernel `[*out, *in]` (K, the product of `in`, a multiple of `group_size`).
+
+    Symmetric: each group takes, of the scales `max|w| / c` for c in 6..8 (codes -8..7 around 8),
+    the one whose codes reproduce it with the least squared error. Clipping a group's one or two
+    extreme weights for a finer grid for all the others is usually the better trade: on the bundled
+    demo model, int4-g128's perplexity excess over bf16 falls from 4.5% (`max|w| / 7`) to 3.4%.
+    Asymmetric: the min-max range over 15 steps and an integer zero point (the same search over
+    shrunk ranges lowered the squared error there but raised the demo model's perplexity).
+    """
     rows = _rows(w, num_out_dims)
     *out, k = rows.shape
     if group_size not in GROUP_SIZES or k % group_size:
@@ -191,14 +200,24 @@ def quantize_int4(w, *, num_out_dims: int, group_size: int, symmetric: bool = Tr
                          f"group {group_size} for width {k}")
     g = rows.reshape(*out, k // group_size, group_size)
     if symmetric:
-        scale = (jnp.max(jnp.abs(g), axis=-1) / 7).astype(SCALE_DTYPE)
-        zero = jnp.full(scale.shape, 8.0, jnp.float32)
+        amax = jnp.max(jnp.abs(g), axis=-1)
+        candidates = [((amax / c).astype(SCALE_DTYPE), jnp.full(amax.shape, 8.0)) for c in _SYMMETRIC_DIVISORS]
     else:
         lo, hi = jnp.minimum(jnp.min(g, axis=-1), 0.0), jnp.maximum(jnp.max(g, axis=-1), 0.0)
         scale = ((hi - lo) / 15).astype(SCALE_DTYPE)
-        zero = jnp.clip(jnp.round(-lo / _nonzero(scale)), 0, 15)
-    # Codes are computed with the rounded scale, so dequantize reproduces what was measured here.
-    codes = jnp.clip(jnp.round(g / _nonzero(scale)[..., None]) + zero[..., None], 0, 15)
+        candidates = [(scale, jnp.clip(jnp.round(-lo / _nonzero(scale)), 0, 15))]
+    best = None
+    for scale, zero in candidates:
+        # codes from the rounded scale, so dequantize reproduces what is measured here
+        codes = jnp.clip(jnp.round(g / _nonzero(scale)[..., None]) + zero[..., None], 0, 15)
+        err = jnp.sum(((codes - zero[..., None]) * scale.astype(jnp.float32)[..., None] - g) ** 2, axis=-1)
+        if best is None:
+            best = (err, scale, zero, codes)
+        else:
+            take = err < best[0]
+            best = (jnp.where(take, err, best[0]), jnp.where(take, scale, best[1]),
+                    jnp.where(take, zero, best[2]), jnp.where(take[..., None], codes, best[3]))
+    _, scale, zero, codes = best
     values = pack_int4(codes.reshape(*out, k).astype(jnp.uint32), group_size)
     zeros = None if symmetric else zero.astype(SCALE_DTYPE)
     return QuantizedWeight(values, scale, zeros, bits=4, group_size=group_size)
