@@ -97,3 +97,24 @@ def test_the_projection_lowers_to_a_triton_call(platform, device_kind, rows):
             lowering_platforms=(platform,)).as_text()
     assert "__gpu$xla.gpu.triton" in text
     assert "stablehlo.dot_general" not in text  # no dequantize-then-dot left beside the kernel
+
+
+def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():
+    import functools
+    import importlib
+
+    from llmjax.cache import KVCache
+    from llmjax.config import LlamaConfig
+    from llmjax.models.llama import Llama, abstract_params
+    from llmjax.quant import QuantScheme
+
+    gen = importlib.import_module("llmjax.generate")
+    config, scheme = LlamaConfig.preset("tiny"), QuantScheme.parse("int4-g32")
+    weights = abstract_params(config, jnp.bfloat16, scheme)
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, 2, 64, jnp.bfloat16))
+    rows = jax.ShapeDtypeStruct((2,), jnp.int32)
+    decode = functools.partial(gen._decode, Llama(config, jnp.bfloat16, quant=scheme))
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("gfx942")):
+        text = jax.jit(decode).trace(weights, rows, rows, cache).lower(lowering_platforms=("rocm",)).as_text()
+    # q/k/v, o and gate/up of each of the 2 layers are int4 (down's width 200 takes no group)
+    assert text.count("__gpu$xla.gpu.triton") >= 3

@@ -58,14 +58,15 @@ _NIBBLE_SCALE = tuple(16.0 ** -(j if j < _IN_PLACE else j - _HIGH_SHIFT // 4) fo
 class Int4Config:
     """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows) or `dot` (tensor
     cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
-    and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program
-    (more programs for a matrix with few outputs)."""
+    and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program;
+    None (the default) picks enough slices for about `TARGET_PROGRAMS` programs, at least `MIN_STEPS`
+    steps each, so that a matrix with few outputs (o, down) still keeps every SM reading."""
 
     kind: str = "fma"
     block_m: int = 16
     block_n: int = 128
     block_k: int = 128
-    splits: int = 4
+    splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
 
@@ -74,6 +75,8 @@ class Int4Config:
             raise ValueError(f"Int4Config.kind must be 'fma' or 'dot', got {self.kind!r}")
         for name in ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages"):
             v = getattr(self, name)
+            if name == "splits" and v is None:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"Int4Config.{name} must be a positive integer, got {v!r}")
         for name in ("block_m", "block_n", "block_k"):
@@ -89,12 +92,15 @@ class Int4Config:
 
 
 # Defaults by rows. The `fma` kernel up to FMA_MAX_ROWS rows (each extra row adds a multiply-add per
-# weight), the tensor-core kernel beyond, split-K up to 16 rows. Chosen from the offline instruction
-# counts; `benchmarks/int4_matmul.py` measures these against alternatives on the H200.
+# weight), the tensor-core kernel beyond. Chosen from the offline instruction counts and occupancy (a
+# 4-warp fma program holds ~96 registers a thread, so ~5 fit an SM); `benchmarks/int4_matmul.py`
+# measures them against alternatives on the H200.
 FMA_MAX_ROWS = 2
-DECODE = Int4Config("fma", block_n=128, block_k=128, splits=8, num_warps=4, num_stages=3)
-DECODE_DOT = Int4Config("dot", block_m=16, block_n=128, block_k=128, splits=4, num_warps=4, num_stages=3)
-PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, splits=1, num_warps=4, num_stages=3)
+TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs
+MIN_STEPS = 2
+DECODE = Int4Config("fma", block_n=128, block_k=128, num_warps=4, num_stages=3)
+DECODE_DOT = Int4Config("dot", block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)
+PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
 def default_config(m: int) -> Int4Config:
@@ -258,7 +264,9 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     config.check(group_size)
     block_groups = config.block_k // group_size
     steps_total = pl.cdiv(groups, block_groups)
-    splits = max(1, min(config.splits, steps_total))
+    tiles = pl.cdiv(n, config.block_n) * (1 if config.kind == "fma" else pl.cdiv(m, config.block_m))
+    splits = config.splits or pl.cdiv(TARGET_PROGRAMS, tiles)
+    splits = max(1, min(splits, steps_total if config.splits else steps_total // MIN_STEPS))
     steps = pl.cdiv(steps_total, splits)
     splits = pl.cdiv(steps_total, steps)  # no split left without work
     visited = splits * steps * block_groups  # groups the programs step over, the last ones maybe past K
