@@ -11,7 +11,8 @@ low five nibbles (in place) and its top three (shifted down by 12), each under t
 float 2**23; ANDing one nibble's bits and those exponent bits gives the float 2**23 + code * 16**pos,
 where pos is where the nibble lies, and subtracting 2**23 + zero * 16**pos leaves (code - zero) *
 16**pos exactly. No shift and no int-to-float conversion per nibble; the factor 16**pos is undone on
-x's side, which is multiplied by 16**-pos (exact: a power of two) before the kernel. An offline count
+x's side, which is multiplied by 16**-pos (exact: a power of two) before the kernel (float16 x, whose
+exponents cannot go that low, has the dot kernel multiply its weights by 16**-pos instead). An offline count
 of the compiled H200 code (Triton 3.6) gives ~3.7 instructions per weight for the one-row kernel
 (AND, subtract, multiply-add, and a little per word), where plain shift-mask-convert code needs ~6.
 
@@ -198,8 +199,8 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
 
 
 def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, block_groups, steps, mask_n,
-                mask_g, asymmetric):
-    # x_ref [M, K'] (each input times 16**-pos of its nibble, zero-padded to every group visited);
+                mask_g, asymmetric, prescaled):
+    # x_ref [M, K'] (prescaled: each input times 16**-pos of its nibble; zero-padded to every group visited);
     # v_ref [N, groups, 1, W] uint32; s_ref, z_ref [N, groups]; o_ref [splits, M, N] float32
     z_ref, o_ref = rest if asymmetric else (None, rest[0])
     mi, ni, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -230,6 +231,8 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
         low, high = _split_words(jnp.broadcast_to(words, (block_n, block_groups, NIBBLES, w)))
         raw = jax.lax.bitcast_convert_type(jnp.where(j < _IN_PLACE, low, high) & masks, jnp.float32)
         f = raw - (_TWO23 + zero * pow16)  # (code - zero) * 16**pos, exact in bf16 too
+        if not prescaled:  # float16's exponent range cannot carry 16**+-pos: undo it on the weight
+            f = f * (1.0 / pow16)
         xk = _load(x_ref.at[m_slice, pl.ds(g0 * NIBBLES * w, block_k)],
                    None if m_edge is None else _mask((block_m, block_k), m_edge[:, None]))
         if block_groups == 1:  # one group: one scale per output, applied to the product
@@ -273,10 +276,12 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     asymmetric = zeros is not None
     common = dict(n=n, groups=groups, block_n=config.block_n, block_groups=block_groups, steps=steps,
                   mask_n=n % config.block_n != 0, mask_g=visited != groups, asymmetric=asymmetric)
-    # x times 16**-pos of each input's nibble (exact: a power of two), zero past K (read unmasked)
+    # x times 16**-pos of each input's nibble (exact: a power of two; float16 excepted, whose exponent
+    # range is too narrow, for the dot kernel), zero past K (so it is read unmasked)
+    prescaled = config.kind == "fma" or x.dtype != jnp.float16
     x4 = jnp.pad(x.reshape(m, groups, NIBBLES, w), ((0, 0), (0, visited - groups), (0, 0), (0, 0)))
     x4 = x4.astype(jnp.float32 if config.kind == "fma" else x.dtype)
-    xs = x4 * jnp.asarray(_NIBBLE_SCALE, x4.dtype).reshape(1, 1, NIBBLES, 1)
+    xs = x4 * jnp.asarray(_NIBBLE_SCALE, x4.dtype).reshape(1, 1, NIBBLES, 1) if prescaled else x4
     operands = (values.reshape(n, groups, w), scales) + ((zeros,) if asymmetric else ())
     if config.kind == "fma":
         operands = (xs,) + operands + ((jnp.sum(x4, axis=2),) if asymmetric else ())
@@ -284,7 +289,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
         operands = (xs.reshape(m, visited * group_size), values.reshape(n, groups, 1, w)) + operands[1:]
-        kernel = functools.partial(_dot_kernel, m=m, block_m=config.block_m, **common)
+        kernel = functools.partial(_dot_kernel, m=m, block_m=config.block_m, prescaled=prescaled, **common)
         grid = (pl.cdiv(m, config.block_m), pl.cdiv(n, config.block_n), splits)
     partial = pl.pallas_call(
         kernel,
