@@ -10,6 +10,11 @@ the fraction of the bound reached. Timing, all medians over `repeats` runs of th
 Both runs share one compilation (the token budget is a runtime value), so nothing is compiled inside
 a timed region. `compare_hf=True` times Hugging Face transformers (static cache, `torch.compile`) on
 the same shapes in the same process.
+
+`dtype` may name a quantization (`int4-g128`, ..., `int8`, `llmjax.quant`): the projections are then
+random codes made directly in their packed form (and in their shardings on a mesh), the other weights
+bfloat16, and the bytes read per step count the packed codes and their scales. transformers has no
+such format here, so `compare_hf` times it with bfloat16 weights and says so.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ import numpy as np
 from llmjax.cache import KVCache
 from llmjax.config import LlamaConfig
 from llmjax.params import Params, init_random
+from llmjax.quant.tree import parse_dtype
+from llmjax.quant.weights import SCHEMES
 from llmjax.sharding.rules import cache_sharding
 
 gen = importlib.import_module("llmjax.generate")  # the module; `llmjax.generate` is also a function
 DTYPES = ("bfloat16", "float16", "float32")
-LATER = {"int4-g128": "int4 weights arrive with the quantization issue (llmjax/quant)"}
 
 
 @dataclasses.dataclass
@@ -139,10 +145,12 @@ def _median_time(fn, repeats: int) -> float:
 
 def _model_config(model, dtype) -> LlamaConfig:
     """The preset (or config) to bench, after checking the dtype."""
-    if dtype in LATER:
-        raise ValueError(f"--dtype {dtype} is not available yet: {LATER[dtype]}; use one of {', '.join(DTYPES)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    try:
+        float_dtype, _ = parse_dtype(dtype)
+    except ValueError as e:
+        raise ValueError(f"dtype {dtype!r}: {e}") from None
+    if float_dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES + SCHEMES)}")
     return model if isinstance(model, LlamaConfig) else LlamaConfig.preset(model)
 
 
@@ -241,6 +249,7 @@ def hf_tok_s(config: LlamaConfig, dtype: str, prompts: list[list[int]], gen_len:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_config = transformers.LlamaConfig(**config.to_hf())
+    dtype, quant = parse_dtype(dtype)  # a quantized format: transformers runs the float weights
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(hf_config).to(torch_dtype).eval()
@@ -271,6 +280,8 @@ def hf_tok_s(config: LlamaConfig, dtype: str, prompts: list[list[int]], gen_len:
     if device == "cuda":
         torch.cuda.empty_cache()
     setup = "static cache, compiled" if device == "cuda" else "static cache, eager on CPU"
+    if quant is not None:
+        setup += f", {dtype} weights (no {quant.name} path)"
     return gen_len / statistics.median(times), f"{setup}, torch {torch.__version__}"
 
 

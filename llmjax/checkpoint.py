@@ -2,14 +2,17 @@
 
 ```
 OUT/
-  llmjax.json          format marker, weight dtype, the weight groups in order
+  llmjax.json          format marker, weight dtype, the weight groups in order, the quantization
+                       scheme when the projections are quantized (`llmjax convert --quant`)
   config.json          the source model's Hugging Face config (LlamaConfig.from_hf reads it)
   generation_config.json, tokenizer.model | tokenizer.json, tokenizer_config.json, ...
   weights/<group>/     one orbax checkpoint per top-level group: embed, layer_0 ... layer_{L-1},
                        final_norm, lm_head
 ```
 One orbax item per group lets conversion write a layer at a time (memory bounded by the largest
-layer, not the model) and restore read each tensor straight into the sharding it is asked for.
+layer, not the model) and restore read each tensor straight into the sharding it is asked for. A
+quantized kernel is stored as a plain dict of its arrays (`values`, `scales`, `zeros`); its bits and
+group size follow from the manifest's scheme and the model's declaration.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llmjax.files import read_json
+from llmjax.quant.tree import from_storage, to_storage
 
 MANIFEST = "llmjax.json"
 FORMAT = "llmjax-checkpoint"
@@ -39,7 +43,7 @@ def write_weights(root: str, groups) -> list[str]:
     keys = []
     try:
         for key, tree in groups:
-            checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), tree)
+            checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree))
             keys.append(key)
     finally:
         # Saves run in the background; on failure too, none may still be writing when the caller
@@ -48,8 +52,11 @@ def write_weights(root: str, groups) -> list[str]:
     return keys
 
 
-def write_manifest(root: str, keys: list[str], dtype: str) -> None:
+def write_manifest(root: str, keys: list[str], dtype: str, quant=None) -> None:
+    """`quant`: the `QuantScheme` of the projections, or None (all weights in `dtype`)."""
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "groups": keys}
+    if quant is not None:
+        manifest["quant"] = quant.to_json()
     with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
 
@@ -65,7 +72,8 @@ def read_manifest(root: str) -> dict[str, Any]:
 
 
 def restore_weights(root: str, target: dict) -> dict:
-    """Restores every group of `target` (a tree of `jax.ShapeDtypeStruct` with shardings)."""
+    """Restores every group of `target` (a tree of `jax.ShapeDtypeStruct` with shardings; quantized
+    kernels as `QuantizedWeight`s of them)."""
     manifest = read_manifest(root)
     missing = sorted(set(target) - set(manifest["groups"]))
     if missing:
@@ -76,7 +84,7 @@ def restore_weights(root: str, target: dict) -> dict:
     for key, group_target in target.items():
         path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
         try:
-            weights[key] = checkpointer.restore(path, group_target)
+            weights[key] = from_storage(checkpointer.restore(path, to_storage(group_target)), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
             raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(e).__name__}: {e}); "
                              "the checkpoint is damaged or does not match its config.json; convert the "

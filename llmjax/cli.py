@@ -14,13 +14,14 @@ import sys
 import jinja2
 
 from llmjax.params import DEFAULT_MODEL
+from llmjax.quant.weights import SCHEMES
 
 
 def _convert(args) -> None:
     from llmjax.convert.hf import convert
 
     out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                  progress=not args.quiet)
+                  progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -157,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("out_dir", metavar="OUT_DIR", help="where to write the llmjax checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="weight dtype to store (default: the checkpoint's own)")
+    conv.add_argument("--quant", metavar="{" + ",".join(SCHEMES) + "}[-asym]", help="quantize the projections (q/k/v, o, gate/up, down) to "
+                      "group-wise int4 (group 128, 64 or 32; -asym adds zero points) or per-channel int8")
+    conv.add_argument("--quant-lm-head", action="store_true", help="with --quant, also quantize an "
+                      "untied LM head (the embedding table always stays in --dtype)")
     conv.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(run=_convert)
@@ -202,7 +207,9 @@ def _parser() -> argparse.ArgumentParser:
                    "tiny, ...; see llmjax.LlamaConfig.preset)")
     b.add_argument("--random-weights", action="store_true", default=True,
                    help="random weights of the preset (the only mode; accepted for clarity)")
-    b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int4-g128"])
+    b.add_argument("--dtype", default="bfloat16", metavar="{bfloat16,float16,float32," + ",".join(SCHEMES) + "}",
+                   help="weight format: a float dtype, or quantized projections (random codes made "
+                   "directly in int4/int8, the other weights bfloat16)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=None, help="default 8 (128 with --throughput)")
     b.add_argument("--gen-len", type=int, default=None, help="default 256 (128 with --throughput)")

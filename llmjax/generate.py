@@ -236,7 +236,7 @@ def _pad(rows: list[list[int]], length: int) -> np.ndarray:
 
 
 def _model(params: Params) -> Llama:
-    return Llama(params.config, params.dtype, params.mesh)
+    return Llama(params.config, params.dtype, params.mesh, params.quant)
 
 
 def _batch_size(params: Params, rows: int) -> int:

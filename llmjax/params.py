@@ -1,8 +1,9 @@
 """`llmjax.load`: a model folder in, a `Params` out (weights + config + tokenizer), ready for `generate`.
 
-`load` reads an llmjax checkpoint (from `llmjax convert`) or a Hugging Face folder directly (converted
-in memory through the same name map). `Params` is a pytree whose only leaves are the weights; the
-config and tokenizer ride along as static metadata, so `jax.tree.map` and `jax.device_put` see weights.
+`load` reads an llmjax checkpoint (from `llmjax convert`, quantized or not) or a Hugging Face folder
+directly (converted in memory through the same name map). `Params` is a pytree whose only leaves are
+the weights; the config, tokenizer, mesh and quantization scheme ride along as static metadata, so
+`jax.tree.map` and `jax.device_put` see weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from llmjax.convert.hf import (DTYPES, SafetensorsFolder, check_tensors, iter_we
                                read_hf_weights, resolve_dtype)
 from llmjax.files import read_json
 from llmjax.models import llama
+from llmjax.quant.tree import cast_floats, check_tensor_split, parse_dtype
+from llmjax.quant.weights import QuantScheme
 from llmjax.tokenizer import Tokenizer
 
 
@@ -30,9 +33,11 @@ class Params:
     config: LlamaConfig
     tokenizer: Tokenizer | None = None
     mesh: jax.sharding.Mesh | None = None  # set when the weights are sharded over a mesh
+    quant: QuantScheme | None = None  # set when the projections are quantized (llmjax.quant)
 
     @property
     def dtype(self):
+        """The dtype of the floating-point weights (and so of the activations)."""
         return self.weights["embed"]["embedding"].dtype
 
     @property
@@ -41,11 +46,12 @@ class Params:
 
     def __repr__(self):
         tok = "no tokenizer" if self.tokenizer is None else f"tokenizer vocab {self.tokenizer.vocab_size}"
-        return (f"Params({self.num_params / 1e6:.1f}M weights, {jnp.dtype(self.dtype).name}, "
-                f"{self.config.num_layers} layers, {tok})")
+        fmt = jnp.dtype(self.dtype).name + ("" if self.quant is None else f", projections {self.quant.name}")
+        return f"Params({self.num_params / 1e6:.1f}M weights, {fmt}, {self.config.num_layers} layers, {tok})"
 
 
-jax.tree_util.register_dataclass(Params, data_fields=["weights"], meta_fields=["config", "tokenizer", "mesh"])
+jax.tree_util.register_dataclass(Params, data_fields=["weights"],
+                                 meta_fields=["config", "tokenizer", "mesh", "quant"])
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -68,7 +74,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
 
     `path` is a folder, or the name of a model bundled with llmjax (`"tiny-stdlib"`, a 7.8M-parameter
     demo Llama trained on Python's standard library). `dtype` (`bfloat16`, `float16`, `float32`)
-    casts the weights; by default they keep the stored dtype. With a `mesh`
+    casts the weights (of a quantized checkpoint, those outside the quantized kernels); by default
+    they keep the stored dtype. A checkpoint converted with `--quant` loads quantized. With a `mesh`
     (`llmjax.sharding.make_mesh`), each weight group is read and placed straight into its sharding,
     a layer at a time: the model is never whole on one device.
     """
@@ -86,31 +93,43 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
             os.path.join(path, "model.safetensors.index.json"))):
         raise FileNotFoundError(f"{path} holds config.json but no weights: neither an llmjax checkpoint "
                                 "(llmjax.json) nor *.safetensors")
+    quant = _stored_quant(path) if is_ckpt else None
     if mesh is not None:
-        return _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh)
+        return _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant)
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
-        target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(stored)))
+        target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(stored), quant))
         weights = checkpoint.restore_weights(path, target)
     else:
         weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
     if dtype is not None:
-        weights = jax.tree.map(lambda w: w.astype(jnp.dtype(dtype)), weights)
-    return Params(weights, config, tokenizer)
+        weights = cast_floats(weights, dtype)
+    return Params(weights, config, tokenizer, quant=quant)
 
 
-def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh) -> Params:
+def _stored_quant(path) -> QuantScheme | None:
+    """The quantization scheme a checkpoint's manifest names, if any."""
+    stored = checkpoint.read_manifest(path).get("quant")
+    try:
+        return None if stored is None else QuantScheme.from_json(stored)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its manifest names an unknown quantization {stored!r} ({e}); convert "
+                         "the model again with this version of `llmjax convert`") from e
+
+
+def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant) -> Params:
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, repeat = meshes.fit_config(config, mesh)
+    check_tensor_split(fitted, quant, mesh.shape["tensor"])
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
-        abstract = llama.abstract_params(config, jnp.dtype(stored))
+        abstract = llama.abstract_params(config, jnp.dtype(stored), quant)
         if fitted == config and dtype in (None, stored):
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract, rules.weight_shardings(config, mesh))
-            return Params(checkpoint.restore_weights(path, targets), config, tokenizer, mesh)
+                                   abstract, rules.weight_shardings(config, mesh, quant))
+            return Params(checkpoint.restore_weights(path, targets), config, tokenizer, mesh, quant)
         host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         groups = ((key, jax.tree.map(np.asarray, checkpoint.restore_weights(
             path, {key: checkpoint.default_target(abstract[key], host)})[key])) for key in abstract)
@@ -118,14 +137,14 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh) -> Params:
         source = SafetensorsFolder(path)
         groups = iter_weight_groups(source, check_tensors(source, config), resolve_dtype("auto", source),
                                     progress=False)
-    return Params(_place(groups, config, fitted, repeat, mesh, dtype), fitted, tokenizer, mesh)
+    return Params(_place(groups, config, fitted, repeat, mesh, dtype, quant), fitted, tokenizer, mesh, quant)
 
 
-def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
+def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
     """Puts each `(key, numpy tree)` group onto the mesh in its sharding, one group at a time."""
     from llmjax.sharding import rules
 
-    shardings = rules.weight_shardings(fitted, mesh)
+    shardings = rules.weight_shardings(fitted, mesh, quant)
     weights = {}
     for key, tree in groups:
         if key.startswith("layer_"):
@@ -133,7 +152,7 @@ def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
         elif key in ("embed", "lm_head"):
             tree = rules.pad_vocab(tree, fitted.embedding_rows)
         if dtype is not None:
-            tree = jax.tree.map(lambda w: np.asarray(w).astype(jnp.dtype(dtype)), tree)
+            tree = cast_floats(jax.tree.map(np.asarray, tree), dtype)
         # Every process holds the same host arrays and hands each of its devices its shard.
         weights[key] = jax.tree.map(
             lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index]),
@@ -149,8 +168,10 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     from llmjax.sharding import mesh as meshes
 
     fitted, repeat = meshes.fit_config(params.config, mesh)
+    check_tensor_split(fitted, params.quant, mesh.shape["tensor"])
     groups = ((key, jax.tree.map(np.asarray, tree)) for key, tree in params.weights.items())
-    return Params(_place(groups, params.config, fitted, repeat, mesh, None), fitted, params.tokenizer, mesh)
+    weights = _place(groups, params.config, fitted, repeat, mesh, None, params.quant)
+    return Params(weights, fitted, params.tokenizer, mesh, params.quant)
 
 
 def _dtype_name(dtype) -> str:
@@ -175,15 +196,20 @@ def _with_generation_eos(config: LlamaConfig, folder: str) -> LlamaConfig:
 
 def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloat16",
                 tokenizer: Tokenizer | None = None, mesh: jax.sharding.Mesh | None = None) -> Params:
-    """Random weights for a config or preset name: for benchmarks and tests. With a `mesh`, each
-    weight is created in its sharding (a 70B model never sits whole on one device)."""
+    """Random weights for a config or preset name: for benchmarks and tests. `dtype` is a float dtype
+    or a quantization (`int4-g128`, ..., `int8`: random codes made directly in quantized form, the
+    other weights bfloat16). With a `mesh`, each weight is created in its sharding (a 70B model never
+    sits whole on one device)."""
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
+    dtype, quant = parse_dtype(dtype)
     if mesh is None:
-        return Params(llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype)), config, tokenizer)
+        weights = llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype), quant=quant)
+        return Params(weights, config, tokenizer, quant=quant)
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, _ = meshes.fit_config(config, mesh)
+    check_tensor_split(fitted, quant, mesh.shape["tensor"])
     weights = llama.init_params(fitted, jax.random.key(seed), jnp.dtype(dtype),
-                                rules.weight_shardings(fitted, mesh))
-    return Params(weights, fitted, tokenizer, mesh)
+                                rules.weight_shardings(fitted, mesh, quant), quant)
+    return Params(weights, fitted, tokenizer, mesh, quant)

@@ -4,11 +4,14 @@ Reads safetensors only (one file, or shards listed in `model.safetensors.index.j
 `.bin`/`.pt` checkpoints are refused, since unpickling runs arbitrary code. Every name and shape is
 checked against `config.json` from the file headers before any tensor is read, so a mismatch fails in
 a second rather than after minutes of copying. `convert` writes into a temporary folder beside the
-output and renames it at the end: a failure leaves nothing half-written.
+output and renames it at the end: a failure leaves nothing half-written. With `quant`, each layer's
+projections are quantized as the layer streams through (`llmjax.quant`): the checkpoint holds codes
+and scales, and loading it never quantizes again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -26,6 +29,8 @@ from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.files import read_json
 from llmjax.convert.names import Entry, is_ignorable, name_map
+from llmjax.quant.tree import quantize_tree
+from llmjax.quant.weights import QuantScheme
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 _STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -220,9 +225,32 @@ def save_hf(weights: dict, config: LlamaConfig, folder: str | os.PathLike,
         json.dump({"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}, f, indent=2)
 
 
+def _quantized(groups, config: LlamaConfig, dtype: str, quant: QuantScheme):
+    """Each `(key, numpy tree)` group, with the kernels the model declares quantized quantized."""
+    import jax
+    import jax.numpy as jnp
+
+    from llmjax.models import llama
+
+    like = llama.abstract_params(config, jnp.dtype(dtype), quant)
+    for key, tree in groups:
+        yield key, jax.tree.map(np.asarray, quantize_tree(tree, like[key]))
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
-            progress: bool = True) -> str:
-    """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir."""
+            progress: bool = True, quant: str | QuantScheme | None = None, quant_lm_head: bool = False) -> str:
+    """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir.
+
+    `quant` (`int4-g128`, `int4-g64`, `int4-g32`, optionally `-asym`, or `int8`) quantizes the
+    projections (q/k/v, o, gate/up, down; also an untied LM head with `quant_lm_head`) as they stream
+    through; `dtype` then applies to the other weights (embedding, norms, biases).
+    """
+    if isinstance(quant, str):
+        quant = QuantScheme.parse(quant, lm_head=quant_lm_head)
+    elif quant_lm_head and quant is not None:
+        quant = dataclasses.replace(quant, lm_head=True)
+    elif quant_lm_head:
+        raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
     config = LlamaConfig.from_hf(hf_dir)  # refuses unsupported architectures before any work
     source = SafetensorsFolder(hf_dir)
     entries = check_tensors(source, config)
@@ -238,8 +266,11 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
-        keys = checkpoint.write_weights(tmp, iter_weight_groups(source, entries, dtype, progress))
-        checkpoint.write_manifest(tmp, keys, dtype)
+        groups = iter_weight_groups(source, entries, dtype, progress)
+        if quant is not None:
+            groups = _quantized(groups, config, dtype, quant)
+        keys = checkpoint.write_weights(tmp, groups)
+        checkpoint.write_manifest(tmp, keys, dtype, quant)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

@@ -14,6 +14,9 @@ the fused kernels); init, abstract shapes and shardings all derive from that dec
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -23,18 +26,33 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import decode_attention, flash_attention, gemv, paged_attention
+from llmjax.kernels import decode_attention, flash_attention, paged_attention
+from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
+from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
 
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def _quantized_init(key, shape, dtype, *, scheme: QuantScheme, axes, num_out_dims):
+    """A random quantized kernel (`llmjax.quant.random_weight`), each leaf boxed with its logical axes."""
+    del dtype  # codes and scales have their own
+    qw = random_weight(key, shape, num_out_dims, scheme)
+    values, scales = leaf_axes(qw.bits, axes, num_out_dims)
+    box = nn.Partitioned
+    return dataclasses.replace(qw, values=box(qw.values, values), scales=box(qw.scales, scales),
+                               zeros=None if qw.zeros is None else box(qw.zeros, scales))
+
+
 class Linear(nn.Module):
-    """Every projection of the model: one einsum with a kernel declared with its logical axes.
+    """Every projection of the model: one product (`llmjax.kernels.linear`) with a kernel declared with
+    its logical axes.
 
     Kernels are stored output dims first, `[out..., in...]`: Hugging Face's `[out, in]` with heads as
     their own axes, so conversion is a reshape. One-row products (batch-1 decode) read this layout
-    5-10% faster than `[in, out]` on the H200 (`benchmarks/gemv_shapes.py`).
+    5-10% faster than `[in, out]` on the H200 (`benchmarks/gemv_shapes.py`). With a `quant` scheme the
+    kernel is a `QuantizedWeight` (packed codes and scales, `llmjax.quant`) instead, unless no int4
+    group divides its input width.
     """
 
     shape: tuple[int, ...]  # the kernel's shape, output dims first
@@ -42,12 +60,20 @@ class Linear(nn.Module):
     num_out_dims: int = 1
     use_bias: bool = False
     dtype: Any = jnp.float32
+    quant: QuantScheme | None = None
+    mesh: Any = None  # the mesh a quantized kernel is split over (its product runs per device)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(_init, self.axes)
+        width = math.prod(self.shape[self.num_out_dims:])
+        if self.quant is None or not self.quant.quantizes(width):
+            init = nn.with_logical_partitioning(_init, self.axes)
+        else:
+            init = functools.partial(_quantized_init, scheme=self.quant, axes=self.axes,
+                                     num_out_dims=self.num_out_dims)
         kernel = self.param("kernel", init, self.shape, self.dtype)
-        y = gemv.linear(x, kernel, self.num_out_dims)  # x [..., *in] -> [..., *out]
+        y = linear(x, kernel, self.num_out_dims, len(self.shape) - self.num_out_dims,  # [..., *in] -> [..., *out]
+                   mesh=self.mesh, axes=self.axes)
         if self.use_bias:
             out_shape, out_axes = self.shape[:self.num_out_dims], self.axes[:self.num_out_dims]
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes)
@@ -140,7 +166,8 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
-    mesh: Any = None  # where attention runs per device (see `attention`), or None
+    quant: QuantScheme | None = None
+    mesh: Any = None  # where attention and quantized products run per device, or None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
@@ -151,7 +178,7 @@ class Attention(nn.Module):
         # heads (HF heads j*g .. j*g+g-1), then its key, then its value. One wide product reads its
         # weights faster than three narrow ones, and sharding over kv_heads keeps each group whole.
         qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), num_out_dims=3,
-                     use_bias=bias, dtype=self.dtype, name="qkv")(x)
+                     use_bias=bias, dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="qkv")(x)
         b, t = x.shape[:2]
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
         k = apply_rope(qkv[:, :, :, g], cos, sin)
@@ -167,39 +194,43 @@ class Attention(nn.Module):
             layer_cache = (keys, values)
             out = attention(q, keys, values, positions, k_pos, self.mesh)
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
-                   dtype=self.dtype, name="o")
+                   dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="o")
         return o(out), layer_cache
 
 
 class Mlp(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    quant: QuantScheme | None = None
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x):
         d, f, bias = self.config.hidden_size, self.config.intermediate_size, self.config.mlp_bias
         # gate and up in one kernel `[2, mlp, embed]`: on the H200 one 4096x22016 product reads its
         # weights at 3.2 TB/s where two 4096x11008 ones manage 2.0 (benchmarks/gemv_shapes.py).
-        gate_up = Linear((2, f, d), ("gate_up", "mlp", "embed"), num_out_dims=2,
-                         use_bias=bias, dtype=self.dtype, name="gate_up")(x)
-        down = Linear((d, f), ("embed", "mlp"), use_bias=bias, dtype=self.dtype, name="down")
+        gate_up = Linear((2, f, d), ("gate_up", "mlp", "embed"), num_out_dims=2, use_bias=bias,
+                         dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="gate_up")(x)
+        down = Linear((d, f), ("embed", "mlp"), use_bias=bias, dtype=self.dtype, quant=self.quant,
+                      mesh=self.mesh, name="down")
         return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
 
 
 class Block(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    quant: QuantScheme | None = None
     mesh: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
-        eps = self.config.rms_norm_eps
+        eps, q, mesh = self.config.rms_norm_eps, self.quant, self.mesh
         with jax.named_scope("attention"):
-            h, layer_cache = Attention(self.config, self.dtype, self.mesh, name="attn")(
+            h, layer_cache = Attention(self.config, self.dtype, q, mesh, name="attn")(
                 RMSNorm(eps, self.dtype, name="attn_norm")(x), cos, sin, positions, layer_cache)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + Mlp(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
+            x = x + Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
         return x, layer_cache
 
 
@@ -217,6 +248,7 @@ class Llama(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32  # the dtype of freshly initialised weights; compute follows the weights
     mesh: Any = None  # the mesh the weights are sharded over (llmjax.sharding), or None
+    quant: QuantScheme | None = None  # how the projections are quantized (llmjax.quant), or None
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
@@ -227,7 +259,7 @@ class Llama(nn.Module):
         layers = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache.layer(i)
-            block = Block(c, self.dtype, self.mesh, name=f"layer_{i}")
+            block = Block(c, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
             x, layer_cache = block(x, cos, sin, positions, layer_cache)
             layers.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
@@ -238,8 +270,9 @@ class Llama(nn.Module):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
             else:
+                head_quant = self.quant if self.quant is not None and self.quant.lm_head else None
                 logits = Linear((c.embedding_rows, c.hidden_size), ("vocab", "embed"), dtype=self.dtype,
-                                name="lm_head")(x)
+                                quant=head_quant, mesh=self.mesh, name="lm_head")(x)
         if c.embedding_rows != c.vocab_size:  # rows added to split the vocabulary evenly: no logits
             logits = logits[..., :c.vocab_size]
         new_cache = None if cache is None else cache.with_layers(layers)
@@ -251,25 +284,30 @@ def _init_args():
     return ids, ids
 
 
-def abstract_params(config: LlamaConfig, dtype=jnp.bfloat16) -> dict:
-    """The weights' shapes and dtypes (`jax.ShapeDtypeStruct`), with no memory allocated."""
-    boxed = jax.eval_shape(Llama(config, dtype).init, jax.random.key(0), *_init_args())["params"]
+def abstract_params(config: LlamaConfig, dtype=jnp.bfloat16, quant: QuantScheme | None = None) -> dict:
+    """The weights' shapes and dtypes (`jax.ShapeDtypeStruct`), with no memory allocated; with `quant`,
+    the quantized kernels as `QuantizedWeight`s of them."""
+    boxed = jax.eval_shape(Llama(config, dtype, quant=quant).init, jax.random.key(0), *_init_args())["params"]
     return nn.meta.unbox(boxed)
 
 
-def logical_axes(config: LlamaConfig) -> dict:
+def logical_axes(config: LlamaConfig, quant: QuantScheme | None = None) -> dict:
     """A `PartitionSpec` of logical axis names for every weight, from the declarations above."""
-    boxed = jax.eval_shape(Llama(config).init, jax.random.key(0), *_init_args())["params"]
+    boxed = jax.eval_shape(Llama(config, quant=quant).init, jax.random.key(0), *_init_args())["params"]
     return nn.get_partition_spec(boxed)
 
 
-def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardings=None) -> dict:
-    """Random weights (normal, std 0.02; norms one): for tests and benchmarks. With `shardings` (a
-    tree like the weights'), each weight is made in place on its devices."""
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardings=None,
+                quant: QuantScheme | None = None) -> dict:
+    """Random weights (normal, std 0.02; norms one; quantized kernels random codes of about that
+    spread): for tests and benchmarks. With `shardings` (a tree like the weights'), each weight is
+    made in place on its devices."""
     def init(key):
-        return nn.meta.unbox(Llama(config, dtype).init(key, *_init_args())["params"])
+        return nn.meta.unbox(Llama(config, dtype, quant=quant).init(key, *_init_args())["params"])
     return jax.jit(init, out_shardings=shardings)(key)
 
 
 def count_params(tree) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
+    """Weights in a tree; a quantized kernel counts the weights it stands for, not its packed words."""
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+    return sum(x.num_weights if is_quantized(x) else int(x.size) for x in leaves)

@@ -33,16 +33,17 @@ RULES = (
 CACHE_SPEC = P("data", None, "tensor", None)  # [batch, cache_seq, kv_heads, head_dim]
 
 
-def weight_specs(config: LlamaConfig) -> dict:
-    """Every weight's mesh PartitionSpec under RULES."""
-    logical = llama.logical_axes(config)
+def weight_specs(config: LlamaConfig, quant=None) -> dict:
+    """Every weight's mesh PartitionSpec under RULES (with a `quant` scheme, one per leaf of each
+    quantized kernel: codes and scales follow the kernel's axes, `llmjax.quant.leaf_axes`)."""
+    logical = llama.logical_axes(config, quant)
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, RULES), logical, is_leaf=is_spec)
 
 
-def weight_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh) -> dict:
+def weight_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh, quant=None) -> dict:
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), weight_specs(config), is_leaf=is_spec)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), weight_specs(config, quant), is_leaf=is_spec)
 
 
 def cache_sharding(mesh: jax.sharding.Mesh, batch: int) -> NamedSharding:
@@ -56,7 +57,8 @@ def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
     """Rewrites one layer's fused q/k/v weights (numpy) so each kv head appears `repeat` times.
 
     `qkv` `[KV, G+2, hd, D]` becomes `[KV*repeat, G/repeat+2, hd, D]`: kv head j's G query heads are
-    split among its copies in order, and each copy carries j's key and value. Biases alike.
+    split among its copies in order, and each copy carries j's key and value. Biases alike, and the
+    codes and scales of a quantized kernel (their first two axes are the kernel's).
     """
     if repeat == 1:
         return layer
@@ -70,14 +72,15 @@ def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
         return np.concatenate([q, k, v], axis=2).reshape(kv * repeat, g // repeat + 2, *rest)
 
     attn = dict(layer["attn"])
-    attn["qkv"] = {name: rewrite(np.asarray(w)) for name, w in layer["attn"]["qkv"].items()}
+    attn["qkv"] = jax.tree.map(lambda w: rewrite(np.asarray(w)), layer["attn"]["qkv"])
     return dict(layer, attn=attn)
 
 
 def pad_vocab(group: dict, rows: int) -> dict:
-    """The embedding or LM head group (numpy) with zero rows appended up to `rows`."""
+    """The embedding or LM head group (numpy) with zero rows appended up to `rows` (a quantized head's
+    codes and scales alike: a zero scale makes a zero row)."""
     def pad(w):
         w = np.asarray(w)
         return w if w.shape[0] == rows else np.concatenate([w, np.zeros((rows - w.shape[0],) + w.shape[1:],
                                                                         w.dtype)])
-    return {leaf: pad(w) for leaf, w in group.items()}
+    return jax.tree.map(pad, group)

@@ -1,0 +1,244 @@
+"""The int4 Pallas kernels on the GPU: first correct against their reference, then how fast they read.
+
+    PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR [--shapes 8192x28672,...] [--rows 1,8,16,64]
+
+For each weight shape K x N (inputs x outputs: 4096x11008 is Llama-2-7B's up projection) and each row
+count M, it
+1. checks every kernel configuration it will time against `int4_matmul_reference` on random inputs
+   (made on the device) and stops if one is wrong;
+2. times, as microseconds per product and effective TB/s of packed int4 bytes (N * K / 2; the bf16
+   scales add 1/32 of that at group 128 and are not counted): the kernel in several configurations
+   (block sizes, K splits, warps, stages), XLA's bf16 product and torch's bf16 product (cuBLAS) on the
+   same shape; at M = 1 also our int8 path (XLA's dequant-dot) and the int4 reference (XLA:
+   dequantize, then dot).
+
+Timing: jax products run inside one jit, `copies` distinct weights (enough that they do not fit in
+L2) each multiplied `ROUNDS` times with the rounds chained; the figure is the median of 5 calls divided
+by the products per call. torch's products are captured in one CUDA graph and timed with CUDA events.
+It prints one line per measurement, then the best configuration per shape and M (what the defaults in
+`llmjax/kernels/int4_matmul.py` should become), and writes `int4_matmul.json` and `int4_matmul.txt`
+into DIR. Configurations past `--budget-s` seconds are skipped (the defaults are always timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.bench import _median_time
+from llmjax.kernels import int4_matmul as K
+from llmjax.kernels.linear import int8_matmul
+from llmjax.quant import QuantizedWeight
+
+GROUP = 128
+ROUNDS = 8
+SHAPES = ("8192x28672", "4096x11008", "28672x8192", "11008x4096", "4096x4096")  # K x N; the goals' first
+ROWS = (1, 8, 16, 64)
+GOALS = {("8192x28672", 1): 3.0, ("4096x11008", 1): 2.5}  # TB/s of packed bytes, issue 5
+L2_BYTES = 50 * 2**20
+
+
+def _fma(bn, bk, sp, nw, ns=3):
+    return K.Int4Config("fma", block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
+
+
+def _dot(bm, bn, bk, sp, nw, ns=3):
+    return K.Int4Config("dot", block_m=bm, block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
+
+
+# Alternatives to the default per row count (the default for M is always timed first).
+CANDIDATES = {
+    1: [_fma(64, 128, 8, 2), _fma(128, 128, 4, 4), _fma(128, 128, 16, 4), _fma(256, 128, 8, 8),
+        _fma(128, 256, 8, 8), _fma(64, 256, 16, 4), _fma(128, 128, 8, 4, 1)],
+    8: [_fma(128, 128, 8, 4), _fma(64, 128, 8, 2), _dot(16, 128, 128, 4, 4), _dot(16, 64, 128, 8, 4)],
+    16: [_dot(16, 64, 128, 8, 4), _dot(16, 128, 256, 4, 8), _dot(16, 256, 128, 4, 8)],
+    64: [_dot(64, 64, 128, 2, 4), _dot(64, 128, 128, 2, 8), _dot(32, 128, 128, 2, 4)],
+}
+
+
+def _label(c: K.Int4Config) -> str:
+    m = f"bm{c.block_m} " if c.kind == "dot" else ""
+    return f"{c.kind} {m}bn{c.block_n} bk{c.block_k} splits{c.splits} warps{c.num_warps} stages{c.num_stages}"
+
+
+def _int4_weights(n, k, copies, seed):
+    keys = jax.random.split(jax.random.key(seed), copies)
+    return [(jax.random.bits(key, (n, k // 8), jnp.uint32),
+             (jax.random.uniform(key, (n, k // GROUP), jnp.float32, 0.002, 0.006)).astype(jnp.bfloat16))
+            for key in keys]
+
+
+def _copies(nbytes: int) -> int:
+    """Distinct weights per timed call: together at least 8x L2, at most 16."""
+    return int(min(16, max(2, math.ceil(8 * L2_BYTES / nbytes))))
+
+
+def _time(product, x, weights) -> tuple[float, jax.Array]:
+    """Seconds per `product(x, w)` over `weights`, ROUNDS chained rounds in one jit; also the first
+    product, computed in the same program (so checking it costs no extra compilation)."""
+    @jax.jit
+    def run(x, ws):
+        first = product(x, ws[0])
+
+        def body(_, x):
+            acc = jnp.zeros((), jnp.float32)
+            for w in ws:
+                acc += product(x, w).astype(jnp.float32).sum()
+            return x + (acc * 1e-12).astype(x.dtype)
+        return jax.lax.fori_loop(0, ROUNDS, body, x), first
+
+    _, first = run(x, weights)
+    jax.block_until_ready(first)
+    return _median_time(lambda: run(x, weights), 5) / (ROUNDS * len(weights)), first
+
+
+def _torch_bf16(m, n, k) -> float | None:
+    """Seconds per torch bf16 `x @ w.T` (cuBLAS), from one CUDA graph of distinct weights."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    copies = _copies(n * k * 2)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for w in ws:  # warm up cuBLAS outside the capture
+            torch.matmul(x, w.T)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(ROUNDS):
+            for w in ws:
+                torch.matmul(x, w.T)
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph, ws
+    torch.cuda.empty_cache()
+    return statistics.median(times[1:]) / (ROUNDS * copies)
+
+
+class Report:
+    def __init__(self, out: str):
+        self.rows, self.lines, self.out = [], [], out
+
+    def say(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def add(self, shape, m, impl, seconds, packed_bytes, **extra) -> None:
+        tb_s = packed_bytes / seconds / 1e12
+        self.rows.append({"shape": shape, "m": m, "impl": impl, "us": seconds * 1e6, "tb_s_packed": tb_s, **extra})
+        self.say(f"{shape:>11s} M={m:<3d} {impl:58s} {seconds * 1e6:8.1f} us  {tb_s:5.2f} TB/s of packed int4 bytes")
+
+    def save(self) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "int4_matmul.json"), "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "group": GROUP,
+                       "rows": self.rows}, f, indent=1)
+        with open(os.path.join(self.out, "int4_matmul.txt"), "w") as f:
+            f.write("\n".join(self.lines) + "\n")
+
+
+def _check(got, want, what) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+    if not err < 2e-2:  # bf16 outputs: a wrong kernel is off by far more
+        raise SystemExit(f"WRONG: {what}: max error {err:.3g} of the largest output; nothing timed for it")
+    return err
+
+
+def bench_shape(report: Report, shape: str, rows, deadline: float) -> None:
+    k, n = map(int, shape.split("x"))
+    packed = n * k // 2
+    weights = _int4_weights(n, k, _copies(packed), seed=k + n)
+    for m in rows:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        want = K.int4_matmul_reference(x, *weights[0], None, group_size=GROUP)
+        configs = [K.default_config(m)] + [c for c in CANDIDATES.get(m, []) if c != K.default_config(m)]
+        for i, config in enumerate(configs):
+            if i and time.monotonic() > deadline:
+                report.say(f"{shape:>11s} M={m:<3d} (time budget spent: {len(configs) - i} configurations skipped)")
+                break
+            def product(x, w, config=config):
+                return K.int4_matmul(x, *w, group_size=GROUP, config=config)
+            try:
+                seconds, first = _time(product, x, weights)
+            except Exception as e:  # a configuration the compiler refuses (shared memory, registers): go on
+                report.say(f"{shape:>11s} M={m:<3d} {_label(config)}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            err = _check(first, want, f"{shape} M={m} {_label(config)}")
+            report.add(shape, m, ("default " if i == 0 else "") + _label(config), seconds, packed,
+                       config=vars(config), max_rel_error=err)
+        bf16 = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(_copies(n * k * 2))]
+        seconds, _ = _time(lambda x, w: jnp.einsum("mk,nk->mn", x, w), x, bf16)
+        report.add(shape, m, "xla bf16 (reads 4x the bytes)", seconds, packed)
+        del bf16
+        torch_s = _torch_bf16(m, n, k)
+        if torch_s is not None:
+            report.add(shape, m, "torch bf16, cuBLAS (reads 4x the bytes)", torch_s, packed)
+        if m != 1:
+            continue
+        int8 = [QuantizedWeight(jax.random.randint(jax.random.key(i), (n, k), -127, 128, jnp.int32).astype(jnp.int8),
+                                jnp.full((n,), 0.01, jnp.bfloat16), None, 8, None) for i in range(_copies(n * k))]
+        seconds, _ = _time(int8_matmul, x, int8)
+        report.add(shape, m, "xla int8 dequant-dot, llmjax's int8 path (2x)", seconds, packed)
+        del int8
+        seconds, _ = _time(lambda x, w: K.int4_matmul_reference(x, *w, None, group_size=GROUP), x, weights)
+        report.add(shape, m, "xla int4 dequantize-then-dot (the reference)", seconds, packed)
+
+
+def summary(report: Report) -> None:
+    report.say("\nBest int4 kernel configuration per shape and M (TB/s of packed bytes):")
+    best = {}
+    for r in report.rows:
+        if "config" in r and r["tb_s_packed"] > best.get((r["shape"], r["m"]), {}).get("tb_s_packed", 0):
+            best[(r["shape"], r["m"])] = r
+    for (shape, m), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = [x for x in report.rows if x["shape"] == shape and x["m"] == m and x["impl"].startswith("xla bf16")]
+        vs = f" ({base[0]['us'] / r['us']:.2f}x XLA bf16)" if base else ""
+        goal = GOALS.get((shape, m))
+        mark = "" if goal is None else f"  goal {goal} TB/s: {'met' if r['tb_s_packed'] >= goal else 'NOT met'}"
+        report.say(f"  {shape:>11s} M={m:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  {r['impl']}{vs}{mark}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for int4_matmul.json and int4_matmul.txt")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="K x N shapes, comma-separated")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts M, comma-separated")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="after this many seconds only default configurations and baselines are timed")
+    args = parser.parse_args()
+    if jax.devices()[0].platform != "gpu":
+        sys.exit("this benchmark times GPU kernels; no GPU is visible to jax")
+    report = Report(args.out)
+    start = time.monotonic()
+    report.say(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, int4 group {GROUP}")
+    for shape in args.shapes.split(","):
+        bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s)
+        report.save()
+    summary(report)
+    report.say(f"\n{time.monotonic() - start:.0f} s in all")
+    report.save()
+
+
+if __name__ == "__main__":
+    main()

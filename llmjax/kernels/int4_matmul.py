@@ -1,0 +1,318 @@
+"""Activations `[M, K]` times group-wise int4 weights `[N, K]` (`llmjax.quant`'s packing): `x @ w.T`.
+
+Batch-1 decode reads every weight once per token, so an int4 weight is worth its 3.5x fewer bytes only
+if the product reads it at memory speed. XLA does not fuse a group dequantization into its product
+(on the H200 it reads int4-g128 at 0.39 TB/s, slower than bf16), hence these Pallas kernels on the
+Triton backend (they lower for cuda and rocm). Weights arrive as uint32 words `[N, K/8]`: eight codes
+per word, input `j*W + i` of a group of G = 8W inputs in nibble j of the group's word i.
+
+Turning a nibble into a float costs one AND and one subtraction: the word is first split once into its
+low five nibbles (in place) and its top three (shifted down by 12), each under the exponent bits of the
+float 2**23; ANDing one nibble's bits and those exponent bits gives the float 2**23 + code * 16**pos,
+where pos is where the nibble lies, and subtracting 2**23 + zero * 16**pos leaves (code - zero) *
+16**pos exactly. No shift and no int-to-float conversion per nibble; the factor 16**pos is undone on
+x's side, which is multiplied by 16**-pos (exact: a power of two) before the kernel (float16 x, whose
+exponents cannot go that low, has the dot kernel multiply its weights by 16**-pos instead). An offline count
+of the compiled H200 code (Triton 3.6) gives ~3.7 instructions per weight for the one-row kernel
+(AND, subtract, multiply-add, and a little per word), where plain shift-mask-convert code needs ~6.
+
+Two kernel bodies, one wrapper (`int4_matmul`), the choice in `Int4Config.kind`:
+
+- `fma`, for a few rows (batch-1 decode): CUDA-core multiply-adds, split-K. A program owns `block_n`
+  outputs and one of `splits` slices of K, reads `block_k` inputs per step as `[block_n, groups, W]`
+  words (wide loads of whole groups), sums the eight products of each word, scales the sum once (a
+  word lies in one group) into a float32 `[block_n, groups, W]` accumulator, and reduces that once,
+  after the K loop. Zero points subtract `zero * sum(x run)` per word.
+- `dot`, for more rows (decode batches and prefill): tensor cores. Each word is repeated for its eight
+  nibbles, so `[block_n, groups, 8, W]` holds the step's weights in input order; they become x's dtype
+  (exact: (code - zero) * 16**pos has four significant bits) and meet x in one product per step. When
+  a step is one group (`block_k` = group) the scale multiplies the product's columns, else each weight.
+
+Split-K partial sums `[splits, M, N]` (float32) are added after the kernel. Any M and N, and any K
+that is a multiple of the group: loads past the edges are masked, and only where a shape needs it.
+`int4_matmul_reference` defines the result: dequantize (`llmjax.quant.dequantize_int4`), then one
+float32 product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from llmjax.quant.weights import GROUP_SIZES, NIBBLES, QuantizedWeight, dequantize_int4
+
+_MAGIC = 0x4B000000  # the float32 2**23: OR-ing an integer below 2**23 into it gives 2**23 + integer
+_EXPONENT = 0xFF800000  # sign and exponent bits: ANDed with them, 2**23's bits survive
+_TWO23 = float(2**23)
+_IN_PLACE = 5  # nibbles 0..4 lie below bit 23 where they are; 5..7 are read after a shift by 12
+_LOW_NIBBLES = (1 << (4 * _IN_PLACE)) - 1
+_HIGH_SHIFT = 12
+_NIBBLE_SCALE = tuple(16.0 ** -(j if j < _IN_PLACE else j - _HIGH_SHIFT // 4) for j in range(NIBBLES))
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Config:
+    """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows) or `dot` (tensor
+    cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
+    and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program;
+    None (the default) picks enough slices for about `TARGET_PROGRAMS` programs, at least `MIN_STEPS`
+    steps each, so that a matrix with few outputs (o, down) still keeps every SM reading."""
+
+    kind: str = "fma"
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def check(self, group_size: int) -> None:
+        if self.kind not in ("fma", "dot"):
+            raise ValueError(f"Int4Config.kind must be 'fma' or 'dot', got {self.kind!r}")
+        for name in ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if name == "splits" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Int4Config.{name} must be a positive integer, got {v!r}")
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"Int4Config.{name}={v} must be a power of two (a Triton block)")
+        if self.block_k % group_size:
+            raise ValueError(f"Int4Config.block_k={self.block_k} must be a multiple of the group size "
+                             f"{group_size}")
+        if self.kind == "dot" and min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"the dot kernel's tiles must be at least 16 wide (tensor cores); got "
+                             f"block_m={self.block_m}, block_n={self.block_n}")
+
+
+# Defaults by rows. The `fma` kernel up to FMA_MAX_ROWS rows (each extra row adds a multiply-add per
+# weight), the tensor-core kernel beyond. Chosen from the offline instruction counts and occupancy (a
+# 4-warp fma program holds ~96 registers a thread, so ~5 fit an SM); `benchmarks/int4_matmul.py`
+# measures them against alternatives on the H200.
+FMA_MAX_ROWS = 2
+TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs
+MIN_STEPS = 2
+DECODE = Int4Config("fma", block_n=128, block_k=128, num_warps=4, num_stages=3)
+DECODE_DOT = Int4Config("dot", block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)
+PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
+
+
+def default_config(m: int) -> Int4Config:
+    """The configuration `int4_matmul` uses for `m` rows when none is given."""
+    if m <= FMA_MAX_ROWS:
+        return DECODE
+    return DECODE_DOT if m <= 16 else PREFILL
+
+
+def int4_matmul_reference(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None,
+                          *, group_size: int) -> jax.Array:
+    """`x @ w.T` for x `[M, K]` and the int4 weights `[N, K]` that `values` `[N, K/8]`, `scales`
+    (and `zeros`) `[N, K/group]` stand for; float32 products, returned in x's dtype."""
+    w = dequantize_int4(QuantizedWeight(values, scales, zeros, 4, group_size))
+    return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w,
+                      precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def _split_words(words):
+    """Each word once: its low five nibbles in place, and its top three shifted down by 12, each under
+    the exponent bits of the float 2**23 (so that one AND per nibble then isolates it)."""
+    low = (words & jnp.uint32(_LOW_NIBBLES)) | jnp.uint32(_MAGIC)
+    high = (words >> jnp.uint32(_HIGH_SHIFT)) | jnp.uint32(_MAGIC)
+    return low, high
+
+
+def _nibble(low, high, j):
+    """Nibble j of each word as the float32 2**23 + code * 16**pos (exact), and pos, where it lies:
+    subtracting 2**23 + zero * 16**pos in one operation then leaves (code - zero) * 16**pos."""
+    src, pos = (low, j) if j < _IN_PLACE else (high, j - _HIGH_SHIFT // 4)
+    bits = src & jnp.uint32(_EXPONENT | (0xF << (4 * pos)))  # 2**23's bits and the nibble
+    return jax.lax.bitcast_convert_type(bits, jnp.float32), pos
+
+
+def _mask(shape, *parts):
+    """The AND of the masks in `parts` that exist (None: that edge needs none), broadcast to `shape`;
+    None when no edge needs masking, so in-bounds loads carry no predicates."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return jnp.broadcast_to(functools.reduce(jnp.logical_and, parts), shape)
+
+
+def _edge(start, size, bound, needed):
+    """`start + arange(size) < bound` when `needed`, else None."""
+    return (start + jnp.arange(size)) < bound if needed else None
+
+
+def _load(ref, mask):
+    return plgpu.load(ref, mask=mask, other=None if mask is None else 0)
+
+
+def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
+                asymmetric):
+    # x_ref [M, groups', 8, W] float32, pre-scaled, zero-padded to every group the programs visit;
+    # v_ref [N, groups, W] uint32; s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref
+    # [M, groups', W] (x summed over each word's inputs); o_ref [splits, M, N] float32
+    z_ref, xs_ref, o_ref = rest if asymmetric else (None, None, rest[0])
+    i, split = pl.program_id(0), pl.program_id(1)
+    w = v_ref.shape[-1]
+    n_slice = pl.ds(i * block_n, block_n)
+    n_edge = _edge(i * block_n, block_n, n, mask_n)
+    g_first = split * steps * block_groups
+
+    def body(step, accs):
+        g0 = g_first + step * block_groups
+        g_slice = pl.ds(g0, block_groups)
+        g_edge = _edge(g0, block_groups, groups, mask_g)
+        mask2 = _mask((block_n, block_groups), None if n_edge is None else n_edge[:, None],
+                      None if g_edge is None else g_edge[None, :])
+        words = _load(v_ref.at[n_slice, g_slice, :],
+                      None if mask2 is None else _mask((block_n, block_groups, w), mask2[:, :, None]))
+        scale = _load(s_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)  # [BN, BG]
+        low, high = _split_words(words)
+        sums = [None] * rows
+        for j in range(NIBBLES):
+            raw, pos = _nibble(low, high, j)
+            # (code - 8) * 16**pos; with zero points, code * 16**pos (the zero is subtracted per word)
+            f = raw - (_TWO23 + (0.0 if asymmetric else 8.0 * 16.0 ** pos))
+            for r in range(rows):
+                xj = plgpu.load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :])  # [BG, W], x * 16**-pos
+                term = f * xj[None]
+                sums[r] = term if sums[r] is None else sums[r] + term
+        if asymmetric:
+            zero = _load(z_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)
+            for r in range(rows):
+                xs = plgpu.load(xs_ref.at[jnp.int32(r), g_slice, :])
+                sums[r] = sums[r] - zero[:, :, None] * xs[None]
+        return tuple(acc + s * scale[:, :, None] for acc, s in zip(accs, sums))
+
+    zeros = tuple(jnp.zeros((block_n, block_groups, w), jnp.float32) for _ in range(rows))
+    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    for r, acc in enumerate(accs):
+        plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], jnp.sum(acc, axis=(1, 2)), mask=n_edge)
+
+
+def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, block_groups, steps, mask_n,
+                mask_g, asymmetric, prescaled):
+    # x_ref [M, K'] (prescaled: each input times 16**-pos of its nibble; zero-padded to every group visited);
+    # v_ref [N, groups, 1, W] uint32; s_ref, z_ref [N, groups]; o_ref [splits, M, N] float32
+    z_ref, o_ref = rest if asymmetric else (None, rest[0])
+    mi, ni, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    w = v_ref.shape[-1]
+    block_k = block_groups * NIBBLES * w
+    m_slice, n_slice = pl.ds(mi * block_m, block_m), pl.ds(ni * block_n, block_n)
+    m_edge = _edge(mi * block_m, block_m, m, m % block_m != 0)
+    n_edge = _edge(ni * block_n, block_n, n, mask_n)
+    g_first = split * steps * block_groups
+    # Where nibble j of a word lies once split (0..4, then 2..4 after the shift), and 16**that. Constant
+    # along all but the nibble axis, so the compiler folds every per-nibble choice below.
+    j = jnp.arange(NIBBLES).reshape(1, 1, NIBBLES, 1)
+    pos = jnp.where(j < _IN_PLACE, j, j - _HIGH_SHIFT // 4)
+    masks = jnp.uint32(_EXPONENT) | (jnp.uint32(0xF) << (4 * pos).astype(jnp.uint32))
+    pow16 = jnp.exp2(4.0 * pos.astype(jnp.float32))
+
+    def body(step, acc):
+        g0 = g_first + step * block_groups
+        g_slice = pl.ds(g0, block_groups)
+        g_edge = _edge(g0, block_groups, groups, mask_g)
+        mask2 = _mask((block_n, block_groups), None if n_edge is None else n_edge[:, None],
+                      None if g_edge is None else g_edge[None, :])
+        words = _load(v_ref.at[n_slice, g_slice, :, :],
+                      None if mask2 is None else _mask((block_n, block_groups, 1, w), mask2[:, :, None, None]))
+        scale = _load(s_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)  # [BN, BG]
+        zero = _load(z_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)[:, :, None, None] if asymmetric else 8.0
+        # Each word repeated for its eight nibbles: [BN, BG, 8, W] holds the step's inputs in order.
+        low, high = _split_words(jnp.broadcast_to(words, (block_n, block_groups, NIBBLES, w)))
+        raw = jax.lax.bitcast_convert_type(jnp.where(j < _IN_PLACE, low, high) & masks, jnp.float32)
+        f = raw - (_TWO23 + zero * pow16)  # (code - zero) * 16**pos, exact in bf16 too
+        if not prescaled:  # float16's exponent range cannot carry 16**+-pos: undo it on the weight
+            f = f * (1.0 / pow16)
+        xk = _load(x_ref.at[m_slice, pl.ds(g0 * NIBBLES * w, block_k)],
+                   None if m_edge is None else _mask((block_m, block_k), m_edge[:, None]))
+        if block_groups == 1:  # one group: one scale per output, applied to the product
+            wk = f.astype(x_ref.dtype).reshape(block_n, block_k)
+            return acc + plgpu.dot(xk, wk, trans_b=True, allow_tf32=False) * scale.reshape(1, block_n)
+        wk = (f * scale[:, :, None, None]).astype(x_ref.dtype).reshape(block_n, block_k)
+        return acc + plgpu.dot(xk, wk, trans_b=True, allow_tf32=False)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+    out_mask = _mask((block_m, block_n), None if m_edge is None else m_edge[:, None],
+                     None if n_edge is None else n_edge[None, :])
+    plgpu.store(o_ref.at[split, m_slice, n_slice], acc, mask=out_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "config", "interpret"))
+def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *,
+                group_size: int, config: Int4Config | None = None, interpret: bool = False) -> jax.Array:
+    """`x @ w.T` with the Pallas kernels: x `[M, K]`, `values` uint32 `[N, K/8]`, `scales` (and
+    `zeros`) `[N, K/group]`; returns `[M, N]` in x's dtype. `config` defaults by M (`default_config`)."""
+    m, k = x.shape
+    n = values.shape[0]
+    if group_size not in GROUP_SIZES or k % group_size:
+        raise ValueError(f"int4_matmul needs a group size in {GROUP_SIZES} that divides K; got group "
+                         f"{group_size}, K {k}")
+    groups, w = k // group_size, group_size // NIBBLES
+    if values.shape != (n, k // NIBBLES) or scales.shape != (n, groups) or values.dtype != jnp.uint32 or (
+            zeros is not None and zeros.shape != scales.shape):
+        raise ValueError(f"int4_matmul takes x [M, K] = {x.shape}, values uint32 [N, K/8], scales and zeros "
+                         f"[N, K/group]; got values {values.dtype}{list(values.shape)}, scales "
+                         f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
+    config = config or default_config(m)
+    config.check(group_size)
+    block_groups = config.block_k // group_size
+    steps_total = pl.cdiv(groups, block_groups)
+    tiles = pl.cdiv(n, config.block_n) * (1 if config.kind == "fma" else pl.cdiv(m, config.block_m))
+    splits = config.splits or pl.cdiv(TARGET_PROGRAMS, tiles)
+    splits = max(1, min(splits, steps_total if config.splits else steps_total // MIN_STEPS))
+    steps = pl.cdiv(steps_total, splits)
+    splits = pl.cdiv(steps_total, steps)  # no split left without work
+    visited = splits * steps * block_groups  # groups the programs step over, the last ones maybe past K
+    asymmetric = zeros is not None
+    common = dict(n=n, groups=groups, block_n=config.block_n, block_groups=block_groups, steps=steps,
+                  mask_n=n % config.block_n != 0, mask_g=visited != groups, asymmetric=asymmetric)
+    # x times 16**-pos of each input's nibble (exact: a power of two; float16 excepted, whose exponent
+    # range is too narrow, for the dot kernel), zero past K (so it is read unmasked)
+    prescaled = config.kind == "fma" or x.dtype != jnp.float16
+    x4 = jnp.pad(x.reshape(m, groups, NIBBLES, w), ((0, 0), (0, visited - groups), (0, 0), (0, 0)))
+    x4 = x4.astype(jnp.float32 if config.kind == "fma" else x.dtype)
+    xs = x4 * jnp.asarray(_NIBBLE_SCALE, x4.dtype).reshape(1, 1, NIBBLES, 1) if prescaled else x4
+    operands = (values.reshape(n, groups, w), scales) + ((zeros,) if asymmetric else ())
+    if config.kind == "fma":
+        operands = (xs,) + operands + ((jnp.sum(x4, axis=2),) if asymmetric else ())
+        kernel = functools.partial(_fma_kernel, rows=m, **common)
+        grid = (pl.cdiv(n, config.block_n), splits)
+    else:
+        operands = (xs.reshape(m, visited * group_size), values.reshape(n, groups, 1, w)) + operands[1:]
+        kernel = functools.partial(_dot_kernel, m=m, block_m=config.block_m, prescaled=prescaled, **common)
+        grid = (pl.cdiv(m, config.block_m), pl.cdiv(n, config.block_n), splits)
+    partial = pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+    )(*operands)
+    return (partial[0] if splits == 1 else partial.sum(axis=0)).astype(x.dtype)
+
+
+def matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    """`x [M, K] @ w.T` for an int4 `QuantizedWeight` of any output shape: the Pallas kernel when lowered
+    for cuda or rocm, the reference on every other platform. Returns `[M, N]`, N the flattened outputs."""
+    n = qw.values.size // qw.values.shape[-1]
+    values = qw.values.reshape(n, -1)
+    scales = qw.scales.reshape(n, -1)
+    zeros = None if qw.zeros is None else qw.zeros.reshape(n, -1)
+
+    def kernel(x, values, scales, zeros):
+        return int4_matmul(x, values, scales, zeros, group_size=qw.group_size)
+
+    def reference(x, values, scales, zeros):
+        return int4_matmul_reference(x, values, scales, zeros, group_size=qw.group_size)
+
+    return jax.lax.platform_dependent(x, values, scales, zeros, cuda=kernel, rocm=kernel, default=reference)

@@ -1,0 +1,88 @@
+"""The model's one projection entry point: `linear(x, kernel, ...)`, x `[..., *in]` -> `[..., *out]`.
+
+Every `Linear` of the model calls it with its kernel, whatever the kernel holds:
+- a float array `[*out, *in]`: XLA's product, or the bf16 GEMV kernel for a few rows (`gemv.linear`);
+- an int4 `QuantizedWeight`: `int4_matmul.matmul`, the Pallas kernels on cuda and rocm and their
+  reference elsewhere;
+- an int8 `QuantizedWeight`: XLA's dequant-dot. The int8 codes become x's dtype inside the product
+  (exact: bf16 holds every integer up to 256) and the per-row scale multiplies the output, so XLA reads
+  one byte per weight and needs no kernel of ours.
+
+On a mesh, XLA cannot split a Pallas call over devices, so a quantized product runs under `shard_map`:
+each device multiplies its own slice of the weights (Megatron's layout from the sharding rules), and a
+row-parallel product (o, down: the input axis is split) adds the devices' partial sums with `psum`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from llmjax.kernels import gemv, int4_matmul
+from llmjax.quant.weights import QuantizedWeight
+
+
+def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    """x `[M, K]` times the int8 weights of `qw` (any output shape), returns `[M, N]` in x's dtype."""
+    n = math.prod(qw.out_shape)
+    y = jnp.einsum("mk,nk->mn", x, qw.values.reshape(n, -1).astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    return (y * qw.scales.reshape(1, n).astype(jnp.float32)).astype(x.dtype)
+
+
+def _product(x2: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    """`[M, K]` times a quantized kernel -> `[M, *out]`."""
+    y = int8_matmul(x2, qw) if qw.bits == 8 else int4_matmul.matmul(x2, qw)
+    return y.reshape(x2.shape[0], *qw.out_shape)
+
+
+def _leaf_specs(qw: QuantizedWeight, out_axes: tuple, in_axis) -> QuantizedWeight:
+    """The mesh PartitionSpec of each leaf of `qw`, as `llmjax.quant.leaf_axes` lays them out."""
+    values = P(*out_axes, in_axis)
+    scales = P(*out_axes) if qw.bits == 8 else values
+    return QuantizedWeight(values, scales, None if qw.zeros is None else scales, qw.bits, qw.group_size)
+
+
+def _sharded_product(x2, qw: QuantizedWeight, mesh, axes: tuple, num_out_dims: int):
+    from flax import linen as nn
+
+    from llmjax.sharding.rules import RULES  # the rules import the model, which imports this module
+
+    spec = tuple(nn.logical_to_mesh_axes(axes, RULES))
+    out_axes, in_axis = spec[:num_out_dims], spec[num_out_dims]
+    if any(a is not None for a in spec[num_out_dims + 1:]):
+        raise ValueError(f"a quantized kernel with logical axes {axes} splits a minor input axis "
+                         f"({spec}); only its major input axis may be split")
+    data = mesh.shape.get("data", 1)
+    rows = "data" if data > 1 and x2.shape[0] % data == 0 else None
+
+    def local(x2, qw):
+        y = _product(x2, qw)
+        return y if in_axis is None else jax.lax.psum(y, in_axis)
+
+    # check_vma=False: a Pallas call's output carries no record of which mesh axes it varies over
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, in_axis), _leaf_specs(qw, out_axes, in_axis)),
+                         out_specs=P(rows, *out_axes), check_vma=False)(x2, qw)
+
+
+def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None):
+    """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`.
+
+    `kernel` is a float array or a `QuantizedWeight`. For a quantized kernel on a `mesh` of more than
+    one device, `axes` (the float kernel's logical axes) say how the sharding rules split it.
+    """
+    if not isinstance(kernel, QuantizedWeight):
+        return gemv.linear(x, kernel, num_out_dims)
+    lead = x.shape[:x.ndim - in_ndim]
+    x2 = x.reshape(-1, math.prod(x.shape[x.ndim - in_ndim:]))
+    if x2.shape[1] != kernel.in_size:
+        raise ValueError(f"x's input width {x2.shape[1]} does not match the quantized kernel's "
+                         f"{kernel.in_size}")
+    if mesh is None or mesh.size == 1:
+        y = _product(x2, kernel)
+    else:
+        y = _sharded_product(x2, kernel, mesh, axes, num_out_dims)
+    return y.reshape(*lead, *kernel.out_shape)

@@ -1,0 +1,126 @@
+"""A model's weights, quantized: which kernels, and the tree-level operations around them.
+
+The model declares which kernels are quantized (`llmjax.models.llama.Linear` with a `QuantScheme`: q/k/v,
+o, gate/up and down, and the LM head when the scheme says so), so the quantized tree's shapes, logical
+axes and shardings all come from `llama.abstract_params(config, quant=scheme)`; the functions here
+walk a float tree beside that abstract one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import LlamaConfig
+from llmjax.quant.weights import (GROUP_SIZES, QuantizedWeight, QuantScheme, dequantize, is_quantized, quantize_int4,
+                                  quantize_int8)
+
+STORAGE_FIELDS = ("values", "scales", "zeros")
+
+
+def _quantize_like(w, like: QuantizedWeight) -> QuantizedWeight:
+    num_out_dims = like.values.ndim - 1
+    if like.bits == 8:
+        return quantize_int8(w, num_out_dims=num_out_dims)
+    return quantize_int4(w, num_out_dims=num_out_dims, group_size=like.group_size,
+                         symmetric=like.zeros is None)
+
+
+def quantize_tree(tree: dict, like: dict) -> dict:
+    """Quantizes each float kernel of `tree` that `like` (a quantized tree, abstract or not, of the same
+    weights) holds as a `QuantizedWeight`, with its bits, group and zero points; the rest stays."""
+    return jax.tree.map(lambda w, a: _quantize_like(w, a) if is_quantized(a) else w, tree, like)
+
+
+def dequantize_tree(tree: dict, like: dict, dtype) -> dict:
+    """The float weights a quantized `tree` stands for, shaped as `like` (the float abstract tree)."""
+    def back(w, a):
+        if is_quantized(w):
+            return dequantize(w, dtype, tuple(a.shape[len(w.out_shape):]))
+        return w
+    return jax.tree.map(back, tree, like, is_leaf=is_quantized)
+
+
+def to_storage(tree):
+    """Each `QuantizedWeight` as a plain dict of its arrays (what orbax stores; bits and group sizes
+    live in the checkpoint's manifest scheme and the model's declaration)."""
+    def store(x):
+        if not is_quantized(x):
+            return x
+        return {k: getattr(x, k) for k in STORAGE_FIELDS if getattr(x, k) is not None}
+    return jax.tree.map(store, tree, is_leaf=is_quantized)
+
+
+def from_storage(tree, like):
+    """The inverse of `to_storage`, given `like` (the same tree with its `QuantizedWeight`s)."""
+    def load(x, a):
+        if not is_quantized(a):
+            return x
+        return dataclasses.replace(a, **{k: x.get(k) for k in STORAGE_FIELDS})
+    return jax.tree.map(load, tree, like, is_leaf=lambda x: is_quantized(x) or isinstance(x, dict) and
+                        set(x) <= set(STORAGE_FIELDS) and "values" in x)
+
+
+def cast_floats(tree, dtype):
+    """Casts the float weights outside quantized kernels (embedding, norms, biases) to `dtype`; codes
+    and scales keep theirs."""
+    def cast(x):
+        return x if is_quantized(x) else x.astype(jnp.dtype(dtype))
+    return jax.tree.map(cast, tree, is_leaf=is_quantized)
+
+
+def check_tensor_split(config: LlamaConfig, scheme: QuantScheme | None, tensor: int) -> None:
+    """Refuses a tensor degree that would cut an int4 group: o and down split their input (query heads,
+    MLP width) over `tensor`, and each device must hold whole groups."""
+    if scheme is None or scheme.bits != 4 or tensor == 1:
+        return
+    for name, width in (("o", config.num_heads * config.head_dim), ("down", config.intermediate_size)):
+        group = scheme.group_for(width)
+        if group is not None and (width // tensor) % group:
+            fits = [t for t in range(1, tensor) if width % t == 0 and (width // t) % group == 0]
+            smaller = [f"int4-g{g}" for g in GROUP_SIZES if g < group and (width // tensor) % g == 0]
+            raise ValueError(
+                f"tensor={tensor} would cut int4 groups of {group}: the {name} projection's input width "
+                f"{width} splits into {width // tensor} per device, not a multiple of {group}; use a "
+                f"tensor degree that keeps whole groups (one of {fits}) or convert with "
+                f"{' or '.join(smaller) if smaller else 'int8'}")
+
+
+def parse_dtype(dtype: str) -> tuple[str, QuantScheme | None]:
+    """A weight format name -> (the float dtype of the unquantized weights, the scheme or None):
+    `bfloat16` -> ("bfloat16", None); `int4-g128` -> ("bfloat16", int4 group 128)."""
+    if isinstance(dtype, str) and dtype.startswith("int"):
+        return "bfloat16", QuantScheme.parse(dtype)
+    return dtype, None
+
+
+def quantize_params(params, scheme: QuantScheme | str):
+    """The same model with its projections quantized by `scheme` (a `QuantScheme` or a name such as
+    `"int4-g128"`), in memory: for checks and experiments. Checkpoints are quantized once, by
+    `llmjax convert --quant`; loading never quantizes."""
+    from llmjax.models import llama  # the model imports this package
+
+    if isinstance(scheme, str):
+        scheme = QuantScheme.parse(scheme)
+    if params.quant is not None:
+        raise ValueError(f"these params are already quantized ({params.quant.name})")
+    if params.mesh is not None:
+        raise ValueError("quantize params before sharding them (llmjax.shard), not after")
+    like = llama.abstract_params(params.config, jnp.dtype(params.dtype), quant=scheme)
+    return dataclasses.replace(params, weights=quantize_tree(params.weights, like), quant=scheme)
+
+
+def dequantize_params(params, dtype=None):
+    """The float model a quantized one stands for (each kernel dequantized; `dtype` defaults to that of
+    the unquantized weights): the reference the quantized model's output is checked against."""
+    from llmjax.models import llama
+
+    if params.quant is None:
+        raise ValueError("these params are not quantized")
+    dtype = jnp.dtype(dtype or params.dtype)
+    like = llama.abstract_params(params.config, dtype)
+    weights = jax.tree.map(jnp.asarray, dequantize_tree(params.weights, like, dtype))
+    return dataclasses.replace(params, weights=weights, quant=None)
+

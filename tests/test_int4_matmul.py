@@ -1,0 +1,122 @@
+"""The int4 Pallas kernels against `int4_matmul_reference` on fresh random inputs of awkward sizes,
+their refusals, and their lowering into a Triton call for rocm (gfx942) and cuda (H200).
+
+The cases run interpreted on CPU (`TestInt4MatmulInterpret`); on a machine with a GPU the same cases
+run compiled (`TestInt4MatmulGpu`, skipped elsewhere).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from llmjax.kernels import linear
+from llmjax.kernels.int4_matmul import Int4Config, int4_matmul, int4_matmul_reference
+from llmjax.quant import QuantizedWeight, quantize_int4
+
+FMA, DOT = "fma", "dot"
+# (m, n, k, group, config or None for the default by m, symmetric, x dtype): M in {1, 3, 16, 77}, N and
+# K mostly not multiples of the blocks, both kernels, one and several groups per step, with and
+# without zero points, some shapes that need no masking at all.
+CASES = [
+    (1, 100, 384, 128, Int4Config(FMA, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
+    (1, 64, 512, 128, None, True, jnp.float32),
+    (3, 77, 320, 32, Int4Config(FMA, block_n=16, block_k=64, splits=3), False, jnp.float32),
+    (3, 45, 256, 32, None, False, jnp.bfloat16),
+    (16, 70, 512, 64, Int4Config(DOT, block_m=16, block_n=32, block_k=128, splits=2), True, jnp.bfloat16),
+    (16, 64, 384, 128, None, True, jnp.float32),
+    (77, 50, 256, 128, Int4Config(DOT, block_m=32, block_n=32, block_k=128, splits=1), False, jnp.float32),
+    (77, 96, 640, 64, None, True, jnp.bfloat16),
+    (16, 40, 256, 128, None, True, jnp.float16),  # float16 carries no 16**-pos prescale (its exponents)
+    (1, 40, 256, 32, None, False, jnp.float16),
+]
+TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
+
+
+def _inputs(m, n, k, group, symmetric, dtype, seed):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k), dtype)
+    w = jax.random.normal(kw, (n, k), jnp.float32)
+    return x, quantize_int4(w, num_out_dims=1, group_size=group, symmetric=symmetric)
+
+
+class Int4MatmulCases:
+    INTERPRET = True
+
+    @pytest.mark.parametrize("m,n,k,group,config,symmetric,dtype", CASES)
+    def test_kernel_matches_reference(self, m, n, k, group, config, symmetric, dtype):
+        x, q = _inputs(m, n, k, group, symmetric, dtype, seed=m * 1000 + n + k)
+        got = int4_matmul(x, q.values, q.scales, q.zeros, group_size=group, config=config,
+                          interpret=self.INTERPRET)
+        want = int4_matmul_reference(x, q.values, q.scales, q.zeros, group_size=group)
+        assert got.shape == (m, n) and got.dtype == dtype
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype] * np.abs(want).max())
+
+
+class TestInt4MatmulInterpret(Int4MatmulCases):
+    INTERPRET = True
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a GPU")
+class TestInt4MatmulGpu(Int4MatmulCases):
+    INTERPRET = False
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    x, q = _inputs(1, 8, 256, 64, True, jnp.float32, seed=0)
+    call = dict(group_size=64, interpret=True)
+    with pytest.raises(ValueError, match="divides K"):
+        int4_matmul(x[:, :250], q.values, q.scales, **call)
+    with pytest.raises(ValueError, match="uint32"):
+        int4_matmul(x, q.values.astype(jnp.int32), q.scales, **call)
+    with pytest.raises(ValueError, match=r"scales and zeros \[N, K/group\]"):
+        int4_matmul(x, q.values, q.scales[:, :2], **call)
+    with pytest.raises(ValueError, match="group size in"):
+        int4_matmul(x, q.values, q.scales, group_size=48, interpret=True)
+    for config, match in ((Int4Config("fast"), "kind"), (Int4Config(FMA, block_k=32), "multiple of the group"),
+                          (Int4Config(FMA, block_n=48), "power of two"), (Int4Config(FMA, splits=0), "positive"),
+                          (Int4Config(DOT, block_m=8), "at least 16")):
+        with pytest.raises(ValueError, match=match):
+            int4_matmul(x, q.values, q.scales, config=config, **call)
+
+
+def _abstract_mesh(device_kind):
+    return AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu"))
+
+
+@pytest.mark.parametrize("platform,device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
+@pytest.mark.parametrize("rows", [1, 16, 64])  # the fma kernel, the dot kernel split-K, the dot kernel tiled
+def test_the_projection_lowers_to_a_triton_call(platform, device_kind, rows):
+    n, k = 512, 1024
+    qw = QuantizedWeight(jax.ShapeDtypeStruct((n, k // 8), jnp.uint32),
+                         jax.ShapeDtypeStruct((n, k // 128), jnp.bfloat16), None, 4, 128)
+    x = jax.ShapeDtypeStruct((rows, 1, k), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(device_kind)):
+        text = jax.jit(lambda x, w: linear.linear(x, w, 1, 1)).trace(x, qw).lower(
+            lowering_platforms=(platform,)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+    assert "stablehlo.dot_general" not in text  # no dequantize-then-dot left beside the kernel
+
+
+def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():
+    import functools
+    import importlib
+
+    from llmjax.cache import KVCache
+    from llmjax.config import LlamaConfig
+    from llmjax.models.llama import Llama, abstract_params
+    from llmjax.quant import QuantScheme
+
+    gen = importlib.import_module("llmjax.generate")
+    config, scheme = LlamaConfig.preset("tiny"), QuantScheme.parse("int4-g32")
+    weights = abstract_params(config, jnp.bfloat16, scheme)
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, 2, 64, jnp.bfloat16))
+    rows = jax.ShapeDtypeStruct((2,), jnp.int32)
+    decode = functools.partial(gen._decode, Llama(config, jnp.bfloat16, quant=scheme))
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("gfx942")):
+        text = jax.jit(decode).trace(weights, rows, rows, cache).lower(lowering_platforms=("rocm",)).as_text()
+    # q/k/v, o and gate/up of each of the 2 layers are int4 (down's width 200 takes no group)
+    assert text.count("__gpu$xla.gpu.triton") >= 3

@@ -1,0 +1,199 @@
+"""Weight-only quantization end to end: quantize/dequantize error bounds, the quantized model against
+the model it dequantizes to, `convert --quant` round trips, the sharding rules on 8 CPU devices,
+`bench --dtype int4-g128`, and the demo model's perplexity at int4-g128."""
+
+import dataclasses
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import llmjax
+from llmjax import bench, cli
+from llmjax.models import llama
+from llmjax.quant import (QuantizedWeight, QuantScheme, dequantize_int4, dequantize_int8, dequantize_params,
+                          quantize_int4, quantize_int8, quantize_params)
+from llmjax.quant.weights import pack_int4, unpack_int4
+from llmjax.sharding import make_mesh
+
+from conftest import hf_config, save_hf_model
+
+gen = importlib.import_module("llmjax.generate")
+PROMPTS = [[1, 17, 300, 5, 9], [1, 800], [1, 4, 4, 4, 900, 12, 33]]
+SLACK = 1 + 2**-8  # scales are rounded to bf16 (half an ulp: 2**-8 relative) before the codes are chosen
+
+
+def _groups(w, group):
+    return np.asarray(w, np.float32).reshape(*w.shape[:-1], -1, group)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_error_is_bounded_and_no_worse_than_plain_rounding(group):
+    w = np.array(jax.random.normal(jax.random.key(group), (6, 3, 256)))  # out dims (6, 3), K 256
+    w[0, 0, :group] = 0.0  # an all-zero group
+    w[1, 2, 5] = 40.0  # an outlier
+    q = quantize_int4(w, num_out_dims=2, group_size=group)
+    assert q.values.shape == (6, 3, 32) and q.values.dtype == jnp.uint32 and q.scales.shape == (6, 3, 256 // group)
+    back = np.asarray(dequantize_int4(q)).reshape(w.shape)
+    err, amax = _groups(back - w, group), np.abs(_groups(w, group)).max(-1, keepdims=True)
+    # the worst case is clipping the extreme to 7 s with s = max|w| / 8, rounded down: 7 s * 2**-8 more
+    assert np.all(np.abs(err) <= amax / 8 * (1 + 7 * 2**-8))
+    assert np.all(back[0, 0, :group] == 0)
+    # the scale search never does worse, per group, than the plain grid max|w| / 7
+    plain_s = np.asarray(jnp.asarray(amax / 7, jnp.bfloat16), np.float32)
+    plain = np.clip(np.round(_groups(w, group) / np.where(plain_s == 0, 1, plain_s)), -8, 7) * plain_s
+    assert np.all((err ** 2).sum(-1) <= ((plain - _groups(w, group)) ** 2).sum(-1) * (1 + 1e-6) + 1e-12)
+
+
+def test_int4_asymmetric_and_int8_errors_are_bounded():
+    w = np.asarray(jax.random.normal(jax.random.key(7), (10, 384))) + 0.7  # skewed: zero points help
+    q = quantize_int4(w, num_out_dims=1, group_size=64, symmetric=False)
+    codes = np.asarray(unpack_int4(q.values, 64))
+    assert codes.min() >= 0 and codes.max() <= 15 and q.zeros.shape == q.scales.shape
+    zeros = np.asarray(q.zeros, np.float32)
+    assert np.all((zeros == np.round(zeros)) & (zeros >= 0) & (zeros <= 15))
+    lo, hi = np.minimum(_groups(w, 64).min(-1), 0), np.maximum(_groups(w, 64).max(-1), 0)
+    err = np.abs(_groups(np.asarray(dequantize_int4(q)) - w, 64)).max(-1)
+    assert np.all(err <= (hi - lo) / 15 * SLACK)  # half a step, plus half a step where the zero rounds
+    q8 = quantize_int8(w, num_out_dims=1)
+    assert q8.values.dtype == jnp.int8 and q8.scales.shape == (10,)
+    err8 = np.abs(np.asarray(dequantize_int8(q8)) - w).max(-1)
+    assert np.all(err8 <= np.abs(w).max(-1) / 254 * SLACK)
+
+
+def test_packing_round_trips_and_interleaves_within_groups():
+    codes = jax.random.randint(jax.random.key(3), (5, 2, 256), 0, 16).astype(jnp.uint32)
+    for group in (32, 64, 128):
+        words = pack_int4(codes, group)
+        assert words.shape == (5, 2, 32)
+        np.testing.assert_array_equal(np.asarray(unpack_int4(words, group)), np.asarray(codes))
+    # input j*W + i of a group is nibble j of the group's word i (W = group / 8)
+    w = np.asarray(pack_int4(codes, 128))[0, 0]
+    c = np.asarray(codes)[0, 0]
+    assert (w[128 // 8 + 3] >> 8) & 0xF == c[128 + 2 * 16 + 3]
+
+
+def test_schemes_and_group_fallback():
+    for name in ("int4-g128", "int4-g64", "int4-g32", "int4-g128-asym", "int8"):
+        assert QuantScheme.parse(name).name == name
+    with pytest.raises(ValueError, match="int4-g128, int4-g64"):
+        QuantScheme.parse("int4-g100")
+    s = QuantScheme.parse("int4-g128")
+    assert s.group_for(4096) == 128 and s.group_for(672) == 32 and s.group_for(192) == 64
+    assert not s.quantizes(200) and QuantScheme.parse("int8").quantizes(200)
+    # the demo model's down projection (width 672) gets group 32; its other projections group 128
+    layer = llama.abstract_params(llmjax.LlamaConfig.from_hf("llmjax/assets/tiny-stdlib"), quant=s)["layer_0"]
+    assert layer["mlp"]["down"]["kernel"].group_size == 32 and layer["attn"]["o"]["kernel"].group_size == 128
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, sp_dir):
+    """A float32 model whose widths (hidden 128, MLP 256, 4 heads of 32) tensor 2 and 4 split into whole groups."""
+    folder = tmp_path_factory.mktemp("qhf")
+    save_hf_model(folder, hf_config(vocab_size=1024, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                    num_key_value_heads=2, attention_bias=True, max_position_embeddings=64),
+                  seed=11, tokenizer_dir=sp_dir)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def float_params(folder):
+    return llmjax.load(folder)
+
+
+def _logits(params):
+    return np.asarray(llmjax.logits(params, jnp.asarray(gen._pad(PROMPTS, 8))))
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128-asym", "int8"])
+def test_quantized_model_matches_the_model_it_dequantizes_to(float_params, scheme):
+    q = quantize_params(float_params, scheme)
+    kernel = q.weights["layer_1"]["mlp"]["gate_up"]["kernel"]
+    assert isinstance(kernel, QuantizedWeight) and q.quant.name == scheme and scheme in repr(q)
+    assert q.num_params == float_params.num_params
+    d = dequantize_params(q)
+    assert d.quant is None and d.weights["layer_1"]["mlp"]["gate_up"]["kernel"].shape == (2, 256, 128)
+    want = _logits(d)
+    np.testing.assert_allclose(_logits(q), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.abs(_logits(float_params) - want).max() > 1e-3  # quantization did change the model
+    if scheme == "int4-g32":
+        assert llmjax.generate(q, PROMPTS, max_new_tokens=8) == llmjax.generate(d, PROMPTS, max_new_tokens=8)
+
+
+def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_params):
+    q = quantize_params(float_params, "int4-g32")
+    want, tokens = _logits(q), llmjax.generate(q, PROMPTS, max_new_tokens=8)
+    for data, tensor in ((8, 1), (2, 4)):  # rows split over data; tensor 4 repeats each of the 2 kv heads
+        p = llmjax.shard(q, make_mesh(tensor=tensor, data=data))
+        np.testing.assert_allclose(_logits(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert llmjax.generate(p, PROMPTS, max_new_tokens=8) == tokens
+    layer = p.weights["layer_0"]
+    specs = {"qkv": P("tensor", None, None, None), "o": P(None, "tensor"), "gate_up": P(None, "tensor", None),
+             "down": P(None, "tensor")}
+    for name, kernel in (("qkv", layer["attn"]["qkv"]["kernel"]), ("o", layer["attn"]["o"]["kernel"]),
+                         ("gate_up", layer["mlp"]["gate_up"]["kernel"]), ("down", layer["mlp"]["down"]["kernel"])):
+        assert kernel.values.sharding.spec == specs[name] and kernel.scales.sharding.spec == specs[name], name
+    with pytest.raises(ValueError, match=r"would cut int4 groups of 128.*one of \[1\].*int4-g64 or int4-g32"):
+        llmjax.shard(quantize_params(float_params, "int4-g128"), make_mesh(tensor=2, data=4))
+
+
+def test_random_quantized_weights_are_made_in_their_shardings():
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2, hidden_size=128,
+                                 head_dim=16, intermediate_size=256, eos_token_ids=())
+    p = llmjax.init_random(config, dtype="int4-g32", mesh=make_mesh(tensor=4, data=2))
+    down = p.weights["layer_0"]["mlp"]["down"]["kernel"]
+    assert p.quant.name == "int4-g32" and down.values.dtype == jnp.uint32
+    assert down.values.sharding.spec == P(None, "tensor") and down.values.addressable_shards[0].data.shape == (128, 8)
+    assert np.isfinite(np.asarray(llmjax.logits(p, [1, 5, 9]))).all()
+
+
+def test_convert_quant_round_trips_and_loads_on_a_mesh(folder, float_params, tmp_path, capsys):
+    ckpt = tmp_path / "int4"
+    assert cli.main(["convert", str(folder), str(ckpt), "--quant", "int4-g32", "--quiet"]) == 0
+    manifest = json.loads((ckpt / "llmjax.json").read_text())
+    assert manifest["quant"] == {"bits": 4, "group_size": 32, "symmetric": True, "lm_head": False}
+    p = llmjax.load(ckpt)
+    assert p.quant.name == "int4-g32" and isinstance(p.weights["layer_0"]["attn"]["o"]["kernel"], QuantizedWeight)
+    assert not isinstance(p.weights["lm_head"]["kernel"], QuantizedWeight)
+    want = _logits(quantize_params(float_params, "int4-g32"))  # the same quantization, done in memory
+    np.testing.assert_array_equal(_logits(p), want)
+    for data, tensor in ((4, 2), (2, 4)):  # straight into the shardings; through the host (kv repeated)
+        sharded = llmjax.load(ckpt, mesh=make_mesh(tensor=tensor, data=data))
+        assert sharded.quant == p.quant
+        np.testing.assert_allclose(_logits(sharded), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    head = tmp_path / "int8"
+    assert cli.main(["convert", str(folder), str(head), "--quant", "int8", "--quant-lm-head", "--quiet"]) == 0
+    p8 = llmjax.load(head, dtype="bfloat16")
+    assert p8.weights["lm_head"]["kernel"].values.dtype == jnp.int8 and p8.dtype == jnp.bfloat16
+    assert p8.weights["lm_head"]["kernel"].scales.dtype == jnp.bfloat16 and p8.quant.lm_head
+    for argv, match in ((["--quant", "int5"], "unknown quantization 'int5'"),
+                        (["--quant-lm-head"], "needs a quantization")):
+        assert cli.main(["convert", str(folder), str(tmp_path / "bad"), *argv, "--quiet"]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bench_int4_counts_packed_bytes_and_scales():
+    r = bench.bench("tiny", dtype="int4-g128", gen_len=16, repeats=1, bandwidth=1e11)
+    assert "int4-g128" in r.report() and r.decode_tok_s > 0
+    # tiny: hidden 96, 6 heads and 2 kv heads of 16, MLP 200, vocab 515, 2 layers. Width 96 takes group 32
+    # (128 and 64 do not divide it); down's width 200 no group divides, so down stays bf16.
+    qkv = 160 * 96 // 2 + 160 * 3 * 2  # [2 kv heads, 3 + 2, 16] outputs: codes, then scales
+    o, gate_up = 96 * 96 // 2 + 96 * 3 * 2, 400 * 96 // 2 + 400 * 3 * 2
+    layer = qkv + o + gate_up + 96 * 200 * 2 + 2 * 96 * 2
+    head, final_norm, embedding_row = 515 * 96 * 2, 96 * 2, 96 * 2
+    assert r.weight_bytes_per_step == 2 * layer + final_norm + head + embedding_row
+
+
+@pytest.mark.slow
+def test_demo_model_at_int4_g128_stays_within_5_percent_of_bf16_perplexity():
+    from test_demo_model import RECORDED_PERPLEXITY, _heldout_texts
+
+    texts = _heldout_texts()  # the held-out files the bf16 perplexity was recorded on
+    q = quantize_params(llmjax.load("tiny-stdlib"), "int4-g128")
+    ratio = llmjax.perplexity(q, texts).perplexity / RECORDED_PERPLEXITY
+    assert 1.0 < ratio < 1.05, ratio
