@@ -197,7 +197,8 @@ def run_checks(report: Report, interpret: bool, smoke: bool) -> None:
         max_pages = -(-s // page)
         tables = scattered_tables(7, b, max_pages, junk=True)
         q = normal(8, (b, h, d), dtype)
-        k_pages, v_pages = normal(9, (b * max_pages, page, kv, d), dtype), normal(10, (b * max_pages, page, kv, d), dtype)
+        pool = (b * max_pages, page, kv, d)
+        k_pages, v_pages = normal(9, pool, dtype), normal(10, pool, dtype)
         lengths = jnp.array([s, 1, 0], jnp.int32)
         block_k = block_k if not smoke else 16
         check(report, f"paged gqa4 hd128 page {page} block_k {block_k}, lengths {s}/1/0",
@@ -249,7 +250,8 @@ def run_sweeps(report: Report, smoke: bool) -> dict:
     report.say("2. tuning sweeps (each output compared with the default configuration's)")
     t = 8192 if not smoke else 64
     b = 2 if not smoke else 1
-    q, k, v = normal(11, (b, t, HEADS, HEAD_DIM)), normal(12, (b, t, KV_HEADS, HEAD_DIM)), normal(13, (b, t, KV_HEADS, HEAD_DIM))
+    q = normal(11, (b, t, HEADS, HEAD_DIM))
+    k, v = normal(12, (b, t, KV_HEADS, HEAD_DIM)), normal(13, (b, t, KV_HEADS, HEAD_DIM))
     zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
     if not smoke:
         check(report, f"flash (default config) at the sweep shape {b}x{t}",
@@ -303,7 +305,8 @@ def paged_operands(batch: int, context: int) -> list[tuple]:
 
 
 def run_prefill(report: Report, best: dict, smoke: bool) -> None:
-    report.say("3. prefill attention, causal, 32 q / 8 kv heads, head dim 128, bf16 (batch = 16k tokens / context)")
+    report.say("3. prefill attention, causal, 32 q / 8 kv heads, head dim 128, bf16 "
+               "(batch = 16k tokens / context)")
     for t in (2048, 8192, 32768) if not smoke else (64,):
         b = max(1, 16384 // t) if not smoke else 1
         q = normal(20, (b, t, HEADS, HEAD_DIM))
@@ -327,7 +330,8 @@ def run_prefill(report: Report, best: dict, smoke: bool) -> None:
             report.say(f"  {t:6d} x{b} {name:24s} {s * 1e3:8.2f} ms  {tflops:6.1f} TFLOP/s")
             report.row(section="prefill", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops)
         if scores_gb >= 40:
-            report.say(f"  {t:6d} x{b} xla einsum (reference)  skipped: its f32 scores would take {scores_gb:.0f} GB")
+            report.say(f"  {t:6d} x{b} xla einsum (reference)  skipped: its f32 scores would take "
+                       f"{scores_gb:.0f} GB")
 
 
 def run_decode(report: Report, best: dict, bandwidth: float, smoke: bool) -> None:
@@ -342,7 +346,8 @@ def run_decode(report: Report, best: dict, bandwidth: float, smoke: bool) -> Non
                 "contiguous kernel": (lambda q, k, v, n: da.decode_attention(q, k, v, n, interpret=smoke, **tuned),
                                       contiguous),
                 "contiguous reference": (da.decode_attention_reference, contiguous),  # batch 64 only, below
-                "paged kernel": (lambda q, *ops: pa.paged_attention(q, *ops, interpret=smoke, **best.get("paged", {})),
+                "paged kernel": (lambda q, *ops: pa.paged_attention(q, *ops, interpret=smoke,
+                                                                    **best.get("paged", {})),
                                  paged_operands(batch, context)),
             }
             if batch == 1:  # one row: XLA's reference is bound by launches, not worth the compile time

@@ -13,7 +13,8 @@ to read each cache byte once at full bandwidth (flash-decoding):
 - the keys are split into `splits` chunks, each reduced by its own program with an online softmax,
   so a small batch still gives every SM work; each split writes its normalized partial output and
   its log-sum-exp, and a small jnp epilogue merges the splits (skipped when there is one);
-- splits and blocks past a row's length are skipped, so a cache longer than the rows costs nothing.
+- blocks past a row's length are never read, so a cache longer than its rows costs only the launch
+  of some idle programs.
 `splits=None` picks enough splits for about `TARGET_PROGRAMS` programs.
 
 Head dims must be powers of two >= 16 (`flash_attention.supported`); the model falls back to
@@ -34,6 +35,9 @@ from llmjax.kernels import dispatch
 from llmjax.kernels.flash_attention import LOG2E, MASKED, masked_softmax, supported
 
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
+# Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
+# workgroup; 3 stages take all of it, 2 stages 32 KB (benchmarks/triton_offline_compile.py).
+ROCM_TUNING = dict(num_stages=2)
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -159,4 +163,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, **tunin
     if not supported(q.shape[-1]) or not q.dtype == k.dtype == v.dtype:
         return decode_attention_reference(q, k, v, lengths)
     kernel = functools.partial(decode_attention, **tuning)
-    return dispatch.dispatch(kernel, decode_attention_reference, q, k, v, lengths, variable="LLMJAX_ATTENTION")
+    return dispatch.dispatch(kernel, decode_attention_reference, q, k, v, lengths,
+                             variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})

@@ -28,11 +28,13 @@ def mode(variable: str) -> str:
     return value
 
 
-def dispatch(kernel: Callable, reference: Callable, *args, variable: str):
+def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_tuning: dict | None = None):
     """`kernel(*args, interpret=...)` or `reference(*args)`, as the platform and `variable` decide.
 
-    `kernel` takes the tuning it needs as defaults and an `interpret` keyword; `reference` computes
-    the same result in jnp. Under `jax.grad` the backward pass is the reference's.
+    `kernel` takes its tuning as keyword defaults (chosen for the H200) and an `interpret` keyword;
+    on rocm, `rocm_tuning` overrides some of them (an MI300 has 64 KB of shared memory per workgroup
+    where an H200 has 227 KB). `reference` computes the same result in jnp. Under `jax.grad` the
+    backward pass is the reference's.
     """
     chosen = mode(variable)
     if chosen == "off":
@@ -40,8 +42,10 @@ def dispatch(kernel: Callable, reference: Callable, *args, variable: str):
     if chosen == "interpret":
         forward = functools.partial(kernel, interpret=True)
     else:
+        rocm = functools.partial(kernel, **(rocm_tuning or {}))
+
         def forward(*a):
-            return jax.lax.platform_dependent(*a, cuda=kernel, rocm=kernel, default=reference)
+            return jax.lax.platform_dependent(*a, cuda=kernel, rocm=rocm, default=reference)
 
     @jax.custom_vjp
     def run(*a):

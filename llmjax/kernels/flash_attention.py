@@ -18,9 +18,9 @@ their K/V blocks are read from DRAM once and then hit L2. Query blocks run last-
 ones start earliest, which evens the tail of a causal launch.
 
 Head dims must be powers of two >= 16 (the tensor-core product needs 16; Triton blocks are powers of
-two): 32 (the demo model), 64 and 128 are. `supported` says whether a shape fits; the model's
-dispatch falls back to `flash_attention_reference` for the rest (llmjax's test configs with head_dim
-24, for instance).
+two): 16 (the tiny preset), 32 (the demo model), 64 and 128 (every Llama preset) are. `supported`
+says whether a head dim fits; `attend` falls back to `flash_attention_reference` for the rest (a
+head dim of 80 or 96, for instance).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ from llmjax.kernels import dispatch
 
 LOG2E = math.log2(math.e)
 MASKED = -1e30  # a finite "minus infinity": a fully masked block gives exp2(0), never NaN
+# Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
+# workgroup; 8 warps and 3 stages take 80 KB there, 4 warps and 2 stages 32 KB
+# (benchmarks/triton_offline_compile.py).
+ROCM_TUNING = dict(num_warps=4, num_stages=2)
 
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array,
@@ -160,4 +164,4 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_le
         return flash_attention_reference(q, k, v, q_offsets, kv_lengths)
     kernel = functools.partial(flash_attention, **tuning)
     return dispatch.dispatch(kernel, flash_attention_reference, q, k, v, q_offsets, kv_lengths,
-                             variable="LLMJAX_ATTENTION")
+                             variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})

@@ -34,6 +34,10 @@ from llmjax.kernels import dispatch
 from llmjax.kernels.decode_attention import decode_attention_reference, merge_splits, split_plan
 from llmjax.kernels.flash_attention import LOG2E, MASKED, supported
 
+# Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
+# workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
+ROCM_TUNING = dict(num_stages=3)
+
 
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                               lengths: jax.Array) -> jax.Array:
@@ -159,4 +163,4 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: j
         return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths)
     kernel = functools.partial(paged_attention, **tuning)
     return dispatch.dispatch(kernel, paged_attention_reference, q, k_pages, v_pages, block_tables, lengths,
-                             variable="LLMJAX_ATTENTION")
+                             variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})
