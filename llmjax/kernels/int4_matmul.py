@@ -93,14 +93,15 @@ class Int4Config:
 
 
 # Defaults by rows. The `fma` kernel up to FMA_MAX_ROWS rows (each extra row adds a multiply-add per
-# weight), the tensor-core kernel beyond. Chosen from the offline instruction counts and occupancy (a
-# 4-warp fma program holds ~96 registers a thread, so ~5 fit an SM); `benchmarks/int4_matmul.py`
-# measures them against alternatives on the H200.
+# weight), the tensor-core kernel beyond. Set from `benchmarks/int4_matmul.py` on the H200
+# (BENCHMARKS.md): of eight one-row configurations, narrow output blocks with long K steps and 16 K
+# slices were fastest on every shape (8192x28672: 62.5 us against 116.0 for the first default of
+# 128/128/auto; 4096x11008: 18.2 against 24.4); for 8 and 16 rows, 64-wide tiles over 8 K slices.
 FMA_MAX_ROWS = 2
-TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs
+TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs (when splits is None)
 MIN_STEPS = 2
-DECODE = Int4Config("fma", block_n=128, block_k=128, num_warps=4, num_stages=3)
-DECODE_DOT = Int4Config("dot", block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)
+DECODE = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, num_stages=3)
+DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=128, splits=8, num_warps=4, num_stages=3)
 PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
