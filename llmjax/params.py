@@ -21,6 +21,7 @@ from llmjax.convert.hf import (DTYPES, SafetensorsFolder, check_tensors, iter_we
                                read_hf_weights, resolve_dtype)
 from llmjax.files import read_json
 from llmjax.models import llama
+from llmjax.sharding import pipeline
 from llmjax.tokenizer import Tokenizer
 
 
@@ -106,7 +107,7 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh) -> Params:
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored))
-        if fitted == config and dtype in (None, stored):
+        if fitted == config and dtype in (None, stored) and pipeline.stages(mesh) == 1:
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    abstract, rules.weight_shardings(config, mesh))
@@ -126,7 +127,8 @@ def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
     from llmjax.sharding import rules
 
     shardings = rules.weight_shardings(fitted, mesh)
-    weights = {}
+    num_stages = pipeline.stages(mesh)
+    weights, layers = {}, {}
     for key, tree in groups:
         if key.startswith("layer_"):
             tree = rules.repeat_kv_heads(tree, config, repeat)
@@ -134,11 +136,23 @@ def _place(groups, config, fitted, repeat, mesh, dtype) -> dict:
             tree = rules.pad_vocab(tree, fitted.embedding_rows)
         if dtype is not None:
             tree = jax.tree.map(lambda w: np.asarray(w).astype(jnp.dtype(dtype)), tree)
-        # Every process holds the same host arrays and hands each of its devices its shard.
-        weights[key] = jax.tree.map(
-            lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index]),
-            tree, shardings[key])
+        if num_stages > 1 and key.startswith("layer_"):
+            # onto its stage's devices now, with a stage axis of size 1; stacked below
+            stage, place = divmod(int(key[len("layer_"):]), len(shardings["stages"]))
+            targets = pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"])
+            layers[key] = _put(jax.tree.map(lambda w: np.asarray(w)[None], tree), targets)
+        else:
+            weights[key] = _put(tree, shardings[key])
+    if num_stages > 1:
+        weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
     return weights
+
+
+def _put(tree, shardings):
+    """Host arrays onto devices: every process holds the same arrays and hands each of its devices
+    its shard."""
+    return jax.tree.map(lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index],
+                                                                  dtype=w.dtype), tree, shardings)
 
 
 def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
@@ -184,6 +198,31 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, _ = meshes.fit_config(config, mesh)
-    weights = llama.init_params(fitted, jax.random.key(seed), jnp.dtype(dtype),
-                                rules.weight_shardings(fitted, mesh))
-    return Params(weights, fitted, tokenizer, mesh)
+    shardings = rules.weight_shardings(fitted, mesh)
+    key, dtype = jax.random.key(seed), jnp.dtype(dtype)
+    if pipeline.stages(mesh) == 1:
+        return Params(llama.init_params(fitted, key, dtype, shardings), fitted, tokenizer, mesh)
+    return Params(_init_stacked(fitted, key, dtype, mesh, shardings), fitted, tokenizer, mesh)
+
+
+def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings) -> dict:
+    """Random weights in the pipeline's layout, equal to `init_params`'s: each stage makes its own
+    layers on its own devices, so no device ever holds more than its share."""
+    outer = {name: s for name, s in shardings.items() if name != "stages"}
+    # A one-layer model's embedding and head equal the whole model's (a weight's random key follows
+    # its name); its layer is left out of the result, so XLA never computes it.
+    one_layer = dataclasses.replace(config, num_layers=1)
+    weights = jax.jit(lambda key: {name: w for name, w in llama.init_params(one_layer, key, dtype).items()
+                                   if name in outer}, out_shardings=outer)(key)
+    per_stage = len(shardings["stages"])
+    layers = {}
+    for stage in range(pipeline.stages(mesh)):
+        indices = tuple(range(stage * per_stage, (stage + 1) * per_stage))
+        targets = {f"layer_{i}": pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{i % per_stage}"])
+                   for i in indices}
+
+        def init(key, indices=indices):
+            return jax.tree.map(lambda w: w[None], llama.init_layers(config, key, indices, dtype))
+        layers.update(pipeline.run_on_stage(init, targets, key))
+    weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
+    return weights
