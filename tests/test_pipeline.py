@@ -4,6 +4,7 @@ weights and cache are split over `stage` as the rules say, and impossible meshes
 
 import dataclasses
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +147,15 @@ def test_impossible_meshes_are_refused(models):
     with pytest.raises(ValueError, match=r"query heads \(6\)"):  # tensor checks hold inside a stage
         llmjax.init_random(config, mesh=make_mesh(stage=2, tensor=4))
 
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_tensor_parallel_layers_gather_no_weight(models, stage):
+    """Inside a stage as without stages, Megatron's layout keeps every layer weight where it is:
+    XLA's program moves activations (all-reduces, the stage hand-over), never a whole weight."""
+    folder = models("gqa")[0]
+    p = llmjax.load(folder, mesh=_mesh(1, stage, 2))
+    compiled = gen._forward.lower(p.weights, jnp.asarray(gen._pad(PROMPTS, 8)), model=gen._model(p)).compile()
+    gathered = set(re.findall(r"= \w+\[([\d,]+)\][^=]* all-gather(?:-start)?\(", compiled.as_text()))
+    layers = p.weights["stages"] if stage > 1 else {k: p.weights[k] for k in p.weights if k.startswith("layer_")}
+    weights = {",".join(map(str, w.shape[stage > 1:])) for w in jax.tree.leaves(layers)}
+    assert "all-reduce" in compiled.as_text() and not gathered & weights

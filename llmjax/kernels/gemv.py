@@ -111,13 +111,21 @@ def linear(x: jax.Array, w: jax.Array, num_out_dims: int) -> jax.Array:
     out_shape, in_shape = w.shape[:num_out_dims], w.shape[num_out_dims:]
     lead = x.shape[:x.ndim - len(in_shape)]
     n, k = math.prod(out_shape), math.prod(in_shape)
+    if not use_kernel(math.prod(lead), n, k, w.dtype):
+        return _product(x, w, len(in_shape))
     x2, w2 = x.reshape(-1, k), w.reshape(n, k)
 
     def xla(x2, w2):
         return jnp.einsum("mk,nk->mn", x2, w2)
 
-    if use_kernel(x2.shape[0], n, k, w.dtype):
-        y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
-    else:
-        y = xla(x2, w2)
+    y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
     return y.reshape(*lead, *out_shape)
+
+
+def _product(x: jax.Array, w: jax.Array, num_in_dims: int) -> jax.Array:
+    """XLA's product over the kernel's own axes, unflattened. Flattening gate/up's `[2, mlp, embed]`
+    into `[2 * mlp, embed]` merges the `mlp` axis, split over `tensor`, into one that cannot stay
+    split, and GSPMD then gathers the whole kernel onto every device at every step."""
+    x_in = tuple(range(x.ndim - num_in_dims, x.ndim))
+    w_in = tuple(range(w.ndim - num_in_dims, w.ndim))
+    return jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())))
