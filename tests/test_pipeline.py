@@ -3,6 +3,7 @@ logits and tokens (a batch that keeps the stages full, and a single prompt that 
 weights and cache are split over `stage` as the rules say, and impossible meshes are refused."""
 
 import dataclasses
+import functools
 import importlib
 import re
 
@@ -13,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import llmjax
+from llmjax.models.llama import abstract_params
 from llmjax.sharding import make_mesh, pipeline
 
 from conftest import hf_config, save_hf_model
@@ -159,3 +161,25 @@ def test_tensor_parallel_layers_gather_no_weight(models, stage):
     layers = p.weights["stages"] if stage > 1 else {k: p.weights[k] for k in p.weights if k.startswith("layer_")}
     weights = {",".join(map(str, w.shape[stage > 1:])) for w in jax.tree.leaves(layers)}
     assert "all-reduce" in compiled.as_text() and not gathered & weights
+
+
+@pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
+def test_pipelined_generate_lowers_for_gpu(platform, device_kind):
+    """The decode that keeps 2 stages (of 2 tensor-parallel GPUs) full lowers for AMD and NVIDIA GPUs
+    on this CPU-only machine: lowering, not execution (see test_lowering.py)."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1, 2, 2), ("data", "stage", "tensor"), abstract_device=device,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), vocab_size=516)
+    def stacked(layers):  # shapes of the stacked layout, a leading axis for the 2 stages
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((2, *a.shape), a.dtype), layers[0])
+    weights = pipeline.group_layers(abstract_params(config, jnp.bfloat16), config, 2, stacked)
+    rows, scalar = jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    args = (weights, jax.ShapeDtypeStruct((4, 16), jnp.int32), rows, jax.ShapeDtypeStruct((4,), jnp.bool_),
+            scalar, jax.ShapeDtypeStruct((1,), jnp.int32), jax.eval_shape(lambda: gen.Sampling().arrays(4)),
+            jax.eval_shape(lambda: jax.random.key(0)), rows)
+    fn = functools.partial(gen._generate_ids.__wrapped__, model=gen.Llama(config, jnp.bfloat16, mesh),
+                           cache_len=64, out_len=32, greedy=True, filters=())
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.while" in text and "collective_permute" in text and "bf16" in text
