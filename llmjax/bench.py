@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.cache import KVCache
 from llmjax.config import LlamaConfig
 from llmjax.params import Params, init_random
 from llmjax.quant.tree import parse_dtype
 from llmjax.quant.weights import SCHEMES
+from llmjax.sharding import pipeline
 from llmjax.sharding.rules import cache_sharding
 
 gen = importlib.import_module("llmjax.generate")  # the module; `llmjax.generate` is also a function
@@ -175,7 +175,8 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
           bandwidth: float | None = None) -> BenchResult:
     """Times greedy generation of `gen_len` tokens after `prompt_len` random prompt tokens, `batch`
     sequences at once, on random weights of a preset (or a `LlamaConfig`), on one device or sharded
-    over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh.
+    over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh,
+    summed over the stages under pipeline parallelism.
     `params` and `bandwidth` (from an earlier run, as `sweep` passes them) skip making and measuring."""
     config = _check(model, dtype, batch, prompt_len, gen_len, repeats)
     if params is None:
@@ -205,12 +206,7 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     first = _median_time(lambda: run(1), repeats)
     step_s = max(full - first, 1e-9) / (gen_len - 1)
 
-    weight_bytes = sum(_per_device(w) for w in jax.tree.leaves(params.weights))
-    embed = params.weights["embed"]["embedding"]
-    weight_read = weight_bytes - _per_device(embed) + batch * embed.nbytes // config.embedding_rows
-    cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, cache_len, embed.dtype))
-    sharding = None if mesh is None else cache_sharding(mesh, batch)  # as generate places it
-    cache_read = sum(_per_device(x, sharding) for x in jax.tree.leaves(cache))
+    weight_read, cache_read = _bytes_per_step(params, batch, cache_len)
     bandwidth = bandwidth or measure_bandwidth()
     bound = bandwidth / (weight_read + cache_read)
     stats = jax.devices()[0].memory_stats() or {}
@@ -232,6 +228,25 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
         except ImportError as e:
             result.hf_error = f"{e.name or e} is not installed"
     return result
+
+
+def _bytes_per_step(params: Params, batch: int, cache_len: int) -> tuple[int, int]:
+    """Bytes of weights and of KV cache one decode step reads on one device, or, under pipeline
+    parallelism, on one device of each stage in turn (a token passes the stages one after another).
+    The embedding table counts one row per sequence. When the decode keeps the stages full, every
+    stage also applies the LM head to its microbatch once a step."""
+    mesh, weights = params.mesh, params.weights
+    stages = pipeline.stages(mesh)
+    embed = weights["embed"]["embedding"]
+    outside = {name: w for name, w in weights.items() if name != "stages"}
+    per_stage = sum(_per_device(w) for w in jax.tree.leaves(outside)) - _per_device(embed)
+    per_stage += batch * embed.nbytes // params.config.embedding_rows
+    heads = stages if pipeline.microbatch_count(mesh, batch) > 1 else 1
+    layers = sum(_per_device(w) for w in jax.tree.leaves(weights.get("stages", {})))
+    cache = jax.eval_shape(lambda: gen._new_cache(gen._model(params), batch, cache_len, embed.dtype))
+    sharding = None if mesh is None else cache_sharding(mesh, batch)  # as generate places it
+    cache_read = sum(_per_device(x, sharding) for x in jax.tree.leaves(cache))
+    return stages * layers + heads * per_stage, stages * cache_read
 
 
 def random_params(config: LlamaConfig, dtype: str, seed: int, mesh=None) -> Params:

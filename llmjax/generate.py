@@ -28,9 +28,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax.cache import KVCache
+from llmjax.models import llama
 from llmjax.models.llama import Llama
 from llmjax.params import Params
 from llmjax.sampling import Sampling, sample
+from llmjax.sharding import pipeline
 from llmjax.sharding.rules import cache_sharding
 
 MIN_BUCKET = 16
@@ -70,11 +72,20 @@ def _decode(model, weights, last, positions, cache):
     return logits[:, 0], cache
 
 
+def _new_cache(model, batch: int, length: int, dtype):
+    """An empty KV cache placed as the rules say; in the pipeline's layout when the mesh has stages."""
+    if pipeline.stages(model.mesh) > 1:
+        cache = pipeline.zeros_cache(model.config, model.mesh, batch, length, dtype)
+    else:
+        cache = KVCache.zeros(model.config, batch, length, dtype)
+    if model.mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding(model.mesh, batch))
+    return cache
+
+
 def _first_tokens(weights, tokens, lengths, knobs, key, rows, *, model, cache_len, greedy, filters):
     """A fresh cache holding the prompts, and each row's first new token `[B]`."""
-    cache = KVCache.zeros(model.config, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
-    if model.mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, cache_sharding(model.mesh, tokens.shape[0]))
+    cache = _new_cache(model, tokens.shape[0], cache_len, weights["embed"]["embedding"].dtype)
     logits, cache = _prefill(model, weights, tokens, lengths, cache)
     return sample(logits, _row_keys(key, rows, 0), knobs, greedy=greedy, filters=filters), cache
 
@@ -107,7 +118,12 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
     static = dict(model=model, greedy=greedy, filters=filters)
     first, cache = _first_tokens(weights, tokens, lengths, knobs, key, rows, cache_len=cache_len, **static)
     out = jnp.full((tokens.shape[0], out_len), PAD_ID, jnp.int32).at[:, 0].set(first)
-    state = _Loop(jnp.int32(1), out, first, lengths, ~active | jnp.isin(first, eos_ids), cache)
+    done = ~active | jnp.isin(first, eos_ids)
+    if pipeline.microbatch_count(model.mesh, tokens.shape[0]) > 1:
+        out, steps = _pipelined_decode(weights, first, lengths, done, out, cache, max_new, eos_ids, knobs,
+                                       key, rows, **static)
+        return _replicated(model, out), steps
+    state = _Loop(jnp.int32(1), out, first, lengths, done, cache)
 
     def cond(s: _Loop):
         return (s.step < max_new) & ~jnp.all(s.done)
@@ -121,6 +137,52 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 
     final = jax.lax.while_loop(cond, body, state)
     return _replicated(model, final.out), final.step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _PipelinedLoop:
+    step: jax.Array  # tokens produced so far, for every row
+    out: jax.Array  # [B, out_len]
+    positions: jax.Array  # [B] where each row's latest token goes in the cache
+    done: jax.Array  # [B]
+    pipe: pipeline.DecodeState
+
+
+def _pipelined_decode(weights, first, lengths, done, out, cache, max_new, eos_ids, knobs, key, rows, *,
+                      model, greedy, filters):
+    """The decode loop over pipeline stages kept full (`pipeline.decode_round`): each loop step gives
+    every row one token, sampled as its microbatch leaves the last stage, with the key and knobs
+    the plain loop would use, so the tokens are the same."""
+    mesh, config = model.mesh, model.config
+    stage = llama.stage_fn(config, model.dtype, mesh)
+    num_stages = pipeline.stages(mesh)
+    width = first.shape[0] // num_stages
+
+    def embed(tokens):
+        return llama.embed(config, weights, tokens[:, None])
+
+    def body(s: _PipelinedLoop):
+        def leave(carry, m, x):
+            out, done, positions = carry
+            r = np.arange(width) * num_stages + m  # the rows of microbatch m
+            logits = llama.head(config, weights, x)[:, 0]
+            knobs_r = jax.tree.map(lambda a: a[r], knobs)
+            token = sample(logits, _row_keys(key, rows[r], s.step), knobs_r, greedy=greedy, filters=filters)
+            token = jnp.where(done[r], PAD_ID, token)
+            out = out.at[r, s.step].set(token)
+            done = done.at[r].set(done[r] | jnp.isin(token, eos_ids))
+            positions = positions.at[r].add(1)
+            return (out, done, positions), embed(jnp.maximum(token, 0)), positions[r][:, None]
+
+        pipe, (out, done, positions) = pipeline.decode_round(mesh, stage, weights["stages"], s.pipe, leave,
+                                                            (s.out, s.done, s.positions))
+        return _PipelinedLoop(s.step + 1, out, positions, done, pipe)
+
+    pipe = pipeline.decode_prelude(mesh, stage, weights["stages"], embed(first), lengths[:, None], cache)
+    final = jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done), body,
+                               _PipelinedLoop(jnp.int32(1), out, lengths, done, pipe))
+    return final.out, final.step
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -24,6 +24,7 @@ from llmjax.files import read_json
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_tensor_split, parse_dtype
 from llmjax.quant.weights import QuantScheme
+from llmjax.sharding import pipeline
 from llmjax.tokenizer import Tokenizer
 
 
@@ -122,10 +123,11 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant) -> Param
 
     fitted, repeat = meshes.fit_config(config, mesh)
     check_tensor_split(fitted, quant, mesh.shape["tensor"])
+    _check_no_quant_stages(quant, mesh)
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored), quant)
-        if fitted == config and dtype in (None, stored):
+        if fitted == config and dtype in (None, stored) and pipeline.stages(mesh) == 1:
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    abstract, rules.weight_shardings(config, mesh, quant))
@@ -145,7 +147,8 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
     from llmjax.sharding import rules
 
     shardings = rules.weight_shardings(fitted, mesh, quant)
-    weights = {}
+    num_stages = pipeline.stages(mesh)
+    weights, layers = {}, {}
     for key, tree in groups:
         if key.startswith("layer_"):
             tree = rules.repeat_kv_heads(tree, config, repeat)
@@ -153,11 +156,30 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
             tree = rules.pad_vocab(tree, fitted.embedding_rows)
         if dtype is not None:
             tree = cast_floats(jax.tree.map(np.asarray, tree), dtype)
-        # Every process holds the same host arrays and hands each of its devices its shard.
-        weights[key] = jax.tree.map(
-            lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index]),
-            tree, shardings[key])
+        if num_stages > 1 and key.startswith("layer_"):
+            # onto its stage's devices now, with a stage axis of size 1; stacked below
+            stage, place = divmod(int(key[len("layer_"):]), len(shardings["stages"]))
+            targets = pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"])
+            layers[key] = _put(jax.tree.map(lambda w: np.asarray(w)[None], tree), targets)
+        else:
+            # Every process holds the same host arrays and hands each of its devices its shard.
+            weights[key] = _put(tree, shardings[key])
+    if num_stages > 1:
+        weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
     return weights
+
+
+def _check_no_quant_stages(quant, mesh) -> None:
+    if quant is not None and pipeline.stages(mesh) > 1:
+        raise ValueError(f"quantized weights ({quant.name}) do not run under pipeline stages yet; use "
+                         "tensor and data parallelism (stage=1), or bfloat16 weights with stages")
+
+
+def _put(tree, shardings):
+    """Host arrays onto devices: every process holds the same arrays and hands each of its devices
+    its shard."""
+    return jax.tree.map(lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index],
+                                                                  dtype=w.dtype), tree, shardings)
 
 
 def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
@@ -169,6 +191,7 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
 
     fitted, repeat = meshes.fit_config(params.config, mesh)
     check_tensor_split(fitted, params.quant, mesh.shape["tensor"])
+    _check_no_quant_stages(params.quant, mesh)
     groups = ((key, jax.tree.map(np.asarray, tree)) for key, tree in params.weights.items())
     weights = _place(groups, params.config, fitted, repeat, mesh, None, params.quant)
     return Params(weights, fitted, params.tokenizer, mesh, params.quant)
@@ -210,6 +233,32 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
 
     fitted, _ = meshes.fit_config(config, mesh)
     check_tensor_split(fitted, quant, mesh.shape["tensor"])
-    weights = llama.init_params(fitted, jax.random.key(seed), jnp.dtype(dtype),
-                                rules.weight_shardings(fitted, mesh, quant), quant)
-    return Params(weights, fitted, tokenizer, mesh, quant)
+    shardings = rules.weight_shardings(fitted, mesh, quant)
+    key, dtype = jax.random.key(seed), jnp.dtype(dtype)
+    if pipeline.stages(mesh) == 1:
+        return Params(llama.init_params(fitted, key, dtype, shardings, quant), fitted, tokenizer, mesh, quant)
+    _check_no_quant_stages(quant, mesh)
+    return Params(_init_stacked(fitted, key, dtype, mesh, shardings), fitted, tokenizer, mesh)
+
+
+def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings) -> dict:
+    """Random weights in the pipeline's layout, equal to `init_params`'s: each stage makes its own
+    layers on its own devices, so no device ever holds more than its share."""
+    outer = {name: s for name, s in shardings.items() if name != "stages"}
+    # A one-layer model's embedding and head equal the whole model's (a weight's random key follows
+    # its name); its layer is left out of the result, so XLA never computes it.
+    one_layer = dataclasses.replace(config, num_layers=1)
+    weights = jax.jit(lambda key: {name: w for name, w in llama.init_params(one_layer, key, dtype).items()
+                                   if name in outer}, out_shardings=outer)(key)
+    per_stage = len(shardings["stages"])
+    layers = {}
+    for stage in range(pipeline.stages(mesh)):
+        indices = tuple(range(stage * per_stage, (stage + 1) * per_stage))
+        targets = {f"layer_{i}": pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{i % per_stage}"])
+                   for i in indices}
+
+        def init(key, indices=indices):
+            return jax.tree.map(lambda w: w[None], llama.init_layers(config, key, indices, dtype))
+        layers.update(pipeline.run_on_stage(init, targets, key))
+    weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
+    return weights

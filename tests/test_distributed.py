@@ -1,5 +1,5 @@
 """Two processes x 4 CPU devices on loopback run `generate` as one program and get the tokens one
-process gets alone."""
+process gets alone, with data parallelism and with pipeline stages across the processes."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 import llmjax
+from llmjax.sharding import fit_config, make_mesh
 
 from conftest import hf_config, save_hf_model
 
@@ -26,10 +27,15 @@ WORKER = textwrap.dedent("""
     port, rank, folder, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
     llmjax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    params = llmjax.load(folder, mesh=make_mesh(tensor=4, data=2))
+    params = llmjax.load(folder, mesh=make_mesh(tensor=4, data=2))  # data across the processes
     tokens = llmjax.generate(params, prompts, max_new_tokens=10)
     logits = np.asarray(llmjax.logits(params, [prompts[0]]))
-    print("RESULT " + json.dumps({"tokens": tokens, "logits": logits[0, -1, :8].tolist()}), flush=True)
+    # Stages across the processes (stage 0 on process 0's devices): activations go from one process
+    # to the other. init_random makes each stage's layers in the process that holds them.
+    staged = llmjax.init_random(llmjax.LlamaConfig.from_hf(folder), dtype="float32",
+                                mesh=make_mesh(tensor=4, stage=2))
+    print("RESULT " + json.dumps({"tokens": tokens, "logits": logits[0, -1, :8].tolist(),
+                                  "staged": llmjax.generate(staged, prompts, max_new_tokens=10)}), flush=True)
 """)
 
 
@@ -47,6 +53,9 @@ def test_two_processes_generate_what_one_does(tmp_path):
     alone = llmjax.load(folder)
     want_tokens = llmjax.generate(alone, PROMPTS, max_new_tokens=10)
     want_logits = llmjax.logits(alone, [PROMPTS[0]])[0, -1, :8].tolist()
+    # the config init_random uses on the stage mesh: kv heads repeated up to the tensor degree
+    config, _ = fit_config(llmjax.LlamaConfig.from_hf(folder), make_mesh(tensor=4, stage=2))
+    want_staged = llmjax.generate(llmjax.init_random(config, dtype="float32"), PROMPTS, max_new_tokens=10)
 
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -61,6 +70,7 @@ def test_two_processes_generate_what_one_does(tmp_path):
         result = json.loads(out.split("RESULT ", 1)[1])
         assert result["tokens"] == want_tokens
         assert result["logits"] == pytest.approx(want_logits, abs=1e-5)
+        assert result["staged"] == want_staged
 
 
 @pytest.mark.parametrize("kwargs,match", [

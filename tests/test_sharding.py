@@ -1,5 +1,6 @@
 """Tensor and data parallelism on 8 fake CPU devices: every mesh gives the single-device logits and
-greedy tokens, weights and cache are sharded as the rules say, and impossible meshes are refused."""
+greedy tokens, weights and cache are sharded as the rules say, and impossible meshes are refused.
+Meshes with pipeline stages are tested in test_pipeline.py."""
 
 import dataclasses
 import importlib
@@ -103,8 +104,6 @@ def test_checkpoints_and_shard_give_the_same_result(folder, single, tmp_path):
 def test_impossible_meshes_are_refused():
     with pytest.raises(ValueError, match="there are 8 devices"):
         make_mesh(tensor=3)
-    with pytest.raises(ValueError, match="pipeline"):
-        make_mesh(tensor=4, stage=2)
     with pytest.raises(ValueError, match="integer"):
         make_mesh(tensor=0, data=8)
     config = llmjax.LlamaConfig.preset("tiny")  # 6 query heads, 2 kv heads, MLP 200, vocab 515
@@ -124,6 +123,8 @@ def test_cli_generate_on_a_mesh_prints_the_single_device_text(capsys):
     assert cli.main(argv) == 0
     alone = capsys.readouterr().out
     assert cli.main(argv + ["--tensor", "8"]) == 0  # tiny-stdlib's 4 kv heads, each repeated twice
+    assert capsys.readouterr().out == alone
+    assert cli.main(argv + ["--stage", "2", "--tensor", "4"]) == 0  # 4 layers per stage
     assert capsys.readouterr().out == alone
     assert cli.main(argv + ["--tensor", "3"]) == 2
     assert "devices" in capsys.readouterr().err

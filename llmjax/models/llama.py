@@ -4,7 +4,9 @@ One forward serves every use: prefill (many tokens per row), decode (one token p
 (`llmjax.logits`, no cache). Each row carries its own positions, so ragged prompts batch exactly.
 The layers are separate modules (`layer_0`, `layer_1`, ...) unrolled in Python: on the H200 a decode
 step that scanned over stacked layer weights ran 2.3x slower than the unrolled one (84 vs 193 tok/s,
-Llama-2-7B shape), because slicing stacked weights inside the loop costs copies.
+Llama-2-7B shape), because slicing stacked weights inside the loop costs copies. On a mesh with
+pipeline stages, `Blocks` runs each stage's share of the layers and `llmjax.sharding.pipeline`
+schedules the stages; `embed` and `head` let the pipelined decode apply the two ends alone.
 
 Every parameter is declared once, in `Linear`, `Embed` or `RMSNorm`, with its shape and logical axes
 (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, and `qkv` and `gate_up` for the slots of
@@ -30,6 +32,7 @@ from llmjax.kernels import decode_attention, flash_attention, paged_attention
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
+from llmjax.sharding import pipeline
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -234,6 +237,29 @@ class Block(nn.Module):
         return x, layer_cache
 
 
+class Blocks(nn.Module):
+    """The blocks `layer_{i}` for i in `indices`, applied in order: a pipeline stage's share of the
+    model (`llmjax.sharding.pipeline`), and a way to initialise some layers alone with the values a
+    whole-model init gives them (a parameter's random key follows its name)."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    indices: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, positions, cache: kv.KVCache | None = None):
+        cos, sin = rope_tables(self.config, positions)
+        new_k, new_v = [], []
+        for n, i in enumerate(self.indices):
+            layer_cache = None if cache is None else (cache.k[n], cache.v[n])
+            block = Block(self.config, self.dtype, name=f"layer_{i}")
+            x, layer_cache = block(x, cos, sin, positions, layer_cache)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        return x, None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
+
+
 class Llama(nn.Module):
     """`apply({"params": w}, tokens, positions, cache=None, logits_at=None) -> (logits, cache)`.
 
@@ -243,6 +269,8 @@ class Llama(nn.Module):
     within `tokens`. `logits_at` `[B]` picks one position per row (the last prompt token), so
     prefill does not compute the LM head over the whole prompt; `[B, M]` picks M positions per row
     (the engine's flat step). Logits are float32.
+    On a mesh with pipeline stages the layers are stacked per stage (`w["stages"]`, see
+    `llmjax.sharding.pipeline`) and run there; the embedding and the LM head stay here.
     """
 
     config: LlamaConfig
@@ -255,13 +283,21 @@ class Llama(nn.Module):
         c = self.config
         embed = Embed(c.embedding_rows, c.hidden_size, self.dtype, name="embed")
         x = embed(tokens)
-        cos, sin = rope_tables(c, positions)
-        layers = []
-        for i in range(c.num_layers):
-            layer_cache = None if cache is None else cache.layer(i)
-            block = Block(c, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
-            x, layer_cache = block(x, cos, sin, positions, layer_cache)
-            layers.append(layer_cache)
+        if pipeline.stages(self.mesh) > 1:
+            if self.is_initializing():
+                raise ValueError("initialise the model without a mesh; llmjax.init_random(mesh=...) "
+                                 "places the weights on one")
+            x, new_cache = pipeline.forward(self.mesh, stage_fn(c, self.dtype, self.mesh),
+                                            self.variables["params"]["stages"], x, positions, cache)
+        else:
+            cos, sin = rope_tables(c, positions)
+            layers = []
+            for i in range(c.num_layers):
+                layer_cache = None if cache is None else cache.layer(i)
+                block = Block(c, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
+                x, layer_cache = block(x, cos, sin, positions, layer_cache)
+                layers.append(layer_cache)
+            new_cache = None if cache is None else cache.with_layers(layers)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if logits_at is not None:
             picks = logits_at if logits_at.ndim == 2 else logits_at[:, None]  # [B, M]
@@ -273,10 +309,45 @@ class Llama(nn.Module):
                 head_quant = self.quant if self.quant is not None and self.quant.lm_head else None
                 logits = Linear((c.embedding_rows, c.hidden_size), ("vocab", "embed"), dtype=self.dtype,
                                 quant=head_quant, mesh=self.mesh, name="lm_head")(x)
-        if c.embedding_rows != c.vocab_size:  # rows added to split the vocabulary evenly: no logits
-            logits = logits[..., :c.vocab_size]
-        new_cache = None if cache is None else cache.with_layers(layers)
-        return logits.astype(jnp.float32), new_cache
+        return _true_vocab(c, logits), new_cache
+
+
+def _lm_head(config: LlamaConfig, dtype=jnp.float32, name=None) -> Linear:
+    return Linear((config.embedding_rows, config.hidden_size), ("vocab", "embed"), dtype=dtype, name=name)
+
+
+def _true_vocab(config: LlamaConfig, logits: jax.Array) -> jax.Array:
+    """float32 logits over the true vocabulary: rows added to split the vocabulary evenly over a
+    tensor-parallel mesh have none."""
+    return logits[..., :config.vocab_size].astype(jnp.float32)
+
+
+def stage_fn(config: LlamaConfig, dtype, mesh):
+    """`(weights, x, positions, cache) -> (x, cache)`: one pipeline stage's blocks, given that stage's
+    weights `{"layer_j": ...}` and cache, as `llmjax.sharding.pipeline` calls them."""
+    stage = Blocks(config, dtype, tuple(range(pipeline.layers_per_stage(config, pipeline.stages(mesh)))))
+
+    def apply(weights, x, positions, cache):
+        return stage.apply({"params": weights}, x, positions, cache)
+    return apply
+
+
+def embed(config: LlamaConfig, weights: dict, tokens: jax.Array) -> jax.Array:
+    """The embedding of `tokens` `[B, T]` -> `[B, T, D]`, as `Llama` computes it."""
+    return Embed(config.embedding_rows, config.hidden_size).apply({"params": weights["embed"]}, tokens)
+
+
+def head(config: LlamaConfig, weights: dict, x: jax.Array) -> jax.Array:
+    """The final norm and LM head on hidden states `[B, T, D]` -> float32 logits `[B, T, vocab]`, as
+    `Llama` computes them (the pipelined decode applies them to each microbatch leaving the last stage)."""
+    x = RMSNorm(config.rms_norm_eps).apply({"params": weights["final_norm"]}, x)
+    with jax.named_scope("lm_head"):
+        if config.tie_word_embeddings:
+            logits = Embed(config.embedding_rows, config.hidden_size).apply(
+                {"params": weights["embed"]}, x, method=Embed.attend)
+        else:
+            logits = _lm_head(config).apply({"params": weights["lm_head"]}, x)
+    return _true_vocab(config, logits)
 
 
 def _init_args():
@@ -304,6 +375,16 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardin
     made in place on its devices."""
     def init(key):
         return nn.meta.unbox(Llama(config, dtype, quant=quant).init(key, *_init_args())["params"])
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
+def init_layers(config: LlamaConfig, key: jax.Array, indices: tuple[int, ...], dtype=jnp.bfloat16,
+                shardings=None) -> dict:
+    """`{"layer_i": weights}` for i in `indices`, equal to what `init_params` gives those layers: a
+    pipeline stage makes its own layers this way, on its own devices."""
+    def init(key):
+        x, positions = jnp.zeros((1, 1, config.hidden_size), dtype), jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(Blocks(config, dtype, tuple(indices)).init(key, x, positions)["params"])
     return jax.jit(init, out_shardings=shardings)(key)
 
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from llmjax.config import LlamaConfig
+from llmjax.sharding import pipeline
 
 AXES = ("data", "stage", "tensor")
 
@@ -23,9 +24,6 @@ def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> j
     for name, value in (("tensor", tensor), ("stage", stage), ("data", data)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if stage > 1:
-        raise ValueError(f"stage={stage}: pipeline parallelism is not implemented yet; use tensor and "
-                         "data parallelism (stage=1)")
     devices = list(jax.devices() if devices is None else devices)
     if tensor * stage * data != len(devices):
         raise ValueError(f"data * stage * tensor = {data} * {stage} * {tensor} = {tensor * stage * data}, "
@@ -38,11 +36,13 @@ def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> j
 def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfig, int]:
     """The config the model runs with on `mesh`, and how many times each kv head is repeated.
 
-    The tensor degree must divide the query heads and the MLP width. A vocabulary it does not divide
-    is padded with zero rows of the embedding and LM head (their logits are dropped). When it exceeds
+    The stage count must divide the layers, and the tensor degree the query heads and the MLP width.
+    A vocabulary the tensor degree does not divide is padded with zero rows of the embedding and LM
+    head (their logits are dropped). When it exceeds
     the kv heads, each kv head is repeated `tensor / kv_heads` times (an exact rewrite of the weights:
     every query head still reads the same key and value), so that every device holds whole heads.
     """
+    pipeline.layers_per_stage(config, pipeline.stages(mesh))
     tensor = mesh.shape["tensor"]
     problems = [f"{what} ({value})" for what, value in (
         ("query heads", config.num_heads), ("MLP width", config.intermediate_size)) if value % tensor]

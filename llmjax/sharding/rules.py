@@ -3,7 +3,8 @@
 Megatron's tensor parallelism: q/k/v and gate/up are split by their outputs (kv heads, MLP columns),
 o and down by their inputs (query heads, MLP rows), the embedding and the LM head by the vocabulary;
 XLA adds the all-reduce after each row-parallel product. The batch splits over `data`. The KV cache
-follows the kv heads. Changing the parallelism is changing the mesh, never the model.
+follows the kv heads. Pipeline parallelism maps `layers` onto `stage`: the weights of each stage are
+stacked along that axis (`pipeline.py`). Changing the parallelism is changing the mesh, never the model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax.config import LlamaConfig
 from llmjax.models import llama
+from llmjax.sharding import pipeline
 
 RULES = (
     ("batch", "data"),
@@ -33,23 +35,34 @@ RULES = (
 CACHE_SPEC = P("data", None, "tensor", None)  # [batch, cache_seq, kv_heads, head_dim]
 
 
-def weight_specs(config: LlamaConfig, quant=None) -> dict:
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def weight_specs(config: LlamaConfig, quant=None, num_stages: int = 1) -> dict:
     """Every weight's mesh PartitionSpec under RULES (with a `quant` scheme, one per leaf of each
-    quantized kernel: codes and scales follow the kernel's axes, `llmjax.quant.leaf_axes`)."""
+    quantized kernel: codes and scales follow the kernel's axes, `llmjax.quant.leaf_axes`); with
+    pipeline stages, in the pipeline's layout (`stages/layer_j`, each weight with a leading `layers`
+    axis)."""
     logical = llama.logical_axes(config, quant)
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, RULES), logical, is_leaf=is_spec)
+    if num_stages > 1:
+        logical = pipeline.group_layers(logical, config, num_stages, lambda layers: jax.tree.map(
+            lambda s: P("layers", *s), layers[0], is_leaf=_is_spec))
+    return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, RULES), logical, is_leaf=_is_spec)
 
 
 def weight_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh, quant=None) -> dict:
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), weight_specs(config, quant), is_leaf=is_spec)
+    specs = weight_specs(config, quant, pipeline.stages(mesh))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
 def cache_sharding(mesh: jax.sharding.Mesh, batch: int) -> NamedSharding:
     """The KV cache's sharding for `batch` rows: by kv heads over `tensor`, and by rows over `data`
-    when the rows split evenly (a single streamed prompt does not; its cache is copied over `data`)."""
+    when the rows split evenly (a single streamed prompt does not; its cache is copied over `data`).
+    With pipeline stages every cache array has a leading axis split over `stage`."""
     spec = CACHE_SPEC if batch % mesh.shape["data"] == 0 else P(None, *CACHE_SPEC[1:])
+    if pipeline.stages(mesh) > 1:
+        spec = P(pipeline.AXIS, *spec)
     return NamedSharding(mesh, spec)
 
 

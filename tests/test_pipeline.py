@@ -1,0 +1,185 @@
+"""Pipeline parallelism on 8 fake CPU devices: every (data, stage, tensor) mesh gives the single-device
+logits and tokens (a batch that keeps the stages full, and a single prompt that runs them in turn),
+weights and cache are split over `stage` as the rules say, and impossible meshes are refused."""
+
+import dataclasses
+import functools
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import llmjax
+from llmjax.models.llama import abstract_params
+from llmjax.sharding import make_mesh, pipeline
+
+from conftest import hf_config, save_hf_model
+
+gen = importlib.import_module("llmjax.generate")
+
+MESHES = [(1, 2, 1), (1, 4, 1), (1, 2, 2), (1, 2, 4), (2, 2, 2)]  # (data, stage, tensor)
+PROMPTS = [[1, 17, 300, 5, 9], [1, 800], [1, 4, 4, 4, 900, 12, 33]]  # padded to 4 rows: >= the stages
+
+
+def _mesh(data, stage, tensor):
+    return make_mesh(tensor=tensor, stage=stage, data=data, devices=jax.devices()[:data * stage * tensor])
+
+
+# Multi-head with its own LM head; grouped-query with biases and a tied LM head (the other head path).
+CONFIGS = {"mha": dict(num_key_value_heads=8), "gqa": dict(num_key_value_heads=2, attention_bias=True,
+                                                            tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """`models(config, layers)`: a model folder and its single-device results (logits, a batch's
+    tokens, a lone prompt's tokens), made once per module."""
+    made = {}
+
+    def get(config, layers=2):
+        if (config, layers) not in made:
+            folder = tmp_path_factory.mktemp(f"{config}-{layers}")
+            save_hf_model(folder, hf_config(vocab_size=1024, num_attention_heads=8, num_hidden_layers=layers,
+                                            max_position_embeddings=64, **CONFIGS[config]), seed=5)
+            params = llmjax.load(folder)
+            ids = jnp.asarray(gen._pad(PROMPTS, 8))
+            made[config, layers] = folder, (params, np.asarray(llmjax.logits(params, ids)),
+                                            llmjax.generate(params, PROMPTS, max_new_tokens=10),
+                                            llmjax.generate(params, PROMPTS[2], max_new_tokens=10))
+        return made[config, layers]
+    return get
+
+
+# Grouped-query (kv heads repeated at tensor 4, biases, tied head) on every mesh; multi-head on the
+# plainest and the fullest mesh. Each case compiles three programs, and CPU time is budgeted.
+CASES = [("gqa", *mesh) for mesh in MESHES] + [("mha", 1, 2, 1), ("mha", 2, 2, 2)]
+
+
+@pytest.mark.parametrize("config,data,stage,tensor", CASES)
+def test_every_mesh_gives_the_single_device_result(models, config, data, stage, tensor):
+    folder, (_, logits, tokens, alone) = models(config, layers=max(2, stage))
+    p = llmjax.load(folder, mesh=_mesh(data, stage, tensor))
+    assert pipeline.microbatch_count(p.mesh, 4) == stage  # the batch keeps every stage busy
+    got = np.asarray(llmjax.logits(p, jnp.asarray(gen._pad(PROMPTS, 8))))
+    np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
+    assert llmjax.generate(p, PROMPTS[2], max_new_tokens=10) == alone  # one row: stages in turn
+
+
+def test_weights_and_cache_are_split_over_stages_as_the_rules_say(models):
+    folder = models("gqa", layers=4)[0]
+    mesh = _mesh(2, 2, 2)
+    p = llmjax.load(folder, mesh=mesh)
+    w = p.weights
+    assert sorted(w) == ["embed", "final_norm", "stages"]  # a tied LM head
+    assert sorted(w["stages"]) == ["layer_0", "layer_1"]  # 4 layers, 2 per stage
+    layer = w["stages"]["layer_1"]
+    specs = {
+        "embed": (w["embed"]["embedding"], P("tensor", None)),
+        "qkv": (layer["attn"]["qkv"]["kernel"], P("stage", "tensor", None, None, None)),
+        "o": (layer["attn"]["o"]["kernel"], P("stage", None, "tensor", None)),
+        "gate_up": (layer["mlp"]["gate_up"]["kernel"], P("stage", None, "tensor", None)),
+        "down": (layer["mlp"]["down"]["kernel"], P("stage", None, "tensor")),
+        "norm": (layer["attn_norm"]["scale"], P("stage", None)),
+    }
+    for name, (array, spec) in specs.items():
+        assert array.sharding.mesh == mesh and array.sharding.spec == spec, name
+    alone = llmjax.load(folder).weights  # stage 1 holds layers 2 and 3, in order
+    np.testing.assert_array_equal(np.asarray(layer["mlp"]["down"]["kernel"][1]),
+                                  np.asarray(alone["layer_3"]["mlp"]["down"]["kernel"]))
+    tokens = jnp.asarray(gen._pad(PROMPTS + [[1, 2]], 8))
+    _, cache = jax.jit(gen._first_tokens, static_argnames=("model", "cache_len", "greedy", "filters"))(
+        p.weights, tokens, jnp.asarray([5, 2, 7, 2]), gen.Sampling().arrays(4), jax.random.key(0),
+        jnp.arange(4), model=gen._model(p), cache_len=16, greedy=True, filters=())
+    assert len(cache) == 2 and len(cache[0].k) == 2  # a cache per microbatch slot, per place in a stage
+    for array in jax.tree.leaves(cache):
+        assert array.shape == (2, 2, 16, p.config.num_kv_heads, p.config.head_dim)  # [stage, rows, ...]
+        assert array.sharding.is_equivalent_to(NamedSharding(mesh, P("stage", "data", None, "tensor")), 5)
+
+
+def test_sampling_and_early_stops_match_one_device(models):
+    folder, (params, *_) = models("gqa")
+    knobs = dict(max_new_tokens=10, temperature=1.0, top_k=50, seed=3)
+    sampled = llmjax.generate(params, PROMPTS, **knobs)
+    eos = sampled[0][2]  # row 0 now stops at its third token; other rows stop where they draw it
+    want = [row[:row.index(eos) + 1] if eos in row else row for row in sampled]
+    p = llmjax.load(folder, mesh=_mesh(1, 2, 2))
+    config = dataclasses.replace(p.config, eos_token_ids=p.config.eos_token_ids + (eos,))
+    p = dataclasses.replace(p, config=config)
+    assert llmjax.generate(p, PROMPTS, **knobs) == want
+
+
+def test_random_weights_on_stages_equal_the_single_device_ones():
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=4, vocab_size=516,
+                                 eos_token_ids=())
+    mesh = _mesh(1, 2, 2)
+    p = llmjax.init_random(config, dtype="float32", mesh=mesh)
+    want = llmjax.shard(llmjax.init_random(config, dtype="float32"), mesh)
+    assert jax.tree.structure(p.weights) == jax.tree.structure(want.weights)
+    for got, expected in zip(jax.tree.leaves(p.weights), jax.tree.leaves(want.weights)):
+        assert got.sharding == expected.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_checkpoints_shard_and_perplexity_give_the_same_result(models, tmp_path):
+    folder, (params, logits, _, _) = models("mha")
+    ckpt = llmjax.convert(folder, tmp_path / "ckpt", progress=False)
+    ids = jnp.asarray(gen._pad(PROMPTS, 8))
+    mesh = _mesh(2, 2, 2)
+    for p in (llmjax.load(ckpt, mesh=mesh), llmjax.shard(params, mesh)):
+        np.testing.assert_allclose(np.asarray(llmjax.logits(p, ids)), logits, rtol=1e-5, atol=1e-5)
+    want = llmjax.perplexity(params, PROMPTS[2])
+    got = llmjax.perplexity(p, PROMPTS[2])
+    assert got.tokens == want.tokens and got.nll == pytest.approx(want.nll, abs=1e-5)
+
+
+def test_impossible_meshes_are_refused(models):
+    folder = models("mha")[0]
+    with pytest.raises(ValueError, match="there are 8 devices"):
+        make_mesh(stage=3)
+    with pytest.raises(ValueError, match="stage=8 does not divide the model's 2 layers"):
+        llmjax.load(folder, mesh=make_mesh(stage=8))
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=6)
+    with pytest.raises(ValueError, match="stage=4 does not divide the model's 6 layers"):
+        llmjax.init_random(config, mesh=make_mesh(stage=4, tensor=2))
+    with pytest.raises(ValueError, match=r"query heads \(6\)"):  # tensor checks hold inside a stage
+        llmjax.init_random(config, mesh=make_mesh(stage=2, tensor=4))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_tensor_parallel_layers_gather_no_weight(models, stage):
+    """Inside a stage as without stages, Megatron's layout keeps every layer weight where it is:
+    XLA's program moves activations (all-reduces, the stage hand-over), never a whole weight."""
+    folder = models("gqa")[0]
+    p = llmjax.load(folder, mesh=_mesh(1, stage, 2))
+    compiled = gen._forward.lower(p.weights, jnp.asarray(gen._pad(PROMPTS, 8)), model=gen._model(p)).compile()
+    gathered = set(re.findall(r"= \w+\[([\d,]+)\][^=]* all-gather(?:-start)?\(", compiled.as_text()))
+    layers = p.weights["stages"] if stage > 1 else {k: p.weights[k] for k in p.weights if k.startswith("layer_")}
+    weights = {",".join(map(str, w.shape[stage > 1:])) for w in jax.tree.leaves(layers)}
+    assert "all-reduce" in compiled.as_text() and not gathered & weights
+
+
+@pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
+def test_pipelined_generate_lowers_for_gpu(platform, device_kind):
+    """The decode that keeps 2 stages (of 2 tensor-parallel GPUs) full lowers for AMD and NVIDIA GPUs
+    on this CPU-only machine: lowering, not execution (see test_lowering.py)."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1, 2, 2), ("data", "stage", "tensor"), abstract_device=device,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), vocab_size=516)
+    def stacked(layers):  # shapes of the stacked layout, a leading axis for the 2 stages
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((2, *a.shape), a.dtype), layers[0])
+    weights = pipeline.group_layers(abstract_params(config, jnp.bfloat16), config, 2, stacked)
+    rows, scalar = jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    args = (weights, jax.ShapeDtypeStruct((4, 16), jnp.int32), rows, jax.ShapeDtypeStruct((4,), jnp.bool_),
+            scalar, jax.ShapeDtypeStruct((1,), jnp.int32), jax.eval_shape(lambda: gen.Sampling().arrays(4)),
+            jax.eval_shape(lambda: jax.random.key(0)), rows)
+    fn = functools.partial(gen._generate_ids.__wrapped__, model=gen.Llama(config, jnp.bfloat16, mesh),
+                           cache_len=64, out_len=32, greedy=True, filters=())
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.while" in text and "collective_permute" in text and "bf16" in text
