@@ -172,6 +172,15 @@ def test_kernel_lowers_to_a_triton_call(kernel, platform, device_kind):
     assert "__gpu$xla.gpu.triton" in text and f'name = "{kernel}"' in text
 
 
+@pytest.mark.parametrize("platform,device_kind,warps,stages",
+                         [("rocm", "gfx942", 4, 2), ("cuda", "NVIDIA H200", 8, 3)])
+def test_each_platform_gets_its_own_tuning(platform, device_kind, warps, stages):
+    """An MI300's 64 KB of shared memory per workgroup takes smaller tuning than an H200's 227 KB."""
+    args = LOWERED["flash_attention"][1]
+    text = _lower(fa.attend, args, platform, device_kind)
+    assert f"num_stages = {stages} : i32, num_warps = {warps} : i32" in text
+
+
 @pytest.mark.parametrize("platform,device_kind", GPUS)
 def test_model_prefill_and_decode_lower_through_the_kernels(platform, device_kind):
     config = llmjax.LlamaConfig.preset("tiny")
