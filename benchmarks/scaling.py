@@ -55,8 +55,9 @@ def run_config(model, dtype, degrees, args, bandwidth) -> list[dict]:
     config = bench._model_config(model, dtype)
     params = bench.random_params(config, dtype, seed=0, mesh=mesh)
     rows = []
-    for kind, shape in (("latency", dict(batch=1, prompt_len=8, gen_len=args.gen_len)),
-                        ("throughput", dict(batch=args.batch, prompt_len=args.io, gen_len=args.io))):
+    runs = (("latency", dict(batch=1, prompt_len=8, gen_len=args.gen_len)),
+            ("throughput", dict(batch=args.batch, prompt_len=args.io, gen_len=args.io)))
+    for kind, shape in (run for run in runs if run[0] in args.kinds.split(",")):
         r = bench.bench(model, dtype=dtype, repeats=args.repeats, mesh=mesh, params=params,
                         bandwidth=bandwidth, **shape)
         print(r.report(), end="\n\n", flush=True)
@@ -130,6 +131,7 @@ def main():
     p.add_argument("--gen-len", type=int, default=256, help="new tokens of the latency run")
     p.add_argument("--io", type=int, default=128, help="prompt and new tokens of the throughput run")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--kinds", default="latency,throughput", help="which runs: latency, throughput or both")
     p.add_argument("--budget-s", type=float, default=540, help="start no configuration after this")
     p.add_argument("--out", required=True)
     p.add_argument("--plot-only", action="store_true")
