@@ -52,27 +52,20 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h, block_k, chunk, exact):
-    # lengths_ref [B]; q_ref [B, H, D]; k_ref, v_ref [B, S, KV, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]
-    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seq_k, d = k_ref.shape[1], k_ref.shape[3]
-    in_group = jnp.arange(block_h) < groups
-    heads = pl.ds(kv * groups, block_h)
-    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
-    start = split * chunk
-    stop = jnp.minimum(jnp.minimum(lengths_ref[b], seq_k), start + chunk)
-    scale = LOG2E / math.sqrt(d)
+def attend_split(q, load_block, start, stop, *, block_k: int, scale, exact: bool):
+    """One program's share of flash-decoding, for the contiguous and the paged kernel alike: query
+    heads `q` `[block_h, D]` over keys `[start, stop)`, `block_k` at a time, with an online softmax.
+    `load_block(first, exists, masked)` reads keys and values `[block_k, D]` from `first` (masking
+    those past `stop` when `masked`). Full blocks run unmasked; only the last one is masked. Returns
+    the output normalized over this split and its log-sum-exp in base 2 (MASKED where no key was
+    seen), which `merge_splits` joins across splits."""
+    block_h, d = q.shape
 
     def step(j, carry, masked):
         acc, top, total = carry
         first = start + j * block_k
-        ref_slice = (b, pl.ds(first, block_k), kv, slice(None))
-        if masked:
-            exists = first + jnp.arange(block_k) < stop
-            k = plgpu.load(k_ref.at[ref_slice], mask=exists[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0)
-        else:
-            k, v = plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
+        exists = first + jnp.arange(block_k) < stop
+        k, v = load_block(first, exists, masked)
         s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
         if masked:
             s = jnp.where(exists[None, :], s, MASKED)
@@ -92,6 +85,28 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h
     seen = total > 0
     out = acc / jnp.where(seen, total, 1.0)[:, None]
     lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
+    return out, lse
+
+
+def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h, block_k, chunk, exact):
+    # lengths_ref [B]; q_ref [B, H, D]; k_ref, v_ref [B, S, KV, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]
+    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seq_k, d = k_ref.shape[1], k_ref.shape[3]
+    in_group = jnp.arange(block_h) < groups
+    heads = pl.ds(kv * groups, block_h)
+    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    start = split * chunk
+    stop = jnp.minimum(jnp.minimum(lengths_ref[b], seq_k), start + chunk)
+    scale = LOG2E / math.sqrt(d)
+
+    def load_block(first, exists, masked):
+        ref_slice = (b, pl.ds(first, block_k), kv, slice(None))
+        if masked:
+            return (plgpu.load(k_ref.at[ref_slice], mask=exists[:, None], other=0.0),
+                    plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0))
+        return plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
+
+    out, lse = attend_split(q, load_block, start, stop, block_k=block_k, scale=scale, exact=exact)
     plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
     plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
 

@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llmjax.kernels import dispatch
-from llmjax.kernels.decode_attention import decode_attention_reference, merge_splits, split_plan
-from llmjax.kernels.flash_attention import LOG2E, MASKED, supported
+from llmjax.kernels.decode_attention import attend_split, decode_attention_reference, merge_splits, split_plan
+from llmjax.kernels.flash_attention import LOG2E, supported
 
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
@@ -74,35 +74,14 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, gro
         rows = pages * page_size + jax.lax.rem(tokens, page_size)
         return rows[:, None], kv, jnp.arange(d)[None, :]
 
-    def step(j, carry, masked):
-        acc, top, total = carry
-        first = start + j * block_k
-        exists = first + jnp.arange(block_k) < stop
+    def load_block(first, exists, masked):
         rows = pool_index(first, exists)
         if masked:
-            k = plgpu.load(k_ref.at[rows], mask=exists[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[rows], mask=exists[:, None], other=0.0)
-        else:
-            k, v = plgpu.load(k_ref.at[rows]), plgpu.load(v_ref.at[rows])
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
-        if masked:
-            s = jnp.where(exists[None, :], s, MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
-        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
-        rescale = jnp.exp2(top - new_top)
-        acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
-        return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+            return (plgpu.load(k_ref.at[rows], mask=exists[:, None], other=0.0),
+                    plgpu.load(v_ref.at[rows], mask=exists[:, None], other=0.0))
+        return plgpu.load(k_ref.at[rows]), plgpu.load(v_ref.at[rows])
 
-    keys = jnp.maximum(stop - start, 0)
-    full = jax.lax.div(keys, block_k)
-    carry = (jnp.zeros((block_h, d), jnp.float32), jnp.full((block_h,), MASKED, jnp.float32),
-             jnp.zeros((block_h,), jnp.float32))
-    carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-    acc, top, total = jax.lax.fori_loop(full, jax.lax.div(keys + block_k - 1, block_k),
-                                        functools.partial(step, masked=True), carry)
-    seen = total > 0
-    out = acc / jnp.where(seen, total, 1.0)[:, None]
-    lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
+    out, lse = attend_split(q, load_block, start, stop, block_k=block_k, scale=scale, exact=exact)
     plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
     plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
 
