@@ -86,7 +86,8 @@ def test_schemes_and_group_fallback():
     assert s.group_for(4096) == 128 and s.group_for(672) == 32 and s.group_for(192) == 64
     assert not s.quantizes(200) and QuantScheme.parse("int8").quantizes(200)
     # the demo model's down projection (width 672) gets group 32; its other projections group 128
-    layer = llama.abstract_params(llmjax.LlamaConfig.from_hf("llmjax/assets/tiny-stdlib"), quant=s)["layer_0"]
+    demo = llmjax.LlamaConfig.from_hf(llmjax.params.resolve("tiny-stdlib"))  # wherever pytest runs from
+    layer = llama.abstract_params(demo, quant=s)["layer_0"]
     assert layer["mlp"]["down"]["kernel"].group_size == 32 and layer["attn"]["o"]["kernel"].group_size == 128
 
 
