@@ -13,7 +13,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from llmjax.kernels import linear
 from llmjax.kernels.int4_matmul import Int4Config, int4_matmul, int4_matmul_reference
-from llmjax.quant import QuantizedWeight, quantize_int4
+from llmjax.quant import QuantizedWeight, QuantScheme, quantize, quantize_int4
 
 FMA, DOT = "fma", "dot"
 # (m, n, k, group, config or None for the default by m, symmetric, x dtype): M in {1, 3, 16, 77}, N and
@@ -120,3 +120,20 @@ def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():
         text = jax.jit(decode).trace(weights, rows, rows, cache).lower(lowering_platforms=("rocm",)).as_text()
     # q/k/v, o and gate/up of each of the 2 layers are int4 (down's width 200 takes no group)
     assert text.count("__gpu$xla.gpu.triton") >= 3
+
+
+@pytest.mark.parametrize("scheme", [None, "int4-g32", "int8"])
+def test_the_projection_entry_point_matches_linear_reference(scheme):
+    """`linear` (XLA's product, or the quantized products through their kernels' references on CPU)
+    against `linear_reference` on a fused kernel with two output axes and an input of two axes, as
+    the o projection's `[embed, heads, head_dim]` reads `[B, T, heads, head_dim]`."""
+    key_x, key_w = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(key_x, (3, 5, 4, 24), jnp.float32)
+    w = jax.random.normal(key_w, (2, 40, 4, 24), jnp.float32) * 0.05  # [2, 40] out, [4, 24] in
+    kernel = w if scheme is None else quantize(w, QuantScheme.parse(scheme), num_out_dims=2)
+    got = linear.linear(x, kernel, 2, 2)
+    want = linear.linear_reference(x, kernel, 2, 2)
+    assert got.shape == (3, 5, 2, 40)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+    if scheme is not None:  # the reference really is the dequantized product, not the float one
+        assert not np.allclose(np.asarray(want), np.asarray(linear.linear_reference(x, w, 2, 2)), atol=1e-5)

@@ -11,6 +11,9 @@ Every `Linear` of the model calls it with its kernel, whatever the kernel holds:
 On a mesh, XLA cannot split a Pallas call over devices, so a quantized product runs under `shard_map`:
 each device multiplies its own slice of the weights (Megatron's layout from the sharding rules), and a
 row-parallel product (o, down: the input axis is split) adds the devices' partial sums with `psum`.
+
+`linear_reference` is the definition every path must match: the float kernel (a quantized one
+dequantized) contracted in float32.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from llmjax.kernels import gemv, int4_matmul
-from llmjax.quant.weights import QuantizedWeight
+from llmjax.quant.weights import QuantizedWeight, dequantize
 
 
 def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
@@ -66,6 +69,18 @@ def _sharded_product(x2, qw: QuantizedWeight, mesh, axes: tuple, num_out_dims: i
     # check_vma=False: a Pallas call's output carries no record of which mesh axes it varies over
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, in_axis), _leaf_specs(qw, out_axes, in_axis)),
                          out_specs=P(rows, *out_axes), check_vma=False)(x2, qw)
+
+
+def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> jax.Array:
+    """The definition of `linear`: the float kernel (a quantized one dequantized) contracted with x's
+    last `in_ndim` axes in float32, returned in x's dtype."""
+    if isinstance(kernel, QuantizedWeight):
+        kernel = dequantize(kernel, jnp.float32, x.shape[x.ndim - in_ndim:])
+    x32 = x.astype(jnp.float32)
+    contract = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(num_out_dims, kernel.ndim)))
+    y = jax.lax.dot_general(x32, kernel.astype(jnp.float32), (contract, ((), ())),
+                            precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
 
 
 def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None):
