@@ -31,8 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llmjax.kernels import dispatch
-from llmjax.kernels.flash_attention import LOG2E, MASKED, masked_softmax, supported
+from llmjax.kernels.flash_attention import LOG2E, MASKED, dispatch_attention, masked_softmax, supported
 
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
@@ -52,20 +51,35 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def attend_split(q, load_block, start, stop, *, block_k: int, scale, exact: bool):
-    """One program's share of flash-decoding, for the contiguous and the paged kernel alike: query
-    heads `q` `[block_h, D]` over keys `[start, stop)`, `block_k` at a time, with an online softmax.
-    `load_block(first, exists, masked)` reads keys and values `[block_k, D]` from `first` (masking
-    those past `stop` when `masked`). Full blocks run unmasked; only the last one is masked. Returns
-    the output normalized over this split and its log-sum-exp in base 2 (MASKED where no key was
-    seen), which `merge_splits` joins across splits."""
-    block_h, d = q.shape
+def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
+                  block_h, block_k, chunk, exact):
+    """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
+    of kv head `kv` in row `b` (`[block_h, D]`, padded past `groups`) over that row's keys in split
+    `split`, `block_k` at a time, with an online softmax. Full blocks run unmasked; only the last is
+    masked. `block_index(b, kv, first, exists)` says where keys `[first, first + block_k)` lie in
+    `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
+    length. Writes the output normalized over this split and its base-2 log-sum-exp (MASKED where no
+    key was seen), which `merge_splits` joins across splits.
+    lengths_ref [B]; q_ref [B, H, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]."""
+    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    d = q_ref.shape[2]
+    in_group = jnp.arange(block_h) < groups
+    heads = pl.ds(kv * groups, block_h)
+    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    start = split * chunk
+    stop = jnp.minimum(jnp.minimum(lengths_ref[b], kv_limit), start + chunk)
+    scale = LOG2E / math.sqrt(d)
 
     def step(j, carry, masked):
         acc, top, total = carry
         first = start + j * block_k
         exists = first + jnp.arange(block_k) < stop
-        k, v = load_block(first, exists, masked)
+        index = block_index(b, kv, first, exists)
+        if masked:
+            k = plgpu.load(k_ref.at[index], mask=exists[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[index], mask=exists[:, None], other=0.0)
+        else:
+            k, v = plgpu.load(k_ref.at[index]), plgpu.load(v_ref.at[index])
         s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
         if masked:
             s = jnp.where(exists[None, :], s, MASKED)
@@ -85,30 +99,16 @@ def attend_split(q, load_block, start, stop, *, block_k: int, scale, exact: bool
     seen = total > 0
     out = acc / jnp.where(seen, total, 1.0)[:, None]
     lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
-    return out, lse
-
-
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h, block_k, chunk, exact):
-    # lengths_ref [B]; q_ref [B, H, D]; k_ref, v_ref [B, S, KV, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]
-    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seq_k, d = k_ref.shape[1], k_ref.shape[3]
-    in_group = jnp.arange(block_h) < groups
-    heads = pl.ds(kv * groups, block_h)
-    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
-    start = split * chunk
-    stop = jnp.minimum(jnp.minimum(lengths_ref[b], seq_k), start + chunk)
-    scale = LOG2E / math.sqrt(d)
-
-    def load_block(first, exists, masked):
-        ref_slice = (b, pl.ds(first, block_k), kv, slice(None))
-        if masked:
-            return (plgpu.load(k_ref.at[ref_slice], mask=exists[:, None], other=0.0),
-                    plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0))
-        return plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
-
-    out, lse = attend_split(q, load_block, start, stop, block_k=block_k, scale=scale, exact=exact)
     plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
     plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
+
+
+def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, **params):
+    # k_ref, v_ref [B, S, KV, D]: a block is one slice of its row
+    def block_index(b, kv, first, exists):
+        return b, pl.ds(first, params["block_k"]), kv, slice(None)
+    split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, kv_limit=k_ref.shape[1],
+                  **params)
 
 
 def merge_splits(out: jax.Array, lse: jax.Array, dtype) -> jax.Array:
@@ -136,12 +136,20 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                      splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                      interpret: bool = False) -> jax.Array:
     """Split-K decode attention with the Pallas kernel (see the module doc for the arguments)."""
-    b, h, d = q.shape
     _check(q, k, v, lengths)
-    n_kv = k.shape[2]
+    return launch_splits(_kernel, q, k.shape[2], k.shape[1], (lengths.astype(jnp.int32), q, k, v),
+                         name="decode_attention", block_k=block_k, splits=splits, num_warps=num_warps,
+                         num_stages=num_stages, interpret=interpret)
+
+
+def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *, name: str, block_k: int,
+                  splits: int | None, num_warps: int, num_stages: int, interpret: bool) -> jax.Array:
+    """Runs a `split_program` kernel over the grid (splits, kv heads, rows), for rows of up to `keys`
+    keys, and merges the splits."""
+    b, h, d = q.shape
     groups = h // n_kv
-    splits, chunk = split_plan(k.shape[1], block_k, b * n_kv, splits)
-    kernel = functools.partial(_kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
+    splits, chunk = split_plan(keys, block_k, b * n_kv, splits)
+    kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
                                block_k=block_k, chunk=chunk, exact=q.dtype == jnp.float32)
     out, lse = pl.pallas_call(
         kernel,
@@ -150,8 +158,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                    jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="decode_attention",
-    )(lengths.astype(jnp.int32), q, k, v)
+        name=name,
+    )(*operands)
     return merge_splits(out, lse, q.dtype)
 
 
@@ -175,8 +183,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, **tunin
     """The model's decode entry point: the kernel on cuda and rocm; the reference elsewhere, and for a
     head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
     `flash_attention.attend`."""
-    if not supported(q.shape[-1]) or not q.dtype == k.dtype == v.dtype:
-        return decode_attention_reference(q, k, v, lengths)
-    kernel = functools.partial(decode_attention, **tuning)
-    return dispatch.dispatch(kernel, decode_attention_reference, q, k, v, lengths,
-                             variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})
+    return dispatch_attention(decode_attention, decode_attention_reference, q, k, v, lengths, tuning=tuning,
+                              rocm_tuning=ROCM_TUNING)

@@ -162,8 +162,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_le
     """The model's prefill entry point: the kernel on cuda and rocm; the reference elsewhere, and for a
     head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides: `off` (the
     reference everywhere) or `interpret` (the kernel in interpret mode everywhere; for tests)."""
+    return dispatch_attention(flash_attention, flash_attention_reference, q, k, v, q_offsets, kv_lengths,
+                              tuning=tuning, rocm_tuning=ROCM_TUNING)
+
+
+def dispatch_attention(kernel, reference, q, k, v, *rest, tuning: dict, rocm_tuning: dict):
+    """What every attention entry point does: `reference(q, k, v, *rest)` for a head dim or a mix of
+    dtypes the kernels do not take; otherwise `kernel` with `tuning` (and `rocm_tuning` under it on
+    rocm) through `llmjax.kernels.dispatch`, which `LLMJAX_ATTENTION` steers."""
     if not supported(q.shape[-1]) or not q.dtype == k.dtype == v.dtype:
-        return flash_attention_reference(q, k, v, q_offsets, kv_lengths)
-    kernel = functools.partial(flash_attention, **tuning)
-    return dispatch.dispatch(kernel, flash_attention_reference, q, k, v, q_offsets, kv_lengths,
-                             variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})
+        return reference(q, k, v, *rest)
+    return dispatch.dispatch(functools.partial(kernel, **tuning), reference, q, k, v, *rest,
+                             variable="LLMJAX_ATTENTION", rocm_tuning={**rocm_tuning, **tuning})

@@ -23,16 +23,14 @@ as one contiguous slice; otherwise each token looks up its own page. Head dims m
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llmjax.kernels import dispatch
-from llmjax.kernels.decode_attention import attend_split, decode_attention_reference, merge_splits, split_plan
-from llmjax.kernels.flash_attention import LOG2E, supported
+from llmjax.kernels.decode_attention import decode_attention_reference, launch_splits, split_program
+from llmjax.kernels.flash_attention import dispatch_attention, supported
 
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
@@ -49,20 +47,11 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
     return decode_attention_reference(q, k, v, lengths)
 
 
-def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_h, block_k,
-            chunk, page_size, exact):
-    # lengths_ref [B]; tables_ref [B, max_pages]; q_ref [B, H, D]; k_ref, v_ref [num_pages * page_size,
-    # KV, D] (the pool, pages flattened); o_ref [B, P, H, D]; lse_ref [B, P, H]
-    split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    d = k_ref.shape[2]
-    in_group = jnp.arange(block_h) < groups
-    heads = pl.ds(kv * groups, block_h)
-    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
-    start = split * chunk
-    stop = jnp.minimum(jnp.minimum(lengths_ref[b], tables_ref.shape[1] * page_size), start + chunk)
-    scale = LOG2E / math.sqrt(d)
+def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size, **params):
+    # tables_ref [B, max_pages]; k_ref, v_ref [num_pages * page_size, KV, D] (the pool, pages flattened)
+    block_k, d = params["block_k"], k_ref.shape[2]
 
-    def pool_index(first, exists):
+    def block_index(b, kv, first, exists):
         """Where tokens [first, first + block_k) of kv head `kv` sit in the pool: one slice when the
         block lies in one page, else a gather of one pool row per token (every index an array,
         which interpret mode requires of gathers)."""
@@ -74,16 +63,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, gro
         rows = pages * page_size + jax.lax.rem(tokens, page_size)
         return rows[:, None], kv, jnp.arange(d)[None, :]
 
-    def load_block(first, exists, masked):
-        rows = pool_index(first, exists)
-        if masked:
-            return (plgpu.load(k_ref.at[rows], mask=exists[:, None], other=0.0),
-                    plgpu.load(v_ref.at[rows], mask=exists[:, None], other=0.0))
-        return plgpu.load(k_ref.at[rows]), plgpu.load(v_ref.at[rows])
-
-    out, lse = attend_split(q, load_block, start, stop, block_k=block_k, scale=scale, exact=exact)
-    plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
-    plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
+    split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
+                  kv_limit=tables_ref.shape[1] * page_size, **params)
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "interpret"))
@@ -94,25 +75,14 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
 
     More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
     5 stages keep two K/V blocks in flight where the contiguous kernel needs 3 for the same."""
-    b, h, d = q.shape
     _check(q, k_pages, v_pages, block_tables, lengths)
-    num_pages, page_size, n_kv, _ = k_pages.shape
-    groups = h // n_kv
-    splits, chunk = split_plan(block_tables.shape[1] * page_size, block_k, b * n_kv, splits)
-    kernel = functools.partial(_kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
-                               block_k=block_k, chunk=chunk, page_size=page_size, exact=q.dtype == jnp.float32)
+    num_pages, page_size, n_kv, d = k_pages.shape
     pool = (num_pages * page_size, n_kv, d)
-    out, lse = pl.pallas_call(
-        kernel,
-        grid=(splits, n_kv, b),
-        out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="paged_attention",
-    )(lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pages.reshape(pool),
-      v_pages.reshape(pool))
-    return merge_splits(out, lse, q.dtype)
+    operands = (lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pages.reshape(pool),
+                v_pages.reshape(pool))
+    return launch_splits(functools.partial(_kernel, page_size=page_size), q, n_kv,
+                         block_tables.shape[1] * page_size, operands, name="paged_attention", block_k=block_k,
+                         splits=splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
 def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
@@ -138,8 +108,5 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: j
     """The engine's entry point: the kernel on cuda and rocm; the reference elsewhere, and for a head
     dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
     `flash_attention.attend`."""
-    if not supported(q.shape[-1]) or not q.dtype == k_pages.dtype == v_pages.dtype:
-        return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths)
-    kernel = functools.partial(paged_attention, **tuning)
-    return dispatch.dispatch(kernel, paged_attention_reference, q, k_pages, v_pages, block_tables, lengths,
-                             variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})
+    return dispatch_attention(paged_attention, paged_attention_reference, q, k_pages, v_pages, block_tables,
+                              lengths, tuning=tuning, rocm_tuning=ROCM_TUNING)
