@@ -35,10 +35,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
-        layers = range(config.num_layers)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   tuple(jnp.zeros(shape, dtype) for _ in layers))
+        return cls(*_zeros_per_layer(config, (batch, length), dtype))
 
     @property
     def length(self) -> int:
@@ -49,6 +46,14 @@ class KVCache:
 
     def with_layers(self, layers: list[tuple[jax.Array, jax.Array]]) -> "KVCache":
         return KVCache(tuple(k for k, _ in layers), tuple(v for _, v in layers))
+
+
+def _zeros_per_layer(config: LlamaConfig, lead: tuple[int, int], dtype):
+    """Zero keys and values `[*lead, KV, head_dim]` for every layer: the contiguous cache's
+    (batch, length) and the page pool's (pages, page size) alike."""
+    shape = (*lead, config.num_kv_heads, config.head_dim)
+    layers = range(config.num_layers)
+    return tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers)
 
 
 def write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -73,10 +78,7 @@ class PagedKVCache:
 
     @classmethod
     def zeros(cls, config: LlamaConfig, num_pages: int, page_size: int, dtype) -> "PagedKVCache":
-        shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-        layers = range(config.num_layers)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   tuple(jnp.zeros(shape, dtype) for _ in layers))
+        return cls(*_zeros_per_layer(config, (num_pages, page_size), dtype))
 
     @property
     def num_pages(self) -> int:
