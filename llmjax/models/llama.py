@@ -141,7 +141,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     return flash_attention.attend(q, k, v, offsets, jnp.full(offsets.shape, k.shape[1], jnp.int32))
 
 
-def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer) -> jax.Array:
+def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
+    """`paged_attention.attend` on each device's own heads when the pool is split by kv heads over
+    `tensor` (as the engine places it), so the kernel never sees a sharded array."""
+    tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    if tensor == 1 or k_pages.shape[2] % tensor:
+        return paged_attention.attend(q, k_pages, v_pages, tables, lengths)
+    heads, pool = P(None, "tensor", None), P(None, None, "tensor", None)
+    local = jax.shard_map(paged_attention.attend, mesh=mesh, in_specs=(heads, pool, pool, P(), P()),
+                          out_specs=heads, check_vma=False)
+    return local(q, k_pages, v_pages, tables, lengths)
+
+
+def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer, mesh: Any = None) -> jax.Array:
     """Attention for the engine's flat step `q` `[1, N, H, D]` (see `cache.PagedBatch`), after the
     step's keys and values are in `layer`'s pages.
 
@@ -149,11 +161,12 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     each row's valid pages).
     Prefill rows (a piece of a prompt each) gather their sequence's pages into one contiguous view
     and use `attention` with positions as the mask: a prompt token sees every earlier token of its
-    sequence, whether written by an earlier step or by an earlier row of this one.
+    sequence, whether written by an earlier step or by an earlier row of this one. On a `mesh`, both
+    run per device, as `attention` does.
     """
     batch, rows = layer.batch, layer.batch.rows
     h, d = q.shape[2:]
-    out = paged_attention.attend(q[0, :rows], layer.k, layer.v, batch.tables, batch.lengths)  # [rows, H, D]
+    out = _paged_decode(q[0, :rows], layer.k, layer.v, batch.tables, batch.lengths, mesh)  # [rows, H, D]
     if batch.chunk_tables is not None:
         chunk_rows = batch.chunk_tables.shape[0]
         q_chunk = q[0, rows:].reshape(chunk_rows, -1, h, d)
@@ -161,7 +174,7 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
         keys = kv.gather_pages(layer.k, batch.chunk_tables)  # [chunk_rows, S, KV, D]
         values = kv.gather_pages(layer.v, batch.chunk_tables)
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-        chunk = attention(q_chunk, keys, values, q_pos, k_pos)
+        chunk = attention(q_chunk, keys, values, q_pos, k_pos, mesh)
         out = jnp.concatenate([out, chunk.reshape(-1, h, d)])
     return out[None]
 
@@ -188,7 +201,7 @@ class Attention(nn.Module):
         v = qkv[:, :, :, g + 1]
         if isinstance(layer_cache, kv.PagedLayer):  # the engine's step: a page pool
             layer_cache = layer_cache.write(k[0], v[0])
-            out = paged_step_attention(q, positions, layer_cache)
+            out = paged_step_attention(q, positions, layer_cache, self.mesh)
         elif layer_cache is None:  # scoring a whole sequence: attend within it
             out = attention(q, k, v, positions, positions, self.mesh)
         else:
