@@ -22,7 +22,7 @@ from llmjax.convert.hf import (DTYPES, SafetensorsFolder, check_tensors, iter_we
                                read_hf_weights, resolve_dtype)
 from llmjax.files import read_json
 from llmjax.models import llama
-from llmjax.quant.tree import cast_floats, check_tensor_split, parse_dtype
+from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
 from llmjax.quant.weights import QuantScheme
 from llmjax.sharding import pipeline
 from llmjax.tokenizer import Tokenizer
@@ -122,8 +122,7 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant) -> Param
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, repeat = meshes.fit_config(config, mesh)
-    check_tensor_split(fitted, quant, mesh.shape["tensor"])
-    _check_no_quant_stages(quant, mesh)
+    check_mesh(fitted, quant, mesh)
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored), quant)
@@ -169,12 +168,6 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
     return weights
 
 
-def _check_no_quant_stages(quant, mesh) -> None:
-    if quant is not None and pipeline.stages(mesh) > 1:
-        raise ValueError(f"quantized weights ({quant.name}) do not run under pipeline stages yet; use "
-                         "tensor and data parallelism (stage=1), or bfloat16 weights with stages")
-
-
 def _put(tree, shardings):
     """Host arrays onto devices: every process holds the same arrays and hands each of its devices
     its shard."""
@@ -190,8 +183,7 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     from llmjax.sharding import mesh as meshes
 
     fitted, repeat = meshes.fit_config(params.config, mesh)
-    check_tensor_split(fitted, params.quant, mesh.shape["tensor"])
-    _check_no_quant_stages(params.quant, mesh)
+    check_mesh(fitted, params.quant, mesh)
     groups = ((key, jax.tree.map(np.asarray, tree)) for key, tree in params.weights.items())
     weights = _place(groups, params.config, fitted, repeat, mesh, None, params.quant)
     return Params(weights, fitted, params.tokenizer, mesh, params.quant)
@@ -232,12 +224,11 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, _ = meshes.fit_config(config, mesh)
-    check_tensor_split(fitted, quant, mesh.shape["tensor"])
+    check_mesh(fitted, quant, mesh)
     shardings = rules.weight_shardings(fitted, mesh, quant)
     key, dtype = jax.random.key(seed), jnp.dtype(dtype)
     if pipeline.stages(mesh) == 1:
         return Params(llama.init_params(fitted, key, dtype, shardings, quant), fitted, tokenizer, mesh, quant)
-    _check_no_quant_stages(quant, mesh)
     return Params(_init_stacked(fitted, key, dtype, mesh, shardings), fitted, tokenizer, mesh)
 
 

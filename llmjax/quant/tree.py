@@ -71,10 +71,17 @@ def cast_floats(tree, dtype):
     return jax.tree.map(cast, tree, is_leaf=is_quantized)
 
 
-def check_tensor_split(config: LlamaConfig, scheme: QuantScheme | None, tensor: int) -> None:
-    """Refuses a tensor degree that would cut an int4 group: o and down split their input (query heads,
-    MLP width) over `tensor`, and each device must hold whole groups."""
-    if scheme is None or scheme.bits != 4 or tensor == 1:
+def check_mesh(config: LlamaConfig, scheme: QuantScheme | None, mesh) -> None:
+    """Refuses a mesh quantized weights cannot run on: pipeline stages (not supported yet), or a
+    tensor degree that would cut an int4 group (o and down split their input, query heads and MLP
+    width, over `tensor`, and each device must hold whole groups)."""
+    if scheme is None:
+        return
+    if mesh.shape.get("stage", 1) > 1:
+        raise ValueError(f"quantized weights ({scheme.name}) do not run under pipeline stages yet; use "
+                         "tensor and data parallelism (stage=1), or bfloat16 weights with stages")
+    tensor = mesh.shape["tensor"]
+    if scheme.bits != 4 or tensor == 1:
         return
     for name, width in (("o", config.num_heads * config.head_dim), ("down", config.intermediate_size)):
         group = scheme.group_for(width)
