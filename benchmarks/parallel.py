@@ -104,17 +104,26 @@ def _config(preset: str, smoke: bool) -> LlamaConfig:
     return SMOKE if smoke else LlamaConfig.preset(preset)
 
 
-def run_layout(name: str, bandwidth: float, reference: list[int] | None, smoke: bool) -> dict:
+def run_layout(name: str, bandwidth: float, reference: list[int] | None, smoke: bool,
+               check_dtype: str = "bfloat16") -> dict:
     preset, degrees, _, _ = LAYOUTS[name]
     mesh, config = _mesh(degrees), _config(preset, smoke)
-    row = {"layout": name, "preset": preset, **{k: degrees.get(k, 1) for k in ("tensor", "stage")}}
+    row = {"layout": name, "preset": preset, "check_dtype": check_dtype,
+           **{k: degrees.get(k, 1) for k in ("tensor", "stage")}}
     t = time.perf_counter()
+    if check_dtype == "float32":  # the token check on its own float32 weights, full-precision products
+        with jax.default_matmul_precision("highest"):
+            check = bench.random_params(config, "float32", 0, mesh)
+            tokens = greedy_tokens(check, CHECK_TOKENS, gen_len=256)
+        del check
+        gc.collect()
     params = bench.random_params(config, "bfloat16", 0, mesh)
     jax.block_until_ready(params.weights)
     row["init_s"] = time.perf_counter() - t
     row["weights_per_gpu_gb"] = sum(bench._per_device(w) for w in jax.tree.leaves(params.weights)) / 1e9
     t = time.perf_counter()
-    tokens = greedy_tokens(params, CHECK_TOKENS, gen_len=256)
+    if check_dtype != "float32":
+        tokens = greedy_tokens(params, CHECK_TOKENS, gen_len=256)
     row["compile_and_check_s"] = time.perf_counter() - t
     row["tokens"] = tokens
     if reference is not None:
@@ -170,6 +179,9 @@ def main():
     parser.add_argument("--out", required=True, help="folder for parallel.json and parallel.txt")
     parser.add_argument("--only", help=f"comma-separated layouts among {', '.join(LAYOUTS)}")
     parser.add_argument("--budget-s", type=float, default=480, help="skip layouts that would end later")
+    parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="weights of the greedy-token check (float32: its own weights, products at "
+                             "full precision, so that a summation order cannot flip a near-tie)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model instead of every preset: checks the script on CPU "
                              "(XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu)")
@@ -208,7 +220,7 @@ def main():
             continue
         try:
             same_model = LAYOUTS[name][0] == "llama2-13b"
-            row = run_layout(name, bandwidth, reference if same_model else None, args.smoke)
+            row = run_layout(name, bandwidth, reference if same_model else None, args.smoke, args.check_dtype)
             if name == "tp1":
                 reference = row["tokens"]
         except Exception as e:  # one failure must not stop the rest

@@ -66,7 +66,8 @@ def run_config(model, dtype, degrees, args, bandwidth) -> list[dict]:
                          throughput_tok_s=r.throughput_tok_s, per_gpu_tok_s=r.throughput_tok_s / gpus,
                          ms_per_step=r.decode_ms_per_step, end_to_end_tok_s=r.end_to_end_tok_s,
                          bound_tok_s=r.bound_tok_s, fraction_of_bound=r.fraction_of_bound,
-                         prefill_ms=r.prefill_ms, peak_memory_gib=r.peak_memory_gib))
+                         prefill_ms=r.prefill_ms, peak_memory_gib=r.peak_memory_gib,
+                         xla_flags=os.environ.get("XLA_FLAGS", "")))
     return rows
 
 
