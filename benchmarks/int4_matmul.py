@@ -57,8 +57,10 @@ def _dot(bm, bn, bk, sp, nw, ns=3):
 
 # Alternatives to the default per row count (the default for M is always timed first).
 CANDIDATES = {
-    1: [_fma(64, 128, 8, 2), _fma(128, 128, 4, 4), _fma(128, 128, 16, 4), _fma(256, 128, 8, 8),
-        _fma(128, 256, 8, 8), _fma(64, 256, 16, 4), _fma(128, 128, 8, 4, 1)],
+    # one row: along the first sweep's trend (narrower outputs, longer K steps, more K slices)
+    1: [_fma(32, 256, 16, 4), _fma(32, 512, 16, 4), _fma(64, 512, 16, 4), _fma(64, 256, 32, 4),
+        _fma(32, 256, 32, 2), _fma(64, 512, 8, 4), _fma(16, 512, 16, 2), _fma(64, 256, 16, 2),
+        _fma(64, 256, 16, 8), _fma(64, 256, 16, 4, 1), _fma(128, 512, 16, 8), _fma(32, 1024, 8, 4)],
     8: [_fma(128, 128, 8, 4), _fma(64, 128, 8, 2), _dot(16, 128, 128, 4, 4), _dot(16, 64, 128, 8, 4)],
     16: [_dot(16, 64, 128, 8, 4), _dot(16, 128, 256, 4, 8), _dot(16, 256, 128, 4, 8)],
     64: [_dot(64, 64, 128, 2, 4), _dot(64, 128, 128, 2, 8), _dot(32, 128, 128, 2, 4)],

@@ -11,8 +11,9 @@ low five nibbles (in place) and its top three (shifted down by 12), each under t
 float 2**23; ANDing one nibble's bits and those exponent bits gives the float 2**23 + code * 16**pos,
 where pos is where the nibble lies, and subtracting 2**23 + zero * 16**pos leaves (code - zero) *
 16**pos exactly. No shift and no int-to-float conversion per nibble; the factor 16**pos is undone on
-x's side, which is multiplied by 16**-pos (exact: a power of two) before the kernel (float16 x, whose
-exponents cannot go that low, has the dot kernel multiply its weights by 16**-pos instead). An offline count
+x's side, which the kernel multiplies by 16**-pos (exact: a power of two) as it reads x (float16 x,
+whose exponents cannot go that low, has the dot kernel multiply its weights by 16**-pos instead). x
+goes into the kernel as it comes, so no XLA pass over it runs before the product. An offline count
 of the compiled H200 code (Triton 3.6) gives ~3.7 instructions per weight for the one-row kernel
 (AND, subtract, multiply-add, and a little per word), where plain shift-mask-convert code needs ~6.
 
@@ -157,9 +158,9 @@ def _load(ref, mask):
 
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
                 asymmetric):
-    # x_ref [M, groups', 8, W] float32, pre-scaled, zero-padded to every group the programs visit;
-    # v_ref [N, groups, W] uint32; s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref
-    # [M, groups', W] (x summed over each word's inputs); o_ref [splits, M, N] float32
+    # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
+    # s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref [M, groups, W] (x summed over each
+    # word's inputs, float32); o_ref [splits, M, N] float32
     z_ref, xs_ref, o_ref = rest if asymmetric else (None, None, rest[0])
     i, split = pl.program_id(0), pl.program_id(1)
     w = v_ref.shape[-1]
@@ -177,19 +178,20 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
                       None if mask2 is None else _mask((block_n, block_groups, w), mask2[:, :, None]))
         scale = _load(s_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)  # [BN, BG]
         low, high = _split_words(words)
+        x_edge = None if g_edge is None else _mask((block_groups, w), g_edge[:, None])
         sums = [None] * rows
         for j in range(NIBBLES):
             raw, pos = _nibble(low, high, j)
             # (code - 8) * 16**pos; with zero points, code * 16**pos (the zero is subtracted per word)
             f = raw - (_TWO23 + (0.0 if asymmetric else 8.0 * 16.0 ** pos))
-            for r in range(rows):
-                xj = plgpu.load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :])  # [BG, W], x * 16**-pos
-                term = f * xj[None]
+            for r in range(rows):  # x * 16**-pos (exact), [BG, W]; zero past K
+                xj = _load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :], x_edge)
+                term = f * (xj.astype(jnp.float32) * _NIBBLE_SCALE[j])[None]
                 sums[r] = term if sums[r] is None else sums[r] + term
         if asymmetric:
             zero = _load(z_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)
             for r in range(rows):
-                xs = plgpu.load(xs_ref.at[jnp.int32(r), g_slice, :])
+                xs = _load(xs_ref.at[jnp.int32(r), g_slice, :], x_edge)
                 sums[r] = sums[r] - zero[:, :, None] * xs[None]
         return tuple(acc + s * scale[:, :, None] for acc, s in zip(accs, sums))
 
@@ -201,7 +203,7 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
 
 def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, block_groups, steps, mask_n,
                 mask_g, asymmetric, prescaled):
-    # x_ref [M, K'] (prescaled: each input times 16**-pos of its nibble; zero-padded to every group visited);
+    # x_ref [M, K] as it comes (prescaled: each input multiplied here by 16**-pos of its nibble);
     # v_ref [N, groups, 1, W] uint32; s_ref, z_ref [N, groups]; o_ref [splits, M, N] float32
     z_ref, o_ref = rest if asymmetric else (None, rest[0])
     mi, ni, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -217,6 +219,8 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
     pos = jnp.where(j < _IN_PLACE, j, j - _HIGH_SHIFT // 4)
     masks = jnp.uint32(_EXPONENT) | (jnp.uint32(0xF) << (4 * pos).astype(jnp.uint32))
     pow16 = jnp.exp2(4.0 * pos.astype(jnp.float32))
+    # 16**-pos of every input of a step, in input order (group, nibble, word): what x is multiplied by
+    x_scale = jnp.broadcast_to(1.0 / pow16, (1, block_groups, NIBBLES, w)).reshape(1, block_k)
 
     def body(step, acc):
         g0 = g_first + step * block_groups
@@ -234,8 +238,12 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
         f = raw - (_TWO23 + zero * pow16)  # (code - zero) * 16**pos, exact in bf16 too
         if not prescaled:  # float16's exponent range cannot carry 16**+-pos: undo it on the weight
             f = f * (1.0 / pow16)
+        k_edge = None if g_edge is None else jnp.broadcast_to(
+            g_edge[:, None], (block_groups, NIBBLES * w)).reshape(1, block_k)
         xk = _load(x_ref.at[m_slice, pl.ds(g0 * NIBBLES * w, block_k)],
-                   None if m_edge is None else _mask((block_m, block_k), m_edge[:, None]))
+                   _mask((block_m, block_k), None if m_edge is None else m_edge[:, None], k_edge))
+        if prescaled:
+            xk = (xk * x_scale).astype(x_ref.dtype)
         if block_groups == 1:  # one group: one scale per output, applied to the product
             wk = f.astype(x_ref.dtype).reshape(block_n, block_k)
             return acc + plgpu.dot(xk, wk, trans_b=True, allow_tf32=False) * scale.reshape(1, block_n)
@@ -277,19 +285,19 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     asymmetric = zeros is not None
     common = dict(n=n, groups=groups, block_n=config.block_n, block_groups=block_groups, steps=steps,
                   mask_n=n % config.block_n != 0, mask_g=visited != groups, asymmetric=asymmetric)
-    # x times 16**-pos of each input's nibble (exact: a power of two; float16 excepted, whose exponent
-    # range is too narrow, for the dot kernel), zero past K (so it is read unmasked)
+    # The kernels multiply x by 16**-pos of each input's nibble as they read it (exact: a power of two;
+    # float16 excepted, whose exponent range is too narrow, for the dot kernel), so x goes in as it
+    # comes: no pass over it before the kernel.
     prescaled = config.kind == "fma" or x.dtype != jnp.float16
-    x4 = jnp.pad(x.reshape(m, groups, NIBBLES, w), ((0, 0), (0, visited - groups), (0, 0), (0, 0)))
-    x4 = x4.astype(jnp.float32 if config.kind == "fma" else x.dtype)
-    xs = x4 * jnp.asarray(_NIBBLE_SCALE, x4.dtype).reshape(1, 1, NIBBLES, 1) if prescaled else x4
     operands = (values.reshape(n, groups, w), scales) + ((zeros,) if asymmetric else ())
     if config.kind == "fma":
-        operands = (xs,) + operands + ((jnp.sum(x4, axis=2),) if asymmetric else ())
+        x4 = x.reshape(m, groups, NIBBLES, w)
+        sums = (jnp.sum(x4.astype(jnp.float32), axis=2),) if asymmetric else ()
+        operands = (x4,) + operands + sums
         kernel = functools.partial(_fma_kernel, rows=m, **common)
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
-        operands = (xs.reshape(m, visited * group_size), values.reshape(n, groups, 1, w)) + operands[1:]
+        operands = (x, values.reshape(n, groups, 1, w)) + operands[1:]
         kernel = functools.partial(_dot_kernel, m=m, block_m=config.block_m, prescaled=prescaled, **common)
         grid = (pl.cdiv(m, config.block_m), pl.cdiv(n, config.block_n), splits)
     partial = pl.pallas_call(
