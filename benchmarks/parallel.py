@@ -105,7 +105,7 @@ def _config(preset: str, smoke: bool) -> LlamaConfig:
 
 
 def run_layout(name: str, bandwidth: float, reference: list[int] | None, smoke: bool,
-               check_dtype: str = "bfloat16") -> dict:
+               check_dtype: str = "bfloat16", check_only: bool = False) -> dict:
     preset, degrees, _, _ = LAYOUTS[name]
     mesh, config = _mesh(degrees), _config(preset, smoke)
     row = {"layout": name, "preset": preset, "check_dtype": check_dtype,
@@ -133,6 +133,9 @@ def run_layout(name: str, bandwidth: float, reference: list[int] | None, smoke: 
     print(f"[{name}] init {row['init_s']:.0f} s, compile + {CHECK_TOKENS} tokens "
           f"{row['compile_and_check_s']:.0f} s, "
           f"tokens agree with tp1: {row.get('tokens_agree', '-')}/{CHECK_TOKENS}", flush=True)
+    if check_only:
+        row["check_only"] = True
+        return row
     one = bench.bench(config, batch=1, prompt_len=8, gen_len=256, repeats=3, mesh=mesh, params=params,
                       bandwidth=bandwidth)
     print(one.report(), flush=True)
@@ -164,6 +167,10 @@ def table(rows: list[dict], allreduce: list[dict]) -> str:
         if "error" in r or "skipped" in r:
             lines.append(f"{r['layout']:8} {r.get('error') or r['skipped']}")
             continue
+        if r.get("check_only"):
+            agree = f"{r['tokens_agree']}/{CHECK_TOKENS}" if "tokens_agree" in r else "ref"
+            lines.append(f"{r['layout']:8} {r['preset']:11} {'':7} {agree:>10} (token check only)")
+            continue
         agree = "ref" if r["layout"] == "tp1" else "-"
         if "tokens_agree" in r:
             agree = f"{r['tokens_agree']}/{CHECK_TOKENS}"
@@ -182,6 +189,9 @@ def main():
     parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="weights of the greedy-token check (float32: its own weights, products at "
                              "full precision, so that a summation order cannot flip a near-tie)")
+    parser.add_argument("--check-only", metavar="L1,L2", help="layouts that run only the token check "
+                        "(no timing), e.g. tp1 when only its tokens are needed as the reference")
+    parser.add_argument("--no-allreduce", action="store_true", help="skip the all-reduce timing")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model instead of every preset: checks the script on CPU "
                              "(XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu)")
@@ -195,8 +205,9 @@ def main():
     if unknown:
         parser.error(f"unknown layouts {unknown}; choose among {', '.join(LAYOUTS)}")
 
+    check_only = set(args.check_only.split(",")) if args.check_only else set()
     allreduce = []
-    for tensor in sorted({LAYOUTS[n][1].get("tensor", 1) for n in names} - {1}):
+    for tensor in sorted({LAYOUTS[n][1].get("tensor", 1) for n in names} - {1}) if not args.no_allreduce else ():
         for preset, rows in (("llama2-13b", 1), ("llama2-70b", 1), ("llama2-13b", 64)):
             c = _config(preset, args.smoke)
             try:
@@ -213,6 +224,8 @@ def main():
     rows, reference = [], None
     for name in names:
         estimate = LAYOUTS[name][3]
+        if name in check_only:
+            estimate = 40
         if time.perf_counter() - start + estimate > args.budget_s:
             why = f"skipped: ~{estimate} s more would pass --budget-s {args.budget_s:.0f}"
             rows.append({"layout": name, "skipped": why})
@@ -220,7 +233,8 @@ def main():
             continue
         try:
             same_model = LAYOUTS[name][0] == "llama2-13b"
-            row = run_layout(name, bandwidth, reference if same_model else None, args.smoke, args.check_dtype)
+            row = run_layout(name, bandwidth, reference if same_model else None, args.smoke, args.check_dtype,
+                             name in check_only)
             if name == "tp1":
                 reference = row["tokens"]
         except Exception as e:  # one failure must not stop the rest

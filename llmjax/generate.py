@@ -155,7 +155,7 @@ def _pipelined_decode(weights, first, lengths, done, out, cache, max_new, eos_id
     every row one token, sampled as its microbatch leaves the last stage, with the key and knobs
     the plain loop would use, so the tokens are the same."""
     mesh, config = model.mesh, model.config
-    stage = llama.stage_fn(config, model.dtype, mesh)
+    stage = llama.stage_fn(config, model.dtype, mesh, model.quant)
     num_stages = pipeline.stages(mesh)
     width = first.shape[0] // num_stages
 

@@ -229,17 +229,17 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     key, dtype = jax.random.key(seed), jnp.dtype(dtype)
     if pipeline.stages(mesh) == 1:
         return Params(llama.init_params(fitted, key, dtype, shardings, quant), fitted, tokenizer, mesh, quant)
-    return Params(_init_stacked(fitted, key, dtype, mesh, shardings), fitted, tokenizer, mesh)
+    return Params(_init_stacked(fitted, key, dtype, mesh, shardings, quant), fitted, tokenizer, mesh, quant)
 
 
-def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings) -> dict:
+def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings, quant=None) -> dict:
     """Random weights in the pipeline's layout, equal to `init_params`'s: each stage makes its own
     layers on its own devices, so no device ever holds more than its share."""
     outer = {name: s for name, s in shardings.items() if name != "stages"}
     # A one-layer model's embedding and head equal the whole model's (a weight's random key follows
     # its name); its layer is left out of the result, so XLA never computes it.
     one_layer = dataclasses.replace(config, num_layers=1)
-    weights = jax.jit(lambda key: {name: w for name, w in llama.init_params(one_layer, key, dtype).items()
+    weights = jax.jit(lambda key: {name: w for name, w in llama.init_params(one_layer, key, dtype, quant=quant).items()
                                    if name in outer}, out_shardings=outer)(key)
     per_stage = len(shardings["stages"])
     layers = {}
@@ -249,7 +249,7 @@ def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings) -> dict:
                    for i in indices}
 
         def init(key, indices=indices):
-            return jax.tree.map(lambda w: w[None], llama.init_layers(config, key, indices, dtype))
+            return jax.tree.map(lambda w: w[None], llama.init_layers(config, key, indices, dtype, quant=quant))
         layers.update(pipeline.run_on_stage(init, targets, key))
     weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
     return weights

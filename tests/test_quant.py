@@ -142,6 +142,32 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
         llmjax.shard(quantize_params(float_params, "int4-g128"), make_mesh(tensor=2, data=4))
 
 
+def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(float_params):
+    q = quantize_params(float_params, "int4-g32")
+    want, tokens = _logits(q), llmjax.generate(q, PROMPTS, max_new_tokens=8)
+    p = llmjax.shard(q, make_mesh(stage=2, data=4))
+    down = p.weights["stages"]["layer_0"]["mlp"]["down"]["kernel"]
+    assert isinstance(down, QuantizedWeight) and down.values.sharding.spec == P("stage", None, "tensor")
+    np.testing.assert_allclose(_logits(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=8) == tokens  # microbatched decode
+    assert llmjax.generate(p, PROMPTS[1], max_new_tokens=8) == tokens[1]  # batch 1: the stages in turn
+    with pytest.raises(ValueError, match=r"under pipeline stages only with tensor=1 \(got stage=2, tensor=4\)"):
+        llmjax.shard(q, make_mesh(stage=2, tensor=4))
+
+
+def test_random_quantized_weights_under_stages_equal_the_single_device_ones():
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2, hidden_size=128,
+                                 head_dim=16, intermediate_size=256, num_layers=4, eos_token_ids=())
+    staged = llmjax.init_random(config, dtype="int4-g32", mesh=make_mesh(stage=2, data=4))
+    whole = llmjax.init_random(config, dtype="int4-g32")
+    assert staged.quant == whole.quant
+    for j in range(2):
+        for stage in range(2):
+            mine = jax.tree.leaves(jax.tree.map(lambda w: np.asarray(w)[stage], staged.weights["stages"][f"layer_{j}"]))
+            assert all(np.array_equal(a, np.asarray(b)) for a, b in
+                       zip(mine, jax.tree.leaves(whole.weights[f"layer_{2 * stage + j}"])))
+
+
 def test_random_quantized_weights_are_made_in_their_shardings():
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2, hidden_size=128,
                                  head_dim=16, intermediate_size=256, eos_token_ids=())

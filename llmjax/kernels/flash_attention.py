@@ -119,14 +119,21 @@ def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, blo
 
 
 # Defaults: the best of six configurations on the H200 (benchmarks/attention.py, 2 x 8192 tokens, 32
-# query and 8 kv heads of 128): 409.8 TFLOP/s with 128-key blocks, 369.6 with 64.
+# query and 8 kv heads of 128): 409.8 TFLOP/s with 128-key blocks, 369.6 with 64. float32 halves the
+# key block: its 128-key K and V tiles, pipelined, would ask 272 KB of shared memory for head dim
+# 128, past the H200's 227 KB (seen on the GPU: RESOURCE_EXHAUSTED).
+BLOCK_K = 128
+BLOCK_K_FLOAT32 = 64
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret"))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
-                    *, block_q: int = 128, block_k: int = 128, num_warps: int = 8, num_stages: int = 3,
+                    *, block_q: int = 128, block_k: int | None = None, num_warps: int = 8, num_stages: int = 3,
                     interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention with the Pallas kernel (see the module doc for the arguments)."""
     b, t, h, d = q.shape
     _check(q, k, v, q_offsets, kv_lengths)
+    block_k = block_k or (BLOCK_K if q.dtype.itemsize <= 2 else BLOCK_K_FLOAT32)
     block_q = min(block_q, max(16, pl.next_power_of_2(t)))
     kernel = functools.partial(_kernel, groups=h // k.shape[2], block_q=block_q, block_k=block_k,
                                exact=q.dtype == jnp.float32)

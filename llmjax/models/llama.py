@@ -258,6 +258,7 @@ class Blocks(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     indices: tuple[int, ...] = ()
+    quant: QuantScheme | None = None  # a stage runs inside shard_map: its quantized products are local
 
     @nn.compact
     def __call__(self, x, positions, cache: kv.KVCache | None = None):
@@ -265,7 +266,7 @@ class Blocks(nn.Module):
         new_k, new_v = [], []
         for n, i in enumerate(self.indices):
             layer_cache = None if cache is None else (cache.k[n], cache.v[n])
-            block = Block(self.config, self.dtype, name=f"layer_{i}")
+            block = Block(self.config, self.dtype, self.quant, name=f"layer_{i}")
             x, layer_cache = block(x, cos, sin, positions, layer_cache)
             if cache is not None:
                 new_k.append(layer_cache[0])
@@ -300,7 +301,7 @@ class Llama(nn.Module):
             if self.is_initializing():
                 raise ValueError("initialise the model without a mesh; llmjax.init_random(mesh=...) "
                                  "places the weights on one")
-            x, new_cache = pipeline.forward(self.mesh, stage_fn(c, self.dtype, self.mesh),
+            x, new_cache = pipeline.forward(self.mesh, stage_fn(c, self.dtype, self.mesh, self.quant),
                                             self.variables["params"]["stages"], x, positions, cache)
         else:
             cos, sin = rope_tables(c, positions)
@@ -335,10 +336,10 @@ def _true_vocab(config: LlamaConfig, logits: jax.Array) -> jax.Array:
     return logits[..., :config.vocab_size].astype(jnp.float32)
 
 
-def stage_fn(config: LlamaConfig, dtype, mesh):
+def stage_fn(config: LlamaConfig, dtype, mesh, quant: QuantScheme | None = None):
     """`(weights, x, positions, cache) -> (x, cache)`: one pipeline stage's blocks, given that stage's
     weights `{"layer_j": ...}` and cache, as `llmjax.sharding.pipeline` calls them."""
-    stage = Blocks(config, dtype, tuple(range(pipeline.layers_per_stage(config, pipeline.stages(mesh)))))
+    stage = Blocks(config, dtype, tuple(range(pipeline.layers_per_stage(config, pipeline.stages(mesh)))), quant)
 
     def apply(weights, x, positions, cache):
         return stage.apply({"params": weights}, x, positions, cache)
@@ -392,12 +393,12 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardin
 
 
 def init_layers(config: LlamaConfig, key: jax.Array, indices: tuple[int, ...], dtype=jnp.bfloat16,
-                shardings=None) -> dict:
+                shardings=None, quant: QuantScheme | None = None) -> dict:
     """`{"layer_i": weights}` for i in `indices`, equal to what `init_params` gives those layers: a
     pipeline stage makes its own layers this way, on its own devices."""
     def init(key):
         x, positions = jnp.zeros((1, 1, config.hidden_size), dtype), jnp.zeros((1, 1), jnp.int32)
-        return nn.meta.unbox(Blocks(config, dtype, tuple(indices)).init(key, x, positions)["params"])
+        return nn.meta.unbox(Blocks(config, dtype, tuple(indices), quant).init(key, x, positions)["params"])
     return jax.jit(init, out_shardings=shardings)(key)
 
 
