@@ -163,10 +163,9 @@ def test_tensor_parallel_layers_gather_no_weight(models, stage):
     assert "all-reduce" in compiled.as_text() and not gathered & weights
 
 
-@pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
-def test_pipelined_generate_lowers_for_gpu(platform, device_kind):
-    """The decode that keeps 2 stages (of 2 tensor-parallel GPUs) full lowers for AMD and NVIDIA GPUs
-    on this CPU-only machine: lowering, not execution (see test_lowering.py)."""
+def _pipelined_generate(device_kind):
+    """`generate`'s program (prefill, then the decode that keeps 2 stages of 2 tensor-parallel GPUs
+    full) on an abstract GPU mesh: the function, its abstract arguments, the mesh and the config."""
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
     mesh = jax.sharding.AbstractMesh((1, 2, 2), ("data", "stage", "tensor"), abstract_device=device,
                                      axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -180,6 +179,44 @@ def test_pipelined_generate_lowers_for_gpu(platform, device_kind):
             jax.eval_shape(lambda: jax.random.key(0)), rows)
     fn = functools.partial(gen._generate_ids.__wrapped__, model=gen.Llama(config, jnp.bfloat16, mesh),
                            cache_len=64, out_len=32, greedy=True, filters=())
+    return fn, args, mesh, config
+
+
+@pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
+def test_pipelined_generate_lowers_for_gpu(platform, device_kind):
+    """The pipelined generate lowers for AMD and NVIDIA GPUs on this CPU-only machine: lowering, not
+    execution (see test_lowering.py)."""
+    fn, args, mesh, _ = _pipelined_generate(device_kind)
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert "stablehlo.while" in text and "collective_permute" in text and "bf16" in text
+
+
+def _pallas_calls(jaxpr, found=None) -> list:
+    """Every `pallas_call` in `jaxpr` and the jaxprs inside it: (kernel name, operand shapes)."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = eqn.params.get("name_and_src_info", eqn.params.get("name"))  # jax versions differ
+            found.append((str(name), [v.aval.shape for v in eqn.invars]))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _pallas_calls(sub.jaxpr, found)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _pallas_calls(sub, found)
+    return found
+
+
+def test_attention_kernels_inside_stages_see_each_devices_heads():
+    """Inside a stage, `tensor` is left to GSPMD, which cannot split a Pallas call: given the whole
+    heads, XLA would gather q and the cache onto every GPU at every layer. The kernels run per device
+    instead (a shard_map over `tensor` nested in the stage's), on half the heads at tensor=2."""
+    fn, args, mesh, config = _pipelined_generate("NVIDIA H200")
+    with jax.sharding.use_abstract_mesh(mesh):
+        calls = _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
+    attention = [(name, shapes) for name, shapes in calls if "attention" in name]
+    assert {name.split(" ")[0] for name, _ in attention} >= {"flash_attention", "decode_attention"}
+    for name, shapes in attention:
+        q = next(shape for shape in shapes if len(shape) >= 3)  # q [B, T, H, D] (flash) or [B, H, D] (decode)
+        assert q[-2] == config.num_heads // 2, (name, shapes)

@@ -143,16 +143,17 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
 
 
 def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(float_params):
+    """Each stage's quantized products run per device: whole with data parallelism, split over
+    `tensor` (a shard_map nested in the stage's) with tensor parallelism inside the stages."""
     q = quantize_params(float_params, "int4-g32")
     want, tokens = _logits(q), llmjax.generate(q, PROMPTS, max_new_tokens=8)
-    p = llmjax.shard(q, make_mesh(stage=2, data=4))
-    down = p.weights["stages"]["layer_0"]["mlp"]["down"]["kernel"]
-    assert isinstance(down, QuantizedWeight) and down.values.sharding.spec == P("stage", None, "tensor")
-    np.testing.assert_allclose(_logits(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    assert llmjax.generate(p, PROMPTS, max_new_tokens=8) == tokens  # microbatched decode
-    assert llmjax.generate(p, PROMPTS[1], max_new_tokens=8) == tokens[1]  # batch 1: the stages in turn
-    with pytest.raises(ValueError, match=r"under pipeline stages only with tensor=1 \(got stage=2, tensor=4\)"):
-        llmjax.shard(q, make_mesh(stage=2, tensor=4))
+    for data, tensor in ((4, 1), (2, 2)):
+        p = llmjax.shard(q, make_mesh(stage=2, tensor=tensor, data=data))
+        down = p.weights["stages"]["layer_0"]["mlp"]["down"]["kernel"]
+        assert isinstance(down, QuantizedWeight) and down.values.sharding.spec == P("stage", None, "tensor")
+        np.testing.assert_allclose(_logits(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert llmjax.generate(p, PROMPTS, max_new_tokens=8) == tokens  # microbatched decode
+        assert llmjax.generate(p, PROMPTS[1], max_new_tokens=8) == tokens[1]  # batch 1: the stages in turn
 
 
 def test_random_quantized_weights_under_stages_equal_the_single_device_ones():

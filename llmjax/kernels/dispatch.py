@@ -59,3 +59,31 @@ def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_t
 
     run.defvjp(run_fwd, run_bwd)
     return run(*args)
+
+
+def free_axes(mesh, *, single: bool = False) -> frozenset:
+    """The axes of `mesh` of more than one device (`single`: of any size) that the code being traced
+    has not split already: all of them, except inside an enclosing `shard_map` (a pipeline stage runs
+    inside one over `stage` and `data`, `tensor` left to GSPMD), whose axes are manual there."""
+    manual = _manual_context()[1]
+    return frozenset(a for a in mesh.axis_names if a not in manual and (single or mesh.shape[a] > 1))
+
+
+def _manual_context():
+    """The mesh of the enclosing `shard_map` (None outside one) and its manual axes."""
+    context = jax.sharding.get_abstract_mesh()
+    if context is None or context.empty:
+        return None, set()
+    manual = {name for name, kind in zip(context.axis_names, context.axis_types)
+              if kind == jax.sharding.AxisType.Manual}
+    return (context if manual else None), manual
+
+
+def per_device(fn: Callable, mesh, in_specs, out_specs) -> Callable:
+    """`fn` run on each device's shards (`shard_map` over every axis of `mesh` not split already), so
+    that a Pallas call inside it, which XLA cannot split, never sees a sharded array. The specs may
+    name only such axes. check_vma=False: a Pallas call's output carries no record of which mesh axes
+    it varies over."""
+    # Inside an enclosing shard_map the nested one must name the enclosing (abstract) mesh.
+    return jax.shard_map(fn, mesh=_manual_context()[0] or mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=set(free_axes(mesh, single=True)), check_vma=False)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from llmjax.kernels import gemv, int4_matmul
+from llmjax.kernels import dispatch, gemv, int4_matmul
 from llmjax.quant.weights import QuantizedWeight, dequantize
 
 
@@ -59,16 +59,15 @@ def _sharded_product(x2, qw: QuantizedWeight, mesh, axes: tuple, num_out_dims: i
     if any(a is not None for a in spec[num_out_dims + 1:]):
         raise ValueError(f"a quantized kernel with logical axes {axes} splits a minor input axis "
                          f"({spec}); only its major input axis may be split")
-    data = mesh.shape.get("data", 1)
-    rows = "data" if data > 1 and x2.shape[0] % data == 0 else None
+    free = dispatch.free_axes(mesh)
+    rows = "data" if "data" in free and x2.shape[0] % mesh.shape["data"] == 0 else None
 
     def local(x2, qw):
         y = _product(x2, qw)
         return y if in_axis is None else jax.lax.psum(y, in_axis)
 
-    # check_vma=False: a Pallas call's output carries no record of which mesh axes it varies over
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, in_axis), _leaf_specs(qw, out_axes, in_axis)),
-                         out_specs=P(rows, *out_axes), check_vma=False)(x2, qw)
+    return dispatch.per_device(local, mesh, (P(rows, in_axis), _leaf_specs(qw, out_axes, in_axis)),
+                               P(rows, *out_axes))(x2, qw)
 
 
 def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> jax.Array:
@@ -96,7 +95,7 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     if x2.shape[1] != kernel.in_size:
         raise ValueError(f"x's input width {x2.shape[1]} does not match the quantized kernel's "
                          f"{kernel.in_size}")
-    if mesh is None or mesh.size == 1:
+    if mesh is None or not dispatch.free_axes(mesh):  # one device, or a pipeline stage with tensor=1
         y = _product(x2, kernel)
     else:
         y = _sharded_product(x2, kernel, mesh, axes, num_out_dims)

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
 from llmjax.kernels import decode_attention, flash_attention, paged_attention
+from llmjax.kernels.dispatch import free_axes, per_device
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
@@ -127,13 +128,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     reference elsewhere (`LLMJAX_ATTENTION` overrides). On a `mesh`, each device attends over its own
     rows (`data`) and heads (`tensor`), so the kernels never see a sharded array.
     """
-    if mesh is not None and mesh.size > 1:
-        batch = "data" if "data" in mesh.axis_names and q.shape[0] % mesh.shape["data"] == 0 else None
-        heads = P(batch, None, "tensor" if "tensor" in mesh.axis_names else None, None)
+    free = free_axes(mesh) if mesh is not None else ()
+    if "data" in free or "tensor" in free:
+        batch = "data" if "data" in free and q.shape[0] % mesh.shape["data"] == 0 else None
+        heads = P(batch, None, "tensor" if "tensor" in free else None, None)
         rows = P(batch, None)
-        local = jax.shard_map(attention, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
-                              out_specs=heads, check_vma=False)
-        return local(q, k, v, q_pos, k_pos)
+        return per_device(attention, mesh, (heads, heads, heads, rows, rows), heads)(q, k, v, q_pos, k_pos)
     offsets = q_pos[:, 0] - k_pos[:, 0]  # each row's first query position among its keys
     if q.shape[1] == 1:
         lengths = jnp.clip(offsets + 1, 0, k.shape[1])
@@ -144,13 +144,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
     """`paged_attention.attend` on each device's own heads when the pool is split by kv heads over
     `tensor` (as the engine places it), so the kernel never sees a sharded array."""
-    tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
-    if tensor == 1 or k_pages.shape[2] % tensor:
+    if mesh is None or "tensor" not in free_axes(mesh) or k_pages.shape[2] % mesh.shape["tensor"]:
         return paged_attention.attend(q, k_pages, v_pages, tables, lengths)
     heads, pool = P(None, "tensor", None), P(None, None, "tensor", None)
-    local = jax.shard_map(paged_attention.attend, mesh=mesh, in_specs=(heads, pool, pool, P(), P()),
-                          out_specs=heads, check_vma=False)
-    return local(q, k_pages, v_pages, tables, lengths)
+    return per_device(paged_attention.attend, mesh, (heads, pool, pool, P(), P()), heads)(
+        q, k_pages, v_pages, tables, lengths)
 
 
 def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer, mesh: Any = None) -> jax.Array:
@@ -258,7 +256,10 @@ class Blocks(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     indices: tuple[int, ...] = ()
-    quant: QuantScheme | None = None  # a stage runs inside shard_map: its quantized products are local
+    quant: QuantScheme | None = None
+    # The whole mesh, when a pipeline stage runs these blocks inside its shard_map over stage and data:
+    # attention and quantized products then run per device over what is left (tensor).
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, positions, cache: kv.KVCache | None = None):
@@ -266,7 +267,7 @@ class Blocks(nn.Module):
         new_k, new_v = [], []
         for n, i in enumerate(self.indices):
             layer_cache = None if cache is None else (cache.k[n], cache.v[n])
-            block = Block(self.config, self.dtype, self.quant, name=f"layer_{i}")
+            block = Block(self.config, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
             x, layer_cache = block(x, cos, sin, positions, layer_cache)
             if cache is not None:
                 new_k.append(layer_cache[0])
@@ -339,7 +340,8 @@ def _true_vocab(config: LlamaConfig, logits: jax.Array) -> jax.Array:
 def stage_fn(config: LlamaConfig, dtype, mesh, quant: QuantScheme | None = None):
     """`(weights, x, positions, cache) -> (x, cache)`: one pipeline stage's blocks, given that stage's
     weights `{"layer_j": ...}` and cache, as `llmjax.sharding.pipeline` calls them."""
-    stage = Blocks(config, dtype, tuple(range(pipeline.layers_per_stage(config, pipeline.stages(mesh)))), quant)
+    stage = Blocks(config, dtype, tuple(range(pipeline.layers_per_stage(config, pipeline.stages(mesh)))), quant,
+                   mesh)
 
     def apply(weights, x, positions, cache):
         return stage.apply({"params": weights}, x, positions, cache)

@@ -72,17 +72,12 @@ def cast_floats(tree, dtype):
 
 
 def check_mesh(config: LlamaConfig, scheme: QuantScheme | None, mesh) -> None:
-    """Refuses a mesh quantized weights cannot run on: pipeline stages combined with tensor
-    parallelism (a stage's products run inside the pipeline's `shard_map`, whole on each device), or
-    a tensor degree that would cut an int4 group (o and down split their input, query heads and MLP
-    width, over `tensor`, and each device must hold whole groups)."""
+    """Refuses a mesh quantized weights cannot run on: a tensor degree that would cut an int4 group
+    (o and down split their input, query heads and MLP width, over `tensor`, and each device must
+    hold whole groups)."""
     if scheme is None:
         return
     tensor = mesh.shape["tensor"]
-    if mesh.shape.get("stage", 1) > 1 and tensor > 1:
-        raise ValueError(f"quantized weights ({scheme.name}) run under pipeline stages only with tensor=1 "
-                         f"(got stage={mesh.shape['stage']}, tensor={tensor}); use stages with data "
-                         "parallelism, tensor parallelism without stages, or bfloat16 weights for both")
     if scheme.bits != 4 or tensor == 1:
         return
     for name, width in (("o", config.num_heads * config.head_dim), ("down", config.intermediate_size)):
