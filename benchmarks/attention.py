@@ -54,10 +54,10 @@ HBM = 4.14e12  # bytes/s, the H200's read-only ceiling measured through torch (G
 PAGE = 16
 MIN_READ = 128 << 20  # bytes one timed call reads at least (L2 is 60 MB)
 
-FLASH_CONFIGS = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),  # the default
+FLASH_CONFIGS = [dict(block_q=128, block_k=128, num_warps=8, num_stages=3),  # the default (bf16)
+                 dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
                  dict(block_q=128, block_k=64, num_warps=8, num_stages=2),
                  dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
-                 dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
                  dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
                  dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
 DECODE_CONFIGS = [dict(block_k=64, splits=None, num_warps=4, num_stages=3),  # the default

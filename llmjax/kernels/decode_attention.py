@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llmjax.kernels.flash_attention import LOG2E, MASKED, dispatch_attention, masked_softmax, supported
+from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, masked_softmax,
+                                           online_softmax_block, supported)
 
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
@@ -71,23 +72,11 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
     scale = LOG2E / math.sqrt(d)
 
     def step(j, carry, masked):
-        acc, top, total = carry
         first = start + j * block_k
         exists = first + jnp.arange(block_k) < stop
         index = block_index(b, kv, first, exists)
-        if masked:
-            k = plgpu.load(k_ref.at[index], mask=exists[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[index], mask=exists[:, None], other=0.0)
-        else:
-            k, v = plgpu.load(k_ref.at[index]), plgpu.load(v_ref.at[index])
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_h, block_k] f32, unscaled
-        if masked:
-            s = jnp.where(exists[None, :], s, MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
-        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
-        rescale = jnp.exp2(top - new_top)
-        acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
-        return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+        return online_softmax_block(q, k_ref.at[index], v_ref.at[index], carry, scale, exact,
+                                    exists if masked else None, exists[None, :] if masked else None)
 
     keys = jnp.maximum(stop - start, 0)
     full = jax.lax.div(keys, block_k)

@@ -61,12 +61,12 @@ def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_t
     return run(*args)
 
 
-def free_axes(mesh, *, single: bool = False) -> frozenset:
-    """The axes of `mesh` of more than one device (`single`: of any size) that the code being traced
-    has not split already: all of them, except inside an enclosing `shard_map` (a pipeline stage runs
-    inside one over `stage` and `data`, `tensor` left to GSPMD), whose axes are manual there."""
+def free_axes(mesh) -> frozenset:
+    """The axes of `mesh` of more than one device that the code being traced has not split already:
+    all of them, except inside an enclosing `shard_map` (a pipeline stage runs inside one over
+    `stage` and `data`, `tensor` left to GSPMD), whose axes are manual there."""
     manual = _manual_context()[1]
-    return frozenset(a for a in mesh.axis_names if a not in manual and (single or mesh.shape[a] > 1))
+    return frozenset(a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1)
 
 
 def _manual_context():
@@ -85,5 +85,6 @@ def per_device(fn: Callable, mesh, in_specs, out_specs) -> Callable:
     name only such axes. check_vma=False: a Pallas call's output carries no record of which mesh axes
     it varies over."""
     # Inside an enclosing shard_map the nested one must name the enclosing (abstract) mesh.
-    return jax.shard_map(fn, mesh=_manual_context()[0] or mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names=set(free_axes(mesh, single=True)), check_vma=False)
+    context, manual = _manual_context()
+    return jax.shard_map(fn, mesh=context or mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names={a for a in mesh.axis_names if a not in manual}, check_vma=False)

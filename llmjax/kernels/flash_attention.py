@@ -72,6 +72,27 @@ def supported(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visible=None):
+    """One block of keys into an online softmax (every kernel's inner step): the block's K and V
+    (rows where `exists` is False read as zeros; None: all exist, no predicates), scores `q @ k.T`
+    with those where `visible` is False masked (None: all visible), and the carry `(acc, top, total)`
+    (the unnormalized output, the running max of the base-2 scores, their running sum) updated."""
+    acc, top, total = carry
+    if exists is None:
+        k, v = plgpu.load(k_ref), plgpu.load(v_ref)
+    else:
+        k = plgpu.load(k_ref, mask=exists[:, None], other=0.0)
+        v = plgpu.load(v_ref, mask=exists[:, None], other=0.0)
+    s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [rows, block] f32, unscaled
+    if visible is not None:
+        s = jnp.where(visible, s, MASKED)
+    new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
+    p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
+    rescale = jnp.exp2(top - new_top)
+    acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
+    return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+
+
 def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, block_q, block_k, exact):
     # offsets_ref, lengths_ref [B]; q_ref, o_ref [B, T, H, D]; k_ref, v_ref [B, S, KV, D]
     h, b = pl.program_id(0), pl.program_id(2)
@@ -87,23 +108,12 @@ def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, blo
     scale = LOG2E / math.sqrt(d)  # scores in base 2: exp2 is the cheaper instruction
 
     def step(j, carry, masked):
-        acc, top, total = carry
         cols = j * block_k + jnp.arange(block_k)
         ref_slice = (b, pl.ds(j * block_k, block_k), kv, slice(None))
-        if masked:
-            exists = cols < kv_len
-            k = plgpu.load(k_ref.at[ref_slice], mask=exists[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[ref_slice], mask=exists[:, None], other=0.0)
-        else:
-            k, v = plgpu.load(k_ref.at[ref_slice]), plgpu.load(v_ref.at[ref_slice])
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [block_q, block_k] f32, unscaled
-        if masked:
-            s = jnp.where((cols[None, :] <= q_pos[:, None]) & exists[None, :], s, MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
-        p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
-        rescale = jnp.exp2(top - new_top)
-        acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
-        return acc, new_top, total * rescale + jnp.sum(p, axis=1)
+        exists = cols < kv_len if masked else None
+        visible = (cols[None, :] <= q_pos[:, None]) & exists[None, :] if masked else None
+        return online_softmax_block(q, k_ref.at[ref_slice], v_ref.at[ref_slice], carry, scale, exact,
+                                    exists, visible)
 
     # Keys [0, full) are visible to every query of the block; [full, end) only to some.
     last_pos = offset + jnp.minimum(t0 + block_q, seq_q) - 1

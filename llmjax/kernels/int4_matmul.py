@@ -156,6 +156,22 @@ def _load(ref, mask):
     return plgpu.load(ref, mask=mask, other=None if mask is None else 0)
 
 
+def _weight_block(v_ref, s_ref, z_ref, n_slice, n_edge, g_slice, g_edge):
+    """One loop step's weights, as both kernels read them: the words of outputs `n_slice` in groups
+    `g_slice` (with `v_ref`'s trailing axes), their scales and zero points (float32 `[BN, BG]`; None
+    without `z_ref`), zero past N (`n_edge`) and past the last group (`g_edge`); no predicates where
+    both edges are None."""
+    mask2 = _mask((n_slice.size, g_slice.size), None if n_edge is None else n_edge[:, None],
+                  None if g_edge is None else g_edge[None, :])
+    trailing = v_ref.shape[2:]
+    block = (n_slice, g_slice) + (slice(None),) * len(trailing)
+    words = _load(v_ref.at[block], None if mask2 is None else _mask(
+        (n_slice.size, g_slice.size, *trailing), mask2.reshape(mask2.shape + (1,) * len(trailing))))
+    scale = _load(s_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)
+    zero = None if z_ref is None else _load(z_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)
+    return words, scale, zero
+
+
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
                 asymmetric):
     # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
@@ -170,13 +186,8 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
 
     def body(step, accs):
         g0 = g_first + step * block_groups
-        g_slice = pl.ds(g0, block_groups)
-        g_edge = _edge(g0, block_groups, groups, mask_g)
-        mask2 = _mask((block_n, block_groups), None if n_edge is None else n_edge[:, None],
-                      None if g_edge is None else g_edge[None, :])
-        words = _load(v_ref.at[n_slice, g_slice, :],
-                      None if mask2 is None else _mask((block_n, block_groups, w), mask2[:, :, None]))
-        scale = _load(s_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)  # [BN, BG]
+        g_slice, g_edge = pl.ds(g0, block_groups), _edge(g0, block_groups, groups, mask_g)
+        words, scale, zero = _weight_block(v_ref, s_ref, z_ref, n_slice, n_edge, g_slice, g_edge)
         low, high = _split_words(words)
         x_edge = None if g_edge is None else _mask((block_groups, w), g_edge[:, None])
         sums = [None] * rows
@@ -189,7 +200,6 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
                 term = f * (xj.astype(jnp.float32) * _NIBBLE_SCALE[j])[None]
                 sums[r] = term if sums[r] is None else sums[r] + term
         if asymmetric:
-            zero = _load(z_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)
             for r in range(rows):
                 xs = _load(xs_ref.at[jnp.int32(r), g_slice, :], x_edge)
                 sums[r] = sums[r] - zero[:, :, None] * xs[None]
@@ -224,14 +234,9 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
 
     def body(step, acc):
         g0 = g_first + step * block_groups
-        g_slice = pl.ds(g0, block_groups)
         g_edge = _edge(g0, block_groups, groups, mask_g)
-        mask2 = _mask((block_n, block_groups), None if n_edge is None else n_edge[:, None],
-                      None if g_edge is None else g_edge[None, :])
-        words = _load(v_ref.at[n_slice, g_slice, :, :],
-                      None if mask2 is None else _mask((block_n, block_groups, 1, w), mask2[:, :, None, None]))
-        scale = _load(s_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)  # [BN, BG]
-        zero = _load(z_ref.at[n_slice, g_slice], mask2).astype(jnp.float32)[:, :, None, None] if asymmetric else 8.0
+        words, scale, zero = _weight_block(v_ref, s_ref, z_ref, n_slice, n_edge, pl.ds(g0, block_groups), g_edge)
+        zero = zero[:, :, None, None] if asymmetric else 8.0
         # Each word repeated for its eight nibbles: [BN, BG, 8, W] holds the step's inputs in order.
         low, high = _split_words(jnp.broadcast_to(words, (block_n, block_groups, NIBBLES, w)))
         raw = jax.lax.bitcast_convert_type(jnp.where(j < _IN_PLACE, low, high) & masks, jnp.float32)
