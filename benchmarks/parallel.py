@@ -116,15 +116,17 @@ def run_layout(name: str, bandwidth: float, reference: list[int] | None, smoke: 
     t = time.perf_counter()
     with jax.default_matmul_precision("highest" if check_dtype == "float32" else None):
         check = bench.random_params(config, check_dtype, 0, mesh)
+        jax.block_until_ready(check.weights)
+        row["init_s"] = time.perf_counter() - t
         tokens = greedy_tokens(check, CHECK_TOKENS, gen_len=256)
-    row["check_s"] = time.perf_counter() - t
+    row["check_s"] = time.perf_counter() - t - row["init_s"]
     row["tokens"] = tokens
     if reference is not None:
         same = [a == b for a, b in zip(tokens, reference)]
         row["tokens_agree"] = sum(same)
         row["first_difference"] = same.index(False) if not all(same) else None
-    print(f"[{name}] {check_dtype} weights, compile + {CHECK_TOKENS} tokens {row['check_s']:.0f} s, "
-          f"tokens agree with tp1: {row.get('tokens_agree', '-')}/{CHECK_TOKENS}", flush=True)
+    print(f"[{name}] {check_dtype} weights made in {row['init_s']:.0f} s, compile + {CHECK_TOKENS} tokens {row['check_s']:.0f} s, "
+          f"tokens agree with tp1: {row.get('tokens_agree', '-')}/{CHECK_TOKENS}: {tokens}", flush=True)
     if check_only:
         row["check_only"] = True
         return row
@@ -242,16 +244,19 @@ def main():
         row["elapsed_s"] = time.perf_counter() - start
         rows.append(row)
         gc.collect()  # the layout's weights go before the next one's are made
+        write(args.out, rows, allreduce, bandwidth, start)  # a run cut short keeps what it measured
 
-    text = table(rows, allreduce)
-    print("\n" + text)
-    with open(os.path.join(args.out, "parallel.txt"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "parallel.json"), "w", encoding="utf-8") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "gpus": gpus, "jax": jax.__version__,
+    print("\n" + table(rows, allreduce))
+    print(f"total {time.perf_counter() - start:.0f} s; wrote {args.out}/parallel.json and parallel.txt")
+
+
+def write(out: str, rows: list[dict], allreduce: list[dict], bandwidth: float, start: float) -> None:
+    with open(os.path.join(out, "parallel.txt"), "w", encoding="utf-8") as f:
+        f.write(table(rows, allreduce) + "\n")
+    with open(os.path.join(out, "parallel.json"), "w", encoding="utf-8") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "gpus": len(jax.devices()), "jax": jax.__version__,
                    "bandwidth_tb_s": bandwidth / 1e12, "allreduce": allreduce, "layouts": rows,
                    "total_s": time.perf_counter() - start}, f, indent=2)
-    print(f"total {time.perf_counter() - start:.0f} s; wrote {args.out}/parallel.json and parallel.txt")
 
 
 if __name__ == "__main__":

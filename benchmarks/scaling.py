@@ -53,21 +53,28 @@ def run_config(model, dtype, degrees, args, bandwidth) -> list[dict]:
     gpus = degrees.get("tensor", 1) * degrees.get("stage", 1)
     mesh = make_mesh(**degrees, devices=jax.devices()[:gpus])
     config = bench._model_config(model, dtype)
+    t = time.perf_counter()
     params = bench.random_params(config, dtype, seed=0, mesh=mesh)
+    jax.block_until_ready(params.weights)
+    init_s = time.perf_counter() - t
+    print(f"[{model} {dtype} {label(degrees)}] random weights made in {init_s:.0f} s", flush=True)
     rows = []
     runs = (("latency", dict(batch=1, prompt_len=8, gen_len=args.gen_len)),
             ("throughput", dict(batch=args.batch, prompt_len=args.io, gen_len=args.io)))
     for kind, shape in (run for run in runs if run[0] in args.kinds.split(",")):
+        t = time.perf_counter()
         r = bench.bench(model, dtype=dtype, repeats=args.repeats, mesh=mesh, params=params,
                         bandwidth=bandwidth, **shape)
-        print(r.report(), end="\n\n", flush=True)
+        print(r.report(), f"(compile and runs: {time.perf_counter() - t:.0f} s)", sep="\n", end="\n\n",
+              flush=True)
         rows.append(dict(model=model, dtype=dtype, mesh=degrees, gpus=gpus, kind=kind, batch=r.batch,
                          prompt_len=r.prompt_len, gen_len=r.gen_len, tok_s=r.decode_tok_s,
                          throughput_tok_s=r.throughput_tok_s, per_gpu_tok_s=r.throughput_tok_s / gpus,
                          ms_per_step=r.decode_ms_per_step, end_to_end_tok_s=r.end_to_end_tok_s,
                          bound_tok_s=r.bound_tok_s, fraction_of_bound=r.fraction_of_bound,
                          prefill_ms=r.prefill_ms, peak_memory_gib=r.peak_memory_gib,
-                         xla_flags=os.environ.get("XLA_FLAGS", "")))
+                         xla_flags=os.environ.get("XLA_FLAGS", ""), init_s=init_s,
+                         seconds=time.perf_counter() - t))
     return rows
 
 
