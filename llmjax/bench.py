@@ -102,7 +102,8 @@ def _count(n: int) -> str:
 
 def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
     """Bytes per second that XLA reads from device memory: the best of three read kernels over `gib`
-    GiB (default 4 on accelerators, 0.25 on CPU), median of `repeats` timed calls each: a sum over
+    GiB (default 4 on accelerators, 0.25 on CPU), median of `repeats` timed calls each after as many
+    untimed ones (one run read 3.16 TB/s without them, the next 3.80): a sum over
     float32, a row sum over bfloat16, and one row times 8192x28672 bfloat16 matrices (the GEMV a
     decode step is made of; on the H200 it reads fastest)."""
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -121,7 +122,9 @@ def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
         args = make()
         nbytes = sum(a.nbytes for a in jax.tree.leaves(args))
         f = jax.jit(fn)
-        f(*args).block_until_ready()
+        for _ in range(repeats):  # untimed: a GPU fresh from idle reads slower until its clocks rise
+            out = f(*args)
+        out.block_until_ready()
         best = max(best, nbytes / _median_time(lambda: f(*args), repeats))
         args = None  # frees this kernel's input before the next allocates its own
     return best

@@ -236,20 +236,15 @@ def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings, quant=None) 
     """Random weights in the pipeline's layout, equal to `init_params`'s: each stage makes its own
     layers on its own devices, so no device ever holds more than its share."""
     outer = {name: s for name, s in shardings.items() if name != "stages"}
-    # A one-layer model's embedding and head equal the whole model's (a weight's random key follows
-    # its name); its layer is left out of the result, so XLA never computes it.
-    one_layer = dataclasses.replace(config, num_layers=1)
-    weights = jax.jit(lambda key: {name: w for name, w in llama.init_params(one_layer, key, dtype, quant=quant).items()
-                                   if name in outer}, out_shardings=outer)(key)
+    weights = llama.init_outer(config, key, dtype, outer, quant)
     per_stage = len(shardings["stages"])
+    init = llama.layer_init(config, dtype, quant)
     layers = {}
     for stage in range(pipeline.stages(mesh)):
-        indices = tuple(range(stage * per_stage, (stage + 1) * per_stage))
-        targets = {f"layer_{i}": pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{i % per_stage}"])
-                   for i in indices}
-
-        def init(key, indices=indices):
-            return jax.tree.map(lambda w: w[None], llama.init_layers(config, key, indices, dtype, quant=quant))
-        layers.update(pipeline.run_on_stage(init, targets, key))
+        # every layer of a stage lands alike ([1, ...] on the stage's devices): one compiled program
+        make = pipeline.run_on_stage(lambda key: jax.tree.map(lambda w: w[None], init(key)),
+                                     pipeline.on_stage(mesh, stage, shardings["stages"]["layer_0"]))
+        for i in range(stage * per_stage, (stage + 1) * per_stage):
+            layers[f"layer_{i}"] = make(llama.layer_key(key, i))
     weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
     return weights

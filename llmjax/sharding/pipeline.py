@@ -86,16 +86,18 @@ def on_stage(mesh: jax.sharding.Mesh, stage: int, shardings):
     return jax.tree.map(lambda s: NamedSharding(sub, s.spec), shardings)
 
 
-def run_on_stage(fn: Callable, shardings, *args):
-    """`jax.jit(fn, out_shardings=shardings)(*args)` with `shardings` from `on_stage`. A process with
-    none of the stage's devices gets arrays with no local shards, as it would for any array that
-    lives on other hosts' devices."""
+def run_on_stage(fn: Callable, shardings) -> Callable:
+    """`jax.jit(fn, out_shardings=shardings)` with `shardings` from `on_stage`, compiled once however
+    often it is called. A process with none of the stage's devices gets arrays with no local shards,
+    as it would for any array that lives on other hosts' devices."""
     devices = jax.tree.leaves(shardings)[0].mesh.devices.flat
     if any(d.process_index == jax.process_index() for d in devices):
-        return jax.jit(fn, out_shardings=shardings)(*args)
-    shapes = jax.eval_shape(fn, *args)
-    return jax.tree.map(lambda a, s: jax.make_array_from_single_device_arrays(a.shape, s, [], dtype=a.dtype),
-                        shapes, shardings)
+        return jax.jit(fn, out_shardings=shardings)
+
+    def elsewhere(*args):
+        return jax.tree.map(lambda a, s: jax.make_array_from_single_device_arrays(a.shape, s, [], dtype=a.dtype),
+                            jax.eval_shape(fn, *args), shardings)
+    return elsewhere
 
 
 def stack_stages(layers: dict, shardings: dict) -> dict:
