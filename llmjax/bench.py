@@ -100,29 +100,42 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def measure_bandwidth(gib: float | None = None, repeats: int = 10) -> float:
+def measure_bandwidth(gib: float | None = None, repeats: int = 10, passes: int | None = None) -> float:
     """Bytes per second that XLA reads from device memory: the best of three read kernels over `gib`
-    GiB (default 4 on accelerators, 0.25 on CPU), median of `repeats` timed calls each after as many
-    untimed ones (one run read 3.16 TB/s without them, the next 3.80): a sum over
-    float32, a row sum over bfloat16, and one row times 8192x28672 bfloat16 matrices (the GEMV a
-    decode step is made of; on the H200 it reads fastest)."""
+    GiB (default 4 on accelerators, 0.25 on CPU), each reading its data `passes` times (default 4 on
+    accelerators, 1 on CPU) inside one call
+    (a loop whose every pass depends on the last, so XLA cannot hoist the read), so that a call's
+    launch and synchronization cost ~1% (timing a single pass per call read 3.16-3.80 TB/s on H200s
+    whose decode steps then read at up to 4.07). The kernels: a sum over float32, a row sum over
+    bfloat16, and one row times 8192x28672 bfloat16 matrices (the GEMV a decode step is made of; on
+    the H200 it reads fastest). Median of `repeats` timed calls each, after as many untimed ones (a
+    GPU fresh from idle reads slower until its clocks rise)."""
     on_cpu = jax.devices()[0].platform == "cpu"
     if gib is None:
         gib = 0.25 if on_cpu else 4.0
+    if passes is None:
+        passes = 1 if on_cpu else 4
     n = int(gib * 2**30)
     k, m = (8192, 28672) if not on_cpu else (1024, 4096)
     count = max(1, n // (k * m * 2))
-    kernels = [(lambda: (jnp.ones((n // 4,), jnp.float32),), lambda a: jnp.sum(a)),
+
+    def looped(read):  # `passes` reads of the same data, each scaled by a carry XLA cannot fold away
+        def f(*args):
+            return jax.lax.fori_loop(0, passes, lambda _, c: c + read(1 + c * 1e-30, *args), jnp.float32(0))
+        return f
+
+    kernels = [(lambda: (jnp.ones((n // 4,), jnp.float32),), lambda c, a: jnp.sum(a * c)),
                (lambda: (jnp.ones((n // 2 // 8192, 8192), jnp.bfloat16),),
-                lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)),
+                lambda c, a: jnp.sum(jnp.sum(a, axis=1, dtype=jnp.float32) * c)),
                (lambda: (jnp.ones((k,), jnp.bfloat16), [jnp.ones((m, k), jnp.bfloat16) for _ in range(count)]),
-                lambda x, ws: sum(jnp.einsum("k,mk->m", x, w, preferred_element_type=jnp.float32) for w in ws))]
+                lambda c, x, ws: sum(jnp.sum(jnp.einsum("k,mk->m", (x * c).astype(x.dtype), w,
+                                                        preferred_element_type=jnp.float32)) for w in ws))]
     best = 0.0
-    for make, fn in kernels:
+    for make, read in kernels:
         args = make()
-        nbytes = sum(a.nbytes for a in jax.tree.leaves(args))
-        f = jax.jit(fn)
-        for _ in range(repeats):  # untimed: a GPU fresh from idle reads slower until its clocks rise
+        nbytes = sum(a.nbytes for a in jax.tree.leaves(args)) * passes
+        f = jax.jit(looped(read))
+        for _ in range(repeats):
             out = f(*args)
         out.block_until_ready()
         best = max(best, nbytes / _median_time(lambda: f(*args), repeats))
