@@ -102,19 +102,19 @@ def _count(n: int) -> str:
 
 def measure_bandwidth(gib: float | None = None, repeats: int = 10, passes: int | None = None) -> float:
     """Bytes per second that XLA reads from device memory: the best of three read kernels over `gib`
-    GiB (default 4 on accelerators, 0.25 on CPU), each reading its data `passes` times (default 4 on
-    accelerators, 1 on CPU) inside one call
-    (a loop whose every pass depends on the last, so XLA cannot hoist the read), so that a call's
-    launch and synchronization cost ~1% (timing a single pass per call read 3.16-3.80 TB/s on H200s
-    whose decode steps then read at up to 4.07). The kernels: a sum over float32, a row sum over
-    bfloat16, and one row times 8192x28672 bfloat16 matrices (the GEMV a decode step is made of; on
-    the H200 it reads fastest). Median of `repeats` timed calls each, after as many untimed ones (a
-    GPU fresh from idle reads slower until its clocks rise)."""
+    GiB (default 4 on accelerators, 0.25 on CPU), each reading its data `passes` times (default 8 on
+    accelerators, 1 on CPU) inside one call, in a loop whose every pass depends on the last (so XLA
+    cannot hoist the read). Launch, loop and synchronization costs then fade: on 4 H200s one pass
+    per call read 3.44-3.88 TB/s, 4 passes 4.05 and 8 passes 4.28, while decode steps read at up to
+    4.07. The kernels: a sum over float32, a row sum over bfloat16, and one row times 8192x28672
+    bfloat16 matrices (the GEMV a decode step is made of; on the H200 it reads fastest). Median of
+    `repeats` timed calls each, after as many untimed ones (a GPU fresh from idle reads slower until
+    its clocks rise)."""
     on_cpu = jax.devices()[0].platform == "cpu"
     if gib is None:
         gib = 0.25 if on_cpu else 4.0
     if passes is None:
-        passes = 1 if on_cpu else 4
+        passes = 1 if on_cpu else 8
     n = int(gib * 2**30)
     k, m = (8192, 28672) if not on_cpu else (1024, 4096)
     count = max(1, n // (k * m * 2))
