@@ -4,7 +4,8 @@
         [--models llama2-70b,codellama-34b] [--dtypes bfloat16,int4-g128] \
         [--meshes tensor=1,tensor=2,tensor=4,tensor=8,stage=2,stage=4,tensor=2+stage=2] \
         [--budget-s 540]
-    PYTHONPATH=. python benchmarks/scaling.py --out DIR --plot-only   # redraw from DIR/scaling.json
+    PYTHONPATH=. python benchmarks/scaling.py --out DIR --plot-only [--bandwidth-tb-s 4.28]
+        # the table and plot again from DIR/scaling.json (rows of several runs: one bound for all)
 
 For every (model, dtype, mesh) that the machine's GPUs and memory allow, the random weights are made
 once, in place on the mesh's devices (the first `tensor * stage` GPUs), and two `llmjax bench` runs
@@ -73,6 +74,7 @@ def run_config(model, dtype, degrees, args, bandwidth) -> list[dict]:
                          ms_per_step=r.decode_ms_per_step, end_to_end_tok_s=r.end_to_end_tok_s,
                          bound_tok_s=r.bound_tok_s, fraction_of_bound=r.fraction_of_bound,
                          prefill_ms=r.prefill_ms, peak_memory_gib=r.peak_memory_gib,
+                         bandwidth_tb_s=bandwidth / 1e12, gb_per_step=bandwidth / r.bound_tok_s / 1e9,
                          xla_flags=os.environ.get("XLA_FLAGS", ""), init_s=init_s,
                          seconds=time.perf_counter() - t))
     return rows
@@ -82,7 +84,15 @@ def label(degrees: dict) -> str:
     return " x ".join(f"{k}={v}" for k, v in degrees.items())
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], bandwidth: float | None = None) -> str:
+    """The markdown table. "of bound" is each row's own (its run's measured bandwidth), or, with
+    `bandwidth` (bytes/s), against that one figure for every row, so that rows from different runs
+    compare."""
+    def of_bound(r):
+        if bandwidth is None:
+            return r["fraction_of_bound"]
+        return r["tok_s"] * r["gb_per_step"] * 1e9 / bandwidth
+
     lines = ["| model | dtype | mesh | GPUs | batch-1 tok/s | of bound | ms/token | "
              "throughput tok/s (batch) | per GPU |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     keyed = {}
@@ -94,7 +104,7 @@ def table(rows: list[dict]) -> str:
         if lat is None and err is not None:
             lines.append(f"| {model} | {dtype} | {mesh} | {gpus} | failed: {err['error'][:80]} | | | | |")
             continue
-        cells = [f"{lat['tok_s']:.1f}", f"{lat['fraction_of_bound']:.1%}", f"{lat['ms_per_step']:.2f}"] if lat \
+        cells = [f"{lat['tok_s']:.1f}", f"{of_bound(lat):.1%}", f"{lat['ms_per_step']:.2f}"] if lat \
             else ["–"] * 3
         cells += [f"{thr['throughput_tok_s']:,.0f} (b{thr['batch']})", f"{thr['per_gpu_tok_s']:,.0f}"] if thr \
             else ["–"] * 2
@@ -103,28 +113,39 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Batch-1 tok/s against GPUs: a colour per model and dtype, a line style per kind of mesh (the
+    one-GPU point, where there is one, starts every line of its model and dtype)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = {}
+    styles = {"tensor": ("-", "o"), "pipeline": ("--", "s"), "tensor x pipeline": (":", "^")}
+    series, single = {}, {}
     for r in rows:
         if r.get("kind") != "latency":
             continue
-        kind = "tensor" if "stage" not in r["mesh"] else ("pipeline" if "tensor" not in r["mesh"] else "mixed")
-        series.setdefault((r["model"], r["dtype"], kind), []).append((r["gpus"], r["tok_s"]))
-    for (model, dtype, kind), points in sorted(series.items()):
-        points.sort()
-        ax.plot(*zip(*points), marker="o", linestyle="-" if kind == "tensor" else "--",
-                label=f"{model} {dtype} {kind}")
+        if r["gpus"] == 1:
+            single[(r["model"], r["dtype"])] = (1, r["tok_s"])
+            continue
+        kind = "tensor" if "stage" not in r["mesh"] else (
+            "pipeline" if r["mesh"].get("tensor", 1) == 1 else "tensor x pipeline")
+        series.setdefault((r["model"], r["dtype"]), {}).setdefault(kind, []).append((r["gpus"], r["tok_s"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for colour, key in enumerate(sorted(set(series) | set(single))):
+        for kind, points in sorted(series.get(key, {"tensor": []}).items()):
+            points = sorted(points + ([single[key]] if key in single else []))
+            line, marker = styles[kind]
+            ax.plot(*zip(*points), color=f"C{colour}", linestyle=line, marker=marker,
+                    label=f"{key[0]} {key[1]}, {kind}")
     ax.set_xlabel("GPUs (H200)")
     ax.set_ylabel("batch-1 decode tok/s")
     ax.set_xscale("log", base=2)
+    gpus = sorted({r["gpus"] for r in rows})
+    ax.set_xticks(gpus, [str(g) for g in gpus])
     ax.set_title("llmjax decode scaling, random weights, prompt 8, 256 new tokens")
     ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
+    if series or single:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -143,6 +164,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=540, help="start no configuration after this")
     p.add_argument("--out", required=True)
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--bandwidth-tb-s", type=float, help="the table's bound: this bandwidth for every row "
+                   "(rows from several runs), not each run's own measurement")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "scaling.json")
@@ -174,7 +197,7 @@ def main():
                     gc.collect()
                     with open(path, "w") as f:
                         json.dump(rows, f, indent=1)
-    print(table(rows))
+    print(table(rows, args.bandwidth_tb_s and args.bandwidth_tb_s * 1e12))
     plot(rows, os.path.join(args.out, "scaling.png"))
 
 
