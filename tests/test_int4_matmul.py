@@ -15,7 +15,7 @@ from llmjax.kernels import linear
 from llmjax.kernels.int4_matmul import Int4Config, int4_matmul, int4_matmul_reference
 from llmjax.quant import QuantizedWeight, QuantScheme, quantize, quantize_int4
 
-FMA, DOT = "fma", "dot"
+FMA, HFMA2, DOT = "fma", "hfma2", "dot"
 # (m, n, k, group, config or None for the default by m, symmetric, x dtype): M in {1, 3, 16, 77}, N and
 # K mostly not multiples of the blocks, both kernels, one and several groups per step, with and
 # without zero points, some shapes that need no masking at all.
@@ -30,8 +30,13 @@ CASES = [
     (77, 96, 640, 64, None, True, jnp.bfloat16),
     (16, 40, 256, 128, None, True, jnp.float16),  # float16 carries no 16**-pos prescale (its exponents)
     (1, 40, 256, 32, None, False, jnp.float16),
+    # the packed float16 kernel (symmetric only): its products round to float16 whatever x's dtype
+    (1, 100, 384, 128, Int4Config(HFMA2, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
+    (2, 77, 320, 32, Int4Config(HFMA2, block_n=16, block_k=64, splits=3), True, jnp.float32),
+    (1, 64, 512, 64, Int4Config(HFMA2, block_n=64, block_k=128), True, jnp.float16),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
+PACKED_TOLERANCE = 4e-3  # float16 products and half sums
 
 
 def _inputs(m, n, k, group, symmetric, dtype, seed):
@@ -52,7 +57,8 @@ class Int4MatmulCases:
         want = int4_matmul_reference(x, q.values, q.scales, q.zeros, group_size=group)
         assert got.shape == (m, n) and got.dtype == dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype] * np.abs(want).max())
+        tolerance = max(TOLERANCE[dtype], PACKED_TOLERANCE) if config and config.kind == HFMA2 else TOLERANCE[dtype]
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
 
 
 class TestInt4MatmulInterpret(Int4MatmulCases):
@@ -99,6 +105,19 @@ def test_the_projection_lowers_to_a_triton_call(platform, device_kind, rows):
             lowering_platforms=(platform,)).as_text()
     assert "__gpu$xla.gpu.triton" in text
     assert "stablehlo.dot_general" not in text  # no dequantize-then-dot left beside the kernel
+
+
+def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
+    x, q = _inputs(1, 8, 256, 64, False, jnp.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="symmetric weights only"):
+        int4_matmul(x, q.values, q.scales, q.zeros, group_size=64, config=Int4Config(HFMA2), interpret=True)
+    n, k = 512, 1024
+    args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 8), jnp.uint32),
+            jax.ShapeDtypeStruct((n, k // 128), jnp.bfloat16))
+    kernel = jax.jit(lambda x, v, s: int4_matmul(x, v, s, group_size=128, config=Int4Config(HFMA2, block_k=256)))
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
+        text = kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
 
 
 def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():

@@ -17,13 +17,19 @@ goes into the kernel as it comes, so no XLA pass over it runs before the product
 of the compiled H200 code (Triton 3.6) gives ~3.7 instructions per weight for the one-row kernel
 (AND, subtract, multiply-add, and a little per word), where plain shift-mask-convert code needs ~6.
 
-Two kernel bodies, one wrapper (`int4_matmul`), the choice in `Int4Config.kind`:
+Two kernel bodies (one of them in two variants), one wrapper (`int4_matmul`), the choice in
+`Int4Config.kind`:
 
 - `fma`, for a few rows (batch-1 decode): CUDA-core multiply-adds, split-K. A program owns `block_n`
   outputs and one of `splits` slices of K, reads `block_k` inputs per step as `[block_n, groups, W]`
   words (wide loads of whole groups), sums the eight products of each word, scales the sum once (a
   word lies in one group) into a float32 `[block_n, groups, W]` accumulator, and reduces that once,
   after the K loop. Zero points subtract `zero * sum(x run)` per word.
+- `hfma2` (experimental, cuda only, symmetric weights, not a default): the `fma` kernel with packed
+  float16 math written in PTX (`elementwise_inline_asm`): ~17 instructions for a word's eight
+  weights instead of ~30, products and each word's half sums in float16 (x scaled by
+  `PACKED_X_SCALE` first). Interpreted, it runs the same arithmetic in jnp. Not yet timed on a GPU:
+  `benchmarks/int4_matmul.py` times it first among the one-row candidates.
 - `dot`, for more rows (decode batches and prefill): tensor cores. Each word is repeated for its eight
   nibbles, so `[block_n, groups, 8, W]` holds the step's weights in input order; they become x's dtype
   (exact: (code - zero) * 16**pos has four significant bits) and meet x in one product per step. When
@@ -56,10 +62,13 @@ _HIGH_SHIFT = 12
 _NIBBLE_SCALE = tuple(16.0 ** -(j if j < _IN_PLACE else j - _HIGH_SHIFT // 4) for j in range(NIBBLES))
 
 
+KINDS = ("fma", "hfma2", "dot")
+
+
 @dataclasses.dataclass(frozen=True)
 class Int4Config:
-    """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows) or `dot` (tensor
-    cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
+    """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows), `hfma2` (the same
+    with packed float16 math; cuda only, symmetric weights; experimental) or `dot` (tensor cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
     and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program;
     None (the default) picks enough slices for about `TARGET_PROGRAMS` programs, at least `MIN_STEPS`
     steps each, so that a matrix with few outputs (o, down) still keeps every SM reading."""
@@ -73,8 +82,8 @@ class Int4Config:
     num_stages: int = 3
 
     def check(self, group_size: int) -> None:
-        if self.kind not in ("fma", "dot"):
-            raise ValueError(f"Int4Config.kind must be 'fma' or 'dot', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Int4Config.kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages"):
             v = getattr(self, name)
             if name == "splits" and v is None:
@@ -172,8 +181,78 @@ def _weight_block(v_ref, s_ref, z_ref, n_slice, n_edge, g_slice, g_edge):
     return words, scale, zero
 
 
+# ---------------------------------------------------------------- packed float16 (kind "hfma2")
+# A word's eight codes become four float16 pairs with one LOP3 each (the codes under the exponent of
+# 1024: nibbles 0/4 and 2/6 read as 1024 + code, 1/5 and 3/7 as 1024 + 16 * code, the second pair
+# after one shift of the word by 8), one packed subtract or multiply-add each turns a pair into
+# code - 8 (exact), and four packed multiply-adds against x's pairs (x_j, x_j+4) sum the word's eight
+# products in float16, low and high halves apart, added in float32 at the end: ~17 instructions a
+# word, where the float32 body issues ~30. x enters as float16 times PACKED_X_SCALE (a power of two:
+# a half's sum stays below float16's 65504 for |x| up to ~32k, and inputs below ~1e-3 lose bits to
+# float16's subnormals); the scale's inverse is folded into each group's scale.
+PACKED_X_SCALE = 2.0 ** -4
+_PACKED_WORD_ASM = """{
+.reg .b32 k0, k1, kg, t0, t1, t2, t3, sh, a, c0, c1, c2;
+.reg .b16 l16, h16;
+.reg .f32 f0, f1;
+mov.b32 k0, 0x000f000f;
+mov.b32 k1, 0x00f000f0;
+mov.b32 kg, 0x64006400;
+mov.b32 c0, 0x64086408;
+mov.b32 c1, 0x2c002c00;
+mov.b32 c2, 0xd480d480;
+shr.u32 sh, $1, 8;
+lop3.b32 t0, $1, k0, kg, 0xea;
+lop3.b32 t1, $1, k1, kg, 0xea;
+lop3.b32 t2, sh, k0, kg, 0xea;
+lop3.b32 t3, sh, k1, kg, 0xea;
+sub.rn.f16x2 t0, t0, c0;
+fma.rn.f16x2 t1, t1, c1, c2;
+sub.rn.f16x2 t2, t2, c0;
+fma.rn.f16x2 t3, t3, c1, c2;
+mul.rn.f16x2 a, t0, $2;
+fma.rn.f16x2 a, t1, $3, a;
+fma.rn.f16x2 a, t2, $4, a;
+fma.rn.f16x2 a, t3, $5, a;
+mov.b32 {l16, h16}, a;
+cvt.f32.f16 f0, l16;
+cvt.f32.f16 f1, h16;
+add.f32 $0, f0, f1;
+}"""
+# 0x64006400: 1024 in both halves; 0x64086408: 1032; 0x2c002c00: 1/16; 0xd480d480: -72, so that
+# (1024 + 16 * code) / 16 - 72 = code - 8.
+
+
+def _f16_pair(low, high, emulate: bool):
+    """Two float16 arrays as one uint32 array, `low` in the low half of each word."""
+    if emulate:
+        return jax.lax.bitcast_convert_type(jnp.stack([low, high], axis=-1), jnp.uint32)
+    return plgpu.elementwise_inline_asm("mov.b32 $0, {$1, $2};", args=[low, high], constraints="=r,h,h",
+                                        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.uint32)])[0]
+
+
+def _packed_word_sums(words, x_pairs, emulate: bool):
+    """Per word, sum over its eight codes of (code - 8) * x (float32 of two float16 half sums), with
+    `x_pairs` [4] the uint32 pairs (x_j, x_j+4) broadcast to the words' shape. `emulate`: the same
+    arithmetic in jnp (the interpreter cannot run PTX), rounding to float16 where the PTX does."""
+    if not emulate:
+        return plgpu.elementwise_inline_asm(
+            _PACKED_WORD_ASM, args=[words, *x_pairs], constraints="=f,r,r,r,r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)])[0]
+    halves = []
+    for half in range(2):  # nibbles 0..3 against x_0..3 (low halves), 4..7 against x_4..7 (high)
+        acc = None
+        for j in range(4):
+            nib = 4 * half + j
+            code = ((words >> jnp.uint32(4 * nib)) & jnp.uint32(0xF)).astype(jnp.float32) - 8.0
+            x = jax.lax.bitcast_convert_type(x_pairs[j], jnp.float16)[..., half].astype(jnp.float32)
+            acc = (code * x if acc is None else code * x + acc).astype(jnp.float16).astype(jnp.float32)
+        halves.append(acc)
+    return halves[0] + halves[1]
+
+
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
-                asymmetric):
+                asymmetric, packed=False, emulate=False):
     # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
     # s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref [M, groups, W] (x summed over each
     # word's inputs, float32); o_ref [splits, M, N] float32
@@ -188,8 +267,18 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
         g0 = g_first + step * block_groups
         g_slice, g_edge = pl.ds(g0, block_groups), _edge(g0, block_groups, groups, mask_g)
         words, scale, zero = _weight_block(v_ref, s_ref, z_ref, n_slice, n_edge, g_slice, g_edge)
-        low, high = _split_words(words)
         x_edge = None if g_edge is None else _mask((block_groups, w), g_edge[:, None])
+        if packed:  # x's pairs once per step, shared by the block's outputs
+            sums = []
+            for r in range(rows):
+                xs = [(_load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :], x_edge).astype(jnp.float32)
+                       * PACKED_X_SCALE).astype(jnp.float16) for j in range(NIBBLES)]
+                pairs = [jnp.broadcast_to(_f16_pair(xs[j], xs[j + 4], emulate)[None], words.shape)
+                         for j in range(NIBBLES // 2)]
+                sums.append(_packed_word_sums(words, pairs, emulate))
+            scale = scale * (1.0 / PACKED_X_SCALE)
+            return tuple(acc + s * scale[:, :, None] for acc, s in zip(accs, sums))
+        low, high = _split_words(words)
         sums = [None] * rows
         for j in range(NIBBLES):
             raw, pos = _nibble(low, high, j)
@@ -279,9 +368,11 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
     config = config or default_config(m)
     config.check(group_size)
+    if config.kind == "hfma2" and zeros is not None:
+        raise ValueError("the hfma2 int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
     block_groups = config.block_k // group_size
     steps_total = pl.cdiv(groups, block_groups)
-    tiles = pl.cdiv(n, config.block_n) * (1 if config.kind == "fma" else pl.cdiv(m, config.block_m))
+    tiles = pl.cdiv(n, config.block_n) * (1 if config.kind != "dot" else pl.cdiv(m, config.block_m))
     splits = config.splits or pl.cdiv(TARGET_PROGRAMS, tiles)
     splits = max(1, min(splits, steps_total if config.splits else steps_total // MIN_STEPS))
     steps = pl.cdiv(steps_total, splits)
@@ -293,13 +384,13 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     # The kernels multiply x by 16**-pos of each input's nibble as they read it (exact: a power of two;
     # float16 excepted, whose exponent range is too narrow, for the dot kernel), so x goes in as it
     # comes: no pass over it before the kernel.
-    prescaled = config.kind == "fma" or x.dtype != jnp.float16
+    prescaled = config.kind != "dot" or x.dtype != jnp.float16
     operands = (values.reshape(n, groups, w), scales) + ((zeros,) if asymmetric else ())
-    if config.kind == "fma":
+    if config.kind != "dot":
         x4 = x.reshape(m, groups, NIBBLES, w)
         sums = (jnp.sum(x4.astype(jnp.float32), axis=2),) if asymmetric else ()
         operands = (x4,) + operands + sums
-        kernel = functools.partial(_fma_kernel, rows=m, **common)
+        kernel = functools.partial(_fma_kernel, rows=m, packed=config.kind == "hfma2", emulate=interpret, **common)
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
         operands = (x, values.reshape(n, groups, 1, w)) + operands[1:]
