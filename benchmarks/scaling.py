@@ -5,7 +5,9 @@
         [--meshes tensor=1,tensor=2,tensor=4,tensor=8,stage=2,stage=4,tensor=2+stage=2] \
         [--budget-s 540]
     PYTHONPATH=. python benchmarks/scaling.py --out DIR --plot-only [--bandwidth-tb-s 4.28]
-        # the table and plot again from DIR/scaling.json (rows of several runs: one bound for all)
+        # the table and plot again from DIR/scaling.json; a run writes only its own rows there, and
+        # rows of several runs put together in one file (benchmarks/results/scaling.json) are
+        # compared against one bandwidth with --bandwidth-tb-s
 
 For every (model, dtype, mesh) that the machine's GPUs and memory allow, the random weights are made
 once, in place on the mesh's devices (the first `tensor * stage` GPUs), and two `llmjax bench` runs
@@ -74,7 +76,7 @@ def run_config(model, dtype, degrees, args, bandwidth) -> list[dict]:
                          ms_per_step=r.decode_ms_per_step, end_to_end_tok_s=r.end_to_end_tok_s,
                          bound_tok_s=r.bound_tok_s, fraction_of_bound=r.fraction_of_bound,
                          prefill_ms=r.prefill_ms, peak_memory_gib=r.peak_memory_gib,
-                         bandwidth_tb_s=bandwidth / 1e12, gb_per_step=bandwidth / r.bound_tok_s / 1e9,
+                         bandwidth_tb_s=bandwidth / 1e12, gb_per_step=r.bytes_per_step / 1e9,
                          xla_flags=os.environ.get("XLA_FLAGS", ""), init_s=init_s,
                          seconds=time.perf_counter() - t))
     return rows
@@ -114,7 +116,8 @@ def table(rows: list[dict], bandwidth: float | None = None) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
     """Batch-1 tok/s against GPUs: a colour per model and dtype, a line style per kind of mesh (the
-    one-GPU point, where there is one, starts every line of its model and dtype)."""
+    one-GPU point, where there is one, starts the tensor and pipeline lines of its model and dtype;
+    a mixed mesh starts at 4 GPUs, so its points stand alone)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,7 +136,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for colour, key in enumerate(sorted(set(series) | set(single))):
         for kind, points in sorted(series.get(key, {"tensor": []}).items()):
-            points = sorted(points + ([single[key]] if key in single else []))
+            points = sorted(points + ([single[key]] if key in single and kind != "tensor x pipeline" else []))
             line, marker = styles[kind]
             ax.plot(*zip(*points), color=f"C{colour}", linestyle=line, marker=marker,
                     label=f"{key[0]} {key[1]}, {kind}")

@@ -103,10 +103,9 @@ def _count(n: int) -> str:
 def measure_bandwidth(gib: float | None = None, repeats: int = 10, passes: int | None = None) -> float:
     """Bytes per second that XLA reads from device memory: the best of three read kernels over `gib`
     GiB (default 4 on accelerators, 0.25 on CPU), each reading its data `passes` times (default 8 on
-    accelerators, 1 on CPU) inside one call, in a loop whose every pass depends on the last (so XLA
-    cannot hoist the read). Launch, loop and synchronization costs then fade: on 4 H200s one pass
-    per call read 3.44-3.88 TB/s, 4 passes 4.05 and 8 passes 4.28, while decode steps read at up to
-    4.07. The kernels: a sum over float32, a row sum over bfloat16, and one row times 8192x28672
+    accelerators, 1 on CPU) inside one call, in a loop that XLA cannot hoist a read out of
+    (`probe_kernels`). Launch, loop and synchronization costs then fade: on 4 H200s one pass per
+    call read 3.44-3.88 TB/s, 4 passes 4.05 and 8 passes 4.28, while decode steps read at up to 4.07. The kernels: a sum over float32, a row sum over bfloat16, and one row times 8192x28672
     bfloat16 matrices (the GEMV a decode step is made of; on the H200 it reads fastest). Median of
     `repeats` timed calls each, after as many untimed ones (a GPU fresh from idle reads slower until
     its clocks rise)."""
@@ -118,29 +117,35 @@ def measure_bandwidth(gib: float | None = None, repeats: int = 10, passes: int |
     n = int(gib * 2**30)
     k, m = (8192, 28672) if not on_cpu else (1024, 4096)
     count = max(1, n // (k * m * 2))
-
-    def looped(read):  # `passes` reads of the same data, each scaled by a carry XLA cannot fold away
-        def f(*args):
-            return jax.lax.fori_loop(0, passes, lambda _, c: c + read(1 + c * 1e-30, *args), jnp.float32(0))
-        return f
-
-    kernels = [(lambda: (jnp.ones((n // 4,), jnp.float32),), lambda c, a: jnp.sum(a * c)),
-               (lambda: (jnp.ones((n // 2 // 8192, 8192), jnp.bfloat16),),
-                lambda c, a: jnp.sum(jnp.sum(a, axis=1, dtype=jnp.float32) * c)),
-               (lambda: (jnp.ones((k,), jnp.bfloat16), [jnp.ones((m, k), jnp.bfloat16) for _ in range(count)]),
-                lambda c, x, ws: sum(jnp.sum(jnp.einsum("k,mk->m", (x * c).astype(x.dtype), w,
-                                                        preferred_element_type=jnp.float32)) for w in ws))]
     best = 0.0
-    for make, read in kernels:
+    for make, f in probe_kernels(n, k, m, count, passes):
         args = make()
         nbytes = sum(a.nbytes for a in jax.tree.leaves(args)) * passes
-        f = jax.jit(looped(read))
         for _ in range(repeats):
             out = f(*args)
         out.block_until_ready()
         best = max(best, nbytes / _median_time(lambda: f(*args), repeats))
         args = None  # frees this kernel's input before the next allocates its own
     return best
+
+
+def probe_kernels(n: int, k: int, m: int, count: int, passes: int):
+    """`measure_bandwidth`'s kernels: `(make, f)` pairs, `make()` the inputs, `f` a jitted function
+    reading them `passes` times. Each pass goes through an optimization barrier with the loop's
+    carry, so the inputs it reads depend on the pass and XLA cannot hoist any read out of the loop."""
+    def looped(read):
+        def body(_, carry):
+            c, args = jax.lax.optimization_barrier(carry)
+            return c + read(1 + c * 1e-30, *args), args
+
+        return jax.jit(lambda *args: jax.lax.fori_loop(0, passes, body, (jnp.float32(0), args))[0])
+
+    return [(lambda: (jnp.ones((n // 4,), jnp.float32),), looped(lambda c, a: jnp.sum(a * c))),
+            (lambda: (jnp.ones((n // 2 // 8192, 8192), jnp.bfloat16),),
+             looped(lambda c, a: jnp.sum(jnp.sum(a, axis=1, dtype=jnp.float32) * c))),
+            (lambda: (jnp.ones((k,), jnp.bfloat16), [jnp.ones((m, k), jnp.bfloat16) for _ in range(count)]),
+             looped(lambda c, x, ws: sum(jnp.sum(jnp.einsum("k,mk->m", (x * c).astype(x.dtype), w,
+                                                            preferred_element_type=jnp.float32)) for w in ws)))]
 
 
 def _per_device(w, sharding=None) -> int:

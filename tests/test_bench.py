@@ -14,6 +14,23 @@ def result():
     return bench.bench("tiny", batch=2, prompt_len=5, gen_len=20, repeats=1, compare_hf=True)
 
 
+@pytest.mark.parametrize("kernel", [0, 1, 2])  # float32 sum, bfloat16 row sums, GEMVs
+def test_the_bandwidth_probe_reads_its_data_inside_the_loop(kernel):
+    """XLA may hoist a loop-invariant read out of a loop (it did, for the row sums, before the
+    barrier); the probe would then count bytes it never read. The compiled program's entry must hold
+    nothing but the loop and its plumbing."""
+    import re
+
+    make, f = bench.probe_kernels(2**22, 1024, 4096, 2, passes=3)[kernel]
+    text = f.lower(*make()).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    ops = {re.search(r" ([a-z][a-z0-9-]*)\(", line.split("=", 1)[1]).group(1)
+           for line in entry.splitlines()[1:] if "=" in line}
+    assert "while" in ops
+    assert ops <= {"parameter", "constant", "copy", "tuple", "while", "get-tuple-element", "bitcast"}, ops
+
+
 def test_bytes_and_bound_follow_from_the_shapes(result):
     c = LlamaConfig.preset("tiny")
     params = c.vocab_size * c.hidden_size * 2 + c.num_layers * (

@@ -1,5 +1,7 @@
 """Each part of the model against transformers' own: RMSNorm, rotary embeddings, attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +69,21 @@ def test_cache_write_drops_positions_past_the_end():
     out = write(cache, new, jnp.array([[2, 3, 4], [0, 1, 2]]))
     np.testing.assert_array_equal(np.asarray(out)[..., 0, 0], [[0, 0, 1, 2], [4, 5, 6, 0]])
     assert jax.tree.leaves(out)[0].dtype == jnp.float32
+
+
+def test_random_weights_differ_between_layers_and_have_the_declared_spread():
+    """Every layer draws its own values (layer i from `layer_key(key, i)`, one compiled init for all
+    layers), at the declared spread: kernels normal(0.02), norms one."""
+    import llmjax
+
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=3)
+    w = llmjax.init_random(config, dtype="float32", seed=1).weights
+    kernels = [np.asarray(w[f"layer_{i}"]["mlp"]["down"]["kernel"]) for i in range(3)]
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        assert not np.allclose(kernels[a], kernels[b])
+    assert all(abs(k.std() - 0.02) < 0.002 for k in kernels)
+    np.testing.assert_array_equal(np.asarray(w["layer_2"]["attn_norm"]["scale"]), 1.0)
+    again = llmjax.init_random(config, dtype="float32", seed=1).weights
+    np.testing.assert_array_equal(np.asarray(again["layer_2"]["mlp"]["down"]["kernel"]), kernels[2])
+    other = llmjax.init_random(config, dtype="float32", seed=2).weights
+    assert not np.allclose(np.asarray(other["layer_0"]["mlp"]["down"]["kernel"]), kernels[0])

@@ -250,8 +250,8 @@ class Block(nn.Module):
 
 class Blocks(nn.Module):
     """The blocks `layer_{i}` for i in `indices`, applied in order: a pipeline stage's share of the
-    model (`llmjax.sharding.pipeline`), and a way to initialise some layers alone with the values a
-    whole-model init gives them (a parameter's random key follows its name)."""
+    model (`llmjax.sharding.pipeline`), and, as `Blocks(config, dtype, (0,))`, the one-layer module
+    that `init_layers` initialises each layer with."""
 
     config: LlamaConfig
     dtype: Any = jnp.float32
@@ -410,6 +410,7 @@ def init_outer(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, sharding
 
 
 def layer_key(key: jax.Array, index: int) -> jax.Array:
+    """The key layer `index`'s random weights come from, under `init_params`' `key`."""
     return jax.random.fold_in(key, index)
 
 
