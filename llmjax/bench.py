@@ -88,12 +88,18 @@ class BenchResult:
         ]
         if self.peak_memory_gib is not None:
             lines.append(f"peak device memory      {self.peak_memory_gib:9.2f} GiB")
-        if self.hf_tok_s is not None:
-            lines.append(f"transformers ({self.hf_setup}, same run) {self.hf_tok_s:.1f} tok/s per sequence "
-                         f"end to end: llmjax is {self.end_to_end_tok_s / self.hf_tok_s:.2f}x")
-        elif self.hf_error:
-            lines.append(f"transformers: not timed ({self.hf_error})")
+        lines += transformers_line(f"{self.hf_setup}, same run", self.hf_tok_s, self.hf_error,
+                                   "tok/s per sequence end to end", self.end_to_end_tok_s)
         return "\n".join(lines)
+
+
+def transformers_line(setup: str, hf_tok_s: float | None, error: str | None, unit: str,
+                      ours: float) -> list[str]:
+    """The report's line on transformers, timed in the same run: its figure and llmjax's ratio to it,
+    or why it was not timed (none when it was not asked for)."""
+    if hf_tok_s is not None:
+        return [f"transformers ({setup}) {hf_tok_s:.1f} {unit}: llmjax is {ours / hf_tok_s:.2f}x"]
+    return [f"transformers: not timed ({error})"] if error else []
 
 
 def _count(n: int) -> str:

@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from llmjax.bench import _count, _model_config, random_params
+from llmjax.bench import _count, _model_config, random_params, transformers_line
 from llmjax.config import LlamaConfig
 from llmjax.engine import Engine
 
@@ -91,11 +91,8 @@ class ThroughputResult:
                              f"{w.seconds:.2f} s; {w.total_tok_s:.1f} tok/s in+out; {w.calls} calls, "
                              f"{w.mean_rows:.1f} rows per call, {w.preemptions} preemptions)")
         lines += [_serving_line(s) for s in self.serving]
-        if self.hf_tok_s is not None:
-            lines.append(f"transformers ({self.hf_setup}, same run, {self.hf_requests} requests) "
-                         f"{self.hf_tok_s:.1f} output tok/s: llmjax is {self.fixed.output_tok_s / self.hf_tok_s:.2f}x")
-        elif self.hf_error:
-            lines.append(f"transformers: not timed ({self.hf_error})")
+        lines += transformers_line(f"{self.hf_setup}, same run, {self.hf_requests} requests", self.hf_tok_s,
+                                   self.hf_error, "output tok/s", self.fixed.output_tok_s)
         return "\n".join(lines)
 
 

@@ -88,15 +88,19 @@ def on_stage(mesh: jax.sharding.Mesh, stage: int, shardings):
 
 def run_on_stage(fn: Callable, shardings) -> Callable:
     """`jax.jit(fn, out_shardings=shardings)` with `shardings` from `on_stage`, compiled once however
-    often it is called. A process with none of the stage's devices gets arrays with no local shards,
+    often it is called (with arguments of one shape, as each layer's key is). A process with none of the stage's devices gets arrays with no local shards,
     as it would for any array that lives on other hosts' devices."""
     devices = jax.tree.leaves(shardings)[0].mesh.devices.flat
     if any(d.process_index == jax.process_index() for d in devices):
         return jax.jit(fn, out_shardings=shardings)
 
+    shapes = []  # traced once, on the first call: every call's arguments are alike
+
     def elsewhere(*args):
+        if not shapes:
+            shapes.append(jax.eval_shape(fn, *args))
         return jax.tree.map(lambda a, s: jax.make_array_from_single_device_arrays(a.shape, s, [], dtype=a.dtype),
-                            jax.eval_shape(fn, *args), shardings)
+                            shapes[0], shardings)
     return elsewhere
 
 
