@@ -80,6 +80,9 @@ def _perplexity(args) -> None:
 def _bench(args) -> None:
     from llmjax import bench
 
+    if args.int4_kernel:
+        from llmjax.kernels import int4_matmul
+        int4_matmul.set_one_row_kind(args.int4_kernel)
     if args.throughput:
         return _throughput(args)
     options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len or 8,
@@ -214,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=None, help="default 8 (128 with --throughput)")
     b.add_argument("--gen-len", type=int, default=None, help="default 256 (128 with --throughput)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
+    b.add_argument("--int4-kernel", choices=["fma", "hfma2"], default=None, help="the int4 kernel for one "
+                   "and two rows: fma (the default, float32 math) or hfma2 (experimental: packed float16 "
+                   "math, cuda only, symmetric weights)")
     _add_mesh_flags(b)
     b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
                    "(static cache, compiled) on the same shapes")

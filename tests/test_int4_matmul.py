@@ -120,6 +120,26 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
     assert "__gpu$xla.gpu.triton" in text
 
 
+def test_the_one_row_kind_can_be_switched_and_zero_points_keep_the_float32_kernel():
+    from llmjax.kernels import int4_matmul as module
+
+    before = module.DECODE
+    try:
+        module.set_one_row_kind("hfma2")
+        assert module.default_config(1).kind == "hfma2" and module.default_config(2).kind == "hfma2"
+        assert module.default_config(1, asymmetric=True).kind == "fma"
+        assert module.default_config(16).kind == "dot"
+        x, q = _inputs(1, 8, 256, 64, False, jnp.bfloat16, seed=1)  # zero points: runs, on fma
+        np.testing.assert_allclose(
+            np.asarray(int4_matmul(x, q.values, q.scales, q.zeros, group_size=64, interpret=True), np.float32),
+            np.asarray(int4_matmul_reference(x, q.values, q.scales, q.zeros, group_size=64), np.float32),
+            rtol=2e-2, atol=2e-2)
+        with pytest.raises(ValueError, match="'fma' or 'hfma2'"):
+            module.set_one_row_kind("dot")
+    finally:
+        module.DECODE = before
+
+
 def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():
     import functools
     import importlib

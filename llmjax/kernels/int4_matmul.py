@@ -115,10 +115,19 @@ DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=128, splits=8, nu
 PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
-def default_config(m: int) -> Int4Config:
+def set_one_row_kind(kind: str) -> None:
+    """Which kernel serves one and two rows from now on in this process: `fma` (the default) or the
+    experimental `hfma2` (weights with zero points keep `fma`)."""
+    global DECODE
+    if kind not in ("fma", "hfma2"):
+        raise ValueError(f"the one-row int4 kernel is 'fma' or 'hfma2', got {kind!r}")
+    DECODE = dataclasses.replace(DECODE, kind=kind)
+
+
+def default_config(m: int, asymmetric: bool = False) -> Int4Config:
     """The configuration `int4_matmul` uses for `m` rows when none is given."""
     if m <= FMA_MAX_ROWS:
-        return DECODE
+        return dataclasses.replace(DECODE, kind="fma") if asymmetric and DECODE.kind == "hfma2" else DECODE
     return DECODE_DOT if m <= 16 else PREFILL
 
 
@@ -366,7 +375,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         raise ValueError(f"int4_matmul takes x [M, K] = {x.shape}, values uint32 [N, K/8], scales and zeros "
                          f"[N, K/group]; got values {values.dtype}{list(values.shape)}, scales "
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
-    config = config or default_config(m)
+    config = config or default_config(m, zeros is not None)
     config.check(group_size)
     if config.kind == "hfma2" and zeros is not None:
         raise ValueError("the hfma2 int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
