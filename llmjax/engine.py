@@ -164,6 +164,8 @@ class EngineStats:
     preemptions: int = 0
     busy_rows: int = 0  # decode rows that held a request, summed over calls
     compiled: int = 0  # step variants compiled
+    device_s: float = 0.0  # seconds `step` waited for the device (its call, and the tokens' copy back)
+    host_s: float = 0.0  # seconds `step` spent on the host: scheduling, the call's inputs, the results
 
 
 # ---------------------------------------------------------------- device side
@@ -616,6 +618,7 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Runs one device call; returns the requests that got tokens or finished in it."""
+        start = time.perf_counter()
         decode, pieces = self._schedule()
         if not decode and not pieces:
             return []
@@ -629,9 +632,14 @@ class Engine:
         chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width) if pieces else None
         run = self._executable(variant)
         out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
+        called = time.perf_counter()
         out = np.asarray(out)
+        back = time.perf_counter()
         self._account(decode, pieces, rows, num_rows)
-        return self._collect(rows, decode, out)
+        done = self._collect(rows, decode, out)
+        self.stats.device_s += back - called
+        self.stats.host_s += (called - start) + (time.perf_counter() - back)
+        return done
 
     @staticmethod
     def _bucket(buckets: tuple[int, ...], n: int) -> int:

@@ -47,6 +47,8 @@ class Workload:
     calls: int  # engine steps (device calls)
     preemptions: int
     mean_rows: float  # requests decoding per call, on average
+    device_s: float = 0.0  # of `seconds`, waiting for the device
+    host_s: float = 0.0  # of `seconds`, the engine's host work between device calls
 
 
 @dataclasses.dataclass
@@ -89,7 +91,8 @@ class ThroughputResult:
                 lines.append(f"{w.name:<28} {w.output_tok_s:10.1f} output tok/s  {w.requests_per_min:9.1f} "
                              f"requests/min  ({w.requests} requests, {w.output_tokens} output tokens in "
                              f"{w.seconds:.2f} s; {w.total_tok_s:.1f} tok/s in+out; {w.calls} calls, "
-                             f"{w.mean_rows:.1f} rows per call, {w.preemptions} preemptions)")
+                             f"{w.mean_rows:.1f} rows per call, {w.preemptions} preemptions; "
+                             f"{w.device_s:.2f} s waiting for the device, {w.host_s:.2f} s on the host)")
         lines += [_serving_line(s) for s in self.serving]
         lines += transformers_line(f"{self.hf_setup}, same run, {self.hf_requests} requests", self.hf_tok_s,
                                    self.hf_error, "output tok/s", self.fixed.output_tok_s)
@@ -199,7 +202,8 @@ def _offline(engine: Engine, name: str, prompts: list[list[int]], budgets: list[
     calls = engine.stats.calls - before.calls
     return Workload(name, len(prompts), inputs, out, seconds, out / seconds, (inputs + out) / seconds,
                     60 * len(prompts) / seconds, calls, engine.stats.preemptions - before.preemptions,
-                    (engine.stats.busy_rows - before.busy_rows) / max(calls, 1))
+                    (engine.stats.busy_rows - before.busy_rows) / max(calls, 1),
+                    engine.stats.device_s - before.device_s, engine.stats.host_s - before.host_s)
 
 
 def _serve(engine: Engine, rng, rate: float, count: int, prompt_len: int, gen_len: int) -> ServingPoint:

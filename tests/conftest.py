@@ -22,6 +22,28 @@ import pytest  # noqa: E402
 SP_VOCAB = 600
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verified_triton_modules():
+    """Every Triton module a test lowers (for an abstract cuda or rocm device) is verified here, as
+    Triton will parse it on the GPU: a type that Triton refuses (an unsigned integer out of inline
+    assembly, say) fails the lowering test on a CPU instead of the first GPU run."""
+    try:
+        from jax._src.pallas.triton import lowering
+    except ImportError:  # a jax without the Triton backend: nothing to verify
+        yield
+        return
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises with Triton's message
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = lower_and_verify
+    yield
+    lowering.lower_jaxpr_to_triton_module = lower
+
+
 # The shape of Llama 2's chat template: BOS per turn, [INST] markers, an optional system prompt.
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"

@@ -24,6 +24,8 @@ def test_cli_serves_every_request_and_writes_json_and_the_serving_curve(tmp_path
     assert fixed["output_tok_s"] == pytest.approx(fixed["output_tokens"] / fixed["seconds"])
     assert fixed["requests_per_min"] == pytest.approx(60 * 24 / fixed["seconds"])
     assert 1 <= fixed["mean_rows"] <= 8 and fixed["calls"] >= 24 * 10 / (8 * 4)
+    assert fixed["device_s"] > 0 and fixed["host_s"] > 0
+    assert fixed["device_s"] + fixed["host_s"] <= fixed["seconds"]  # parts of the run's time
     assert mix["requests"] == 24 and mix["output_tok_s"] > 0 and mix["input_tokens"] != fixed["input_tokens"]
     assert [p["rate"] for p in r["serving"]] == [50, 400]
     for p in r["serving"]:
@@ -33,7 +35,7 @@ def test_cli_serves_every_request_and_writes_json_and_the_serving_curve(tmp_path
     assert r["engine"]["max_slots"] == 8 and r["engine"]["max_seq_len"] >= 12 + 10
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = capsys.readouterr().out
-    for needle in ("output tok/s", "requests/min", "normalized latency", "transformers ("):
+    for needle in ("output tok/s", "requests/min", "normalized latency", "transformers (", "waiting for the device"):
         assert needle in report
 
 

@@ -233,16 +233,17 @@ add.f32 $0, f0, f1;
 
 
 def _f16_pair(low, high, emulate: bool):
-    """Two float16 arrays as one uint32 array, `low` in the low half of each word."""
+    """Two float16 arrays as one int32 array, `low` in the low half of each word (int32: Triton's
+    inline assembly returns signless integers only)."""
     if emulate:
-        return jax.lax.bitcast_convert_type(jnp.stack([low, high], axis=-1), jnp.uint32)
+        return jax.lax.bitcast_convert_type(jnp.stack([low, high], axis=-1), jnp.int32)
     return plgpu.elementwise_inline_asm("mov.b32 $0, {$1, $2};", args=[low, high], constraints="=r,h,h",
-                                        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.uint32)])[0]
+                                        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.int32)])[0]
 
 
 def _packed_word_sums(words, x_pairs, emulate: bool):
     """Per word, sum over its eight codes of (code - 8) * x (float32 of two float16 half sums), with
-    `x_pairs` [4] the uint32 pairs (x_j, x_j+4) broadcast to the words' shape. `emulate`: the same
+    `x_pairs` [4] the int32 pairs (x_j, x_j+4) broadcast to the words' shape. `emulate`: the same
     arithmetic in jnp (the interpreter cannot run PTX), rounding to float16 where the PTX does."""
     if not emulate:
         return plgpu.elementwise_inline_asm(
