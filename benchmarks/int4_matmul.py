@@ -1,6 +1,7 @@
 """The int4 Pallas kernels on the GPU: first correct against their reference, then how fast they read.
 
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR [--shapes 8192x28672,...] [--rows 1,8,16,64]
+    PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --grid --shapes 4096x12288,...  (one row)
 
 For each weight shape K x N (inputs x outputs: 4096x11008 is Llama-2-7B's up projection) and each row
 count M, it
@@ -71,6 +72,12 @@ CANDIDATES = {
     16: [_dot(16, 64, 128, 8, 4), _dot(16, 128, 256, 4, 8), _dot(16, 256, 128, 4, 8)],
     64: [_dot(64, 64, 128, 2, 4), _dot(64, 128, 128, 2, 8), _dot(32, 128, 128, 2, 4)],
 }
+
+
+def grid(kind: str = "hfma2") -> list[K.Int4Config]:
+    """`--grid`: every one-row configuration of output block, K step, K slices and warps."""
+    return [K.Int4Config(kind, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
+            for bn in (64, 128) for bk in (256, 512) for sp in (1, 2, 4, 8, 16) for nw in (4, 8)]
 
 
 def _label(c: K.Int4Config) -> str:
@@ -172,14 +179,14 @@ def _error(got, want) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def bench_shape(report: Report, shape: str, rows, deadline: float) -> None:
+def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=None, baselines=True) -> None:
     k, n = map(int, shape.split("x"))
     packed = n * k // 2
     weights = _int4_weights(n, k, _copies(packed), seed=k + n)
     for m in rows:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         want = K.int4_matmul_reference(x, *weights[0], None, group_size=GROUP)
-        configs = [K.default_config(m)] + [c for c in CANDIDATES.get(m, []) if c != K.default_config(m)]
+        configs = [K.default_config(m)] + [c for c in (candidates or CANDIDATES).get(m, []) if c != K.default_config(m)]
         for i, config in enumerate(configs):
             if i and time.monotonic() > deadline:
                 report.say(f"{shape:>11s} M={m:<3d} (time budget spent: {len(configs) - i} configurations skipped)")
@@ -199,6 +206,8 @@ def bench_shape(report: Report, shape: str, rows, deadline: float) -> None:
                 continue
             report.add(shape, m, ("default " if i == 0 else "") + _label(config), seconds, packed,
                        config=vars(config), max_rel_error=err)
+        if not baselines:
+            continue
         bf16 = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(_copies(n * k * 2))]
         seconds, _ = _time(lambda x, w: jnp.einsum("mk,nk->mn", x, w), x, bf16)
         report.add(shape, m, "xla bf16 (reads 4x the bytes)", seconds, packed)
@@ -238,6 +247,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts M, comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="after this many seconds only default configurations and baselines are timed")
+    parser.add_argument("--grid", action="store_true", help="one row only, the packed float16 kernel in "
+                        "every configuration of `grid()`, no baselines; --budget-s is then per shape")
     args = parser.parse_args()
     if jax.devices()[0].platform != "gpu":
         sys.exit("this benchmark times GPU kernels; no GPU is visible to jax")
@@ -245,7 +256,10 @@ def main() -> None:
     start = time.monotonic()
     report.say(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, int4 group {GROUP}")
     for shape in args.shapes.split(","):
-        bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s)
+        if args.grid:
+            bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False)
+        else:
+            bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s)
         report.save()
     summary(report)
     report.say(f"\n{time.monotonic() - start:.0f} s in all")

@@ -164,8 +164,9 @@ class EngineStats:
     preemptions: int = 0
     busy_rows: int = 0  # decode rows that held a request, summed over calls
     compiled: int = 0  # step variants compiled
-    device_s: float = 0.0  # seconds `step` waited for the device (its call, and the tokens' copy back)
-    host_s: float = 0.0  # seconds `step` spent on the host: scheduling, the call's inputs, the results
+    device_s: float = 0.0  # seconds in device calls: inputs in, the call (a GPU runs its loop in step with
+    # the host), tokens back
+    host_s: float = 0.0  # seconds `step` spent on the host around them: scheduling, inputs, results
 
 
 # ---------------------------------------------------------------- device side
@@ -631,8 +632,8 @@ class Engine:
         host_rows = self._rows(rows, decode, num_rows, width)
         chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width) if pieces else None
         run = self._executable(variant)
-        out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
         called = time.perf_counter()
+        out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
         out = np.asarray(out)
         back = time.perf_counter()
         self._account(decode, pieces, rows, num_rows)
