@@ -210,21 +210,7 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
         params = random_params(config, dtype, seed, mesh)
     config = params.config
     name = model if isinstance(model, str) else "custom"
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()
-    prompt_bucket = gen._bucket(prompt_len, config.max_position_embeddings)
-    cache_len = gen._cache_len(params, prompt_bucket, gen_len)
-    out_len = gen._bucket(gen_len)
-    sampling_arrays = gen.Sampling().arrays(batch)
-    args = (params.weights, jnp.asarray(gen._pad(prompts, prompt_bucket)),
-            jnp.full((batch,), prompt_len, jnp.int32), jnp.ones((batch,), bool))
-    tail = (jnp.asarray([gen.PAD_ID], jnp.int32), sampling_arrays, jax.random.key(seed),
-            jnp.arange(batch, dtype=jnp.int32))
-    static = dict(model=gen._model(params), cache_len=cache_len, out_len=out_len, greedy=True, filters=())
-
-    def run(n: int):
-        return gen._generate_ids(*args, jnp.int32(n), *tail, **static)
-
+    prompts, cache_len, run = greedy_runner(params, batch, prompt_len, gen_len, seed)
     out, steps = run(gen_len)  # compiles; the one-token run reuses the compilation
     if int(steps) != gen_len:
         raise RuntimeError(f"the loop ran {int(steps)} steps, expected {gen_len}")
@@ -248,13 +234,33 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
         bandwidth_gb_s=bandwidth / 1e9, bound_tok_s=bound, fraction_of_bound=(1 / step_s) / bound,
         peak_memory_gib=None if peak is None else peak / 2**30)
     del params, out
-    args = tail = None  # drop the weights before transformers allocates its own
+    run = None  # drop the weights (its closure holds them) before transformers allocates its own
     if compare_hf:
         try:
             result.hf_tok_s, result.hf_setup = hf_tok_s(config, dtype, prompts, gen_len, repeats)
         except ImportError as e:
             result.hf_error = f"{e.name or e} is not installed"
     return result
+
+
+def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, seed: int = 0):
+    """Random prompts `[batch, prompt_len]` (as lists), the cache length, and `run(n)`: greedy
+    generation of n <= gen_len tokens after them, in the one jit `llmjax.generate` runs (ids, steps)."""
+    config = params.config
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+    prompt_bucket = gen._bucket(prompt_len, config.max_position_embeddings)
+    cache_len = gen._cache_len(params, prompt_bucket, gen_len)
+    args = (params.weights, jnp.asarray(gen._pad(prompts, prompt_bucket)),
+            jnp.full((batch,), prompt_len, jnp.int32), jnp.ones((batch,), bool))
+    tail = (jnp.asarray([gen.PAD_ID], jnp.int32), gen.Sampling().arrays(batch), jax.random.key(seed),
+            jnp.arange(batch, dtype=jnp.int32))
+    static = dict(model=gen._model(params), cache_len=cache_len, out_len=gen._bucket(gen_len), greedy=True,
+                  filters=())
+
+    def run(n: int):
+        return gen._generate_ids(*args, jnp.int32(n), *tail, **static)
+    return prompts, cache_len, run
 
 
 def _bytes_per_step(params: Params, batch: int, cache_len: int) -> tuple[int, int]:

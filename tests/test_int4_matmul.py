@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from llmjax.kernels import linear
-from llmjax.kernels.int4_matmul import Int4Config, int4_matmul, int4_matmul_reference
+from llmjax.kernels.int4_matmul import Int4Config, default_config, int4_matmul, int4_matmul_reference
 from llmjax.quant import QuantizedWeight, QuantScheme, quantize, quantize_int4
 
 FMA, HFMA2, DOT = "fma", "hfma2", "dot"
@@ -57,7 +57,8 @@ class Int4MatmulCases:
         want = int4_matmul_reference(x, q.values, q.scales, q.zeros, group_size=group)
         assert got.shape == (m, n) and got.dtype == dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        tolerance = max(TOLERANCE[dtype], PACKED_TOLERANCE) if config and config.kind == HFMA2 else TOLERANCE[dtype]
+        kind = (config or default_config(m, asymmetric=not symmetric, dtype=dtype)).kind
+        tolerance = max(TOLERANCE[dtype], PACKED_TOLERANCE) if kind == HFMA2 else TOLERANCE[dtype]
         np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
 
 
@@ -120,27 +121,24 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
     assert "__gpu$xla.gpu.triton" in text
 
 
-def test_the_one_row_kind_can_be_switched_and_zero_points_keep_the_float32_kernel():
+def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switched():
     from llmjax.kernels import int4_matmul as module
 
-    before = module.DECODE
+    assert module.default_config(1).kind == "hfma2" and module.default_config(2, dtype=jnp.float16).kind == "hfma2"
+    assert module.default_config(1, asymmetric=True).kind == "fma"  # zero points
+    assert module.default_config(1, dtype=jnp.float32).kind == "fma"  # float32 products asked for
+    assert module.default_config(1, platform="rocm").kind == "fma"  # PTX is cuda's
+    assert module.default_config(16).kind == "dot"
     try:
-        module.set_one_row_kind("hfma2")
-        assert module.default_config(1).kind == "hfma2" and module.default_config(2).kind == "hfma2"
-        assert module.default_config(1, asymmetric=True).kind == "fma"
-        assert module.default_config(16).kind == "dot"
-        x, q = _inputs(1, 8, 256, 64, False, jnp.bfloat16, seed=1)  # zero points: runs, on fma
-        np.testing.assert_allclose(
-            np.asarray(int4_matmul(x, q.values, q.scales, q.zeros, group_size=64, interpret=True), np.float32),
-            np.asarray(int4_matmul_reference(x, q.values, q.scales, q.zeros, group_size=64), np.float32),
-            rtol=2e-2, atol=2e-2)
+        module.set_one_row_kind("fma")
+        assert module.default_config(1).kind == "fma"
         with pytest.raises(ValueError, match="'fma' or 'hfma2'"):
             module.set_one_row_kind("dot")
     finally:
-        module.DECODE = before
+        module.set_one_row_kind("hfma2")
 
 
-def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():
+def test_a_quantized_decode_step_lowers_for_rocm_and_cuda_with_their_kernels():
     import functools
     import importlib
 
@@ -159,6 +157,10 @@ def test_a_quantized_decode_step_lowers_for_rocm_with_its_kernels():
         text = jax.jit(decode).trace(weights, rows, rows, cache).lower(lowering_platforms=("rocm",)).as_text()
     # q/k/v, o and gate/up of each of the 2 layers are int4 (down's width 200 takes no group)
     assert text.count("__gpu$xla.gpu.triton") >= 3
+    assert "lop3" not in text  # rocm's two rows take the float32 kernel, not cuda's PTX
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
+        cuda = jax.jit(decode).trace(weights, rows, rows, cache).lower(lowering_platforms=("cuda",)).as_text()
+    assert "lop3" in cuda  # and cuda's, the packed float16 kernel
 
 
 @pytest.mark.parametrize("scheme", [None, "int4-g32", "int8"])

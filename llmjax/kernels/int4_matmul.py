@@ -25,11 +25,12 @@ Two kernel bodies (one of them in two variants), one wrapper (`int4_matmul`), th
   words (wide loads of whole groups), sums the eight products of each word, scales the sum once (a
   word lies in one group) into a float32 `[block_n, groups, W]` accumulator, and reduces that once,
   after the K loop. Zero points subtract `zero * sum(x run)` per word.
-- `hfma2` (experimental, cuda only, symmetric weights, not a default): the `fma` kernel with packed
-  float16 math written in PTX (`elementwise_inline_asm`): ~17 instructions for a word's eight
-  weights instead of ~30, products and each word's half sums in float16 (x scaled by
-  `PACKED_X_SCALE` first). Interpreted, it runs the same arithmetic in jnp. Not yet timed on a GPU:
-  `benchmarks/int4_matmul.py` times it first among the one-row candidates.
+- `hfma2`, one or two rows on cuda (the default there for bfloat16 and float16 activations and
+  symmetric weights): the `fma` kernel with packed float16 math written in PTX
+  (`elementwise_inline_asm`): ~17 instructions for a word's eight weights instead of ~30, products
+  and each word's half sums in float16 (x scaled by `PACKED_X_SCALE` first), so its error is ~4e-3 of
+  the largest output, bfloat16's own rounding. Interpreted, it runs the same arithmetic in jnp. On
+  the H200 it reads 8192x28672 at 2.16 TB/s where `fma` reads 1.72 (BENCHMARKS.md).
 - `dot`, for more rows (decode batches and prefill): tensor cores. Each word is repeated for its eight
   nibbles, so `[block_n, groups, 8, W]` holds the step's weights in input order; they become x's dtype
   (exact: (code - zero) * 16**pos has four significant bits) and meet x in one product per step. When
@@ -68,7 +69,7 @@ KINDS = ("fma", "hfma2", "dot")
 @dataclasses.dataclass(frozen=True)
 class Int4Config:
     """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows), `hfma2` (the same
-    with packed float16 math; cuda only, symmetric weights; experimental) or `dot` (tensor cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
+    with packed float16 math; cuda only, symmetric weights) or `dot` (tensor cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
     and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program;
     None (the default) picks enough slices for about `TARGET_PROGRAMS` programs, at least `MIN_STEPS`
     steps each, so that a matrix with few outputs (o, down) still keeps every SM reading."""
@@ -102,32 +103,41 @@ class Int4Config:
                              f"block_m={self.block_m}, block_n={self.block_n}")
 
 
-# Defaults by rows. The `fma` kernel up to FMA_MAX_ROWS rows (each extra row adds a multiply-add per
+# Defaults by rows. Up to FMA_MAX_ROWS rows a CUDA-core kernel (each extra row adds a multiply-add per
 # weight), the tensor-core kernel beyond. Set from `benchmarks/int4_matmul.py` on the H200
-# (BENCHMARKS.md): of eight one-row configurations, narrow output blocks with long K steps and 16 K
-# slices were fastest on every shape (8192x28672: 62.5 us against 116.0 for the first default of
-# 128/128/auto; 4096x11008: 18.2 against 24.4); for 8 and 16 rows, 64-wide tiles over 8 K slices.
+# (BENCHMARKS.md). One row, cuda: the packed float16 kernel, 64 outputs by 512 inputs a step over 16 K
+# slices, best or within noise of the best of 40 configurations on Llama-2-7B's four shapes (4096x12288,
+# 4096x4096, 4096x22016, 11008x4096) and 8192x28672 (54.4 us against the float32 kernel's 68.2).
+# rocm, float32 activations and weights with zero points: the float32 kernel, 64 outputs by 256 inputs
+# over 16 K slices (first sweep: 62.5 us on 8192x28672 against 116.0 for 128/128/auto). 8 and 16 rows:
+# 64-wide tiles over 8 K slices.
 FMA_MAX_ROWS = 2
 TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs (when splits is None)
 MIN_STEPS = 2
-DECODE = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, num_stages=3)
+DECODE_PACKED = Int4Config("hfma2", block_n=64, block_k=512, splits=16, num_warps=4, num_stages=3)
+DECODE_FMA = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, num_stages=3)
 DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=128, splits=8, num_warps=4, num_stages=3)
 PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
+_one_row_kind = "hfma2"
 
 
 def set_one_row_kind(kind: str) -> None:
-    """Which kernel serves one and two rows from now on in this process: `fma` (the default) or the
-    experimental `hfma2` (weights with zero points keep `fma`)."""
-    global DECODE
+    """Which kernel serves one and two rows from now on in this process: `hfma2` (the default on cuda:
+    packed float16 math) or `fma` (float32 math everywhere)."""
+    global _one_row_kind
     if kind not in ("fma", "hfma2"):
         raise ValueError(f"the one-row int4 kernel is 'fma' or 'hfma2', got {kind!r}")
-    DECODE = dataclasses.replace(DECODE, kind=kind)
+    _one_row_kind = kind
 
 
-def default_config(m: int, asymmetric: bool = False) -> Int4Config:
-    """The configuration `int4_matmul` uses for `m` rows when none is given."""
+def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, platform: str = "cuda") -> Int4Config:
+    """The configuration `int4_matmul` uses for `m` rows of `dtype` when none is given. The packed
+    float16 kernel serves one and two rows on cuda unless the weights have zero points or x is
+    float32 (whose user asked for float32 products)."""
     if m <= FMA_MAX_ROWS:
-        return dataclasses.replace(DECODE, kind="fma") if asymmetric and DECODE.kind == "hfma2" else DECODE
+        packed = (_one_row_kind == "hfma2" and platform == "cuda" and not asymmetric
+                  and jnp.dtype(dtype) != jnp.float32)
+        return DECODE_PACKED if packed else DECODE_FMA
     return DECODE_DOT if m <= 16 else PREFILL
 
 
@@ -364,7 +374,8 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
 def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *,
                 group_size: int, config: Int4Config | None = None, interpret: bool = False) -> jax.Array:
     """`x @ w.T` with the Pallas kernels: x `[M, K]`, `values` uint32 `[N, K/8]`, `scales` (and
-    `zeros`) `[N, K/group]`; returns `[M, N]` in x's dtype. `config` defaults by M (`default_config`)."""
+    `zeros`) `[N, K/group]`; returns `[M, N]` in x's dtype. `config` defaults by M and x's dtype
+    (`default_config` for cuda; `matmul` picks rocm's on rocm)."""
     m, k = x.shape
     n = values.shape[0]
     if group_size not in GROUP_SIZES or k % group_size:
@@ -376,7 +387,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         raise ValueError(f"int4_matmul takes x [M, K] = {x.shape}, values uint32 [N, K/8], scales and zeros "
                          f"[N, K/group]; got values {values.dtype}{list(values.shape)}, scales "
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
-    config = config or default_config(m, zeros is not None)
+    config = config or default_config(m, asymmetric=zeros is not None, dtype=x.dtype)
     config.check(group_size)
     if config.kind == "hfma2" and zeros is not None:
         raise ValueError("the hfma2 int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
@@ -424,10 +435,12 @@ def matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     scales = qw.scales.reshape(n, -1)
     zeros = None if qw.zeros is None else qw.zeros.reshape(n, -1)
 
-    def kernel(x, values, scales, zeros):
-        return int4_matmul(x, values, scales, zeros, group_size=qw.group_size)
+    def kernel(x, values, scales, zeros, platform="cuda"):
+        config = default_config(x.shape[0], asymmetric=zeros is not None, dtype=x.dtype, platform=platform)
+        return int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config)
 
     def reference(x, values, scales, zeros):
         return int4_matmul_reference(x, values, scales, zeros, group_size=qw.group_size)
 
-    return jax.lax.platform_dependent(x, values, scales, zeros, cuda=kernel, rocm=kernel, default=reference)
+    return jax.lax.platform_dependent(x, values, scales, zeros, cuda=kernel, default=reference,
+                                      rocm=functools.partial(kernel, platform="rocm"))

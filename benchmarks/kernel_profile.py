@@ -1,0 +1,141 @@
+"""Where the GPU's time goes, kernel by kernel: a jax profiler trace of a steady-state workload, read
+back with `jax.profiler.ProfileData` and summed per kernel and per kind of kernel.
+
+    PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--json F]
+    PYTHONPATH=. python benchmarks/kernel_profile.py engine --model llama2-7b [--max-slots 384] [--json F]
+
+`decode`: greedy generation at batch 1 (prompt 8, `--gen-len` new tokens), the one-jit loop of
+`llmjax.bench`; the table is per decode step. `engine`: the engine serving `--requests` requests of
+128 in / 128 out, all queued at once; the trace covers the calls from the first in which every slot
+is busy (or the 10th) to the end, and the table is per call. Kinds are read from kernel names
+(Pallas kernels are named after their functions; cuBLAS and cuDNN kernels by their libraries);
+"gaps" is the trace's span minus the kernels' busy time on the busiest stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+KINDS = (  # first match wins
+    ("int4 matmul (Pallas)", r"_fma_kernel|_dot_kernel"),
+    ("attention (Pallas)", r"attention|_kernel.*(flash|decode|paged)|online_softmax"),
+    ("gemv (Pallas)", r"gemv"),
+    ("other Pallas", r"^_?[a-z_]*kernel"),
+    ("GEMM (cuBLAS/cuBLASLt)", r"gemm|xmma|cutlass|sm90|sm100|nvjet|cublas"),
+    ("attention (cuDNN)", r"cudnn|fmha|flash_fwd"),
+    ("all-reduce / collectives", r"nccl|all_reduce|allreduce"),
+    ("copies / memset", r"memcpy|memset|copy"),
+    ("XLA fusions", r"fusion|reduce|convert|concatenate|transpose|dynamic|scatter|gather|select|iota"),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def traced(fn) -> tuple[dict, float]:
+    """Runs `fn` under the profiler; returns {kernel name: [count, total ns]} on the first GPU, and the
+    span in ns from the first kernel's start to the last kernel's end."""
+    folder = tempfile.mkdtemp()
+    with jax.profiler.trace(folder):
+        fn()
+    path = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    plane = next((p for p in data.planes if p.name.startswith("/device:GPU:0")), None)
+    if plane is None:
+        raise SystemExit("the trace has no GPU: this profile reads GPU kernels")
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    busy, first, last = collections.Counter(), float("inf"), 0.0
+    for line in plane.lines:
+        if not line.name.startswith("Stream"):
+            continue
+        for e in line.events:
+            kernels[e.name][0] += 1
+            kernels[e.name][1] += e.duration_ns
+            busy[line.name] += e.duration_ns
+            first, last = min(first, e.start_ns), max(last, e.start_ns + e.duration_ns)
+    return dict(kernels), last - first, max(busy.values(), default=0.0)
+
+
+def table(kernels: dict, span_ns: float, busiest_ns: float, per: int, unit: str) -> dict:
+    kinds = collections.defaultdict(float)
+    for name, (_, ns) in kernels.items():
+        kinds[kind_of(name)] += ns
+    kinds["gaps (no kernel on the busiest stream)"] = max(0.0, span_ns - busiest_ns)
+    print(f"{span_ns / per / 1e3:10.1f} us per {unit}, over {per} {unit}s")
+    for kind, ns in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:42s} {ns / per / 1e3:10.1f} us  {100 * ns / span_ns:5.1f}%")
+    print("top kernels:")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
+    for name, (count, ns) in top:
+        print(f"  {ns / per / 1e3:9.1f} us {count / per:7.1f}x  {kind_of(name):26s} {name[:90]}")
+    return {"span_us_per_" + unit: span_ns / per / 1e3, "kinds_us": {k: v / per / 1e3 for k, v in kinds.items()},
+            "kernels": {n: {"count": c / per, "us": ns / per / 1e3} for n, (c, ns) in top}}
+
+
+def decode(args) -> dict:
+    from llmjax import bench
+    from llmjax.params import init_random
+
+    params = init_random(args.model, dtype=args.dtype)
+    _, _, run = bench.greedy_runner(params, 1, 8, args.gen_len)
+    run(args.gen_len)[0].block_until_ready()  # compiles
+    kernels, span, busiest = traced(lambda: run(args.gen_len)[0].block_until_ready())
+    return table(kernels, span, busiest, args.gen_len, "step")
+
+
+def engine(args) -> dict:
+    from llmjax.engine import Engine
+    from llmjax.params import init_random
+
+    params = init_random(args.model, dtype=args.dtype)
+    config = params.config
+    e = Engine(params, max_slots=args.max_slots, prefill_tokens=args.prefill_tokens, max_seq_len=256)
+    e.warmup()
+    rng = np.random.default_rng(0)
+    for _ in range(args.requests):
+        e.add_request(rng.integers(3, config.vocab_size, 128).tolist(), max_new_tokens=128)
+    calls = 0
+    while len(e._running) < args.max_slots and calls < 10:
+        e.step()
+        calls += 1
+    before = e.stats.calls
+    start = time.perf_counter()
+    kernels, span, busiest = traced(lambda: [e.step() for _ in iter(lambda: e.pending, 0)])
+    n = e.stats.calls - before
+    print(f"{n} calls in {time.perf_counter() - start:.2f} s (profiled)")
+    return table(kernels, span, busiest, n, "call")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=["decode", "engine"])
+    parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--max-slots", type=int, default=384)
+    parser.add_argument("--prefill-tokens", type=int, default=4096)
+    parser.add_argument("--json", help="save the table as JSON")
+    args = parser.parse_args()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.mode} {args.model} {args.dtype}")
+    result = decode(args) if args.mode == "decode" else engine(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
