@@ -156,7 +156,17 @@ def write_pages(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array
     """`pages` `[num_pages, page_size, KV, D]` with `new` `[N, KV, D]` written at flat `slots` `[N]`;
     slots past the pool's end are dropped."""
     flat = pages.reshape(-1, *pages.shape[2:])
-    return flat.at[slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+    return flat.at[slots].set(narrow(new, pages.dtype), mode="drop").reshape(pages.shape)
+
+
+def narrow(x: jax.Array, dtype) -> jax.Array:
+    """`x` in the cache's `dtype`; into float8 it saturates at the largest finite value (a plain
+    cast would make NaN of anything past it)."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -top, top)
+    return x.astype(dtype)
 
 
 def gather_pages(pages: jax.Array, tables: jax.Array) -> jax.Array:

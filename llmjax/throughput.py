@@ -84,7 +84,7 @@ class ThroughputResult:
         lines = [f"device {self.device}, jax {self.jax_version}",
                  f"model {self.model} ({_count(self.num_params)} parameters, {self.dtype}, random weights)",
                  f"engine: {e['max_slots']} slots, pages of {e['page_size']} tokens x {e['num_pages']} "
-                 f"({e['kv_gib']:.1f} GiB), {e['decode_steps']} decode steps per call, "
+                 f"({e['kv_gib']:.1f} GiB, {e.get('kv_dtype', 'model dtype')}), {e['decode_steps']} decode steps per call, "
                  f"{e['prefill_tokens']} prefill tokens per call; compiled in {self.compile_s:.1f} s"]
         for w in (self.fixed, self.mix):
             if w is not None:
@@ -118,7 +118,7 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
                      rates: list[float] | None = None, compare_hf: bool = False, hf_requests: int = 128,
                      hf_batch: int = 64, seed: int = 0, mesh=None, max_slots: int = 256, page_size: int = 16,
                      decode_steps: int = 8, prefill_tokens: int = 2048, prefill_row: int = 64,
-                     kv_memory: int | None = None, log=print) -> ThroughputResult:
+                     kv_memory: int | None = None, kv_dtype=None, log=print) -> ThroughputResult:
     """Serves the fixed set, the mix and the Poisson arrivals on random weights (see the module
     docstring); `log` gets each line as it is measured. Rates are requests per second."""
     _check(requests, prompt_len, gen_len, serving_requests, hf_requests, hf_batch)
@@ -135,7 +135,8 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
                          f"{config.max_position_embeddings} tokens; lower prompt_len or gen_len")
     params = random_params(config, dtype, seed, mesh)
     engine = Engine(params, max_slots=max_slots, page_size=page_size, kv_memory=kv_memory, max_seq_len=longest,
-                    prefill_tokens=prefill_tokens, prefill_row=prefill_row, decode_steps=decode_steps)
+                    prefill_tokens=prefill_tokens, prefill_row=prefill_row, decode_steps=decode_steps,
+                    kv_dtype=kv_dtype)
     start = time.perf_counter()
     # Rows down to a quarter of the slots: the tail of a run drains through them; fewer rows would
     # save little and cost another compilation of the whole model.
@@ -174,7 +175,7 @@ def _engine_options(engine: Engine) -> dict:
     return {"max_slots": engine.max_slots, "page_size": engine.page_size, "num_pages": engine.num_pages,
             "kv_gib": engine.num_pages * engine.page_bytes / 2**30, "decode_steps": engine.decode_steps,
             "prefill_tokens": engine.chunk_rows * engine.prefill_row, "prefill_row": engine.prefill_row,
-            "max_seq_len": engine.max_seq_len}
+            "max_seq_len": engine.max_seq_len, "kv_dtype": engine.kv_dtype.name}
 
 
 def _serving_line(s: ServingPoint) -> str:

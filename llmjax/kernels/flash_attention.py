@@ -83,6 +83,7 @@ def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visi
     else:
         k = plgpu.load(k_ref, mask=exists[:, None], other=0.0)
         v = plgpu.load(v_ref, mask=exists[:, None], other=0.0)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)  # a float8 cache is widened in registers
     s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [rows, block] f32, unscaled
     if visible is not None:
         s = jnp.where(visible, s, MASKED)
@@ -183,11 +184,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_le
                               tuning=tuning, rocm_tuning=ROCM_TUNING)
 
 
+FLOAT8 = jnp.dtype(jnp.float8_e4m3fn)  # the one narrow cache dtype the kernels read (cuda only)
+
+
 def dispatch_attention(kernel, reference, q, k, v, *rest, tuning: dict, rocm_tuning: dict):
     """What every attention entry point does: `reference(q, k, v, *rest)` for a head dim or a mix of
     dtypes the kernels do not take; otherwise `kernel` with `tuning` (and `rocm_tuning` under it on
-    rocm) through `llmjax.kernels.dispatch`, which `LLMJAX_ATTENTION` steers."""
-    if not supported(q.shape[-1]) or not q.dtype == k.dtype == v.dtype:
+    rocm) through `llmjax.kernels.dispatch`, which `LLMJAX_ATTENTION` steers. K and V in float8
+    (e4m3fn) with a wider q run the kernel on cuda (which widens them as it reads) and the reference
+    elsewhere."""
+    float8 = k.dtype == v.dtype == FLOAT8 and q.dtype != FLOAT8
+    if not supported(q.shape[-1]) or not (q.dtype == k.dtype == v.dtype or float8):
         return reference(q, k, v, *rest)
     return dispatch.dispatch(functools.partial(kernel, **tuning), reference, q, k, v, *rest,
-                             variable="LLMJAX_ATTENTION", rocm_tuning={**rocm_tuning, **tuning})
+                             variable="LLMJAX_ATTENTION", rocm_tuning={**rocm_tuning, **tuning},
+                             rocm=not float8)

@@ -10,6 +10,8 @@ Layout (what the continuous-batching engine keeps, one layer at a time):
 - `lengths` `[B]` int32: the row's valid tokens, the current one included (it must already be
   written to its page). 0 marks an empty row, whose output is zeros, never NaN.
 - `q` `[B, H, D]`, H a multiple of KV (grouped-query: query head h reads kv head `h // (H // KV)`).
+- The pages are in q's dtype, or in float8_e4m3fn (the engine's `kv_dtype="float8_e4m3fn"`), which
+  the kernel widens to q's dtype as it reads a block (cuda; the reference elsewhere).
 Scale `1/sqrt(D)`, scores and softmax in float32; the result is `[B, H, D]` in q's dtype.
 
 `paged_attention_reference` is the definition: gather each row's pages into a contiguous cache and
@@ -30,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llmjax.kernels.decode_attention import decode_attention_reference, launch_splits, split_program
-from llmjax.kernels.flash_attention import dispatch_attention, supported
+from llmjax.kernels.flash_attention import FLOAT8, dispatch_attention, supported
 
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
@@ -42,8 +44,8 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
     """The definition (see the module doc): each row's pages gathered in order, then decode attention."""
     b, max_pages = block_tables.shape
     _, page_size, n_kv, d = k_pages.shape
-    k = k_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d)
-    v = v_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d)
+    k = k_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
+    v = v_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
     return decode_attention_reference(q, k, v, lengths)
 
 
@@ -98,9 +100,9 @@ def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
     if not supported(d):
         raise ValueError(f"paged_attention needs a head dim that is a power of two >= 16, got {d}; "
                          "use paged_attention_reference")
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
-        raise ValueError(f"paged_attention takes q and the pages in one dtype; got {q.dtype}, {k_pages.dtype}, "
-                         f"{v_pages.dtype}")
+    if not (q.dtype == k_pages.dtype or k_pages.dtype == FLOAT8) or k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"paged_attention takes q and the pages in one dtype, or pages in float8_e4m3fn; got "
+                         f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
 
 
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,

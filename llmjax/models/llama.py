@@ -169,8 +169,8 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
         chunk_rows = batch.chunk_tables.shape[0]
         q_chunk = q[0, rows:].reshape(chunk_rows, -1, h, d)
         q_pos = positions[0, rows:].reshape(chunk_rows, -1)
-        keys = kv.gather_pages(layer.k, batch.chunk_tables)  # [chunk_rows, S, KV, D]
-        values = kv.gather_pages(layer.v, batch.chunk_tables)
+        keys = kv.gather_pages(layer.k, batch.chunk_tables).astype(q.dtype)  # [chunk_rows, S, KV, D]
+        values = kv.gather_pages(layer.v, batch.chunk_tables).astype(q.dtype)
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
         chunk = attention(q_chunk, keys, values, q_pos, k_pos, mesh)
         out = jnp.concatenate([out, chunk.reshape(-1, h, d)])
