@@ -35,6 +35,7 @@ other. On the H200 the whole script should take about 4 minutes, most of it comp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -302,6 +303,56 @@ def paged_operands(batch: int, context: int) -> list[tuple]:
             for i in range(n)]
 
 
+# ---------------------------------------------------------------- the engine's pool
+
+
+POOL_VARIANTS = [dict(), dict(products="fma"), dict(compute_dtype="float16"),
+                 dict(products="fma", compute_dtype="float16")]
+POOL_TUNINGS = [dict(block_k=64, num_warps=4, num_stages=5),  # the kernel's defaults
+                dict(block_k=32, num_warps=4, num_stages=5),
+                dict(block_k=16, num_warps=4, num_stages=6),
+                dict(block_k=128, num_warps=4, num_stages=3),
+                dict(block_k=64, num_warps=8, num_stages=4)]
+
+
+def run_pool(report: Report, bandwidth: float, smoke: bool) -> None:
+    """The engine's decode attention on Llama-2-7B (32 query = 32 kv heads, head dim 128): 384 rows
+    of 128-256 tokens (the decode half of 1000 x 128/128), pages of 16 and 64 tokens scattered over
+    the pool, bf16 and float8 pages, every product variant and tuning. TB/s on the cache bytes the
+    rows hold (K and V in the page dtype); each output compared with the reference."""
+    rows, heads, low, high = (384, 32, 128, 257) if not smoke else (3, 2, 5, 40)
+    report.say(f"pool: {rows} rows x {low}-{high - 1} tokens, {heads} heads = kv heads, head dim {HEAD_DIM}")
+    rng = np.random.default_rng(0)
+    lengths = jnp.asarray(rng.integers(low, high, rows), jnp.int32)
+    q = normal(16, (rows, heads, HEAD_DIM))
+    for page in (16, 64):
+        max_pages = -(-(high - 1) // page)
+        order = rng.permutation(rows * max_pages)
+        tables = jnp.asarray(order.reshape(rows, max_pages), jnp.int32)
+        shape = (rows * max_pages, page, heads, HEAD_DIM)
+        for dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+            k_pages, v_pages = normal(17, shape).astype(dtype), normal(18, shape).astype(dtype)
+            nbytes = int(jnp.sum(lengths)) * heads * HEAD_DIM * 2 * jnp.dtype(dtype).itemsize
+            want = pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths)
+            variants = POOL_VARIANTS if dtype != jnp.bfloat16 else POOL_VARIANTS[:2]
+            for variant in variants:
+                for tuning in (POOL_TUNINGS if not smoke else POOL_TUNINGS[2:3]):
+                    name = f"page {page} {jnp.dtype(dtype).name} {_short({**variant, **tuning})}"
+                    call = functools.partial(pa.paged_attention, interpret=smoke, **variant, **tuning)
+                    try:
+                        got = call(q, k_pages, v_pages, tables, lengths)
+                        err = error(got, want)
+                        seconds = seconds_per_call(call, q, [(k_pages, v_pages, tables, lengths)])
+                    except Exception as e:  # a configuration Triton refuses is reported, not fatal
+                        report.say(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                        continue
+                    tb_s = nbytes / seconds / 1e12
+                    report.say(f"  {name:70s} {seconds * 1e6:8.1f} us {tb_s:5.2f} TB/s "
+                               f"({tb_s * 1e12 / bandwidth:4.0%} of bound) error {err:.1e}")
+                    report.row(section="pool", page=page, dtype=jnp.dtype(dtype).name, **variant, **tuning,
+                               us=seconds * 1e6, tb_s=tb_s, error=err)
+
+
 # ---------------------------------------------------------------- 3. prefill, 4. decode
 
 
@@ -403,7 +454,7 @@ def run_model(report: Report, smoke: bool) -> None:
     os.environ.pop("LLMJAX_ATTENTION")
 
 
-SECTIONS = ("check", "sweep", "prefill", "decode", "model")
+SECTIONS = ("check", "sweep", "prefill", "decode", "model", "pool")
 
 
 def main():
@@ -437,6 +488,8 @@ def main():
             run_prefill(report, best, args.smoke)
         elif section == "decode":
             run_decode(report, best, bandwidth, args.smoke)
+        elif section == "pool":
+            run_pool(report, bandwidth, args.smoke)
         else:
             run_model(report, args.smoke)
         report.say(f"  ({section} done at {time.perf_counter() - start:.0f} s)")

@@ -1,6 +1,6 @@
 """Batch-1 decode under several XLA flag sets, one fresh process each (XLA reads its flags at start).
 
-    PYTHONPATH=. python benchmarks/xla_flags.py --model llama2-7b --out DIR [--variants a,b] [--dump]
+    PYTHONPATH=. python benchmarks/xla_flags.py --model llama2-7b --out DIR [--variants a,b] [--dtype D] [--dump]
 
 Each variant runs `python -m llmjax bench --model MODEL --json DIR/<variant>.json` with `XLA_FLAGS`
 set, under its own time limit, so one flag XLA does not know (it aborts the process) costs only its
@@ -32,7 +32,7 @@ def run_variant(name: str, flags: str, args) -> dict:
     path = os.path.join(args.out, f"{name}.json")
     env = dict(os.environ, XLA_FLAGS=flags)
     cmd = [sys.executable, "-m", "llmjax", "bench", "--model", args.model, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--json", path]
+           "--repeats", str(args.repeats), "--json", path] + (["--dtype", args.dtype] if args.dtype else [])
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -69,6 +69,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default=None, help="passed to llmjax bench (bfloat16 or a quantization)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--timeout", type=int, default=150)

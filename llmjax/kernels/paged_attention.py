@@ -37,6 +37,9 @@ from llmjax.kernels.flash_attention import FLOAT8, dispatch_attention, supported
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
 ROCM_TUNING = dict(num_stages=3)
+# The engine's tuning per page dtype, over the kernel's defaults (benchmarks/attention.py --only pool
+# measures the variants on the engine's pool shapes).
+TUNING: dict[str, dict] = {}
 
 
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
@@ -69,10 +72,12 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, pag
                   kv_limit=tables_ref.shape[1] * page_size, **params)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "products",
+                                             "compute_dtype", "interpret"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                     lengths: jax.Array, *, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 5, interpret: bool = False) -> jax.Array:
+                    num_stages: int = 5, products: str = "dot", compute_dtype: str | None = None,
+                    interpret: bool = False) -> jax.Array:
     """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout).
 
     More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
@@ -84,7 +89,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
                 v_pages.reshape(pool))
     return launch_splits(functools.partial(_kernel, page_size=page_size), q, n_kv,
                          block_tables.shape[1] * page_size, operands, name="paged_attention", block_k=block_k,
-                         splits=splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                         splits=splits, num_warps=num_warps, num_stages=num_stages, products=products,
+                         compute_dtype=compute_dtype, interpret=interpret)
 
 
 def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
@@ -108,7 +114,8 @@ def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
            **tuning) -> jax.Array:
     """The engine's entry point: the kernel on cuda and rocm; the reference elsewhere, and for a head
-    dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
-    `flash_attention.attend`."""
+    dim or a mix of dtypes the kernel does not take. The kernel's tuning is `TUNING[pages' dtype]`
+    under `tuning`. `LLMJAX_ATTENTION` overrides as in `flash_attention.attend`."""
+    tuning = {**TUNING.get(jnp.dtype(k_pages.dtype).name, {}), **tuning}
     return dispatch_attention(paged_attention, paged_attention_reference, q, k_pages, v_pages, block_tables,
                               lengths, tuning=tuning, rocm_tuning=ROCM_TUNING)
