@@ -2,11 +2,11 @@
 
     PYTHONPATH=. python benchmarks/paged_tuning.py DTYPE 'JSON' -- LLMJAX-BENCH-ARGS...
     PYTHONPATH=. python benchmarks/paged_tuning.py DTYPE @DIR/attention-pool.json:PAGE -- LLMJAX-BENCH-ARGS...
-    PYTHONPATH=. python benchmarks/paged_tuning.py float8_e4m3fn '{"products": "fma", "block_k": 32}' -- \\
+    PYTHONPATH=. python benchmarks/paged_tuning.py float8_e4m3fn '{"compute_dtype": "float16", "block_k": 32}' -- \\
         --throughput --model llama2-7b --max-slots 384 --prefill-tokens 4096 --no-mix --kv-dtype float8_e4m3fn
 
 Sets `llmjax.kernels.paged_attention.TUNING[DTYPE]` (the keywords of `paged_attention`: block_k,
-num_warps, num_stages, splits, products, compute_dtype), then runs `llmjax bench` with the rest of
+num_warps, num_stages, splits, compute_dtype), then runs `llmjax bench` with the rest of
 the arguments in this process, so a variant that `benchmarks/attention.py --only pool` found fast on
 the pool shapes can be measured in the engine before it becomes a default. `@FILE:PAGE` takes the
 fastest row of that file for DTYPE and pages of PAGE tokens among those within 1e-2 of the reference.
@@ -19,7 +19,7 @@ from llmjax.cli import main as llmjax_main
 from llmjax.kernels import paged_attention
 
 
-KEYWORDS = ("block_k", "num_warps", "num_stages", "splits", "products", "compute_dtype")
+KEYWORDS = ("block_k", "num_warps", "num_stages", "splits", "compute_dtype")
 
 
 def fastest(dtype: str, where: str) -> dict:

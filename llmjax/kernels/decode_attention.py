@@ -34,7 +34,6 @@ from jax.experimental.pallas import triton as plgpu
 from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, masked_softmax,
                                            online_softmax_block, supported)
 
-PRODUCTS = ("dot", "fma")  # how a program makes q @ K.T and p @ V (`online_softmax_block`)
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 3 stages take all of it, 2 stages 32 KB (benchmarks/triton_offline_compile.py).
@@ -54,13 +53,13 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
 
 
 def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
-                  block_h, block_k, chunk, exact, products, compute_dtype):
+                  block_h, block_k, chunk, exact, compute_dtype):
     """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
     of kv head `kv` in row `b` (`[block_h, D]`, padded past `groups`) over that row's keys in split
     `split`, `block_k` at a time, with an online softmax. Full blocks run unmasked; only the last is
     masked. `block_index(b, kv, first, exists)` says where keys `[first, first + block_k)` lie in
     `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
-    length. The products take q, K and V in `compute_dtype` (`products` as in `online_softmax_block`).
+    length. The products take q, K and V in `compute_dtype` (a float8 cache is widened to it).
     Writes the output normalized over this split and its base-2 log-sum-exp (MASKED where no key was
     seen), which `merge_splits` joins across splits.
     lengths_ref [B]; q_ref [B, H, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]."""
@@ -79,8 +78,7 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
         exists = first + jnp.arange(block_k) < stop
         index = block_index(b, kv, first, exists)
         return online_softmax_block(q, k_ref.at[index], v_ref.at[index], carry, scale, exact,
-                                    exists if masked else None, exists[None, :] if masked else None,
-                                    products=products)
+                                    exists if masked else None, exists[None, :] if masked else None)
 
     keys = jnp.maximum(stop - start, 0)
     full = jax.lax.div(keys, block_k)
@@ -124,31 +122,27 @@ def split_plan(seq: int, block_k: int, programs: int, splits: int | None) -> tup
     return pl.cdiv(seq, chunk), chunk
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "products",
-                                             "compute_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
+                                             "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, block_k: int = 64,
-                     splits: int | None = None, num_warps: int = 4, num_stages: int = 3, products: str = "dot",
+                     splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                      compute_dtype: str | None = None, interpret: bool = False) -> jax.Array:
     """Split-K decode attention with the Pallas kernel (see the module doc for the arguments;
-    `products` and `compute_dtype` as in `launch_splits`)."""
+    `compute_dtype` as in `launch_splits`)."""
     _check(q, k, v, lengths)
     return launch_splits(_kernel, q, k.shape[2], k.shape[1], (lengths.astype(jnp.int32), q, k, v),
                          name="decode_attention", block_k=block_k, splits=splits, num_warps=num_warps,
-                         num_stages=num_stages, products=products, compute_dtype=compute_dtype,
-                         interpret=interpret)
+                         num_stages=num_stages, compute_dtype=compute_dtype, interpret=interpret)
 
 
 def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *, name: str, block_k: int,
-                  splits: int | None, num_warps: int, num_stages: int, interpret: bool, products: str = "dot",
+                  splits: int | None, num_warps: int, num_stages: int, interpret: bool,
                   compute_dtype: str | None = None) -> jax.Array:
     """Runs a `split_program` kernel over the grid (splits, kv heads, rows), for rows of up to `keys`
-    keys, and merges the splits. `products` and `compute_dtype` (None: q's dtype) as in `split_program`;
-    tensor-core products need 16 query rows a program, so "dot" pads the group to 16, "fma" only to a
-    power of two."""
+    keys, and merges the splits. The products take `compute_dtype` (None: q's dtype; "float16" for
+    bfloat16 queries over a float8 cache, which widens to float16 in one instruction per pair)."""
     b, h, d = q.shape
     groups = h // n_kv
-    if products not in PRODUCTS:
-        raise ValueError(f"{name}: products must be one of {PRODUCTS}, got {products!r}")
     compute = jnp.dtype(compute_dtype or q.dtype)
     if compute not in (q.dtype, jnp.dtype(jnp.float16)):
         raise ValueError(f"{name}: compute_dtype must be None (q's dtype) or 'float16', got {compute_dtype!r}")
@@ -156,9 +150,8 @@ def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *
         raise ValueError(f"{name}: compute_dtype={compute_dtype!r} would narrow {q.dtype} queries; it is for "
                          "bfloat16 or float16 queries (leave it None for float32)")
     splits, chunk = split_plan(keys, block_k, b * n_kv, splits)
-    block_h = pl.next_power_of_2(groups) if products == "fma" else max(16, pl.next_power_of_2(groups))
-    kernel = functools.partial(kernel, groups=groups, block_h=block_h, block_k=block_k, chunk=chunk,
-                               exact=compute == jnp.float32, products=products, compute_dtype=compute)
+    kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
+                               block_k=block_k, chunk=chunk, exact=compute == jnp.float32, compute_dtype=compute)
     out, lse = pl.pallas_call(
         kernel,
         grid=(splits, n_kv, b),

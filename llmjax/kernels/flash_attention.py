@@ -72,15 +72,12 @@ def supported(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visible=None, products="dot"):
+def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visible=None):
     """One block of keys into an online softmax (every kernel's inner step): the block's K and V
     (rows where `exists` is False read as zeros; None: all exist, no predicates), scores `q @ k.T`
     with those where `visible` is False masked (None: all visible), and the carry `(acc, top, total)`
     (the unnormalized output, the running max of the base-2 scores, their running sum) updated.
-    K and V are widened to q's dtype in registers (a float8 cache). `products="dot"` makes both
-    products on tensor cores; `"fma"` makes them as float32 multiply-adds and sums, which needs no
-    padding of q's rows to 16 (a decode program of one query head) and no trip of K/V through
-    shared memory for the product."""
+    K and V are widened to q's dtype in registers (a float8 cache)."""
     acc, top, total = carry
     if exists is None:
         k, v = plgpu.load(k_ref), plgpu.load(v_ref)
@@ -88,20 +85,13 @@ def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visi
         k = plgpu.load(k_ref, mask=exists[:, None], other=0.0)
         v = plgpu.load(v_ref, mask=exists[:, None], other=0.0)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if products == "dot":
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [rows, block] f32, unscaled
-    else:
-        s = jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None, :, :], axis=2)
+    s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [rows, block] f32, unscaled
     if visible is not None:
         s = jnp.where(visible, s, MASKED)
     new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
     p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
     rescale = jnp.exp2(top - new_top)
-    if products == "dot":
-        pv = plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
-    else:
-        pv = jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
-    acc = acc * rescale[:, None] + pv
+    acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
     return acc, new_top, total * rescale + jnp.sum(p, axis=1)
 
 

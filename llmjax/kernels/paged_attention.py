@@ -72,12 +72,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, pag
                   kv_limit=tables_ref.shape[1] * page_size, **params)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "products",
-                                             "compute_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
+                                             "interpret"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                     lengths: jax.Array, *, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 5, products: str = "dot", compute_dtype: str | None = None,
-                    interpret: bool = False) -> jax.Array:
+                    num_stages: int = 5, compute_dtype: str | None = None, interpret: bool = False) -> jax.Array:
     """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout).
 
     More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
@@ -89,7 +88,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
                 v_pages.reshape(pool))
     return launch_splits(functools.partial(_kernel, page_size=page_size), q, n_kv,
                          block_tables.shape[1] * page_size, operands, name="paged_attention", block_k=block_k,
-                         splits=splits, num_warps=num_warps, num_stages=num_stages, products=products,
+                         splits=splits, num_warps=num_warps, num_stages=num_stages,
                          compute_dtype=compute_dtype, interpret=interpret)
 
 
