@@ -314,18 +314,34 @@ POOL_TUNINGS = [dict(block_k=k, num_warps=w, num_stages=n) for k, w, n in (
     (64, 2, 3), (16, 2, 2), (128, 4, 2), (64, 8, 2))]
 
 
-def run_pool(report: Report, bandwidth: float, smoke: bool) -> None:
-    """The engine's decode attention on Llama-2-7B (32 query = 32 kv heads, head dim 128): 384 rows
-    of 128-256 tokens (the decode half of 1000 x 128/128), pages of 16 and 64 tokens scattered over
-    the pool, bf16 pages and float8 pages (widened to q's dtype or, with q, to float16), and each
-    tuning (the first is the kernel's defaults). TB/s on the cache bytes the rows hold (K and V in
-    the page dtype); each output compared with the reference."""
-    rows, heads, low, high = (384, 32, 128, 257) if not smoke else (3, 2, 5, 40)
+def run_pool(report: Report, bandwidth: float, smoke: bool, sweep: bool) -> None:
+    """The engine's decode attention on Llama-2-7B (32 query = 32 kv heads, head dim 128):
+    - 384 rows of 128-256 tokens (the decode half of 1000 x 128/128), pages of 16 and 64 tokens
+      scattered over the pool, bf16 pages and float8 pages (widened to q's dtype or, with q, to
+      float16), the kernel's defaults and the engine's tuning (`paged_attention.TUNING`), or with
+      `--pool-sweep` every tuning of `POOL_TUNINGS` (the first is the kernel's defaults);
+    - 64 rows of 2048-4096 tokens, pages of 16, the kernel's defaults against the engine's tuning
+      (`paged_attention.TUNING`), which must not lose on long rows what it wins on short ones.
+    TB/s on the cache bytes the rows hold (K and V in the page dtype); each output compared with the
+    reference."""
+    def engine(dtype):  # the kernel's defaults, then the engine's tuning
+        return [({}, {}), ({}, pa.TUNING.get(jnp.dtype(dtype).name, {}))]
+
+    grid = [(v, t) for v in POOL_VARIANTS for t in (POOL_TUNINGS if not smoke else POOL_TUNINGS[9:10])]
+    pool_shape(report, bandwidth, smoke, *((384, 32, 128, 257) if not smoke else (3, 2, 5, 40)), (16, 64),
+               (lambda dtype: [(v, t) for v, t in grid if dtype != jnp.bfloat16 or not v]) if sweep else engine)
+    pool_shape(report, bandwidth, smoke, *((64, 32, 2048, 4097) if not smoke else (2, 2, 40, 90)), (16,), engine)
+
+
+def pool_shape(report: Report, bandwidth: float, smoke: bool, rows: int, heads: int, low: int, high: int,
+               pages: tuple, configs) -> None:
+    """`run_pool` on one shape: rows of `low` to `high - 1` tokens, each `configs(dtype)` = [(variant,
+    tuning)] timed for each page size in `pages` and page dtype."""
     report.say(f"pool: {rows} rows x {low}-{high - 1} tokens, {heads} heads = kv heads, head dim {HEAD_DIM}")
     rng = np.random.default_rng(0)
     lengths = jnp.asarray(rng.integers(low, high, rows), jnp.int32)
     q = normal(16, (rows, heads, HEAD_DIM))
-    for page in (16, 64):
+    for page in pages:
         max_pages = -(-(high - 1) // page)
         order = rng.permutation(rows * max_pages)
         tables = jnp.asarray(order.reshape(rows, max_pages), jnp.int32)
@@ -334,23 +350,21 @@ def run_pool(report: Report, bandwidth: float, smoke: bool) -> None:
             k_pages, v_pages = normal(17, shape).astype(dtype), normal(18, shape).astype(dtype)
             nbytes = int(jnp.sum(lengths)) * heads * HEAD_DIM * 2 * jnp.dtype(dtype).itemsize
             want = pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths)
-            variants = POOL_VARIANTS if dtype != jnp.bfloat16 else POOL_VARIANTS[:1]
-            for variant in variants:
-                for tuning in (POOL_TUNINGS if not smoke else POOL_TUNINGS[9:10]):
-                    name = f"page {page} {jnp.dtype(dtype).name} {_short({**variant, **tuning})}"
-                    call = functools.partial(pa.paged_attention, interpret=smoke, **variant, **tuning)
-                    try:
-                        got = call(q, k_pages, v_pages, tables, lengths)
-                        err = error(got, want)
-                        seconds = seconds_per_call(call, q, [(k_pages, v_pages, tables, lengths)])
-                    except Exception as e:  # a configuration Triton refuses is reported, not fatal
-                        report.say(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-                        continue
-                    tb_s = nbytes / seconds / 1e12
-                    report.say(f"  {name:70s} {seconds * 1e6:8.1f} us {tb_s:5.2f} TB/s "
-                               f"({tb_s * 1e12 / bandwidth:4.0%} of bound) error {err:.1e}")
-                    report.row(section="pool", page=page, dtype=jnp.dtype(dtype).name, **variant, **tuning,
-                               us=seconds * 1e6, tb_s=tb_s, error=err)
+            for variant, tuning in configs(dtype):
+                name = f"page {page} {jnp.dtype(dtype).name} {_short({**variant, **tuning}) or 'defaults'}"
+                call = functools.partial(pa.paged_attention, interpret=smoke, **variant, **tuning)
+                try:
+                    got = call(q, k_pages, v_pages, tables, lengths)
+                    err = error(got, want)
+                    seconds = seconds_per_call(call, q, [(k_pages, v_pages, tables, lengths)])
+                except Exception as e:  # a configuration Triton refuses is reported, not fatal
+                    report.say(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                    continue
+                tb_s = nbytes / seconds / 1e12
+                report.say(f"  {name:70s} {seconds * 1e6:8.1f} us {tb_s:5.2f} TB/s "
+                           f"({tb_s * 1e12 / bandwidth:4.0%} of bound) error {err:.1e}")
+                report.row(section="pool", rows=rows, low=low, high=high, page=page, dtype=jnp.dtype(dtype).name,
+                           **variant, **tuning, us=seconds * 1e6, tb_s=tb_s, error=err)
 
 
 # ---------------------------------------------------------------- 3. prefill, 4. decode
@@ -462,6 +476,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (a CPU dry run)")
+    parser.add_argument("--pool-sweep", action="store_true", help="pool: every tuning on the engine's rows")
     args = parser.parse_args()
     only = args.only.split(",")
     if not set(only) <= set(SECTIONS):
@@ -489,7 +504,7 @@ def main():
         elif section == "decode":
             run_decode(report, best, bandwidth, args.smoke)
         elif section == "pool":
-            run_pool(report, bandwidth, args.smoke)
+            run_pool(report, bandwidth, args.smoke, args.pool_sweep)
         else:
             run_model(report, args.smoke)
         report.say(f"  ({section} done at {time.perf_counter() - start:.0f} s)")
