@@ -38,13 +38,14 @@ from llmjax.kernels.flash_attention import FLOAT8, dispatch_attention, supported
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
 ROCM_TUNING = dict(num_stages=3)
 # The engine's tuning per page dtype, over the kernel's defaults. The engine's rows hold a few blocks
-# each, so small programs (2 warps, 2 stages of 32-key blocks) that an SM keeps many of in flight
-# beat a deep pipeline; a float8 cache multiplies in float16 (one conversion instruction per pair).
-# On 384 rows of 128-256 tokens, 7B heads, one H200 (benchmarks/attention.py --only pool): bf16
-# 336-340 us against the defaults' 359-360 us; float8 271-291 us against 359-405 us.
+# each, so small programs (one or two warps, 2 stages of 32-key blocks) that an SM keeps many of in
+# flight beat a deep pipeline; a float8 cache multiplies in float16 (one conversion instruction per
+# pair). On 384 rows of 128-256 tokens, 7B heads, one H200 (benchmarks/attention.py --only pool
+# --pool-sweep): bf16 331-339 us against the defaults' 345-384 us; float8 221-253 us against
+# 347-405 us.
 TUNING: dict[str, dict] = {
     "bfloat16": dict(block_k=32, num_warps=2, num_stages=2),
-    "float8_e4m3fn": dict(block_k=32, num_warps=2, num_stages=2, compute_dtype="float16"),
+    "float8_e4m3fn": dict(block_k=32, num_warps=1, num_stages=2, compute_dtype="float16"),
 }
 
 
