@@ -2,7 +2,7 @@
 back with `jax.profiler.ProfileData` and summed per kernel and per kind of kernel.
 
     PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--json F]
-    PYTHONPATH=. python benchmarks/kernel_profile.py engine --model llama2-7b [--max-slots 384] [--kv-dtype D]
+    PYTHONPATH=. python benchmarks/kernel_profile.py engine --model llama2-7b [--max-slots 384] [--page-size P] [--kv-dtype D]
 
 `decode`: greedy generation at batch 1 (prompt 8, `--gen-len` new tokens), the one-jit loop of
 `llmjax.bench`; the table is per decode step. `engine`: the engine serving `--requests` requests of
@@ -103,7 +103,7 @@ def engine(args) -> dict:
     params = init_random(args.model, dtype=args.dtype)
     config = params.config
     e = Engine(params, max_slots=args.max_slots, prefill_tokens=args.prefill_tokens, max_seq_len=256,
-               kv_dtype=args.kv_dtype)
+               kv_dtype=args.kv_dtype, page_size=args.page_size)
     e.warmup()
     rng = np.random.default_rng(0)
     for _ in range(args.requests):
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-slots", type=int, default=384)
     parser.add_argument("--prefill-tokens", type=int, default=4096)
+    parser.add_argument("--page-size", type=int, default=16, help="engine: tokens per KV page")
     parser.add_argument("--kv-dtype", default=None, help="engine: the page pool's dtype (default: the model's)")
     parser.add_argument("--json", help="save the table as JSON")
     args = parser.parse_args()
