@@ -188,40 +188,6 @@ def test_float16_products_lower_for_cuda(pages):
     assert "__gpu$xla.gpu.triton" in text and "f16" in text
 
 
-@pytest.mark.parametrize("case,heads", [("blocks-within-pages", 2), ("pages-of-5-gathered", 1),
-                                        ("big-pages-groups1-bf16", 2), ("float8-pages-bf16-q", 2)])
-def test_kv_heads_packed_into_one_program_match_the_reference(case, heads):
-    """heads > 1: a program takes `heads` kv heads, their query rows seeing only their own head's
-    columns of a [block_k x heads, D] block; MHA (groups of 1) and grouped-query alike."""
-    b, h, n_kv, d, page, pool, max_pages, lengths, block_k, splits, dtype = PAGED_CASES[case]
-    if case == "pages-of-5-gathered":  # 8 query heads over 1 kv head: regroup to 4 kv heads of 2
-        n_kv, heads = 4, 4
-    q, k_pages, v_pages = _normal(pool + heads, (b, h, d), (pool, page, n_kv, d), (pool, page, n_kv, d), dtype=dtype)
-    if "float8" in case:
-        k_pages, v_pages = k_pages.astype(jnp.float8_e4m3fn), v_pages.astype(jnp.float8_e4m3fn)
-    tables = jax.random.permutation(jax.random.key(pool), pool)[:b * max_pages].reshape(b, max_pages)
-    tables, lengths = tables.astype(jnp.int32), jnp.array(lengths, jnp.int32)
-    got = pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_k=block_k, splits=splits, heads=heads,
-                             interpret=True)
-    _assert_close(got, pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths), dtype)
-    if 0 in lengths:
-        assert not np.asarray(got[list(lengths).index(0)]).any()
-
-
-@pytest.mark.parametrize("pages", [jnp.bfloat16, jnp.float8_e4m3fn])
-def test_kv_heads_packed_into_one_program_lower_for_cuda(pages):
-    args = (S((4, 32, 128), jnp.bfloat16), S((100, 16, 32, 128), pages), S((100, 16, 32, 128), pages),
-            S((4, 20), jnp.int32), S((4,), jnp.int32))
-    kernel = functools.partial(pa.paged_attention, heads=8, block_k=16, compute_dtype="float16")
-    assert "__gpu$xla.gpu.triton" in _lower(kernel, args, "cuda", "NVIDIA H200")
-
-
-def test_kv_heads_per_program_must_divide_the_kv_heads():
-    q, k = jnp.zeros((1, 4, 16), jnp.bfloat16), jnp.zeros((1, 16, 4, 16), jnp.bfloat16)
-    with pytest.raises(ValueError, match="must divide the 4 kv heads"):
-        pa.paged_attention(q, k, k, jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), heads=3, interpret=True)
-
-
 @pytest.mark.parametrize("q_dtype,pages,compute,warps", [(jnp.bfloat16, jnp.bfloat16, False, 2),
                                                          (jnp.bfloat16, jnp.float8_e4m3fn, True, 1),
                                                          (jnp.float32, jnp.float8_e4m3fn, False, 1)])

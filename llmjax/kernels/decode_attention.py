@@ -53,48 +53,32 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
 
 
 def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
-                  block_h, block_k, chunk, exact, compute_dtype, heads=1):
+                  block_h, block_k, chunk, exact, compute_dtype):
     """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
     of kv head `kv` in row `b` (`[block_h, D]`, padded past `groups`) over that row's keys in split
     `split`, `block_k` at a time, with an online softmax. Full blocks run unmasked; only the last is
     masked. `block_index(b, kv, first, exists)` says where keys `[first, first + block_k)` lie in
     `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
     length. The products take q, K and V in `compute_dtype` (a float8 cache is widened to it).
-
-    `heads` > 1 packs that many neighbouring kv heads into one program (kv is then their group's
-    index): the query rows are their `heads * groups` query heads, and a block's columns are
-    `block_k` tokens x `heads` kv heads (column c: token c // heads, kv head c % heads), gathered as
-    one `[block_k * heads, D]` block. A query row sees only its own kv head's columns (a mask), so the
-    products do `heads` times the useful work on tensor cores, which have it to spare, while a
-    program reads `heads` times more per block and there are `heads` times fewer programs: what a
-    decode row of a few blocks needs with one kv head per query head (Llama-2-7B), where a program of
-    one head pads its one query row to 16.
     Writes the output normalized over this split and its base-2 log-sum-exp (MASKED where no key was
     seen), which `merge_splits` joins across splits.
     lengths_ref [B]; q_ref [B, H, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]."""
     split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     d = q_ref.shape[2]
-    in_group = jnp.arange(block_h) < groups * heads
-    rows = pl.ds(kv * groups * heads, block_h)
-    q = plgpu.load(q_ref.at[b, rows, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    in_group = jnp.arange(block_h) < groups
+    heads = pl.ds(kv * groups, block_h)
+    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
     q = q.astype(compute_dtype)
     start = split * chunk
     stop = jnp.minimum(jnp.minimum(lengths_ref[b], kv_limit), start + chunk)
     scale = LOG2E / math.sqrt(d)
 
-    columns = jnp.arange(block_k * heads)
-    own = None if heads == 1 else \
-        jax.lax.rem(columns, heads)[None, :] == jax.lax.div(jnp.arange(block_h), groups)[:, None]
-
     def step(j, carry, masked):
         first = start + j * block_k
-        exists = first + jax.lax.div(columns, heads) < stop
+        exists = first + jnp.arange(block_k) < stop
         index = block_index(b, kv, first, exists)
-        visible = exists[None, :] if masked else None
-        if own is not None:
-            visible = own if visible is None else own & visible
         return online_softmax_block(q, k_ref.at[index], v_ref.at[index], carry, scale, exact,
-                                    exists if masked else None, visible)
+                                    exists if masked else None, exists[None, :] if masked else None)
 
     keys = jnp.maximum(stop - start, 0)
     full = jax.lax.div(keys, block_k)
@@ -106,8 +90,8 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
     seen = total > 0
     out = acc / jnp.where(seen, total, 1.0)[:, None]
     lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
-    plgpu.store(o_ref.at[b, split, rows, :], out.astype(o_ref.dtype), mask=in_group[:, None])
-    plgpu.store(lse_ref.at[b, split, rows], lse, mask=in_group)
+    plgpu.store(o_ref.at[b, split, heads, :], out.astype(o_ref.dtype), mask=in_group[:, None])
+    plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, **params):
@@ -153,28 +137,24 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 
 def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *, name: str, block_k: int,
                   splits: int | None, num_warps: int, num_stages: int, interpret: bool,
-                  compute_dtype: str | None = None, heads: int = 1) -> jax.Array:
-    """Runs a `split_program` kernel over the grid (splits, kv heads / `heads`, rows), for rows of
-    up to `keys` keys, and merges the splits. The products take `compute_dtype` (None: q's dtype;
-    "float16" for bfloat16 queries over a float8 cache, which widens to float16 in one instruction
-    per pair); `heads` kv heads share a program (`split_program`)."""
+                  compute_dtype: str | None = None) -> jax.Array:
+    """Runs a `split_program` kernel over the grid (splits, kv heads, rows), for rows of up to `keys`
+    keys, and merges the splits. The products take `compute_dtype` (None: q's dtype; "float16" for
+    bfloat16 queries over a float8 cache, which widens to float16 in one instruction per pair)."""
     b, h, d = q.shape
     groups = h // n_kv
-    if heads < 1 or n_kv % heads:
-        raise ValueError(f"{name}: heads={heads} kv heads per program must divide the {n_kv} kv heads")
     compute = jnp.dtype(compute_dtype or q.dtype)
     if compute not in (q.dtype, jnp.dtype(jnp.float16)):
         raise ValueError(f"{name}: compute_dtype must be None (q's dtype) or 'float16', got {compute_dtype!r}")
     if compute.itemsize < q.dtype.itemsize:
         raise ValueError(f"{name}: compute_dtype={compute_dtype!r} would narrow {q.dtype} queries; it is for "
                          "bfloat16 or float16 queries (leave it None for float32)")
-    splits, chunk = split_plan(keys, block_k, b * n_kv // heads, splits)
-    kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups * heads)),
-                               block_k=block_k, chunk=chunk, exact=compute == jnp.float32, compute_dtype=compute,
-                               heads=heads)
+    splits, chunk = split_plan(keys, block_k, b * n_kv, splits)
+    kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
+                               block_k=block_k, chunk=chunk, exact=compute == jnp.float32, compute_dtype=compute)
     out, lse = pl.pallas_call(
         kernel,
-        grid=(splits, n_kv // heads, b),
+        grid=(splits, n_kv, b),
         out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -61,32 +61,29 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size, **params):
     # tables_ref [B, max_pages]; k_ref, v_ref [num_pages * page_size, KV, D] (the pool, pages flattened)
-    block_k, heads, d = params["block_k"], params["heads"], k_ref.shape[2]
+    block_k, d = params["block_k"], k_ref.shape[2]
 
     def block_index(b, kv, first, exists):
-        """Where tokens [first, first + block_k) of kv head `kv` (of kv heads `kv * heads` onwards,
-        column c the token c // heads of head c % heads) sit in the pool: one slice when the block
-        lies in one page and has one head, else a gather of one pool row per column (every index
-        an array, which interpret mode requires of gathers)."""
-        if page_size % block_k == 0 and heads == 1:
+        """Where tokens [first, first + block_k) of kv head `kv` sit in the pool: one slice when the
+        block lies in one page, else a gather of one pool row per token (every index an array,
+        which interpret mode requires of gathers)."""
+        if page_size % block_k == 0:
             page = tables_ref[b, jax.lax.div(first, page_size)]
             return pl.ds(page * page_size + jax.lax.rem(first, page_size), block_k), kv, slice(None)
-        columns = jnp.arange(block_k * heads)
-        tokens = first + jax.lax.div(columns, heads)
+        tokens = first + jnp.arange(block_k)
         pages = plgpu.load(tables_ref.at[b, jax.lax.div(tokens, page_size)], mask=exists, other=0)
         rows = pages * page_size + jax.lax.rem(tokens, page_size)
-        return rows[:, None], (kv * heads + jax.lax.rem(columns, heads))[:, None], jnp.arange(d)[None, :]
+        return rows[:, None], kv, jnp.arange(d)[None, :]
 
     split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
                   kv_limit=tables_ref.shape[1] * page_size, **params)
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
-                                             "heads", "interpret"))
+                                             "interpret"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                     lengths: jax.Array, *, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 5, compute_dtype: str | None = None, heads: int = 1,
-                    interpret: bool = False) -> jax.Array:
+                    num_stages: int = 5, compute_dtype: str | None = None, interpret: bool = False) -> jax.Array:
     """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout).
 
     More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
@@ -99,7 +96,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     return launch_splits(functools.partial(_kernel, page_size=page_size), q, n_kv,
                          block_tables.shape[1] * page_size, operands, name="paged_attention", block_k=block_k,
                          splits=splits, num_warps=num_warps, num_stages=num_stages,
-                         compute_dtype=compute_dtype, heads=heads, interpret=interpret)
+                         compute_dtype=compute_dtype, interpret=interpret)
 
 
 def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
