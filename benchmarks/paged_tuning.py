@@ -9,7 +9,8 @@ Sets `llmjax.kernels.paged_attention.TUNING[DTYPE]` (the keywords of `paged_atte
 num_warps, num_stages, splits, compute_dtype), then runs `llmjax bench` with the rest of
 the arguments in this process, so a variant that `benchmarks/attention.py --only pool` found fast on
 the pool shapes can be measured in the engine before it becomes a default. `@FILE:PAGE` takes the
-fastest row of that file for DTYPE and pages of PAGE tokens among those within 1e-2 of the reference.
+fastest row of that file for DTYPE, pages of PAGE tokens and the engine's 384 rows among those within
+1e-2 of the reference.
 """
 
 import json
@@ -26,7 +27,7 @@ def fastest(dtype: str, where: str) -> dict:
     path, page = where.rsplit(":", 1)
     with open(path) as f:
         rows = [r for r in json.load(f)["rows"] if r.get("section") == "pool" and r["dtype"] == dtype
-                and r["page"] == int(page) and r["error"] < 1e-2]
+                and r["page"] == int(page) and r.get("rows", 384) == 384 and r["error"] < 1e-2]
     if not rows:
         raise SystemExit(f"{path} has no correct pool row for {dtype} at page {page}")
     best = min(rows, key=lambda r: r["us"])
