@@ -1,7 +1,7 @@
 """Where the GPU's time goes, kernel by kernel: a jax profiler trace of a steady-state workload, read
 back with `jax.profiler.ProfileData` and summed per kernel and per kind of kernel.
 
-    PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--json F]
+    PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--json F] [--timeline N]
     PYTHONPATH=. python benchmarks/kernel_profile.py engine --model llama2-7b [--max-slots 384] [--page-size P] [--kv-dtype D]
 
 `decode`: greedy generation at batch 1 (prompt 8, `--gen-len` new tokens), the one-jit loop of
@@ -9,7 +9,9 @@ back with `jax.profiler.ProfileData` and summed per kernel and per kind of kerne
 128 in / 128 out, all queued at once; the trace covers the calls from the first in which every slot
 is busy (or the 10th) to the end, and the table is per call. Kinds are read from kernel names
 (Pallas kernels are named after their functions; cuBLAS and cuDNN kernels by their libraries);
-"gaps" is the trace's span minus the kernels' busy time on the busiest stream.
+"gaps" is the trace's span minus the kernels' busy time on the busiest stream. `--timeline N` also
+prints N kernels in the order they ran from the middle of the trace, each with its duration and the
+idle time before it: which kernels a layer runs, one after another.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def traced(fn) -> tuple[dict, float]:
+def traced(fn, timeline: int = 0) -> tuple[dict, float]:
     """Runs `fn` under the profiler; returns {kernel name: [count, total ns]} on the first GPU, and the
-    span in ns from the first kernel's start to the last kernel's end."""
+    span in ns from the first kernel's start to the last kernel's end. `timeline`: print that many
+    kernels of the busiest stream in order, from the middle of the trace."""
     folder = tempfile.mkdtemp()
     with jax.profiler.trace(folder):
         fn()
@@ -58,14 +61,22 @@ def traced(fn) -> tuple[dict, float]:
         raise SystemExit("the trace has no GPU: this profile reads GPU kernels")
     kernels = collections.defaultdict(lambda: [0, 0.0])
     busy, first, last = collections.Counter(), float("inf"), 0.0
+    events = collections.defaultdict(list)
     for line in plane.lines:
         if not line.name.startswith("Stream"):
             continue
         for e in line.events:
+            events[line.name].append((e.start_ns, e.duration_ns, e.name))
             kernels[e.name][0] += 1
             kernels[e.name][1] += e.duration_ns
             busy[line.name] += e.duration_ns
             first, last = min(first, e.start_ns), max(last, e.start_ns + e.duration_ns)
+    if timeline and busy:
+        ordered = sorted(events[max(busy, key=busy.get)])
+        start = len(ordered) // 2
+        print(f"timeline: {timeline} kernels from the middle of {len(ordered)} (us: idle before, duration)")
+        for (s0, d0, _), (s1, d1, name) in zip(ordered[start - 1:], ordered[start:start + timeline]):
+            print(f"  {(s1 - s0 - d0) / 1e3:7.2f} {d1 / 1e3:8.2f}  {kind_of(name):26s} {name[:100]}")
     return dict(kernels), last - first, max(busy.values(), default=0.0)
 
 
@@ -92,7 +103,7 @@ def decode(args) -> dict:
     params = init_random(args.model, dtype=args.dtype)
     _, _, run = bench.greedy_runner(params, 1, 8, args.gen_len)
     run(args.gen_len)[0].block_until_ready()  # compiles
-    kernels, span, busiest = traced(lambda: run(args.gen_len)[0].block_until_ready())
+    kernels, span, busiest = traced(lambda: run(args.gen_len)[0].block_until_ready(), args.timeline)
     return table(kernels, span, busiest, args.gen_len, "step")
 
 
@@ -132,6 +143,7 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16, help="engine: tokens per KV page")
     parser.add_argument("--kv-dtype", default=None, help="engine: the page pool's dtype (default: the model's)")
     parser.add_argument("--json", help="save the table as JSON")
+    parser.add_argument("--timeline", type=int, default=0, help="decode: print this many kernels in order")
     args = parser.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.mode} {args.model} {args.dtype}")
     result = decode(args) if args.mode == "decode" else engine(args)
