@@ -12,7 +12,8 @@ to read each cache byte once at full bandwidth (flash-decoding):
   rows, what a tensor-core product needs), so each K/V block is loaded once for the whole group;
 - the keys are split into `splits` chunks, each reduced by its own program with an online softmax,
   so a small batch still gives every SM work; each split writes its normalized partial output and
-  its log-sum-exp, and a small jnp epilogue merges the splits (skipped when there is one);
+  its log-sum-exp, and a small jnp epilogue merges the splits (with one split, the kernel writes
+  the result in q's dtype and nothing runs after it);
 - blocks past a row's length are never read, so a cache longer than its rows costs only the launch
   of some idle programs.
 `splits=None` picks enough splits for about `TARGET_PROGRAMS` programs.
@@ -152,10 +153,11 @@ def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *
     splits, chunk = split_plan(keys, block_k, b * n_kv, splits)
     kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
                                block_k=block_k, chunk=chunk, exact=compute == jnp.float32, compute_dtype=compute)
+    # One split writes the result in q's dtype: no convert kernel after it. More write float32 partials.
     out, lse = pl.pallas_call(
         kernel,
         grid=(splits, n_kv, b),
-        out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), q.dtype if splits == 1 else jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,

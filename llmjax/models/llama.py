@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import decode_attention, flash_attention, paged_attention
+from llmjax.kernels import decode_attention, flash_attention, paged_attention, rms_norm
 from llmjax.kernels.dispatch import free_axes, per_device
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
@@ -103,16 +103,23 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """`llmjax.kernels.rms_norm` (one Pallas kernel on cuda and rocm, its jnp reference elsewhere). On
+    a `mesh`, each device normalizes its own rows (`data`), so the kernel never sees a sharded array."""
+
     eps: float
     dtype: Any = jnp.float32
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
         scale = self.param("scale", init, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.reshape((1,) * (x.ndim - 1) + (-1,)) * normed.astype(x.dtype)
+        norm = functools.partial(rms_norm.apply, eps=self.eps)
+        free = free_axes(self.mesh) if self.mesh is not None else ()
+        if not free:
+            return norm(x, scale)
+        rows = P("data" if "data" in free and x.shape[0] % self.mesh.shape["data"] == 0 else None)
+        return per_device(norm, self.mesh, (rows, P()), rows)(x, scale)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -241,10 +248,10 @@ class Block(nn.Module):
         eps, q, mesh = self.config.rms_norm_eps, self.quant, self.mesh
         with jax.named_scope("attention"):
             h, layer_cache = Attention(self.config, self.dtype, q, mesh, name="attn")(
-                RMSNorm(eps, self.dtype, name="attn_norm")(x), cos, sin, positions, layer_cache)
+                RMSNorm(eps, self.dtype, mesh, name="attn_norm")(x), cos, sin, positions, layer_cache)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
+            x = x + Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, mesh, name="mlp_norm")(x))
         return x, layer_cache
 
 
@@ -313,7 +320,7 @@ class Llama(nn.Module):
                 x, layer_cache = block(x, cos, sin, positions, layer_cache)
                 layers.append(layer_cache)
             new_cache = None if cache is None else cache.with_layers(layers)
-        x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
+        x = RMSNorm(c.rms_norm_eps, self.dtype, self.mesh, name="final_norm")(x)
         if logits_at is not None:
             picks = logits_at if logits_at.ndim == 2 else logits_at[:, None]  # [B, M]
             x = jnp.take_along_axis(x, picks[:, :, None], axis=1)  # [B, M, D]
@@ -353,10 +360,11 @@ def embed(config: LlamaConfig, weights: dict, tokens: jax.Array) -> jax.Array:
     return Embed(config.embedding_rows, config.hidden_size).apply({"params": weights["embed"]}, tokens)
 
 
-def head(config: LlamaConfig, weights: dict, x: jax.Array) -> jax.Array:
+def head(config: LlamaConfig, weights: dict, x: jax.Array, mesh: Any = None) -> jax.Array:
     """The final norm and LM head on hidden states `[B, T, D]` -> float32 logits `[B, T, vocab]`, as
-    `Llama` computes them (the pipelined decode applies them to each microbatch leaving the last stage)."""
-    x = RMSNorm(config.rms_norm_eps).apply({"params": weights["final_norm"]}, x)
+    `Llama` computes them (the pipelined decode applies them to each microbatch leaving the last stage,
+    on the model's `mesh`)."""
+    x = RMSNorm(config.rms_norm_eps, mesh=mesh).apply({"params": weights["final_norm"]}, x)
     with jax.named_scope("lm_head"):
         if config.tie_word_embeddings:
             logits = Embed(config.embedding_rows, config.hidden_size).apply(
