@@ -64,7 +64,8 @@ def _dot(bm, bn, bk, sp, nw, ns=3):
 CANDIDATES = {
     # one row: the packed float16 kernel first (experimental, never measured before), then along the
     # first sweep's trend (narrower outputs, longer K steps, more K slices)
-    1: [_hfma2(64, 256, 16, 4), _hfma2(32, 256, 16, 4), _hfma2(64, 512, 16, 4), _hfma2(128, 256, 16, 8),
+    1: [_hfma2(64, 256, 16, 4), _hfma2(32, 256, 16, 4), _hfma2(64, 512, 16, 4), _hfma2(32, 512, 16, 4),
+        _hfma2(16, 512, 16, 2), _hfma2(128, 256, 16, 8),
         _fma(32, 256, 16, 4), _fma(32, 512, 16, 4), _fma(64, 512, 16, 4), _fma(64, 256, 32, 4),
         _fma(32, 256, 32, 2), _fma(64, 512, 8, 4), _fma(16, 512, 16, 2), _fma(64, 256, 16, 2),
         _fma(64, 256, 16, 8), _fma(64, 256, 16, 4, 1), _fma(128, 512, 16, 8), _fma(32, 1024, 8, 4)],

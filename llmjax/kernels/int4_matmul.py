@@ -119,6 +119,8 @@ DECODE_FMA = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, 
 DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=128, splits=8, num_warps=4, num_stages=3)
 PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 _one_row_kind = "hfma2"
+# The packed kernel's configuration per weight shape (K, N) where it differs from DECODE_PACKED.
+ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {}
 
 
 def set_one_row_kind(kind: str) -> None:
@@ -130,14 +132,16 @@ def set_one_row_kind(kind: str) -> None:
     _one_row_kind = kind
 
 
-def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, platform: str = "cuda") -> Int4Config:
-    """The configuration `int4_matmul` uses for `m` rows of `dtype` when none is given. The packed
-    float16 kernel serves one and two rows on cuda unless the weights have zero points or x is
-    float32 (whose user asked for float32 products)."""
+def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, platform: str = "cuda",
+                   shape: tuple[int, int] | None = None) -> Int4Config:
+    """The configuration `int4_matmul` uses for `m` rows of `dtype` and weights of `shape` (K, N) when
+    none is given. The packed float16 kernel serves one and two rows on cuda unless the weights have
+    zero points or x is float32 (whose user asked for float32 products), in `ONE_ROW_BY_SHAPE[shape]`
+    where the shape has its own."""
     if m <= FMA_MAX_ROWS:
         packed = (_one_row_kind == "hfma2" and platform == "cuda" and not asymmetric
                   and jnp.dtype(dtype) != jnp.float32)
-        return DECODE_PACKED if packed else DECODE_FMA
+        return ONE_ROW_BY_SHAPE.get(shape, DECODE_PACKED) if packed else DECODE_FMA
     return DECODE_DOT if m <= 16 else PREFILL
 
 
@@ -387,7 +391,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         raise ValueError(f"int4_matmul takes x [M, K] = {x.shape}, values uint32 [N, K/8], scales and zeros "
                          f"[N, K/group]; got values {values.dtype}{list(values.shape)}, scales "
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
-    config = config or default_config(m, asymmetric=zeros is not None, dtype=x.dtype)
+    config = config or default_config(m, asymmetric=zeros is not None, dtype=x.dtype, shape=(k, n))
     config.check(group_size)
     if config.kind == "hfma2" and zeros is not None:
         raise ValueError("the hfma2 int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
@@ -436,7 +440,8 @@ def matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     zeros = None if qw.zeros is None else qw.zeros.reshape(n, -1)
 
     def kernel(x, values, scales, zeros, platform="cuda"):
-        config = default_config(x.shape[0], asymmetric=zeros is not None, dtype=x.dtype, platform=platform)
+        config = default_config(x.shape[0], asymmetric=zeros is not None, dtype=x.dtype, platform=platform,
+                                shape=(x.shape[1], values.shape[0]))
         return int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config)
 
     def reference(x, values, scales, zeros):

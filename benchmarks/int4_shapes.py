@@ -1,0 +1,86 @@
+"""Batch-1 int4 decode end to end under per-shape configurations of the one-row kernel.
+
+    PYTHONPATH=. python benchmarks/int4_shapes.py --model llama2-7b --out DIR [--variants a,b] [--rounds 2]
+
+Each variant sets `int4_matmul.ONE_ROW_BY_SHAPE` (the packed kernel's configuration per weight shape
+(K, N)) and times `llmjax.bench` on the same random int4-g128 weights, in one process, with the
+bandwidth measured once. Variants run in turn for `--rounds` rounds, so drift shows as the spread of
+one variant between rounds. Writes `int4_shapes.json` into DIR and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import jax
+
+from llmjax import bench
+from llmjax.kernels import int4_matmul as K
+
+
+def packed(bn, bk, sp, nw=4, ns=3):
+    return K.Int4Config("hfma2", block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
+
+
+def variants(config) -> dict[str, dict]:
+    """(K, N) of the four projections of a layer, and the variants over them."""
+    d, f = config.hidden_size, config.intermediate_size
+    qkv = (d, (config.num_heads + 2 * config.num_kv_heads) * config.head_dim)
+    o, gate_up, down = (config.num_heads * config.head_dim, d), (d, 2 * f), (f, d)
+    narrow = (o, down)  # few outputs: the shapes that read slowest in the model
+    return {
+        "default": {},
+        "narrow bn32": {s: packed(32, 512, 16) for s in narrow},
+        "narrow bk256": {s: packed(64, 256, 16) for s in narrow},
+        "narrow bn32 bk256 sp32": {s: packed(32, 256, 32) for s in narrow},
+        "narrow sp32": {s: packed(64, 512, 32) for s in narrow},
+        "narrow bn32 warps2": {s: packed(32, 512, 16, 2) for s in narrow},
+        "narrow bn16 warps2": {s: packed(16, 512, 16, 2) for s in narrow},
+        "wide bn32": {s: packed(32, 512, 16) for s in (qkv, gate_up)},
+        "wide bn128 warps8": {s: packed(128, 512, 16, 8) for s in (qkv, gate_up)},
+        "all bn32": {s: packed(32, 512, 16) for s in (qkv, o, gate_up, down)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--dtype", default="int4-g128")
+    parser.add_argument("--variants", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gen-len", type=int, default=256)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    config = bench._model_config(args.model, args.dtype)
+    params = bench.random_params(config, args.dtype, 0)
+    table = variants(params.config)
+    names = args.variants.split(",") if args.variants else list(table)
+    bandwidth = bench.measure_bandwidth()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} {args.dtype}, "
+          f"bandwidth {bandwidth / 1e12:.2f} TB/s")
+    results = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in names:
+            K.ONE_ROW_BY_SHAPE.clear()
+            K.ONE_ROW_BY_SHAPE.update(table[name])
+            jax.clear_caches()  # the table is read when the loop is traced
+            r = bench.bench(args.model, dtype=args.dtype, params=params, bandwidth=bandwidth, gen_len=args.gen_len)
+            results[name].append(r.decode_tok_s)
+            print(f"round {round_} {name:26s} {r.decode_tok_s:7.1f} tok/s ({r.decode_ms_per_step:.3f} ms/step, "
+                  f"{100 * r.fraction_of_bound:.1f}% of bound)", flush=True)
+    print("\nvariant                     median tok/s  runs")
+    for name, runs in results.items():
+        print(f"{name:26s} {statistics.median(runs):9.1f}    {', '.join(f'{x:.1f}' for x in runs)}")
+    with open(os.path.join(args.out, "int4_shapes.json"), "w") as f:
+        json.dump({"model": args.model, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+                   "jax": jax.__version__, "tok_s": results,
+                   "variants": {n: {f"{k}x{n_}": vars(c) for (k, n_), c in table[n].items()} for n in names}},
+                  f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
