@@ -33,6 +33,7 @@ def variants(config) -> dict[str, dict]:
     narrow = (o, down)  # few outputs: the shapes that read slowest in the model
     return {
         "default": {},
+        "bn64 everywhere": {s: K.DECODE_PACKED for s in (qkv, o, gate_up, down)},
         "narrow bn32": {s: packed(32, 512, 16) for s in narrow},
         "narrow bk256": {s: packed(64, 256, 16) for s in narrow},
         "narrow bn32 bk256 sp32": {s: packed(32, 256, 32) for s in narrow},

@@ -121,6 +121,23 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
     assert "__gpu$xla.gpu.triton" in text
 
 
+def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_tuned():
+    from llmjax.kernels import int4_matmul as module
+
+    # Llama-2-7B: q/k/v (4096x12288), o (4096x4096) and down (11008x4096) narrow; gate/up stays 64 wide
+    for shape, width in (((4096, 12288), 32), ((4096, 4096), 32), ((11008, 4096), 32), ((4096, 22016), 64),
+                         ((8192, 28672), 64)):
+        assert module.default_config(1, shape=shape).block_n == width
+    assert module.default_config(1).block_n == 64  # no shape given
+    assert module.default_config(1, dtype=jnp.float32, shape=(4096, 4096)) == module.DECODE_FMA
+    own = Int4Config("hfma2", block_n=16, block_k=512, splits=8, num_warps=2)
+    module.ONE_ROW_BY_SHAPE[(4096, 4096)] = own
+    try:
+        assert module.default_config(1, shape=(4096, 4096)) == own
+    finally:
+        del module.ONE_ROW_BY_SHAPE[(4096, 4096)]
+
+
 def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switched():
     from llmjax.kernels import int4_matmul as module
 

@@ -115,6 +115,12 @@ FMA_MAX_ROWS = 2
 TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs (when splits is None)
 MIN_STEPS = 2
 DECODE_PACKED = Int4Config("hfma2", block_n=64, block_k=512, splits=16, num_warps=4, num_stages=3)
+# A matrix that gives DECODE_PACKED fewer than NARROW_PROGRAMS programs takes 32-wide output blocks
+# (twice the programs): in Llama-2-7B that is q/k/v, o and down, and batch-1 decode went from 504 to
+# 512-515 tok/s on the H200, where 8192x28672 (7168 programs) keeps 64 (2.32 TB/s against 1.99 with
+# 32; benchmarks/int4_shapes.py and int4_matmul.py, BENCHMARKS.md "Sixth session").
+DECODE_PACKED_NARROW = dataclasses.replace(DECODE_PACKED, block_n=32)
+NARROW_PROGRAMS = 2048
 DECODE_FMA = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, num_stages=3)
 DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=128, splits=8, num_warps=4, num_stages=3)
 PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
@@ -137,11 +143,21 @@ def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, plat
     """The configuration `int4_matmul` uses for `m` rows of `dtype` and weights of `shape` (K, N) when
     none is given. The packed float16 kernel serves one and two rows on cuda unless the weights have
     zero points or x is float32 (whose user asked for float32 products), in `ONE_ROW_BY_SHAPE[shape]`
-    where the shape has its own."""
+    where the shape has its own, else in 32-wide output blocks when 64-wide ones would give fewer than
+    `NARROW_PROGRAMS` programs."""
     if m <= FMA_MAX_ROWS:
         packed = (_one_row_kind == "hfma2" and platform == "cuda" and not asymmetric
                   and jnp.dtype(dtype) != jnp.float32)
-        return ONE_ROW_BY_SHAPE.get(shape, DECODE_PACKED) if packed else DECODE_FMA
+        if not packed:
+            return DECODE_FMA
+        if shape in ONE_ROW_BY_SHAPE:
+            return ONE_ROW_BY_SHAPE[shape]
+        if shape is not None:
+            k, n = shape
+            c = DECODE_PACKED
+            if pl.cdiv(n, c.block_n) * min(c.splits, pl.cdiv(k, c.block_k)) < NARROW_PROGRAMS:
+                return DECODE_PACKED_NARROW
+        return DECODE_PACKED
     return DECODE_DOT if m <= 16 else PREFILL
 
 
