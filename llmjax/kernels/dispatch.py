@@ -70,6 +70,12 @@ def free_axes(mesh) -> frozenset:
     return frozenset(a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1)
 
 
+def data_axis(mesh, free, rows: int) -> str | None:
+    """`data` when it is among the `free` axes of `mesh` (`free_axes`) and `rows` split evenly over it:
+    the axis a per-device call splits its rows over; None keeps every row on every device."""
+    return "data" if "data" in free and rows % mesh.shape["data"] == 0 else None
+
+
 def _manual_context():
     """The mesh of the enclosing `shard_map` (None outside one) and its manual axes."""
     context = jax.sharding.get_abstract_mesh()

@@ -60,7 +60,7 @@ def _sharded_product(x2, qw: QuantizedWeight, mesh, axes: tuple, num_out_dims: i
         raise ValueError(f"a quantized kernel with logical axes {axes} splits a minor input axis "
                          f"({spec}); only its major input axis may be split")
     free = dispatch.free_axes(mesh)
-    rows = "data" if "data" in free and x2.shape[0] % mesh.shape["data"] == 0 else None
+    rows = dispatch.data_axis(mesh, free, x2.shape[0])
 
     def local(x2, qw):
         y = _product(x2, qw)

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
 from llmjax.kernels import decode_attention, flash_attention, paged_attention, rms_norm
-from llmjax.kernels.dispatch import free_axes, per_device
+from llmjax.kernels.dispatch import data_axis, free_axes, per_device
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
@@ -118,7 +118,7 @@ class RMSNorm(nn.Module):
         free = free_axes(self.mesh) if self.mesh is not None else ()
         if not free:
             return norm(x, scale)
-        rows = P("data" if "data" in free and x.shape[0] % self.mesh.shape["data"] == 0 else None)
+        rows = P(data_axis(self.mesh, free, x.shape[0]))
         return per_device(norm, self.mesh, (rows, P()), rows)(x, scale)
 
 
@@ -137,7 +137,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     """
     free = free_axes(mesh) if mesh is not None else ()
     if "data" in free or "tensor" in free:
-        batch = "data" if "data" in free and q.shape[0] % mesh.shape["data"] == 0 else None
+        batch = data_axis(mesh, free, q.shape[0])
         heads = P(batch, None, "tensor" if "tensor" in free else None, None)
         rows = P(batch, None)
         return per_device(attention, mesh, (heads, heads, heads, rows, rows), heads)(q, k, v, q_pos, k_pos)
