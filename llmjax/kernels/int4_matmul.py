@@ -116,9 +116,10 @@ TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs (
 MIN_STEPS = 2
 DECODE_PACKED = Int4Config("hfma2", block_n=64, block_k=512, splits=16, num_warps=4, num_stages=3)
 # A matrix that gives DECODE_PACKED fewer than NARROW_PROGRAMS programs takes 32-wide output blocks
-# (twice the programs): in Llama-2-7B that is q/k/v, o and down, and batch-1 decode went from 504 to
-# 512-515 tok/s on the H200, where 8192x28672 (7168 programs) keeps 64 (2.32 TB/s against 1.99 with
-# 32; benchmarks/int4_shapes.py and int4_matmul.py, BENCHMARKS.md "Sixth session").
+# (twice the programs): in Llama-2-7B that is q/k/v, o and down, and batch-1 decode went from 506 to
+# 522 tok/s on the H200 (13B: 314 to 319), where 8192x28672 (7168 programs) keeps 64 (2.32 TB/s
+# against 1.99 with 32; benchmarks/int4_shapes.py and int4_matmul.py, BENCHMARKS.md "Sixth session").
+# The count is estimated as `int4_matmul` would split K at group sizes up to block_k.
 DECODE_PACKED_NARROW = dataclasses.replace(DECODE_PACKED, block_n=32)
 NARROW_PROGRAMS = 2048
 DECODE_FMA = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, num_stages=3)
