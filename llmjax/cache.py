@@ -23,8 +23,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from llmjax.config import LlamaConfig
+from llmjax.kernels import page_write
 
 
 @jax.tree_util.register_dataclass
@@ -129,10 +131,11 @@ class PagedLayer:
     v: jax.Array
     batch: PagedBatch
 
-    def write(self, k: jax.Array, v: jax.Array) -> "PagedLayer":
-        """Writes the step's keys and values `[N, KV, D]` into their slots."""
-        return PagedLayer(write_pages(self.k, k, self.batch.slots), write_pages(self.v, v, self.batch.slots),
-                          self.batch)
+    def write(self, k: jax.Array, v: jax.Array, mesh=None) -> "PagedLayer":
+        """Writes the step's keys and values `[N, KV, D]` into their slots (`llmjax.kernels.page_write`:
+        one kernel for both on cuda and rocm). On a `mesh` whose `tensor` axis splits the pool's kv
+        heads (as the engine places it), each device writes its own heads."""
+        return PagedLayer(*_write_pages(self.k, self.v, k, v, self.batch.slots, mesh), self.batch)
 
 
 @jax.tree_util.register_dataclass
@@ -159,21 +162,16 @@ def page_slots(tables: jax.Array, positions: jax.Array, valid: jax.Array, page_s
     return jnp.where(valid, pages * page_size + positions % page_size, num_pages * page_size)
 
 
-def write_pages(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """`pages` `[num_pages, page_size, KV, D]` with `new` `[N, KV, D]` written at flat `slots` `[N]`;
-    slots past the pool's end are dropped."""
-    flat = pages.reshape(-1, *pages.shape[2:])
-    return flat.at[slots].set(narrow(new, pages.dtype), mode="drop").reshape(pages.shape)
+def _write_pages(k_pages, v_pages, k, v, slots, mesh):
+    from llmjax.kernels.dispatch import free_axes, per_device
 
-
-def narrow(x: jax.Array, dtype) -> jax.Array:
-    """`x` in the cache's `dtype`; into float8 it saturates at the largest finite value (a plain
-    cast would make NaN of anything past it)."""
-    dtype = jnp.dtype(dtype)
-    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
-        top = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -top, top)
-    return x.astype(dtype)
+    if mesh is None or not free_axes(mesh):
+        return page_write.apply(k_pages, v_pages, k, v, slots)
+    if "tensor" not in free_axes(mesh) or k_pages.shape[2] % mesh.shape["tensor"]:
+        return page_write.write_pages_reference(k_pages, v_pages, k, v, slots)
+    pool, new = P(None, None, "tensor", None), P(None, "tensor", None)
+    return per_device(page_write.apply, mesh, (pool, pool, new, new, P()), (pool, pool))(
+        k_pages, v_pages, k, v, slots)
 
 
 def gather_pages(pages: jax.Array, tables: jax.Array) -> jax.Array:

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         k = apply_rope(qkv[:, :, :, g], cos, sin)
         v = qkv[:, :, :, g + 1]
         if isinstance(layer_cache, kv.PagedLayer):  # the engine's step: a page pool
-            layer_cache = layer_cache.write(k[0], v[0])
+            layer_cache = layer_cache.write(k[0], v[0], self.mesh)
             out = paged_step_attention(q, positions, layer_cache, self.mesh)
         elif layer_cache is None:  # scoring a whole sequence: attend within it
             out = attention(q, k, v, positions, positions, self.mesh)
