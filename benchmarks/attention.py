@@ -61,6 +61,11 @@ FLASH_CONFIGS = [dict(block_q=128, block_k=128, num_warps=8, num_stages=3),  # t
                  dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
                  dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
                  dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+FLASH_GRID = [dict(block_q=64, block_k=128, num_warps=4, num_stages=3),  # --prefill-grid adds these
+              dict(block_q=64, block_k=128, num_warps=4, num_stages=2),
+              dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
+              dict(block_q=64, block_k=64, num_warps=4, num_stages=4),
+              dict(block_q=128, block_k=128, num_warps=4, num_stages=2)]
 DECODE_CONFIGS = [dict(block_k=64, splits=None, num_warps=4, num_stages=3),  # the default
                   dict(block_k=128, splits=None, num_warps=4, num_stages=3),
                   dict(block_k=32, splits=None, num_warps=4, num_stages=4),
@@ -374,7 +379,22 @@ def pool_shape(report: Report, bandwidth: float, smoke: bool, rows: int, heads: 
 # ---------------------------------------------------------------- 3. prefill, 4. decode
 
 
-def run_prefill(report: Report, best: dict, smoke: bool) -> None:
+def upstream_mosaic(grid: bool) -> dict:
+    """JAX's own Hopper example kernel (`jax.experimental.pallas.ops.gpu.attention_mgpu`, Mosaic GPU,
+    FlashAttention-3's scheme), as a peer: what TMA, wgmma and warp specialization reach on these
+    shapes. Empty where it does not import."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as upstream
+    except Exception:  # not every jax has it
+        return {}
+    blocks = ((64, 128), (64, 64)) if grid else ((64, 128),)
+    return {f"jax attention_mgpu q{bq} kv{bkv} (float16)": functools.partial(  # it takes float16 only
+        lambda q, k, v, c: upstream.attention(*(x.astype(jnp.float16) for x in (q, k, v)), c),
+        c=upstream.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=2, causal=True))
+        for bq, bkv in blocks}
+
+
+def run_prefill(report: Report, best: dict, smoke: bool, grid: bool = False) -> None:
     report.say("3. prefill attention, causal, 32 q / 8 kv heads, head dim 128, bf16 "
                "(batch = 16k tokens / context)")
     for t in (2048, 8192, 32768) if not smoke else (64,):
@@ -390,15 +410,25 @@ def run_prefill(report: Report, best: dict, smoke: bool) -> None:
         if not smoke:
             impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                           implementation="cudnn")
+            impls.update(upstream_mosaic(grid))
+            if grid:
+                for config in FLASH_CONFIGS[1:] + FLASH_GRID:
+                    impls[f"flash {_short(config)}"] = functools.partial(
+                        lambda q, k, v, c: fa.flash_attention(q, k, v, zeros, full, **c), c=config)
+        want = None
         for name, fn in impls.items():
             try:
+                out = jax.jit(fn)(q, k, v)
+                want = out if want is None else want
                 s = seconds_per_call(fn, q, [(k, v)])
             except Exception as e:
                 report.say(f"  {t:6d} x{b} {name:24s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
                 continue
             tflops = flash_flops(b, t) / s / 1e12
-            report.say(f"  {t:6d} x{b} {name:24s} {s * 1e3:8.2f} ms  {tflops:6.1f} TFLOP/s")
-            report.row(section="prefill", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops)
+            err = error(out, want)
+            report.say(f"  {t:6d} x{b} {name:24s} {s * 1e3:8.2f} ms  {tflops:6.1f} TFLOP/s  "
+                       f"(differs from the kernel's output by {err:.1e})")
+            report.row(section="prefill", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops, error=err)
         if scores_gb >= 40:
             report.say(f"  {t:6d} x{b} xla einsum (reference)  skipped: its f32 scores would take "
                        f"{scores_gb:.0f} GB")
@@ -480,6 +510,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (a CPU dry run)")
+    parser.add_argument("--prefill-grid", action="store_true",
+                        help="prefill: more flash tunings, and JAX's Mosaic GPU example at two block sizes")
     parser.add_argument("--pool-sweep", action="store_true", help="pool: every tuning on the engine's rows")
     args = parser.parse_args()
     only = args.only.split(",")
@@ -504,7 +536,7 @@ def main():
         elif section == "sweep":
             best = run_sweeps(report, args.smoke)
         elif section == "prefill":
-            run_prefill(report, best, args.smoke)
+            run_prefill(report, best, args.smoke, args.prefill_grid)
         elif section == "decode":
             run_decode(report, best, bandwidth, args.smoke)
         elif section == "pool":

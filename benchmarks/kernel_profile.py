@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import re
@@ -71,6 +72,9 @@ def traced(fn, timeline: int = 0) -> tuple[dict, float]:
             kernels[e.name][1] += e.duration_ns
             busy[line.name] += e.duration_ns
             first, last = min(first, e.start_ns), max(last, e.start_ns + e.duration_ns)
+    if busy:
+        longest = idle_histogram(sorted(events[max(busy, key=busy.get)]))
+        host_during(data, longest[:HOST_WINDOWS])
     if timeline and busy:
         ordered = sorted(events[max(busy, key=busy.get)])
         start = len(ordered) // 2
@@ -78,6 +82,51 @@ def traced(fn, timeline: int = 0) -> tuple[dict, float]:
         for (s0, d0, _), (s1, d1, name) in zip(ordered[start - 1:], ordered[start:start + timeline]):
             print(f"  {(s1 - s0 - d0) / 1e3:7.2f} {d1 / 1e3:8.2f}  {kind_of(name):26s} {name[:100]}")
     return dict(kernels), last - first, max(busy.values(), default=0.0)
+
+
+IDLE_EDGES_US = (2, 10, 100, 1000)
+LONGEST_IDLES = 12
+HOST_WINDOWS, HOST_EVENTS = 2, 25
+
+
+def idle_histogram(ordered: list) -> list:
+    """The idle time between consecutive kernels of one stream, by length: many short idles are launch
+    latency between kernels; a few long ones are the host between device calls."""
+    counts, sums = [0] * (len(IDLE_EDGES_US) + 1), [0.0] * (len(IDLE_EDGES_US) + 1)
+    for (s0, d0, _), (s1, _, _) in zip(ordered, ordered[1:]):
+        idle = max(0.0, (s1 - s0 - d0) / 1e3)
+        i = sum(idle >= edge for edge in IDLE_EDGES_US)
+        counts[i] += 1
+        sums[i] += idle
+    labels = [f"< {IDLE_EDGES_US[0]} us"] + [f"{a}-{b} us" for a, b in zip(IDLE_EDGES_US, IDLE_EDGES_US[1:])] + \
+        [f">= {IDLE_EDGES_US[-1]} us"]
+    print("idle between kernels on the busiest stream (count, total us):")
+    for label, count, total in zip(labels, counts, sums):
+        print(f"  {label:12s} {count:8d} {total:12.1f}")
+    pairs = sorted(zip(ordered, ordered[1:]), key=lambda p: p[0][0] + p[0][1] - p[1][0])[:LONGEST_IDLES]
+    print(f"the {len(pairs)} longest idles (us: idle, the kernel before it, the kernel after it):")
+    for (s0, d0, before), (s1, _, after) in sorted(pairs):
+        print(f"  {(s1 - s0 - d0) / 1e3:10.1f}  {before[:60]:60s} {after[:60]}")
+    return [(s0 + d0, s1) for (s0, d0, _), (s1, _, _) in pairs]
+
+
+def host_during(data, windows: list) -> None:
+    """What the host threads did while the GPU idled: for each window, the longest host events that
+    overlap it (the profiler's host planes carry the runtime's and Python's trace events)."""
+    for begin, end in windows:
+        found = []
+        for plane in data.planes:
+            if not plane.name.startswith("/host"):
+                continue
+            for line in plane.lines:
+                for e in line.events:
+                    overlap = min(end, e.start_ns + e.duration_ns) - max(begin, e.start_ns)
+                    if overlap > 0.05 * (end - begin):
+                        found.append((overlap, e.duration_ns, line.name, e.name))
+        print(f"host events during the idle of {(end - begin) / 1e3:.1f} us (overlap us, duration us, thread, "
+              "event):")
+        for overlap, duration, thread, name in sorted(found, reverse=True)[:HOST_EVENTS]:
+            print(f"  {overlap / 1e3:10.1f} {duration / 1e3:10.1f}  {thread[:28]:28s} {name[:90]}")
 
 
 def table(kernels: dict, span_ns: float, busiest_ns: float, per: int, unit: str) -> dict:
@@ -117,15 +166,27 @@ def engine(args) -> dict:
                kv_dtype=args.kv_dtype, page_size=args.page_size)
     e.warmup()
     rng = np.random.default_rng(0)
-    for _ in range(args.requests):
-        e.add_request(rng.integers(3, config.vocab_size, 128).tolist(), max_new_tokens=128)
+
+    def queue():
+        for _ in range(args.requests):
+            e.add_request(rng.integers(3, config.vocab_size, 128).tolist(), max_new_tokens=128)
+
+    queue()  # first without the profiler: the wall time a call takes, and where the host spends it
+    stats, start = dataclasses.replace(e.stats), time.perf_counter()
+    while e.pending:
+        e.step()
+    n, wall = e.stats.calls - stats.calls, time.perf_counter() - start
+    print(f"unprofiled: {n} calls in {wall:.2f} s, {wall / n * 1e3:.1f} ms a call: "
+          f"{(e.stats.device_s - stats.device_s) / n * 1e3:.1f} ms in the device call (inputs in, the call, "
+          f"tokens back), {(e.stats.host_s - stats.host_s) / n * 1e3:.1f} ms on the host around it")
+    queue()
     calls = 0
     while len(e._running) < args.max_slots and calls < 10:
         e.step()
         calls += 1
     before = e.stats.calls
     start = time.perf_counter()
-    kernels, span, busiest = traced(lambda: [e.step() for _ in iter(lambda: e.pending, 0)])
+    kernels, span, busiest = traced(lambda: [e.step() for _ in iter(lambda: e.pending, 0)], args.timeline)
     n = e.stats.calls - before
     print(f"{n} calls in {time.perf_counter() - start:.2f} s (profiled)")
     return table(kernels, span, busiest, n, "call")
@@ -143,7 +204,7 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16, help="engine: tokens per KV page")
     parser.add_argument("--kv-dtype", default=None, help="engine: the page pool's dtype (default: the model's)")
     parser.add_argument("--json", help="save the table as JSON")
-    parser.add_argument("--timeline", type=int, default=0, help="decode: print this many kernels in order")
+    parser.add_argument("--timeline", type=int, default=0, help="print this many kernels in order")
     args = parser.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.mode} {args.model} {args.dtype}")
     result = decode(args) if args.mode == "decode" else engine(args)
