@@ -147,7 +147,9 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
 
     shardings = rules.weight_shardings(fitted, mesh, quant)
     num_stages = pipeline.stages(mesh)
-    weights, layers = {}, {}
+    layout = pipeline.stage_layout(fitted, num_stages) if num_stages > 1 else []
+    place_of = {i: (s, j) for s, places in enumerate(layout) for j, i in enumerate(places) if i is not None}
+    weights, places = {}, {}
     for key, tree in groups:
         if key.startswith("layer_"):
             tree = rules.repeat_kv_heads(tree, config, repeat)
@@ -157,14 +159,17 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
             tree = cast_floats(jax.tree.map(np.asarray, tree), dtype)
         if num_stages > 1 and key.startswith("layer_"):
             # onto its stage's devices now, with a stage axis of size 1; stacked below
-            stage, place = divmod(int(key[len("layer_"):]), len(shardings["stages"]))
+            stage, place = place_of[int(key[len("layer_"):])]
             targets = pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"])
-            layers[key] = _put(jax.tree.map(lambda w: np.asarray(w)[None], tree), targets)
+            places[stage, place] = _put(jax.tree.map(lambda w: np.asarray(w)[None], tree), targets)
+            padding = pipeline.padding_layer(jax.tree.map(lambda w: np.asarray(w)[None], tree))
         else:
             # Every process holds the same host arrays and hands each of its devices its shard.
             weights[key] = _put(tree, shardings[key])
     if num_stages > 1:
-        weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
+        for stage, place in ((s, j) for s, p in enumerate(layout) for j, i in enumerate(p) if i is None):
+            places[stage, place] = _put(padding, pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"]))
+        weights["stages"] = pipeline.stack_stages(places, shardings["stages"])
     return weights
 
 
@@ -237,14 +242,16 @@ def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings, quant=None) 
     layers on its own devices, so no device ever holds more than its share."""
     outer = {name: s for name, s in shardings.items() if name != "stages"}
     weights = llama.init_outer(config, key, dtype, outer, quant)
-    per_stage = len(shardings["stages"])
     init = llama.layer_init(config, dtype, quant)
-    layers = {}
-    for stage in range(pipeline.stages(mesh)):
-        # every layer of a stage lands alike ([1, ...] on the stage's devices): one compiled program
-        make = pipeline.run_on_stage(lambda key: jax.tree.map(lambda w: w[None], init(key)),
-                                     pipeline.on_stage(mesh, stage, shardings["stages"]["layer_0"]))
-        for i in range(stage * per_stage, (stage + 1) * per_stage):
-            layers[f"layer_{i}"] = make(llama.layer_key(key, i))
-    weights["stages"] = pipeline.stack_stages(layers, shardings["stages"])
+    places = {}
+    for stage, layers in enumerate(pipeline.stage_layout(config, pipeline.stages(mesh))):
+        # every place of a stage lands alike ([1, ...] on the stage's devices): one compiled program
+        # for its layers, one for its padding (zeros shaped like a layer)
+        targets = pipeline.on_stage(mesh, stage, shardings["stages"]["layer_0"])
+        make = pipeline.run_on_stage(lambda key: jax.tree.map(lambda w: w[None], init(key)), targets)
+        pad = pipeline.run_on_stage(lambda key: pipeline.padding_layer(jax.tree.map(lambda w: w[None], init(key))),
+                                    targets)
+        for place, i in enumerate(layers):
+            places[stage, place] = make(llama.layer_key(key, i)) if i is not None else pad(llama.layer_key(key, 0))
+    weights["stages"] = pipeline.stack_stages(places, shardings["stages"])
     return weights

@@ -36,7 +36,8 @@ def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> j
 def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfig, int]:
     """The config the model runs with on `mesh`, and how many times each kv head is repeated.
 
-    The stage count must divide the layers, and the tensor degree the query heads and the MLP width.
+    The stage count must not exceed the layers (stages that hold fewer layers than others are padded,
+    `pipeline.stage_layout`), and the tensor degree must divide the query heads and the MLP width.
     A vocabulary the tensor degree does not divide is padded with zero rows of the embedding and LM
     head (their logits are dropped). When it exceeds
     the kv heads, each kv head is repeated `tensor / kv_heads` times (an exact rewrite of the weights:

@@ -1,9 +1,13 @@
 """Pipeline parallelism: the layers split into consecutive stages over the mesh axis `stage`; the
 activations go from stage to stage with `ppermute`; tensor parallelism works inside each stage.
 
-Layout. With L layers over S stages, stage s holds layers s*L/S .. (s+1)*L/S - 1. Their weights are
-stacked by their place j in the stage: `weights["stages"][f"layer_{j}"]` has a leading axis of size S
-(the logical axis `layers`, mapped onto `stage`) whose entry s is model layer s*L/S + j. Inside
+Layout. With L layers over S stages (S <= L), every stage has n = ceil(L/S) places and holds
+consecutive layers: stage s holds layers s*n .. s*n + n - 1 when S divides L. Otherwise the last
+S - (L mod S) stages hold n - 1 layers and end in a padding place (`stage_layout`): a block of zero
+weights, which passes its input through exactly, so any stage count up to L works, at the cost of
+the padding places' reads and ticks. The weights are stacked by their place j in the stage:
+`weights["stages"][f"layer_{j}"]` has a leading axis of size S (the logical axis `layers`, mapped
+onto `stage`) whose entry s is stage s's place j. Inside
 `shard_map` a stage reads entry 0 of its own shard: a static index of a length-1 axis, so no weight is
 sliced or copied (a scan over stacked layers, which slices them, decoded 2.3x slower on the H200).
 Embedding, final norm and LM head are on every stage (split over `tensor` as without stages).
@@ -26,7 +30,7 @@ microbatch m in slot (m + s) mod M. At tick t every stage then uses slot t mod M
 array, so no cache rows are sliced out and written back.
 
 Left out: interleaved (virtual) stages and 1F1B, which shorten GPipe's fill and matter for
-training; stages of unequal size; keeping the stages full for a batch that does not split into S
+training; keeping the stages full for a batch that does not split into S
 microbatches per `data` shard (it runs the stages in turn).
 """
 
@@ -61,19 +65,45 @@ def microbatch_count(mesh, batch: int) -> int:
 
 
 def layers_per_stage(config: LlamaConfig, num_stages: int) -> int:
-    if config.num_layers % num_stages:
-        raise ValueError(f"stage={num_stages} does not divide the model's {config.num_layers} layers; "
-                         f"choose a stage count that divides {config.num_layers}")
-    return config.num_layers // num_stages
+    """Places per stage: ceil(L / S). Stages that hold fewer layers fill the rest with padding."""
+    if num_stages > config.num_layers:
+        raise ValueError(f"stage={num_stages} exceeds the model's {config.num_layers} layers; choose at most "
+                         f"{config.num_layers} stages")
+    return -(-config.num_layers // num_stages)
+
+
+def stage_layout(config: LlamaConfig, num_stages: int) -> list[list[int | None]]:
+    """`layout[s][j]`: the model layer at place j of stage s, or None for a padding place. The first
+    L mod S stages hold ceil(L/S) layers and the others one fewer, each ending in one padding place,
+    so every stage holds consecutive layers and at least one (a stage of padding alone would run
+    a tick for nothing)."""
+    n = layers_per_stage(config, num_stages)
+    longer = config.num_layers - (n - 1) * num_stages  # stages that hold n layers
+    layout, first = [], 0
+    for s in range(num_stages):
+        count = n if s < longer else n - 1
+        layout.append([first + j if j < count else None for j in range(n)])
+        first += count
+    return layout
+
+
+def padding_layer(tree):
+    """A padding place's weights: zeros shaped like a layer's `tree`. A block of zero weights adds
+    zero to the residual stream (its attention and MLP outputs go through zero `o` and `down`
+    products), so it passes its input through exactly."""
+    return jax.tree.map(lambda w: np.zeros(w.shape, w.dtype) if isinstance(w, np.ndarray) else jnp.zeros_like(w),
+                        tree)
 
 
 def group_layers(tree: dict, config: LlamaConfig, num_stages: int, combine: Callable) -> dict:
-    """`tree` (any per-weight tree with `layer_{i}` entries) in the pipeline layout: the `layer_{i}`
-    entries become `stages/layer_{j}` = `combine([stage 0's layer_{j}, stage 1's, ...])`."""
-    n = layers_per_stage(config, num_stages)
+    """`tree` (a per-weight tree of specs or shapes with `layer_{i}` entries, every layer alike) in the
+    pipeline layout: the `layer_{i}` entries become `stages/layer_{j}` = `combine([stage 0's place j,
+    stage 1's, ...])`; a padding place takes layer 0's entry (the same specs and shapes)."""
+    layout = stage_layout(config, num_stages)
     grouped = {key: value for key, value in tree.items() if not key.startswith("layer_")}
-    grouped["stages"] = {f"layer_{j}": combine([tree[f"layer_{s * n + j}"] for s in range(num_stages)])
-                         for j in range(n)}
+    grouped["stages"] = {f"layer_{j}": combine([tree[f"layer_{0 if i is None else i}"] for i in
+                                                (places[j] for places in layout)])
+                         for j in range(len(layout[0]))}
     return grouped
 
 
@@ -104,12 +134,12 @@ def run_on_stage(fn: Callable, shardings) -> Callable:
     return elsewhere
 
 
-def stack_stages(layers: dict, shardings: dict) -> dict:
-    """`stages/layer_j` weights from each layer's own: `layers["layer_i"]` is a tree of arrays
-    `[1, ...]` on its stage's devices (`on_stage`); `shardings` is the stacked layout's. The arrays
-    become shards of the result without a copy, so a model placed a layer at a time never sits whole
-    anywhere."""
-    per_stage = len(shardings)
+def stack_stages(places: dict, shardings: dict) -> dict:
+    """`stages/layer_j` weights from each place's own: `places[s, j]` is a tree of arrays `[1, ...]` on
+    stage s's devices (`on_stage`), a layer's or padding's (`stage_layout`); `shardings` is the
+    stacked layout's. The arrays become shards of the result without a copy, so a model placed a
+    layer at a time never sits whole anywhere."""
+    per_stage, num_stages = len(shardings), len(places) // len(shardings)
 
     def stack(sharding, *parts):
         shards = [shard.data for part in parts for shard in part.addressable_shards]
@@ -117,7 +147,7 @@ def stack_stages(layers: dict, shardings: dict) -> dict:
                                                         dtype=parts[0].dtype)
 
     return {f"layer_{j}": jax.tree.map(stack, shardings[f"layer_{j}"],
-                                       *[layers[f"layer_{i}"] for i in range(j, len(layers), per_stage)])
+                                       *[places[s, j] for s in range(num_stages)])
             for j in range(per_stage)}
 
 
