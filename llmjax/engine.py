@@ -355,6 +355,12 @@ class Engine:
     def __init__(self, params: Params, mesh=None, *, max_slots: int = 256, page_size: int = 16,
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
                  prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None):
+        from llmjax.sharding import pipeline
+
+        if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:
+            raise ValueError("the engine runs on meshes without pipeline stages: its page pool and step are "
+                             "split over `tensor` and `data` only; use a mesh with stage=1 (tensor parallelism "
+                             "serves faster on one host), or llmjax.generate, which runs stages")
         if mesh is not None and params.mesh is None:
             params = shard(params, mesh)
         elif mesh is not None and mesh != params.mesh:

@@ -206,6 +206,14 @@ def test_llm_on_a_mesh_gives_one_devices_tokens(params):
     assert llm.generate(prompts, max_new_tokens=10, progress=False) == expected
 
 
+def _stage_mesh():
+    import jax
+
+    from llmjax.sharding import make_mesh
+
+    return make_mesh(stage=2, devices=jax.devices()[:2])
+
+
 def _engine(params, **options):
     return Engine(params, **{**SMALL, **options})
 
@@ -233,6 +241,7 @@ def _engine(params, **options):
     (lambda p: _engine(p).cancel("x"), "Request handle"),
     (lambda p: _engine(p).cancel(_engine(p).add_request("x", max_new_tokens=4)), "does not belong"),
     (lambda p: LLM(p, **SMALL).generate(["a", "b"], max_new_tokens=[1]), "one per prompt"),
+    (lambda p: _engine(p, mesh=_stage_mesh()), "meshes without pipeline stages"),
     (lambda p: list(_engine(dataclasses.replace(p, tokenizer=None)).stream(None)), "no tokenizer"),
 ])
 def test_bad_input_is_refused_with_a_reason(params, call, match):
