@@ -35,7 +35,7 @@ def _mesh(args):
 
 def _add_mesh_flags(parser) -> None:
     parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree")
-    parser.add_argument("--stage", type=int, default=1, help="pipeline stages (must divide the layers)")
+    parser.add_argument("--stage", type=int, default=1, help="pipeline stages (at most the layers; stages that hold fewer are padded)")
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree")
 
 
