@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax.config import LlamaConfig
 from llmjax.kernels import page_write
+from llmjax.kernels.dispatch import free_axes, per_device
 
 
 @jax.tree_util.register_dataclass
@@ -163,8 +164,8 @@ def page_slots(tables: jax.Array, positions: jax.Array, valid: jax.Array, page_s
 
 
 def _write_pages(k_pages, v_pages, k, v, slots, mesh):
-    from llmjax.kernels.dispatch import free_axes, per_device
-
+    """`page_write.apply` where no mesh axis splits anything; on a mesh, per device when `tensor` splits
+    the pool's kv heads (the engine's placement), else the reference (which GSPMD partitions)."""
     if mesh is None or not free_axes(mesh):
         return page_write.apply(k_pages, v_pages, k, v, slots)
     if "tensor" not in free_axes(mesh) or k_pages.shape[2] % mesh.shape["tensor"]:
