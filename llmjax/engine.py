@@ -61,6 +61,7 @@ from llmjax.generate import (_check_budget, _check_seed, _continuation, _Detoken
                              _parse_prompt, _stop_strings, _token_rows)
 from llmjax.params import Params, shard
 from llmjax.sampling import Sampling, sample
+from llmjax.sharding import pipeline
 
 PAD_ID = -1  # an output slot after a row stopped
 MIN_ROWS = 8  # the fewest decode rows a call is compiled for
@@ -355,8 +356,6 @@ class Engine:
     def __init__(self, params: Params, mesh=None, *, max_slots: int = 256, page_size: int = 16,
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
                  prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None):
-        from llmjax.sharding import pipeline
-
         if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:
             raise ValueError("the engine runs on meshes without pipeline stages: its page pool and step are "
                              "split over `tensor` and `data` only; use a mesh with stage=1 (tensor parallelism "
@@ -696,10 +695,8 @@ class Engine:
         positions[:n] = [r._sequence_len - 1 for r in rows]
         generated[:n] = [len(r.token_ids) for r in rows]
         budget[:n] = [r._budget(self.decode_steps) for r in rows]
-        counts = np.fromiter((len(r._pages) for r in rows), np.int64, n)
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        tables[np.repeat(np.arange(n), counts), np.arange(int(counts.sum())) - starts] = \
-            list(itertools.chain.from_iterable(r._pages for r in rows))
+        for i, request in enumerate(rows):  # a slice a row: 0.1 ms for 410 rows
+            tables[i, :len(request._pages)] = request._pages
         keyed = [i for i, r in enumerate(rows) if r._key is not None]
         if keyed:
             keys[keyed] = np.stack([rows[i]._key for i in keyed])

@@ -161,14 +161,16 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
             # onto its stage's devices now, with a stage axis of size 1; stacked below
             stage, place = place_of[int(key[len("layer_"):])]
             targets = pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"])
-            places[stage, place] = _put(jax.tree.map(lambda w: np.asarray(w)[None], tree), targets)
-            padding = pipeline.padding_layer(jax.tree.map(lambda w: np.asarray(w)[None], tree))
+            layer = jax.tree.map(lambda w: np.asarray(w)[None], tree)
+            places[stage, place] = _put(layer, targets)
+            shapes = jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype), layer)  # for padding
         else:
             # Every process holds the same host arrays and hands each of its devices its shard.
             weights[key] = _put(tree, shardings[key])
     if num_stages > 1:
         for stage, place in ((s, j) for s, p in enumerate(layout) for j, i in enumerate(p) if i is None):
-            places[stage, place] = _put(padding, pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"]))
+            places[stage, place] = _put(pipeline.padding_layer(shapes),
+                                        pipeline.on_stage(mesh, stage, shardings["stages"][f"layer_{place}"]))
         weights["stages"] = pipeline.stack_stages(places, shardings["stages"])
     return weights
 

@@ -88,11 +88,11 @@ def stage_layout(config: LlamaConfig, num_stages: int) -> list[list[int | None]]
 
 
 def padding_layer(tree):
-    """A padding place's weights: zeros shaped like a layer's `tree`. A block of zero weights adds
-    zero to the residual stream (its attention and MLP outputs go through zero `o` and `down`
-    products), so it passes its input through exactly."""
-    return jax.tree.map(lambda w: np.zeros(w.shape, w.dtype) if isinstance(w, np.ndarray) else jnp.zeros_like(w),
-                        tree)
+    """A padding place's weights: zeros shaped like a layer's `tree` (host arrays for shapes, device
+    arrays for traced ones). A block of zero weights adds zero to the residual stream (its attention
+    and MLP outputs go through zero `o` and `down` products), so it passes its input through exactly."""
+    return jax.tree.map(lambda w: np.zeros(w.shape, w.dtype) if isinstance(w, jax.ShapeDtypeStruct)
+                        else jnp.zeros_like(w), tree)
 
 
 def group_layers(tree: dict, config: LlamaConfig, num_stages: int, combine: Callable) -> dict:
