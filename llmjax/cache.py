@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax.config import LlamaConfig
 from llmjax.kernels import page_write
-from llmjax.kernels.dispatch import free_axes, per_device
+from llmjax.kernels.dispatch import free_axes, per_device, splits_heads
 
 
 @jax.tree_util.register_dataclass
@@ -168,7 +168,7 @@ def _write_pages(k_pages, v_pages, k, v, slots, mesh):
     the pool's kv heads (the engine's placement), else the reference (which GSPMD partitions)."""
     if mesh is None or not free_axes(mesh):
         return page_write.apply(k_pages, v_pages, k, v, slots)
-    if "tensor" not in free_axes(mesh) or k_pages.shape[2] % mesh.shape["tensor"]:
+    if not splits_heads(mesh, k_pages.shape[2]):
         return page_write.write_pages_reference(k_pages, v_pages, k, v, slots)
     pool, new = P(None, None, "tensor", None), P(None, "tensor", None)
     return per_device(page_write.apply, mesh, (pool, pool, new, new, P()), (pool, pool))(

@@ -76,6 +76,12 @@ def data_axis(mesh, free, rows: int) -> str | None:
     return "data" if "data" in free and rows % mesh.shape["data"] == 0 else None
 
 
+def splits_heads(mesh, heads: int) -> bool:
+    """Whether `tensor` is among the free axes of `mesh` and divides `heads`: then a call per device
+    over `tensor` sees whole heads (the engine's page pool is split so, by kv heads)."""
+    return mesh is not None and "tensor" in free_axes(mesh) and heads % mesh.shape["tensor"] == 0
+
+
 def _manual_context():
     """The mesh of the enclosing `shard_map` (None outside one) and its manual axes."""
     context = jax.sharding.get_abstract_mesh()

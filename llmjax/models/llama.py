@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
 from llmjax.kernels import decode_attention, flash_attention, paged_attention, rms_norm
-from llmjax.kernels.dispatch import data_axis, free_axes, per_device
+from llmjax.kernels.dispatch import data_axis, free_axes, per_device, splits_heads
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
@@ -151,7 +151,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
     """`paged_attention.attend` on each device's own heads when the pool is split by kv heads over
     `tensor` (as the engine places it), so the kernel never sees a sharded array."""
-    if mesh is None or "tensor" not in free_axes(mesh) or k_pages.shape[2] % mesh.shape["tensor"]:
+    if not splits_heads(mesh, k_pages.shape[2]):
         return paged_attention.attend(q, k_pages, v_pages, tables, lengths)
     heads, pool = P(None, "tensor", None), P(None, None, "tensor", None)
     return per_device(paged_attention.attend, mesh, (heads, pool, pool, P(), P()), heads)(
