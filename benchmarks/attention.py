@@ -23,6 +23,9 @@ Sections, in order (`--only` picks some; each prints its figures as it goes):
    XLA's reference runs at batch 64 only (at batch 1 it measures launches, not attention).
 5. model: prefill tokens/s of the whole Llama-3-8B shape (random weights, bf16) on one 8k prompt,
    with the kernels (`LLMJAX_ATTENTION` unset: the default tuning) and without (`off`).
+6. pool: the engine's decode rows over its page pool (`run_pool`).
+7. chunk: the engine's prompt chunks over its page pool, `paged_prefill` against a gathered copy
+   (`run_chunk`).
 
 Timing: each call runs `ROUNDS` times inside one jit, every round's query depending on the previous
 round's output so nothing is hoisted; the figure is the median of `REPEATS` such runs / rounds.
@@ -376,6 +379,54 @@ def pool_shape(report: Report, bandwidth: float, smoke: bool, rows: int, heads: 
                            **variant, **tuning, us=seconds * 1e6, tb_s=tb_s, error=err)
 
 
+# ---------------------------------------------------------------- the engine's prompt chunks
+
+
+CHUNK_TUNINGS = [dict(), dict(block_k=32), dict(num_stages=2), dict(num_warps=8),
+                 dict(block_k=128, num_warps=8, num_stages=2)]  # the first: paged_prefill's defaults
+
+
+def run_chunk(report: Report, smoke: bool) -> None:
+    """The engine's prompt chunks on Llama-2-7B heads (32 query = kv heads of 128): 128 rows of 64
+    tokens (8192 prefill tokens a call), each the first or the second half of a 128-token prompt
+    (offsets 0 and 64), over block tables 256 tokens wide with the pages scattered; bf16 pages of 16
+    and float8 pages of 64 (the engine's two pools). `paged_prefill` (with `PREFILL_TUNING` under each
+    of `CHUNK_TUNINGS`) against what the engine ran before it: each row's pages gathered into a
+    contiguous copy in q's dtype, then the flash kernel. Each output compared with the reference."""
+    rows, t, heads, width = (128, 64, 32, 256) if not smoke else (4, 16, 2, 64)
+    report.say(f"chunk: {rows} rows x {t} prompt tokens, {heads} heads = kv heads, tables {width} tokens wide")
+    offsets = jnp.asarray(np.arange(rows) % 2 * t, jnp.int32)
+    q = normal(21, (rows, t, heads, HEAD_DIM))
+    for page, dtype in ((16, jnp.bfloat16), (64, jnp.float8_e4m3fn)):
+        name = jnp.dtype(dtype).name
+        max_pages = width // page
+        tables = scattered_tables(22, rows, max_pages)
+        shape = (rows * max_pages, page, heads, HEAD_DIM)
+        k_pages, v_pages = normal(23, shape).astype(dtype), normal(24, shape).astype(dtype)
+        want = pa.paged_prefill_reference(q, k_pages, v_pages, tables, offsets)
+
+        def gathered(q, k_pages, v_pages, tables, offsets):  # the engine's chunks before paged_prefill
+            keys = k_pages[tables].reshape(rows, width, heads, HEAD_DIM).astype(q.dtype)
+            values = v_pages[tables].reshape(rows, width, heads, HEAD_DIM).astype(q.dtype)
+            return fa.flash_attention(q, keys, values, offsets, jnp.full((rows,), width, jnp.int32),
+                                      interpret=smoke)
+
+        variants = [("gather + flash kernel", gathered)] + [
+            (f"paged_prefill {_short(tuning) or 'defaults'}",
+             functools.partial(pa.paged_prefill, interpret=smoke, **{**pa.PREFILL_TUNING.get(name, {}), **tuning}))
+            for tuning in (CHUNK_TUNINGS if not smoke else CHUNK_TUNINGS[:2])]
+        for label, call in variants:
+            try:
+                got = call(q, k_pages, v_pages, tables, offsets)
+                err = error(got, want)
+                seconds = seconds_per_call(call, q, [(k_pages, v_pages, tables, offsets)])
+            except Exception as e:  # a configuration Triton refuses is reported, not fatal
+                report.say(f"  page {page} {name}: {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                continue
+            report.say(f"  page {page} {name:14s} {label:60s} {seconds * 1e6:8.1f} us  error {err:.1e}")
+            report.row(section="chunk", page=page, dtype=name, variant=label, us=seconds * 1e6, error=err)
+
+
 # ---------------------------------------------------------------- 3. prefill, 4. decode
 
 
@@ -502,7 +553,7 @@ def run_model(report: Report, smoke: bool) -> None:
     os.environ.pop("LLMJAX_ATTENTION")
 
 
-SECTIONS = ("check", "sweep", "prefill", "decode", "model", "pool")
+SECTIONS = ("check", "sweep", "prefill", "decode", "model", "pool", "chunk")
 
 
 def main():
@@ -541,6 +592,8 @@ def main():
             run_decode(report, best, bandwidth, args.smoke)
         elif section == "pool":
             run_pool(report, bandwidth, args.smoke, args.pool_sweep)
+        elif section == "chunk":
+            run_chunk(report, args.smoke)
         else:
             run_model(report, args.smoke)
         report.say(f"  ({section} done at {time.perf_counter() - start:.0f} s)")

@@ -135,6 +135,78 @@ def test_paged_attention_matches_paged_attention_reference(case):
     _assert_close(got, want, dtype)
 
 
+# (rows, queries, heads, kv heads, head dim, page size, pages in the pool, max pages, q_offsets, block_q,
+#  block_k, dtype, compute_dtype)
+PREFILL_CASES = {
+    "blocks-within-pages": (3, 20, 4, 2, 32, 16, 30, 5, [0, 37, 60], 16, 16, jnp.float32, None),
+    "pages-of-5-gathered-groups8": (2, 9, 8, 1, 16, 5, 24, 8, [3, 31], 16, 16, jnp.float32, None),
+    "blocks-of-two-pages-groups1": (2, 33, 2, 2, 16, 8, 20, 8, [0, 30], 16, 16, jnp.float32, None),
+    "empty-row-bf16-head-dim-128": (2, 16, 2, 1, 128, 16, 10, 3, [0, 20], 16, 32, jnp.bfloat16, None),
+    "float8-pages-float16-products": (3, 24, 8, 2, 32, 16, 24, 6, [0, 70, 40], 16, 32, jnp.bfloat16, "float16"),
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_paged_prefill_matches_its_reference(case):
+    """Prompt rows over the pool: each row's queries at its offset, its keys through its block table
+    (shuffled pages, junk ids past the row's pages), blocks inside a page or spanning pages, query
+    blocks past the row's end; float8 pages widened to float16."""
+    b, t, h, n_kv, d, page, pool, max_pages, offsets, block_q, block_k, dtype, compute = PREFILL_CASES[case]
+    q, k_pages, v_pages = _normal(t + pool, (b, t, h, d), (pool, page, n_kv, d), (pool, page, n_kv, d), dtype=dtype)
+    if "float8" in case:
+        k_pages, v_pages = k_pages.astype(jnp.float8_e4m3fn), v_pages.astype(jnp.float8_e4m3fn)
+    tables = np.array(jax.random.permutation(jax.random.key(pool), pool))[:b * max_pages].reshape(b, max_pages)
+    for row, offset in enumerate(offsets):
+        used = -(-(offset + t) // page)
+        tables[row, used:] = np.where(np.arange(max_pages - used) % 2, pool - 1, 0)
+    if "empty-row" in case:
+        tables[0] = 0  # a chunk row with no piece: zeros, as the engine leaves it
+    got = pa.paged_prefill(q, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.array(offsets, jnp.int32),
+                           block_q=block_q, block_k=block_k, compute_dtype=compute, interpret=True)
+    want = pa.paged_prefill_reference(q, k_pages, v_pages, jnp.asarray(tables), jnp.array(offsets))
+    assert got.dtype == dtype
+    _assert_close(got, want, dtype)
+
+
+def test_paged_prefill_reference_is_attention_over_the_gathered_sequence():
+    """The definition: what `llama.attention` gives over each row's pages laid end to end, query t of
+    row b at position offsets[b] + t."""
+    b, t, h, n_kv, d, page = 2, 6, 4, 2, 16, 4
+    q, k_pages, v_pages = _normal(1, (b, t, h, d), (12, page, n_kv, d), (12, page, n_kv, d), dtype=jnp.float32)
+    tables = jnp.array([[5, 2, 9], [0, 11, 7]], jnp.int32)
+    offsets = jnp.array([4, 1], jnp.int32)
+    keys = k_pages[tables].reshape(b, -1, n_kv, d)
+    values = v_pages[tables].reshape(b, -1, n_kv, d)
+    q_pos = offsets[:, None] + jnp.arange(t)[None, :]
+    k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+    _assert_close(pa.paged_prefill_reference(q, k_pages, v_pages, tables, offsets),
+                  llama.attention(q, keys, values, q_pos, k_pos), jnp.float32)
+
+
+@pytest.mark.slow
+def test_the_engine_through_the_kernels_gives_the_references_tokens(monkeypatch):
+    """Greedy tokens of the engine with its attention in the kernels (paged decode and the prompt
+    chunks' paged prefill, interpret mode) equal those of the references: prompts spanning several
+    chunk rows and steps, pages that hold whole key blocks (64) and pages gathered token by token (8),
+    a float8 pool, and a (tensor 2, data 2) mesh where each device reads its own kv heads."""
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), max_position_embeddings=96)
+    params = llmjax.init_random(config, seed=4, dtype="float32")
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, config.vocab_size, rng.integers(2, 40)).tolist() for _ in range(5)]
+    small = dict(max_slots=4, prefill_tokens=32, prefill_row=8, decode_steps=3)
+
+    def run(mode, p, **options):
+        monkeypatch.setenv("LLMJAX_ATTENTION", mode)
+        jax.clear_caches()
+        llmjax.engine._EXECUTABLES.clear()
+        return llmjax.LLM(p, **small, **options).generate(prompts, max_new_tokens=5, progress=False)
+
+    mesh = make_mesh(tensor=2, data=2, devices=jax.devices()[:4])
+    for p, options in [(params, dict(page_size=8)), (params, dict(page_size=64, kv_dtype="float8_e4m3fn")),
+                       (llmjax.shard(params, mesh), dict(page_size=8))]:
+        assert run("interpret", p, **options) == run("off", p, **options)
+
+
 def test_float8_pages_stay_close_to_the_exact_result():
     """The price of a float8 cache: e4m3 keeps 3 mantissa bits (~6% per stored value); over a row's
     keys the errors average out to a few percent of the output."""
@@ -150,11 +222,12 @@ def test_float8_pages_stay_close_to_the_exact_result():
 
 
 @pytest.mark.parametrize("platform,device_kind,kernel", [("cuda", "NVIDIA H200", True), ("rocm", "gfx942", False)])
-def test_float8_pages_take_the_kernel_on_cuda_and_the_reference_on_rocm(platform, device_kind, kernel):
+@pytest.mark.parametrize("entry, q", [("attend", (4, 32, 128)), ("attend_prefill", (4, 64, 32, 128))])
+def test_float8_pages_take_the_kernel_on_cuda_and_the_reference_on_rocm(platform, device_kind, kernel, entry, q):
     f8 = jnp.float8_e4m3fn
-    args = (S((4, 32, 128), jnp.bfloat16), S((100, 16, 8, 128), f8), S((100, 16, 8, 128), f8),
+    args = (S(q, jnp.bfloat16), S((100, 16, 8, 128), f8), S((100, 16, 8, 128), f8),
             S((4, 20), jnp.int32), S((4,), jnp.int32))
-    text = _lower(pa.attend, args, platform, device_kind)
+    text = _lower(getattr(pa, entry), args, platform, device_kind)
     assert ("__gpu$xla.gpu.triton" in text) == kernel and "f8E4M3FN" in text
 
 
@@ -238,6 +311,10 @@ LOWERED = {
     "paged_attention": (pa.paged_attention, (S((4, 32, 128), jnp.bfloat16), S((100, 16, 8, 128), jnp.bfloat16),
                                              S((100, 16, 8, 128), jnp.bfloat16), S((4, 20), jnp.int32),
                                              S((4,), jnp.int32))),
+    "paged_prefill_attention": (pa.paged_prefill, (S((8, 64, 32, 128), jnp.bfloat16),
+                                                   S((100, 64, 8, 128), jnp.bfloat16),
+                                                   S((100, 64, 8, 128), jnp.bfloat16), S((8, 4), jnp.int32),
+                                                   S((8,), jnp.int32))),
 }
 
 
@@ -375,6 +452,13 @@ def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatc
     (lambda: pa.paged_attention(jnp.zeros((2, 4, 16), jnp.bfloat16), jnp.zeros((3, 8, 2, 16)),
                                 jnp.zeros((3, 8, 2, 16)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)),
      "one dtype"),
+    (lambda: pa.paged_prefill(jnp.zeros((2, 4, 16)), jnp.zeros((3, 8, 2, 16)), jnp.zeros((3, 8, 2, 16)),
+                              jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,), jnp.int32)), r"q \[B, T, H, D\]"),
+    (lambda: pa.paged_prefill(jnp.zeros((2, 5, 4, 16)), jnp.zeros((3, 8, 2, 16)), jnp.zeros((3, 8, 2, 16)),
+                              jnp.zeros((2, 2), jnp.int32), jnp.zeros((3,), jnp.int32)), r"q_offsets \[B\]"),
+    (lambda: pa.paged_prefill(jnp.zeros((2, 5, 4, 16)), jnp.zeros((3, 8, 2, 16)), jnp.zeros((3, 8, 2, 16)),
+                              jnp.zeros((3, 2), jnp.int32), jnp.zeros((2,), jnp.int32)),
+     r"paged_prefill takes block_tables \[B, max_pages\] with B = 2"),
 ])
 def test_bad_inputs_are_refused_with_the_reason(call, message):
     with pytest.raises(ValueError, match=message):

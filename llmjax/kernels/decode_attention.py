@@ -144,12 +144,7 @@ def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *
     bfloat16 queries over a float8 cache, which widens to float16 in one instruction per pair)."""
     b, h, d = q.shape
     groups = h // n_kv
-    compute = jnp.dtype(compute_dtype or q.dtype)
-    if compute not in (q.dtype, jnp.dtype(jnp.float16)):
-        raise ValueError(f"{name}: compute_dtype must be None (q's dtype) or 'float16', got {compute_dtype!r}")
-    if compute.itemsize < q.dtype.itemsize:
-        raise ValueError(f"{name}: compute_dtype={compute_dtype!r} would narrow {q.dtype} queries; it is for "
-                         "bfloat16 or float16 queries (leave it None for float32)")
+    compute = product_dtype(name, q.dtype, compute_dtype)
     splits, chunk = split_plan(keys, block_k, b * n_kv, splits)
     kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
                                block_k=block_k, chunk=chunk, exact=compute == jnp.float32, compute_dtype=compute)
@@ -164,6 +159,18 @@ def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *
         name=name,
     )(*operands)
     return merge_splits(out, lse, q.dtype)
+
+
+def product_dtype(name: str, q_dtype, compute_dtype: str | None) -> jnp.dtype:
+    """The dtype a kernel's products take: q's (`compute_dtype` None) or float16 for bfloat16 or
+    float16 queries (a float8 cache widens to float16 in one instruction per pair)."""
+    compute = jnp.dtype(compute_dtype or q_dtype)
+    if compute not in (q_dtype, jnp.dtype(jnp.float16)):
+        raise ValueError(f"{name}: compute_dtype must be None (q's dtype) or 'float16', got {compute_dtype!r}")
+    if compute.itemsize < jnp.dtype(q_dtype).itemsize:
+        raise ValueError(f"{name}: compute_dtype={compute_dtype!r} would narrow {q_dtype} queries; it is for "
+                         "bfloat16 or float16 queries (leave it None for float32)")
+    return compute
 
 
 def _check(q, k, v, lengths) -> None:

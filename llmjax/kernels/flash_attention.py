@@ -95,11 +95,17 @@ def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visi
     return acc, new_top, total * rescale + jnp.sum(p, axis=1)
 
 
-def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, block_q, block_k, exact):
-    # offsets_ref, lengths_ref [B]; q_ref, o_ref [B, T, H, D]; k_ref, v_ref [B, S, KV, D]
+def flash_program(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, block_index, *, seq_k, groups,
+                  block_q, block_k, exact, compute_dtype=None):
+    """One program of the causal prefill kernel, for contiguous keys and for keys in a page pool alike:
+    query head `h`, the query block `block` (counted from the end), row `b`. `block_index(b, kv, first,
+    exists)` says where keys `[first, first + block_k)` of kv head `kv` lie in `k_ref`/`v_ref` (the
+    only thing the two kernels do differently); `seq_k` caps a row's keys. The products take q in
+    `compute_dtype` (None: q's dtype), and K and V widened to it (a float8 cache).
+    offsets_ref, lengths_ref [B]; q_ref, o_ref [B, T, H, D]."""
     h, b = pl.program_id(0), pl.program_id(2)
     block = pl.num_programs(1) - 1 - pl.program_id(1)  # the longest query blocks first
-    seq_q, seq_k, d = q_ref.shape[1], k_ref.shape[1], q_ref.shape[3]
+    seq_q, d = q_ref.shape[1], q_ref.shape[3]
     kv = jax.lax.div(h, groups)
     t0 = block * block_q
     offset = offsets_ref[b]
@@ -107,15 +113,17 @@ def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, blo
     rows = t0 + jnp.arange(block_q)
     q_pos = offset + rows
     q = plgpu.load(q_ref.at[b, pl.ds(t0, block_q), h, :], mask=(rows < seq_q)[:, None], other=0.0)
+    q = q.astype(compute_dtype or q.dtype)
     scale = LOG2E / math.sqrt(d)  # scores in base 2: exp2 is the cheaper instruction
 
     def step(j, carry, masked):
-        cols = j * block_k + jnp.arange(block_k)
-        ref_slice = (b, pl.ds(j * block_k, block_k), kv, slice(None))
-        exists = cols < kv_len if masked else None
+        first = j * block_k
+        cols = first + jnp.arange(block_k)
+        exists = cols < kv_len
+        index = block_index(b, kv, first, exists)
         visible = (cols[None, :] <= q_pos[:, None]) & exists[None, :] if masked else None
-        return online_softmax_block(q, k_ref.at[ref_slice], v_ref.at[ref_slice], carry, scale, exact,
-                                    exists, visible)
+        return online_softmax_block(q, k_ref.at[index], v_ref.at[index], carry, scale, exact,
+                                    exists if masked else None, visible)
 
     # Keys [0, full) are visible to every query of the block; [full, end) only to some.
     last_pos = offset + jnp.minimum(t0 + block_q, seq_q) - 1
@@ -128,6 +136,14 @@ def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, *, groups, blo
     sees_a_key = (q_pos >= 0) & (kv_len > 0)  # key 0 is visible, so the sum counts real keys
     out = jnp.where(sees_a_key[:, None], acc / jnp.where(sees_a_key, total, 1.0)[:, None], 0.0)
     plgpu.store(o_ref.at[b, pl.ds(t0, block_q), h, :], out.astype(o_ref.dtype), mask=(rows < seq_q)[:, None])
+
+
+def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, **params):
+    # k_ref, v_ref [B, S, KV, D]: a block is one slice of its row
+    def block_index(b, kv, first, exists):
+        return b, pl.ds(first, params["block_k"]), kv, slice(None)
+    flash_program(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, block_index, seq_k=k_ref.shape[1],
+                  **params)
 
 
 # Defaults: the best of six configurations on the H200 (benchmarks/attention.py, 2 x 8192 tokens, 32

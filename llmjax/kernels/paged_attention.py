@@ -31,8 +31,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llmjax.kernels.decode_attention import decode_attention_reference, launch_splits, split_program
-from llmjax.kernels.flash_attention import FLOAT8, dispatch_attention, supported
+from llmjax.kernels.decode_attention import (decode_attention_reference, launch_splits, product_dtype,
+                                            split_program)
+from llmjax.kernels.flash_attention import (FLOAT8, dispatch_attention, flash_attention_reference, flash_program,
+                                           supported)
 
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
@@ -59,14 +61,13 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
     return decode_attention_reference(q, k, v, lengths)
 
 
-def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size, **params):
-    # tables_ref [B, max_pages]; k_ref, v_ref [num_pages * page_size, KV, D] (the pool, pages flattened)
-    block_k, d = params["block_k"], k_ref.shape[2]
-
+def _page_blocks(tables_ref, page_size: int, block_k: int, d: int):
+    """`block_index(b, kv, first, exists)` for keys in the page pool (`k_ref`, `v_ref` `[num_pages *
+    page_size, KV, D]`, pages flattened; `tables_ref` `[B, max_pages]`): where tokens `[first, first +
+    block_k)` of row b's sequence, kv head `kv`, sit. One slice when the block lies in one page, else
+    a gather of one pool row per token (every index an array, which interpret mode requires of
+    gathers)."""
     def block_index(b, kv, first, exists):
-        """Where tokens [first, first + block_k) of kv head `kv` sit in the pool: one slice when the
-        block lies in one page, else a gather of one pool row per token (every index an array,
-        which interpret mode requires of gathers)."""
         if page_size % block_k == 0:
             page = tables_ref[b, jax.lax.div(first, page_size)]
             return pl.ds(page * page_size + jax.lax.rem(first, page_size), block_k), kv, slice(None)
@@ -74,7 +75,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, pag
         pages = plgpu.load(tables_ref.at[b, jax.lax.div(tokens, page_size)], mask=exists, other=0)
         rows = pages * page_size + jax.lax.rem(tokens, page_size)
         return rows[:, None], kv, jnp.arange(d)[None, :]
+    return block_index
 
+
+def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size, **params):
+    block_index = _page_blocks(tables_ref, page_size, params["block_k"], k_ref.shape[2])
     split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
                   kv_limit=tables_ref.shape[1] * page_size, **params)
 
@@ -100,20 +105,27 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
 
 
 def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
-    b, h, d = q.shape
+    if q.ndim != 3 or lengths.shape != q.shape[:1]:
+        raise ValueError(f"paged_attention takes q [B, H, D] and lengths [B]; got q {q.shape}, lengths "
+                         f"{lengths.shape}")
+    _check_pool("paged_attention", "q [B, H, D]", q, k_pages, v_pages, block_tables)
+
+
+def _check_pool(name, q_layout, q, k_pages, v_pages, block_tables) -> None:
+    """What both kernels ask of the pool and the tables, given q (`q_layout`: its axes, for the message)."""
+    b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape or k_pages.shape[3] != d:
-        raise ValueError(f"paged_attention takes q [B, H, D] and k_pages, v_pages [num_pages, page_size, KV, D] "
-                         f"with the same D; got q {q.shape}, k_pages {k_pages.shape}, v_pages {v_pages.shape}")
+        raise ValueError(f"{name} takes {q_layout} and k_pages, v_pages [num_pages, page_size, KV, D] with the "
+                         f"same D; got q {q.shape}, k_pages {k_pages.shape}, v_pages {v_pages.shape}")
     if h % k_pages.shape[2]:
-        raise ValueError(f"paged_attention: {h} query heads are not a multiple of {k_pages.shape[2]} kv heads")
-    if block_tables.ndim != 2 or block_tables.shape[0] != b or lengths.shape != (b,):
-        raise ValueError(f"paged_attention takes block_tables [B, max_pages] and lengths [B] with B = {b}; got "
-                         f"{block_tables.shape} and {lengths.shape}")
+        raise ValueError(f"{name}: {h} query heads are not a multiple of {k_pages.shape[2]} kv heads")
+    if block_tables.ndim != 2 or block_tables.shape[0] != b:
+        raise ValueError(f"{name} takes block_tables [B, max_pages] with B = {b}; got {block_tables.shape}")
     if not supported(d):
-        raise ValueError(f"paged_attention needs a head dim that is a power of two >= 16, got {d}; "
-                         "use paged_attention_reference")
+        raise ValueError(f"{name} needs a head dim that is a power of two >= 16, got {d}; "
+                         f"use {name}_reference")
     if not (q.dtype == k_pages.dtype or k_pages.dtype == FLOAT8) or k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"paged_attention takes q and the pages in one dtype, or pages in float8_e4m3fn; got "
+        raise ValueError(f"{name} takes q and the pages in one dtype, or pages in float8_e4m3fn; got "
                          f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
 
 
@@ -127,3 +139,81 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: j
         tuning.pop("compute_dtype", None)
     return dispatch_attention(paged_attention, paged_attention_reference, q, k_pages, v_pages, block_tables,
                               lengths, tuning=tuning, rocm_tuning=ROCM_TUNING)
+
+
+# ---------------------------------------------------------------- prefill rows over the pool
+# The engine's prompt chunks: rows of `T` prompt tokens, each attending to its sequence's tokens in
+# the pool (earlier chunks' and its own, written before attention runs). On the H200 with the
+# engine's chunks (rows of 64 tokens over sequences of up to 256): 64-key blocks, 4 warps, 3 stages;
+# float8 pages widened to float16 (BENCHMARKS.md).
+PREFILL_TUNING: dict[str, dict] = {
+    "float8_e4m3fn": dict(compute_dtype="float16"),
+}
+PREFILL_ROCM_TUNING = dict(num_stages=2)
+
+
+def paged_prefill_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                            q_offsets: jax.Array) -> jax.Array:
+    """The definition of `paged_prefill`: each row's pages gathered in order into a contiguous
+    sequence (in q's dtype), then causal attention with query t of row b at position `q_offsets[b] + t`
+    (`flash_attention_reference`; every gathered key exists, causality alone masks)."""
+    b, max_pages = block_tables.shape
+    _, page_size, n_kv, d = k_pages.shape
+    k = k_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
+    v = v_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
+    return flash_attention_reference(q, k, v, q_offsets, jnp.full((b,), max_pages * page_size, jnp.int32))
+
+
+def _prefill_kernel(offsets_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, page_size, **params):
+    block_index = _page_blocks(tables_ref, page_size, params["block_k"], k_ref.shape[2])
+    flash_program(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, block_index,
+                  seq_k=tables_ref.shape[1] * page_size, **params)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "compute_dtype",
+                                             "interpret"))
+def paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                  q_offsets: jax.Array, *, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+                  num_stages: int = 3, compute_dtype: str | None = None, interpret: bool = False) -> jax.Array:
+    """Causal attention for prompt rows whose keys are in the page pool, with the flash kernel reading
+    the pages through the block table (no gathered copy of the keys): q `[B, T, H, D]`, query t of row
+    b at position `q_offsets[b] + t` of the sequence whose pages are `block_tables[b]`; it sees that
+    sequence's tokens at positions <= its own. K and V as in `paged_attention` (float8 pages widen to
+    `compute_dtype`, None: q's dtype). Returns `[B, T, H, D]` in q's dtype."""
+    _check_prefill(q, k_pages, v_pages, block_tables, q_offsets)
+    b, t, h, d = q.shape
+    num_pages, page_size, n_kv, _ = k_pages.shape
+    pool = (num_pages * page_size, n_kv, d)
+    compute = product_dtype("paged_prefill", q.dtype, compute_dtype)
+    block_q = min(block_q, max(16, pl.next_power_of_2(t)))
+    kernel = functools.partial(_prefill_kernel, page_size=page_size, groups=h // n_kv, block_q=block_q,
+                               block_k=block_k, exact=compute == jnp.float32, compute_dtype=compute)
+    offsets = q_offsets.astype(jnp.int32)
+    return pl.pallas_call(
+        kernel,
+        grid=(h, pl.cdiv(t, block_q), b),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_prefill_attention",
+    )(offsets, offsets + t, block_tables.astype(jnp.int32), q, k_pages.reshape(pool), v_pages.reshape(pool))
+
+
+def _check_prefill(q, k_pages, v_pages, block_tables, q_offsets) -> None:
+    if q.ndim != 4 or q_offsets.shape != q.shape[:1]:
+        raise ValueError(f"paged_prefill takes q [B, T, H, D] and q_offsets [B]; got q {q.shape}, q_offsets "
+                         f"{q_offsets.shape}")
+    _check_pool("paged_prefill", "q [B, T, H, D]", q, k_pages, v_pages, block_tables)
+
+
+def attend_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                   q_offsets: jax.Array, **tuning) -> jax.Array:
+    """The engine's entry point for prompt rows: `paged_prefill` on cuda and rocm with
+    `PREFILL_TUNING[pages' dtype]` under `tuning`; the reference elsewhere, and for a head dim or a mix
+    of dtypes the kernel does not take (float8 pages on rocm too). `LLMJAX_ATTENTION` overrides as in
+    `flash_attention.attend`."""
+    tuning = {**PREFILL_TUNING.get(jnp.dtype(k_pages.dtype).name, {}), **tuning}
+    if jnp.dtype(q.dtype).itemsize > 2:
+        tuning.pop("compute_dtype", None)
+    return dispatch_attention(paged_prefill, paged_prefill_reference, q, k_pages, v_pages, block_tables, q_offsets,
+                              tuning=tuning, rocm_tuning=PREFILL_ROCM_TUNING)

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import decode_attention, flash_attention, paged_attention, rms_norm
+from llmjax.kernels import decode_attention, dispatch, flash_attention, paged_attention, rms_norm
 from llmjax.kernels.dispatch import data_axis, free_axes, per_device, splits_heads
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
@@ -158,16 +158,34 @@ def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
         q, k_pages, v_pages, tables, lengths)
 
 
+def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
+    """`paged_attention.attend_prefill` (the prompt rows read their keys through the block table), per
+    device where `tensor` splits the pool's kv heads, as `_paged_decode`. On a mesh whose axes split
+    something else, or with `LLMJAX_PAGED_PREFILL=off`, each row's pages are gathered into a contiguous
+    copy for `attention` (which places the work by itself)."""
+    elsewhere = mesh is not None and free_axes(mesh) and not splits_heads(mesh, k_pages.shape[2])
+    if elsewhere or dispatch.mode("LLMJAX_PAGED_PREFILL") == "off":
+        keys = kv.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
+        values = kv.gather_pages(v_pages, tables).astype(q.dtype)
+        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+        q_pos = offsets[:, None] + jnp.arange(q.shape[1])[None, :]
+        return attention(q, keys, values, q_pos, k_pos, mesh)
+    if not splits_heads(mesh, k_pages.shape[2]):
+        return paged_attention.attend_prefill(q, k_pages, v_pages, tables, offsets)
+    heads, pool = P(None, None, "tensor", None), P(None, None, "tensor", None)
+    return per_device(paged_attention.attend_prefill, mesh, (heads, pool, pool, P(), P()), heads)(
+        q, k_pages, v_pages, tables, offsets)
+
+
 def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer, mesh: Any = None) -> jax.Array:
     """Attention for the engine's flat step `q` `[1, N, H, D]` (see `cache.PagedBatch`), after the
     step's keys and values are in `layer`'s pages.
 
     Decode rows (one token each) go through `paged_attention.attend` (on a GPU a kernel that reads only
     each row's valid pages).
-    Prefill rows (a piece of a prompt each) gather their sequence's pages into one contiguous view
-    and use `attention` with positions as the mask: a prompt token sees every earlier token of its
-    sequence, whether written by an earlier step or by an earlier row of this one. On a `mesh`, both
-    run per device, as `attention` does.
+    Prefill rows (a piece of a prompt each, its positions counting up from the row's first) go through
+    `paged_attention.attend_prefill`: a prompt token sees every earlier token of its sequence, whether
+    written by an earlier step or by an earlier row of this one, read from the pages in place.
     """
     batch, rows = layer.batch, layer.batch.rows
     h, d = q.shape[2:]
@@ -175,11 +193,8 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     if batch.chunk_tables is not None:
         chunk_rows = batch.chunk_tables.shape[0]
         q_chunk = q[0, rows:].reshape(chunk_rows, -1, h, d)
-        q_pos = positions[0, rows:].reshape(chunk_rows, -1)
-        keys = kv.gather_pages(layer.k, batch.chunk_tables).astype(q.dtype)  # [chunk_rows, S, KV, D]
-        values = kv.gather_pages(layer.v, batch.chunk_tables).astype(q.dtype)
-        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-        chunk = attention(q_chunk, keys, values, q_pos, k_pos, mesh)
+        offsets = positions[0, rows:].reshape(chunk_rows, -1)[:, 0]
+        chunk = _paged_chunk(q_chunk, layer.k, layer.v, batch.chunk_tables, offsets, mesh)
         out = jnp.concatenate([out, chunk.reshape(-1, h, d)])
     return out[None]
 
