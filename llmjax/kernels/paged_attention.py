@@ -143,11 +143,14 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: j
 
 # ---------------------------------------------------------------- prefill rows over the pool
 # The engine's prompt chunks: rows of `T` prompt tokens, each attending to its sequence's tokens in
-# the pool (earlier chunks' and its own, written before attention runs). On the H200 with the
-# engine's chunks (rows of 64 tokens over sequences of up to 256): 64-key blocks, 4 warps, 3 stages;
-# float8 pages widened to float16 (BENCHMARKS.md).
+# the pool (earlier chunks' and its own, written before attention runs). The tuning per page dtype,
+# over the defaults (64-key blocks, 4 warps, 3 stages), from the engine's chunks on one H200 (128 rows
+# of 64 tokens, tables 256 tokens wide; benchmarks/attention.py --only chunk): bf16 pages of 16 take
+# 32-key blocks (187 us against 212), float8 pages of 64 two stages (198 us against 214), widened to
+# float16. A gathered copy and the flash kernel took 574 and 495 us.
 PREFILL_TUNING: dict[str, dict] = {
-    "float8_e4m3fn": dict(compute_dtype="float16"),
+    "bfloat16": dict(block_k=32),
+    "float8_e4m3fn": dict(num_stages=2, compute_dtype="float16"),
 }
 PREFILL_ROCM_TUNING = dict(num_stages=2)
 
