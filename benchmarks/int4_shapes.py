@@ -11,7 +11,6 @@ one variant between rounds. Writes `int4_shapes.json` into DIR and prints a tabl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -44,8 +43,6 @@ def variants(config) -> dict[str, dict]:
         "wide bn32": {s: packed(32, 512, 16) for s in (qkv, gate_up)},
         "wide bn128 warps8": {s: packed(128, 512, 16, 8) for s in (qkv, gate_up)},
         "all bn32": {s: packed(32, 512, 16) for s in (qkv, o, gate_up, down)},
-        "atomic": {s: dataclasses.replace(K.default_config(1, shape=s), atomic=True) for s in (qkv, o, gate_up, down)},
-        "atomic narrow": {s: dataclasses.replace(K.default_config(1, shape=s), atomic=True) for s in narrow},
     }
 
 

@@ -34,9 +34,6 @@ CASES = [
     (1, 100, 384, 128, Int4Config(HFMA2, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
     (2, 77, 320, 32, Int4Config(HFMA2, block_n=16, block_k=64, splits=3), True, jnp.float32),
     (1, 64, 512, 64, Int4Config(HFMA2, block_n=64, block_k=128), True, jnp.float16),
-    # K slices added atomically into one output, N off the block (padded, then cut)
-    (1, 100, 384, 128, Int4Config(HFMA2, block_n=32, block_k=128, splits=3, atomic=True), True, jnp.bfloat16),
-    (3, 77, 320, 32, Int4Config(FMA, block_n=16, block_k=64, splits=3, atomic=True), False, jnp.float32),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
 PACKED_TOLERANCE = 4e-3  # float16 products and half sums
@@ -87,7 +84,7 @@ def test_bad_inputs_are_refused_with_the_reason():
         int4_matmul(x, q.values, q.scales, group_size=48, interpret=True)
     for config, match in ((Int4Config("fast"), "kind"), (Int4Config(FMA, block_k=32), "multiple of the group"),
                           (Int4Config(FMA, block_n=48), "power of two"), (Int4Config(FMA, splits=0), "positive"),
-                          (Int4Config(DOT, block_m=8), "at least 16"), (Int4Config(DOT, atomic=True), "atomic")):
+                          (Int4Config(DOT, block_m=8), "at least 16")):
         with pytest.raises(ValueError, match=match):
             int4_matmul(x, q.values, q.scales, config=config, **call)
 
@@ -118,13 +115,10 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
     n, k = 512, 1024
     args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 8), jnp.uint32),
             jax.ShapeDtypeStruct((n, k // 128), jnp.bfloat16))
-    for atomic in (False, True):
-        config = Int4Config(HFMA2, block_k=256, splits=2, atomic=atomic)
-        kernel = jax.jit(lambda x, v, s: int4_matmul(x, v, s, group_size=128, config=config))
-        with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
-            text = kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "__gpu$xla.gpu.triton" in text
-        assert ("stablehlo.reduce" not in text) == atomic  # atomically added slices need no sum after the kernel
+    kernel = jax.jit(lambda x, v, s: int4_matmul(x, v, s, group_size=128, config=Int4Config(HFMA2, block_k=256)))
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
+        text = kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
 
 
 def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_tuned():

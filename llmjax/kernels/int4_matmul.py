@@ -81,14 +81,10 @@ class Int4Config:
     splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
-    atomic: bool = False  # fma/hfma2: K slices add into one float32 [M, N] atomically (no sum after)
 
     def check(self, group_size: int) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Int4Config.kind must be one of {KINDS}, got {self.kind!r}")
-        if not isinstance(self.atomic, bool) or (self.atomic and self.kind == "dot"):
-            raise ValueError(f"Int4Config.atomic is a bool, and for the fma and hfma2 kernels; got {self.atomic!r} "
-                             f"with kind {self.kind!r}")
         for name in ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages"):
             v = getattr(self, name)
             if name == "splits" and v is None:
@@ -297,13 +293,10 @@ def _packed_word_sums(words, x_pairs, emulate: bool):
 
 
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
-                asymmetric, packed=False, emulate=False, atomic=False):
+                asymmetric, packed=False, emulate=False):
     # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
     # s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref [M, groups, W] (x summed over each
-    # word's inputs, float32); o_ref [splits, M, N] float32, or with `atomic` [M, N padded to the block]
-    # (zeros coming in, aliased to the output: every K slice adds its sums into it, unmasked)
-    if atomic:
-        rest = rest[:-2] + rest[-1:]  # the zeros' input ref is the output's
+    # word's inputs, float32); o_ref [splits, M, N] float32
     z_ref, xs_ref, o_ref = rest if asymmetric else (None, None, rest[0])
     i, split = pl.program_id(0), pl.program_id(1)
     w = v_ref.shape[-1]
@@ -345,11 +338,7 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
     zeros = tuple(jnp.zeros((block_n, block_groups, w), jnp.float32) for _ in range(rows))
     accs = jax.lax.fori_loop(0, steps, body, zeros)
     for r, acc in enumerate(accs):
-        total = jnp.sum(acc, axis=(1, 2))
-        if atomic:
-            plgpu.atomic_add(o_ref, (jnp.int32(r), n_slice), total)
-        else:
-            plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], total, mask=n_edge)
+        plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], jnp.sum(acc, axis=(1, 2)), mask=n_edge)
 
 
 def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, block_groups, steps, mask_n,
@@ -439,17 +428,11 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     # comes: no pass over it before the kernel.
     prescaled = config.kind != "dot" or x.dtype != jnp.float16
     operands = (values.reshape(n, groups, w), scales) + ((zeros,) if asymmetric else ())
-    atomic = config.atomic and splits > 1
-    aliases = {}
     if config.kind != "dot":
         x4 = x.reshape(m, groups, NIBBLES, w)
         sums = (jnp.sum(x4.astype(jnp.float32), axis=2),) if asymmetric else ()
         operands = (x4,) + operands + sums
-        if atomic:  # the K slices add into these zeros, which become the output
-            operands += (jnp.zeros((m, pl.cdiv(n, config.block_n) * config.block_n), jnp.float32),)
-            aliases = {len(operands) - 1: 0}
-        kernel = functools.partial(_fma_kernel, rows=m, packed=config.kind == "hfma2", emulate=interpret,
-                                   atomic=atomic, **common)
+        kernel = functools.partial(_fma_kernel, rows=m, packed=config.kind == "hfma2", emulate=interpret, **common)
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
         operands = (x, values.reshape(n, groups, 1, w)) + operands[1:]
@@ -458,13 +441,10 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     partial = pl.pallas_call(
         kernel,
         grid=grid,
-        out_shape=jax.ShapeDtypeStruct(operands[-1].shape if atomic else (splits, m, n), jnp.float32),
-        input_output_aliases=aliases,
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
     )(*operands)
-    if atomic:
-        return partial[:, :n].astype(x.dtype)
     return (partial[0] if splits == 1 else partial.sum(axis=0)).astype(x.dtype)
 
 
