@@ -6,7 +6,9 @@
    Llama-2-7B (32 kv heads) and a grouped-query model (8 kv heads), bf16, scrambled block tables,
    ragged lengths and an empty row.
 2. The engine's greedy tokens against `llmjax.generate` on a small float32 random model, matmuls at
-   full precision: 48 requests of random lengths through 16 slots, so they share and change steps.
+   full precision: 48 requests of random lengths through 16 slots, so they share and change steps;
+   pages of 16 and of 64 tokens (the prompt chunks' keys gathered a token at a time, or a block at a
+   time). `--checks-only` stops after the checks.
 3. The throughput bench on random weights of `--model` (bf16): 1000 x 128/128, the length mix, the
    Poisson serving curve, transformers' batched generate (`--no-hf` skips it).
 Writes `DIR/engine_throughput.json` (everything), `DIR/serving.png` and `DIR/report.txt`, and prints
@@ -48,7 +50,7 @@ def check_paged_attention(rng) -> list[dict]:
     return rows
 
 
-def check_engine_greedy(rng) -> dict:
+def check_engine_greedy(rng, page_size: int = 16) -> dict:
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), vocab_size=1024, hidden_size=256,
                                  intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
                                  head_dim=32, max_position_embeddings=256, eos_token_ids=())
@@ -58,10 +60,10 @@ def check_engine_greedy(rng) -> dict:
     with jax.default_matmul_precision("highest"):
         full = llmjax.generate(params, prompts, max_new_tokens=max(budgets))
         expected = [ids[:n] for ids, n in zip(full, budgets)]
-        got = llmjax.LLM(params, max_slots=16, prefill_tokens=256, decode_steps=4).generate(
+        got = llmjax.LLM(params, max_slots=16, prefill_tokens=256, decode_steps=4, page_size=page_size).generate(
             prompts, max_new_tokens=budgets, progress=False)
     same = sum(a == b for a, b in zip(got, expected))
-    return {"requests": len(prompts), "equal": same, "ok": same == len(prompts)}
+    return {"requests": len(prompts), "page_size": page_size, "equal": same, "ok": same == len(prompts)}
 
 
 def main():
@@ -77,15 +79,17 @@ def main():
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--serving-requests", type=int, default=200)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--checks-only", action="store_true", help="run the checks, not the bench")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    checks = {"paged_attention": check_paged_attention(rng), "engine_greedy_vs_generate": check_engine_greedy(rng)}
+    checks = {"paged_attention": check_paged_attention(rng),
+              "engine_greedy_vs_generate": [check_engine_greedy(rng, page) for page in (16, 64)]}
     print(json.dumps(checks, indent=1), flush=True)
-    ok = all(r["ok"] for r in checks["paged_attention"]) and checks["engine_greedy_vs_generate"]["ok"]
+    ok = all(r["ok"] for group in checks.values() for r in group)
     summary = {"checks": checks, "checks_s": time.perf_counter() - start}
-    if ok:
+    if ok and not args.checks_only:
         result = throughput.throughput_bench(
             args.model, requests=args.requests, prompt_len=args.prompt_len, gen_len=args.gen_len, max_slots=args.max_slots, decode_steps=args.decode_steps,
             prefill_tokens=args.prefill_tokens, page_size=args.page_size, serving_requests=args.serving_requests,
