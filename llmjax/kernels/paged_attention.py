@@ -1,4 +1,5 @@
-"""Decode attention over a paged KV cache: one query token per row, keys found through a block table.
+"""Attention over a paged KV cache, keys found through a block table: decode rows (one query token
+each, `paged_attention`) and prompt rows (many, `paged_prefill`).
 
 Layout (what the continuous-batching engine keeps, one layer at a time):
 - `k_pages`, `v_pages` `[num_pages, page_size, KV, D]`: the layer's page pool. A page holds
@@ -20,6 +21,13 @@ kv head in one program, per-row lengths) with one change: each block of `block_k
 rows through the block table. When `block_k` divides `page_size` a block lies in one page and is read
 as one contiguous slice; otherwise each token looks up its own page. Head dims must be powers of two
 >= 16; `page_size` may be anything.
+
+`paged_prefill(q, k_pages, v_pages, block_tables, q_offsets)` is the engine's prompt chunks: q
+`[B, T, H, D]`, query t of row b at position `q_offsets[b] + t` of its sequence, seeing that
+sequence's tokens at positions up to its own (earlier chunks' and its own, written before it runs).
+It is the flash prefill kernel (`flash_attention.flash_program`) with the same block lookup, so the
+keys are read from the pages in place, never gathered into a copy; `paged_prefill_reference`, which
+gathers them, defines its result.
 """
 
 from __future__ import annotations

@@ -172,8 +172,8 @@ def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
         return attention(q, keys, values, q_pos, k_pos, mesh)
     if not splits_heads(mesh, k_pages.shape[2]):
         return paged_attention.attend_prefill(q, k_pages, v_pages, tables, offsets)
-    heads, pool = P(None, None, "tensor", None), P(None, None, "tensor", None)
-    return per_device(paged_attention.attend_prefill, mesh, (heads, pool, pool, P(), P()), heads)(
+    heads = P(None, None, "tensor", None)  # q's and the pool's third axis alike
+    return per_device(paged_attention.attend_prefill, mesh, (heads, heads, heads, P(), P()), heads)(
         q, k_pages, v_pages, tables, offsets)
 
 
