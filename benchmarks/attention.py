@@ -421,7 +421,8 @@ def run_chunk(report: Report, smoke: bool) -> None:
                 err = error(got, want)
                 seconds = seconds_per_call(call, q, [(k_pages, v_pages, tables, offsets)])
             except Exception as e:  # a configuration Triton refuses is reported, not fatal
-                report.say(f"  page {page} {name}: {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                first = str(e).splitlines()[0][:160]
+                report.say(f"  page {page} {name}: {label}: failed ({type(e).__name__}: {first})")
                 continue
             report.say(f"  page {page} {name:14s} {label:60s} {seconds * 1e6:8.1f} us  error {err:.1e}")
             report.row(section="chunk", page=page, dtype=name, variant=label, us=seconds * 1e6, error=err)

@@ -159,20 +159,29 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
                     *, block_q: int = 128, block_k: int | None = None, num_warps: int = 8, num_stages: int = 3,
                     interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention with the Pallas kernel (see the module doc for the arguments)."""
-    b, t, h, d = q.shape
     _check(q, k, v, q_offsets, kv_lengths)
     block_k = block_k or (BLOCK_K if q.dtype.itemsize <= 2 else BLOCK_K_FLOAT32)
+    return launch_flash(_kernel, q, k.shape[2], (q_offsets.astype(jnp.int32), kv_lengths.astype(jnp.int32), q, k, v),
+                        name="flash_attention", block_q=block_q, block_k=block_k, num_warps=num_warps,
+                        num_stages=num_stages, compute=q.dtype, interpret=interpret)
+
+
+def launch_flash(kernel, q: jax.Array, n_kv: int, operands: tuple, *, name: str, block_q: int, block_k: int,
+                 num_warps: int, num_stages: int, compute, interpret: bool) -> jax.Array:
+    """Runs a `flash_program` kernel over the grid (query heads, query blocks, rows) for q `[B, T, H, D]`
+    against `n_kv` kv heads; `compute` is the products' dtype. Returns `[B, T, H, D]` in q's dtype."""
+    b, t, h, d = q.shape
     block_q = min(block_q, max(16, pl.next_power_of_2(t)))
-    kernel = functools.partial(_kernel, groups=h // k.shape[2], block_q=block_q, block_k=block_k,
-                               exact=q.dtype == jnp.float32)
+    kernel = functools.partial(kernel, groups=h // n_kv, block_q=block_q, block_k=block_k,
+                               exact=compute == jnp.float32, compute_dtype=compute)
     return pl.pallas_call(
         kernel,
         grid=(h, pl.cdiv(t, block_q), b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="flash_attention",
-    )(q_offsets.astype(jnp.int32), kv_lengths.astype(jnp.int32), q, k, v)
+        name=name,
+    )(*operands)
 
 
 def _check(q, k, v, q_offsets, kv_lengths) -> None:

@@ -42,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from llmjax.kernels.decode_attention import (decode_attention_reference, launch_splits, product_dtype,
                                             split_program)
 from llmjax.kernels.flash_attention import (FLOAT8, dispatch_attention, flash_attention_reference, flash_program,
-                                           supported)
+                                           launch_flash, supported)
 
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 5 stages take 96 KB there, 3 stages 32 KB (benchmarks/triton_offline_compile.py).
@@ -192,22 +192,15 @@ def paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_ta
     sequence's tokens at positions <= its own. K and V as in `paged_attention` (float8 pages widen to
     `compute_dtype`, None: q's dtype). Returns `[B, T, H, D]` in q's dtype."""
     _check_prefill(q, k_pages, v_pages, block_tables, q_offsets)
-    b, t, h, d = q.shape
-    num_pages, page_size, n_kv, _ = k_pages.shape
+    num_pages, page_size, n_kv, d = k_pages.shape
     pool = (num_pages * page_size, n_kv, d)
-    compute = product_dtype("paged_prefill", q.dtype, compute_dtype)
-    block_q = min(block_q, max(16, pl.next_power_of_2(t)))
-    kernel = functools.partial(_prefill_kernel, page_size=page_size, groups=h // n_kv, block_q=block_q,
-                               block_k=block_k, exact=compute == jnp.float32, compute_dtype=compute)
-    offsets = q_offsets.astype(jnp.int32)
-    return pl.pallas_call(
-        kernel,
-        grid=(h, pl.cdiv(t, block_q), b),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="paged_prefill_attention",
-    )(offsets, offsets + t, block_tables.astype(jnp.int32), q, k_pages.reshape(pool), v_pages.reshape(pool))
+    offsets = q_offsets.astype(jnp.int32)  # a row's keys end at its last query's position
+    operands = (offsets, offsets + q.shape[1], block_tables.astype(jnp.int32), q, k_pages.reshape(pool),
+                v_pages.reshape(pool))
+    return launch_flash(functools.partial(_prefill_kernel, page_size=page_size), q, n_kv, operands,
+                        name="paged_prefill_attention", block_q=block_q, block_k=block_k, num_warps=num_warps,
+                        num_stages=num_stages, compute=product_dtype("paged_prefill", q.dtype, compute_dtype),
+                        interpret=interpret)
 
 
 def _check_prefill(q, k_pages, v_pages, block_tables, q_offsets) -> None:
