@@ -9,6 +9,8 @@ count M, it
    (made on the device): a wrong one is reported and not timed, and a wrong default stops the run;
 2. times, as microseconds per product and effective TB/s of packed int4 bytes (N * K / 2; the bf16
    scales add 1/32 of that at group 128 and are not counted): the kernel in several configurations
+   (the first, "default", is what the model runs for that shape and M; `--kernel-time` also reads its
+   kernel's own time from a profiler trace, without the XLA sum of its K slices after it)
    (block sizes, K splits, warps, stages), XLA's bf16 product and torch's bf16 product (cuBLAS) on the
    same shape; at M = 1 also our int8 path (XLA's dequant-dot) and the int4 reference (XLA:
    dequantize, then dot).
@@ -98,9 +100,12 @@ def _copies(nbytes: int) -> int:
     return int(min(16, max(2, math.ceil(8 * L2_BYTES / nbytes))))
 
 
-def _time(product, x, weights) -> tuple[float, jax.Array]:
+def _time(product, x, weights, kernels: dict | None = None) -> tuple[float, jax.Array]:
     """Seconds per `product(x, w)` over `weights`, ROUNDS chained rounds in one jit; also the first
-    product, computed in the same program (so checking it costs no extra compilation)."""
+    product, computed in the same program (so checking it costs no extra compilation). With a
+    `kernels` dict, one more call runs under the profiler and fills it with each GPU kernel's mean
+    seconds a launch (`kernel_profile.traced`): the int4 kernel's own time, apart from the sum of its K
+    slices and the loop's own sums that run after it."""
     @jax.jit
     def run(x, ws):
         first = product(x, ws[0])
@@ -114,7 +119,13 @@ def _time(product, x, weights) -> tuple[float, jax.Array]:
 
     _, first = run(x, weights)
     jax.block_until_ready(first)
-    return _median_time(lambda: run(x, weights), 5) / (ROUNDS * len(weights)), first
+    seconds = _median_time(lambda: run(x, weights), 5) / (ROUNDS * len(weights))
+    if kernels is not None:
+        from kernel_profile import traced  # benchmarks/, this script's folder
+
+        launches, _, _ = traced(lambda: jax.block_until_ready(run(x, weights)))
+        kernels.update({name: ns / count / 1e9 for name, (count, ns) in launches.items()})
+    return seconds, first
 
 
 def _torch_bf16(m, n, k) -> float | None:
@@ -180,22 +191,25 @@ def _error(got, want) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=None, baselines=True) -> None:
+def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=None, baselines=True,
+                kernel_time=False) -> None:
     k, n = map(int, shape.split("x"))
     packed = n * k // 2
     weights = _int4_weights(n, k, _copies(packed), seed=k + n)
     for m in rows:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         want = K.int4_matmul_reference(x, *weights[0], None, group_size=GROUP)
-        configs = [K.default_config(m)] + [c for c in (candidates or CANDIDATES).get(m, []) if c != K.default_config(m)]
+        default = K.default_config(m, shape=(k, n))  # as the model takes it for this shape
+        configs = [default] + [c for c in (candidates or CANDIDATES).get(m, []) if c != default]
         for i, config in enumerate(configs):
             if i and time.monotonic() > deadline:
                 report.say(f"{shape:>11s} M={m:<3d} (time budget spent: {len(configs) - i} configurations skipped)")
                 break
             def product(x, w, config=config):
                 return K.int4_matmul(x, *w, group_size=GROUP, config=config)
+            kernels = {} if i == 0 and kernel_time else None
             try:
-                seconds, first = _time(product, x, weights)
+                seconds, first = _time(product, x, weights, kernels)
             except Exception as e:  # a configuration the compiler refuses (shared memory, registers): go on
                 report.say(f"{shape:>11s} M={m:<3d} {_label(config)}: {type(e).__name__}: {str(e)[:100]}")
                 continue
@@ -207,6 +221,10 @@ def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=No
                 continue
             report.add(shape, m, ("default " if i == 0 else "") + _label(config), seconds, packed,
                        config=vars(config), max_rel_error=err)
+            if kernels:
+                own = next((s for name, s in kernels.items() if name in ("_fma_kernel", "_dot_kernel")), None)
+                if own is not None:
+                    report.add(shape, m, "  the default's kernel alone (profiler)", own, packed, kernel_only=True)
         if not baselines:
             continue
         bf16 = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(_copies(n * k * 2))]
@@ -239,6 +257,11 @@ def summary(report: Report) -> None:
         goal = GOALS.get((shape, m))
         mark = "" if goal is None else f"  goal {goal} TB/s: {'met' if r['tb_s_packed'] >= goal else 'NOT met'}"
         report.say(f"  {shape:>11s} M={m:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  {r['impl']}{vs}{mark}")
+    for r in (r for r in report.rows if r.get("kernel_only")):
+        goal = GOALS.get((r["shape"], r["m"]))
+        mark = "" if goal is None else f"  goal {goal} TB/s: {'met' if r['tb_s_packed'] >= goal else 'NOT met'}"
+        report.say(f"  {r['shape']:>11s} M={r['m']:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  the default's "
+                   f"kernel alone, without the sum of its K slices{mark}")
 
 
 def main() -> None:
@@ -250,6 +273,8 @@ def main() -> None:
                         help="after this many seconds only default configurations and baselines are timed")
     parser.add_argument("--grid", action="store_true", help="one row only, the packed float16 kernel in "
                         "every configuration of `grid()`, no baselines; --budget-s is then per shape")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also the default configuration's kernel alone, from a profiler trace")
     args = parser.parse_args()
     if jax.devices()[0].platform != "gpu":
         sys.exit("this benchmark times GPU kernels; no GPU is visible to jax")
@@ -260,7 +285,8 @@ def main() -> None:
         if args.grid:
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False)
         else:
-            bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s)
+            bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s,
+                        kernel_time=args.kernel_time)
         report.save()
     summary(report)
     report.say(f"\n{time.monotonic() - start:.0f} s in all")
