@@ -123,7 +123,7 @@ def _time(product, x, weights, kernels: dict | None = None) -> tuple[float, jax.
     if kernels is not None:
         from kernel_profile import traced  # benchmarks/, this script's folder
 
-        launches, _, _ = traced(lambda: jax.block_until_ready(run(x, weights)))
+        launches, _, _ = traced(lambda: jax.block_until_ready(run(x, weights)), idles=False)
         kernels.update({name: ns / count / 1e9 for name, (count, ns) in launches.items()})
     return seconds, first
 

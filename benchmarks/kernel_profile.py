@@ -48,10 +48,11 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def traced(fn, timeline: int = 0) -> tuple[dict, float]:
+def traced(fn, timeline: int = 0, idles: bool = True) -> tuple[dict, float]:
     """Runs `fn` under the profiler; returns {kernel name: [count, total ns]} on the first GPU, and the
     span in ns from the first kernel's start to the last kernel's end. `timeline`: print that many
-    kernels of the busiest stream in order, from the middle of the trace."""
+    kernels of the busiest stream in order, from the middle of the trace; `idles`: print the idle
+    times between kernels and the host's events in the longest."""
     folder = tempfile.mkdtemp()
     with jax.profiler.trace(folder):
         fn()
@@ -72,7 +73,7 @@ def traced(fn, timeline: int = 0) -> tuple[dict, float]:
             kernels[e.name][1] += e.duration_ns
             busy[line.name] += e.duration_ns
             first, last = min(first, e.start_ns), max(last, e.start_ns + e.duration_ns)
-    if busy:
+    if busy and idles:
         longest = idle_histogram(sorted(events[max(busy, key=busy.get)]))
         host_during(data, longest[:HOST_WINDOWS])
     if timeline and busy:
