@@ -9,9 +9,9 @@ count M, it
    (made on the device): a wrong one is reported and not timed, and a wrong default stops the run;
 2. times, as microseconds per product and effective TB/s of packed int4 bytes (N * K / 2; the bf16
    scales add 1/32 of that at group 128 and are not counted): the kernel in several configurations
-   (the first, "default", is what the model runs for that shape and M; `--kernel-time` also reads its
-   kernel's own time from a profiler trace, without the XLA sum of its K slices after it)
-   (block sizes, K splits, warps, stages), XLA's bf16 product and torch's bf16 product (cuBLAS) on the
+   (block sizes, K splits, warps, stages; the first, "default", is what the model runs for that shape
+   and M, and `--kernel-time` also reads its kernel's own time from a profiler trace, without the XLA
+   sum of its K slices after it), XLA's bf16 product and torch's bf16 product (cuBLAS) on the
    same shape; at M = 1 also our int8 path (XLA's dequant-dot) and the int4 reference (XLA:
    dequantize, then dot).
 
@@ -254,14 +254,16 @@ def summary(report: Report) -> None:
     for (shape, m), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         base = [x for x in report.rows if x["shape"] == shape and x["m"] == m and x["impl"].startswith("xla bf16")]
         vs = f" ({base[0]['us'] / r['us']:.2f}x XLA bf16)" if base else ""
-        goal = GOALS.get((shape, m))
-        mark = "" if goal is None else f"  goal {goal} TB/s: {'met' if r['tb_s_packed'] >= goal else 'NOT met'}"
-        report.say(f"  {shape:>11s} M={m:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  {r['impl']}{vs}{mark}")
+        report.say(f"  {shape:>11s} M={m:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  {r['impl']}{vs}"
+                   f"{_goal(r)}")
     for r in (r for r in report.rows if r.get("kernel_only")):
-        goal = GOALS.get((r["shape"], r["m"]))
-        mark = "" if goal is None else f"  goal {goal} TB/s: {'met' if r['tb_s_packed'] >= goal else 'NOT met'}"
         report.say(f"  {r['shape']:>11s} M={r['m']:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  the default's "
-                   f"kernel alone, without the sum of its K slices{mark}")
+                   f"kernel alone, without the sum of its K slices{_goal(r)}")
+
+
+def _goal(row: dict) -> str:
+    goal = GOALS.get((row["shape"], row["m"]))
+    return "" if goal is None else f"  goal {goal} TB/s: {'met' if row['tb_s_packed'] >= goal else 'NOT met'}"
 
 
 def main() -> None:
