@@ -428,6 +428,15 @@ def test_attention_mode_is_checked(monkeypatch):
     assert dispatch.mode("LLMJAX_SOMETHING_UNSET") == "auto"
 
 
+@pytest.mark.parametrize("value, message", [("interpret", "takes auto or off"), ("fast", "must be one of")])
+def test_paged_prefill_switch_is_checked(monkeypatch, value, message):
+    monkeypatch.setenv("LLMJAX_PAGED_PREFILL", value)
+    pages = jnp.zeros((4, 8, 1, 16))
+    with pytest.raises(ValueError, match=f"LLMJAX_PAGED_PREFILL {message}"):
+        llama._paged_chunk(jnp.zeros((1, 3, 2, 16)), pages, pages, jnp.zeros((1, 2), jnp.int32),
+                           jnp.zeros((1,), jnp.int32), None)
+
+
 def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatch):
     monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
     assert [fa.supported(d) for d in (8, 16, 24, 32, 64, 96, 128, 256)] == [False, True, False, True, True, False,

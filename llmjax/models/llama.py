@@ -163,8 +163,12 @@ def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
     device where `tensor` splits the pool's kv heads, as `_paged_decode`. On a mesh whose axes split
     something else, or with `LLMJAX_PAGED_PREFILL=off`, each row's pages are gathered into a contiguous
     copy for `attention` (which places the work by itself)."""
+    chosen = dispatch.mode("LLMJAX_PAGED_PREFILL")
+    if chosen == "interpret":  # the kernel's own mode is LLMJAX_ATTENTION's to set
+        raise ValueError("LLMJAX_PAGED_PREFILL takes auto or off; LLMJAX_ATTENTION=interpret runs the kernel in "
+                         "interpret mode")
     elsewhere = mesh is not None and free_axes(mesh) and not splits_heads(mesh, k_pages.shape[2])
-    if elsewhere or dispatch.mode("LLMJAX_PAGED_PREFILL") == "off":
+    if elsewhere or chosen == "off":
         keys = kv.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
         values = kv.gather_pages(v_pages, tables).astype(q.dtype)
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
