@@ -82,6 +82,12 @@ def splits_heads(mesh, heads: int) -> bool:
     return mesh is not None and "tensor" in free_axes(mesh) and heads % mesh.shape["tensor"] == 0
 
 
+def on_own_heads(fn: Callable, mesh, heads: int, in_specs, out_specs) -> Callable:
+    """`fn` per device over `tensor` when `tensor` splits `heads` (`splits_heads`: each device runs it on
+    its own heads, as the engine's page pool is placed), `fn` itself otherwise."""
+    return per_device(fn, mesh, in_specs, out_specs) if splits_heads(mesh, heads) else fn
+
+
 def _manual_context():
     """The mesh of the enclosing `shard_map` (None outside one) and its manual axes."""
     context = jax.sharding.get_abstract_mesh()

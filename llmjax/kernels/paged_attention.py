@@ -59,13 +59,20 @@ TUNING: dict[str, dict] = {
 }
 
 
+def gather_pages(pages: jax.Array, tables: jax.Array) -> jax.Array:
+    """Each row's pages in order as one contiguous sequence: `[B, max_pages * page_size, KV, D]`."""
+    return pages[tables].reshape(tables.shape[0], -1, *pages.shape[2:])
+
+
+def _flat(pages: jax.Array) -> jax.Array:
+    """The pool as the kernels index it: `[num_pages * page_size, KV, D]` (a bitcast, no copy)."""
+    return pages.reshape(-1, *pages.shape[2:])
+
+
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                               lengths: jax.Array) -> jax.Array:
     """The definition (see the module doc): each row's pages gathered in order, then decode attention."""
-    b, max_pages = block_tables.shape
-    _, page_size, n_kv, d = k_pages.shape
-    k = k_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
-    v = v_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
+    k, v = (gather_pages(pages, block_tables).astype(q.dtype) for pages in (k_pages, v_pages))
     return decode_attention_reference(q, k, v, lengths)
 
 
@@ -102,10 +109,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
     5 stages keep two K/V blocks in flight where the contiguous kernel needs 3 for the same."""
     _check(q, k_pages, v_pages, block_tables, lengths)
-    num_pages, page_size, n_kv, d = k_pages.shape
-    pool = (num_pages * page_size, n_kv, d)
-    operands = (lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, k_pages.reshape(pool),
-                v_pages.reshape(pool))
+    page_size, n_kv = k_pages.shape[1:3]
+    operands = (lengths.astype(jnp.int32), block_tables.astype(jnp.int32), q, _flat(k_pages), _flat(v_pages))
     return launch_splits(functools.partial(_kernel, page_size=page_size), q, n_kv,
                          block_tables.shape[1] * page_size, operands, name="paged_attention", block_k=block_k,
                          splits=splits, num_warps=num_warps, num_stages=num_stages,
@@ -141,7 +146,8 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: j
            **tuning) -> jax.Array:
     """The engine's entry point: the kernel on cuda and rocm; the reference elsewhere, and for a head
     dim or a mix of dtypes the kernel does not take. The kernel's tuning is `TUNING[pages' dtype]`
-    under `tuning` (float32 queries keep float32 products). `LLMJAX_ATTENTION` overrides as in `flash_attention.attend`."""
+    under `tuning` (float32 queries keep float32 products). `LLMJAX_ATTENTION` overrides as in
+    `flash_attention.attend`."""
     tuning = {**TUNING.get(jnp.dtype(k_pages.dtype).name, {}), **tuning}
     if jnp.dtype(q.dtype).itemsize > 2:  # float16 products are for 2-byte queries; float32 keeps its own
         tuning.pop("compute_dtype", None)
@@ -168,11 +174,8 @@ def paged_prefill_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     """The definition of `paged_prefill`: each row's pages gathered in order into a contiguous
     sequence (in q's dtype), then causal attention with query t of row b at position `q_offsets[b] + t`
     (`flash_attention_reference`; every gathered key exists, causality alone masks)."""
-    b, max_pages = block_tables.shape
-    _, page_size, n_kv, d = k_pages.shape
-    k = k_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
-    v = v_pages[block_tables].reshape(b, max_pages * page_size, n_kv, d).astype(q.dtype)
-    return flash_attention_reference(q, k, v, q_offsets, jnp.full((b,), max_pages * page_size, jnp.int32))
+    k, v = (gather_pages(pages, block_tables).astype(q.dtype) for pages in (k_pages, v_pages))
+    return flash_attention_reference(q, k, v, q_offsets, jnp.full(q_offsets.shape, k.shape[1], jnp.int32))
 
 
 def _prefill_kernel(offsets_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, page_size, **params):
@@ -192,11 +195,9 @@ def paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_ta
     sequence's tokens at positions <= its own. K and V as in `paged_attention` (float8 pages widen to
     `compute_dtype`, None: q's dtype). Returns `[B, T, H, D]` in q's dtype."""
     _check_prefill(q, k_pages, v_pages, block_tables, q_offsets)
-    num_pages, page_size, n_kv, d = k_pages.shape
-    pool = (num_pages * page_size, n_kv, d)
+    page_size, n_kv = k_pages.shape[1:3]
     offsets = q_offsets.astype(jnp.int32)  # a row's keys end at its last query's position
-    operands = (offsets, offsets + q.shape[1], block_tables.astype(jnp.int32), q, k_pages.reshape(pool),
-                v_pages.reshape(pool))
+    operands = (offsets, offsets + q.shape[1], block_tables.astype(jnp.int32), q, _flat(k_pages), _flat(v_pages))
     return launch_flash(functools.partial(_prefill_kernel, page_size=page_size), q, n_kv, operands,
                         name="paged_prefill_attention", block_q=block_q, block_k=block_k, num_warps=num_warps,
                         num_stages=num_stages, compute=product_dtype("paged_prefill", q.dtype, compute_dtype),

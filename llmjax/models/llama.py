@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
 from llmjax.kernels import decode_attention, dispatch, flash_attention, paged_attention, rms_norm
-from llmjax.kernels.dispatch import data_axis, free_axes, per_device, splits_heads
+from llmjax.kernels.dispatch import data_axis, free_axes, on_own_heads, per_device, splits_heads
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
@@ -151,10 +151,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
     """`paged_attention.attend` on each device's own heads when the pool is split by kv heads over
     `tensor` (as the engine places it), so the kernel never sees a sharded array."""
-    if not splits_heads(mesh, k_pages.shape[2]):
-        return paged_attention.attend(q, k_pages, v_pages, tables, lengths)
     heads, pool = P(None, "tensor", None), P(None, None, "tensor", None)
-    return per_device(paged_attention.attend, mesh, (heads, pool, pool, P(), P()), heads)(
+    return on_own_heads(paged_attention.attend, mesh, k_pages.shape[2], (heads, pool, pool, P(), P()), heads)(
         q, k_pages, v_pages, tables, lengths)
 
 
@@ -169,16 +167,14 @@ def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
                          "interpret mode")
     elsewhere = mesh is not None and free_axes(mesh) and not splits_heads(mesh, k_pages.shape[2])
     if elsewhere or chosen == "off":
-        keys = kv.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
-        values = kv.gather_pages(v_pages, tables).astype(q.dtype)
+        keys = paged_attention.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
+        values = paged_attention.gather_pages(v_pages, tables).astype(q.dtype)
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
         q_pos = offsets[:, None] + jnp.arange(q.shape[1])[None, :]
         return attention(q, keys, values, q_pos, k_pos, mesh)
-    if not splits_heads(mesh, k_pages.shape[2]):
-        return paged_attention.attend_prefill(q, k_pages, v_pages, tables, offsets)
     heads = P(None, None, "tensor", None)  # q's and the pool's third axis alike
-    return per_device(paged_attention.attend_prefill, mesh, (heads, heads, heads, P(), P()), heads)(
-        q, k_pages, v_pages, tables, offsets)
+    return on_own_heads(paged_attention.attend_prefill, mesh, k_pages.shape[2], (heads, heads, heads, P(), P()),
+                        heads)(q, k_pages, v_pages, tables, offsets)
 
 
 def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer, mesh: Any = None) -> jax.Array:
