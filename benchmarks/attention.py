@@ -329,14 +329,19 @@ POOL_VARIANTS = [dict(), dict(compute_dtype="float16")]  # the second for float8
 POOL_TUNINGS = [dict(block_k=k, num_warps=w, num_stages=n) for k, w, n in (
     (32, 2, 2), (32, 2, 3), (32, 4, 2), (64, 2, 3), (64, 4, 2), (128, 4, 2),
     (16, 1, 2), (32, 1, 2), (32, 1, 3), (64, 1, 2), (64, 2, 2), (128, 2, 2), (128, 2, 3))]
+# `vector=True`: one query head per kv head multiplied on the CUDA cores (decode_attention.vector_block)
+POOL_VECTOR_TUNINGS = [dict(vector=True, block_k=k, num_warps=w, num_stages=n) for k, w, n in (
+    (32, 1, 2), (32, 1, 3), (32, 1, 4), (16, 1, 2), (16, 1, 3), (16, 1, 4), (64, 1, 2), (64, 1, 3),
+    (8, 1, 3), (32, 2, 2), (64, 2, 2), (64, 4, 2))]
 
 
-def run_pool(report: Report, bandwidth: float, smoke: bool, sweep: bool) -> None:
+def run_pool(report: Report, bandwidth: float, smoke: bool, sweep: str | None) -> None:
     """The engine's decode attention on Llama-2-7B (32 query = 32 kv heads, head dim 128):
     - 384 rows of 128-256 tokens (the decode half of 1000 x 128/128), pages of 16 and 64 tokens
       scattered over the pool, bf16 pages and float8 pages (widened to q's dtype or, with q, to
       float16), the kernel's defaults and the engine's tuning (`paged_attention.TUNING`), or with
-      `--pool-sweep` every tuning of `POOL_TUNINGS` (the first is the kernel's defaults);
+      `--pool-sweep` every tuning of `POOL_TUNINGS` (the first is the kernel's defaults), with
+      `--pool-sweep vector` the engine's tuning on the tensor cores and every one of `POOL_VECTOR_TUNINGS`;
     - 64 rows of 2048-4096 tokens, pages of 16, the kernel's defaults against the engine's tuning
       (`paged_attention.TUNING`), which must not lose on long rows what it wins on short ones.
     TB/s on the cache bytes the rows hold (K and V in the page dtype); each output compared with the
@@ -347,8 +352,12 @@ def run_pool(report: Report, bandwidth: float, smoke: bool, sweep: bool) -> None
     def grid(dtype):  # float8 pages widened to bf16 were slower than to float16 in every tuning (51acb7d)
         return [(POOL_VARIANTS[dtype != jnp.bfloat16], t) for t in (POOL_TUNINGS if not smoke else POOL_TUNINGS[6:7])]
 
+    def vector(dtype):  # the engine's tuning on the tensor cores, then the CUDA-core tunings
+        tensor_cores = {**pa.TUNING.get(jnp.dtype(dtype).name, {}), "vector": False}
+        return [({}, tensor_cores)] + [({}, t) for t in (POOL_VECTOR_TUNINGS if not smoke else POOL_VECTOR_TUNINGS[:1])]
+
     pool_shape(report, bandwidth, smoke, *((384, 32, 128, 257) if not smoke else (3, 2, 5, 40)), (16, 64),
-               grid if sweep else engine)
+               {None: engine, "all": grid, "vector": vector}[sweep])
     pool_shape(report, bandwidth, smoke, *((64, 32, 2048, 4097) if not smoke else (2, 2, 40, 90)), (16,), engine)
 
 
@@ -571,7 +580,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (a CPU dry run)")
     parser.add_argument("--prefill-grid", action="store_true",
                         help="prefill: more flash tunings, and JAX's Mosaic GPU example at two block sizes")
-    parser.add_argument("--pool-sweep", action="store_true", help="pool: every tuning on the engine's rows")
+    parser.add_argument("--pool-sweep", nargs="?", const="all", choices=("all", "vector"),
+                        help="pool: every tuning on the engine's rows (vector: the CUDA-core tunings)")
     args = parser.parse_args()
     only = args.only.split(",")
     if not set(only) <= set(SECTIONS):

@@ -4,6 +4,10 @@ in alternating rounds, so drift between runs (a few percent on these shared mach
     PYTHONPATH=. python benchmarks/engine_ab.py --variable LLMJAX_PAGE_WRITE --modes off,auto --rounds 3 \
         [--max-slots 512] [--prefill-tokens 8192] [--page-size 64] [--kv-dtype float8_e4m3fn] [--json F]
 
+Or two tunings of the paged decode kernel for the pool's dtype (`paged_attention.TUNING`): `--variable
+TUNING --modes "current,vector=1+block_k=64+num_warps=4"`, a mode being `current` or the tuning as
+`key=value` pairs joined by `+` (integers, 0/1 for booleans, else strings).
+
 One engine (one pool) serves every round. Each mode's step programs are compiled once, with the
 variable set, and kept apart; a round swaps them in and serves the same 1000 requests. Prints each
 round's output tok/s and each mode's median, and the ratio of the medians.
@@ -22,6 +26,16 @@ import numpy as np
 
 from llmjax import engine as engine_module, throughput
 from llmjax.engine import Engine
+from llmjax.kernels import paged_attention as pa
+
+
+def _tuning(mode: str) -> dict:
+    """`vector=1+block_k=64` -> {"vector": True, "block_k": 64}."""
+    def value(key, text):
+        if key == "vector":
+            return bool(int(text))
+        return int(text) if text.lstrip("-").isdigit() else text
+    return {key: value(key, text) for key, text in (pair.split("=") for pair in mode.split("+"))}
 
 
 def main() -> None:
@@ -45,8 +59,12 @@ def main() -> None:
     prompts = [rng.integers(3, params.config.vocab_size, 128).tolist() for _ in range(args.requests)]
     rows = [r for r in engine.row_buckets if r >= args.max_slots // 4]
     programs = {}
+    current = dict(pa.TUNING.get(args.kv_dtype or "bfloat16", {}))
     for mode in modes:  # each mode's programs, compiled with the variable set
-        os.environ[args.variable] = mode
+        if args.variable == "TUNING":
+            pa.TUNING[args.kv_dtype or "bfloat16"] = current if mode == "current" else _tuning(mode)
+        else:
+            os.environ[args.variable] = mode
         jax.clear_caches()
         engine_module._EXECUTABLES.clear()
         start = time.perf_counter()

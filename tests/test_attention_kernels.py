@@ -112,27 +112,59 @@ PAGED_CASES = {
     "big-pages-groups1-bf16": (2, 2, 2, 16, 32, 9, 4, [100, 33], 16, 2, jnp.bfloat16),
     "float8-pages-bf16-q": (3, 8, 2, 32, 16, 24, 6, [81, 1, 0], 16, 2, jnp.bfloat16),
     "float8-pages-of-5-float32-q": (2, 4, 1, 16, 5, 20, 8, [37, 12], 16, None, jnp.float32),
+    "mha-float8-pages-bf16-q": (3, 4, 4, 32, 16, 30, 6, [81, 1, 0], 16, 2, jnp.bfloat16),
+    "mha-pages-of-5-gathered": (2, 2, 2, 16, 5, 20, 8, [37, 12], 16, None, jnp.float32),
 }
 
 
-@pytest.mark.parametrize("case", PAGED_CASES)
-def test_paged_attention_matches_paged_attention_reference(case):
+def _paged_inputs(case):
+    """PAGED_CASES[case] made: q, the pool (rows own distinct pages in a shuffled order; table entries
+    past a row's pages hold 0 or junk ids), tables and lengths; float8 pages for a float8 case."""
     b, h, n_kv, d, page, pool, max_pages, lengths, block_k, splits, dtype = PAGED_CASES[case]
     q, k_pages, v_pages = _normal(page + pool, (b, h, d), (pool, page, n_kv, d), (pool, page, n_kv, d),
                                   dtype=dtype)
     if "float8" in case:  # the engine's kv_dtype="float8_e4m3fn": the kernel widens the pages as it reads
         k_pages, v_pages = k_pages.astype(jnp.float8_e4m3fn), v_pages.astype(jnp.float8_e4m3fn)
-    # Rows own distinct pages in a shuffled order; table entries past a row's pages hold 0 or junk ids.
     tables = np.array(jax.random.permutation(jax.random.key(pool), pool))[:b * max_pages].reshape(b, max_pages)
     for row, n in enumerate(lengths):
         unused = max_pages - -(-n // page)
         tables[row, max_pages - unused:] = np.where(np.arange(unused) % 2, pool - 1, 0)
-    tables = jnp.asarray(tables, jnp.int32)
-    lengths = jnp.array(lengths, jnp.int32)
+    return q, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.array(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_attention_matches_paged_attention_reference(case):
+    *_, block_k, splits, dtype = PAGED_CASES[case]
+    q, k_pages, v_pages, tables, lengths = _paged_inputs(case)
     got = pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_k=block_k, splits=splits, interpret=True)
     want = pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths)
     assert got.dtype == dtype
     _assert_close(got, want, dtype)
+    if 0 in lengths:
+        assert not np.asarray(got[list(lengths).index(0)]).any()
+
+
+@pytest.mark.parametrize("case", ["big-pages-groups1-bf16", "mha-float8-pages-bf16-q", "mha-pages-of-5-gathered",
+                                  "float8-pages-of-5-float32-q"])
+def test_vector_products_match_the_reference(case):
+    """vector=True: one query head per kv head multiplied on the CUDA cores (`vector_block`), over
+    blocks inside a page, blocks gathered a token at a time, an empty row and a row of one key,
+    float8 pages; a grouped-query case (the last) ignores it."""
+    *_, block_k, splits, dtype = PAGED_CASES[case]
+    q, k_pages, v_pages, tables, lengths = _paged_inputs(case)
+    got = pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_k=block_k, splits=splits, vector=True,
+                             interpret=True)
+    _assert_close(got, pa.paged_attention_reference(q, k_pages, v_pages, tables, lengths), dtype)
+    if 0 in lengths:
+        assert not np.asarray(got[list(lengths).index(0)]).any()
+
+
+def test_vector_products_in_the_contiguous_decode_kernel():
+    b, s, h, n_kv, d, lengths, block_k, splits, dtype = DECODE_CASES["groups1-auto-splits"]
+    q, k, v = _normal(s, (b, h, d), (b, s, n_kv, d), (b, s, n_kv, d), dtype=dtype)
+    lengths = jnp.array(lengths, jnp.int32)
+    got = da.decode_attention(q, k, v, lengths, block_k=block_k, splits=splits, vector=True, interpret=True)
+    _assert_close(got, da.decode_attention_reference(q, k, v, lengths), dtype)
 
 
 # (rows, queries, heads, kv heads, head dim, page size, pages in the pool, max pages, q_offsets, block_q,
@@ -261,18 +293,35 @@ def test_float16_products_lower_for_cuda(pages):
     assert "__gpu$xla.gpu.triton" in text and "f16" in text
 
 
-@pytest.mark.parametrize("q_dtype,pages,compute,warps", [(jnp.bfloat16, jnp.bfloat16, False, 2),
-                                                         (jnp.bfloat16, jnp.float8_e4m3fn, True, 1),
-                                                         (jnp.float32, jnp.float8_e4m3fn, False, 1)])
-def test_the_engines_entry_point_takes_the_tuning_of_its_page_dtype(q_dtype, pages, compute, warps):
+def _kernel_jaxpr(jaxpr, name):
+    """The program of the pallas_call `name` inside `jaxpr` (the Triton module in a lowering is bytecode)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call" and eqn.params["name"] == name:
+            return eqn.params["jaxpr"]
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns") and (found := _kernel_jaxpr(sub, name)) is not None:
+                    return found
+    return None
+
+
+@pytest.mark.parametrize("q_dtype,pages,kv_heads,products,warps", [
+    (jnp.bfloat16, jnp.bfloat16, 32, "tensor cores", 2),
+    (jnp.bfloat16, jnp.float8_e4m3fn, 32, "vector", 1),
+    (jnp.bfloat16, jnp.float8_e4m3fn, 8, "tensor cores float16", 1),
+    (jnp.float32, jnp.float8_e4m3fn, 8, "tensor cores", 1)])
+def test_the_engines_entry_point_takes_the_tuning_of_its_page_dtype(q_dtype, pages, kv_heads, products, warps):
     """`paged_attention.attend` runs the kernel with `TUNING[pages' dtype]` (2 stages; 2 warps for
-    bf16 pages, 1 for float8), the float16 products only for 2-byte queries."""
-    args = (S((4, 32, 128), q_dtype), S((100, 16, 32, 128), pages), S((100, 16, 32, 128), pages),
+    bf16 pages; for float8, 1 warp, the CUDA-core products for multi-head attention and float16
+    tensor-core products for grouped-query heads, the float16 ones only for 2-byte queries)."""
+    args = (S((4, 32, 128), q_dtype), S((100, 16, kv_heads, 128), pages), S((100, 16, kv_heads, 128), pages),
             S((4, 20), jnp.int32), S((4,), jnp.int32))
     text = _lower(pa.attend, args, "cuda", "NVIDIA H200")
     assert f"num_stages = 2 : i32, num_warps = {warps} : i32" in text
-    kernel_program = str(jax.make_jaxpr(pa.attend)(*args))  # the Triton module in the text is bytecode
-    assert bool(re.search(r"(?<!b)f16\[", kernel_program)) == compute
+    kernel_program = str(_kernel_jaxpr(jax.make_jaxpr(pa.attend)(*args).jaxpr, "paged_attention"))
+    assert ("dot_general" in kernel_program) == products.startswith("tensor cores")
+    assert bool(re.search(r"(?<!b)f16\[", kernel_program)) == products.endswith("float16")
 
 
 @pytest.mark.parametrize("dtype,compute,message", [

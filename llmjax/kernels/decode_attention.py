@@ -15,7 +15,9 @@ to read each cache byte once at full bandwidth (flash-decoding):
   its log-sum-exp, and a small jnp epilogue merges the splits (with one split, the kernel writes
   the result in q's dtype and nothing runs after it);
 - blocks past a row's length are never read, so a cache longer than its rows costs only the launch
-  of some idle programs.
+  of some idle programs;
+- with one query head per kv head (multi-head attention), `vector=True` skips the tensor cores: the
+  scores and the output are multiplies and sums on K and V as loaded, in float32 (`vector_block`).
 `splits=None` picks enough splits for about `TARGET_PROGRAMS` programs.
 
 Head dims must be powers of two >= 16 (`flash_attention.supported`); the model falls back to
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, masked_softmax,
+from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, load_block, masked_softmax,
                                            online_softmax_block, supported)
 
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
@@ -53,6 +55,24 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     return out.reshape(b, h, d).astype(q.dtype)
 
 
+def vector_block(q, k_ref, v_ref, carry, exists=None):
+    """`online_softmax_block` for a program of one query head (multi-head attention) on the CUDA
+    cores: q `[1, D]` float32, already scaled so that `q . k` is the base-2 score. The scores are a
+    multiply and a sum along the head dim, the output a multiply and a sum along the keys, both on K
+    and V in the layout they are loaded in (a tensor-core product would pad the one query to 16 rows
+    and, for float8 V, rearrange it a byte at a time in shared memory)."""
+    acc, top, total = carry  # [1, D], [1], [1]
+    k, v = load_block(k_ref, v_ref, exists)
+    s = jnp.sum(k.astype(jnp.float32) * q, axis=1)  # [block_k]
+    if exists is not None:
+        s = jnp.where(exists, s, MASKED)
+    new_top = jnp.maximum(top, jnp.max(s))
+    p = jnp.exp2(s - new_top)
+    rescale = jnp.exp2(top - new_top)
+    acc = acc * rescale[:, None] + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)[None, :]
+    return acc, new_top, total * rescale + jnp.sum(p)
+
+
 def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
                   block_h, block_k, chunk, exact, compute_dtype):
     """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
@@ -61,6 +81,7 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
     masked. `block_index(b, kv, first, exists)` says where keys `[first, first + block_k)` lie in
     `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
     length. The products take q, K and V in `compute_dtype` (a float8 cache is widened to it).
+    `block_h` 1 (one query head per kv head) runs `vector_block` instead, in float32.
     Writes the output normalized over this split and its base-2 log-sum-exp (MASKED where no key was
     seen), which `merge_splits` joins across splits.
     lengths_ref [B]; q_ref [B, H, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]."""
@@ -69,15 +90,17 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
     in_group = jnp.arange(block_h) < groups
     heads = pl.ds(kv * groups, block_h)
     q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
-    q = q.astype(compute_dtype)
     start = split * chunk
     stop = jnp.minimum(jnp.minimum(lengths_ref[b], kv_limit), start + chunk)
     scale = LOG2E / math.sqrt(d)
+    q = q.astype(jnp.float32) * scale if block_h == 1 else q.astype(compute_dtype)
 
     def step(j, carry, masked):
         first = start + j * block_k
         exists = first + jnp.arange(block_k) < stop
         index = block_index(b, kv, first, exists)
+        if block_h == 1:
+            return vector_block(q, k_ref.at[index], v_ref.at[index], carry, exists if masked else None)
         return online_softmax_block(q, k_ref.at[index], v_ref.at[index], carry, scale, exact,
                                     exists if masked else None, exists[None, :] if masked else None)
 
@@ -124,30 +147,33 @@ def split_plan(seq: int, block_k: int, programs: int, splits: int | None) -> tup
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
-                                             "interpret"))
+                                             "vector", "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, block_k: int = 64,
                      splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                     compute_dtype: str | None = None, interpret: bool = False) -> jax.Array:
+                     compute_dtype: str | None = None, vector: bool = False, interpret: bool = False) -> jax.Array:
     """Split-K decode attention with the Pallas kernel (see the module doc for the arguments;
-    `compute_dtype` as in `launch_splits`)."""
+    `compute_dtype` and `vector` as in `launch_splits`)."""
     _check(q, k, v, lengths)
     return launch_splits(_kernel, q, k.shape[2], k.shape[1], (lengths.astype(jnp.int32), q, k, v),
                          name="decode_attention", block_k=block_k, splits=splits, num_warps=num_warps,
-                         num_stages=num_stages, compute_dtype=compute_dtype, interpret=interpret)
+                         num_stages=num_stages, compute_dtype=compute_dtype, vector=vector, interpret=interpret)
 
 
 def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *, name: str, block_k: int,
                   splits: int | None, num_warps: int, num_stages: int, interpret: bool,
-                  compute_dtype: str | None = None) -> jax.Array:
+                  compute_dtype: str | None = None, vector: bool = False) -> jax.Array:
     """Runs a `split_program` kernel over the grid (splits, kv heads, rows), for rows of up to `keys`
     keys, and merges the splits. The products take `compute_dtype` (None: q's dtype; "float16" for
-    bfloat16 queries over a float8 cache, which widens to float16 in one instruction per pair)."""
+    bfloat16 queries over a float8 cache, which widens to float16 in one instruction per pair).
+    `vector=True` with one query head per kv head (multi-head attention) multiplies on the CUDA cores
+    in float32 (`vector_block`) instead of the tensor cores; grouped-query heads ignore it."""
     b, h, d = q.shape
     groups = h // n_kv
     compute = product_dtype(name, q.dtype, compute_dtype)
     splits, chunk = split_plan(keys, block_k, b * n_kv, splits)
-    kernel = functools.partial(kernel, groups=groups, block_h=max(16, pl.next_power_of_2(groups)),
-                               block_k=block_k, chunk=chunk, exact=compute == jnp.float32, compute_dtype=compute)
+    block_h = 1 if vector and groups == 1 else max(16, pl.next_power_of_2(groups))
+    kernel = functools.partial(kernel, groups=groups, block_h=block_h, block_k=block_k, chunk=chunk,
+                               exact=compute == jnp.float32, compute_dtype=compute)
     # One split writes the result in q's dtype: no convert kernel after it. More write float32 partials.
     out, lse = pl.pallas_call(
         kernel,

@@ -72,6 +72,13 @@ def supported(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def load_block(k_ref, v_ref, exists=None):
+    """A block of K and V; rows where `exists` is False read as zeros (None: all exist, no predicates)."""
+    if exists is None:
+        return plgpu.load(k_ref), plgpu.load(v_ref)
+    return tuple(plgpu.load(ref, mask=exists[:, None], other=0.0) for ref in (k_ref, v_ref))
+
+
 def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visible=None):
     """One block of keys into an online softmax (every kernel's inner step): the block's K and V
     (rows where `exists` is False read as zeros; None: all exist, no predicates), scores `q @ k.T`
@@ -79,12 +86,7 @@ def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visi
     (the unnormalized output, the running max of the base-2 scores, their running sum) updated.
     K and V are widened to q's dtype in registers (a float8 cache)."""
     acc, top, total = carry
-    if exists is None:
-        k, v = plgpu.load(k_ref), plgpu.load(v_ref)
-    else:
-        k = plgpu.load(k_ref, mask=exists[:, None], other=0.0)
-        v = plgpu.load(v_ref, mask=exists[:, None], other=0.0)
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    k, v = (x.astype(q.dtype) for x in load_block(k_ref, v_ref, exists))
     s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [rows, block] f32, unscaled
     if visible is not None:
         s = jnp.where(visible, s, MASKED)

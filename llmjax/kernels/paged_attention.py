@@ -17,8 +17,8 @@ Scale `1/sqrt(D)`, scores and softmax in float32; the result is `[B, H, D]` in q
 
 `paged_attention_reference` is the definition: gather each row's pages into a contiguous cache and
 apply `decode_attention_reference`. The kernel is `decode_attention`'s (split-K, all query heads of a
-kv head in one program, per-row lengths) with one change: each block of `block_k` keys finds its pool
-rows through the block table. When `block_k` divides `page_size` a block lies in one page and is read
+kv head in one program, per-row lengths; `vector=True` multiplies one query head per kv head on the
+CUDA cores) with one change: each block of `block_k` keys finds its pool rows through the block table. When `block_k` divides `page_size` a block lies in one page and is read
 as one contiguous slice; otherwise each token looks up its own page. Head dims must be powers of two
 >= 16; `page_size` may be anything.
 
@@ -49,13 +49,15 @@ from llmjax.kernels.flash_attention import (FLOAT8, dispatch_attention, flash_at
 ROCM_TUNING = dict(num_stages=3)
 # The engine's tuning per page dtype, over the kernel's defaults. The engine's rows hold a few blocks
 # each, so small programs (one or two warps, 2 stages of 32-key blocks) that an SM keeps many of in
-# flight beat a deep pipeline; a float8 cache multiplies in float16 (one conversion instruction per
-# pair). On 384 rows of 128-256 tokens, 7B heads, one H200 (benchmarks/attention.py --only pool
-# --pool-sweep): bf16 331-339 us against the defaults' 345-384 us; float8 221-253 us against
-# 347-405 us.
+# flight beat a deep pipeline. On 384 rows of 128-256 tokens, 7B heads, one H200
+# (benchmarks/attention.py --only pool --pool-sweep): bf16 331-339 us against the defaults' 345-384
+# us. A float8 cache with one query head per kv head multiplies on the CUDA cores (`vector`): the
+# tensor-core product rearranges float8 V a byte at a time in shared memory; pages of 64, one call:
+# 212.7 us against 273.5 (--pool-sweep vector). Grouped-query heads keep the tensor cores, in float16
+# (one conversion instruction per pair of float8 values).
 TUNING: dict[str, dict] = {
     "bfloat16": dict(block_k=32, num_warps=2, num_stages=2),
-    "float8_e4m3fn": dict(block_k=32, num_warps=1, num_stages=2, compute_dtype="float16"),
+    "float8_e4m3fn": dict(block_k=32, num_warps=1, num_stages=2, vector=True, compute_dtype="float16"),
 }
 
 
@@ -100,10 +102,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, pag
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
-                                             "interpret"))
+                                             "vector", "interpret"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                     lengths: jax.Array, *, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 5, compute_dtype: str | None = None, interpret: bool = False) -> jax.Array:
+                    num_stages: int = 5, compute_dtype: str | None = None, vector: bool = False,
+                    interpret: bool = False) -> jax.Array:
     """Split-K paged decode attention with the Pallas kernel (see the module doc for the layout).
 
     More pipeline stages than `decode_attention`: Triton gives the block-table load its own stage, so
@@ -114,7 +117,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     return launch_splits(functools.partial(_kernel, page_size=page_size), q, n_kv,
                          block_tables.shape[1] * page_size, operands, name="paged_attention", block_k=block_k,
                          splits=splits, num_warps=num_warps, num_stages=num_stages,
-                         compute_dtype=compute_dtype, interpret=interpret)
+                         compute_dtype=compute_dtype, vector=vector, interpret=interpret)
 
 
 def _check(q, k_pages, v_pages, block_tables, lengths) -> None:
