@@ -1,7 +1,7 @@
 """Where the GPU's time goes, kernel by kernel: a jax profiler trace of a steady-state workload, read
 back with `jax.profiler.ProfileData` and summed per kernel and per kind of kernel.
 
-    PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--json F] [--timeline N]
+    PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--tensor 2] [--json F] [--timeline N]
     PYTHONPATH=. python benchmarks/kernel_profile.py engine --model llama2-7b [--max-slots 384] [--page-size P] [--kv-dtype D]
 
 `decode`: greedy generation at batch 1 (prompt 8, `--gen-len` new tokens), the one-jit loop of
@@ -150,7 +150,9 @@ def decode(args) -> dict:
     from llmjax import bench
     from llmjax.params import init_random
 
-    params = init_random(args.model, dtype=args.dtype)
+    from llmjax.sharding import make_mesh
+
+    params = init_random(args.model, dtype=args.dtype, mesh=make_mesh(tensor=args.tensor) if args.tensor > 1 else None)
     _, _, run = bench.greedy_runner(params, 1, 8, args.gen_len)
     run(args.gen_len)[0].block_until_ready()  # compiles
     kernels, span, busiest = traced(lambda: run(args.gen_len)[0].block_until_ready(), args.timeline)
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--tensor", type=int, default=1, help="decode: the tensor-parallel degree (GPU 0's kernels)")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-slots", type=int, default=384)
     parser.add_argument("--prefill-tokens", type=int, default=4096)
