@@ -243,11 +243,9 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     return result
 
 
-def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, seed: int = 0,
-                  check_every: int = gen.CHECK_EVERY):
+def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, seed: int = 0):
     """Random prompts `[batch, prompt_len]` (as lists), the cache length, and `run(n)`: greedy
-    generation of n <= gen_len tokens after them, in the one jit `llmjax.generate` runs (ids, steps),
-    its loop checking its condition every `check_every` steps."""
+    generation of n <= gen_len tokens after them, in the one jit `llmjax.generate` runs (ids, steps)."""
     config = params.config
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()
@@ -258,7 +256,7 @@ def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, see
     tail = (jnp.asarray([gen.PAD_ID], jnp.int32), gen.Sampling().arrays(batch), jax.random.key(seed),
             jnp.arange(batch, dtype=jnp.int32))
     static = dict(model=gen._model(params), cache_len=cache_len, out_len=gen._bucket(gen_len), greedy=True,
-                  filters=(), check_every=check_every)
+                  filters=())
 
     def run(n: int):
         return gen._generate_ids(*args, jnp.int32(n), *tail, **static)

@@ -112,17 +112,9 @@ class _Loop:
     cache: KVCache
 
 
-# Decode steps between two checks of the loop's condition. XLA's while loop copies its condition to
-# the host every iteration and launches the next only after it arrives, so the GPU idles for the copy
-# and the first launches of each iteration; an inner loop of a fixed count needs no copy, and the host
-# launches ahead of the GPU. The price: up to CHECK_EVERY - 1 steps computed after the last row
-# finished, their results dropped.
-CHECK_EVERY = 8
-
-
-@functools.partial(jax.jit, static_argnames=("model", "cache_len", "out_len", "greedy", "filters", "check_every"))
+@functools.partial(jax.jit, static_argnames=("model", "cache_len", "out_len", "greedy", "filters"))
 def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key, rows, *,
-                  model, cache_len, out_len, greedy, filters, check_every=CHECK_EVERY):
+                  model, cache_len, out_len, greedy, filters):
     static = dict(model=model, greedy=greedy, filters=filters)
     first, cache = _first_tokens(weights, tokens, lengths, knobs, key, rows, cache_len=cache_len, **static)
     out = jnp.full((tokens.shape[0], out_len), PAD_ID, jnp.int32).at[:, 0].set(first)
@@ -136,18 +128,14 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
     def cond(s: _Loop):
         return (s.step < max_new) & ~jnp.all(s.done)
 
-    def body(_, s: _Loop):
-        """One decode step; a no-op but for the cache once the loop is over (the cache's write then lands
-        in the slot after each row's last token, never read)."""
-        running = cond(s)
+    def body(s: _Loop):
         token, cache = _next_tokens(weights, s.last, s.positions, s.cache, knobs, key, rows, s.step, **static)
-        token = jnp.where(s.done | ~running, PAD_ID, token)
-        out = s.out.at[:, jnp.where(running, s.step, out_len)].set(token, mode="drop")
-        done = s.done | (running & jnp.isin(token, eos_ids))
-        last = jnp.where(running, jnp.maximum(token, 0), s.last)
-        return _Loop(s.step + running, out, last, s.positions + running, done, cache)
+        token = jnp.where(s.done, PAD_ID, token)
+        out = s.out.at[:, s.step].set(token)
+        done = s.done | jnp.isin(token, eos_ids)
+        return _Loop(s.step + 1, out, jnp.maximum(token, 0), s.positions + 1, done, cache)
 
-    final = jax.lax.while_loop(cond, lambda s: jax.lax.fori_loop(0, check_every, body, s), state)
+    final = jax.lax.while_loop(cond, body, state)
     return _replicated(model, final.out), final.step
 
 
