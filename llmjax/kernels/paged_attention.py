@@ -18,9 +18,10 @@ Scale `1/sqrt(D)`, scores and softmax in float32; the result is `[B, H, D]` in q
 `paged_attention_reference` is the definition: gather each row's pages into a contiguous cache and
 apply `decode_attention_reference`. The kernel is `decode_attention`'s (split-K, all query heads of a
 kv head in one program, per-row lengths; `vector=True` multiplies one query head per kv head on the
-CUDA cores) with one change: each block of `block_k` keys finds its pool rows through the block table. When `block_k` divides `page_size` a block lies in one page and is read
-as one contiguous slice; otherwise each token looks up its own page. Head dims must be powers of two
->= 16; `page_size` may be anything.
+CUDA cores) with one change: each block of `block_k` keys finds its pool rows through the block
+table. When `block_k` divides `page_size` a block lies in one page and is read as one contiguous
+slice; otherwise each token looks up its own page. Head dims must be powers of two >= 16;
+`page_size` may be anything.
 
 `paged_prefill(q, k_pages, v_pages, block_tables, q_offsets)` is the engine's prompt chunks: q
 `[B, T, H, D]`, query t of row b at position `q_offsets[b] + t` of its sequence, seeing that
