@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax.config import LlamaConfig
 from llmjax.kernels import page_write
-from llmjax.kernels.dispatch import free_axes, on_own_heads, splits_heads
+from llmjax.kernels.dispatch import on_own_heads, splits_otherwise
 
 
 @jax.tree_util.register_dataclass
@@ -166,7 +166,7 @@ def page_slots(tables: jax.Array, positions: jax.Array, valid: jax.Array, page_s
 def _write_pages(k_pages, v_pages, k, v, slots, mesh):
     """`page_write.apply` where no mesh axis splits anything; on a mesh, per device when `tensor` splits
     the pool's kv heads (the engine's placement), else the reference (which GSPMD partitions)."""
-    if mesh is not None and free_axes(mesh) and not splits_heads(mesh, k_pages.shape[2]):
+    if splits_otherwise(mesh, k_pages.shape[2]):
         return page_write.write_pages_reference(k_pages, v_pages, k, v, slots)
     pool, new = P(None, None, "tensor", None), P(None, "tensor", None)
     return on_own_heads(page_write.apply, mesh, k_pages.shape[2], (pool, pool, new, new, P()), (pool, pool))(

@@ -82,6 +82,12 @@ def splits_heads(mesh, heads: int) -> bool:
     return mesh is not None and "tensor" in free_axes(mesh) and heads % mesh.shape["tensor"] == 0
 
 
+def splits_otherwise(mesh, heads: int) -> bool:
+    """Whether some free axis of `mesh` splits the work but `tensor` does not split `heads`: then a
+    per-device kernel over its own heads does not fit, and the caller takes a path GSPMD partitions."""
+    return mesh is not None and bool(free_axes(mesh)) and not splits_heads(mesh, heads)
+
+
 def on_own_heads(fn: Callable, mesh, heads: int, in_specs, out_specs) -> Callable:
     """`fn` per device over `tensor` when `tensor` splits `heads` (`splits_heads`: each device runs it on
     its own heads, as the engine's page pool is placed), `fn` itself otherwise."""

@@ -152,11 +152,17 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: j
     dim or a mix of dtypes the kernel does not take. The kernel's tuning is `TUNING[pages' dtype]`
     under `tuning` (float32 queries keep float32 products). `LLMJAX_ATTENTION` overrides as in
     `flash_attention.attend`."""
-    tuning = {**TUNING.get(jnp.dtype(k_pages.dtype).name, {}), **tuning}
-    if jnp.dtype(q.dtype).itemsize > 2:  # float16 products are for 2-byte queries; float32 keeps its own
-        tuning.pop("compute_dtype", None)
     return dispatch_attention(paged_attention, paged_attention_reference, q, k_pages, v_pages, block_tables,
-                              lengths, tuning=tuning, rocm_tuning=ROCM_TUNING)
+                              lengths, tuning=_engine_tuning(TUNING, q, k_pages, tuning), rocm_tuning=ROCM_TUNING)
+
+
+def _engine_tuning(table: dict, q, k_pages, tuning: dict) -> dict:
+    """`table[pages' dtype]` under `tuning`, without float16 products for float32 queries (those are
+    for 2-byte queries; float32 keeps its own)."""
+    tuning = {**table.get(jnp.dtype(k_pages.dtype).name, {}), **tuning}
+    if jnp.dtype(q.dtype).itemsize > 2:
+        tuning.pop("compute_dtype", None)
+    return tuning
 
 
 # ---------------------------------------------------------------- prefill rows over the pool
@@ -221,8 +227,6 @@ def attend_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_t
     `PREFILL_TUNING[pages' dtype]` under `tuning`; the reference elsewhere, and for a head dim or a mix
     of dtypes the kernel does not take (float8 pages on rocm too). `LLMJAX_ATTENTION` overrides as in
     `flash_attention.attend`."""
-    tuning = {**PREFILL_TUNING.get(jnp.dtype(k_pages.dtype).name, {}), **tuning}
-    if jnp.dtype(q.dtype).itemsize > 2:
-        tuning.pop("compute_dtype", None)
     return dispatch_attention(paged_prefill, paged_prefill_reference, q, k_pages, v_pages, block_tables, q_offsets,
-                              tuning=tuning, rocm_tuning=PREFILL_ROCM_TUNING)
+                              tuning=_engine_tuning(PREFILL_TUNING, q, k_pages, tuning),
+                              rocm_tuning=PREFILL_ROCM_TUNING)

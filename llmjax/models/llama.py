@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
 from llmjax.kernels import decode_attention, dispatch, flash_attention, paged_attention, rms_norm
-from llmjax.kernels.dispatch import data_axis, free_axes, on_own_heads, per_device, splits_heads
+from llmjax.kernels.dispatch import data_axis, free_axes, on_own_heads, per_device, splits_otherwise
 from llmjax.kernels.linear import linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
@@ -165,8 +165,7 @@ def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
     if chosen == "interpret":  # the kernel's own mode is LLMJAX_ATTENTION's to set
         raise ValueError("LLMJAX_PAGED_PREFILL takes auto or off; LLMJAX_ATTENTION=interpret runs the kernel in "
                          "interpret mode")
-    elsewhere = mesh is not None and free_axes(mesh) and not splits_heads(mesh, k_pages.shape[2])
-    if elsewhere or chosen == "off":
+    if splits_otherwise(mesh, k_pages.shape[2]) or chosen == "off":
         keys = paged_attention.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
         values = paged_attention.gather_pages(v_pages, tables).astype(q.dtype)
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
