@@ -25,6 +25,11 @@ VARIANTS = {
     "graph-min-size-1": "--xla_gpu_graph_min_graph_size=1",
     "no-triton-gemm": "--xla_gpu_enable_triton_gemm=false",
     "while-double-buffering": "--xla_gpu_enable_while_loop_double_buffering=true",
+    # programmatic dependent launch (Hopper): a kernel may start while the one before it drains, and
+    # waits (griddepcontrol.wait) before it reads what that one wrote
+    "pdl": "--xla_gpu_enable_pdl=true",
+    "pdl+launch": "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true",
+    "no-pdl": "--xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false",
 }
 
 
