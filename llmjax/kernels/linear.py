@@ -12,11 +12,6 @@ On a mesh, XLA cannot split a Pallas call over devices, so a quantized product r
 each device multiplies its own slice of the weights (Megatron's layout from the sharding rules), and a
 row-parallel product (o, down: the input axis is split) adds the devices' partial sums with `psum`.
 
-`linear(..., partials=True)` returns `[S, ..., *out]` float32 partial sums whose sum, rounded to x's
-dtype, is the product: an int4 kernel's K slices on one device (`int4_matmul.matmul`), so that the
-consumer adds them in its own kernel (the model's `RMSNorm` with `add=`); every other product as one
-slice `[1, ..., *out]` in x's dtype.
-
 `linear_reference` is the definition every path must match: the float kernel (a quantized one
 dequantized) contracted in float32.
 """
@@ -41,14 +36,10 @@ def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     return (y * qw.scales.reshape(1, n).astype(jnp.float32)).astype(x.dtype)
 
 
-def _product(x2: jax.Array, qw: QuantizedWeight, partials: bool = False) -> jax.Array:
-    """`[M, K]` times a quantized kernel -> `[M, *out]` (`[S, M, *out]` with `partials`)."""
-    if qw.bits == 4 and partials:
-        y = int4_matmul.matmul(x2, qw, partials=True)
-        return y.reshape(y.shape[0], x2.shape[0], *qw.out_shape)
+def _product(x2: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    """`[M, K]` times a quantized kernel -> `[M, *out]`."""
     y = int8_matmul(x2, qw) if qw.bits == 8 else int4_matmul.matmul(x2, qw)
-    y = y.reshape(x2.shape[0], *qw.out_shape)
-    return y[None] if partials else y
+    return y.reshape(x2.shape[0], *qw.out_shape)
 
 
 def _leaf_specs(qw: QuantizedWeight, out_axes: tuple, in_axis) -> QuantizedWeight:
@@ -91,24 +82,21 @@ def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> j
     return y.astype(x.dtype)
 
 
-def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None,
-           partials: bool = False):
-    """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`
-    (`[S, ..., *out]` partial sums with `partials`, see the module doc).
+def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None):
+    """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`.
 
     `kernel` is a float array or a `QuantizedWeight`. For a quantized kernel on a `mesh` of more than
     one device, `axes` (the float kernel's logical axes) say how the sharding rules split it.
     """
     if not isinstance(kernel, QuantizedWeight):
-        y = gemv.linear(x, kernel, num_out_dims)
-        return y[None] if partials else y
+        return gemv.linear(x, kernel, num_out_dims)
     lead = x.shape[:x.ndim - in_ndim]
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - in_ndim:]))
     if x2.shape[1] != kernel.in_size:
         raise ValueError(f"x's input width {x2.shape[1]} does not match the quantized kernel's "
                          f"{kernel.in_size}")
     if mesh is None or not dispatch.free_axes(mesh):  # one device, or a pipeline stage with tensor=1
-        y = _product(x2, kernel, partials)
-        return y.reshape(*y.shape[:y.ndim - 1 - len(kernel.out_shape)], *lead, *kernel.out_shape)
-    y = _sharded_product(x2, kernel, mesh, axes, num_out_dims).reshape(*lead, *kernel.out_shape)
-    return y[None] if partials else y
+        y = _product(x2, kernel)
+    else:
+        y = _sharded_product(x2, kernel, mesh, axes, num_out_dims)
+    return y.reshape(*lead, *kernel.out_shape)

@@ -68,9 +68,7 @@ class Linear(nn.Module):
     mesh: Any = None  # the mesh a quantized kernel is split over (its product runs per device)
 
     @nn.compact
-    def __call__(self, x: jax.Array, partials: bool = False) -> jax.Array:
-        """`[..., *in] -> [..., *out]`; `partials=True`: `[S, ..., *out]` partial sums for a consumer
-        that adds them (`llmjax.kernels.linear`), one slice where there is a bias."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         width = math.prod(self.shape[self.num_out_dims:])
         if self.quant is None or not self.quant.quantizes(width):
             init = nn.with_logical_partitioning(_init, self.axes)
@@ -79,13 +77,12 @@ class Linear(nn.Module):
                                      num_out_dims=self.num_out_dims)
         kernel = self.param("kernel", init, self.shape, self.dtype)
         y = linear(x, kernel, self.num_out_dims, len(self.shape) - self.num_out_dims,  # [..., *in] -> [..., *out]
-                   mesh=self.mesh, axes=self.axes, partials=partials and not self.use_bias)
+                   mesh=self.mesh, axes=self.axes)
         if self.use_bias:
             out_shape, out_axes = self.shape[:self.num_out_dims], self.axes[:self.num_out_dims]
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes)
             bias = self.param("bias", init, out_shape, self.dtype)
             y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-            return y[None] if partials else y
         return y
 
 
@@ -107,32 +104,22 @@ class Embed(nn.Module):
 
 class RMSNorm(nn.Module):
     """`llmjax.kernels.rms_norm` (one Pallas kernel on cuda and rocm, its jnp reference elsewhere). On
-    a `mesh`, each device normalizes its own rows (`data`), so the kernel never sees a sharded array.
-
-    `norm(x)` is the norm of x; `norm(x, add=h)` is `(x + h, norm(x + h))`, the residual add fused
-    into the same kernel (h x's shape, or `[S, *x.shape]` partial sums: `rms_norm.add_rms_norm`)."""
+    a `mesh`, each device normalizes its own rows (`data`), so the kernel never sees a sharded array."""
 
     eps: float
     dtype: Any = jnp.float32
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, add: jax.Array | None = None):
+    def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
         scale = self.param("scale", init, (x.shape[-1],), self.dtype)
-        if add is None:
-            norm, args = functools.partial(rms_norm.apply, eps=self.eps), (x, scale)
-        else:
-            norm, args = functools.partial(rms_norm.apply_add, eps=self.eps), (x, add, scale)
+        norm = functools.partial(rms_norm.apply, eps=self.eps)
         free = free_axes(self.mesh) if self.mesh is not None else ()
         if not free:
-            return norm(*args)
-        batch = data_axis(self.mesh, free, x.shape[0])
-        rows = P(batch)
-        if add is None:
-            return per_device(norm, self.mesh, (rows, P()), rows)(*args)
-        add_rows = rows if add.ndim == x.ndim else P(None, batch)  # [S, B, ...] partial sums
-        return per_device(norm, self.mesh, (rows, add_rows, P()), (rows, rows))(*args)
+            return norm(x, scale)
+        rows = P(data_axis(self.mesh, free, x.shape[0]))
+        return per_device(norm, self.mesh, (rows, P()), rows)(x, scale)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -243,7 +230,7 @@ class Attention(nn.Module):
             out = attention(q, keys, values, positions, k_pos, self.mesh)
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="o")
-        return o(out, partials=True), layer_cache  # [S, B, T, D]: the residual add sums them
+        return o(out), layer_cache
 
 
 class Mlp(nn.Module):
@@ -261,7 +248,7 @@ class Mlp(nn.Module):
                          dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="gate_up")(x)
         down = Linear((d, f), ("embed", "mlp"), use_bias=bias, dtype=self.dtype, quant=self.quant,
                       mesh=self.mesh, name="down")
-        return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], partials=True)  # [S, B, T, D]
+        return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
 
 
 class Block(nn.Module):
@@ -271,25 +258,15 @@ class Block(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, layer_cache, pending=None):
-        """The layer on the residual stream `x + pending` (`pending`: the last layer's MLP output, not
-        yet added, so that its add runs in this layer's first norm). Returns `(x, mlp_out)`, whose sum
-        (`rms_norm.add_partials`) is the layer's output, and the layer's cache. The attention and MLP
-        outputs are partial sums `[S, B, T, D]` (`Linear(partials=True)`): the norm kernel after each
-        adds them up with the residual add."""
+    def __call__(self, x, cos, sin, positions, layer_cache):
         eps, q, mesh = self.config.rms_norm_eps, self.quant, self.mesh
-        attn_norm = RMSNorm(eps, self.dtype, mesh, name="attn_norm")
         with jax.named_scope("attention"):
-            if pending is None:
-                normed = attn_norm(x)
-            else:
-                x, normed = attn_norm(x, add=pending)
             h, layer_cache = Attention(self.config, self.dtype, q, mesh, name="attn")(
-                normed, cos, sin, positions, layer_cache)
+                RMSNorm(eps, self.dtype, mesh, name="attn_norm")(x), cos, sin, positions, layer_cache)
+        x = x + h
         with jax.named_scope("mlp"):
-            x, normed = RMSNorm(eps, self.dtype, mesh, name="mlp_norm")(x, add=h)
-            out = Mlp(self.config, self.dtype, q, mesh, name="mlp")(normed)
-        return (x, out), layer_cache
+            x = x + Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, mesh, name="mlp_norm")(x))
+        return x, layer_cache
 
 
 class Blocks(nn.Module):
@@ -309,15 +286,13 @@ class Blocks(nn.Module):
     def __call__(self, x, positions, cache: kv.KVCache | None = None):
         cos, sin = rope_tables(self.config, positions)
         new_k, new_v = [], []
-        pending = None  # each layer's MLP output, added to x in the next layer's first norm
         for n, i in enumerate(self.indices):
             layer_cache = None if cache is None else (cache.k[n], cache.v[n])
             block = Block(self.config, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
-            (x, pending), layer_cache = block(x, cos, sin, positions, layer_cache, pending)
+            x, layer_cache = block(x, cos, sin, positions, layer_cache)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-        x = x if pending is None else rms_norm.add_partials(x, pending)
         return x, None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
 
 
@@ -350,18 +325,16 @@ class Llama(nn.Module):
                                  "places the weights on one")
             x, new_cache = pipeline.forward(self.mesh, stage_fn(c, self.dtype, self.mesh, self.quant),
                                             self.variables["params"]["stages"], x, positions, cache)
-            pending = None
         else:
             cos, sin = rope_tables(c, positions)
-            layers, pending = [], None  # pending: as in `Blocks`
+            layers = []
             for i in range(c.num_layers):
                 layer_cache = None if cache is None else cache.layer(i)
                 block = Block(c, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
-                (x, pending), layer_cache = block(x, cos, sin, positions, layer_cache, pending)
+                x, layer_cache = block(x, cos, sin, positions, layer_cache)
                 layers.append(layer_cache)
             new_cache = None if cache is None else cache.with_layers(layers)
-        final_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.mesh, name="final_norm")
-        x = final_norm(x) if pending is None else final_norm(x, add=pending)[1]
+        x = RMSNorm(c.rms_norm_eps, self.dtype, self.mesh, name="final_norm")(x)
         if logits_at is not None:
             picks = logits_at if logits_at.ndim == 2 else logits_at[:, None]  # [B, M]
             x = jnp.take_along_axis(x, picks[:, :, None], axis=1)  # [B, M, D]
