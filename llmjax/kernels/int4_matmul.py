@@ -336,26 +336,9 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
         return tuple(acc + s * scale[:, :, None] for acc, s in zip(accs, sums))
 
     zeros = tuple(jnp.zeros((block_n, block_groups, w), jnp.float32) for _ in range(rows))
-    nothing = _trigger_dependents(block_n, emulate) if PDL_TRIGGER == "start" else None
     accs = jax.lax.fori_loop(0, steps, body, zeros)
-    if PDL_TRIGGER == "end":
-        nothing = _trigger_dependents(block_n, emulate)
     for r, acc in enumerate(accs):
-        out = jnp.sum(acc, axis=(1, 2))
-        out = out if nothing is None else out + nothing
-        plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], out, mask=n_edge)
-
-
-PDL_TRIGGER = None
-
-
-def _trigger_dependents(size, emulate):
-    if emulate:
-        return None
-    zero = jnp.zeros((size,), jnp.float32)
-    return plgpu.elementwise_inline_asm("griddepcontrol.launch_dependents;\n mov.f32 $0, $1;", args=[zero],
-                                        constraints="=f,f", pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct((size,), jnp.float32)])[0]
+        plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], jnp.sum(acc, axis=(1, 2)), mask=n_edge)
 
 
 def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, block_groups, steps, mask_n,
