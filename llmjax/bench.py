@@ -161,6 +161,22 @@ def _per_device(w, sharding=None) -> int:
     return int(np.prod(shape)) * w.dtype.itemsize
 
 
+MIN_TIMED_S = 0.25  # bench times generation at least this long, in all, for each of its two timings
+MAX_REPEATS = 200
+
+
+def _interleaved_medians(a, b, repeats: int) -> tuple[float, float]:
+    """The median times of `a()` and `b()`, called in turn `repeats` times each (so that the machine's
+    drift during the run weighs on both alike)."""
+    times = [[], []]
+    for _ in range(repeats):
+        for fn, out in ((a, times[0]), (b, times[1])):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -215,9 +231,16 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     if int(steps) != gen_len:
         raise RuntimeError(f"the loop ran {int(steps)} steps, expected {gen_len}")
     run(1)[0].block_until_ready()
-    full = _median_time(lambda: run(gen_len), repeats)
-    first = _median_time(lambda: run(1), repeats)
-    step_s = max(full - first, 1e-9) / (gen_len - 1)
+    # Decode is the difference of two timings; for a small model (tiny on a CPU) it is a fraction of a
+    # millisecond, so short runs are timed more often, until the timed calls take MIN_TIMED_S.
+    once = _median_time(lambda: run(gen_len), 1)
+    repeats = max(repeats, min(MAX_REPEATS, int(MIN_TIMED_S / once) + 1))
+    full, first = _interleaved_medians(lambda: run(gen_len), lambda: run(1), repeats)
+    if full <= first:
+        raise ValueError(f"{gen_len} tokens took no measurably longer than one ({full * 1e3:.3f} ms against "
+                         f"{first * 1e3:.3f} ms, medians of {repeats} runs), so decode cannot be timed: use a "
+                         f"larger gen_len (--gen-len)")
+    step_s = (full - first) / (gen_len - 1)
 
     weight_read, cache_read = _bytes_per_step(params, batch, cache_len)
     bandwidth = bandwidth or measure_bandwidth()

@@ -48,6 +48,20 @@ def test_bytes_and_bound_follow_from_the_shapes(result):
     assert result.prefill_ms > 0 and result.end_to_end_tok_s > 0 and result.bandwidth_gb_s > 0
 
 
+def test_a_short_run_is_timed_often_enough_and_an_untimeable_one_refused(monkeypatch):
+    """Decode is the difference of two timings, a fraction of a millisecond for tiny: short runs are
+    repeated until they fill `MIN_TIMED_S`, and a difference that is not positive is an error, not a
+    figure (it once printed 15000000000.0 tok/s)."""
+    calls = []
+    real = bench._interleaved_medians
+    monkeypatch.setattr(bench, "_interleaved_medians", lambda a, b, r: calls.append(r) or real(a, b, r))
+    r = bench.bench("tiny", gen_len=12, repeats=1, bandwidth=1e11)
+    assert calls[0] > 1 and 0 < r.decode_ms_per_step < 1e3 * bench.MIN_TIMED_S
+    monkeypatch.setattr(bench, "_interleaved_medians", lambda a, b, r: (2e-3, 2e-3))
+    with pytest.raises(ValueError, match="cannot be timed"):
+        bench.bench("tiny", gen_len=12, repeats=1, bandwidth=1e11)
+
+
 def test_transformers_is_timed_in_the_same_run(result):
     assert result.hf_tok_s and result.hf_tok_s > 0 and result.hf_error is None
     assert "static cache" in result.hf_setup
