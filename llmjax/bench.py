@@ -165,25 +165,22 @@ MIN_TIMED_S = 0.25  # bench times generation at least this long, in all, for eac
 MAX_REPEATS = 200
 
 
+def _timed(fn) -> float:
+    """Seconds for `fn()` and the device work it starts."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
 def _interleaved_medians(a, b, repeats: int) -> tuple[float, float]:
     """The median times of `a()` and `b()`, called in turn `repeats` times each (so that the machine's
     drift during the run weighs on both alike)."""
-    times = [[], []]
-    for _ in range(repeats):
-        for fn, out in ((a, times[0]), (b, times[1])):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            out.append(time.perf_counter() - t)
-    return statistics.median(times[0]), statistics.median(times[1])
+    pairs = [(_timed(a), _timed(b)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(_timed(fn) for _ in range(repeats))
 
 
 def _model_config(model, dtype) -> LlamaConfig:
@@ -233,7 +230,7 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     run(1)[0].block_until_ready()
     # Decode is the difference of two timings; for a small model (tiny on a CPU) it is a fraction of a
     # millisecond, so short runs are timed more often, until the timed calls take MIN_TIMED_S.
-    once = _median_time(lambda: run(gen_len), 1)
+    once = _timed(lambda: run(gen_len))
     repeats = max(repeats, min(MAX_REPEATS, int(MIN_TIMED_S / once) + 1))
     full, first = _interleaved_medians(lambda: run(gen_len), lambda: run(1), repeats)
     if full <= first:
