@@ -34,6 +34,11 @@ VARIANTS = {
     "sync+LL": (ASYNC_OFF, {"NCCL_PROTO": "LL"}),
     "nccl-symmetric": ("--xla_gpu_experimental_enable_nccl_symmetric_buffers=true", {}),
     "nccl-user-buffers": ("--xla_gpu_enable_nccl_user_buffers=true", {}),
+    # XLA's own all-reduce kernels (Triton one-shot / two-shot) in place of NCCL: the flag that
+    # replaced the one-shot flag above, alone and with XLA's persistent symmetric memory
+    "collective-kernels": ("--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE", {}),
+    "collective-kernels+symmetric": ("--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE "
+                                     "--xla_gpu_enable_persistent_symmetric_memory=true", {}),
 }
 
 

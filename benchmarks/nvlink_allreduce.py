@@ -2,6 +2,7 @@
 `psum` (NCCL), on the GPUs of one process.
 
     PYTHONPATH=$PWD python benchmarks/nvlink_allreduce.py [--hidden 5120] [--rows 1] [--chain 80] [--profile]
+        [--variants psum,copy,read,stage,no-done]
 
 Issue 6 asks for tensor=2 decode of the 13B at 1.6x one GPU; each of the 80 NCCL all-reduces of a step
 costs ~16 us of GPU time (BENCHMARKS.md), and 1.6x needs ~4.6 us. jax 0.11 can run a Mosaic GPU
@@ -103,6 +104,7 @@ def main():
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--chain", type=int, default=80)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--variants", default="psum,copy,read,stage,no-done")
     p.add_argument("--processes", type=int, default=1,
                    help="run as this many processes of one GPU each (jax.distributed on loopback)")
     p.add_argument("--nvshmem", action="store_true",
@@ -133,7 +135,7 @@ def main():
                        jax.sharding.NamedSharding(mesh, P()))
     base = median_us(chained(lambda v: v, mesh, a.chain, w), x) / a.chain
     print(f"product alone {base:8.2f} us per step")
-    for variant in ("psum", "copy", "read", "stage", "no-done"):
+    for variant in a.variants.split(","):
         red = ps if variant == "psum" else functools.partial(allreduce_kernel, axis="tensor", n=n,
                                                               variant=variant)
         try:
@@ -170,7 +172,7 @@ def launch(a) -> None:
     if a.nvshmem:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_experimental_enable_nvshmem=true").strip()
     args = [sys.executable, __file__, "--hidden", str(a.hidden), "--rows", str(a.rows), "--chain", str(a.chain),
-            "--processes", str(a.processes)]
+            "--processes", str(a.processes), "--variants", a.variants]
     logs = [None] + [open(f"/tmp/nvlink_allreduce_rank{r}.log", "w+") for r in range(1, a.processes)]
     children = [subprocess.Popen(args + ["--rank", str(r)], env=env, stdout=logs[r], stderr=logs[r])
                 for r in range(a.processes)]
