@@ -30,12 +30,9 @@ from llmjax.kernels import paged_attention as pa
 
 
 def _tuning(mode: str) -> dict:
-    """`vector=1+block_k=64` -> {"vector": True, "block_k": 64}."""
-    def value(key, text):
-        if key == "vector":
-            return bool(int(text))
-        return int(text) if text.lstrip("-").isdigit() else text
-    return {key: value(key, text) for key, text in (pair.split("=") for pair in mode.split("+"))}
+    """`vector=1+block_k=64+compute_dtype=float16` -> {"vector": 1, "block_k": 64, "compute_dtype": "float16"}."""
+    return {key: int(text) if text.lstrip("-").isdigit() else text
+            for key, text in (pair.split("=") for pair in mode.split("+"))}
 
 
 def main() -> None:
