@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, load_block, masked_softmax,
-                                           online_softmax_block, softmax_update, supported)
+                                           online_softmax_block, supported)
 
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
@@ -61,12 +61,16 @@ def vector_block(q, k_ref, v_ref, carry, exists=None):
     multiply and a sum along the head dim, the output a multiply and a sum along the keys, both on K
     and V in the layout they are loaded in (a tensor-core product would pad the one query to 16 rows
     and, for float8 V, rearrange it a byte at a time in shared memory)."""
+    acc, top, total = carry  # [1, D], [1], [1]
     k, v = load_block(k_ref, v_ref, exists)
-    s = jnp.sum(k.astype(jnp.float32) * q, axis=1)[None, :]  # [1, block_k], already base-2
+    s = jnp.sum(k.astype(jnp.float32) * q, axis=1)  # [block_k]
     if exists is not None:
-        s = jnp.where(exists[None, :], s, MASKED)
-    v32 = v.astype(jnp.float32)  # a scale of 1.0 below: its multiplies fold away
-    return softmax_update(carry, s, 1.0, lambda p: jnp.sum(p[0][:, None] * v32, axis=0)[None, :])
+        s = jnp.where(exists, s, MASKED)
+    new_top = jnp.maximum(top, jnp.max(s))
+    p = jnp.exp2(s - new_top)
+    rescale = jnp.exp2(top - new_top)
+    acc = acc * rescale[:, None] + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)[None, :]
+    return acc, new_top, total * rescale + jnp.sum(p)
 
 
 def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,

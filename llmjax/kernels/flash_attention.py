@@ -85,22 +85,16 @@ def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visi
     with those where `visible` is False masked (None: all visible), and the carry `(acc, top, total)`
     (the unnormalized output, the running max of the base-2 scores, their running sum) updated.
     K and V are widened to q's dtype in registers (a float8 cache)."""
+    acc, top, total = carry
     k, v = (x.astype(q.dtype) for x in load_block(k_ref, v_ref, exists))
     s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact)  # [rows, block] f32, unscaled
     if visible is not None:
         s = jnp.where(visible, s, MASKED)
-    return softmax_update(carry, s, scale, lambda p: plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact))
-
-
-def softmax_update(carry, s, scale, weighted_sum):
-    """The online softmax's step for a block of scores `s` `[rows, block]` (base-2 once multiplied by
-    `scale`; masked ones MASKED): the carry `(acc, top, total)` rescaled to the new running max, plus
-    `weighted_sum(p)`, the block's values weighted by its probabilities `p` `[rows, block]`."""
-    acc, top, total = carry
     new_top = jnp.maximum(top, jnp.max(s, axis=1) * scale)  # the running max, scaled
     p = jnp.exp2(s * scale - new_top[:, None])  # one multiply-add per score
     rescale = jnp.exp2(top - new_top)
-    return acc * rescale[:, None] + weighted_sum(p), new_top, total * rescale + jnp.sum(p, axis=1)
+    acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
+    return acc, new_top, total * rescale + jnp.sum(p, axis=1)
 
 
 def flash_program(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, block_index, *, seq_k, groups,
