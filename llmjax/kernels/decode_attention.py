@@ -60,7 +60,9 @@ def vector_block(q, k_ref, v_ref, carry, exists=None):
     cores: q `[1, D]` float32, already scaled so that `q . k` is the base-2 score. The scores are a
     multiply and a sum along the head dim, the output a multiply and a sum along the keys, both on K
     and V in the layout they are loaded in (a tensor-core product would pad the one query to 16 rows
-    and, for float8 V, rearrange it a byte at a time in shared memory)."""
+    and, for float8 V, rearrange it a byte at a time in shared memory). The softmax update repeats
+    `online_softmax_block`'s on 1-D scores: sharing it as `[1, block_k]` scores (e7a1de8) ran the
+    engine's float8 decode rows 3-5% slower (BENCHMARKS.md, tenth session)."""
     acc, top, total = carry  # [1, D], [1], [1]
     k, v = load_block(k_ref, v_ref, exists)
     s = jnp.sum(k.astype(jnp.float32) * q, axis=1)  # [block_k]
