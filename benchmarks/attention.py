@@ -22,7 +22,8 @@ Sections, in order (`--only` picks some; each prints its figures as it goes):
    replicated (distinct arrays read in turn) until a call reads >= 128 MB, so L2 cannot serve them.
    XLA's reference runs at batch 64 only (at batch 1 it measures launches, not attention).
 5. model: prefill tokens/s of the whole Llama-3-8B shape (random weights, bf16) on one 8k prompt,
-   with the kernels (`LLMJAX_ATTENTION` unset: the default tuning) and without (`off`).
+   with the kernels (`LLMJAX_ATTENTION` unset: the default tuning; on Hopper the Mosaic GPU prefill
+   kernel), with the Triton prefill kernel (`LLMJAX_ATTENTION_MOSAIC=off`) and without (`off`).
 6. pool: the engine's decode rows over its page pool (`run_pool`).
 7. chunk: the engine's prompt chunks over its page pool, `paged_prefill` against a gathered copy
    (`run_chunk`).
@@ -550,8 +551,14 @@ def run_model(report: Report, smoke: bool) -> None:
     tokens = jax.random.randint(jax.random.key(40), (1, t), 0, params.config.vocab_size, jnp.int32)
     lengths = jnp.full((1,), t, jnp.int32)
     model = gen._model(params)
-    for mode in ("auto", "off") if not smoke else ("interpret", "off"):
-        os.environ["LLMJAX_ATTENTION"] = mode  # read when the prefill below is traced
+    runs = {"kernels": dict(LLMJAX_ATTENTION="auto", LLMJAX_ATTENTION_MOSAIC="auto"),
+            "kernels, Triton prefill": dict(LLMJAX_ATTENTION="auto", LLMJAX_ATTENTION_MOSAIC="off"),
+            "reference attention": dict(LLMJAX_ATTENTION="off")}
+    if smoke:
+        runs = {"kernels (interpret)": dict(LLMJAX_ATTENTION="interpret"), "reference attention": runs.pop(
+            "reference attention")}
+    for name, env in runs.items():
+        os.environ.update(env)  # read when the prefill below is traced
         prefill = jax.jit(lambda w, ids, n, cache: gen._prefill(model, w, ids, n, cache), donate_argnums=3)
         cache = llmjax.cache.KVCache.zeros(params.config, 1, t, params.dtype)
         logits, cache = prefill(params.weights, tokens, lengths, cache)
@@ -563,11 +570,11 @@ def run_model(report: Report, smoke: bool) -> None:
             jax.block_until_ready(logits)
             times.append(time.perf_counter() - start)
         s = statistics.median(times)
-        name = {"auto": "kernels", "interpret": "kernels (interpret)", "off": "reference attention"}[mode]
-        report.say(f"  {name:22s} {s * 1e3:8.1f} ms  {t / s:9.0f} tok/s")
+        report.say(f"  {name:24s} {s * 1e3:8.1f} ms  {t / s:9.0f} tok/s")
         report.row(section="model", preset=preset, tokens=t, attention=name, ms=s * 1e3, tok_s=t / s)
         del cache
-    os.environ.pop("LLMJAX_ATTENTION")
+        for variable in env:
+            os.environ.pop(variable)
 
 
 SECTIONS = ("check", "sweep", "prefill", "decode", "model", "pool", "chunk")

@@ -29,12 +29,13 @@ def mode(variable: str) -> str:
 
 
 def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_tuning: dict | None = None,
-             rocm: bool = True):
+             rocm: bool = True, rocm_kernel: Callable | None = None):
     """`kernel(*args, interpret=...)` or `reference(*args)`, as the platform and `variable` decide.
 
     `kernel` takes its tuning as keyword defaults (chosen for the H200) and an `interpret` keyword;
     on rocm, `rocm_tuning` overrides some of them (an MI300 has 64 KB of shared memory per workgroup
-    where an H200 has 227 KB), and `rocm=False` keeps the reference there. `reference` computes the
+    where an H200 has 227 KB), `rocm_kernel` replaces `kernel` there (`kernel` being cuda-only), and
+    `rocm=False` keeps the reference there. `reference` computes the
     same result in jnp. Under `jax.grad` the backward pass is the reference's.
     """
     chosen = mode(variable)
@@ -43,7 +44,7 @@ def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_t
     if chosen == "interpret":
         forward = functools.partial(kernel, interpret=True)
     else:
-        on_rocm = functools.partial(kernel, **(rocm_tuning or {})) if rocm else reference
+        on_rocm = functools.partial(rocm_kernel or kernel, **(rocm_tuning or {})) if rocm else reference
 
         def forward(*a):
             return jax.lax.platform_dependent(*a, cuda=kernel, rocm=on_rocm, default=reference)

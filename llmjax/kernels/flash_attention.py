@@ -206,8 +206,16 @@ def _check(q, k, v, q_offsets, kv_lengths) -> None:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
            **tuning) -> jax.Array:
     """The model's prefill entry point: the kernel on cuda and rocm; the reference elsewhere, and for a
-    head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides: `off` (the
-    reference everywhere) or `interpret` (the kernel in interpret mode everywhere; for tests)."""
+    head dim or a mix of dtypes the kernel does not take. On an NVIDIA Hopper GPU (H100, H200) the cuda
+    kernel is `flash_attention_mgpu`'s, where it takes the operands and no Triton `tuning` is given;
+    `LLMJAX_ATTENTION_MOSAIC=off` keeps the Triton kernel there. `LLMJAX_ATTENTION` overrides: `off`
+    (the reference everywhere) or `interpret` (the Triton kernel in interpret mode everywhere; for
+    tests)."""
+    from llmjax.kernels import flash_attention_mgpu as mgpu  # it imports this module
+
+    if not tuning and mgpu.chosen(q, k, v):
+        return dispatch_attention(mgpu.flash_attention, flash_attention_reference, q, k, v, q_offsets,
+                                  kv_lengths, tuning={}, rocm_tuning=ROCM_TUNING, rocm_kernel=flash_attention)
     return dispatch_attention(flash_attention, flash_attention_reference, q, k, v, q_offsets, kv_lengths,
                               tuning=tuning, rocm_tuning=ROCM_TUNING)
 
@@ -215,15 +223,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_le
 FLOAT8 = jnp.dtype(jnp.float8_e4m3fn)  # the one narrow cache dtype the kernels read (cuda only)
 
 
-def dispatch_attention(kernel, reference, q, k, v, *rest, tuning: dict, rocm_tuning: dict):
+def dispatch_attention(kernel, reference, q, k, v, *rest, tuning: dict, rocm_tuning: dict, rocm_kernel=None):
     """What every attention entry point does: `reference(q, k, v, *rest)` for a head dim or a mix of
     dtypes the kernels do not take; otherwise `kernel` with `tuning` (and `rocm_tuning` under it on
     rocm) through `llmjax.kernels.dispatch`, which `LLMJAX_ATTENTION` steers. K and V in float8
     (e4m3fn) with a wider q run the kernel on cuda (which widens them as it reads) and the reference
-    elsewhere."""
+    elsewhere. `rocm_kernel` (None: `kernel`) is what runs on rocm."""
     float8 = k.dtype == v.dtype == FLOAT8 and q.dtype != FLOAT8
     if not supported(q.shape[-1]) or not (q.dtype == k.dtype == v.dtype or float8):
         return reference(q, k, v, *rest)
     return dispatch.dispatch(functools.partial(kernel, **tuning), reference, q, k, v, *rest,
                              variable="LLMJAX_ATTENTION", rocm_tuning={**rocm_tuning, **tuning},
-                             rocm=not float8)
+                             rocm=not float8, rocm_kernel=rocm_kernel)

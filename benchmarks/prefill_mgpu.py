@@ -1,0 +1,126 @@
+"""The Hopper prefill kernel (`llmjax.kernels.flash_attention_mgpu`) on one H100/H200: checked, then
+timed against the Triton kernel and cuDNN in the same run.
+
+    PYTHONPATH=. python benchmarks/prefill_mgpu.py --out DIR [--only check,time] [--variants ...]
+
+1. check: the kernel against `flash_attention_reference` on awkward shapes (query and key counts off
+   the block grid, an empty row, length-1 rows, chunk offsets, grouped-query groups of 1, 4 and 8,
+   head dims 64 and 128, bf16 and float16), in each variant. A failure prints FAILED and makes the
+   script exit 1.
+2. time: causal prefill TFLOP/s (4 * B * H * T^2 * D / 2 FLOPs) at 2k x 8, 8k x 2 and 32k x 1 with
+   Llama-3-8B's heads (32 query, 8 kv, head dim 128), bf16: the Triton kernel (its defaults),
+   `jax.nn.dot_product_attention(implementation="cudnn")`, and each variant of this kernel; each
+   output is compared with the Triton kernel's. Timing is `benchmarks/attention.py`'s: 10 rounds in
+   one jit, each round's query depending on the last round's output, median of 5.
+
+Variants are `block_kv:stages`, the first being the kernel's defaults.
+Writes DIR/prefill_mgpu.json and DIR/prefill_mgpu.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from attention import HEAD_DIM, HEADS, KV_HEADS, Report, error, flash_flops, normal, seconds_per_call
+from llmjax.kernels import flash_attention as fa, flash_attention_mgpu as fm
+
+VARIANTS = "128:2,128:3,64:3"
+
+
+def parse(variant: str) -> dict:
+    block_kv, stages = variant.split(":")
+    return dict(block_kv=int(block_kv), stages=int(stages))
+
+
+def run_checks(report: Report, variants: dict) -> None:
+    report.say("1. the Mosaic GPU kernel against the reference")
+    cases = {
+        "gqa4 hd128 padded rows": (2, 1037, 1037, 32, 8, 128, [0, 0], [1037, 620], jnp.bfloat16),
+        "gqa4 hd128 chunk at offsets": (2, 320, 1350, 32, 8, 128, [1030, 502], [1350, 822], jnp.bfloat16),
+        "gqa1 hd64 empty and length-1 rows": (3, 77, 77, 16, 16, 64, [0, 0, 0], [0, 1, 77], jnp.bfloat16),
+        "gqa8 hd128 float16": (2, 300, 300, 16, 2, 128, [0, 0], [300, 129], jnp.float16),
+        "gqa4 hd128 8k": (1, 8192, 8192, 32, 8, 128, [0], [8192], jnp.bfloat16),
+    }
+    for name, (b, t, s, h, kv, d, offsets, lengths, dtype) in cases.items():
+        q, k, v = normal(1, (b, t, h, d), dtype), normal(2, (b, s, kv, d), dtype), normal(3, (b, s, kv, d), dtype)
+        offsets, lengths = jnp.array(offsets, jnp.int32), jnp.array(lengths, jnp.int32)
+        with jax.default_matmul_precision("highest"):
+            want = fa.flash_attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                v.astype(jnp.float32), offsets, lengths)
+        for label, tuning in variants.items():
+            try:
+                got = fm.flash_attention(q, k, v, offsets, lengths, **tuning)
+                err = error(got, want)
+            except Exception as e:  # noqa: BLE001 - reported, and counted as a failure
+                report.say(f"  FAILED {name} [{label}]: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                report.failed.append(f"{name} [{label}]")
+                continue
+            ok = err <= 2e-2
+            report.say(f"  {'ok    ' if ok else 'FAILED'} {name:36s} [{label}] max error {err:.1e} of the largest output")
+            report.row(section="check", name=name, variant=label, error=err, ok=ok)
+            if not ok:
+                report.failed.append(f"{name} [{label}]")
+
+
+def run_timing(report: Report, variants: dict) -> None:
+    report.say("2. causal prefill, 32 q / 8 kv heads, head dim 128, bf16 (batch = 16k tokens / context)")
+    for t in (2048, 8192, 32768):
+        b = max(1, 16384 // t)
+        q = normal(20, (b, t, HEADS, HEAD_DIM))
+        k, v = normal(21, (b, t, KV_HEADS, HEAD_DIM)), normal(22, (b, t, KV_HEADS, HEAD_DIM))
+        zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+        impls = {"triton flash kernel": lambda q, k, v: fa.flash_attention(q, k, v, zeros, full),
+                 "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                       implementation="cudnn")}
+        for label, tuning in variants.items():
+            impls[f"mosaic {label}"] = functools.partial(
+                lambda q, k, v, c: fm.flash_attention(q, k, v, zeros, full, **c), c=tuning)
+        want = None
+        for name, fn in impls.items():
+            try:
+                out = jax.jit(fn)(q, k, v)
+                want = out if want is None else want
+                s = seconds_per_call(fn, q, [(k, v)])
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
+                report.say(f"  {t:6d} x{b} {name:22s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                continue
+            tflops = flash_flops(b, t) / s / 1e12
+            err = error(out, want)
+            report.say(f"  {t:6d} x{b} {name:22s} {s * 1e3:8.3f} ms  {tflops:6.1f} TFLOP/s  "
+                       f"(differs from the Triton kernel's output by {err:.1e})")
+            report.row(section="time", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops, error=err)
+        report.save()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--only", default="check,time")
+    parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages")
+    args = parser.parse_args()
+    variants = {label: parse(label) for label in args.variants.split(",")}
+    report = Report(args.out, "prefill_mgpu")
+    report.say(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, Hopper: {fm.on_hopper()}")
+    start = time.perf_counter()
+    if "check" in args.only:
+        run_checks(report, variants)
+        report.say(f"  (checks done at {time.perf_counter() - start:.0f} s)")
+        report.save()
+    if "time" in args.only:
+        run_timing(report, variants)
+        report.say(f"  (timing done at {time.perf_counter() - start:.0f} s)")
+    report.save()
+    if report.failed:
+        report.say(f"FAILED checks: {', '.join(report.failed)}")
+        report.save()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

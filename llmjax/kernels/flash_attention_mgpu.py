@@ -1,0 +1,293 @@
+"""Causal prefill attention on Hopper (sm_90) as a Mosaic GPU Pallas kernel: `flash_attention`'s twin.
+
+Same arguments, same result as `llmjax.kernels.flash_attention` (its module doc defines them; its
+`flash_attention_reference` is this kernel's reference too): q `[B, T, H, D]`, k and v `[B, S, KV, D]`
+(grouped-query), per-row query offsets and key lengths, scale `1/sqrt(D)`, zeros for a query that
+sees no key. bf16 or float16, head dim 64 or 128. NVIDIA Hopper only: the Triton kernel stays the
+path on every other GPU (AMD included), and `attend` there picks this one only on an sm_90 device.
+
+Why a second kernel: the Triton kernel reaches 0.7-0.85x cuDNN's prefill speed on the H200 and no
+tuning closes that (BENCHMARKS.md, seventh session). Hopper's fast path needs what Triton does not
+give us: the tensor memory accelerator (TMA) copying K/V tiles into shared memory while the math
+runs, warpgroup matrix products (wgmma) reading their operands from shared memory, and warp
+specialization.
+
+How a program runs (FlashAttention-3's scheme): one program per (query head, block of
+`2 * block_q` queries, row), three warpgroups. Warpgroup 2 is the producer: it issues the TMA copies
+of the K and V blocks into a ring of `stages` shared-memory slots and refills a slot once both
+consumers have released it. Warpgroups 0 and 1 are consumers, each owning `block_q` of the queries:
+scores by wgmma, an online softmax in registers (base 2, float32), then `p @ V` by wgmma. The two
+consumers take turns on the tensor cores through a shared barrier, so one's softmax overlaps the
+other's products. Key blocks every query of a consumer sees in full run unmasked; the few on the
+diagonal or at the row's length edge are masked; blocks no query of the program can see are neither
+read nor computed. A consumer that ends before the other (the diagonal) still releases the slots the
+producer fills for its partner. Query blocks run last-first (the longest first, which evens a causal
+launch's tail), and the programs of query heads that share a kv head run side by side, so their K/V
+tiles come from L2.
+
+`interpret=True` runs it in Mosaic GPU's interpret mode on a CPU (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from llmjax.kernels import dispatch
+from llmjax.kernels.flash_attention import LOG2E, MASKED, _check
+
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether this kernel takes these operands (head dim 64 or 128; one dtype, bf16 or float16)."""
+    return (q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES and q.dtype == k.dtype == v.dtype)
+
+
+def chosen(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether `flash_attention.attend` runs this kernel on cuda: on a Hopper GPU, for operands it takes,
+    unless `LLMJAX_ATTENTION_MOSAIC=off` (the Triton kernel then; for comparisons)."""
+    return dispatch.mode("LLMJAX_ATTENTION_MOSAIC") == "auto" and on_hopper() and supported(q, k, v)
+
+
+def on_hopper() -> bool:
+    """Whether the default device is an NVIDIA GPU of compute capability 9.0 (H100, H200, GH200)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "interpret"))
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
+                    *, block_q: int = 64, block_kv: int = 128, stages: int = 2,
+                    interpret: bool = False) -> jax.Array:
+    """Causal grouped-query attention with the Mosaic GPU kernel (arguments as `flash_attention`'s).
+
+    `block_q` queries per consumer warpgroup (a multiple of 64: one wgmma's rows), `block_kv` keys per
+    step (a multiple of 64), `stages` K/V slots in shared memory. `interpret=True` runs Mosaic GPU's
+    interpret mode (threads, barriers and TMA copies emulated on the CPU) with the two products as
+    `jnp.dot`s: that interpreter's wgmma takes neither a transposed operand nor one in registers."""
+    _check(q, k, v, q_offsets, kv_lengths)
+    if not supported(q, k, v):
+        raise ValueError(f"flash_attention_mgpu takes bf16 or float16 q, k, v of one dtype and head dim "
+                         f"64 or 128; got {q.dtype}, {k.dtype}, {v.dtype} and {q.shape[-1]}")
+    if block_q % 64 or block_kv % 64 or stages < 2:
+        raise ValueError(f"flash_attention_mgpu needs block_q and block_kv multiples of 64 and stages >= 2; "
+                         f"got {block_q}, {block_kv}, {stages}")
+    b, t, h, d = q.shape
+    s, n_kv = k.shape[1], k.shape[2]
+    # The TMA copies move whole blocks: pad queries to the program's 2 * block_q, and keys to whole
+    # blocks, at least `stages` of them (the producer's first copies are sliced at trace time). The
+    # padding keys lie past every row's length (clamped to S below), so no query sees them.
+    t_pad, s_pad = -t % (2 * block_q), max(-s % block_kv, stages * block_kv - s)
+    if t_pad:
+        q = jnp.pad(q, ((0, 0), (0, t_pad), (0, 0), (0, 0)))
+    if s_pad:
+        k, v = (jnp.pad(x, ((0, 0), (0, s_pad), (0, 0), (0, 0))) for x in (k, v))
+    offsets = q_offsets.astype(jnp.int32)
+    lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, s)
+    out = _launch(offsets, lengths, q, k, v, groups=h // n_kv, block_q=block_q, block_kv=block_kv,
+                  stages=stages, interpret=interpret)
+    return out[:, :t]
+
+
+def _steps(offset, length, first_query, block_q: int, block_kv: int):
+    """For queries [first_query, first_query + block_q) of a row: how many key blocks some query sees
+    (`end`) and how many every query sees in full (`full`, <= `end`)."""
+    seen = jnp.maximum(jnp.minimum(length, offset + first_query + block_q), 0)  # keys [0, seen) matter
+    end = jax.lax.div(seen + block_kv - 1, block_kv)
+    full = jax.lax.div(jnp.maximum(jnp.minimum(length, offset + first_query + 1), 0), block_kv)
+    return jnp.minimum(full, end), end
+
+
+def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, interpret):
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # imported here: only cuda and tests use it
+
+    b, t, h, d = q.shape
+    dtype = q.dtype
+    tiles = t // (2 * block_q)
+    scale = LOG2E / math.sqrt(d)  # scores in base 2: one multiply-add per score before exp2
+
+    # Register layouts are for the compiler; the interpreter has none (and no rule for layout_cast).
+    def laid_out(x, layout):
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def iota(dimension):
+        shape = (block_q, block_kv)
+        if interpret:
+            return jax.lax.broadcasted_iota(jnp.int32, shape, dimension)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+
+    def consumer(q_ref, offset, length, first, total, q_smem, k_smem, v_smem, k_ready, v_ready, q_ready,
+                 k_free, v_free, turn, out_ref, row, head, wg):
+        full, end = _steps(offset, length, first, block_q, block_kv)
+        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(first, block_q), head], q_smem, q_ready)
+        plgpu.barrier_wait(q_ready)
+        rows_layout = plgpu.Layout.WGMMA.reduce(1)
+        top = laid_out(jnp.full((block_q,), MASKED, jnp.float32), rows_layout)
+        total_p = laid_out(jnp.zeros((block_q,), jnp.float32), rows_layout)
+        acc = laid_out(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
+
+        def take_turn():  # wait until the partner has used the tensor cores, then let it go
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        @pl.when(end > 0)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+
+        def step(j, carry, masked):
+            acc, top, total_p = carry
+            slot = jax.lax.rem(j, stages)
+
+            if interpret:  # its wgmma takes neither a transposed operand nor one in registers
+                sc = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+                take_turn()
+            else:
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    take_turn()
+                    return acc_ref[...]
+
+                sc = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                key = j * block_kv + iota(1)
+                sc = jnp.where((key <= offset + first + iota(0)) & (key < length), sc, MASKED)
+            new_top = jnp.maximum(top, sc.max(axis=1) * scale)
+            rescale = jnp.exp2(top - new_top)
+            p = jnp.exp2(sc * scale - jax.lax.broadcast_in_dim(new_top, sc.shape, [0]))
+            acc = acc * jax.lax.broadcast_in_dim(rescale, acc.shape, [0])
+            total_p = total_p * rescale + p.sum(axis=1)
+            p = p.astype(dtype)
+            acc, total_p, new_top, p = jax.lax.optimization_barrier((acc, total_p, new_top, p))
+            plgpu.barrier_arrive(turn)  # softmax done: the partner may multiply
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)  # the tensor cores are ours again
+
+            def next_keys():
+                @pl.when(j + 1 < end)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[jax.lax.rem(j + 1, stages)])
+
+            if interpret:
+                acc = acc + jnp.dot(p, v_smem[slot], preferred_element_type=jnp.float32)
+                next_keys()
+            else:
+                def product(acc_ref):  # accumulates into acc on the tensor cores
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    next_keys()
+
+                acc = pl.run_state(product)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, new_top, total_p
+
+        carry = (acc, top, total_p)
+        carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+        acc, top, total_p = jax.lax.fori_loop(full, end, functools.partial(step, masked=True), carry)
+
+        @pl.loop(end, total)
+        def _(j):  # blocks only the partner needs: release their slots once filled, keep the turns paired
+            slot = jax.lax.rem(j, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turn()
+            take_turn()
+
+        pl.when(wg == 0)(take_turn)  # pairs consumer 1's first turn
+        sees = total_p > 0  # key 0 is visible to every query of a row with keys: 0 only when none
+        out = acc / jax.lax.broadcast_in_dim(jnp.where(sees, total_p, 1.0), acc.shape, [0])
+        q_smem[...] = out.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[row, pl.ds(first, block_q), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    def producer(row, kv_head, total, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free):
+        def fetch(j, slot):
+            keys = (row, pl.ds(j * block_kv, block_kv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+        for j in range(stages):
+            pl.when(j < total)(functools.partial(fetch, j, j))
+
+        def released(j):
+            slot = jax.lax.rem(j, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            return slot
+
+        @pl.loop(stages, total)
+        def _(j):
+            fetch(j, released(j - stages))
+
+        @pl.loop(jnp.maximum(total - stages, 0), total)
+        def _(j):  # the last slots' releases: no copy left in flight, every barrier phase observed
+            released(j)
+
+    def body(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, q_smem2, k_smem, v_smem, k_ready,
+             v_ready, q_ready, k_free, v_free, turn):
+        head = jax.lax.axis_index("heads")
+        row = jax.lax.axis_index("rows")
+        tile = tiles - 1 - jax.lax.axis_index("tiles")  # the longest query blocks first
+        wg = jax.lax.axis_index("wg")
+        offset, length = offsets_ref[row], lengths_ref[row]
+        # The producer fetches what the later consumer needs, which covers the earlier one.
+        _, total = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
+
+        @pl.when(wg < 2)
+        def _():
+            plgpu.set_max_registers(232, action="increase")
+            consumer(q_ref, offset, length, tile * 2 * block_q + wg * block_q, total, q_smem2.at[wg], k_smem, v_smem,
+                     k_ready, v_ready, q_ready.at[wg], k_free, v_free, turn, out_ref, row, head, wg)
+
+        @pl.when(wg == 2)
+        def _():
+            plgpu.set_max_registers(40, action="decrease")
+            producer(row, jax.lax.div(head, groups), total, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready,
+                     k_free, v_free)
+
+    def entry(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref):
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        pl.run_scoped(
+            functools.partial(body, offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref),
+            plgpu.SMEM((2, block_q, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+            plgpu.Barrier(num_barriers=stages),  # K slot filled
+            plgpu.Barrier(num_barriers=stages),  # V slot filled
+            plgpu.Barrier(num_barriers=2),  # each consumer's queries loaded
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K slot released by both consumers
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V slot released by both consumers
+            plgpu.Barrier(num_arrivals=2),  # the consumers' turns on the tensor cores
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(h, tiles, b),
+        grid_names=("heads", "tiles", "rows"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(offsets, lengths, q, k, v)
+
+
+def _interpret_params():
+    """Mosaic GPU's own interpret mode (threads, barriers, TMA and wgmma emulated on the CPU); Pallas's
+    generic one does not run warp-specialized kernels. Public in jax 0.11, private in 0.10."""
+    try:
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
+    except ImportError:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
