@@ -13,7 +13,8 @@ timed against the Triton kernel and cuDNN in the same run.
    output is compared with the Triton kernel's. Timing is `benchmarks/attention.py`'s: 10 rounds in
    one jit, each round's query depending on the last round's output, median of 5.
 
-Variants are `block_kv:stages`, the first being the kernel's defaults.
+Variants are `block_kv:stages[:programs]` (programs 0: one per work item; left out: one per SM, each
+taking items in turn), the first being the kernel's defaults.
 Writes DIR/prefill_mgpu.json and DIR/prefill_mgpu.txt.
 """
 
@@ -30,12 +31,12 @@ import jax.numpy as jnp
 from attention import HEAD_DIM, HEADS, KV_HEADS, Report, error, flash_flops, normal, seconds_per_call
 from llmjax.kernels import flash_attention as fa, flash_attention_mgpu as fm
 
-VARIANTS = "128:2,128:3,64:3"
+VARIANTS = "128:2,128:2:0,128:3,128:3:0"
 
 
 def parse(variant: str) -> dict:
-    block_kv, stages = variant.split(":")
-    return dict(block_kv=int(block_kv), stages=int(stages))
+    block_kv, stages, *programs = variant.split(":")
+    return dict(block_kv=int(block_kv), stages=int(stages), **({"programs": int(programs[0])} if programs else {}))
 
 
 def run_checks(report: Report, variants: dict) -> None:
@@ -102,7 +103,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="check,time")
-    parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages")
+    parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages[:programs]")
     args = parser.parse_args()
     variants = {label: parse(label) for label in args.variants.split(",")}
     report = Report(args.out, "prefill_mgpu")

@@ -25,8 +25,11 @@ CASES = {
     "groups8-float16-three-stages": (1, 40, 300, 8, 1, 128, [250], [290], jnp.float16,
                                      dict(block_kv=64, stages=3)),
     # with 64-key blocks the first consumer needs one block and its partner two: the first releases
-    # the second block's slot without reading it
-    "partner-ends-first": (1, 128, 128, 2, 1, 64, [0], [128], jnp.bfloat16, dict(block_kv=64)),
+    # the second block's slot without reading it; one program takes all four items in turn
+    "partner-ends-first-one-program": (1, 256, 256, 2, 1, 64, [0], [256], jnp.bfloat16,
+                                       dict(block_kv=64, programs=1)),
+    # one program per item (no program takes a second)
+    "a-program-per-item": (2, 70, 100, 2, 1, 64, [0, 0], [70, 33], jnp.bfloat16, dict(programs=0)),
 }
 
 

@@ -61,14 +61,15 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "programs", "interpret"))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
                     *, block_q: int = 64, block_kv: int = 128, stages: int = 2,
-                    interpret: bool = False) -> jax.Array:
+                    programs: int | None = None, interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention with the Mosaic GPU kernel (arguments as `flash_attention`'s).
 
     `block_q` queries per consumer warpgroup (a multiple of 64: one wgmma's rows), `block_kv` keys per
-    step (a multiple of 64), `stages` K/V slots in shared memory. `interpret=True` runs Mosaic GPU's
+    step (a multiple of 64), `stages` K/V slots in shared memory, `programs` programs launched (None:
+    one per SM, each taking the work items in turn; 0: one per item). `interpret=True` runs Mosaic GPU's
     interpret mode (threads, barriers and TMA copies emulated on the CPU) with the two products as
     `jnp.dot`s: that interpreter's wgmma takes neither a transposed operand nor one in registers."""
     _check(q, k, v, q_offsets, kv_lengths)
@@ -80,10 +81,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
                          f"got {block_q}, {block_kv}, {stages}")
     b, t, h, d = q.shape
     s, n_kv = k.shape[1], k.shape[2]
-    # The TMA copies move whole blocks: pad queries to the program's 2 * block_q, and keys to whole
-    # blocks, at least `stages` of them (the producer's first copies are sliced at trace time). The
-    # padding keys lie past every row's length (clamped to S below), so no query sees them.
-    t_pad, s_pad = -t % (2 * block_q), max(-s % block_kv, stages * block_kv - s)
+    # The TMA copies move whole blocks: pad queries to the program's 2 * block_q and keys to block_kv.
+    # The padding keys lie past every row's length (clamped to S below), so no query sees them.
+    t_pad, s_pad = -t % (2 * block_q), -s % block_kv
     if t_pad:
         q = jnp.pad(q, ((0, 0), (0, t_pad), (0, 0), (0, 0)))
     if s_pad:
@@ -91,7 +91,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
     offsets = q_offsets.astype(jnp.int32)
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, s)
     out = _launch(offsets, lengths, q, k, v, groups=h // n_kv, block_q=block_q, block_kv=block_kv,
-                  stages=stages, interpret=interpret)
+                  stages=stages, programs=programs, interpret=interpret)
     return out[:, :t]
 
 
@@ -104,7 +104,7 @@ def _steps(offset, length, first_query, block_q: int, block_kv: int):
     return jnp.minimum(full, end), end
 
 
-def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, interpret):
+def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, programs, interpret):
     from jax.experimental.pallas import mosaic_gpu as plgpu  # imported here: only cuda and tests use it
 
     b, t, h, d = q.shape
@@ -122,9 +122,28 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, int
             return jax.lax.broadcasted_iota(jnp.int32, shape, dimension)
         return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
-    def consumer(q_ref, offset, length, first, total, q_smem, k_smem, v_smem, k_ready, v_ready, q_ready,
-                 k_free, v_free, turn, out_ref, row, head, wg):
+    items = h * b * tiles  # (query head, row, query block): heads vary fastest, blocks slowest
+    if programs is None:
+        programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
+    programs = min(programs, items) if programs else items
+
+    def item_at(i, offsets_ref, lengths_ref, wg):
+        """Work item `i`: its head, row, the first query of consumer `wg`, the row's offset and length,
+        and how many key blocks the producer fetches (what the later consumer needs covers the earlier)."""
+        head, row = jax.lax.rem(i, h), jax.lax.rem(jax.lax.div(i, h), b)
+        tile = tiles - 1 - jax.lax.div(i, h * b)  # the longest query blocks first
+        offset, length = offsets_ref[row], lengths_ref[row]
+        _, total = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
+        return head, row, tile * 2 * block_q + wg * block_q, offset, length, total
+
+    def consumer(i, base, refs, q_smem, wg):
+        """Consumer `wg`'s share of item `i`; `base` counts the key blocks of this program's earlier
+        items (block `j` of this item sits in slot `(base + j) % stages`). Returns the next base."""
+        (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free,
+         turn) = refs
+        head, row, first, offset, length, total = item_at(i, offsets_ref, lengths_ref, wg)
         full, end = _steps(offset, length, first, block_q, block_kv)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's output has left q_smem
         plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(first, block_q), head], q_smem, q_ready)
         plgpu.barrier_wait(q_ready)
         rows_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -132,19 +151,22 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, int
         total_p = laid_out(jnp.zeros((block_q,), jnp.float32), rows_layout)
         acc = laid_out(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
 
+        def slot_of(j):
+            return jax.lax.rem(base + j, stages)
+
         def take_turn():  # wait until the partner has used the tensor cores, then let it go
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
         @pl.when(end > 0)
         def _():
-            plgpu.barrier_wait(k_ready.at[0])
+            plgpu.barrier_wait(k_ready.at[slot_of(0)])
 
         pl.when(wg == 1)(take_turn)  # consumer 0 goes first
 
         def step(j, carry, masked):
             acc, top, total_p = carry
-            slot = jax.lax.rem(j, stages)
+            slot = slot_of(j)
 
             if interpret:  # its wgmma takes neither a transposed operand nor one in registers
                 sc = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
@@ -174,7 +196,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, int
             def next_keys():
                 @pl.when(j + 1 < end)
                 def _():
-                    plgpu.barrier_wait(k_ready.at[jax.lax.rem(j + 1, stages)])
+                    plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
 
             if interpret:
                 acc = acc + jnp.dot(p, v_smem[slot], preferred_element_type=jnp.float32)
@@ -194,7 +216,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, int
 
         @pl.loop(end, total)
         def _(j):  # blocks only the partner needs: release their slots once filled, keep the turns paired
-            slot = jax.lax.rem(j, stages)
+            slot = slot_of(j)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
@@ -208,52 +230,61 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, int
         q_smem[...] = out.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[row, pl.ds(first, block_q), head])
-        plgpu.wait_smem_to_gmem(0)
+        return base + total
 
-    def producer(row, kv_head, total, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free):
-        def fetch(j, slot):
-            keys = (row, pl.ds(j * block_kv, block_kv), kv_head)
+    def producer(i, base, refs):
+        """The K/V copies of item `i` (as `consumer`), each into its slot once both consumers released it."""
+        offsets_ref, lengths_ref, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = refs
+        head, row, _, _, _, total = item_at(i, offsets_ref, lengths_ref, 0)
+
+        @pl.loop(0, total)
+        def _(j):
+            @pl.when(base + j >= stages)
+            def _():
+                released(base + j - stages, k_free, v_free)
+
+            slot = jax.lax.rem(base + j, stages)
+            keys = (row, pl.ds(j * block_kv, block_kv), jax.lax.div(head, groups))
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-        for j in range(stages):
-            pl.when(j < total)(functools.partial(fetch, j, j))
+        return base + total
 
-        def released(j):
-            slot = jax.lax.rem(j, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            return slot
-
-        @pl.loop(stages, total)
-        def _(j):
-            fetch(j, released(j - stages))
-
-        @pl.loop(jnp.maximum(total - stages, 0), total)
-        def _(j):  # the last slots' releases: no copy left in flight, every barrier phase observed
-            released(j)
+    def released(g, k_free, v_free):  # waits until both consumers are done with block g's slot
+        slot = jax.lax.rem(g, stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
 
     def body(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, q_smem2, k_smem, v_smem, k_ready,
              v_ready, q_ready, k_free, v_free, turn):
-        head = jax.lax.axis_index("heads")
-        row = jax.lax.axis_index("rows")
-        tile = tiles - 1 - jax.lax.axis_index("tiles")  # the longest query blocks first
-        wg = jax.lax.axis_index("wg")
-        offset, length = offsets_ref[row], lengths_ref[row]
-        # The producer fetches what the later consumer needs, which covers the earlier one.
-        _, total = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
+        program, wg = jax.lax.axis_index("programs"), jax.lax.axis_index("wg")
+        # Round n gives each program one of the items [n * programs, (n + 1) * programs), in a snake:
+        # program p takes the p-th in even rounds and the p-th from the end in odd ones, so that the
+        # programs' shares even out (items come longest first). Only the last round may run short.
+        def item_of(n):
+            return n * programs + jnp.where(jax.lax.rem(n, 2) == 0, program, programs - 1 - program)
+
+        rounds = pl.cdiv(items, programs)
+        mine = rounds - 1 + (item_of(rounds - 1) < items).astype(jnp.int32)
 
         @pl.when(wg < 2)
         def _():
             plgpu.set_max_registers(232, action="increase")
-            consumer(q_ref, offset, length, tile * 2 * block_q + wg * block_q, total, q_smem2.at[wg], k_smem, v_smem,
-                     k_ready, v_ready, q_ready.at[wg], k_free, v_free, turn, out_ref, row, head, wg)
+            refs = (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, q_ready.at[wg],
+                    k_free, v_free, turn)
+            jax.lax.fori_loop(0, mine, lambda n, base: consumer(item_of(n), base, refs, q_smem2.at[wg], wg),
+                              jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _():
             plgpu.set_max_registers(40, action="decrease")
-            producer(row, jax.lax.div(head, groups), total, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready,
-                     k_free, v_free)
+            refs = (offsets_ref, lengths_ref, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
+            fetched = jax.lax.fori_loop(0, mine, lambda n, base: producer(item_of(n), base, refs), jnp.int32(0))
+
+            @pl.loop(jnp.maximum(fetched - stages, 0), fetched)
+            def _(g):  # the last slots' releases: no copy left in flight, every barrier phase observed
+                released(g, k_free, v_free)
 
     def entry(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref):
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -274,8 +305,8 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, int
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(h, tiles, b),
-        grid_names=("heads", "tiles", "rows"),
+        grid=(programs,),
+        grid_names=("programs",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
