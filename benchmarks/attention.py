@@ -13,9 +13,11 @@ Sections, in order (`--only` picks some; each prints its figures as it goes):
    the default configuration's; prints the best, which the later sections use (a configuration whose
    output disagrees is reported and never chosen).
 3. prefill: causal attention TFLOP/s (4 * B * H * T^2 * D / 2 FLOPs) at 2k, 8k and 32k context with
-   Llama-3-8B's heads (32 query, 8 kv, head dim 128), B = 16k tokens / context: the flash kernel,
+   Llama-3-8B's heads (32 query, 8 kv, head dim 128), B = 16k tokens / context: the flash kernel
+   (Triton), on Hopper the Mosaic GPU kernel (`flash_attention_mgpu`, which the model runs there),
    XLA's einsum attention (the reference; skipped where its score matrix would not fit) and
-   `jax.nn.dot_product_attention(implementation="cudnn")`.
+   `jax.nn.dot_product_attention(implementation="cudnn")`. (`benchmarks/prefill_mgpu.py` times the
+   Mosaic kernel's tunings against cuDNN in alternating turns.)
 4. decode: effective bandwidth on cache bytes (B * context * KV * D * 2 bytes * 2 for K and V) at
    batch 1 and 64, context 1k, 4k, 8k and 32k: the contiguous kernel, the reference, and the paged
    kernel (pages of 16 tokens, block tables shuffled so pages are scattered). Small caches are
@@ -51,7 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.kernels import decode_attention as da, flash_attention as fa, paged_attention as pa
+from llmjax.kernels import decode_attention as da, flash_attention as fa, flash_attention_mgpu as fm
+from llmjax.kernels import paged_attention as pa
 
 ROUNDS, REPEATS = 10, 5
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B
@@ -474,6 +477,8 @@ def run_prefill(report: Report, best: dict, smoke: bool, grid: bool = False) -> 
         scores_gb = b * HEADS * t * t * 4 / 1e9
         impls = {"flash kernel": lambda q, k, v: fa.flash_attention(q, k, v, zeros, full, interpret=smoke,
                                                                      **best.get("flash", {}))}
+        if not smoke and fm.on_hopper():  # what the model runs on this GPU (`flash_attention.attend`)
+            impls["flash kernel, Mosaic GPU"] = lambda q, k, v: fm.flash_attention(q, k, v, zeros, full)
         if scores_gb < 40:
             impls["xla einsum (reference)"] = lambda q, k, v: fa.flash_attention_reference(q, k, v, zeros, full)
         if not smoke:

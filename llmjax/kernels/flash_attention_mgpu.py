@@ -12,18 +12,22 @@ give us: the tensor memory accelerator (TMA) copying K/V tiles into shared memor
 runs, warpgroup matrix products (wgmma) reading their operands from shared memory, and warp
 specialization.
 
-How a program runs (FlashAttention-3's scheme): one program per (query head, block of
-`2 * block_q` queries, row), three warpgroups. Warpgroup 2 is the producer: it issues the TMA copies
-of the K and V blocks into a ring of `stages` shared-memory slots and refills a slot once both
-consumers have released it. Warpgroups 0 and 1 are consumers, each owning `block_q` of the queries:
-scores by wgmma, an online softmax in registers (base 2, float32), then `p @ V` by wgmma. The two
-consumers take turns on the tensor cores through a shared barrier, so one's softmax overlaps the
-other's products. Key blocks every query of a consumer sees in full run unmasked; the few on the
-diagonal or at the row's length edge are masked; blocks no query of the program can see are neither
-read nor computed. A consumer that ends before the other (the diagonal) still releases the slots the
-producer fills for its partner. Query blocks run last-first (the longest first, which evens a causal
-launch's tail), and the programs of query heads that share a kv head run side by side, so their K/V
-tiles come from L2.
+How it runs (FlashAttention-3's scheme). The work is split into items, one per (query head, row,
+block of `2 * block_q` queries), ordered longest first (the last query blocks see the most keys) with
+the query heads that share a kv head side by side, so that their K/V tiles come from L2. One program
+per SM takes items in turn (a snake over the ordered items, which evens out the programs' shares);
+three warpgroups per program. Warpgroup 2 is the producer: it issues the TMA copies of the K and V
+blocks into a ring of `stages` shared-memory slots, refilling a slot once both consumers have
+released it, and runs on into the next item's blocks while the consumers finish the current one.
+Warpgroups 0 and 1 are consumers, each owning `block_q` of an item's queries: scores by wgmma, an
+online softmax in registers (base 2, float32), then `p @ V` by wgmma into the output accumulator.
+The two consumers take turns on the tensor cores through a shared barrier, so that one's softmax
+overlaps the other's products. Key blocks every query of a consumer sees in full run unmasked; the
+few on the diagonal or at the row's length edge are masked; blocks no query of the item sees are
+neither read nor computed. A consumer that ends before its partner (the diagonal) still waits for
+and releases the slots the producer fills for the partner. Each consumer's queries alternate between
+two shared-memory buffers: the next item's are copied in while the current one runs, and the
+current one's output leaves through the buffer its queries came in.
 
 `interpret=True` runs it in Mosaic GPU's interpret mode on a CPU (the tests).
 """
@@ -123,8 +127,8 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
     items = h * b * tiles  # (query head, row, query block): heads vary fastest, blocks slowest
-    if programs is None:
-        programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
+    if programs is None:  # one per SM: on the H200, +8% over one per item at 2k queries, even at 8k and 32k
+        programs = 2 if interpret else _sm_count()
     programs = min(programs, items) if programs else items
 
     def item_at(i, offsets_ref, lengths_ref, wg):
@@ -136,16 +140,40 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         _, total = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
         return head, row, tile * 2 * block_q + wg * block_q, offset, length, total
 
-    def consumer(i, base, refs, q_smem, wg):
-        """Consumer `wg`'s share of item `i`; `base` counts the key blocks of this program's earlier
-        items (block `j` of this item sits in slot `(base + j) % stages`). Returns the next base."""
-        (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free,
-         turn) = refs
-        head, row, first, offset, length, total = item_at(i, offsets_ref, lengths_ref, wg)
+    def load_queries(i, refs, buffer, wg):
+        """Starts the copy of consumer `wg`'s queries of item `i` into its q buffer `buffer`."""
+        offsets_ref, lengths_ref, q_ref, q_smem, q_ready = refs[0], refs[1], refs[2], refs[-2], refs[-1]
+        head, row, first, *_ = item_at(i, offsets_ref, lengths_ref, wg)
+        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(first, block_q), head], q_smem.at[buffer],
+                                q_ready.at[2 * wg + buffer])
+
+    def schedule(program):
+        """This program's items: round n gives each program one of the items [n * programs,
+        (n + 1) * programs), in a snake: program p takes the p-th in even rounds and the p-th from the
+        end in odd ones, so that the programs' shares even out (items come longest first). Only the
+        last round may run short. Returns the n-th item's index as a function of n, and the count."""
+        def item_of(n):
+            return n * programs + jnp.where(jax.lax.rem(n, 2) == 0, program, programs - 1 - program)
+
+        rounds = pl.cdiv(items, programs)
+        return item_of, rounds - 1 + (item_of(rounds - 1) < items).astype(jnp.int32)
+
+    def consumer(n, base, refs, wg, item_of, mine):
+        """Consumer `wg`'s share of this program's `n`-th item; `base` counts the key blocks of its
+        earlier items (block `j` of this item sits in slot `(base + j) % stages`). Returns the next base.
+        Queries alternate between two buffers: the next item's are copied in while this one runs."""
+        (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
+         q_smem2, q_ready) = refs
+        head, row, first, offset, length, total = item_at(item_of(n), offsets_ref, lengths_ref, wg)
         full, end = _steps(offset, length, first, block_q, block_kv)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's output has left q_smem
-        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(first, block_q), head], q_smem, q_ready)
-        plgpu.barrier_wait(q_ready)
+        buffer = jax.lax.rem(n, 2)
+        q_smem = q_smem2.at[buffer]
+        plgpu.barrier_wait(q_ready.at[2 * wg + buffer])
+
+        @pl.when(n + 1 < mine)
+        def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other buffer's output has left it
+            load_queries(item_of(n + 1), refs, 1 - buffer, wg)
         rows_layout = plgpu.Layout.WGMMA.reduce(1)
         top = laid_out(jnp.full((block_q,), MASKED, jnp.float32), rows_layout)
         total_p = laid_out(jnp.zeros((block_q,), jnp.float32), rows_layout)
@@ -255,24 +283,22 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
 
-    def body(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, q_smem2, k_smem, v_smem, k_ready,
+    def body(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref, q_smem4, k_smem, v_smem, k_ready,
              v_ready, q_ready, k_free, v_free, turn):
         program, wg = jax.lax.axis_index("programs"), jax.lax.axis_index("wg")
-        # Round n gives each program one of the items [n * programs, (n + 1) * programs), in a snake:
-        # program p takes the p-th in even rounds and the p-th from the end in odd ones, so that the
-        # programs' shares even out (items come longest first). Only the last round may run short.
-        def item_of(n):
-            return n * programs + jnp.where(jax.lax.rem(n, 2) == 0, program, programs - 1 - program)
-
-        rounds = pl.cdiv(items, programs)
-        mine = rounds - 1 + (item_of(rounds - 1) < items).astype(jnp.int32)
+        item_of, mine = schedule(program)
 
         @pl.when(wg < 2)
         def _():
             plgpu.set_max_registers(232, action="increase")
-            refs = (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, q_ready.at[wg],
-                    k_free, v_free, turn)
-            jax.lax.fori_loop(0, mine, lambda n, base: consumer(item_of(n), base, refs, q_smem2.at[wg], wg),
+            refs = (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+                    turn, q_smem4.at[wg], q_ready)
+
+            @pl.when(mine > 0)
+            def _():
+                load_queries(item_of(0), refs, 0, wg)
+
+            jax.lax.fori_loop(0, mine, lambda n, base: consumer(n, base, refs, wg, item_of, mine),
                               jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
@@ -290,12 +316,12 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         pl.run_scoped(
             functools.partial(body, offsets_ref, lengths_ref, q_ref, k_ref, v_ref, out_ref),
-            plgpu.SMEM((2, block_q, d), dtype, transforms=transforms),
+            plgpu.SMEM((2, 2, block_q, d), dtype, transforms=transforms),  # [consumer, buffer]
             plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
             plgpu.Barrier(num_barriers=stages),  # K slot filled
             plgpu.Barrier(num_barriers=stages),  # V slot filled
-            plgpu.Barrier(num_barriers=2),  # each consumer's queries loaded
+            plgpu.Barrier(num_barriers=4),  # queries loaded, [2 * consumer + buffer]
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K slot released by both consumers
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V slot released by both consumers
             plgpu.Barrier(num_arrivals=2),  # the consumers' turns on the tensor cores
@@ -312,6 +338,10 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
     )(offsets, lengths, q, k, v)
+
+
+def _sm_count() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or 132  # an H100 SXM or H200 has 132
 
 
 def _interpret_params():
