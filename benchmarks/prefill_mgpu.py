@@ -17,6 +17,8 @@ timed against the Triton kernel and cuDNN in the same run.
    calls it, with this kernel (the default on Hopper), the Triton kernel (`LLMJAX_ATTENTION_MOSAIC=off`)
    and the reference attention (`LLMJAX_ATTENTION=off`): logits of two 1000-token rows, and 32 greedy
    tokens after prompts of 700 and 1000 tokens.
+4. mesh (`--only mesh`, 2 GPUs): the same at tensor=2 and at stage=2, where each GPU runs the kernel
+   on its own heads or layers.
 
 Variants are `block_kv:stages[:programs]` (programs 0: one per work item; left out: one per SM, each
 taking items in turn), the first being the kernel's defaults.
@@ -133,15 +135,19 @@ def runner(attend, q, k, v):
     return timed
 
 
-def run_model(report: Report) -> None:
+def run_model(report: Report, layout: dict | None = None) -> None:
     """The model through `attend` (the Mosaic kernel on Hopper) against the Triton prefill kernel and the
-    reference attention: logits of two ragged prompts, and greedy continuations."""
+    reference attention: logits of two ragged prompts, and greedy continuations. `layout`: a mesh
+    (`make_mesh` keywords) the weights are placed on; None: one device."""
     import numpy as np
 
     import llmjax
+    from llmjax.sharding import make_mesh
 
-    report.say("3. the llama3-8b shape (random bf16 weights) through each prefill attention")
-    params = llmjax.init_random("llama3-8b", dtype="bfloat16")
+    mesh = make_mesh(**layout) if layout else None
+    report.say(f"3. the llama3-8b shape (random bf16 weights) through each prefill attention"
+               f"{f', mesh {layout}' if layout else ''}")
+    params = llmjax.init_random("llama3-8b", dtype="bfloat16", mesh=mesh)
     rng = np.random.default_rng(0)
     rows = rng.integers(3, params.config.vocab_size, (2, 1000)).tolist()
     prompts = [rows[0][:700], rows[1][:1000]]
@@ -162,7 +168,7 @@ def run_model(report: Report) -> None:
         same = [a == b for a, b in zip(tokens[name], tokens["reference"])]
         report.say(f"  {name:8s} logits differ from the reference's by {err:.1e} of the largest; top-1 agrees "
                    f"at {top:.1%} of positions; greedy continuations identical: {same}")
-        report.row(section="model", attention=name, error=err, top1=top, same_tokens=same)
+        report.row(section="model", layout=layout, attention=name, error=err, top1=top, same_tokens=same)
 
 
 def main():
@@ -185,6 +191,10 @@ def main():
     if "model" in args.only:
         run_model(report)
         report.say(f"  (model done at {time.perf_counter() - start:.0f} s)")
+    if "mesh" in args.only:
+        for layout in (dict(tensor=2), dict(stage=2)):
+            run_model(report, layout)
+            report.say(f"  (mesh {layout} done at {time.perf_counter() - start:.0f} s)")
     report.save()
     if report.failed:
         report.say(f"FAILED checks: {', '.join(report.failed)}")

@@ -98,6 +98,7 @@ def test_kernel_lowers_to_a_mosaic_gpu_call(tuning):
 ])
 def test_attend_takes_the_mosaic_kernel_on_hopper_only(monkeypatch, platform, hopper, env, head_dim, mosaic):
     monkeypatch.setattr(mgpu, "on_hopper", lambda: hopper)
+    monkeypatch.setattr(mgpu, "miscompiling_cuda", lambda: False)
     if env:
         monkeypatch.setenv("LLMJAX_ATTENTION_MOSAIC", env)
     q, k, v, offsets, lengths = ARGS
@@ -118,3 +119,9 @@ def test_bad_operands_and_tunings_are_refused(change, message):
     rows = jnp.zeros((1,), jnp.int32)
     with pytest.raises(ValueError, match=message):
         mgpu.flash_attention(q, k, k, rows, rows + 64, interpret=True, **change.get("tuning", {}))
+
+
+def test_a_cuda_with_the_ptxas_miscompilation_keeps_the_triton_kernel(monkeypatch):
+    monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mgpu, "miscompiling_cuda", lambda: True)
+    assert "__gpu$xla.gpu.triton" in _lower(fa.attend, ARGS, "cuda")

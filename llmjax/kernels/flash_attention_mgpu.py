@@ -55,8 +55,21 @@ def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
 
 def chosen(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether `flash_attention.attend` runs this kernel on cuda: on a Hopper GPU, for operands it takes,
-    unless `LLMJAX_ATTENTION_MOSAIC=off` (the Triton kernel then; for comparisons)."""
-    return dispatch.mode("LLMJAX_ATTENTION_MOSAIC") == "auto" and on_hopper() and supported(q, k, v)
+    with a CUDA whose ptxas compiles it correctly, unless `LLMJAX_ATTENTION_MOSAIC=off` (the Triton
+    kernel then; for comparisons)."""
+    return (dispatch.mode("LLMJAX_ATTENTION_MOSAIC") == "auto" and on_hopper() and supported(q, k, v)
+            and not miscompiling_cuda())
+
+
+def miscompiling_cuda() -> bool:
+    """Whether the CUDA runtime is 12.8.0 up to (not including) 12.9.1, whose ptxas JAX's own Mosaic GPU
+    attention refuses for causal masks (a miscompilation); this kernel masks the same way."""
+    try:
+        from jax._src.lib import cuda_versions
+        version = cuda_versions.cuda_runtime_get_version()
+    except Exception:  # noqa: BLE001 - no CUDA plugin, or a jax without the module: nothing known to avoid
+        return False
+    return 12080 <= version < 12091
 
 
 def on_hopper() -> bool:
