@@ -7,8 +7,8 @@ timed against the Triton kernel and cuDNN in the same run.
    the block grid, an empty row, length-1 rows, chunk offsets, grouped-query groups of 1, 4 and 8,
    head dims 64 and 128, bf16 and float16), in each variant. A failure prints FAILED and makes the
    script exit 1.
-2. time: causal prefill TFLOP/s (4 * B * H * T^2 * D / 2 FLOPs) at 2k x 8, 8k x 2 and 32k x 1 with
-   Llama-3-8B's heads (32 query, 8 kv, head dim 128), bf16: the Triton kernel (its defaults),
+2. time: causal prefill TFLOP/s (4 * B * H * T^2 * D / 2 FLOPs) at 2k x 8, 8k x 2 and 32k x 1 (or
+   `--shapes`) with Llama-3-8B's heads (32 query, 8 kv, head dim 128), bf16: the Triton kernel (its defaults),
    `jax.nn.dot_product_attention(implementation="cudnn")`, and each variant of this kernel; each
    output is compared with the Triton kernel's. Each timed turn is 10 calls in one jit, each call's
    query depending on the last one's output; the implementations take turns, 9 each, and the figure
@@ -79,12 +79,20 @@ def run_checks(report: Report, variants: dict) -> None:
                 report.failed.append(f"{name} [{label}]")
 
 
-def run_timing(report: Report, variants: dict) -> None:
-    report.say("2. causal prefill, 32 q / 8 kv heads, head dim 128, bf16 (batch = 16k tokens / context)")
-    for t in (2048, 8192, 32768):
-        b = max(1, 16384 // t)
-        q = normal(20, (b, t, HEADS, HEAD_DIM))
-        k, v = normal(21, (b, t, KV_HEADS, HEAD_DIM)), normal(22, (b, t, KV_HEADS, HEAD_DIM))
+SHAPES = "2048x8,8192x2,32768x1"
+
+
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    """`TxB` or `TxBxD` (D: head dim, 128 when left out) -> (context, batch, head dim)."""
+    t, b, *d = (int(x) for x in shape.split("x"))
+    return t, b, d[0] if d else HEAD_DIM
+
+
+def run_timing(report: Report, variants: dict, shapes: str = SHAPES) -> None:
+    report.say(f"2. causal prefill, {HEADS} q / {KV_HEADS} kv heads, bf16 (context x batch [x head dim])")
+    for t, b, d in map(parse_shape, shapes.split(",")):
+        q = normal(20, (b, t, HEADS, d))
+        k, v = normal(21, (b, t, KV_HEADS, d)), normal(22, (b, t, KV_HEADS, d))
         zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
         impls = {"triton flash kernel": lambda q, k, v: fa.flash_attention(q, k, v, zeros, full),
                  "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
@@ -100,18 +108,18 @@ def run_timing(report: Report, variants: dict) -> None:
                 errors[name] = error(out, want)
                 runners[name] = runner(fn, q, k, v)
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
-                report.say(f"  {t:6d} x{b} {name:22s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                report.say(f"  {t:6d} x{b} d{d} {name:22s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
         times = {name: [] for name in runners}
         for _ in range(INTERLEAVED):  # every implementation once a turn: drift hits them alike
             for name, run in runners.items():
                 times[name].append(run())
         for name, seconds in times.items():
             s = statistics.median(seconds)
-            tflops = flash_flops(b, t) / s / 1e12
-            report.say(f"  {t:6d} x{b} {name:22s} {s * 1e3:8.3f} ms  {tflops:6.1f} TFLOP/s  (turns "
+            tflops = flash_flops(b, t) * d / HEAD_DIM / s / 1e12
+            report.say(f"  {t:6d} x{b} d{d} {name:22s} {s * 1e3:8.3f} ms  {tflops:6.1f} TFLOP/s  (turns "
                        f"{min(seconds) * 1e3:.3f}-{max(seconds) * 1e3:.3f} ms; differs from the Triton kernel's "
                        f"output by {errors[name]:.1e})")
-            report.row(section="time", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops,
+            report.row(section="time", context=t, batch=b, head_dim=d, impl=name, ms=s * 1e3, tflops=tflops,
                        error=errors[name], turns_ms=[x * 1e3 for x in seconds])
         report.save()
 
@@ -175,6 +183,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="check,time,model")
+    parser.add_argument("--shapes", default=SHAPES, help="comma-separated TxB or TxBxD (context, batch, "
+                        "head dim 128 unless given)")
     parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages[:programs]")
     args = parser.parse_args()
     variants = {label: parse(label) for label in args.variants.split(",")}
@@ -186,7 +196,7 @@ def main():
         report.say(f"  (checks done at {time.perf_counter() - start:.0f} s)")
         report.save()
     if "time" in args.only:
-        run_timing(report, variants)
+        run_timing(report, variants, args.shapes)
         report.say(f"  (timing done at {time.perf_counter() - start:.0f} s)")
     if "model" in args.only:
         run_model(report)
