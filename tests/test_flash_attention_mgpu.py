@@ -112,6 +112,7 @@ def test_attend_takes_the_mosaic_kernel_on_hopper_only(monkeypatch, platform, ho
     (dict(head_dim=32), "head dim 64 or 128"),
     (dict(tuning=dict(block_kv=96)), "multiples of 64"),
     (dict(tuning=dict(stages=1)), "stages >= 2"),
+    (dict(head_dim=128, tuning=dict(stages=3)), "shared memory"),  # 64 KB of queries + 3 x 64 KB of K/V
 ])
 def test_bad_operands_and_tunings_are_refused(change, message):
     dtype, d = change.get("dtype", jnp.bfloat16), change.get("head_dim", 64)

@@ -46,6 +46,7 @@ from llmjax.kernels.flash_attention import LOG2E, MASKED, _check
 
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SMEM_BYTES = 227 * 1024  # shared memory one program may take on an H100/H200 (less a little for barriers)
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -98,6 +99,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
                          f"got {block_q}, {block_kv}, {stages}")
     b, t, h, d = q.shape
     s, n_kv = k.shape[1], k.shape[2]
+    smem = (2 * 2 * block_q + 2 * stages * block_kv) * d * q.dtype.itemsize  # q buffers, K/V slots
+    if smem > SMEM_BYTES:
+        raise ValueError(f"flash_attention_mgpu: block_q={block_q}, block_kv={block_kv}, stages={stages} at "
+                         f"head dim {d} need {smem} bytes of shared memory, past the {SMEM_BYTES} a "
+                         "Hopper program has; take fewer stages or smaller blocks")
     # The TMA copies move whole blocks: pad queries to the program's 2 * block_q and keys to block_kv.
     # The padding keys lie past every row's length (clamped to S below), so no query sees them.
     t_pad, s_pad = -t % (2 * block_q), -s % block_kv
