@@ -139,8 +139,8 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
     def laid_out(x, layout):
         return x if interpret else plgpu.layout_cast(x, layout)
 
-    def iota(dimension):
-        shape = (block_q, block_kv)
+    def iota(dimension, width):
+        shape = (block_q, width)
         if interpret:
             return jax.lax.broadcasted_iota(jnp.int32, shape, dimension)
         return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
@@ -185,6 +185,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
          q_smem2, q_ready) = refs
         head, row, first, offset, length, total = item_at(item_of(n), offsets_ref, lengths_ref, wg)
         full, end = _steps(offset, length, first, block_q, block_kv)
+        seen = jnp.minimum(length, offset + first + block_q)  # keys [0, seen) matter (as in _steps)
         buffer = jax.lax.rem(n, 2)
         q_smem = q_smem2.at[buffer]
         plgpu.barrier_wait(q_ready.at[2 * wg + buffer])
@@ -211,24 +212,27 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
 
         pl.when(wg == 1)(take_turn)  # consumer 0 goes first
 
-        def step(j, carry, masked):
+        def step(j, carry, masked, width=block_kv):
+            """Key block j into the online softmax; `width` < block_kv takes only its first keys (the
+            last block, when the rest lie past every query of this consumer)."""
             acc, top, total_p = carry
             slot = slot_of(j)
+            k_block, v_block = (x.at[slot, pl.ds(0, width)] for x in (k_smem, v_smem))
 
             if interpret:  # its wgmma takes neither a transposed operand nor one in registers
-                sc = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+                sc = jnp.dot(q_smem[...], k_block[...].T, preferred_element_type=jnp.float32)
                 take_turn()
             else:
                 def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    plgpu.wgmma(acc_ref, q_smem, k_block.T)
                     take_turn()
                     return acc_ref[...]
 
-                sc = pl.run_scoped(scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+                sc = pl.run_scoped(scores, plgpu.ACC((block_q, width), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
-                key = j * block_kv + iota(1)
-                sc = jnp.where((key <= offset + first + iota(0)) & (key < length), sc, MASKED)
+                key = j * block_kv + iota(1, width)
+                sc = jnp.where((key <= offset + first + iota(0, width)) & (key < length), sc, MASKED)
             new_top = jnp.maximum(top, sc.max(axis=1) * scale)
             rescale = jnp.exp2(top - new_top)
             p = jnp.exp2(sc * scale - jax.lax.broadcast_in_dim(new_top, sc.shape, [0]))
@@ -246,11 +250,11 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
                     plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
 
             if interpret:
-                acc = acc + jnp.dot(p, v_smem[slot], preferred_element_type=jnp.float32)
+                acc = acc + jnp.dot(p, v_block[...], preferred_element_type=jnp.float32)
                 next_keys()
             else:
                 def product(acc_ref):  # accumulates into acc on the tensor cores
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p, v_block)
                     next_keys()
 
                 acc = pl.run_state(product)(plgpu.ACC.init(acc))
@@ -259,7 +263,20 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
 
         carry = (acc, top, total_p)
         carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-        acc, top, total_p = jax.lax.fori_loop(full, end, functools.partial(step, masked=True), carry)
+        last = end - 1
+        carry = jax.lax.fori_loop(full, jnp.maximum(last, full), functools.partial(step, masked=True), carry)
+        # The last block, when masked: whole, or only its first half when no query of this consumer
+        # sees past that (the first consumer's diagonal block, half of whose keys lie past its queries).
+        narrow = seen - last * block_kv <= block_kv // 2  # (blocks of 64 keys are not halved)
+
+        def last_block(carry):
+            whole = functools.partial(step, last, masked=True)
+            if block_kv < 128:
+                return whole(carry)
+            return jax.lax.cond(narrow, functools.partial(step, last, masked=True, width=block_kv // 2),
+                                whole, carry)
+
+        acc, top, total_p = jax.lax.cond(last >= full, last_block, lambda carry: carry, carry)
 
         @pl.loop(end, total)
         def _(j):  # blocks only the partner needs: release their slots once filled, keep the turns paired
