@@ -24,7 +24,8 @@ online softmax in registers (base 2, float32), then `p @ V` by wgmma into the ou
 The two consumers take turns on the tensor cores through a shared barrier, so that one's softmax
 overlaps the other's products. Key blocks every query of a consumer sees in full run unmasked; the
 few on the diagonal or at the row's length edge are masked; blocks no query of the item sees are
-neither read nor computed. A consumer that ends before its partner (the diagonal) still waits for
+neither read nor computed, and a consumer's last block is multiplied by halves when its second half
+lies past all the consumer's queries (the first consumer's diagonal block). A consumer that ends before its partner (the diagonal) still waits for
 and releases the slots the producer fills for the partner. Each consumer's queries alternate between
 two shared-memory buffers: the next item's are copied in while the current one runs, and the
 current one's output leaves through the buffer its queries came in.
