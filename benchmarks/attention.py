@@ -104,6 +104,14 @@ class Report:
     def row(self, **row) -> None:
         self.rows.append(row)
 
+    def finish(self) -> None:
+        """Saves; with failed checks, names them and exits 1."""
+        if self.failed:
+            self.say(f"FAILED checks: {', '.join(self.failed)}")
+        self.save()
+        if self.failed:
+            sys.exit(1)
+
     def save(self) -> None:
         with open(os.path.join(self.out, self.name + ".json"), "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": self.rows,
@@ -628,10 +636,7 @@ def main():
             run_model(report, args.smoke)
         report.say(f"  ({section} done at {time.perf_counter() - start:.0f} s)")
         report.save()
-    if report.failed:
-        report.say(f"FAILED checks: {', '.join(report.failed)}")
-        report.save()
-        sys.exit(1)
+    report.finish()
 
 
 if __name__ == "__main__":

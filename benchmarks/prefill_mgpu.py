@@ -31,7 +31,6 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -205,11 +204,7 @@ def main():
         for layout in (dict(tensor=2), dict(stage=2)):
             run_model(report, layout)
             report.say(f"  (mesh {layout} done at {time.perf_counter() - start:.0f} s)")
-    report.save()
-    if report.failed:
-        report.say(f"FAILED checks: {', '.join(report.failed)}")
-        report.save()
-        sys.exit(1)
+    report.finish()
 
 
 if __name__ == "__main__":
