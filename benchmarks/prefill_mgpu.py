@@ -5,8 +5,8 @@ timed against the Triton kernel and cuDNN in the same run.
 
 1. check: the kernel against `flash_attention_reference` on awkward shapes (query and key counts off
    the block grid, an empty row, length-1 rows, chunk offsets, grouped-query groups of 1, 4 and 8,
-   head dims 64 and 128, bf16 and float16), in each variant. A failure prints FAILED and makes the
-   script exit 1.
+   head dims 64 and 128, bf16 and float16, queries before position 0), in each variant. A failure
+   prints FAILED and makes the script exit 1.
 2. time: causal prefill TFLOP/s (4 * B * H * T^2 * D / 2 FLOPs) at 2k x 8, 8k x 2 and 32k x 1 (or
    `--shapes`) with Llama-3-8B's heads (32 query, 8 kv, head dim 128), bf16: the Triton kernel (its defaults),
    `jax.nn.dot_product_attention(implementation="cudnn")`, and each variant of this kernel; each
@@ -55,6 +55,7 @@ def run_checks(report: Report, variants: dict) -> None:
         "gqa4 hd128 chunk at offsets": (2, 320, 1350, 32, 8, 128, [1030, 502], [1350, 822], jnp.bfloat16),
         "gqa1 hd64 empty and length-1 rows": (3, 77, 77, 16, 16, 64, [0, 0, 0], [0, 1, 77], jnp.bfloat16),
         "gqa8 hd128 float16": (2, 300, 300, 16, 2, 128, [0, 0], [300, 129], jnp.float16),
+        "gqa4 hd128 negative offset": (1, 300, 300, 8, 2, 128, [-100], [300], jnp.bfloat16),
         "gqa4 hd128 8k": (1, 8192, 8192, 32, 8, 128, [0], [8192], jnp.bfloat16),
     }
     for name, (b, t, s, h, kv, d, offsets, lengths, dtype) in cases.items():

@@ -28,6 +28,9 @@ CASES = {
     # the second block's slot without reading it; one program takes all four items in turn
     "partner-ends-first-one-program": (1, 256, 256, 2, 1, 64, [0], [256], jnp.bfloat16,
                                        dict(block_kv=64, programs=1)),
+    # queries before position 0 (a negative offset) see no key and give zeros, in a consumer that has
+    # key blocks for its later queries
+    "negative-offset": (1, 128, 128, 1, 1, 64, [-100], [128], jnp.bfloat16, {}),
     # one program per item (no program takes a second)
     "a-program-per-item": (2, 70, 100, 2, 1, 64, [0, 0], [70, 33], jnp.bfloat16, dict(programs=0)),
 }
@@ -46,6 +49,8 @@ def test_kernel_matches_the_reference_in_interpret_mode(case):
     got, want = np.asarray(got, np.float32), np.asarray(want)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
+    if case == "negative-offset":
+        assert not got[0, :100].any() and got[0, 100:].any()
     if case == "empty-and-length-1-rows":
         assert not got[0].any()  # a row without keys gives zeros
         np.testing.assert_allclose(got[1], np.broadcast_to(np.asarray(v[1, :1], np.float32), (t, h, d)),
@@ -83,9 +88,11 @@ ARGS = (S((2, 300, 32, 128), jnp.bfloat16), S((2, 300, 8, 128), jnp.bfloat16), S
         S((2,), jnp.int32), S((2,), jnp.int32))
 
 
-@pytest.mark.parametrize("tuning", [{}, dict(block_kv=64, stages=3)])
-def test_kernel_lowers_to_a_mosaic_gpu_call(tuning):
-    text = _lower(lambda *a: mgpu.flash_attention(*a, **tuning), ARGS, "cuda")
+@pytest.mark.parametrize("tuning,head_dim", [({}, 128), (dict(block_kv=64, stages=3), 128),
+                                             (dict(block_kv=192), 64)])  # 192 keys: blocks not halved
+def test_kernel_lowers_to_a_mosaic_gpu_call(tuning, head_dim):
+    args = [S(x.shape[:3] + (head_dim,), x.dtype) for x in ARGS[:3]] + list(ARGS[3:])
+    text = _lower(lambda *a: mgpu.flash_attention(*a, **tuning), args, "cuda")
     assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
 
 

@@ -209,8 +209,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_le
     head dim or a mix of dtypes the kernel does not take. On an NVIDIA Hopper GPU (H100, H200) the cuda
     kernel is `flash_attention_mgpu`'s, where it takes the operands and no Triton `tuning` is given;
     `LLMJAX_ATTENTION_MOSAIC=off` keeps the Triton kernel there. `LLMJAX_ATTENTION` overrides: `off`
-    (the reference everywhere) or `interpret` (the Triton kernel in interpret mode everywhere; for
-    tests)."""
+    (the reference everywhere) or `interpret` (the kernel in interpret mode everywhere, for tests: the
+    Triton kernel, or on a Hopper GPU the Mosaic GPU one)."""
     from llmjax.kernels import flash_attention_mgpu as mgpu  # it imports this module
 
     if not tuning and mgpu.chosen(q, k, v):

@@ -233,7 +233,9 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
                 key = j * block_kv + iota(1, width)
-                sc = jnp.where((key <= offset + first + iota(0, width)) & (key < length), sc, MASKED)
+                # -inf, not MASKED: a masked score's weight is then exactly 0, even in a row that sees no
+                # key at all (a query before position 0), whose running max stays at MASKED
+                sc = jnp.where((key <= offset + first + iota(0, width)) & (key < length), sc, -jnp.inf)
             new_top = jnp.maximum(top, sc.max(axis=1) * scale)
             rescale = jnp.exp2(top - new_top)
             p = jnp.exp2(sc * scale - jax.lax.broadcast_in_dim(new_top, sc.shape, [0]))
@@ -268,11 +270,11 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         carry = jax.lax.fori_loop(full, jnp.maximum(last, full), functools.partial(step, masked=True), carry)
         # The last block, when masked: whole, or only its first half when no query of this consumer
         # sees past that (the first consumer's diagonal block, half of whose keys lie past its queries).
-        narrow = seen - last * block_kv <= block_kv // 2  # (blocks of 64 keys are not halved)
+        narrow = seen - last * block_kv <= block_kv // 2
 
         def last_block(carry):
             whole = functools.partial(step, last, masked=True)
-            if block_kv < 128:
+            if block_kv % 128:  # a half block must be whole multiples of 64 keys for wgmma
                 return whole(carry)
             return jax.lax.cond(narrow, functools.partial(step, last, masked=True, width=block_kv // 2),
                                 whole, carry)
@@ -290,7 +292,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
             take_turn()
 
         pl.when(wg == 0)(take_turn)  # pairs consumer 1's first turn
-        sees = total_p > 0  # key 0 is visible to every query of a row with keys: 0 only when none
+        sees = total_p > 0  # masked weights are exactly 0: the sum is 0 only for a query that sees no key
         out = acc / jax.lax.broadcast_in_dim(jnp.where(sees, total_p, 1.0), acc.shape, [0])
         q_smem[...] = out.astype(dtype)
         plgpu.commit_smem()
