@@ -63,14 +63,15 @@ def test_block_steps_agree_with_brute_force():
     for _ in range(300):
         block_q, block_kv = int(rng.choice([64, 128])), int(rng.choice([64, 128]))
         offset, length, first = (int(x) for x in rng.integers([-100, 0, 0], [300, 600, 400]))
-        full, end = (int(x) for x in mgpu._steps(jnp.int32(offset), jnp.int32(length), jnp.int32(first),
-                                                 block_q, block_kv))
+        full, end, seen = (int(x) for x in mgpu._steps(jnp.int32(offset), jnp.int32(length), jnp.int32(first),
+                                                       block_q, block_kv))
         pos = offset + first + np.arange(block_q)[:, None]
         for j in range(max(end, 0) + 2):
             key = j * block_kv + np.arange(block_kv)[None, :]
             visible = (key <= pos) & (key < length)
             assert visible.any() == (j < end), (offset, length, first, j)
             assert visible.all() == (j < full), (offset, length, first, j)
+        assert seen == max(0, min(length, offset + first + block_q))
 
 
 def _abstract_h200():

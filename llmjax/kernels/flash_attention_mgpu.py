@@ -120,12 +120,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
 
 
 def _steps(offset, length, first_query, block_q: int, block_kv: int):
-    """For queries [first_query, first_query + block_q) of a row: how many key blocks some query sees
-    (`end`) and how many every query sees in full (`full`, <= `end`)."""
-    seen = jnp.maximum(jnp.minimum(length, offset + first_query + block_q), 0)  # keys [0, seen) matter
+    """For queries [first_query, first_query + block_q) of a row: how many key blocks every query sees
+    in full (`full`), how many some query sees (`end` >= `full`), and how many keys some query sees
+    (`seen`: keys [0, seen))."""
+    seen = jnp.maximum(jnp.minimum(length, offset + first_query + block_q), 0)
     end = jax.lax.div(seen + block_kv - 1, block_kv)
     full = jax.lax.div(jnp.maximum(jnp.minimum(length, offset + first_query + 1), 0), block_kv)
-    return jnp.minimum(full, end), end
+    return jnp.minimum(full, end), end, seen
 
 
 def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, programs, interpret):
@@ -157,12 +158,11 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         head, row = jax.lax.rem(i, h), jax.lax.rem(jax.lax.div(i, h), b)
         tile = tiles - 1 - jax.lax.div(i, h * b)  # the longest query blocks first
         offset, length = offsets_ref[row], lengths_ref[row]
-        _, total = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
+        _, total, _ = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
         return head, row, tile * 2 * block_q + wg * block_q, offset, length, total
 
-    def load_queries(i, refs, buffer, wg):
+    def load_queries(i, offsets_ref, lengths_ref, q_ref, q_smem, q_ready, buffer, wg):
         """Starts the copy of consumer `wg`'s queries of item `i` into its q buffer `buffer`."""
-        offsets_ref, lengths_ref, q_ref, q_smem, q_ready = refs[0], refs[1], refs[2], refs[-2], refs[-1]
         head, row, first, *_ = item_at(i, offsets_ref, lengths_ref, wg)
         plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(first, block_q), head], q_smem.at[buffer],
                                 q_ready.at[2 * wg + buffer])
@@ -185,8 +185,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
          q_smem2, q_ready) = refs
         head, row, first, offset, length, total = item_at(item_of(n), offsets_ref, lengths_ref, wg)
-        full, end = _steps(offset, length, first, block_q, block_kv)
-        seen = jnp.minimum(length, offset + first + block_q)  # keys [0, seen) matter (as in _steps)
+        full, end, seen = _steps(offset, length, first, block_q, block_kv)
         buffer = jax.lax.rem(n, 2)
         q_smem = q_smem2.at[buffer]
         plgpu.barrier_wait(q_ready.at[2 * wg + buffer])
@@ -194,7 +193,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         @pl.when(n + 1 < mine)
         def _():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other buffer's output has left it
-            load_queries(item_of(n + 1), refs, 1 - buffer, wg)
+            load_queries(item_of(n + 1), offsets_ref, lengths_ref, q_ref, q_smem2, q_ready, 1 - buffer, wg)
         rows_layout = plgpu.Layout.WGMMA.reduce(1)
         top = laid_out(jnp.full((block_q,), MASKED, jnp.float32), rows_layout)
         total_p = laid_out(jnp.zeros((block_q,), jnp.float32), rows_layout)
@@ -335,7 +334,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
 
             @pl.when(mine > 0)
             def _():
-                load_queries(item_of(0), refs, 0, wg)
+                load_queries(item_of(0), offsets_ref, lengths_ref, q_ref, q_smem4.at[wg], q_ready, 0, wg)
 
             jax.lax.fori_loop(0, mine, lambda n, base: consumer(n, base, refs, wg, item_of, mine),
                               jnp.int32(0))
