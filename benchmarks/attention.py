@@ -41,6 +41,7 @@ other. On the H200 the whole script should take about 4 minutes, most of it comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -135,8 +136,15 @@ def scattered_tables(seed: int, batch: int, pages_per_row: int, junk: bool = Fal
 
 
 def seconds_per_call(attend, q: jax.Array, operands: list[tuple]) -> float:
-    """Seconds per `attend(q, *ops)`: over every `ops` in `operands` (distinct arrays), `ROUNDS`
-    rounds in one jit, each round's q nudged by the last round's outputs; median of `REPEATS`."""
+    """Seconds per `attend(q, *ops)`: median of `REPEATS` runs of `runner`'s."""
+    run = runner(attend, q, operands)
+    return statistics.median(run() for _ in range(REPEATS))
+
+
+def runner(attend, q: jax.Array, operands: list[tuple]):
+    """A function that times one run, compiled here, of `ROUNDS` rounds in one jit of `attend(q, *ops)`
+    over every `ops` in `operands` (distinct arrays), each round's q nudged by the last round's outputs,
+    and returns seconds per call. (Alternating several runners' turns lets drift hit them alike.)"""
     @jax.jit
     def run(q, operands):
         def round_(_, q):
@@ -147,12 +155,23 @@ def seconds_per_call(attend, q: jax.Array, operands: list[tuple]) -> float:
         return jax.lax.fori_loop(0, ROUNDS, round_, q)
 
     jax.block_until_ready(run(q, operands))
-    times = []
-    for _ in range(REPEATS):
+
+    def timed():
         start = time.perf_counter()
         jax.block_until_ready(run(q, operands))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / (ROUNDS * len(operands))
+        return (time.perf_counter() - start) / (ROUNDS * len(operands))
+    return timed
+
+
+@contextlib.contextmanager
+def environment(variables: dict):
+    """Sets `variables` (read by llmjax when a function is traced) for the block, then removes them."""
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name in variables:
+            os.environ.pop(name)
 
 
 def error(got: jax.Array, want: jax.Array) -> float:
@@ -571,11 +590,11 @@ def run_model(report: Report, smoke: bool) -> None:
         runs = {"kernels (interpret)": dict(LLMJAX_ATTENTION="interpret"), "reference attention": runs.pop(
             "reference attention")}
     for name, env in runs.items():
-        os.environ.update(env)  # read when the prefill below is traced
-        prefill = jax.jit(lambda w, ids, n, cache: gen._prefill(model, w, ids, n, cache), donate_argnums=3)
-        cache = llmjax.cache.KVCache.zeros(params.config, 1, t, params.dtype)
-        logits, cache = prefill(params.weights, tokens, lengths, cache)
-        jax.block_until_ready(logits)
+        with environment(env):  # read when the prefill below is traced
+            prefill = jax.jit(lambda w, ids, n, cache: gen._prefill(model, w, ids, n, cache), donate_argnums=3)
+            cache = llmjax.cache.KVCache.zeros(params.config, 1, t, params.dtype)
+            logits, cache = prefill(params.weights, tokens, lengths, cache)
+            jax.block_until_ready(logits)
         times = []
         for _ in range(REPEATS):
             start = time.perf_counter()
@@ -586,8 +605,6 @@ def run_model(report: Report, smoke: bool) -> None:
         report.say(f"  {name:24s} {s * 1e3:8.1f} ms  {t / s:9.0f} tok/s")
         report.row(section="model", preset=preset, tokens=t, attention=name, ms=s * 1e3, tok_s=t / s)
         del cache
-        for variable in env:
-            os.environ.pop(variable)
 
 
 SECTIONS = ("check", "sweep", "prefill", "decode", "model", "pool", "chunk")

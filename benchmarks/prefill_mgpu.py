@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from attention import HEAD_DIM, HEADS, KV_HEADS, ROUNDS, Report, error, flash_flops, normal
+from attention import HEAD_DIM, HEADS, KV_HEADS, Report, environment, error, flash_flops, normal, runner
 from llmjax.kernels import flash_attention as fa, flash_attention_mgpu as fm
 
 VARIANTS = "128:2,128:2:132,128:2:0"
@@ -106,7 +105,7 @@ def run_timing(report: Report, variants: dict, shapes: str = SHAPES) -> None:
                 out = jax.jit(fn)(q, k, v)
                 want = out if want is None else want
                 errors[name] = error(out, want)
-                runners[name] = runner(fn, q, k, v)
+                runners[name] = runner(fn, q, [(k, v)])
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
                 report.say(f"  {t:6d} x{b} d{d} {name:22s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
         times = {name: [] for name in runners}
@@ -122,25 +121,6 @@ def run_timing(report: Report, variants: dict, shapes: str = SHAPES) -> None:
             report.row(section="time", context=t, batch=b, head_dim=d, impl=name, ms=s * 1e3, tflops=tflops,
                        error=errors[name], turns_ms=[x * 1e3 for x in seconds])
         report.save()
-
-
-def runner(attend, q, k, v):
-    """A function timing one run of `ROUNDS` calls of `attend` inside one jit (each round's q nudged by
-    the last round's output, so nothing is hoisted); returns seconds per call."""
-    @jax.jit
-    def run(q):
-        def round_(_, q):
-            total = jnp.sum(attend(q, k, v).astype(jnp.float32))
-            return q.at[0, 0, 0, 0].add((total * 1e-30).astype(q.dtype))
-        return jax.lax.fori_loop(0, ROUNDS, round_, q)
-
-    jax.block_until_ready(run(q))
-
-    def timed():
-        start = time.perf_counter()
-        jax.block_until_ready(run(q))
-        return (time.perf_counter() - start) / ROUNDS
-    return timed
 
 
 def run_model(report: Report, layout: dict | None = None) -> None:
@@ -163,12 +143,10 @@ def run_model(report: Report, layout: dict | None = None) -> None:
             "reference": dict(LLMJAX_ATTENTION="off")}
     logits, tokens = {}, {}
     for name, env in runs.items():
-        os.environ.update(env)  # read when a function is traced
-        jax.clear_caches()  # so llmjax.logits and generate trace again
-        logits[name] = np.asarray(llmjax.logits(params, rows), np.float32)
-        tokens[name] = llmjax.generate(params, prompts, max_new_tokens=32)
-        for variable in env:
-            os.environ.pop(variable)
+        with environment(env):  # read when a function is traced
+            jax.clear_caches()  # so llmjax.logits and generate trace again
+            logits[name] = np.asarray(llmjax.logits(params, rows), np.float32)
+            tokens[name] = llmjax.generate(params, prompts, max_new_tokens=32)
     want = logits["reference"]
     for name in ("mosaic", "triton"):
         err = float(np.abs(logits[name] - want).max() / np.abs(want).max())
