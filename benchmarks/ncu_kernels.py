@@ -8,7 +8,10 @@ Cases:
   `int4_matmul.default_config` gives that shape (the kernel batch-1 decode runs);
 - `paged:DTYPE:PAGE`: the engine's decode attention on Llama-2-7B heads (32 query = kv heads of 128):
   410 rows of 128-256 tokens (what a steady 1000 x 128/128 call holds), pages of PAGE tokens
-  scattered over the pool, pages in DTYPE (`bfloat16` or `float8_e4m3fn`), `paged_attention.TUNING`.
+  scattered over the pool, pages in DTYPE (`bfloat16` or `float8_e4m3fn`), `paged_attention.TUNING`;
+- `prefill:IMPL:TxB`: causal prefill attention on Llama-3-8B heads (32 query, 8 kv heads of 128), bf16,
+  B rows of T tokens, by IMPL: `mosaic` (`flash_attention_mgpu`, what the model runs on Hopper) or
+  `cudnn` (`jax.nn.dot_product_attention(implementation="cudnn")`).
 
 Each case compiles, runs twice to warm up, then `LAUNCHES` more times; the shell script tells ncu to
 skip the warm-ups and profile one launch (`--clock-control none`: the clocks are left as they run).
@@ -16,12 +19,14 @@ skip the warm-ups and profile one launch (`--clock-control none`: the clocks are
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.kernels import flash_attention_mgpu as fm
 from llmjax.kernels import int4_matmul as K
 from llmjax.kernels import paged_attention as pa
 
@@ -58,15 +63,33 @@ def paged_case(spec: str):
     return lambda: pa.paged_attention(q, k_pages, v_pages, tables, lengths, **tuning)
 
 
+def prefill_case(spec: str):
+    impl, shape = spec.split(":")
+    t, b = (int(v) for v in shape.split("x"))
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, t, 32, 128), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (b, t, 8, 128), jnp.bfloat16) for key in keys[1:])
+    print(f"prefill {impl} {t} x {b}")
+    if impl == "cudnn":
+        return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn")), (q, k, v)
+    zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+    return jax.jit(lambda q, k, v: fm.flash_attention(q, k, v, zeros, full)), (q, k, v)
+
+
 def main() -> None:
     cases = sys.argv[1:]
     if not cases:
         raise SystemExit(__doc__)
     for case in cases:
         kind, _, spec = case.partition(":")
-        if kind not in ("int4", "paged"):
-            raise SystemExit(f"unknown case {case!r}: int4:KxN or paged:DTYPE:PAGE")
-        call = int4_case(spec) if kind == "int4" else paged_case(spec)
+        if kind not in ("int4", "paged", "prefill"):
+            raise SystemExit(f"unknown case {case!r}: int4:KxN, paged:DTYPE:PAGE or prefill:IMPL:TxB")
+        if kind == "prefill":
+            fn, args = prefill_case(spec)
+            call = functools.partial(fn, *args)
+        else:
+            call = int4_case(spec) if kind == "int4" else paged_case(spec)
         for _ in range(WARMUPS + LAUNCHES):
             jax.block_until_ready(call())
 

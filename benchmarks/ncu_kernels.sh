@@ -14,6 +14,8 @@ for case in "$@"; do
   case $case in
     int4:*) kernel='regex:_fma_kernel|_dot_kernel' ;;
     paged:*) kernel='regex:paged_attention' ;;
+    prefill:mosaic:*) kernel='regex:mosaic' ;;
+    prefill:cudnn:*) kernel='regex:cudnn|fmha|flash|attn' ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
   esac
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
