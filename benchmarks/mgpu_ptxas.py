@@ -1,6 +1,6 @@
 """Compiles the Hopper prefill kernel at 8k x 2 in each tuning named on the command line, for ptxas's report.
 
-    MOSAIC_GPU_DUMP_PTXAS=1 PYTHONPATH=. python benchmarks/mgpu_ptxas.py '{}' '{"overlap": true}' \\
+    MOSAIC_GPU_DUMP_PTXAS=1 PYTHONPATH=. python benchmarks/mgpu_ptxas.py '{}' '{"block_kv": 64, "stages": 3}' \\
         2>&1 | grep -iE '===|spill|serializ|registers'
 
 Mosaic GPU prints ptxas's verbose output (registers, spills, and warnings such as wgmma serialization)

@@ -80,12 +80,10 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "programs", "overlap", "registers", "q_registers",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "programs", "interpret"))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
                     *, block_q: int = 64, block_kv: int = 128, stages: int = 2,
-                    programs: int | None = None, overlap: bool = False, registers: int = 232,
-                    q_registers: bool = False, interpret: bool = False) -> jax.Array:
+                    programs: int | None = None, interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention with the Mosaic GPU kernel (arguments as `flash_attention`'s).
 
     `block_q` queries per consumer warpgroup (a multiple of 64: one wgmma's rows), `block_kv` keys per
@@ -117,8 +115,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
     offsets = q_offsets.astype(jnp.int32)
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, s)
     out = _launch(offsets, lengths, q, k, v, groups=h // n_kv, block_q=block_q, block_kv=block_kv,
-                  stages=stages, programs=programs, overlap=overlap, registers=registers,
-                  q_registers=q_registers, interpret=interpret)
+                  stages=stages, programs=programs, interpret=interpret)
     return out[:, :t]
 
 
@@ -132,8 +129,7 @@ def _steps(offset, length, first_query, block_q: int, block_kv: int):
     return jnp.minimum(full, end), end, seen
 
 
-def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, programs, overlap, registers,
-            q_registers, interpret):
+def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, programs, interpret):
     from jax.experimental.pallas import mosaic_gpu as plgpu  # imported here: only cuda and tests use it
 
     b, t, h, d = q.shape
@@ -198,7 +194,6 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         def _():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other buffer's output has left it
             load_queries(item_of(n + 1), offsets_ref, lengths_ref, q_ref, q_smem2, q_ready, 1 - buffer, wg)
-        q_operand = laid_out(q_smem[...], plgpu.Layout.WGMMA) if q_registers and not interpret else q_smem
         rows_layout = plgpu.Layout.WGMMA.reduce(1)
         top = laid_out(jnp.full((block_q,), MASKED, jnp.float32), rows_layout)
         total_p = laid_out(jnp.zeros((block_q,), jnp.float32), rows_layout)
@@ -229,7 +224,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
                 take_turn()
             else:
                 def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, q_operand, k_block.T)
+                    plgpu.wgmma(acc_ref, q_smem, k_block.T)
                     take_turn()
                     return acc_ref[...]
 
@@ -303,152 +298,6 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         plgpu.copy_smem_to_gmem(q_smem, out_ref.at[row, pl.ds(first, block_q), head])
         return base + total
 
-    def overlapped(n, base, refs, wg, item_of, mine):
-        """`consumer` with each key block's scores issued together with the previous block's `p @ V`,
-        so that the softmax of block j runs while the tensor cores multiply block j - 1's values. The
-        consumers pass a token (`turn`: one barrier per consumer) to take turns issuing their products."""
-        (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
-         q_smem2, q_ready) = refs
-        head, row, first, offset, length, total = item_at(item_of(n), offsets_ref, lengths_ref, wg)
-        full, end, seen = _steps(offset, length, first, block_q, block_kv)
-        buffer = jax.lax.rem(n, 2)
-        q_smem = q_smem2.at[buffer]
-        plgpu.barrier_wait(q_ready.at[2 * wg + buffer])
-
-        @pl.when(n + 1 < mine)
-        def _():
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other buffer's output has left it
-            load_queries(item_of(n + 1), offsets_ref, lengths_ref, q_ref, q_smem2, q_ready, 1 - buffer, wg)
-        rows_layout = plgpu.Layout.WGMMA.reduce(1)
-        start = (laid_out(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
-                 laid_out(jnp.full((block_q,), MASKED, jnp.float32), rows_layout),
-                 laid_out(jnp.zeros((block_q,), jnp.float32), rows_layout), None)
-
-        def slot_of(j):
-            return jax.lax.rem(base + j, stages)
-
-        def acquire():  # the partner has issued its products: the tensor cores are ours
-            plgpu.barrier_wait(turn.at[wg])
-
-        def release():
-            plgpu.barrier_arrive(turn.at[1 - wg])
-
-        def softmax(sc, j, top, total_p, masked, width):
-            if masked:
-                key = j * block_kv + iota(1, width)
-                sc = jnp.where((key <= offset + first + iota(0, width)) & (key < length), sc, -jnp.inf)
-            new_top = jnp.maximum(top, sc.max(axis=1) * scale)
-            rescale = jnp.exp2(top - new_top)
-            p = jnp.exp2(sc * scale - jax.lax.broadcast_in_dim(new_top, sc.shape, [0]))
-            total_p = total_p * rescale + p.sum(axis=1)
-            return p, new_top, rescale, total_p
-
-        def block(j, carry, masked, width=block_kv, opening=False):
-            """Scores of key block j (its first `width` keys) and, unless it is the item's first
-            (`opening`), block j - 1's weights times its values, issued back to back."""
-            acc, top, total_p, p_prev = carry
-            k_block = k_smem.at[slot_of(j), pl.ds(0, width)]
-            plgpu.barrier_wait(k_ready.at[slot_of(j)])
-            if not opening:
-                plgpu.barrier_wait(v_ready.at[slot_of(j - 1)])
-            acquire()
-            if interpret:
-                sc = jnp.dot(q_smem[...], k_block[...].T, preferred_element_type=jnp.float32)
-                if not opening:
-                    acc = acc + jnp.dot(p_prev, v_smem.at[slot_of(j - 1)][...], preferred_element_type=jnp.float32)
-                release()
-                plgpu.barrier_arrive(k_free.at[slot_of(j)])
-                p, new_top, rescale, total_p = softmax(sc, j, top, total_p, masked, width)
-            else:
-                def issue(s_ref, *o_ref):
-                    if not opening:
-                        o_ref[0][...] = acc
-                    plgpu.wgmma(s_ref, q_smem, k_block.T)
-                    if not opening:
-                        plgpu.wgmma(o_ref[0], p_prev, v_smem.at[slot_of(j - 1)])
-                    release()
-                    sc = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if opening else 1)
-                    (sc,) = jax.lax.optimization_barrier((sc,))  # not before the wait
-                    plgpu.barrier_arrive(k_free.at[slot_of(j)])
-                    # the softmax before the wait for the product, which it overlaps; the weights
-                    # become 16-bit after it, in registers the product no longer reads (else ptxas
-                    # serializes the products)
-                    p, *out = jax.lax.optimization_barrier(softmax(sc, j, top, total_p, masked, width))
-                    new_acc, p = jax.lax.optimization_barrier((acc if opening else o_ref[0][...], p))
-                    return (new_acc, p, *out)
-
-                accumulators = [plgpu.ACC((block_q, width), jnp.float32)]
-                if not opening:
-                    accumulators.append(plgpu.ACC((block_q, d), jnp.float32))
-                acc, p, new_top, rescale, total_p = pl.run_scoped(issue, *accumulators)
-            if not opening:
-                plgpu.barrier_arrive(v_free.at[slot_of(j - 1)])
-            acc = acc * jax.lax.broadcast_in_dim(rescale, acc.shape, [0])
-            return acc, new_top, total_p, p.astype(dtype)
-
-        def finish(carry, j, width):
-            """The last block's weights times its values."""
-            acc, top, total_p, p = carry
-            v_block = v_smem.at[slot_of(j), pl.ds(0, width)]
-            plgpu.barrier_wait(v_ready.at[slot_of(j)])
-            if interpret:
-                acc = acc + jnp.dot(p, v_block[...], preferred_element_type=jnp.float32)
-            else:
-                def product(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_block)
-
-                acc = pl.run_state(product)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot_of(j)])
-            return acc, top, total_p
-
-        def blocks(width):
-            """Blocks [0, end) (end >= 1), the last taking its first `width` keys (< block_kv: masked)."""
-            last = end - 1
-
-            def either(j, carry, width=block_kv, opening=False):  # masked when some query misses a key
-                if width < block_kv:
-                    return block(j, carry, True, width, opening)
-                return jax.lax.cond(j >= full, functools.partial(block, masked=True, width=width, opening=opening),
-                                    functools.partial(block, masked=False, width=width, opening=opening), j, carry)
-
-            def one():
-                return finish(either(0, start, width, opening=True), 0, width)
-
-            def several():
-                carry = either(0, start, opening=True)
-                split = jnp.clip(full, 1, last)
-                carry = jax.lax.fori_loop(1, split, functools.partial(block, masked=False), carry)
-                carry = jax.lax.fori_loop(split, last, functools.partial(block, masked=True), carry)
-                return finish(either(last, carry, width), last, width)
-
-            return jax.lax.cond(end == 1, one, several)
-
-        # The last block by halves when no query of this consumer sees past its first half (the first
-        # consumer's diagonal block); a half block must be whole multiples of 64 keys for wgmma.
-        narrow = (seen - (end - 1) * block_kv <= block_kv // 2) & (block_kv % 128 == 0)
-        acc, top, total_p = jax.lax.cond(
-            end > 0,
-            lambda: jax.lax.cond(narrow, functools.partial(blocks, block_kv // 2), functools.partial(blocks, block_kv))
-            if block_kv % 128 == 0 else blocks(block_kv),
-            lambda: start[:3])
-
-        @pl.loop(end, total)
-        def _(j):  # blocks only the partner needs: release their slots once filled, keep the turns paired
-            slot = slot_of(j)
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            acquire()
-            release()
-
-        sees = total_p > 0  # masked weights are exactly 0: the sum is 0 only for a query that sees no key
-        out = acc / jax.lax.broadcast_in_dim(jnp.where(sees, total_p, 1.0), acc.shape, [0])
-        q_smem[...] = out.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[row, pl.ds(first, block_q), head])
-        return base + total
-
     def producer(i, base, refs):
         """The K/V copies of item `i` (as `consumer`), each into its slot once both consumers released it."""
         offsets_ref, lengths_ref, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = refs
@@ -459,7 +308,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
             slot = jax.lax.rem(base + j, stages)
             keys = (row, pl.ds(j * block_kv, block_kv), jax.lax.div(head, groups))
             for free, ready, ref, smem in ((k_free, k_ready, k_ref, k_smem), (v_free, v_ready, v_ref, v_smem)):
-                # K slots free up before V slots (once the scores are in): each copy waits for its own
+                # a K slot frees up before its V slot (once the scores are in): each copy waits for its own
                 pl.when(base + j >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
                 plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
 
@@ -477,7 +326,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
 
         @pl.when(wg < 2)
         def _():
-            plgpu.set_max_registers(registers, action="increase")
+            plgpu.set_max_registers(232, action="increase")
             refs = (offsets_ref, lengths_ref, q_ref, out_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
                     turn, q_smem4.at[wg], q_ready)
 
@@ -485,17 +334,13 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
             def _():
                 load_queries(item_of(0), offsets_ref, lengths_ref, q_ref, q_smem4.at[wg], q_ready, 0, wg)
 
-            if overlap:
-                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # consumer 0 goes first
-            jax.lax.fori_loop(0, mine, lambda n, base: (overlapped if overlap else consumer)(
-                n, base, refs, wg, item_of, mine), jnp.int32(0))
-            if overlap:  # observes consumer 1's last pass of the token
-                pl.when(wg == 0)(lambda: plgpu.barrier_wait(turn.at[0]))
+            jax.lax.fori_loop(0, mine, lambda n, base: consumer(n, base, refs, wg, item_of, mine),
+                              jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _():
-            plgpu.set_max_registers(512 - 2 * registers - 8 if registers > 232 else 40, action="decrease")
+            plgpu.set_max_registers(40, action="decrease")
             refs = (offsets_ref, lengths_ref, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
             fetched = jax.lax.fori_loop(0, mine, lambda n, base: producer(item_of(n), base, refs), jnp.int32(0))
 
@@ -515,8 +360,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
             plgpu.Barrier(num_barriers=4),  # queries loaded, [2 * consumer + buffer]
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K slot released by both consumers
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V slot released by both consumers
-            # the consumers' turns on the tensor cores: a meeting point, or (overlap) a token per consumer
-            plgpu.Barrier(num_arrivals=1, num_barriers=2) if overlap else plgpu.Barrier(num_arrivals=2),
+            plgpu.Barrier(num_arrivals=2),  # the consumers' turns on the tensor cores
             collective_axes="wg",
         )
 
