@@ -71,10 +71,11 @@ def prefill_case(spec: str):
     k, v = (jax.random.normal(key, (b, t, 8, 128), jnp.bfloat16) for key in keys[1:])
     print(f"prefill {impl} {t} x {b}")
     if impl == "cudnn":
-        return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                    implementation="cudnn")), (q, k, v)
-    zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
-    return jax.jit(lambda q, k, v: fm.flash_attention(q, k, v, zeros, full)), (q, k, v)
+        attend = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
+    else:
+        zeros, full = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+        attend = jax.jit(lambda q, k, v: fm.flash_attention(q, k, v, zeros, full))
+    return functools.partial(attend, q, k, v)
 
 
 def main() -> None:
@@ -85,11 +86,7 @@ def main() -> None:
         kind, _, spec = case.partition(":")
         if kind not in ("int4", "paged", "prefill"):
             raise SystemExit(f"unknown case {case!r}: int4:KxN, paged:DTYPE:PAGE or prefill:IMPL:TxB")
-        if kind == "prefill":
-            fn, args = prefill_case(spec)
-            call = functools.partial(fn, *args)
-        else:
-            call = int4_case(spec) if kind == "int4" else paged_case(spec)
+        call = {"int4": int4_case, "paged": paged_case, "prefill": prefill_case}[kind](spec)
         for _ in range(WARMUPS + LAUNCHES):
             jax.block_until_ready(call())
 
