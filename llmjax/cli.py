@@ -69,7 +69,7 @@ def _perplexity(args) -> None:
     for path in args.text:
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
-    params = llmjax.load(args.model, dtype=args.dtype)
+    params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
     chars = sum(len(t.encode("utf-8")) for t in texts)
     print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "
@@ -202,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: half the window)")
     ppl.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                      help="cast the weights (default: as stored)")
+    _add_mesh_flags(ppl)
     ppl.set_defaults(run=_perplexity)
 
     b = sub.add_parser("bench", help="time decode on random weights against the bandwidth bound",

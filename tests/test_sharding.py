@@ -130,6 +130,25 @@ def test_cli_generate_on_a_mesh_prints_the_single_device_text(capsys):
     assert "devices" in capsys.readouterr().err
 
 
+def test_cli_perplexity_on_a_mesh_gives_the_single_device_figure(capsys, tmp_path):
+    from llmjax import cli
+
+    text = tmp_path / "sample.py"
+    text.write_text("def mean(values):\n    return sum(values) / len(values)\n" * 4)
+    argv = ["perplexity", "--text", str(text), "--dtype", "float32"]
+
+    def figure(extra):
+        assert cli.main(argv + extra) == 0
+        return float(capsys.readouterr().out.split()[1])
+
+    alone = figure([])
+    assert alone > 1
+    for extra in (["--tensor", "8"], ["--stage", "2", "--tensor", "2", "--data", "2"]):
+        assert figure(extra) == pytest.approx(alone, rel=1e-4)
+    assert cli.main(argv + ["--tensor", "3"]) == 2
+    assert "devices" in capsys.readouterr().err
+
+
 def test_a_vocabulary_the_tensor_degree_does_not_divide_is_padded(tmp_path):
     folder = tmp_path / "odd"
     save_hf_model(folder, hf_config(num_attention_heads=8, num_key_value_heads=4, intermediate_size=144,
