@@ -424,14 +424,17 @@ class Engine:
 
     def _pool_pages(self, kv_memory) -> int:
         wanted = self.max_slots * self.max_pages
+        source = ""
         if kv_memory is None:
-            stats = jax.local_devices()[0].memory_stats() or {}
+            stats = _memory_stats()
             if "bytes_limit" in stats:
-                free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-                kv_memory = int(MEMORY_FRACTION * free) - self._workspace_bytes()
+                free, workspace = stats["bytes_limit"] - stats.get("bytes_in_use", 0), self._workspace_bytes()
+                kv_memory = max(int(MEMORY_FRACTION * free) - workspace, 0)
+                source = (f" ({MEMORY_FRACTION:.0%} of the device's {free} free bytes, less {workspace} for "
+                          "one step's activations)")
             else:
                 kv_memory = HOST_POOL_BYTES
-            pages = min(wanted, max(kv_memory, 0) // self.page_bytes)
+            pages = min(wanted, kv_memory // self.page_bytes)
         else:
             if not _is_int(kv_memory) or kv_memory < 1:
                 raise ValueError(f"kv_memory must be a number of bytes >= 1, got {kv_memory!r}")
@@ -439,7 +442,7 @@ class Engine:
         if pages < 1:
             raise ValueError(f"the page pool would hold no page: one page of {self.page_size} tokens takes "
                              f"{self.page_bytes} bytes per device and {kv_memory} bytes are available for "
-                             "the pool; pass a larger kv_memory or a smaller page_size")
+                             f"the pool{source}; pass a larger kv_memory, fewer max_slots or a smaller page_size")
         return int(pages)
 
     def _pool_sharding(self):
@@ -898,3 +901,9 @@ class LLM:
                     if request.finished and id(request) in pending:
                         pending.discard(id(request))
                         bar.update(1)
+
+
+def _memory_stats() -> dict:
+    """The first local device's memory figures (`bytes_limit`, `bytes_in_use`); empty on a device that
+    reports none (the CPU)."""
+    return jax.local_devices()[0].memory_stats() or {}

@@ -218,6 +218,26 @@ def _engine(params, **options):
     return Engine(params, **{**SMALL, **options})
 
 
+def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypatch):
+    """With no kv_memory, the pool takes 90% of what the device reports free, less the step's workspace,
+    and no more than max_slots full sequences; a device too full for one page is refused."""
+    engine_module = importlib.import_module("llmjax.engine")
+    workspace, page = _engine(params)._workspace_bytes(), _page_bytes(params, 8)
+
+    def device(free):
+        monkeypatch.setattr(engine_module, "_memory_stats",
+                            lambda: {"bytes_limit": free + 2**30, "bytes_in_use": 2**30})
+
+    device(12 * 2**30)
+    assert _engine(params).num_pages == 8 * 12  # 8 slots of 96 tokens in pages of 8: all fit
+    device(-(-(workspace + 50 * page + page // 2) * 10 // 9))  # room for 50 pages and a half
+    assert _engine(params).num_pages == 50  # the memory, not the slots, sets it
+    device(workspace)  # 90% of it leaves nothing after the workspace
+    with pytest.raises(ValueError, match=rf"would hold no page.*0 bytes are available for the pool \(90% of "
+                                         rf"the device's {workspace} free bytes, less {workspace}"):
+        _engine(params)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda p: _engine(p, max_slots=0), "max_slots must be an integer >= 1"),
     (lambda p: _engine(p, page_size=0), "page_size"),
