@@ -65,6 +65,8 @@ def paged_case(spec: str):
 
 def prefill_case(spec: str):
     impl, shape = spec.split(":")
+    if impl not in ("mosaic", "cudnn"):
+        raise SystemExit(f"unknown prefill implementation {impl!r}: mosaic or cudnn")
     t, b = (int(v) for v in shape.split("x"))
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, t, 32, 128), jnp.bfloat16)

@@ -424,7 +424,7 @@ class Engine:
 
     def _pool_pages(self, kv_memory) -> int:
         wanted = self.max_slots * self.max_pages
-        source = ""
+        source, hint = "", "pass a larger kv_memory or a smaller page_size"
         if kv_memory is None:
             stats = _memory_stats()
             if "bytes_limit" in stats:
@@ -432,6 +432,8 @@ class Engine:
                 kv_memory = max(int(MEMORY_FRACTION * free) - workspace, 0)
                 source = (f" ({MEMORY_FRACTION:.0%} of the device's {free} free bytes, less {workspace} for "
                           "one step's activations)")
+                hint = ("pass kv_memory=, lower max_slots, max_seq_len or prefill_tokens (they size the "
+                        "step's activations), or take a smaller page_size")
             else:
                 kv_memory = HOST_POOL_BYTES
             pages = min(wanted, kv_memory // self.page_bytes)
@@ -442,7 +444,7 @@ class Engine:
         if pages < 1:
             raise ValueError(f"the page pool would hold no page: one page of {self.page_size} tokens takes "
                              f"{self.page_bytes} bytes per device and {kv_memory} bytes are available for "
-                             f"the pool{source}; pass a larger kv_memory, fewer max_slots or a smaller page_size")
+                             f"the pool{source}; {hint}")
         return int(pages)
 
     def _pool_sharding(self):

@@ -233,7 +233,7 @@ def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypat
     device(-(-(workspace + 50 * page + page // 2) * 10 // 9))  # room for 50 pages and a half
     assert _engine(params).num_pages == 50  # the memory, not the slots, sets it
     device(workspace)  # 90% of it leaves nothing after the workspace
-    with pytest.raises(ValueError, match=rf"would hold no page.*0 bytes are available for the pool \(90% of "
+    with pytest.raises(ValueError, match=rf"would hold no page.* and 0 bytes are available for the pool \(90% of "
                                          rf"the device's {workspace} free bytes, less {workspace}"):
         _engine(params)
 

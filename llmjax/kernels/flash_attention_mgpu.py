@@ -17,8 +17,9 @@ block of `2 * block_q` queries), ordered longest first (the last query blocks se
 the query heads that share a kv head side by side, so that their K/V tiles come from L2. One program
 per SM takes items in turn (a snake over the ordered items, which evens out the programs' shares);
 three warpgroups per program. Warpgroup 2 is the producer: it issues the TMA copies of the K and V
-blocks into a ring of `stages` shared-memory slots, refilling a slot once both consumers have
-released it, and runs on into the next item's blocks while the consumers finish the current one.
+blocks into a ring of `stages` shared-memory slots, refilling a slot's K (V) half once both consumers
+have released that half (K after the scores, V after the product), and runs on into the next item's
+blocks while the consumers finish the current one.
 Warpgroups 0 and 1 are consumers, each owning `block_q` of an item's queries: scores by wgmma, an
 online softmax in registers (base 2, float32), then `p @ V` by wgmma into the output accumulator.
 The two consumers take turns on the tensor cores through a shared barrier, so that one's softmax
@@ -299,7 +300,8 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         return base + total
 
     def producer(i, base, refs):
-        """The K/V copies of item `i` (as `consumer`), each into its slot once both consumers released it."""
+        """The K/V copies of item `i` (as `consumer`): each K (V) block into its slot once both consumers
+        released the K (V) block there before it."""
         offsets_ref, lengths_ref, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = refs
         head, row, _, _, _, total = item_at(i, offsets_ref, lengths_ref, 0)
 
@@ -307,10 +309,20 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
         def _(j):
             slot = jax.lax.rem(base + j, stages)
             keys = (row, pl.ds(j * block_kv, block_kv), jax.lax.div(head, groups))
-            for free, ready, ref, smem in ((k_free, k_ready, k_ref, k_smem), (v_free, v_ready, v_ref, v_smem)):
-                # a K slot frees up before its V slot (once the scores are in): each copy waits for its own
-                pl.when(base + j >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
-                plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
+            reused = base + j >= stages  # the slot held block base + j - stages
+
+            # A K slot frees up before its V slot (once the scores are in): each copy waits for its own.
+            @pl.when(reused)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(reused)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
         return base + total
 
