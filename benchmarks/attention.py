@@ -165,13 +165,18 @@ def runner(attend, q: jax.Array, operands: list[tuple]):
 
 @contextlib.contextmanager
 def environment(variables: dict):
-    """Sets `variables` (read by llmjax when a function is traced) for the block, then removes them."""
+    """Sets `variables` (read by llmjax when a function is traced) for the block, then puts back what
+    was there before."""
+    before = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
     try:
         yield
     finally:
-        for name in variables:
-            os.environ.pop(name)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def error(got: jax.Array, want: jax.Array) -> float:
@@ -587,8 +592,8 @@ def run_model(report: Report, smoke: bool) -> None:
             "kernels, Triton prefill": dict(LLMJAX_ATTENTION="auto", LLMJAX_ATTENTION_MOSAIC="off"),
             "reference attention": dict(LLMJAX_ATTENTION="off")}
     if smoke:
-        runs = {"kernels (interpret)": dict(LLMJAX_ATTENTION="interpret"), "reference attention": runs.pop(
-            "reference attention")}
+        runs = {"kernels (interpret)": dict(LLMJAX_ATTENTION="interpret"),
+                "reference attention": dict(LLMJAX_ATTENTION="off")}
     for name, env in runs.items():
         with environment(env):  # read when the prefill below is traced
             prefill = jax.jit(lambda w, ids, n, cache: gen._prefill(model, w, ids, n, cache), donate_argnums=3)
