@@ -10,7 +10,9 @@ Every `Linear` of the model calls it with its kernel, whatever the kernel holds:
 
 On a mesh, XLA cannot split a Pallas call over devices, so a quantized product runs under `shard_map`:
 each device multiplies its own slice of the weights (Megatron's layout from the sharding rules), and a
-row-parallel product (o, down: the input axis is split) adds the devices' partial sums with `psum`.
+row-parallel product (o, down: the input axis is split) adds the devices' partial sums with
+`allreduce.psum`. A float row-parallel product runs so too when `LLMJAX_ALLREDUCE` picks llmjax's
+NVLink all-reduce (`llmjax.kernels.allreduce`); otherwise XLA's partitioner places it.
 
 `linear_reference` is the definition every path must match: the float kernel (a quantized one
 dequantized) contracted in float32.
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from llmjax.kernels import dispatch, gemv, int4_matmul
+from llmjax.kernels import allreduce, dispatch, gemv, int4_matmul
 from llmjax.quant.weights import QuantizedWeight, dequantize
 
 
@@ -36,38 +38,60 @@ def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     return (y * qw.scales.reshape(1, n).astype(jnp.float32)).astype(x.dtype)
 
 
-def _product(x2: jax.Array, qw: QuantizedWeight) -> jax.Array:
-    """`[M, K]` times a quantized kernel -> `[M, *out]`."""
-    y = int8_matmul(x2, qw) if qw.bits == 8 else int4_matmul.matmul(x2, qw)
-    return y.reshape(x2.shape[0], *qw.out_shape)
+def _product(x2: jax.Array, kernel, num_out_dims: int) -> jax.Array:
+    """`[M, K]` times a kernel (float `[*out, *in]` or quantized) -> `[M, *out]`."""
+    if not isinstance(kernel, QuantizedWeight):
+        out_shape = kernel.shape[:num_out_dims]
+        return gemv.linear(x2, kernel.reshape(*out_shape, x2.shape[1]), num_out_dims)
+    y = int8_matmul(x2, kernel) if kernel.bits == 8 else int4_matmul.matmul(x2, kernel)
+    return y.reshape(x2.shape[0], *kernel.out_shape)
 
 
-def _leaf_specs(qw: QuantizedWeight, out_axes: tuple, in_axis) -> QuantizedWeight:
-    """The mesh PartitionSpec of each leaf of `qw`, as `llmjax.quant.leaf_axes` lays them out."""
+def _mesh_spec(axes: tuple) -> tuple:
+    """The mesh axes the sharding rules give a kernel with logical `axes`."""
+    from flax import linen as nn
+
+    from llmjax.sharding.rules import RULES  # the rules import the model, which imports this module
+
+    return tuple(nn.logical_to_mesh_axes(axes, RULES))
+
+
+def _row_parallel(mesh, axes: tuple | None, num_out_dims: int) -> bool:
+    """Whether the kernel's input axis is split over a free axis of `mesh` (o, down), so that its
+    product ends in an all-reduce."""
+    if mesh is None or axes is None:
+        return False
+    in_axis = _mesh_spec(axes)[num_out_dims]
+    return in_axis is not None and in_axis in dispatch.free_axes(mesh)
+
+
+def _leaf_specs(kernel, out_axes: tuple, in_axis) -> QuantizedWeight | P:
+    """The mesh PartitionSpec of the kernel (of each leaf of a `QuantizedWeight`, as
+    `llmjax.quant.leaf_axes` lays them out)."""
+    if not isinstance(kernel, QuantizedWeight):
+        return P(*out_axes, in_axis, *(None,) * (kernel.ndim - len(out_axes) - 1))
+    qw = kernel
     values = P(*out_axes, in_axis)
     scales = P(*out_axes) if qw.bits == 8 else values
     return QuantizedWeight(values, scales, None if qw.zeros is None else scales, qw.bits, qw.group_size)
 
 
-def _sharded_product(x2, qw: QuantizedWeight, mesh, axes: tuple, num_out_dims: int):
-    from flax import linen as nn
-
-    from llmjax.sharding.rules import RULES  # the rules import the model, which imports this module
-
-    spec = tuple(nn.logical_to_mesh_axes(axes, RULES))
+def _sharded_product(x2, kernel, mesh, axes: tuple, num_out_dims: int):
+    """`_product` on each device's slice of `kernel`, the partial sums added over the input axis."""
+    spec = _mesh_spec(axes)
     out_axes, in_axis = spec[:num_out_dims], spec[num_out_dims]
     if any(a is not None for a in spec[num_out_dims + 1:]):
-        raise ValueError(f"a quantized kernel with logical axes {axes} splits a minor input axis "
-                         f"({spec}); only its major input axis may be split")
+        raise ValueError(f"a kernel with logical axes {axes} splits a minor input axis ({spec}) in a "
+                         f"per-device product; only its major input axis may be split")
     free = dispatch.free_axes(mesh)
     rows = dispatch.data_axis(mesh, free, x2.shape[0])
 
-    def local(x2, qw):
-        y = _product(x2, qw)
-        return y if in_axis is None else jax.lax.psum(y, in_axis)
+    def local(x2, kernel):
+        y = _product(x2, kernel, num_out_dims)
+        return y if in_axis is None else allreduce.psum(y, in_axis, mesh)
 
-    return dispatch.per_device(local, mesh, (P(rows, in_axis), _leaf_specs(qw, out_axes, in_axis)),
-                               P(rows, *out_axes))(x2, qw)
+    return dispatch.per_device(local, mesh, (P(rows, in_axis), _leaf_specs(kernel, out_axes, in_axis)),
+                               P(rows, *out_axes))(x2, kernel)
 
 
 def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> jax.Array:
@@ -88,15 +112,17 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     `kernel` is a float array or a `QuantizedWeight`. For a quantized kernel on a `mesh` of more than
     one device, `axes` (the float kernel's logical axes) say how the sharding rules split it.
     """
-    if not isinstance(kernel, QuantizedWeight):
-        return gemv.linear(x, kernel, num_out_dims)
+    quantized = isinstance(kernel, QuantizedWeight)
+    if not quantized and not (allreduce.mode() != "xla" and _row_parallel(mesh, axes, num_out_dims)):
+        return gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
     lead = x.shape[:x.ndim - in_ndim]
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - in_ndim:]))
-    if x2.shape[1] != kernel.in_size:
-        raise ValueError(f"x's input width {x2.shape[1]} does not match the quantized kernel's "
-                         f"{kernel.in_size}")
+    out_shape = kernel.out_shape if quantized else kernel.shape[:num_out_dims]
+    in_size = kernel.in_size if quantized else math.prod(kernel.shape[num_out_dims:])
+    if x2.shape[1] != in_size:
+        raise ValueError(f"x's input width {x2.shape[1]} does not match the kernel's {in_size}")
     if mesh is None or not dispatch.free_axes(mesh):  # one device, or a pipeline stage with tensor=1
-        y = _product(x2, kernel)
+        y = _product(x2, kernel, num_out_dims)
     else:
         y = _sharded_product(x2, kernel, mesh, axes, num_out_dims)
-    return y.reshape(*lead, *kernel.out_shape)
+    return y.reshape(*lead, *out_shape)

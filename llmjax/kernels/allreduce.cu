@@ -1,0 +1,371 @@
+// llmjax's tensor-parallel all-reduce for small activations, over NVLink peer memory.
+//
+// A decode step at tensor=2 sums a few KiB per layer twice; through XLA's psum each costs ~20 us,
+// most of it not moving bytes. This kernel is one XLA FFI custom call on the compute stream:
+//
+//   1. every device pushes its activation into each peer's receive area (NVLink stores),
+//   2. raises one flag per (peer, block) with a system-scope release,
+//   3. waits for each peer's flag with a system-scope acquire,
+//   4. adds the members' values in rank order, in float32: every member computes the same sum the
+//      same way, so every member holds the same bits afterwards.
+//
+// The receive area has two slots, alternating per call: a device can push call e's data only after
+// its call e-1 saw every peer's flag for e-1, and a peer raises that flag only after it has finished
+// reading call e-2's slot (its kernels run in stream order), so a slot is never overwritten while it
+// is read. The call counter (the "epoch") lives in device memory, advanced by the last block of each
+// call, so the handler may be captured in a CUDA graph and replayed: no host state changes per call.
+//
+// Buffers belong to a group (the devices of one all-reduce, in rank order) and are allocated once by
+// `llmjax_allreduce_setup`, called from Python when the program is traced; the handler looks its
+// group up by the device it runs on. One process drives every device of a group (single-host
+// tensor parallelism); several processes keep XLA's psum.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxRanks = 8;
+constexpr int kMaxBlocks = 64;
+constexpr int kThreads = 512;
+constexpr uint64_t kTimeoutNs = 20ull * 1000 * 1000 * 1000;  // a peer that never arrives: trap
+
+// One member's view of its group: its rank and every member's buffers (peers' through peer mapping).
+struct Group {
+  int rank;
+  int size;
+  int64_t slot_bytes;
+  char* recv[kMaxRanks];       // member q's receive area: [2 slots][size ranks][slot_bytes]
+  uint32_t* flags[kMaxRanks];  // member q's arrival flags: [kMaxRanks senders][kMaxBlocks]
+  uint32_t* epoch;             // this member's [calls done, blocks done in the current call]
+};
+
+__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint4* area(char* recv, uint32_t slot, int sender, int size, int64_t slot_bytes) {
+  return reinterpret_cast<uint4*>(recv + (static_cast<int64_t>(slot) * size + sender) * slot_bytes);
+}
+
+// 16 bytes of T, widened to float and back.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static constexpr int n = 4;
+  __device__ static void add(float* acc, uint4 v) {
+    const float* f = reinterpret_cast<const float*>(&v);
+#pragma unroll
+    for (int i = 0; i < n; ++i) acc[i] += f[i];
+  }
+  __device__ static uint4 pack(const float* acc) {
+    uint4 v;
+    float* f = reinterpret_cast<float*>(&v);
+#pragma unroll
+    for (int i = 0; i < n; ++i) f[i] = acc[i];
+    return v;
+  }
+};
+
+template <>
+struct Lanes<__nv_bfloat16> {
+  static constexpr int n = 8;
+  __device__ static void add(float* acc, uint4 v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      acc[2 * i] += f.x;
+      acc[2 * i + 1] += f.y;
+    }
+  }
+  __device__ static uint4 pack(const float* acc) {
+    uint4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return v;
+  }
+};
+
+template <>
+struct Lanes<__half> {
+  static constexpr int n = 8;
+  __device__ static void add(float* acc, uint4 v) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float2 f = __half22float2(h[i]);
+      acc[2 * i] += f.x;
+      acc[2 * i + 1] += f.y;
+    }
+  }
+  __device__ static uint4 pack(const float* acc) {
+    uint4 v;
+    __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) h[i] = __floats2half2_rn(acc[2 * i], acc[2 * i + 1]);
+    return v;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) one_shot(const uint4* __restrict__ in, uint4* __restrict__ out,
+                                                     int64_t vecs, Group g) {
+  __shared__ uint32_t epoch_shared;
+  const int tid = threadIdx.x;
+  if (tid == 0) epoch_shared = *reinterpret_cast<volatile uint32_t*>(g.epoch) + 1;
+  __syncthreads();
+  const uint32_t epoch = epoch_shared;
+  const uint32_t slot = epoch & 1;
+  const int64_t per_block = (vecs + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = min(vecs, static_cast<int64_t>(blockIdx.x) * per_block);
+  const int64_t hi = min(vecs, lo + per_block);
+
+  // 1. this block's chunk into every peer's receive area, at this member's rank
+  for (int64_t i = lo + tid; i < hi; i += blockDim.x) {
+    const uint4 v = in[i];
+    for (int q = 0; q < g.size; ++q)
+      if (q != g.rank) area(g.recv[q], slot, g.rank, g.size, g.slot_bytes)[i] = v;
+  }
+  __syncthreads();
+
+  // 2. and 3. thread q raises this block's flag at peer q, then waits for peer q's flag here
+  if (tid < g.size && tid != g.rank) {
+    __threadfence_system();
+    store_release(g.flags[tid] + g.rank * kMaxBlocks + blockIdx.x, epoch);
+    const uint32_t* flag = g.flags[g.rank] + tid * kMaxBlocks + blockIdx.x;
+    const uint64_t start = now_ns();
+    // A peer may already be a call ahead (its flag at epoch + 1): wait for at least this epoch.
+    while (static_cast<int32_t>(load_acquire(flag) - epoch) < 0) {
+      if (now_ns() - start > kTimeoutNs) {
+        printf("llmjax all-reduce: rank %d waited 20 s for rank %d (call %u, block %d); the members' "
+               "programs diverged\n", g.rank, tid, epoch, blockIdx.x);
+        __trap();
+      }
+    }
+  }
+  __syncthreads();
+
+  // 4. the members' values in rank order, in float32
+  for (int64_t i = lo + tid; i < hi; i += blockDim.x) {
+    float acc[Lanes<T>::n] = {};
+    for (int q = 0; q < g.size; ++q) {
+      const uint4 v = q == g.rank ? in[i] : __ldcg(area(g.recv[g.rank], slot, q, g.size, g.slot_bytes) + i);
+      Lanes<T>::add(acc, v);
+    }
+    out[i] = Lanes<T>::pack(acc);
+  }
+
+  // 5. the last block done advances the call counter the next call reads
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(g.epoch + 1, 1u) == gridDim.x - 1) {
+      g.epoch[1] = 0;
+      g.epoch[0] = epoch;
+      __threadfence();
+    }
+  }
+}
+
+// --- groups: allocated once per set of devices, looked up by each call ---
+
+std::mutex registry_mutex;
+std::map<std::vector<int>, std::vector<Group>> registry;  // ordinals in rank order -> each member's view
+std::string last_error;
+
+int fail(const std::string& message) {
+  last_error = message;
+  return 1;
+}
+
+std::string cuda_message(const char* what, int device, cudaError_t err) {
+  return std::string(what) + " on GPU " + std::to_string(device) + ": " + cudaGetErrorString(err);
+}
+
+int64_t flags_bytes() { return static_cast<int64_t>(kMaxRanks) * kMaxBlocks * sizeof(uint32_t); }
+
+int setup(const std::vector<int>& ordinals, int64_t slot_bytes) {
+  const int size = static_cast<int>(ordinals.size());
+  auto found = registry.find(ordinals);
+  if (found != registry.end()) {
+    if (found->second[0].slot_bytes >= slot_bytes) return 0;
+    return fail("the all-reduce buffers of this group were set up for " +
+                std::to_string(found->second[0].slot_bytes) + " bytes per member, not " +
+                std::to_string(slot_bytes) + "; set LLMJAX_ALLREDUCE_BYTES before the first call");
+  }
+  if (size < 2 || size > kMaxRanks) return fail("an all-reduce group has 2 to 8 members, not " + std::to_string(size));
+  int previous = 0;
+  cudaGetDevice(&previous);
+  std::vector<char*> bases(size);
+  const int64_t header = 256 + flags_bytes();  // epoch counters, then flags, then the receive area
+  const int64_t bytes = header + 2 * size * slot_bytes;
+  for (int r = 0; r < size; ++r) {
+    const int d = ordinals[r];
+    cudaError_t err = cudaSetDevice(d);
+    if (err == cudaSuccess) err = cudaMalloc(&bases[r], bytes);
+    cudaStream_t stream = nullptr;
+    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (err == cudaSuccess) err = cudaMemsetAsync(bases[r], 0, header, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+    if (err != cudaSuccess) {
+      cudaSetDevice(previous);
+      return fail(cuda_message("allocating the all-reduce buffers", d, err));
+    }
+    for (int q = 0; q < size; ++q) {
+      if (q == r) continue;
+      int can = 0;
+      cudaDeviceCanAccessPeer(&can, d, ordinals[q]);
+      if (!can) {
+        cudaSetDevice(previous);
+        return fail("GPU " + std::to_string(d) + " cannot access GPU " + std::to_string(ordinals[q]) +
+                    "'s memory (no peer access, e.g. no NVLink or P2P): keep LLMJAX_ALLREDUCE=xla");
+      }
+      err = cudaDeviceEnablePeerAccess(ordinals[q], 0);
+      if (err == cudaErrorPeerAccessAlreadyEnabled) {
+        cudaGetLastError();  // XLA enabled it already
+      } else if (err != cudaSuccess) {
+        cudaSetDevice(previous);
+        return fail(cuda_message("enabling peer access", d, err));
+      }
+    }
+  }
+  cudaSetDevice(previous);
+  std::vector<Group> views(size);
+  for (int r = 0; r < size; ++r) {
+    Group& g = views[r];
+    g.rank = r;
+    g.size = size;
+    g.slot_bytes = slot_bytes;
+    g.epoch = reinterpret_cast<uint32_t*>(bases[r]);
+    for (int q = 0; q < kMaxRanks; ++q) {
+      g.flags[q] = q < size ? reinterpret_cast<uint32_t*>(bases[q] + 256) : nullptr;
+      g.recv[q] = q < size ? bases[q] + header : nullptr;
+    }
+  }
+  registry.emplace(ordinals, std::move(views));
+  return 0;
+}
+
+template <typename T>
+cudaError_t launch(cudaStream_t stream, const void* in, void* out, int64_t vecs, int blocks, const Group& g) {
+  one_shot<T><<<blocks, kThreads, 0, stream>>>(static_cast<const uint4*>(in), static_cast<uint4*>(out), vecs, g);
+  return cudaGetLastError();
+}
+
+ffi::Error all_reduce(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Span<const int64_t> groups, int64_t group_size, int64_t blocks) {
+  // The row of `groups` (every group of the mesh, each in rank order) that holds this device.
+  std::vector<int> ordinals;
+  for (size_t start = 0; start + group_size <= groups.size(); start += group_size) {
+    for (int64_t r = 0; r < group_size; ++r) {
+      if (groups[start + r] == device) {
+        ordinals.assign(groups.begin() + start, groups.begin() + start + group_size);
+        break;
+      }
+    }
+    if (!ordinals.empty()) break;
+  }
+  if (ordinals.empty())
+    return ffi::Error::InvalidArgument("llmjax all-reduce: GPU " + std::to_string(device) + " is in no group");
+  const Group* g = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto found = registry.find(ordinals);
+    if (found != registry.end()) {
+      for (const Group& view : found->second)
+        if (ordinals[view.rank] == device) g = &view;
+    }
+  }
+  if (g == nullptr)
+    return ffi::Error::Internal("llmjax all-reduce: the group of GPU " + std::to_string(device) +
+                                " was not set up (llmjax_allreduce_setup)");
+  const int64_t bytes = static_cast<int64_t>(x.size_bytes());
+  if (bytes % 16 != 0 || bytes > g->slot_bytes)
+    return ffi::Error::InvalidArgument("llmjax all-reduce: " + std::to_string(bytes) +
+                                       " bytes do not fit its slot of " + std::to_string(g->slot_bytes) +
+                                       " in 16-byte pieces");
+  const int64_t vecs = bytes / 16;
+  int grid = static_cast<int>(blocks);
+  if (grid <= 0) grid = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, (vecs + 4 * kThreads - 1) / (4 * kThreads))));
+  grid = std::min(grid, kMaxBlocks);
+  if (vecs == 0) return ffi::Error::Success();
+  cudaError_t err;
+  switch (x.element_type()) {
+    case ffi::DataType::BF16:
+      err = launch<__nv_bfloat16>(stream, x.untyped_data(), y->untyped_data(), vecs, grid, *g);
+      break;
+    case ffi::DataType::F16:
+      err = launch<__half>(stream, x.untyped_data(), y->untyped_data(), vecs, grid, *g);
+      break;
+    case ffi::DataType::F32:
+      err = launch<float>(stream, x.untyped_data(), y->untyped_data(), vecs, grid, *g);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("llmjax all-reduce: takes bfloat16, float16 or float32");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("llmjax all-reduce: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The handler, twice: once for XLA to launch on its own, once declared safe to capture in XLA's
+// CUDA graphs (the epoch lives on the device, so a replay is a new call).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce, all_reduce,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("groups")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("blocks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce_graph, all_reduce,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("groups")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("blocks"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+// Allocates a group's buffers on each of its `size` GPUs (CUDA ordinals, in rank order) and lets
+// each reach the others'. Returns 0, or 1 with the reason in llmjax_allreduce_error().
+extern "C" int llmjax_allreduce_setup(const int* ordinals, int size, int64_t slot_bytes) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  return setup(std::vector<int>(ordinals, ordinals + size), slot_bytes);
+}
+
+extern "C" const char* llmjax_allreduce_error() { return last_error.c_str(); }

@@ -1,0 +1,197 @@
+"""The tensor-parallel all-reduce: XLA's `psum`, or llmjax's one-shot kernel over NVLink peer memory.
+
+A row-parallel product (o, down) leaves each device of a `tensor` group a partial sum that the group
+adds together: two all-reduces per layer per step. At batch-1 decode they are a few KiB each, and
+through XLA's `psum` (NCCL) each costs ~20 us on two H200s, mostly not moving bytes: a quarter of a
+Llama-2-13B step at tensor=2. `allreduce.cu` beside this file is an XLA FFI custom call that does it
+on the compute stream in one kernel: each device pushes its values into its peers' memory over
+NVLink, raises a flag there, waits for theirs, and adds the members' values in rank order (so every
+member holds the same bits).
+
+`LLMJAX_ALLREDUCE` chooses, when a program is traced:
+- `xla` (the default): XLA's partitioner places the products and `psum`s them, as always.
+- `nvlink`: every row-parallel product runs per device (`shard_map`) and its sum goes through the
+  kernel, on CUDA GPUs driven by one process, for sums of at most `LLMJAX_ALLREDUCE_BYTES` (default
+  2 MiB) per device: decode. Larger sums (prefill), other platforms and multi-process meshes keep
+  `psum`. XLA may capture the kernel in its CUDA graphs.
+- `nvlink-eager`: the same kernel, never captured in a CUDA graph (to measure what capture gives).
+
+The kernel is compiled with `nvcc` (`LLMJAX_NVCC`, else the one on `PATH`, else
+`/usr/local/cuda/bin/nvcc`) the first time it is needed, against JAX's FFI headers, and cached in
+`LLMJAX_CACHE_DIR` (default `~/.cache/llmjax`), keyed by the source, the flags, the compiler and JAX.
+`LLMJAX_ALLREDUCE_BLOCKS` fixes its grid (default: one block per 32 KiB, at most 32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+MODES = ("xla", "nvlink", "nvlink-eager")
+VARIABLE = "LLMJAX_ALLREDUCE"
+SLOT_BYTES = 2 << 20
+MAX_GROUP = 8  # kMaxRanks in allreduce.cu
+SOURCE = Path(__file__).with_name("allreduce.cu")
+ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+         "-gencode=arch=compute_90,code=compute_90")
+
+
+def mode() -> str:
+    """The all-reduce `LLMJAX_ALLREDUCE` selects: `xla` (the default), `nvlink` or `nvlink-eager`."""
+    value = os.environ.get(VARIABLE, "xla")
+    if value not in MODES:
+        raise ValueError(f"{VARIABLE} must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def _int_setting(variable: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(variable)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{variable} must be an integer >= {minimum}, got {raw!r}")
+    return value
+
+
+def slot_bytes() -> int:
+    """The most bytes per device one call of the kernel sums (`LLMJAX_ALLREDUCE_BYTES`): the size of
+    each member's receive slot. Set it before the first call: the buffers are allocated once."""
+    value = _int_setting("LLMJAX_ALLREDUCE_BYTES", SLOT_BYTES, 16)
+    if value % 16:
+        raise ValueError(f"LLMJAX_ALLREDUCE_BYTES must be a multiple of 16, got {value}")
+    return value
+
+
+def groups(mesh, axis: str) -> np.ndarray:
+    """The devices that sum together over `axis` of `mesh`, `[groups, mesh.shape[axis]]`, each row in
+    rank order (the device's index along `axis`), as CUDA ordinals (`local_hardware_id`)."""
+    ids = np.vectorize(lambda d: d.local_hardware_id if d.local_hardware_id is not None else d.id,
+                       otypes=[np.int64])(mesh.devices)
+    along = np.moveaxis(ids, list(mesh.axis_names).index(axis), -1)
+    return along.reshape(-1, mesh.shape[axis])
+
+
+def _why_not(mesh, axis: str, nbytes: int) -> str | None:
+    """Why the kernel cannot sum `nbytes` per device over `axis` of `mesh` (None: it can)."""
+    devices = list(mesh.devices.flat)
+    if any(d.platform != "gpu" or "cuda" not in d.client.platform_version.lower() for d in devices):
+        return "platform"  # not a CUDA GPU: psum, as any kernel's reference elsewhere
+    if any(d.process_index != jax.process_index() for d in devices):
+        return "the mesh spans several processes; the kernel sums the GPUs of one process"
+    if not 2 <= mesh.shape[axis] <= MAX_GROUP:
+        return f"{axis} has {mesh.shape[axis]} devices; the kernel sums 2 to {MAX_GROUP}"
+    if nbytes % 16 or nbytes > slot_bytes():
+        return "size"  # prefill-sized or odd sums: psum
+    return None
+
+
+def psum(y: jax.Array, axis: str, mesh) -> jax.Array:
+    """The sum of `y` over `axis`, inside a `shard_map` over `mesh` that makes `axis` manual: XLA's
+    `psum`, or the NVLink kernel where `LLMJAX_ALLREDUCE` asks for it and it can run (see above)."""
+    chosen = mode()
+    if chosen == "xla":
+        return jax.lax.psum(y, axis)
+    reason = _why_not(mesh, axis, y.size * y.dtype.itemsize)
+    if reason is not None:
+        if reason not in ("platform", "size"):
+            _warn_once(f"{VARIABLE}={chosen}: using XLA's psum, because {reason}")
+        return jax.lax.psum(y, axis)
+    table = groups(mesh, axis)
+    for row in table:
+        setup(row.tolist())
+    target = _register()[chosen]
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(y.shape, y.dtype))(
+        y, groups=table.reshape(-1), group_size=np.int64(table.shape[1]),
+        blocks=np.int64(_int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0)))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def setup(ordinals: list[int]) -> None:
+    """Allocate the kernel's buffers for one group (CUDA ordinals in rank order) and let its GPUs
+    reach each other's memory; once per group, on the first trace that needs it."""
+    lib = library()
+    array = (ctypes.c_int * len(ordinals))(*ordinals)
+    if lib.llmjax_allreduce_setup(array, len(ordinals), slot_bytes()):
+        raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce cannot run on GPUs {ordinals}: "
+                           f"{lib.llmjax_allreduce_error().decode()}. Unset {VARIABLE} to use XLA's psum.")
+
+
+@functools.cache
+def _register() -> dict[str, str]:
+    """Register both handlers with XLA once; the FFI target each mode calls."""
+    lib = library()
+    names = {"nvlink": "llmjax_allreduce_graph", "nvlink-eager": "llmjax_allreduce"}
+    for name in names.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="CUDA")
+    return names
+
+
+def nvcc() -> str:
+    """The CUDA compiler that builds the kernel: `LLMJAX_NVCC`, `nvcc` on `PATH`, or CUDA's default."""
+    found = os.environ.get("LLMJAX_NVCC") or shutil.which("nvcc")
+    if found is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        found = "/usr/local/cuda/bin/nvcc"
+    if found is None:
+        raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce is compiled with nvcc, which was not found; "
+                           f"install CUDA's compiler, point LLMJAX_NVCC at it, or unset {VARIABLE}")
+    return found
+
+
+def build(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Compile `allreduce.cu` into a shared library (once: the result is cached) and return its path."""
+    compiler = nvcc()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
+             *ARCHS, f"-I{jax.ffi.include_dir()}"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                     jax.__version__.encode()])).hexdigest()[:16]
+    cache = Path(cache_dir or os.environ.get("LLMJAX_CACHE_DIR") or Path.home() / ".cache" / "llmjax")
+    target = cache / f"allreduce-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{VARIABLE}: nvcc could not build {SOURCE.name}:\n{done.stderr[-4000:]}")
+        os.replace(partial, target)  # atomic: a process that finds the file finds it whole
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built if needed and loaded once per process."""
+    return load(build())
+
+
+def load(path: str | os.PathLike) -> ctypes.CDLL:
+    """The kernel library at `path`, its setup functions typed."""
+    lib = ctypes.CDLL(str(path))
+    lib.llmjax_allreduce_setup.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int64]
+    lib.llmjax_allreduce_setup.restype = ctypes.c_int
+    lib.llmjax_allreduce_error.restype = ctypes.c_char_p
+    return lib

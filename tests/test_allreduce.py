@@ -1,0 +1,138 @@
+"""The NVLink all-reduce (`llmjax.kernels.allreduce`) on 8 fake CPU devices: with
+`LLMJAX_ALLREDUCE=nvlink` every row-parallel product runs per device and sums through
+`allreduce.psum` (XLA's psum on a CPU), and every mesh still gives the single-device logits and
+tokens; the groups each device sums with; the settings' errors; and, where nvcc is installed, the
+CUDA kernel builds into a library that exports XLA's handlers and reports a missing GPU clearly.
+The kernel itself runs only on CUDA GPUs: `benchmarks/allreduce.py` checks and times it there."""
+
+import importlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import llmjax
+from llmjax.kernels import allreduce
+from llmjax.sharding import make_mesh
+
+from conftest import hf_config, save_hf_model
+
+gen = importlib.import_module("llmjax.generate")
+
+PROMPTS = [[1, 17, 300, 5, 9], [1, 800], [1, 4, 4, 4, 900, 12, 33]]  # padded to 4 rows: >= the stages
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A grouped-query model with biases, its single-device logits and greedy tokens."""
+    folder = tmp_path_factory.mktemp("allreduce")
+    save_hf_model(folder, hf_config(vocab_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                                    attention_bias=True, max_position_embeddings=64), seed=11)
+    params = llmjax.load(folder)
+    ids = jnp.asarray(gen._pad(PROMPTS, 8))
+    return folder, np.asarray(llmjax.logits(params, ids)), llmjax.generate(params, PROMPTS, max_new_tokens=10)
+
+
+@pytest.fixture
+def nvlink(monkeypatch):
+    """`LLMJAX_ALLREDUCE=nvlink`, the shapes `allreduce.psum` was traced with, and fresh jit caches
+    (the variable is read when a program is traced, so a cached program would not see it)."""
+    monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")
+    traced = []
+    real = allreduce.psum
+
+    def spy(y, axis, mesh):
+        traced.append((y.shape, axis))
+        return real(y, axis, mesh)
+
+    monkeypatch.setattr(allreduce, "psum", spy)
+    jax.clear_caches()
+    yield traced
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("data,stage,tensor", [(1, 1, 2), (2, 1, 4), (1, 2, 2)])
+def test_nvlink_mode_gives_the_single_device_result(model, nvlink, data, stage, tensor):
+    folder, logits, tokens = model
+    p = llmjax.load(folder, mesh=make_mesh(tensor=tensor, stage=stage, data=data,
+                                           devices=jax.devices()[:data * stage * tensor]))
+    got = np.asarray(llmjax.logits(p, jnp.asarray(gen._pad(PROMPTS, 8))))
+    # o and down of each of the 2 layers summed through allreduce.psum, over tensor, per device
+    assert len(nvlink) >= 4 and {axis for _, axis in nvlink} == {"tensor"}, nvlink
+    np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
+
+
+def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch):
+    traced = []
+    monkeypatch.setattr(allreduce, "psum", lambda *a: traced.append(a))
+    jax.clear_caches()
+    p = llmjax.load(model[0], mesh=make_mesh(tensor=2, devices=jax.devices()[:2]))
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=3) == [t[:3] for t in model[2]]
+    assert traced == []
+
+
+def test_groups_are_the_devices_along_the_axis_in_rank_order():
+    mesh = make_mesh(tensor=4, data=2, devices=jax.devices()[:8])
+    table = allreduce.groups(mesh, "tensor")
+    assert table.shape == (2, 4)
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    data, tensor = mesh.axis_names.index("data"), mesh.axis_names.index("tensor")
+    for row in range(2):
+        index = [0] * ids.ndim
+        index[data] = row
+        for rank in range(4):
+            index[tensor] = rank
+            assert table[row, rank] == ids[tuple(index)]
+    assert sorted(table.ravel().tolist()) == sorted(ids.ravel().tolist())
+
+
+def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
+    monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")
+    mesh = make_mesh(tensor=4, devices=jax.devices()[:4])
+    assert allreduce._why_not(mesh, "tensor", 1024) == "platform"
+    x = np.random.default_rng(0).standard_normal((4, 8, 16)).astype(np.float32)
+    f = jax.shard_map(lambda x: allreduce.psum(x[0], "tensor", mesh), mesh=mesh, in_specs=P("tensor"),
+                      out_specs=P(), check_vma=False)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), x.sum(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("variable,value,needle", [
+    ("LLMJAX_ALLREDUCE", "nccl", "must be one of xla, nvlink, nvlink-eager"),
+    ("LLMJAX_ALLREDUCE_BYTES", "lots", "integer >= 16"),
+    ("LLMJAX_ALLREDUCE_BYTES", "1000", "multiple of 16"),
+    ("LLMJAX_ALLREDUCE_BLOCKS", "-1", "integer >= 0"),
+])
+def test_bad_settings_are_refused(monkeypatch, variable, value, needle):
+    monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=needle):
+        allreduce.mode()
+        allreduce.slot_bytes()
+        allreduce._int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0)
+
+
+def test_a_missing_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("LLMJAX_NVCC", "")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(allreduce.os.path, "exists", lambda path: False)
+    with pytest.raises(RuntimeError, match="compiled with nvcc, which was not found.*LLMJAX_NVCC"):
+        allreduce.nvcc()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA's compiler is not installed here")
+def test_the_kernel_builds_and_exports_the_handlers(tmp_path, monkeypatch):
+    path = allreduce.build(tmp_path)
+    assert allreduce.build(tmp_path) == path  # cached: the same file, not built again
+    lib = allreduce.load(path)
+    capsules = [jax.ffi.pycapsule(getattr(lib, name)) for name in ("llmjax_allreduce", "llmjax_allreduce_graph")]
+    assert all(type(c).__name__ == "PyCapsule" for c in capsules)
+    if jax.devices()[0].platform == "cpu":  # no GPU here: setting a group up says why it cannot
+        monkeypatch.setattr(allreduce, "library", lambda: lib)
+        with pytest.raises(RuntimeError, match=r"cannot run on GPUs \[0, 1\]: allocating .* GPU 0: .*Unset"):
+            allreduce.setup([0, 1])
+
