@@ -104,7 +104,8 @@ def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
     ("LLMJAX_ALLREDUCE", "nccl", "must be one of xla, nvlink, nvlink-eager"),
     ("LLMJAX_ALLREDUCE_BYTES", "lots", "integer >= 16"),
     ("LLMJAX_ALLREDUCE_BYTES", "1000", "multiple of 16"),
-    ("LLMJAX_ALLREDUCE_BLOCKS", "-1", "integer >= 0"),
+    ("LLMJAX_ALLREDUCE_BLOCKS", "65", "integer from 0 to 64"),
+    ("LLMJAX_ALLREDUCE_TIMEOUT_S", "0", "integer >= 1"),
 ])
 def test_bad_settings_are_refused(monkeypatch, variable, value, needle):
     monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")
@@ -112,7 +113,8 @@ def test_bad_settings_are_refused(monkeypatch, variable, value, needle):
     with pytest.raises(ValueError, match=needle):
         allreduce.mode()
         allreduce.slot_bytes()
-        allreduce._int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0)
+        allreduce._int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0, allreduce.MAX_BLOCKS)
+        allreduce._int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", 120, 1)
 
 
 def test_a_missing_compiler_is_named(monkeypatch):

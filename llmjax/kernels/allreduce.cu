@@ -15,6 +15,9 @@
 // is read. The call counter (the "epoch") lives in device memory, advanced by the last block of each
 // call, so the handler may be captured in a CUDA graph and replayed: no host state changes per call.
 //
+// The argument needs each device to run its calls one at a time, in program order: XLA does so
+// (one compute stream per device; Llama's all-reduces depend on each other through the residual).
+//
 // Buffers belong to a group (the devices of one all-reduce, in rank order) and are allocated once by
 // `llmjax_allreduce_setup`, called from Python when the program is traced; the handler looks its
 // group up by the device it runs on. One process drives every device of a group (single-host
@@ -40,7 +43,6 @@ namespace {
 constexpr int kMaxRanks = 8;
 constexpr int kMaxBlocks = 64;
 constexpr int kThreads = 512;
-constexpr uint64_t kTimeoutNs = 20ull * 1000 * 1000 * 1000;  // a peer that never arrives: trap
 
 // One member's view of its group: its rank and every member's buffers (peers' through peer mapping).
 struct Group {
@@ -48,17 +50,19 @@ struct Group {
   int size;
   int64_t slot_bytes;
   char* recv[kMaxRanks];       // member q's receive area: [2 slots][size ranks][slot_bytes]
-  uint32_t* flags[kMaxRanks];  // member q's arrival flags: [kMaxRanks senders][kMaxBlocks]
-  uint32_t* epoch;             // this member's [calls done, blocks done in the current call]
+  uint64_t* flags[kMaxRanks];  // member q's arrival flags: [kMaxRanks senders][kMaxBlocks]
+  uint64_t* epoch;             // this member's calls done (64 bits: a flag never wraps around)
+  uint32_t* done;              // this member's blocks done in the current call
+  uint64_t timeout_ns;         // a peer that has not arrived by then: trap, saying so
 };
 
-__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+__device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ uint64_t load_acquire(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
@@ -68,7 +72,7 @@ __device__ __forceinline__ uint64_t now_ns() {
   return t;
 }
 
-__device__ __forceinline__ uint4* area(char* recv, uint32_t slot, int sender, int size, int64_t slot_bytes) {
+__device__ __forceinline__ uint4* area(char* recv, uint64_t slot, int sender, int size, int64_t slot_bytes) {
   return reinterpret_cast<uint4*>(recv + (static_cast<int64_t>(slot) * size + sender) * slot_bytes);
 }
 
@@ -138,12 +142,12 @@ struct Lanes<__half> {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) one_shot(const uint4* __restrict__ in, uint4* __restrict__ out,
                                                      int64_t vecs, Group g) {
-  __shared__ uint32_t epoch_shared;
+  __shared__ uint64_t epoch_shared;
   const int tid = threadIdx.x;
-  if (tid == 0) epoch_shared = *reinterpret_cast<volatile uint32_t*>(g.epoch) + 1;
+  if (tid == 0) epoch_shared = *reinterpret_cast<volatile uint64_t*>(g.epoch) + 1;
   __syncthreads();
-  const uint32_t epoch = epoch_shared;
-  const uint32_t slot = epoch & 1;
+  const uint64_t epoch = epoch_shared;
+  const uint64_t slot = epoch & 1;
   const int64_t per_block = (vecs + gridDim.x - 1) / gridDim.x;
   const int64_t lo = min(vecs, static_cast<int64_t>(blockIdx.x) * per_block);
   const int64_t hi = min(vecs, lo + per_block);
@@ -157,16 +161,18 @@ __global__ void __launch_bounds__(kThreads) one_shot(const uint4* __restrict__ i
   __syncthreads();
 
   // 2. and 3. thread q raises this block's flag at peer q, then waits for peer q's flag here
+  // (The barrier orders the block's stores before the release, which is cumulative.)
   if (tid < g.size && tid != g.rank) {
-    __threadfence_system();
     store_release(g.flags[tid] + g.rank * kMaxBlocks + blockIdx.x, epoch);
-    const uint32_t* flag = g.flags[g.rank] + tid * kMaxBlocks + blockIdx.x;
+    const uint64_t* flag = g.flags[g.rank] + tid * kMaxBlocks + blockIdx.x;
     const uint64_t start = now_ns();
     // A peer may already be a call ahead (its flag at epoch + 1): wait for at least this epoch.
-    while (static_cast<int32_t>(load_acquire(flag) - epoch) < 0) {
-      if (now_ns() - start > kTimeoutNs) {
-        printf("llmjax all-reduce: rank %d waited 20 s for rank %d (call %u, block %d); the members' "
-               "programs diverged\n", g.rank, tid, epoch, blockIdx.x);
+    while (load_acquire(flag) < epoch) {
+      if (now_ns() - start > g.timeout_ns) {
+        printf("llmjax all-reduce: rank %d waited %llu s for rank %d (call %llu, block %d): the GPUs' "
+               "programs diverged or one is stalled (LLMJAX_ALLREDUCE_TIMEOUT_S)\n", g.rank,
+               static_cast<unsigned long long>(g.timeout_ns / 1000000000ull), tid,
+               static_cast<unsigned long long>(epoch), blockIdx.x);
         __trap();
       }
     }
@@ -187,9 +193,9 @@ __global__ void __launch_bounds__(kThreads) one_shot(const uint4* __restrict__ i
   __syncthreads();
   if (tid == 0) {
     __threadfence();
-    if (atomicAdd(g.epoch + 1, 1u) == gridDim.x - 1) {
-      g.epoch[1] = 0;
-      g.epoch[0] = epoch;
+    if (atomicAdd(g.done, 1u) == gridDim.x - 1) {
+      *g.done = 0;
+      *g.epoch = epoch;
       __threadfence();
     }
   }
@@ -197,12 +203,14 @@ __global__ void __launch_bounds__(kThreads) one_shot(const uint4* __restrict__ i
 
 // --- groups: allocated once per set of devices, looked up by each call ---
 
-std::mutex registry_mutex;
+std::mutex setup_mutex;     // one setup at a time; held across its CUDA calls
+std::mutex registry_mutex;  // the map only, held for a lookup or an insertion, never across CUDA calls
 std::map<std::vector<int>, std::vector<Group>> registry;  // ordinals in rank order -> each member's view
-std::string last_error;
+thread_local std::string last_error;  // read by the thread whose setup failed
 
 int fail(const std::string& message) {
   last_error = message;
+  cudaGetLastError();  // leave no error behind for a later launch check on this thread
   return 1;
 }
 
@@ -210,51 +218,63 @@ std::string cuda_message(const char* what, int device, cudaError_t err) {
   return std::string(what) + " on GPU " + std::to_string(device) + ": " + cudaGetErrorString(err);
 }
 
-int64_t flags_bytes() { return static_cast<int64_t>(kMaxRanks) * kMaxBlocks * sizeof(uint32_t); }
+constexpr int64_t kHeaderBytes = 256 + kMaxRanks * kMaxBlocks * sizeof(uint64_t);  // counters, flags
 
-int setup(const std::vector<int>& ordinals, int64_t slot_bytes) {
-  const int size = static_cast<int>(ordinals.size());
+const Group* find(const std::vector<int>& ordinals, int device) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
   auto found = registry.find(ordinals);
-  if (found != registry.end()) {
-    if (found->second[0].slot_bytes >= slot_bytes) return 0;
-    return fail("the all-reduce buffers of this group were set up for " +
-                std::to_string(found->second[0].slot_bytes) + " bytes per member, not " +
-                std::to_string(slot_bytes) + "; set LLMJAX_ALLREDUCE_BYTES before the first call");
+  if (found == registry.end()) return nullptr;
+  for (const Group& view : found->second)  // map nodes and their vectors never move once inserted
+    if (ordinals[view.rank] == device) return &view;
+  return nullptr;
+}
+
+int setup(const std::vector<int>& ordinals, int64_t slot_bytes, uint64_t timeout_ns) {
+  const int size = static_cast<int>(ordinals.size());
+  const Group* existing = find(ordinals, ordinals.empty() ? -1 : ordinals[0]);
+  if (existing != nullptr) {
+    if (existing->slot_bytes >= slot_bytes) return 0;
+    return fail("the all-reduce buffers of this group were set up for " + std::to_string(existing->slot_bytes) +
+                " bytes per member, not " + std::to_string(slot_bytes) +
+                "; set LLMJAX_ALLREDUCE_BYTES before the first call");
   }
   if (size < 2 || size > kMaxRanks) return fail("an all-reduce group has 2 to 8 members, not " + std::to_string(size));
   int previous = 0;
   cudaGetDevice(&previous);
-  std::vector<char*> bases(size);
-  const int64_t header = 256 + flags_bytes();  // epoch counters, then flags, then the receive area
-  const int64_t bytes = header + 2 * size * slot_bytes;
+  std::vector<char*> bases(size, nullptr);
+  auto undo = [&](const std::string& message) {
+    for (int r = 0; r < size; ++r) {
+      if (bases[r] != nullptr) {
+        cudaSetDevice(ordinals[r]);
+        cudaFree(bases[r]);
+      }
+    }
+    cudaSetDevice(previous);
+    return fail(message);
+  };
+  const int64_t bytes = kHeaderBytes + 2 * size * slot_bytes;
   for (int r = 0; r < size; ++r) {
     const int d = ordinals[r];
     cudaError_t err = cudaSetDevice(d);
     if (err == cudaSuccess) err = cudaMalloc(&bases[r], bytes);
     cudaStream_t stream = nullptr;
     if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-    if (err == cudaSuccess) err = cudaMemsetAsync(bases[r], 0, header, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(bases[r], 0, kHeaderBytes, stream);
     if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
     if (stream != nullptr) cudaStreamDestroy(stream);
-    if (err != cudaSuccess) {
-      cudaSetDevice(previous);
-      return fail(cuda_message("allocating the all-reduce buffers", d, err));
-    }
+    if (err != cudaSuccess) return undo(cuda_message("allocating the all-reduce buffers", d, err));
     for (int q = 0; q < size; ++q) {
       if (q == r) continue;
       int can = 0;
       cudaDeviceCanAccessPeer(&can, d, ordinals[q]);
-      if (!can) {
-        cudaSetDevice(previous);
-        return fail("GPU " + std::to_string(d) + " cannot access GPU " + std::to_string(ordinals[q]) +
-                    "'s memory (no peer access, e.g. no NVLink or P2P): keep LLMJAX_ALLREDUCE=xla");
-      }
+      if (!can)
+        return undo("GPU " + std::to_string(d) + " cannot access GPU " + std::to_string(ordinals[q]) +
+                    "'s memory (no peer access, e.g. no NVLink or P2P)");
       err = cudaDeviceEnablePeerAccess(ordinals[q], 0);
       if (err == cudaErrorPeerAccessAlreadyEnabled) {
         cudaGetLastError();  // XLA enabled it already
       } else if (err != cudaSuccess) {
-        cudaSetDevice(previous);
-        return fail(cuda_message("enabling peer access", d, err));
+        return undo(cuda_message("enabling peer access", d, err));
       }
     }
   }
@@ -265,46 +285,47 @@ int setup(const std::vector<int>& ordinals, int64_t slot_bytes) {
     g.rank = r;
     g.size = size;
     g.slot_bytes = slot_bytes;
-    g.epoch = reinterpret_cast<uint32_t*>(bases[r]);
+    g.timeout_ns = timeout_ns;
+    g.epoch = reinterpret_cast<uint64_t*>(bases[r]);
+    g.done = reinterpret_cast<uint32_t*>(bases[r] + sizeof(uint64_t));
     for (int q = 0; q < kMaxRanks; ++q) {
-      g.flags[q] = q < size ? reinterpret_cast<uint32_t*>(bases[q] + 256) : nullptr;
-      g.recv[q] = q < size ? bases[q] + header : nullptr;
+      g.flags[q] = q < size ? reinterpret_cast<uint64_t*>(bases[q] + 256) : nullptr;
+      g.recv[q] = q < size ? bases[q] + kHeaderBytes : nullptr;
     }
   }
+  std::lock_guard<std::mutex> lock(registry_mutex);
   registry.emplace(ordinals, std::move(views));
   return 0;
 }
 
 template <typename T>
 cudaError_t launch(cudaStream_t stream, const void* in, void* out, int64_t vecs, int blocks, const Group& g) {
+  cudaGetLastError();  // an earlier call's error on this thread is not this launch's
   one_shot<T><<<blocks, kThreads, 0, stream>>>(static_cast<const uint4*>(in), static_cast<uint4*>(out), vecs, g);
   return cudaGetLastError();
 }
 
 ffi::Error all_reduce(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                       ffi::Span<const int64_t> groups, int64_t group_size, int64_t blocks) {
+  if (group_size < 2 || group_size > kMaxRanks || groups.size() % group_size != 0)
+    return ffi::Error::InvalidArgument("llmjax all-reduce: groups of " + std::to_string(group_size) +
+                                       " in a table of " + std::to_string(groups.size()));
+  if (blocks < 0 || blocks > kMaxBlocks)
+    return ffi::Error::InvalidArgument("llmjax all-reduce: blocks must be 0 (automatic) to " +
+                                       std::to_string(kMaxBlocks) + ", not " + std::to_string(blocks));
   // The row of `groups` (every group of the mesh, each in rank order) that holds this device.
   std::vector<int> ordinals;
-  for (size_t start = 0; start + group_size <= groups.size(); start += group_size) {
+  for (size_t start = 0; start < groups.size() && ordinals.empty(); start += group_size) {
     for (int64_t r = 0; r < group_size; ++r) {
       if (groups[start + r] == device) {
         ordinals.assign(groups.begin() + start, groups.begin() + start + group_size);
         break;
       }
     }
-    if (!ordinals.empty()) break;
   }
   if (ordinals.empty())
     return ffi::Error::InvalidArgument("llmjax all-reduce: GPU " + std::to_string(device) + " is in no group");
-  const Group* g = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex);
-    auto found = registry.find(ordinals);
-    if (found != registry.end()) {
-      for (const Group& view : found->second)
-        if (ordinals[view.rank] == device) g = &view;
-    }
-  }
+  const Group* g = find(ordinals, device);
   if (g == nullptr)
     return ffi::Error::Internal("llmjax all-reduce: the group of GPU " + std::to_string(device) +
                                 " was not set up (llmjax_allreduce_setup)");
@@ -313,11 +334,12 @@ ffi::Error all_reduce(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi
     return ffi::Error::InvalidArgument("llmjax all-reduce: " + std::to_string(bytes) +
                                        " bytes do not fit its slot of " + std::to_string(g->slot_bytes) +
                                        " in 16-byte pieces");
+  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 || reinterpret_cast<uintptr_t>(y->untyped_data()) % 16)
+    return ffi::Error::InvalidArgument("llmjax all-reduce: its buffers must be 16-byte aligned");
   const int64_t vecs = bytes / 16;
-  int grid = static_cast<int>(blocks);
-  if (grid <= 0) grid = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, (vecs + 4 * kThreads - 1) / (4 * kThreads))));
-  grid = std::min(grid, kMaxBlocks);
   if (vecs == 0) return ffi::Error::Success();
+  int grid = static_cast<int>(blocks);
+  if (grid == 0) grid = static_cast<int>(std::min<int64_t>(32, (vecs + 4 * kThreads - 1) / (4 * kThreads)));
   cudaError_t err;
   switch (x.element_type()) {
     case ffi::DataType::BF16:
@@ -363,9 +385,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce_graph, all_reduce,
 
 // Allocates a group's buffers on each of its `size` GPUs (CUDA ordinals, in rank order) and lets
 // each reach the others'. Returns 0, or 1 with the reason in llmjax_allreduce_error().
-extern "C" int llmjax_allreduce_setup(const int* ordinals, int size, int64_t slot_bytes) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  return setup(std::vector<int>(ordinals, ordinals + size), slot_bytes);
+// A call whose peer has not arrived after `timeout_s` seconds stops its GPU with a message (a trap).
+extern "C" int llmjax_allreduce_setup(const int* ordinals, int size, int64_t slot_bytes, double timeout_s) {
+  std::lock_guard<std::mutex> lock(setup_mutex);
+  return setup(std::vector<int>(ordinals, ordinals + size), slot_bytes,
+               static_cast<uint64_t>(timeout_s * 1e9));
 }
 
+// Why the last setup on this thread failed.
 extern "C" const char* llmjax_allreduce_error() { return last_error.c_str(); }

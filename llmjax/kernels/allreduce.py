@@ -20,6 +20,9 @@ The kernel is compiled with `nvcc` (`LLMJAX_NVCC`, else the one on `PATH`, else
 `/usr/local/cuda/bin/nvcc`) the first time it is needed, against JAX's FFI headers, and cached in
 `LLMJAX_CACHE_DIR` (default `~/.cache/llmjax`), keyed by the source, the flags, the compiler and JAX.
 `LLMJAX_ALLREDUCE_BLOCKS` fixes its grid (default: one block per 32 KiB, at most 32).
+`LLMJAX_ALLREDUCE_TIMEOUT_S` (default 120) is how long a GPU waits for a peer before it stops with a
+message: the GPUs' programs diverged, or one was held up. It, like the slot size, is fixed when a
+group's buffers are set up, on the first trace.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ MODES = ("xla", "nvlink", "nvlink-eager")
 VARIABLE = "LLMJAX_ALLREDUCE"
 SLOT_BYTES = 2 << 20
 MAX_GROUP = 8  # kMaxRanks in allreduce.cu
+MAX_BLOCKS = 64  # kMaxBlocks
+DTYPES = ("bfloat16", "float16", "float32")
+TIMEOUT_S = 120
 SOURCE = Path(__file__).with_name("allreduce.cu")
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
          "-gencode=arch=compute_90,code=compute_90")
@@ -54,7 +60,7 @@ def mode() -> str:
     return value
 
 
-def _int_setting(variable: str, default: int, minimum: int) -> int:
+def _int_setting(variable: str, default: int, minimum: int, maximum: int | None = None) -> int:
     raw = os.environ.get(variable)
     if raw is None:
         return default
@@ -62,8 +68,9 @@ def _int_setting(variable: str, default: int, minimum: int) -> int:
         value = int(raw)
     except ValueError:
         value = minimum - 1
-    if value < minimum:
-        raise ValueError(f"{variable} must be an integer >= {minimum}, got {raw!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ValueError(f"{variable} must be an integer {bounds}, got {raw!r}")
     return value
 
 
@@ -85,8 +92,8 @@ def groups(mesh, axis: str) -> np.ndarray:
     return along.reshape(-1, mesh.shape[axis])
 
 
-def _why_not(mesh, axis: str, nbytes: int) -> str | None:
-    """Why the kernel cannot sum `nbytes` per device over `axis` of `mesh` (None: it can)."""
+def _why_not(mesh, axis: str, nbytes: int, dtype=np.dtype(np.float32)) -> str | None:
+    """Why the kernel cannot sum `nbytes` of `dtype` per device over `axis` of `mesh` (None: it can)."""
     devices = list(mesh.devices.flat)
     if any(d.platform != "gpu" or "cuda" not in d.client.platform_version.lower() for d in devices):
         return "platform"  # not a CUDA GPU: psum, as any kernel's reference elsewhere
@@ -94,7 +101,7 @@ def _why_not(mesh, axis: str, nbytes: int) -> str | None:
         return "the mesh spans several processes; the kernel sums the GPUs of one process"
     if not 2 <= mesh.shape[axis] <= MAX_GROUP:
         return f"{axis} has {mesh.shape[axis]} devices; the kernel sums 2 to {MAX_GROUP}"
-    if nbytes % 16 or nbytes > slot_bytes():
+    if nbytes % 16 or nbytes > slot_bytes() or dtype.name not in DTYPES:
         return "size"  # prefill-sized or odd sums: psum
     return None
 
@@ -105,7 +112,7 @@ def psum(y: jax.Array, axis: str, mesh) -> jax.Array:
     chosen = mode()
     if chosen == "xla":
         return jax.lax.psum(y, axis)
-    reason = _why_not(mesh, axis, y.size * y.dtype.itemsize)
+    reason = _why_not(mesh, axis, y.size * y.dtype.itemsize, np.dtype(y.dtype))
     if reason is not None:
         if reason not in ("platform", "size"):
             _warn_once(f"{VARIABLE}={chosen}: using XLA's psum, because {reason}")
@@ -116,7 +123,7 @@ def psum(y: jax.Array, axis: str, mesh) -> jax.Array:
     target = _register()[chosen]
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(y.shape, y.dtype))(
         y, groups=table.reshape(-1), group_size=np.int64(table.shape[1]),
-        blocks=np.int64(_int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0)))
+        blocks=np.int64(_int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0, MAX_BLOCKS)))
 
 
 @functools.cache
@@ -129,7 +136,8 @@ def setup(ordinals: list[int]) -> None:
     reach each other's memory; once per group, on the first trace that needs it."""
     lib = library()
     array = (ctypes.c_int * len(ordinals))(*ordinals)
-    if lib.llmjax_allreduce_setup(array, len(ordinals), slot_bytes()):
+    timeout = _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1)
+    if lib.llmjax_allreduce_setup(array, len(ordinals), slot_bytes(), float(timeout)):
         raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce cannot run on GPUs {ordinals}: "
                            f"{lib.llmjax_allreduce_error().decode()}. Unset {VARIABLE} to use XLA's psum.")
 
@@ -160,7 +168,7 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
     compiler = nvcc()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
-             *ARCHS, f"-I{jax.ffi.include_dir()}"]
+             "-diag-suppress=940,2473", *ARCHS, f"-I{jax.ffi.include_dir()}"]  # quiet on JAX's headers
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      jax.__version__.encode()])).hexdigest()[:16]
@@ -191,7 +199,8 @@ def library() -> ctypes.CDLL:
 def load(path: str | os.PathLike) -> ctypes.CDLL:
     """The kernel library at `path`, its setup functions typed."""
     lib = ctypes.CDLL(str(path))
-    lib.llmjax_allreduce_setup.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int64]
+    lib.llmjax_allreduce_setup.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int64,
+                                            ctypes.c_double]
     lib.llmjax_allreduce_setup.restype = ctypes.c_int
     lib.llmjax_allreduce_error.restype = ctypes.c_char_p
     return lib
