@@ -20,7 +20,7 @@ timed against the Triton kernel and cuDNN in the same run.
 4. mesh (`--only mesh`, 2 GPUs): the same at tensor=2 and at stage=2, where each GPU runs the kernel
    on its own heads or layers.
 
-Variants are `block_kv:stages[:programs]` (programs 0: one per work item; left out: one per SM, each
+Variants are `block_kv:stages[:programs][:cN]` (programs 0: one per work item; left out: one per SM, each
 taking items in turn), the first being the kernel's defaults.
 Writes DIR/prefill_mgpu.json and DIR/prefill_mgpu.txt.
 """
@@ -43,8 +43,12 @@ INTERLEAVED = 9  # timed turns per implementation
 
 
 def parse(variant: str) -> dict:
-    block_kv, stages, *programs = variant.split(":")
-    return dict(block_kv=int(block_kv), stages=int(stages), **({"programs": int(programs[0])} if programs else {}))
+    """`block_kv:stages[:programs][:cN]`: N query blocks per chunk of the kv-head item order."""
+    block_kv, stages, *rest = variant.split(":")
+    tuning = dict(block_kv=int(block_kv), stages=int(stages))
+    for part in rest:
+        tuning.update({"chunk": int(part[1:])} if part.startswith("c") else {"programs": int(part)})
+    return tuning
 
 
 def run_checks(report: Report, variants: dict) -> None:
@@ -163,7 +167,7 @@ def main():
     parser.add_argument("--only", default="check,time,model")
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated TxB or TxBxD (context, batch, "
                         "head dim 128 unless given)")
-    parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages[:programs]")
+    parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages[:programs][:cN]")
     args = parser.parse_args()
     variants = {label: parse(label) for label in args.variants.split(",")}
     report = Report(args.out, "prefill_mgpu")

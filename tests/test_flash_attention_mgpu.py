@@ -33,6 +33,9 @@ CASES = {
     "negative-offset": (1, 128, 128, 1, 1, 64, [-100], [128], jnp.bfloat16, {}),
     # one program per item (no program takes a second)
     "a-program-per-item": (2, 70, 100, 2, 1, 64, [0, 0], [70, 33], jnp.bfloat16, dict(programs=0)),
+    # items by kv head in chunks of 2 of the 3 query blocks (so chunks of 1): 2 kv heads of 2 queries
+    "kv-head-order-in-chunks": (2, 300, 300, 4, 2, 64, [0, 0], [300, 211], jnp.bfloat16,
+                                dict(chunk=2, programs=3)),
 }
 
 
@@ -74,6 +77,23 @@ def test_block_steps_agree_with_brute_force():
         assert seen == max(0, min(length, offset + first + block_q))
 
 
+@pytest.mark.parametrize("h,b,tiles,groups,chunk", [(32, 1, 256, 4, 32), (32, 8, 16, 4, 33), (8, 3, 6, 8, 4),
+                                                    (4, 2, 7, 1, 3), (6, 2, 5, 3, 0)])
+def test_every_item_order_takes_each_item_once_longest_first_per_chunk(h, b, tiles, groups, chunk):
+    at = mgpu._order(h, b, tiles, groups, chunk)
+    items = [tuple(int(x) for x in at(jnp.int32(i))) for i in range(h * b * tiles)]
+    assert sorted(items) == [(hd, r, t) for hd in range(h) for r in range(b) for t in range(tiles)]
+    c = max(d for d in range(1, min(chunk, tiles) + 1) if tiles % d == 0) if chunk else tiles
+    per_chunk = h * b * c  # each chunk's items cover its c query blocks, longest chunk first
+    for start in range(0, len(items), per_chunk):
+        blocks = {t for _, _, t in items[start:start + per_chunk]}
+        assert blocks == set(range(tiles - start // per_chunk * c - c, tiles - start // per_chunk * c))
+    if chunk:  # the query heads that share a kv head come together
+        for start in range(0, len(items), groups):
+            heads = [hd for hd, _, _ in items[start:start + groups]]
+            assert heads == list(range(heads[0], heads[0] + groups)) and heads[0] % groups == 0
+
+
 def _abstract_h200():
     return AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
                         abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu"))
@@ -89,7 +109,7 @@ ARGS = (S((2, 300, 32, 128), jnp.bfloat16), S((2, 300, 8, 128), jnp.bfloat16), S
         S((2,), jnp.int32), S((2,), jnp.int32))
 
 
-@pytest.mark.parametrize("tuning,head_dim", [({}, 128), (dict(block_kv=64, stages=3), 128),
+@pytest.mark.parametrize("tuning,head_dim", [({}, 128), (dict(block_kv=64, stages=3), 128), (dict(chunk=32), 128),
                                              (dict(block_kv=192), 64)])  # 192 keys: blocks not halved
 def test_kernel_lowers_to_a_mosaic_gpu_call(tuning, head_dim):
     args = [S(x.shape[:3] + (head_dim,), x.dtype) for x in ARGS[:3]] + list(ARGS[3:])

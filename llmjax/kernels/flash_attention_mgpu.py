@@ -14,7 +14,9 @@ specialization.
 
 How it runs (FlashAttention-3's scheme). The work is split into items, one per (query head, row,
 block of `2 * block_q` queries), ordered longest first (the last query blocks see the most keys) with
-the query heads that share a kv head side by side, so that their K/V tiles come from L2. One program
+the query heads that share a kv head side by side, so that their K/V tiles come from L2. In long rows
+(`LONG_ROW`) the items go by kv head within chunks of query blocks, so that the programs running at
+once read one or two kv heads' keys and values, which L2 holds, not all of them (`_order`). One program
 per SM takes items in turn (a snake over the ordered items, which evens out the programs' shares);
 three warpgroups per program. Warpgroup 2 is the producer: it issues the TMA copies of the K and V
 blocks into a ring of `stages` shared-memory slots, refilling a slot's K (V) half once both consumers
@@ -49,6 +51,10 @@ from llmjax.kernels.flash_attention import LOG2E, MASKED, _check
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SMEM_BYTES = 227 * 1024  # shared memory one program may take on an H100/H200 (less a little for barriers)
+# Rows of LONG_ROW queries or more take their items by kv head in chunks of LONG_CHUNK query blocks
+# (`_order`). On the H200 (BENCHMARKS.md, thirteenth session), against every head of a block together:
+# 32k x 1 +1.6% and +1.6%, 64k x 1 +7% (0.95x cuDNN before, 1.02x after); 16k x 2 level; 8k x 2 -5%.
+LONG_ROW, LONG_CHUNK = 32768, 32
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -81,21 +87,27 @@ def on_hopper() -> bool:
     return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "programs", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "programs", "chunk", "interpret"))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Array, kv_lengths: jax.Array,
                     *, block_q: int = 64, block_kv: int = 128, stages: int = 2,
-                    programs: int | None = None, interpret: bool = False) -> jax.Array:
+                    programs: int | None = None, chunk: int | None = None, interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention with the Mosaic GPU kernel (arguments as `flash_attention`'s).
 
     `block_q` queries per consumer warpgroup (a multiple of 64: one wgmma's rows), `block_kv` keys per
     step (a multiple of 64), `stages` K/V slots in shared memory, `programs` programs launched (None:
-    one per SM, each taking the work items in turn; 0: one per item). `interpret=True` runs Mosaic GPU's
-    interpret mode (threads, barriers and TMA copies emulated on the CPU) with the two products as
+    one per SM, each taking the work items in turn; 0: one per item). `chunk` > 0 orders the items by kv
+    head within chunks of at most `chunk` query blocks (see `_order`); 0 keeps every head of a query
+    block together; None: `LONG_CHUNK` for rows of `LONG_ROW` queries or more, 0 below. `interpret=True`
+    runs Mosaic GPU's interpret mode (threads, barriers and TMA copies emulated on the CPU) with the two products as
     `jnp.dot`s: that interpreter's wgmma takes neither a transposed operand nor one in registers."""
     _check(q, k, v, q_offsets, kv_lengths)
     if not supported(q, k, v):
         raise ValueError(f"flash_attention_mgpu takes bf16 or float16 q, k, v of one dtype and head dim "
                          f"64 or 128; got {q.dtype}, {k.dtype}, {v.dtype} and {q.shape[-1]}")
+    if chunk is None:
+        chunk = LONG_CHUNK if q.shape[1] >= LONG_ROW else 0
+    if chunk < 0:
+        raise ValueError(f"flash_attention_mgpu needs chunk >= 0 (0: no chunks), got {chunk}")
     if block_q % 64 or block_kv % 64 or stages < 2:
         raise ValueError(f"flash_attention_mgpu needs block_q and block_kv multiples of 64 and stages >= 2; "
                          f"got {block_q}, {block_kv}, {stages}")
@@ -116,7 +128,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
     offsets = q_offsets.astype(jnp.int32)
     lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, s)
     out = _launch(offsets, lengths, q, k, v, groups=h // n_kv, block_q=block_q, block_kv=block_kv,
-                  stages=stages, programs=programs, interpret=interpret)
+                  stages=stages, programs=programs, chunk=chunk, interpret=interpret)
     return out[:, :t]
 
 
@@ -130,7 +142,34 @@ def _steps(offset, length, first_query, block_q: int, block_kv: int):
     return jnp.minimum(full, end), end, seen
 
 
-def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, programs, interpret):
+def _order(h: int, b: int, tiles: int, groups: int, chunk: int):
+    """Work item `i` -> (query head, row, query block), the longest query blocks first.
+
+    chunk == 0: the heads vary fastest, then the rows, then the blocks: the items running at once are
+    every head of a few query blocks, and so read every kv head's keys and values at once.
+    chunk > 0: the query blocks are taken in chunks of `c` (the largest divisor of the block count not
+    past `chunk`); within a chunk the items go by row, then kv head, then block, the query heads that
+    share a kv head fastest. The items running at once then read one or two kv heads' keys and
+    values, which stay in L2 at long contexts where all heads' would not; lengths within a chunk
+    differ by at most `c` blocks, which the snake evens out."""
+    if not chunk:
+        def at(i):
+            head, row = jax.lax.rem(i, h), jax.lax.rem(jax.lax.div(i, h), b)
+            return head, row, tiles - 1 - jax.lax.div(i, h * b)
+        return at
+    c = max(d for d in range(1, min(chunk, tiles) + 1) if tiles % d == 0)
+    kv_heads = h // groups
+
+    def at(i):
+        r, rest = jax.lax.rem(i, groups), jax.lax.div(i, groups)
+        u, rest = jax.lax.rem(rest, c), jax.lax.div(rest, c)
+        g, rest = jax.lax.rem(rest, kv_heads), jax.lax.div(rest, kv_heads)
+        row, part = jax.lax.rem(rest, b), jax.lax.div(rest, b)
+        return g * groups + r, row, tiles - 1 - (part * c + u)
+    return at
+
+
+def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, programs, chunk, interpret):
     from jax.experimental.pallas import mosaic_gpu as plgpu  # imported here: only cuda and tests use it
 
     b, t, h, d = q.shape
@@ -148,7 +187,8 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
             return jax.lax.broadcasted_iota(jnp.int32, shape, dimension)
         return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
-    items = h * b * tiles  # (query head, row, query block): heads vary fastest, blocks slowest
+    items = h * b * tiles  # (query head, row, query block), in the order `_order` gives
+    order = _order(h, b, tiles, groups, chunk)
     if programs is None:  # one per SM: on the H200, +8% over one per item at 2k queries, even at 8k and 32k
         programs = 2 if interpret else _sm_count()
     programs = min(programs, items) if programs else items
@@ -156,8 +196,7 @@ def _launch(offsets, lengths, q, k, v, *, groups, block_q, block_kv, stages, pro
     def item_at(i, offsets_ref, lengths_ref, wg):
         """Work item `i`: its head, row, the first query of consumer `wg`, the row's offset and length,
         and how many key blocks the producer fetches (what the later consumer needs covers the earlier)."""
-        head, row = jax.lax.rem(i, h), jax.lax.rem(jax.lax.div(i, h), b)
-        tile = tiles - 1 - jax.lax.div(i, h * b)  # the longest query blocks first
+        head, row, tile = order(i)
         offset, length = offsets_ref[row], lengths_ref[row]
         _, total, _ = _steps(offset, length, tile * 2 * block_q + block_q, block_q, block_kv)
         return head, row, tile * 2 * block_q + wg * block_q, offset, length, total
