@@ -1,7 +1,8 @@
 """llmjax's NVLink all-reduce against XLA's psum: one all-reduce, then a tensor-parallel model.
 
-    PYTHONPATH=. python benchmarks/tp_allreduce.py --out DIR [--model llama2-13b] [--tensor 2]
-        [--modes xla,nvlink,nvlink-eager] [--turns 2] [--skip-model] [--smoke]
+    PYTHONPATH=. python benchmarks/tp_allreduce.py --out DIR [--model llama2-13b] [--dtype bfloat16]
+        [--tensor 2] [--modes xla,nvlink,nvlink-eager] [--turns 2] [--skip-model] [--no-single]
+        [--skip-allreduce] [--smoke]
 
 On `--tensor` GPUs of one process (`LLMJAX_ALLREDUCE`, see `llmjax/kernels/allreduce.py`):
 1. One all-reduce of a bf16 decode activation `[rows, hidden]`, for each mode: its result against
@@ -9,7 +10,8 @@ On `--tensor` GPUs of one process (`LLMJAX_ALLREDUCE`, see `llmjax/kernels/allre
    whether the compiled program holds the kernel's custom call (so a silent fallback to psum shows),
    and microseconds each, `CHAIN` dependent sums inside one jit, median of 20 calls. Then the kernel's
    grid (`LLMJAX_ALLREDUCE_BLOCKS`) at the largest shape.
-2. The model (random weights, made once on the GPUs): one GPU alone, then the tensor mesh under each
+2. The model (random weights of `--dtype`, made once on the GPUs): one GPU alone (unless
+   `--no-single`, for a model one GPU cannot hold), then the tensor mesh under each
    mode in turn, `--turns` times (the machine drifts; each turn times every mode once): batch 1,
    prompt 8, 256 new tokens (`llmjax.bench.bench`), tok/s against the per-GPU bandwidth bound, the
    speedup over one GPU, and the first 32 greedy tokens against the xla mode's.
@@ -103,7 +105,10 @@ def main():
     p.add_argument("--tensor", type=int, default=2)
     p.add_argument("--modes", default=",".join(allreduce.MODES))
     p.add_argument("--turns", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16, int4-g128, ... (as llmjax bench)")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--skip-allreduce", action="store_true")
+    p.add_argument("--no-single", action="store_true", help="no one-GPU run (a model it cannot hold)")
     p.add_argument("--smoke", action="store_true", help="8 fake CPU devices, a small model")
     args = p.parse_args()
     modes = args.modes.split(",")
@@ -118,7 +123,7 @@ def main():
     mesh = make_mesh(tensor=args.tensor, devices=jax.devices()[:args.tensor])
     dtype = jnp.float32 if SMOKE else jnp.bfloat16  # XLA's CPU backend aborts on a bf16 psum in shard_map
     print(f"{out['device']} x{out['devices']}, jax {out['jax']}, {out['platform_version']}", flush=True)
-    for mode in modes:
+    for mode in [] if args.skip_allreduce else modes:
         use(mode)
         for rows, hidden in SHAPES:
             try:
@@ -129,7 +134,7 @@ def main():
             out["allreduce"].append(row)
             save()
             print(json.dumps(row), flush=True)
-    if "nvlink" in modes:
+    if "nvlink" in modes and not args.skip_allreduce:
         rows, hidden = SHAPES[-1]
         for blocks in BLOCKS:
             use("nvlink", blocks)
@@ -146,21 +151,25 @@ def main():
     config = parallel.SMOKE if SMOKE else LlamaConfig.preset(args.model)
     bandwidth = bench.measure_bandwidth()
     use("xla")
-    t = time.perf_counter()
-    one = bench.random_params(config, "bfloat16", 0)  # on the first GPU
-    tp1 = model_turn(one, None, bandwidth)
-    del one
-    out["model"].append(dict(mode="one GPU", **tp1))
-    print(f"one GPU: {tp1['tok_s']:.1f} tok/s ({tp1['fraction_of_bound']:.0%} of bound), "
-          f"{time.perf_counter() - t:.0f} s", flush=True)
-    params = bench.random_params(config, "bfloat16", 0, mesh)
+    tp1 = None
+    if not args.no_single:
+        t = time.perf_counter()
+        one = bench.random_params(config, args.dtype, 0)  # on the first GPU
+        tp1 = model_turn(one, None, bandwidth)
+        del one
+        out["model"].append(dict(mode="one GPU", dtype=args.dtype, **tp1))
+        save()
+        print(f"one GPU: {tp1['tok_s']:.1f} tok/s ({tp1['fraction_of_bound']:.0%} of bound), "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+    params = bench.random_params(config, args.dtype, 0, mesh)
     reference = None
     for turn in range(args.turns):
         for mode in modes:
             use(mode)
             t = time.perf_counter()
             try:
-                row = dict(mode=mode, turn=turn, **model_turn(params, tp1["tok_s"], bandwidth))
+                row = dict(mode=mode, turn=turn, dtype=args.dtype,
+                           **model_turn(params, tp1 and tp1["tok_s"], bandwidth))
                 if mode == "xla" and reference is None:
                     reference = row["tokens"]
                 if reference is not None:
@@ -172,7 +181,8 @@ def main():
             out["model"].append(row)
             save()
             print(f"turn {turn} {mode:13s} " + (row.get("error") or
-                  f"{row['tok_s']:.1f} tok/s, {row['ms_per_token']:.3f} ms/token, {row['speedup']:.2f}x one "
+                  f"{row['tok_s']:.1f} tok/s, {row['ms_per_token']:.3f} ms/token, "
+                  f"{'-' if row['speedup'] is None else format(row['speedup'], '.2f')}x one "
                   f"GPU, {row['fraction_of_bound']:.0%} of bound, tokens = xla: "
                   f"{row.get('tokens_agree_with_xla', '-')}/{CHECK_TOKENS}, {row['seconds']:.0f} s"), flush=True)
 

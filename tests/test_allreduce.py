@@ -66,6 +66,22 @@ def test_nvlink_mode_gives_the_single_device_result(model, nvlink, data, stage, 
     assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
 
 
+def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink):
+    """The engine's paged steps on a tensor mesh sum through the same path (greedy, float32)."""
+    from llmjax.engine import LLM
+
+    folder, _, _ = model
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 1024, int(n)).tolist() for n in rng.integers(1, 30, 6)]
+    single = llmjax.load(folder)
+    want = llmjax.generate(single, prompts, max_new_tokens=8)
+    llm = LLM(single, mesh=make_mesh(tensor=2, devices=jax.devices()[:2]), max_slots=8, page_size=8,
+              prefill_tokens=48, prefill_row=16, decode_steps=4)
+    got = llm.generate(prompts, max_new_tokens=8, progress=False)
+    assert nvlink and {axis for _, axis in nvlink} == {"tensor"}
+    assert got == want
+
+
 def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch):
     traced = []
     monkeypatch.setattr(allreduce, "psum", lambda *a: traced.append(a))
