@@ -82,6 +82,8 @@ DECODE_CASES = {
     "groups1-auto-splits": (3, 50, 2, 2, 16, [50, 1, 0], 16, None, jnp.float32),
     "groups4-three-splits": (3, 61, 8, 2, 32, [37, 17, 16], 16, 3, jnp.float32),
     "groups8-one-split-bf16": (2, 70, 8, 1, 64, [70, 5], 32, 1, jnp.bfloat16),
+    # the defaults: 128-key blocks for bf16, rows past one block and inside the first
+    "defaults-bf16-two-splits": (2, 300, 8, 2, 64, [300, 100], None, 2, jnp.bfloat16),
 }
 
 

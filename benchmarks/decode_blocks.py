@@ -1,0 +1,53 @@
+"""Decode attention's default tuning against others, every shape of issue 7's decode table, in turns.
+
+    PYTHONPATH=. python benchmarks/decode_blocks.py [--tunings 64:4:3,128:4:3,128:8:3] [--turns 5]
+
+Each tuning is `block_k:num_warps:num_stages` of `decode_attention` (the first: its defaults). For
+batch 1 and 64 at contexts 1k, 4k (batch 64), 8k and 32k (Llama-3-8B heads: 32 query and 8 kv heads
+of 128, bf16), each tuning's runner (`benchmarks/attention.runner`: many calls inside one jit over
+distinct caches) takes `--turns` turns in alternation; the figure is the median turn, in TB/s of
+cache bytes, also as a share of the H200's 4.8 TB/s and of the 4.14 TB/s measured read ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from benchmarks import attention as at
+from llmjax.kernels import decode_attention as da
+
+SHAPES = ((1, 1024), (1, 8192), (1, 32768), (64, 1024), (64, 4096), (64, 8192), (64, 32768))
+SPEC = 4.8e12  # the H200's HBM3e bandwidth as NVIDIA states it
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tunings", default="64:4:3,128:4:3,128:8:3")
+    p.add_argument("--turns", type=int, default=5)
+    args = p.parse_args()
+    tunings = {t: dict(zip(("block_k", "num_warps", "num_stages"), map(int, t.split(":"))))
+               for t in args.tunings.split(",")}
+    for batch, context in SHAPES:
+        q = at.normal(30, (batch, at.HEADS, at.HEAD_DIM))
+        operands = at.decode_operands(batch, context)
+        runners = {}
+        for name, tuning in tunings.items():
+            try:
+                runners[name] = at.runner(lambda q, k, v, n, c=tuning: da.decode_attention(q, k, v, n, **c),
+                                          q, operands)
+            except Exception as e:  # e.g. more shared memory than a program has
+                print(f"b{batch:<3d} {context:6d} {name:10s} {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        seconds = {name: [] for name in runners}
+        for _ in range(args.turns):
+            for name, run in runners.items():
+                seconds[name].append(run())
+        for name in runners:
+            tb_s = at.cache_bytes(batch, context) / statistics.median(seconds[name]) / 1e12
+            print(f"b{batch:<3d} {context:6d} {name:10s} {tb_s:5.2f} TB/s  {tb_s * 1e12 / SPEC:6.1%} of 4.8  "
+                  f"{tb_s * 1e12 / at.HBM:6.1%} of 4.14", flush=True)
+        del operands, runners
+
+
+if __name__ == "__main__":
+    main()
