@@ -64,20 +64,8 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&bases[r], bytes));
     CHECK(cudaMemset(bases[r], 0, kHeaderBytes));
   }
-  std::vector<Group> views(ranks);
-  for (int r = 0; r < ranks; ++r) {
-    Group& g = views[r];
-    g.rank = r;
-    g.size = ranks;
-    g.slot_bytes = slot_bytes;
-    g.timeout_ns = 5ull * 1000 * 1000 * 1000;
-    g.epoch = reinterpret_cast<uint64_t*>(bases[r]);
-    g.done = reinterpret_cast<uint32_t*>(bases[r] + sizeof(uint64_t));
-    for (int q = 0; q < kMaxRanks; ++q) {
-      g.flags[q] = q < ranks ? reinterpret_cast<uint64_t*>(bases[q] + 256) : nullptr;
-      g.recv[q] = q < ranks ? bases[q] + kHeaderBytes : nullptr;
-    }
-  }
+  std::vector<Group> views;
+  for (int r = 0; r < ranks; ++r) views.push_back(view(bases, r, slot_bytes, 5ull * 1000 * 1000 * 1000));
   std::vector<cudaStream_t> streams(ranks);
   for (auto& s : streams) CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 

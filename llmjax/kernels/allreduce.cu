@@ -97,47 +97,38 @@ struct Lanes<float> {
   }
 };
 
-template <>
-struct Lanes<__nv_bfloat16> {
+// bfloat16 and float16: 8 lanes, widened and narrowed in pairs.
+__device__ __forceinline__ float2 widen(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ float2 widen(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ void narrow(float a, float b, __nv_bfloat162* h) { *h = __floats2bfloat162_rn(a, b); }
+__device__ __forceinline__ void narrow(float a, float b, __half2* h) { *h = __floats2half2_rn(a, b); }
+
+template <typename Pair>
+struct PairLanes {
   static constexpr int n = 8;
   __device__ static void add(float* acc, uint4 v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    const Pair* h = reinterpret_cast<const Pair*>(&v);
 #pragma unroll
     for (int i = 0; i < n / 2; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
+      const float2 f = widen(h[i]);
       acc[2 * i] += f.x;
       acc[2 * i + 1] += f.y;
     }
   }
   __device__ static uint4 pack(const float* acc) {
     uint4 v;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+    Pair* h = reinterpret_cast<Pair*>(&v);
 #pragma unroll
-    for (int i = 0; i < n / 2; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    for (int i = 0; i < n / 2; ++i) narrow(acc[2 * i], acc[2 * i + 1], &h[i]);
     return v;
   }
 };
 
 template <>
-struct Lanes<__half> {
-  static constexpr int n = 8;
-  __device__ static void add(float* acc, uint4 v) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < n / 2; ++i) {
-      const float2 f = __half22float2(h[i]);
-      acc[2 * i] += f.x;
-      acc[2 * i + 1] += f.y;
-    }
-  }
-  __device__ static uint4 pack(const float* acc) {
-    uint4 v;
-    __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < n / 2; ++i) h[i] = __floats2half2_rn(acc[2 * i], acc[2 * i + 1]);
-    return v;
-  }
-};
+struct Lanes<__nv_bfloat16> : PairLanes<__nv_bfloat162> {};
+
+template <>
+struct Lanes<__half> : PairLanes<__half2> {};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) one_shot(const uint4* __restrict__ in, uint4* __restrict__ out,
@@ -220,6 +211,23 @@ std::string cuda_message(const char* what, int device, cudaError_t err) {
 
 constexpr int64_t kHeaderBytes = 256 + kMaxRanks * kMaxBlocks * sizeof(uint64_t);  // counters, flags
 
+// Member `rank`'s view of a group whose members' buffers start at `bases` (each kHeaderBytes of
+// counters and flags, then the receive area).
+Group view(const std::vector<char*>& bases, int rank, int64_t slot_bytes, uint64_t timeout_ns) {
+  Group g;
+  g.rank = rank;
+  g.size = static_cast<int>(bases.size());
+  g.slot_bytes = slot_bytes;
+  g.timeout_ns = timeout_ns;
+  g.epoch = reinterpret_cast<uint64_t*>(bases[rank]);
+  g.done = reinterpret_cast<uint32_t*>(bases[rank] + sizeof(uint64_t));
+  for (int q = 0; q < kMaxRanks; ++q) {
+    g.flags[q] = q < g.size ? reinterpret_cast<uint64_t*>(bases[q] + 256) : nullptr;
+    g.recv[q] = q < g.size ? bases[q] + kHeaderBytes : nullptr;
+  }
+  return g;
+}
+
 const Group* find(const std::vector<int>& ordinals, int device) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto found = registry.find(ordinals);
@@ -279,20 +287,8 @@ int setup(const std::vector<int>& ordinals, int64_t slot_bytes, uint64_t timeout
     }
   }
   cudaSetDevice(previous);
-  std::vector<Group> views(size);
-  for (int r = 0; r < size; ++r) {
-    Group& g = views[r];
-    g.rank = r;
-    g.size = size;
-    g.slot_bytes = slot_bytes;
-    g.timeout_ns = timeout_ns;
-    g.epoch = reinterpret_cast<uint64_t*>(bases[r]);
-    g.done = reinterpret_cast<uint32_t*>(bases[r] + sizeof(uint64_t));
-    for (int q = 0; q < kMaxRanks; ++q) {
-      g.flags[q] = q < size ? reinterpret_cast<uint64_t*>(bases[q] + 256) : nullptr;
-      g.recv[q] = q < size ? bases[q] + kHeaderBytes : nullptr;
-    }
-  }
+  std::vector<Group> views;
+  for (int r = 0; r < size; ++r) views.push_back(view(bases, r, slot_bytes, timeout_ns));
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry.emplace(ordinals, std::move(views));
   return 0;
@@ -362,26 +358,20 @@ ffi::Error all_reduce(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi
 
 // The handler, twice: once for XLA to launch on its own, once declared safe to capture in XLA's
 // CUDA graphs (the epoch lives on the device, so a replay is a new call).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce, all_reduce,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("groups")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("blocks"));
+static auto binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::DeviceOrdinal>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<ffi::Span<const int64_t>>("groups")
+      .Attr<int64_t>("group_size")
+      .Attr<int64_t>("blocks");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce_graph, all_reduce,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("groups")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("blocks"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce, all_reduce, binding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(llmjax_allreduce_graph, all_reduce, binding(), {ffi::Traits::kCmdBufferCompatible});
 
 // Allocates a group's buffers on each of its `size` GPUs (CUDA ordinals, in rank order) and lets
 // each reach the others'. Returns 0, or 1 with the reason in llmjax_allreduce_error().
