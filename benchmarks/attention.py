@@ -74,7 +74,8 @@ FLASH_GRID = [dict(block_q=64, block_k=128, num_warps=4, num_stages=3),  # --pre
               dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
               dict(block_q=64, block_k=64, num_warps=4, num_stages=4),
               dict(block_q=128, block_k=128, num_warps=4, num_stages=2)]
-DECODE_CONFIGS = [dict(block_k=64, splits=None, num_warps=4, num_stages=3),  # the default
+DECODE_CONFIGS = [dict(block_k=128, splits=None, num_warps=4, num_stages=2),  # the H100/H200 default
+                  dict(block_k=64, splits=None, num_warps=4, num_stages=3),  # the default elsewhere
                   dict(block_k=128, splits=None, num_warps=4, num_stages=3),
                   dict(block_k=32, splits=None, num_warps=4, num_stages=4),
                   dict(block_k=64, splits=None, num_warps=8, num_stages=3),

@@ -1,8 +1,9 @@
 """Decode attention's default tuning against others, every shape of issue 7's decode table, in turns.
 
-    PYTHONPATH=. python benchmarks/decode_blocks.py [--tunings 64:4:3,128:4:3,128:8:3] [--turns 5]
+    PYTHONPATH=. python benchmarks/decode_blocks.py [--tunings 128:4:2,64:4:3,128:4:3] [--turns 5]
 
-Each tuning is `block_k:num_warps:num_stages` of `decode_attention` (the first: its defaults). For
+Each tuning is `block_k:num_warps:num_stages` of `decode_attention` (by default: the H100/H200 default
+first, then the default before the thirteenth session and one other). For
 batch 1 and 64 at contexts 1k, 4k (batch 64), 8k and 32k (Llama-3-8B heads: 32 query and 8 kv heads
 of 128, bf16), each tuning's runner (`benchmarks/attention.runner`: many calls inside one jit over
 distinct caches) takes `--turns` turns in alternation; the figure is the median turn, in TB/s of
@@ -23,7 +24,7 @@ SPEC = 4.8e12  # the H200's HBM3e bandwidth as NVIDIA states it
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tunings", default="64:4:3,128:4:3,128:8:3")
+    p.add_argument("--tunings", default="128:4:2,64:4:3,128:4:3")
     p.add_argument("--turns", type=int, default=5)
     args = p.parse_args()
     tunings = {t: dict(zip(("block_k", "num_warps", "num_stages"), map(int, t.split(":"))))

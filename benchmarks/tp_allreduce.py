@@ -121,7 +121,7 @@ def main():
             json.dump(out, f, indent=1)
 
     mesh = make_mesh(tensor=args.tensor, devices=jax.devices()[:args.tensor])
-    dtype = jnp.float32 if SMOKE else jnp.bfloat16  # XLA's CPU backend aborts on a bf16 psum in shard_map
+    dtype = jnp.float32 if SMOKE else jnp.bfloat16  # float32 on CPU, as benchmarks/parallel.py's all-reduce
     print(f"{out['device']} x{out['devices']}, jax {out['jax']}, {out['platform_version']}", flush=True)
     for mode in [] if args.skip_allreduce else modes:
         use(mode)

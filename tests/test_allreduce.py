@@ -3,7 +3,8 @@
 `allreduce.psum` (XLA's psum on a CPU), and every mesh still gives the single-device logits and
 tokens; the groups each device sums with; the settings' errors; and, where nvcc is installed, the
 CUDA kernel builds into a library that exports XLA's handlers and reports a missing GPU clearly.
-The kernel itself runs only on CUDA GPUs: `benchmarks/allreduce.py` checks and times it there."""
+The kernel itself runs only on CUDA GPUs: `benchmarks/tp_allreduce.py` checks and times it there, and
+`benchmarks/allreduce_selftest.cu` checks its protocol on one GPU."""
 
 import importlib
 import shutil
@@ -83,6 +84,7 @@ def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink):
 
 
 def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch):
+    monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
     traced = []
     monkeypatch.setattr(allreduce, "psum", lambda *a: traced.append(a))
     jax.clear_caches()
@@ -104,6 +106,29 @@ def test_groups_are_the_devices_along_the_axis_in_rank_order():
             index[tensor] = rank
             assert table[row, rank] == ids[tuple(index)]
     assert sorted(table.ravel().tolist()) == sorted(ids.ravel().tolist())
+
+
+@pytest.mark.parametrize("mode,target", [("nvlink", "llmjax_allreduce_graph"), ("nvlink-eager", "llmjax_allreduce")])
+def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, target):
+    """What XLA gets on a CUDA mesh (lowered here for cuda, the GPU-only steps stubbed): one custom
+    call per sum with every group of the mesh in rank order, as the handler decodes them."""
+    monkeypatch.setenv("LLMJAX_ALLREDUCE", mode)
+    monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)
+    set_up = []
+    monkeypatch.setattr(allreduce, "setup", set_up.append)
+    monkeypatch.setattr(allreduce, "_register", lambda: {"nvlink": "llmjax_allreduce_graph",
+                                                         "nvlink-eager": "llmjax_allreduce"})
+    mesh = make_mesh(tensor=2, data=2, devices=jax.devices()[:4])
+    table = allreduce.groups(mesh, "tensor")
+    f = jax.shard_map(lambda x: allreduce.psum(x[0], "tensor", mesh), mesh=mesh, in_specs=P("tensor"),
+                      out_specs=P(), check_vma=False)
+    text = jax.jit(f).trace(jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "custom_call" in line]
+    assert len(calls) == 1 and f"@{target}(" in calls[0], calls
+    assert "group_size = 2 : i64" in calls[0] and "blocks = 0 : i64" in calls[0]
+    assert f"groups = dense<[{', '.join(str(i) for i in table.ravel())}]> : tensor<4xi64>" in calls[0]
+    assert set_up == table.tolist()  # each group's buffers set up when traced
 
 
 def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
@@ -149,7 +174,7 @@ def test_the_kernel_builds_and_exports_the_handlers(tmp_path, monkeypatch):
     lib = allreduce.load(path)
     capsules = [jax.ffi.pycapsule(getattr(lib, name)) for name in ("llmjax_allreduce", "llmjax_allreduce_graph")]
     assert all(type(c).__name__ == "PyCapsule" for c in capsules)
-    if jax.devices()[0].platform == "cpu":  # no GPU here: setting a group up says why it cannot
+    if lib.llmjax_allreduce_device_count() <= 0:  # no CUDA GPU here: setting a group up says why it cannot
         monkeypatch.setattr(allreduce, "library", lambda: lib)
         with pytest.raises(RuntimeError, match=r"cannot run on GPUs \[0, 1\]: allocating .* GPU 0: .*Unset"):
             allreduce.setup([0, 1])

@@ -82,9 +82,23 @@ DECODE_CASES = {
     "groups1-auto-splits": (3, 50, 2, 2, 16, [50, 1, 0], 16, None, jnp.float32),
     "groups4-three-splits": (3, 61, 8, 2, 32, [37, 17, 16], 16, 3, jnp.float32),
     "groups8-one-split-bf16": (2, 70, 8, 1, 64, [70, 5], 32, 1, jnp.bfloat16),
-    # the defaults: 128-key blocks for bf16, rows past one block and inside the first
+    # the default blocks (64 keys off the large-shared-memory GPUs), rows past one block and inside it
     "defaults-bf16-two-splits": (2, 300, 8, 2, 64, [300, 100], None, 2, jnp.bfloat16),
+    # the large GPUs' 128-key blocks
+    "large-blocks-bf16": (2, 300, 8, 2, 64, [300, 100], 128, 2, jnp.bfloat16),
 }
+
+
+@pytest.mark.parametrize("platform,capability,dtype,tuning", [
+    ("gpu", "9.0", jnp.bfloat16, (128, 2)), ("gpu", "8.0", jnp.float16, (128, 2)),
+    ("gpu", "8.9", jnp.bfloat16, (64, 3)), ("gpu", "9.0", jnp.float32, (64, 3)), ("cpu", None, jnp.bfloat16, (64, 3))])
+def test_decode_defaults_take_large_blocks_only_where_they_fit(monkeypatch, platform, capability, dtype, tuning):
+    class Device:
+        compute_capability = capability
+
+    Device.platform = platform
+    monkeypatch.setattr(da.jax, "devices", lambda *a: [Device()])
+    assert da.default_tuning(dtype) == tuning
 
 
 @pytest.mark.parametrize("case", DECODE_CASES)

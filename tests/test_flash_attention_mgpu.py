@@ -33,8 +33,8 @@ CASES = {
     "negative-offset": (1, 128, 128, 1, 1, 64, [-100], [128], jnp.bfloat16, {}),
     # one program per item (no program takes a second)
     "a-program-per-item": (2, 70, 100, 2, 1, 64, [0, 0], [70, 33], jnp.bfloat16, dict(programs=0)),
-    # items by kv head in chunks of 2 of the 3 query blocks (so chunks of 1): 2 kv heads of 2 queries
-    "kv-head-order-in-chunks": (2, 300, 300, 4, 2, 64, [0, 0], [300, 211], jnp.bfloat16,
+    # items by kv head in chunks of 2 of the 5 query blocks (the last chunk 1): 2 kv heads of 2 queries
+    "kv-head-order-in-chunks": (2, 600, 600, 4, 2, 64, [0, 0], [600, 411], jnp.bfloat16,
                                 dict(chunk=2, programs=3)),
 }
 
@@ -78,16 +78,17 @@ def test_block_steps_agree_with_brute_force():
 
 
 @pytest.mark.parametrize("h,b,tiles,groups,chunk", [(32, 1, 256, 4, 32), (32, 8, 16, 4, 33), (8, 3, 6, 8, 4),
-                                                    (4, 2, 7, 1, 3), (6, 2, 5, 3, 0)])
+                                                    (4, 2, 7, 1, 3), (6, 2, 5, 3, 0), (8, 1, 313, 4, 32)])
 def test_every_item_order_takes_each_item_once_longest_first_per_chunk(h, b, tiles, groups, chunk):
     at = mgpu._order(h, b, tiles, groups, chunk)
     items = [tuple(int(x) for x in at(jnp.int32(i))) for i in range(h * b * tiles)]
     assert sorted(items) == [(hd, r, t) for hd in range(h) for r in range(b) for t in range(tiles)]
-    c = max(d for d in range(1, min(chunk, tiles) + 1) if tiles % d == 0) if chunk else tiles
-    per_chunk = h * b * c  # each chunk's items cover its c query blocks, longest chunk first
+    c = min(chunk, tiles) if chunk else tiles
+    per_chunk = h * b * c  # each chunk's items cover its c query blocks (the last: what is left)
     for start in range(0, len(items), per_chunk):
+        top = tiles - start // per_chunk * c
         blocks = {t for _, _, t in items[start:start + per_chunk]}
-        assert blocks == set(range(tiles - start // per_chunk * c - c, tiles - start // per_chunk * c))
+        assert blocks == set(range(max(top - c, 0), top))
     if chunk:  # the query heads that share a kv head come together
         for start in range(0, len(items), groups):
             heads = [hd for hd, _, _ in items[start:start + groups]]

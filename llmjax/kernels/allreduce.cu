@@ -274,7 +274,8 @@ int setup(const std::vector<int>& ordinals, int64_t slot_bytes, uint64_t timeout
     for (int q = 0; q < size; ++q) {
       if (q == r) continue;
       int can = 0;
-      cudaDeviceCanAccessPeer(&can, d, ordinals[q]);
+      err = cudaDeviceCanAccessPeer(&can, d, ordinals[q]);
+      if (err != cudaSuccess) return undo(cuda_message("asking for peer access", d, err));
       if (!can)
         return undo("GPU " + std::to_string(d) + " cannot access GPU " + std::to_string(ordinals[q]) +
                     "'s memory (no peer access, e.g. no NVLink or P2P)");
@@ -380,6 +381,17 @@ extern "C" int llmjax_allreduce_setup(const int* ordinals, int size, int64_t slo
   std::lock_guard<std::mutex> lock(setup_mutex);
   return setup(std::vector<int>(ordinals, ordinals + size), slot_bytes,
                static_cast<uint64_t>(timeout_s * 1e9));
+}
+
+// How many CUDA GPUs this process sees (a CUDA error: its negated code).
+extern "C" int llmjax_allreduce_device_count() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return -static_cast<int>(err);
+  }
+  return count;
 }
 
 // Why the last setup on this thread failed.

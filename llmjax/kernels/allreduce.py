@@ -20,7 +20,7 @@ The kernel is compiled with `nvcc` (`LLMJAX_NVCC`, else the one on `PATH`, else
 `/usr/local/cuda/bin/nvcc`) the first time it is needed, against JAX's FFI headers, and cached in
 `LLMJAX_CACHE_DIR` (default `~/.cache/llmjax`), keyed by the source, the flags, the compiler and JAX.
 `LLMJAX_ALLREDUCE_BLOCKS` fixes its grid (default: one block per 32 KiB, at most 32).
-`LLMJAX_ALLREDUCE_TIMEOUT_S` (default 120) is how long a GPU waits for a peer before it stops with a
+`LLMJAX_ALLREDUCE_TIMEOUT_S` (default 120, at most a week) is how long a GPU waits for a peer before it stops with a
 message: the GPUs' programs diverged, or one was held up. It, like the slot size, is fixed when a
 group's buffers are set up, on the first trace.
 """
@@ -47,6 +47,7 @@ MAX_GROUP = 8  # kMaxRanks in allreduce.cu
 MAX_BLOCKS = 64  # kMaxBlocks
 DTYPES = ("bfloat16", "float16", "float32")
 TIMEOUT_S = 120
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: longer is never what a program wants
 SOURCE = Path(__file__).with_name("allreduce.cu")
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
          "-gencode=arch=compute_90,code=compute_90")
@@ -76,7 +77,8 @@ def _int_setting(variable: str, default: int, minimum: int, maximum: int | None 
 
 def slot_bytes() -> int:
     """The most bytes per device one call of the kernel sums (`LLMJAX_ALLREDUCE_BYTES`): the size of
-    each member's receive slot. Set it before the first call: the buffers are allocated once."""
+    each member's receive slot. Set it before the first call: the buffers are allocated once. (This
+    and the other settings are read, and checked, only where the kernel can run: CUDA meshes.)"""
     value = _int_setting("LLMJAX_ALLREDUCE_BYTES", SLOT_BYTES, 16)
     if value % 16:
         raise ValueError(f"LLMJAX_ALLREDUCE_BYTES must be a multiple of 16, got {value}")
@@ -136,7 +138,7 @@ def setup(ordinals: list[int]) -> None:
     reach each other's memory; once per group, on the first trace that needs it."""
     lib = library()
     array = (ctypes.c_int * len(ordinals))(*ordinals)
-    timeout = _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1)
+    timeout = _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1, MAX_TIMEOUT_S)
     if lib.llmjax_allreduce_setup(array, len(ordinals), slot_bytes(), float(timeout)):
         raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce cannot run on GPUs {ordinals}: "
                            f"{lib.llmjax_allreduce_error().decode()}. Unset {VARIABLE} to use XLA's psum.")
@@ -160,6 +162,9 @@ def nvcc() -> str:
     if found is None:
         raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce is compiled with nvcc, which was not found; "
                            f"install CUDA's compiler, point LLMJAX_NVCC at it, or unset {VARIABLE}")
+    if not os.access(found, os.X_OK):
+        raise RuntimeError(f"{VARIABLE}: the CUDA compiler {found!r} (LLMJAX_NVCC) is not an executable file; "
+                           f"point LLMJAX_NVCC at nvcc, or unset it to use the one on PATH")
     return found
 
 
@@ -203,4 +208,5 @@ def load(path: str | os.PathLike) -> ctypes.CDLL:
                                             ctypes.c_double]
     lib.llmjax_allreduce_setup.restype = ctypes.c_int
     lib.llmjax_allreduce_error.restype = ctypes.c_char_p
+    lib.llmjax_allreduce_device_count.restype = ctypes.c_int
     return lib

@@ -41,11 +41,20 @@ TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each pr
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
 # workgroup; 3 stages take all of it, 2 stages 32 KB (benchmarks/triton_offline_compile.py).
 ROCM_TUNING = dict(block_k=64, num_stages=2)
-# The H200's defaults: 128-key blocks, 2 stages, 4 warps (benchmarks/decode_blocks.py, thirteenth
-# session: at batch 64 x 1k-32k 8-19% past 64-key blocks in 3 stages, e.g. 3.63 against 3.34 TB/s at
-# 64 x 4k; at batch 1 within 3%). float32 blocks of 128 keys at head dim 128 would not fit in shared
-# memory: 64 keys there.
-BLOCK_K, BLOCK_K_FLOAT32, NUM_STAGES = 128, 64, 2
+# Defaults on GPUs with large shared memory (compute capability 8.0 and 9.0: A100, H100, H200):
+# 128-key blocks in 2 stages (benchmarks/decode_blocks.py, thirteenth session, H200: at batch 64 x
+# 1k-32k 8-19% past 64-key blocks in 3 stages, e.g. 3.63 against 3.34 TB/s at 64 x 4k; at batch 1
+# from -3% to +4%). They take 128 KB of shared memory at head dim 128 in bf16, past the ~99 KB of
+# other NVIDIA GPUs (RTX 4090: 8.9), which keep 64 keys in 3 stages (96 KB), as float32 caches do.
+LARGE_BLOCKS, SMALL_BLOCKS = (128, 2), (64, 3)  # (block_k, num_stages)
+LARGE_SHARED_MEMORY = ("8.0", "9.0")
+
+
+def default_tuning(dtype) -> tuple[int, int]:
+    """(block_k, num_stages) for a cache of `dtype` on the default device (see `LARGE_BLOCKS`)."""
+    device = jax.devices()[0]
+    large = device.platform == "gpu" and getattr(device, "compute_capability", None) in LARGE_SHARED_MEMORY
+    return LARGE_BLOCKS if large and jnp.dtype(dtype).itemsize <= 2 else SMALL_BLOCKS
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -156,14 +165,13 @@ def split_plan(seq: int, block_k: int, programs: int, splits: int | None) -> tup
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
                                              "vector", "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, block_k: int | None = None,
-                     splits: int | None = None, num_warps: int = 4, num_stages: int = NUM_STAGES,
+                     splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                      compute_dtype: str | None = None, vector: bool = False, interpret: bool = False) -> jax.Array:
     """Split-K decode attention with the Pallas kernel (see the module doc for the arguments;
-    `compute_dtype` and `vector` as in `launch_splits`; `block_k` None: `BLOCK_K`, `BLOCK_K_FLOAT32` for a
-    float32 cache)."""
+    `compute_dtype` and `vector` as in `launch_splits`; `block_k`, `num_stages` None: `default_tuning`)."""
     _check(q, k, v, lengths)
-    if block_k is None:
-        block_k = BLOCK_K_FLOAT32 if k.dtype.itemsize > 2 else BLOCK_K
+    default_k, default_stages = default_tuning(k.dtype)
+    block_k, num_stages = block_k or default_k, num_stages or default_stages
     return launch_splits(_kernel, q, k.shape[2], k.shape[1], (lengths.astype(jnp.int32), q, k, v),
                          name="decode_attention", block_k=block_k, splits=splits, num_warps=num_warps,
                          num_stages=num_stages, compute_dtype=compute_dtype, vector=vector, interpret=interpret)

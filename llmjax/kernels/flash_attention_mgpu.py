@@ -147,25 +147,38 @@ def _order(h: int, b: int, tiles: int, groups: int, chunk: int):
 
     chunk == 0: the heads vary fastest, then the rows, then the blocks: the items running at once are
     every head of a few query blocks, and so read every kv head's keys and values at once.
-    chunk > 0: the query blocks are taken in chunks of `c` (the largest divisor of the block count not
-    past `chunk`); within a chunk the items go by row, then kv head, then block, the query heads that
+    chunk > 0: the query blocks are taken in chunks of `chunk` (the last, of the shortest blocks, may
+    be shorter); within a chunk the items go by row, then kv head, then block, the query heads that
     share a kv head fastest. The items running at once then read one or two kv heads' keys and
     values, which stay in L2 at long contexts where all heads' would not; lengths within a chunk
-    differ by at most `c` blocks, which the snake evens out."""
+    differ by at most `chunk` blocks, which the snake evens out."""
     if not chunk:
         def at(i):
             head, row = jax.lax.rem(i, h), jax.lax.rem(jax.lax.div(i, h), b)
             return head, row, tiles - 1 - jax.lax.div(i, h * b)
         return at
-    c = max(d for d in range(1, min(chunk, tiles) + 1) if tiles % d == 0)
+    c = min(chunk, tiles)
     kv_heads = h // groups
+    whole = tiles // c * c  # the blocks in whole chunks; the rest form the last chunk
+    first_of_rest = h * b * whole  # the first item of the last chunk
+
+    def within(i, width):
+        """Item i of a chunk `width` blocks wide: (query head, row, block offset into the chunk)."""
+        r, rest = jax.lax.rem(i, groups), jax.lax.div(i, groups)
+        u, rest = jax.lax.rem(rest, width), jax.lax.div(rest, width)
+        g, row = jax.lax.rem(rest, kv_heads), jax.lax.div(rest, kv_heads)
+        return g * groups + r, row, u
 
     def at(i):
-        r, rest = jax.lax.rem(i, groups), jax.lax.div(i, groups)
-        u, rest = jax.lax.rem(rest, c), jax.lax.div(rest, c)
-        g, rest = jax.lax.rem(rest, kv_heads), jax.lax.div(rest, kv_heads)
-        row, part = jax.lax.rem(rest, b), jax.lax.div(rest, b)
-        return g * groups + r, row, tiles - 1 - (part * c + u)
+        in_whole = i < first_of_rest
+        head, row, u = within(jax.lax.rem(i, h * b * c), c)
+        part = jax.lax.div(i, h * b * c)
+        if whole == tiles:
+            return head, row, tiles - 1 - (part * c + u)
+        last = max(tiles - whole, 1)
+        head2, row2, u2 = within(jnp.maximum(i - first_of_rest, 0), last)
+        return (jnp.where(in_whole, head, head2), jnp.where(in_whole, row, row2),
+                tiles - 1 - jnp.where(in_whole, part * c + u, whole + u2))
     return at
 
 

@@ -109,8 +109,10 @@ def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> j
 def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None):
     """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`.
 
-    `kernel` is a float array or a `QuantizedWeight`. For a quantized kernel on a `mesh` of more than
-    one device, `axes` (the float kernel's logical axes) say how the sharding rules split it.
+    `kernel` is a float array or a `QuantizedWeight`. On a `mesh` of more than one device, `axes` (the
+    float kernel's logical axes) say how the sharding rules split it, for the products that run per
+    device: a quantized kernel's, and a row-parallel float kernel's when `LLMJAX_ALLREDUCE` picks the
+    NVLink all-reduce.
     """
     quantized = isinstance(kernel, QuantizedWeight)
     if not quantized and not (allreduce.mode() != "xla" and _row_parallel(mesh, axes, num_out_dims)):
