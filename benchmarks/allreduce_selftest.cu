@@ -1,8 +1,8 @@
 // The NVLink all-reduce's protocol on ONE GPU: two (or more) ranks as concurrent streams of one device,
 // every rank's buffers in that device's memory. It checks the kernel's flags, epochs and slots over
-// long chains of calls queued back to back with changing sizes, grids and dtypes, and its sums against
-// the host's (float32, in rank order; every rank must hold the same bits). NVLink itself is not
-// exercised: benchmarks/tp_allreduce.py does that on two GPUs.
+// long chains of calls queued back to back with changing sizes, grids and dtypes (bf16, float16,
+// float32), and its sums against the host's (float32, in rank order; every rank must hold the same
+// bits). NVLink itself is not exercised: benchmarks/tp_allreduce.py does that on two GPUs.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 \
 //     -I$(python -c 'import jax; print(jax.ffi.include_dir())') benchmarks/allreduce_selftest.cu -o /tmp/selftest
@@ -42,8 +42,26 @@ float from_bf16(uint16_t h) {
   return f;
 }
 
+enum class Type { kBf16, kF16, kF32 };
+
+// A 16-bit value of `type` from a float (round to nearest even) and back.
+uint16_t narrow16(Type type, float f) {
+  if (type == Type::kBf16) return to_bf16(f);
+  const __half h = __float2half_rn(f);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+
+float widen16(Type type, uint16_t u) {
+  if (type == Type::kBf16) return from_bf16(u);
+  __half h;
+  std::memcpy(&h, &u, 2);
+  return __half2float(h);
+}
+
 struct Call {
-  bool bf16;
+  Type type;
   int64_t elements;
   int blocks;
   std::vector<std::vector<uint8_t>> inputs;  // per rank
@@ -74,8 +92,9 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> normal(0.f, 1.f);
   for (int c = 0; c < calls; ++c) {
     Call& call = plan[c];
-    call.bf16 = rng() % 2;
-    const int lanes = call.bf16 ? 8 : 4;
+    call.type = static_cast<Type>(rng() % 3);
+    const bool wide = call.type == Type::kF32;
+    const int lanes = wide ? 4 : 8;
     const int64_t max_vecs = slot_bytes / 16;
     const int64_t vecs = (c % 5 == 0) ? 1 + rng() % max_vecs : 1 + rng() % 2048;  // mostly decode-sized
     call.elements = vecs * lanes;
@@ -89,8 +108,8 @@ int main(int argc, char** argv) {
       host.resize(vecs * 16);
       for (int64_t i = 0; i < call.elements; ++i) {
         const float x = normal(rng);
-        if (call.bf16) {
-          const uint16_t h = to_bf16(x);
+        if (!wide) {
+          const uint16_t h = narrow16(call.type, x);
           std::memcpy(host.data() + 2 * i, &h, 2);
         } else {
           std::memcpy(host.data() + 4 * i, &x, 4);
@@ -108,8 +127,10 @@ int main(int argc, char** argv) {
     const int grid = call.blocks ? call.blocks
                                  : static_cast<int>(std::min<int64_t>(32, (vecs + 4 * kThreads - 1) / (4 * kThreads)));
     for (int r = 0; r < ranks; ++r) {
-      cudaError_t e = call.bf16 ? launch<__nv_bfloat16>(streams[r], call.in[r], call.out[r], vecs, grid, views[r])
-                                : launch<float>(streams[r], call.in[r], call.out[r], vecs, grid, views[r]);
+      cudaError_t e =
+          call.type == Type::kBf16  ? launch<__nv_bfloat16>(streams[r], call.in[r], call.out[r], vecs, grid, views[r])
+          : call.type == Type::kF16 ? launch<__half>(streams[r], call.in[r], call.out[r], vecs, grid, views[r])
+                                    : launch<float>(streams[r], call.in[r], call.out[r], vecs, grid, views[r]);
       CHECK(e);
     }
   }
@@ -125,10 +146,10 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < call.elements; ++i) {
       float sum = 0.f;
       for (int r = 0; r < ranks; ++r) {
-        if (call.bf16) {
+        if (call.type != Type::kF32) {
           uint16_t h;
           std::memcpy(&h, call.inputs[r].data() + 2 * i, 2);
-          sum += from_bf16(h);
+          sum += widen16(call.type, h);
         } else {
           float x;
           std::memcpy(&x, call.inputs[r].data() + 4 * i, 4);
@@ -136,10 +157,10 @@ int main(int argc, char** argv) {
         }
       }
       bool ok;
-      if (call.bf16) {
+      if (call.type != Type::kF32) {
         uint16_t got;
         std::memcpy(&got, outs[0].data() + 2 * i, 2);
-        ok = got == to_bf16(sum);
+        ok = got == narrow16(call.type, sum);
       } else {
         float got;
         std::memcpy(&got, outs[0].data() + 4 * i, 4);
@@ -151,7 +172,7 @@ int main(int argc, char** argv) {
   }
   uint64_t epoch = 0;
   CHECK(cudaMemcpy(&epoch, bases[0], sizeof(epoch), cudaMemcpyDeviceToHost));
-  std::printf("%d ranks on one GPU, %d calls queued back to back (sizes 16 B-%lld B, grids 1-%d, bf16 and "
+  std::printf("%d ranks on one GPU, %d calls queued back to back (sizes 16 B-%lld B, grids 1-%d, bf16, float16 and "
               "float32): %lld of %lld sums wrong, %lld calls where the ranks' outputs differ, epoch %llu\n",
               ranks, calls, static_cast<long long>(slot_bytes), max_blocks, static_cast<long long>(wrong),
               static_cast<long long>(checked), static_cast<long long>(differ),
