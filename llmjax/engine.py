@@ -57,7 +57,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cache as kv
-from llmjax.kernels import allreduce
+from llmjax.kernels import dispatch
 from llmjax.generate import (_check_budget, _check_seed, _continuation, _Detokenizer, _is_int, _model,
                              _parse_prompt, _stop_strings, _token_rows)
 from llmjax.params import Params, shard
@@ -785,9 +785,9 @@ class Engine:
     # ------------------------------------------------------------ compilation
 
     def _cache_key(self, variant: tuple) -> tuple:
-        # The all-reduce mode changes the traced program (LLMJAX_ALLREDUCE, read when tracing).
+        # LLMJAX_* settings (kernel modes, the all-reduce) change what a trace gives.
         return (self._model, self.num_pages, self.page_size, self.kv_dtype.name, self.chunk_rows,
-                self.prefill_row, self.decode_steps, allreduce.mode(), *variant)
+                self.prefill_row, self.decode_steps, dispatch.trace_settings(), *variant)
 
     def _variant(self, rows: int, pages: int, has_chunk: bool, greedy: bool, filters: bool) -> tuple:
         """The step variant for a call: the smallest buckets that hold `rows` rows and `pages`

@@ -141,6 +141,16 @@ def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
     np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), x.sum(0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, jnp.float16])
+def test_the_reference_adds_in_rank_order_in_float32_rounding_once(dtype):
+    parts = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 24)) * 100, dtype)
+    wide = np.asarray(parts.astype(jnp.float32))
+    want = ((wide[0] + wide[1]) + wide[2]).astype(np.float32)  # float32 additions, in rank order
+    got = allreduce.allreduce_reference(parts)
+    assert got.dtype == parts.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want).astype(dtype)))
+
+
 @pytest.mark.parametrize("variable,value,needle", [
     ("LLMJAX_ALLREDUCE", "nccl", "must be one of xla, nvlink, nvlink-eager"),
     ("LLMJAX_ALLREDUCE_BYTES", "lots", "integer >= 16"),

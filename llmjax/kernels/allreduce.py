@@ -38,7 +38,10 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from llmjax.kernels import dispatch
 
 MODES = ("xla", "nvlink", "nvlink-eager")
 VARIABLE = "LLMJAX_ALLREDUCE"
@@ -55,10 +58,17 @@ ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=s
 
 def mode() -> str:
     """The all-reduce `LLMJAX_ALLREDUCE` selects: `xla` (the default), `nvlink` or `nvlink-eager`."""
-    value = os.environ.get(VARIABLE, "xla")
-    if value not in MODES:
-        raise ValueError(f"{VARIABLE} must be one of {', '.join(MODES)}, got {value!r}")
-    return value
+    return dispatch.mode(VARIABLE, MODES, "xla")
+
+
+def allreduce_reference(parts: jax.Array) -> jax.Array:
+    """The sum the kernel computes, in jnp: `parts` `[members, ...]` (member r's values at index r)
+    added in rank order in float32 and rounded once to their dtype, so every member's result is the
+    same bits. (XLA's psum, the fallback, may add in another order: equal up to rounding.)"""
+    total = parts[0].astype(jnp.float32)
+    for r in range(1, parts.shape[0]):
+        total = total + parts[r].astype(jnp.float32)
+    return total.astype(parts.dtype)
 
 
 def _int_setting(variable: str, default: int, minimum: int, maximum: int | None = None) -> int:

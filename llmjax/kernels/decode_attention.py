@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from llmjax.kernels import dispatch
 from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, load_block, masked_softmax,
                                            online_softmax_block, supported)
 
@@ -52,8 +53,7 @@ LARGE_SHARED_MEMORY = ("8.0", "9.0")
 
 def default_tuning(dtype) -> tuple[int, int]:
     """(block_k, num_stages) for a cache of `dtype` on the default device (see `LARGE_BLOCKS`)."""
-    device = jax.devices()[0]
-    large = device.platform == "gpu" and getattr(device, "compute_capability", None) in LARGE_SHARED_MEMORY
+    large = dispatch.compute_capability() in LARGE_SHARED_MEMORY
     return LARGE_BLOCKS if large and jnp.dtype(dtype).itemsize <= 2 else SMALL_BLOCKS
 
 

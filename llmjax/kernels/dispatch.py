@@ -20,12 +20,25 @@ import jax
 MODES = ("auto", "off", "interpret")
 
 
-def mode(variable: str) -> str:
-    """The mode the environment variable `variable` selects: `auto` (the default), `off` or `interpret`."""
-    value = os.environ.get(variable, "auto")
-    if value not in MODES:
-        raise ValueError(f"{variable} must be one of {', '.join(MODES)}, got {value!r}")
+def mode(variable: str, choices: tuple = MODES, default: str = "auto") -> str:
+    """The mode the environment variable `variable` selects among `choices`: for a kernel family
+    `auto` (the default), `off` or `interpret`."""
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def trace_settings() -> tuple:
+    """Every `LLMJAX_*` environment variable and its value: what llmjax reads when it traces a program
+    (the kernel modes, the all-reduce), for a cache of compiled programs to key on."""
+    return tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("LLMJAX_")))
+
+
+def compute_capability() -> str | None:
+    """The default device's CUDA compute capability ("9.0" on an H100 or H200); None off NVIDIA GPUs."""
+    device = jax.devices()[0]
+    return getattr(device, "compute_capability", None) if device.platform == "gpu" else None
 
 
 def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_tuning: dict | None = None,

@@ -83,8 +83,7 @@ def miscompiling_cuda() -> bool:
 
 def on_hopper() -> bool:
     """Whether the default device is an NVIDIA GPU of compute capability 9.0 (H100, H200, GH200)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+    return dispatch.compute_capability() == "9.0"
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "stages", "programs", "chunk", "interpret"))
