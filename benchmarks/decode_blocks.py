@@ -1,9 +1,11 @@
 """Decode attention's default tuning against others, every shape of issue 7's decode table, in turns.
 
     PYTHONPATH=. python benchmarks/decode_blocks.py [--tunings 128:4:2,64:4:3,128:4:3] [--turns 5]
+        [--shapes 64x4096,64x8192]
 
-Each tuning is `block_k:num_warps:num_stages` of `decode_attention` (by default: the H100/H200 default
-first, then the default before the thirteenth session and one other). For
+Each tuning is `block_k:num_warps:num_stages[:splits]` of `decode_attention` (by default: the H100/H200
+default first, then the default before the thirteenth session and one other; no splits field: the
+kernel's own plan, `decode_attention.split_plan`). For
 batch 1 and 64 at contexts 1k, 4k (batch 64), 8k and 32k (Llama-3-8B heads: 32 query and 8 kv heads
 of 128, bf16), each tuning's runner (`benchmarks/attention.runner`: many calls inside one jit over
 distinct caches) takes `--turns` turns in alternation; the figure is the median turn, in TB/s of
@@ -26,10 +28,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tunings", default="128:4:2,64:4:3,128:4:3")
     p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--shapes", default=",".join(f"{b}x{c}" for b, c in SHAPES),
+                   help="comma-separated batch x context (default: issue 7's decode table)")
     args = p.parse_args()
-    tunings = {t: dict(zip(("block_k", "num_warps", "num_stages"), map(int, t.split(":"))))
+    tunings = {t: dict(zip(("block_k", "num_warps", "num_stages", "splits"), map(int, t.split(":"))))
                for t in args.tunings.split(",")}
-    for batch, context in SHAPES:
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    for batch, context in shapes:
         q = at.normal(30, (batch, at.HEADS, at.HEAD_DIM))
         operands = at.decode_operands(batch, context)
         runners = {}

@@ -9,6 +9,8 @@ Cases:
 - `paged:DTYPE:PAGE`: the engine's decode attention on Llama-2-7B heads (32 query = kv heads of 128):
   410 rows of 128-256 tokens (what a steady 1000 x 128/128 call holds), pages of PAGE tokens
   scattered over the pool, pages in DTYPE (`bfloat16` or `float8_e4m3fn`), `paged_attention.TUNING`;
+- `decode:BxC`: decode attention over a contiguous cache (`decode_attention`, its default tuning
+  and split plan) on Llama-3-8B heads (32 query, 8 kv heads of 128), bf16, B rows of C tokens;
 - `prefill:IMPL:TxB`: causal prefill attention on Llama-3-8B heads (32 query, 8 kv heads of 128), bf16,
   B rows of T tokens, by IMPL: `mosaic` (`flash_attention_mgpu`, what the model runs on Hopper) or
   `cudnn` (`jax.nn.dot_product_attention(implementation="cudnn")`).
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.kernels import decode_attention as da
 from llmjax.kernels import flash_attention_mgpu as fm
 from llmjax.kernels import int4_matmul as K
 from llmjax.kernels import paged_attention as pa
@@ -63,6 +66,16 @@ def paged_case(spec: str):
     return lambda: pa.paged_attention(q, k_pages, v_pages, tables, lengths, **tuning)
 
 
+def decode_case(spec: str):
+    b, c = (int(v) for v in spec.split("x"))
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, 32, 128), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (b, c, 8, 128), jnp.bfloat16) for key in keys[1:])
+    lengths = jnp.full((b,), c, jnp.int32)
+    print(f"decode {b} x {c}: tuning {da.default_tuning(k.dtype)}, {k.nbytes * 2 / 1e6:.1f} MB of cache")
+    return functools.partial(da.decode_attention, q, k, v, lengths)
+
+
 def prefill_case(spec: str):
     impl, shape = spec.split(":")
     if impl not in ("mosaic", "cudnn"):
@@ -86,9 +99,10 @@ def main() -> None:
         raise SystemExit(__doc__)
     for case in cases:
         kind, _, spec = case.partition(":")
-        if kind not in ("int4", "paged", "prefill"):
-            raise SystemExit(f"unknown case {case!r}: int4:KxN, paged:DTYPE:PAGE or prefill:IMPL:TxB")
-        call = {"int4": int4_case, "paged": paged_case, "prefill": prefill_case}[kind](spec)
+        cases = {"int4": int4_case, "paged": paged_case, "decode": decode_case, "prefill": prefill_case}
+        if kind not in cases:
+            raise SystemExit(f"unknown case {case!r}: int4:KxN, paged:DTYPE:PAGE, decode:BxC or prefill:IMPL:TxB")
+        call = cases[kind](spec)
         for _ in range(WARMUPS + LAUNCHES):
             jax.block_until_ready(call())
 

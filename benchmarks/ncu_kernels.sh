@@ -14,6 +14,7 @@ for case in "$@"; do
   case $case in
     int4:*) kernel='regex:_fma_kernel|_dot_kernel' ;;
     paged:*) kernel='regex:paged_attention' ;;
+    decode:*) kernel='regex:decode_attention' ;;
     prefill:mosaic:*) kernel='regex:mosaic' ;;
     prefill:cudnn:*) kernel='regex:cudnn|fmha|flash|attn' ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
