@@ -1,7 +1,7 @@
 """Decode attention's default tuning against others, every shape of issue 7's decode table, in turns.
 
     PYTHONPATH=. python benchmarks/decode_blocks.py [--tunings 128:4:2,64:4:3,128:4:3] [--turns 5]
-        [--shapes 64x4096,64x8192]
+        [--shapes 64x4096,64x8192] [--kernel-time]
 
 Each tuning is `block_k:num_warps:num_stages[:splits]` of `decode_attention` (by default: the H100/H200
 default first, then the default before the thirteenth session and one other; no splits field: the
@@ -28,6 +28,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tunings", default="128:4:2,64:4:3,128:4:3")
     p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--kernel-time", action="store_true", help="also the kernel's own time, from a profiler trace")
     p.add_argument("--shapes", default=",".join(f"{b}x{c}" for b, c in SHAPES),
                    help="comma-separated batch x context (default: issue 7's decode table)")
     args = p.parse_args()
@@ -50,9 +51,25 @@ def main():
                 seconds[name].append(run())
         for name in runners:
             tb_s = at.cache_bytes(batch, context) / statistics.median(seconds[name]) / 1e12
-            print(f"b{batch:<3d} {context:6d} {name:10s} {tb_s:5.2f} TB/s  {tb_s * 1e12 / SPEC:6.1%} of 4.8  "
-                  f"{tb_s * 1e12 / at.HBM:6.1%} of 4.14", flush=True)
+            line = (f"b{batch:<3d} {context:6d} {name:10s} {tb_s:5.2f} TB/s  {tb_s * 1e12 / SPEC:6.1%} of 4.8  "
+                    f"{tb_s * 1e12 / at.HBM:6.1%} of 4.14")
+            if args.kernel_time:
+                kernel_s = kernel_seconds(runners[name])
+                line += (f"  | kernel alone {kernel_s * 1e6:8.1f} us  {at.cache_bytes(batch, context) / kernel_s / 1e12:5.2f} "
+                         f"TB/s  {at.cache_bytes(batch, context) / kernel_s / SPEC:6.1%} of 4.8")
+            print(line, flush=True)
         del operands, runners
+
+
+def kernel_seconds(run) -> float:
+    """Mean seconds a launch of the decode kernel, from a profiler trace of one more run of `run`."""
+    from kernel_profile import traced  # benchmarks/, this script's folder
+
+    launches, _, _ = traced(run, idles=False)
+    mine = [(count, ns) for name, (count, ns) in launches.items() if "decode_attention" in name]
+    if not mine:
+        raise SystemExit(f"no decode_attention kernel in the trace: {sorted(launches)[:8]}")
+    return sum(ns for _, ns in mine) / sum(count for count, _ in mine) / 1e9
 
 
 if __name__ == "__main__":
