@@ -26,6 +26,7 @@ into DIR. Configurations past `--budget-s` seconds are skipped (the defaults are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -207,7 +208,7 @@ def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=No
                 break
             def product(x, w, config=config):
                 return K.int4_matmul(x, *w, group_size=GROUP, config=config)
-            kernels = {} if i == 0 and kernel_time else None
+            kernels = {} if kernel_time else None
             try:
                 seconds, first = _time(product, x, weights, kernels)
             except Exception as e:  # a configuration the compiler refuses (shared memory, registers): go on
@@ -224,7 +225,8 @@ def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=No
             if kernels:
                 own = next((s for name, s in kernels.items() if name in ("_fma_kernel", "_dot_kernel")), None)
                 if own is not None:
-                    report.add(shape, m, "  the default's kernel alone (profiler)", own, packed, kernel_only=True)
+                    report.add(shape, m, f"  {_label(config)}: its kernel alone (profiler)", own, packed,
+                               kernel_only=True)
         if not baselines:
             continue
         bf16 = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(_copies(n * k * 2))]
@@ -257,8 +259,8 @@ def summary(report: Report) -> None:
         report.say(f"  {shape:>11s} M={m:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  {r['impl']}{vs}"
                    f"{_goal(r)}")
     for r in (r for r in report.rows if r.get("kernel_only")):
-        report.say(f"  {r['shape']:>11s} M={r['m']:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us  the default's "
-                   f"kernel alone, without the sum of its K slices{_goal(r)}")
+        report.say(f"  {r['shape']:>11s} M={r['m']:<3d} {r['tb_s_packed']:5.2f} TB/s {r['us']:8.1f} us {r['impl']}, "
+                   f"without the sum of its K slices{_goal(r)}")
 
 
 def _goal(row: dict) -> str:
@@ -275,8 +277,10 @@ def main() -> None:
                         help="after this many seconds only default configurations and baselines are timed")
     parser.add_argument("--grid", action="store_true", help="one row only, the packed float16 kernel in "
                         "every configuration of `grid()`, no baselines; --budget-s is then per shape")
+    parser.add_argument("--kinds", default=None, help="one row only: the default configuration of each shape, "
+                        "then the same blocks in each of these kinds (comma-separated, e.g. hfma4), no baselines")
     parser.add_argument("--kernel-time", action="store_true",
-                        help="also the default configuration's kernel alone, from a profiler trace")
+                        help="also each timed configuration's kernel alone, from a profiler trace")
     args = parser.parse_args()
     if jax.devices()[0].platform != "gpu":
         sys.exit("this benchmark times GPU kernels; no GPU is visible to jax")
@@ -286,6 +290,11 @@ def main() -> None:
     for shape in args.shapes.split(","):
         if args.grid:
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False)
+        elif args.kinds:
+            default = K.default_config(1, shape=tuple(map(int, shape.split("x"))))
+            same_blocks = [dataclasses.replace(default, kind=kind) for kind in args.kinds.split(",")]
+            bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: same_blocks}, baselines=False,
+                        kernel_time=args.kernel_time)
         else:
             bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s,
                         kernel_time=args.kernel_time)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/int4_shapes.py --model llama2-7b --out DIR [--variants a,b] [--rounds 2]
 
 Each variant sets `int4_matmul.ONE_ROW_BY_SHAPE` (the packed kernel's configuration per weight shape
-(K, N)) and times `llmjax.bench` on the same random int4-g128 weights, in one process, with the
+(K, N)) and the one-row kind (`hfma4` for the variants named so, else `hfma2`), and times `llmjax.bench` on the same random int4-g128 weights, in one process, with the
 bandwidth measured once. Variants run in turn for `--rounds` rounds, so drift shows as the spread of
 one variant between rounds. Writes `int4_shapes.json` into DIR and prints a table.
 """
@@ -11,6 +11,7 @@ one variant between rounds. Writes `int4_shapes.json` into DIR and prints a tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -43,6 +44,10 @@ def variants(config) -> dict[str, dict]:
         "wide bn32": {s: packed(32, 512, 16) for s in (qkv, gate_up)},
         "wide bn128 warps8": {s: packed(128, 512, 16, 8) for s in (qkv, gate_up)},
         "all bn32": {s: packed(32, 512, 16) for s in (qkv, o, gate_up, down)},
+        # the defaults' blocks, four words a float16 sum (kind hfma4; `int4_matmul.set_one_row_kind`)
+        "hfma4": {},
+        "hfma4 bn64 everywhere": {s: dataclasses.replace(K.DECODE_PACKED, kind="hfma4")
+                                  for s in (qkv, o, gate_up, down)},
     }
 
 
@@ -68,6 +73,7 @@ def main() -> None:
         for name in names:
             K.ONE_ROW_BY_SHAPE.clear()
             K.ONE_ROW_BY_SHAPE.update(table[name])
+            K.set_one_row_kind("hfma4" if name.startswith("hfma4") else "hfma2")
             jax.clear_caches()  # the table is read when the loop is traced
             r = bench.bench(args.model, dtype=args.dtype, params=params, bandwidth=bandwidth, gen_len=args.gen_len)
             results[name].append(r.decode_tok_s)

@@ -15,7 +15,7 @@ from llmjax.kernels import linear
 from llmjax.kernels.int4_matmul import Int4Config, default_config, int4_matmul, int4_matmul_reference
 from llmjax.quant import QuantizedWeight, QuantScheme, quantize, quantize_int4
 
-FMA, HFMA2, DOT = "fma", "hfma2", "dot"
+FMA, HFMA2, HFMA4, DOT = "fma", "hfma2", "hfma4", "dot"
 # (m, n, k, group, config or None for the default by m, symmetric, x dtype): M in {1, 3, 16, 77}, N and
 # K mostly not multiples of the blocks, both kernels, one and several groups per step, with and
 # without zero points, some shapes that need no masking at all.
@@ -34,6 +34,10 @@ CASES = [
     (1, 100, 384, 128, Int4Config(HFMA2, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
     (2, 77, 320, 32, Int4Config(HFMA2, block_n=16, block_k=64, splits=3), True, jnp.float32),
     (1, 64, 512, 64, Int4Config(HFMA2, block_n=64, block_k=128), True, jnp.float16),
+    # four words a float16 sum: every group size (runs of four words never cross a group), edges in N and K
+    (1, 100, 384, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
+    (2, 77, 320, 32, Int4Config(HFMA4, block_n=16, block_k=64, splits=3), True, jnp.float32),
+    (1, 64, 512, 64, Int4Config(HFMA4, block_n=64, block_k=128), True, jnp.float16),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
 PACKED_TOLERANCE = 4e-3  # float16 products and half sums
@@ -58,7 +62,7 @@ class Int4MatmulCases:
         assert got.shape == (m, n) and got.dtype == dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         kind = (config or default_config(m, asymmetric=not symmetric, dtype=dtype)).kind
-        tolerance = max(TOLERANCE[dtype], PACKED_TOLERANCE) if kind == HFMA2 else TOLERANCE[dtype]
+        tolerance = max(TOLERANCE[dtype], PACKED_TOLERANCE) if kind in (HFMA2, HFMA4) else TOLERANCE[dtype]
         np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
 
 
@@ -112,13 +116,16 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
     x, q = _inputs(1, 8, 256, 64, False, jnp.bfloat16, seed=0)
     with pytest.raises(ValueError, match="symmetric weights only"):
         int4_matmul(x, q.values, q.scales, q.zeros, group_size=64, config=Int4Config(HFMA2), interpret=True)
+    with pytest.raises(ValueError, match="symmetric weights only"):
+        int4_matmul(x, q.values, q.scales, q.zeros, group_size=64, config=Int4Config(HFMA4), interpret=True)
     n, k = 512, 1024
     args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 8), jnp.uint32),
             jax.ShapeDtypeStruct((n, k // 128), jnp.bfloat16))
-    kernel = jax.jit(lambda x, v, s: int4_matmul(x, v, s, group_size=128, config=Int4Config(HFMA2, block_k=256)))
-    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
-        text = kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "__gpu$xla.gpu.triton" in text
+    for kind in (HFMA2, HFMA4):
+        kernel = jax.jit(lambda x, v, s: int4_matmul(x, v, s, group_size=128, config=Int4Config(kind, block_k=256)))
+        with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
+            text = kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text
 
 
 def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_tuned():
@@ -149,8 +156,10 @@ def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switc
     try:
         module.set_one_row_kind("fma")
         assert module.default_config(1).kind == "fma"
-        with pytest.raises(ValueError, match="'fma' or 'hfma2'"):
+        with pytest.raises(ValueError, match="one-row int4 kernel is one of"):
             module.set_one_row_kind("dot")
+        module.set_one_row_kind("hfma4")  # the packed kernel's blocks, four words a float16 sum
+        assert module.default_config(1, shape=(4096, 4096)) == Int4Config(HFMA4, block_n=32, block_k=512, splits=16)
     finally:
         module.set_one_row_kind("hfma2")
 
