@@ -78,7 +78,7 @@ CANDIDATES = {
 }
 
 
-def grid(kind: str = "hfma2") -> list[K.Int4Config]:
+def grid(kind: str = K.DEFAULT_ONE_ROW_KIND) -> list[K.Int4Config]:
     """`--grid`: every one-row configuration of output block, K step, K slices and warps."""
     return [K.Int4Config(kind, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
             for bn in (64, 128) for bk in (256, 512) for sp in (1, 2, 4, 8, 16) for nw in (4, 8)]

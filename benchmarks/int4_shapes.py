@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/int4_shapes.py --model llama2-7b --out DIR [--variants a,b] [--rounds 2]
 
 Each variant sets `int4_matmul.ONE_ROW_BY_SHAPE` (the packed kernel's configuration per weight shape
-(K, N)) and the one-row kind (`hfma4` for the variants named so, else `hfma2`), and times `llmjax.bench` on the same random int4-g128 weights, in one process, with the
+(K, N)) and the one-row kind (`hfma2` for the variants named so, else the default,
+`int4_matmul.DEFAULT_ONE_ROW_KIND`), and times `llmjax.bench` on the same random int4-g128 weights, in one process, with the
 bandwidth measured once. Variants run in turn for `--rounds` rounds, so drift shows as the spread of
 one variant between rounds. Writes `int4_shapes.json` into DIR and prints a table.
 """
@@ -23,7 +24,7 @@ from llmjax.kernels import int4_matmul as K
 
 
 def packed(bn, bk, sp, nw=4, ns=3):
-    return K.Int4Config("hfma2", block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
+    return K.Int4Config(K.DEFAULT_ONE_ROW_KIND, block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
 
 
 def variants(config) -> dict[str, dict]:
@@ -44,9 +45,9 @@ def variants(config) -> dict[str, dict]:
         "wide bn32": {s: packed(32, 512, 16) for s in (qkv, gate_up)},
         "wide bn128 warps8": {s: packed(128, 512, 16, 8) for s in (qkv, gate_up)},
         "all bn32": {s: packed(32, 512, 16) for s in (qkv, o, gate_up, down)},
-        # the defaults' blocks, four words a float16 sum (kind hfma4; `int4_matmul.set_one_row_kind`)
-        "hfma4": {},
-        "hfma4 bn64 everywhere": {s: dataclasses.replace(K.DECODE_PACKED, kind="hfma4")
+        # the default blocks, one word a float16 sum (kind hfma2, the default before the fourteenth session)
+        "hfma2": {},
+        "hfma2 bn64 everywhere": {s: dataclasses.replace(K.DECODE_PACKED, kind="hfma2")
                                   for s in (qkv, o, gate_up, down)},
     }
 
@@ -73,7 +74,7 @@ def main() -> None:
         for name in names:
             K.ONE_ROW_BY_SHAPE.clear()
             K.ONE_ROW_BY_SHAPE.update(table[name])
-            K.set_one_row_kind("hfma4" if name.startswith("hfma4") else "hfma2")
+            K.set_one_row_kind("hfma2" if name.startswith("hfma2") else K.DEFAULT_ONE_ROW_KIND)
             jax.clear_caches()  # the table is read when the loop is traced
             r = bench.bench(args.model, dtype=args.dtype, params=params, bandwidth=bandwidth, gen_len=args.gen_len)
             results[name].append(r.decode_tok_s)

@@ -221,8 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=int, default=None, help="default 256 (128 with --throughput)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
     b.add_argument("--int4-kernel", choices=["fma", "hfma2", "hfma4"], default=None, help="the int4 kernel "
-                   "for one and two rows on cuda: hfma2 (the default: packed float16 math, symmetric weights), "
-                   "hfma4 (the same, four words a float16 sum) or fma (float32 math)")
+                   "for one and two rows on cuda: hfma4 (the default: packed float16 math, four words a float16 sum, "
+                   "symmetric weights), hfma2 (one word a float16 sum) or fma (float32 math)")
     _add_mesh_flags(b)
     b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
                    "(static cache, compiled) on the same shapes")

@@ -148,7 +148,7 @@ def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_
 def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switched():
     from llmjax.kernels import int4_matmul as module
 
-    assert module.default_config(1).kind == "hfma2" and module.default_config(2, dtype=jnp.float16).kind == "hfma2"
+    assert module.default_config(1).kind == HFMA4 and module.default_config(2, dtype=jnp.float16).kind == HFMA4
     assert module.default_config(1, asymmetric=True).kind == "fma"  # zero points
     assert module.default_config(1, dtype=jnp.float32).kind == "fma"  # float32 products asked for
     assert module.default_config(1, platform="rocm").kind == "fma"  # PTX is cuda's
@@ -158,10 +158,10 @@ def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switc
         assert module.default_config(1).kind == "fma"
         with pytest.raises(ValueError, match="one-row int4 kernel is one of"):
             module.set_one_row_kind("dot")
-        module.set_one_row_kind("hfma4")  # the packed kernel's blocks, four words a float16 sum
-        assert module.default_config(1, shape=(4096, 4096)) == Int4Config(HFMA4, block_n=32, block_k=512, splits=16)
+        module.set_one_row_kind(HFMA2)  # the packed kernel's blocks, one word a float16 sum
+        assert module.default_config(1, shape=(4096, 4096)) == Int4Config(HFMA2, block_n=32, block_k=512, splits=16)
     finally:
-        module.set_one_row_kind("hfma2")
+        module.set_one_row_kind(module.DEFAULT_ONE_ROW_KIND)
 
 
 def test_a_quantized_decode_step_lowers_for_rocm_and_cuda_with_their_kernels():

@@ -17,7 +17,7 @@ goes into the kernel as it comes, so no XLA pass over it runs before the product
 of the compiled H200 code (Triton 3.6) gives ~3.7 instructions per weight for the one-row kernel
 (AND, subtract, multiply-add, and a little per word), where plain shift-mask-convert code needs ~6.
 
-Two kernel bodies (one of them in two variants), one wrapper (`int4_matmul`), the choice in
+Two kernel bodies (one of them in three variants), one wrapper (`int4_matmul`), the choice in
 `Int4Config.kind`:
 
 - `fma`, for a few rows (batch-1 decode): CUDA-core multiply-adds, split-K. A program owns `block_n`
@@ -25,12 +25,16 @@ Two kernel bodies (one of them in two variants), one wrapper (`int4_matmul`), th
   words (wide loads of whole groups), sums the eight products of each word, scales the sum once (a
   word lies in one group) into a float32 `[block_n, groups, W]` accumulator, and reduces that once,
   after the K loop. Zero points subtract `zero * sum(x run)` per word.
-- `hfma2`, one or two rows on cuda (the default there for bfloat16 and float16 activations and
-  symmetric weights): the `fma` kernel with packed float16 math written in PTX
+- `hfma2`, one or two rows on cuda: the `fma` kernel with packed float16 math written in PTX
   (`elementwise_inline_asm`): ~17 instructions for a word's eight weights instead of ~30, products
   and each word's half sums in float16 (x scaled by `PACKED_X_SCALE` first), so its error is ~4e-3 of
   the largest output, bfloat16's own rounding. Interpreted, it runs the same arithmetic in jnp. On
   the H200 it reads 8192x28672 at 2.16 TB/s where `fma` reads 1.72 (BENCHMARKS.md).
+- `hfma4`, the default for one or two rows on cuda (bfloat16 and float16 activations, symmetric
+  weights): `hfma2` with four neighbouring words of a group summed in one float16 pair before the
+  conversion and the scale, ~14 instructions a word where `hfma2` takes ~18 with its scale (x at
+  `PACKED4_X_SCALE`); its error is up to ~6e-3 of the largest output. On the H200, batch-1 decode of
+  Llama-2-7B int4-g128 went from 518 to 528 tok/s (BENCHMARKS.md, fourteenth session).
 - `dot`, for more rows (decode batches and prefill): tensor cores. Each word is repeated for its eight
   nibbles, so `[block_n, groups, 8, W]` holds the step's weights in input order; they become x's dtype
   (exact: (code - zero) * 16**pos has four significant bits) and meet x in one product per step. When
@@ -68,8 +72,9 @@ KINDS = ("fma", "hfma2", "hfma4", "dot")
 
 @dataclasses.dataclass(frozen=True)
 class Int4Config:
-    """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows), `hfma2` (the same
-    with packed float16 math; cuda only, symmetric weights) or `dot` (tensor cores). Block sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
+    """Tuning of one `int4_matmul` call. `kind`: `fma` (CUDA cores, few rows), `hfma2` and `hfma4`
+    (the same with packed float16 math; cuda only, symmetric weights) or `dot` (tensor cores). Block
+    sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
     and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program;
     None (the default) picks enough slices for about `TARGET_PROGRAMS` programs, at least `MIN_STEPS`
     steps each, so that a matrix with few outputs (o, down) still keeps every SM reading."""
@@ -114,7 +119,7 @@ class Int4Config:
 FMA_MAX_ROWS = 2
 TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs (when splits is None)
 MIN_STEPS = 2
-DECODE_PACKED = Int4Config("hfma2", block_n=64, block_k=512, splits=16, num_warps=4, num_stages=3)
+DECODE_PACKED = Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=4, num_stages=3)
 # A matrix that gives DECODE_PACKED fewer than NARROW_PROGRAMS programs takes 32-wide output blocks
 # (twice the programs): in Llama-2-7B that is q/k/v, o and down, and batch-1 decode went from 506 to
 # 522 tok/s on the H200 (13B: 314 to 319), where 8192x28672 (7168 programs) keeps 64 (2.32 TB/s
@@ -126,15 +131,16 @@ DECODE_FMA = Int4Config("fma", block_n=64, block_k=256, splits=16, num_warps=4, 
 DECODE_DOT = Int4Config("dot", block_m=16, block_n=64, block_k=128, splits=8, num_warps=4, num_stages=3)
 PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 ONE_ROW_KINDS = ("fma", "hfma2", "hfma4")
-_one_row_kind = "hfma2"
+DEFAULT_ONE_ROW_KIND = "hfma4"  # 528 against hfma2's 518 tok/s, Llama-2-7B int4-g128 batch 1 on an H200
+_one_row_kind = DEFAULT_ONE_ROW_KIND
 # The packed kernel's configuration per weight shape (K, N) where it differs from DECODE_PACKED.
 ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {}
 
 
 def set_one_row_kind(kind: str) -> None:
-    """Which kernel serves one and two rows from now on in this process: `hfma2` (the default on cuda:
-    packed float16 math), `hfma4` (the same, four words a float16 sum) or `fma` (float32 math
-    everywhere)."""
+    """Which kernel serves one and two rows from now on in this process: `hfma4` (the default on cuda:
+    packed float16 math, four words a float16 sum), `hfma2` (one word a float16 sum) or `fma`
+    (float32 math everywhere)."""
     global _one_row_kind
     if kind not in ONE_ROW_KINDS:
         raise ValueError(f"the one-row int4 kernel is one of {ONE_ROW_KINDS}, got {kind!r}")
