@@ -2,7 +2,9 @@
 their refusals, and their lowering into a Triton call for rocm (gfx942) and cuda (H200).
 
 The cases run interpreted on CPU (`TestInt4MatmulInterpret`); on a machine with a GPU the same cases
-run compiled (`TestInt4MatmulGpu`, skipped elsewhere).
+run compiled (`TestInt4MatmulGpu`, skipped elsewhere) when the tests are told to use it:
+`JAX_PLATFORMS=cuda python -m pytest tests/test_int4_matmul.py -k Gpu` (`conftest.py` picks the CPU
+otherwise, for its 8 fake devices).
 """
 
 import jax
