@@ -38,7 +38,7 @@ CASES = [
     (1, 64, 512, 64, Int4Config(HFMA2, block_n=64, block_k=128), True, jnp.float16),
     # four words a float16 sum: every group size (runs of four words never cross a group), edges in N and K
     (1, 100, 384, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
-    (2, 77, 320, 32, Int4Config(HFMA4, block_n=16, block_k=64, splits=3), True, jnp.float32),
+    (2, 77, 320, 32, Int4Config(HFMA4, block_n=32, block_k=128, splits=2), True, jnp.float32),  # 4 words a thread
     (1, 64, 512, 64, Int4Config(HFMA4, block_n=64, block_k=128), True, jnp.float16),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
@@ -90,7 +90,8 @@ def test_bad_inputs_are_refused_with_the_reason():
         int4_matmul(x, q.values, q.scales, group_size=48, interpret=True)
     for config, match in ((Int4Config("fast"), "kind"), (Int4Config(FMA, block_k=32), "multiple of the group"),
                           (Int4Config(FMA, block_n=48), "power of two"), (Int4Config(FMA, splits=0), "positive"),
-                          (Int4Config(DOT, block_m=8), "at least 16")):
+                          (Int4Config(DOT, block_m=8), "at least 16"),
+                          (Int4Config(HFMA4, block_n=16, block_k=64), "at least 4 words a thread")):
         with pytest.raises(ValueError, match=match):
             int4_matmul(x, q.values, q.scales, config=config, **call)
 

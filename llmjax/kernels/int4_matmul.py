@@ -103,6 +103,12 @@ class Int4Config:
         if self.block_k % group_size:
             raise ValueError(f"Int4Config.block_k={self.block_k} must be a multiple of the group size "
                              f"{group_size}")
+        if self.kind == "hfma4" and self.block_n * self.block_k // NIBBLES < PACK * 32 * self.num_warps:
+            # a thread's four neighbouring words must be one group's: with fewer than four words a
+            # thread, Triton hands the assembly words that are not (on the H200: NaN)
+            raise ValueError(f"the hfma4 kernel needs at least {PACK} words a thread: block_n * block_k / 8 >= "
+                             f"{PACK} * 32 * num_warps; got block_n={self.block_n}, block_k={self.block_k}, "
+                             f"num_warps={self.num_warps} (use larger blocks, fewer warps or kind 'hfma2')")
         if self.kind == "dot" and min(self.block_m, self.block_n) < 16:
             raise ValueError(f"the dot kernel's tiles must be at least 16 wide (tensor cores); got "
                              f"block_m={self.block_m}, block_n={self.block_n}")
