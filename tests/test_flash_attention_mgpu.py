@@ -95,6 +95,11 @@ def test_every_item_order_takes_each_item_once_longest_first_per_chunk(h, b, til
             assert heads == list(range(heads[0], heads[0] + groups)) and heads[0] % groups == 0
 
 
+def test_long_rows_take_chunks_by_their_length():
+    assert [mgpu.default_chunk(rows) for rows in (1, 8192, 16383, 16384, 32768, 65535, 65536, 131072)] == \
+        [0, 0, 0, 24, 24, 24, 32, 32]
+
+
 def _abstract_h200():
     return AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
                         abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu"))

@@ -15,7 +15,7 @@ specialization.
 How it runs (FlashAttention-3's scheme). The work is split into items, one per (query head, row,
 block of `2 * block_q` queries), ordered longest first (the last query blocks see the most keys) with
 the query heads that share a kv head side by side, so that their K/V tiles come from L2. In long rows
-(`LONG_ROW`) the items go by kv head within chunks of query blocks, so that the programs running at
+(`LONG_CHUNKS`) the items go by kv head within chunks of query blocks, so that the programs running at
 once read one or two kv heads' keys and values, which L2 holds, not all of them (`_order`). One program
 per SM takes items in turn (a snake over the ordered items, which evens out the programs' shares);
 three warpgroups per program. Warpgroup 2 is the producer: it issues the TMA copies of the K and V
@@ -51,10 +51,17 @@ from llmjax.kernels.flash_attention import LOG2E, MASKED, _check
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SMEM_BYTES = 227 * 1024  # shared memory one program may take on an H100/H200 (less a little for barriers)
-# Rows of LONG_ROW queries or more take their items by kv head in chunks of LONG_CHUNK query blocks
-# (`_order`). On the H200 (BENCHMARKS.md, thirteenth session), against every head of a block together:
-# 32k x 1 +1.6% and +1.6%, 64k x 1 +7% (0.95x cuDNN before, 1.02x after); 16k x 2 level; 8k x 2 -5%.
-LONG_ROW, LONG_CHUNK = 32768, 32
+# Rows of at least `rows` queries take their items by kv head in chunks of `chunk` query blocks
+# (`_order`; the first pair a row meets). On the H200 (BENCHMARKS.md, thirteenth and fourteenth
+# sessions), against every head of a block together: 64k x 1 +7% with chunks of 32 (0.95x cuDNN
+# before, 1.02x after; 24: 1.1% behind 32); 32k x 1 +1.6% (24 and 32 level); 16k x 2 +2.3% with 24 in
+# both sessions (16 and 32 level, 48 +1.4%); 8k x 2 -5% with any chunk, so shorter rows keep the order.
+LONG_CHUNKS = ((65536, 32), (16384, 24))  # (rows, chunk)
+
+
+def default_chunk(rows: int) -> int:
+    """The chunk `flash_attention` takes for rows of `rows` queries when none is given (0: no chunks)."""
+    return next((chunk for least, chunk in LONG_CHUNKS if rows >= least), 0)
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -96,7 +103,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
     step (a multiple of 64), `stages` K/V slots in shared memory, `programs` programs launched (None:
     one per SM, each taking the work items in turn; 0: one per item). `chunk` > 0 orders the items by kv
     head within chunks of at most `chunk` query blocks (see `_order`); 0 keeps every head of a query
-    block together; None: `LONG_CHUNK` for rows of `LONG_ROW` queries or more, 0 below. `interpret=True`
+    block together; None: `default_chunk(rows)` (`LONG_CHUNKS`). `interpret=True`
     runs Mosaic GPU's interpret mode (threads, barriers and TMA copies emulated on the CPU) with the two products as
     `jnp.dot`s: that interpreter's wgmma takes neither a transposed operand nor one in registers."""
     _check(q, k, v, q_offsets, kv_lengths)
@@ -104,7 +111,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
         raise ValueError(f"flash_attention_mgpu takes bf16 or float16 q, k, v of one dtype and head dim "
                          f"64 or 128; got {q.dtype}, {k.dtype}, {v.dtype} and {q.shape[-1]}")
     if chunk is None:
-        chunk = LONG_CHUNK if q.shape[1] >= LONG_ROW else 0
+        chunk = default_chunk(q.shape[1])
     if chunk < 0:
         raise ValueError(f"flash_attention_mgpu needs chunk >= 0 (0: no chunks), got {chunk}")
     if block_q % 64 or block_kv % 64 or stages < 2:
