@@ -45,8 +45,10 @@ ROCM_TUNING = dict(block_k=64, num_stages=2)
 # Defaults on GPUs with large shared memory (compute capability 8.0 and 9.0: A100, H100, H200):
 # 128-key blocks in 2 stages (benchmarks/decode_blocks.py, thirteenth session, H200: at batch 64 x
 # 1k-32k 8-19% past 64-key blocks in 3 stages, e.g. 3.63 against 3.34 TB/s at 64 x 4k; at batch 1
-# from -3% to +4%). They take 128 KB of shared memory at head dim 128 in bf16, past the ~99 KB of
-# other NVIDIA GPUs (RTX 4090: 8.9), which keep 64 keys in 3 stages (96 KB), as float32 caches do.
+# from -3% to +4%). At head dim 128 in bf16 a program takes 73.7 KB of shared memory and 192 registers
+# a thread (Nsight Compute, fourteenth session: two programs an SM, bound by registers). Other NVIDIA
+# GPUs (RTX 4090: 8.9, ~99 KB a program) would hold that too but have not been measured with it, so
+# they keep 64 keys in 3 stages, as float32 caches do.
 LARGE_BLOCKS, SMALL_BLOCKS = (128, 2), (64, 3)  # (block_k, num_stages)
 LARGE_SHARED_MEMORY = ("8.0", "9.0")
 
