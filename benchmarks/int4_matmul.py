@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR [--shapes 8192x28672,...] [--rows 1,8,16,64]
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --grid --shapes 4096x12288,...  (one row)
+    PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --kinds hfma2 --kernel-time  (one row: the
+        default's blocks in other kinds)
 
 For each weight shape K x N (inputs x outputs: 4096x11008 is Llama-2-7B's up projection) and each row
 count M, it
@@ -10,8 +12,8 @@ count M, it
 2. times, as microseconds per product and effective TB/s of packed int4 bytes (N * K / 2; the bf16
    scales add 1/32 of that at group 128 and are not counted): the kernel in several configurations
    (block sizes, K splits, warps, stages; the first, "default", is what the model runs for that shape
-   and M, and `--kernel-time` also reads its kernel's own time from a profiler trace, without the XLA
-   sum of its K slices after it), XLA's bf16 product and torch's bf16 product (cuBLAS) on the
+   and M, and `--kernel-time` also reads each configuration's kernel time from a profiler trace,
+   without the XLA sum of its K slices after it), XLA's bf16 product and torch's bf16 product (cuBLAS) on the
    same shape; at M = 1 also our int8 path (XLA's dequant-dot) and the int4 reference (XLA:
    dequantize, then dot).
 
@@ -278,7 +280,7 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true", help="one row only, the packed float16 kernel in "
                         "every configuration of `grid()`, no baselines; --budget-s is then per shape")
     parser.add_argument("--kinds", default=None, help="one row only: the default configuration of each shape, "
-                        "then the same blocks in each of these kinds (comma-separated, e.g. hfma4), no baselines")
+                        "then the same blocks in each of these kinds (comma-separated, e.g. hfma2), no baselines")
     parser.add_argument("--kernel-time", action="store_true",
                         help="also each timed configuration's kernel alone, from a profiler trace")
     args = parser.parse_args()

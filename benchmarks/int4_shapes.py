@@ -4,8 +4,8 @@
 
 Each variant sets `int4_matmul.ONE_ROW_BY_SHAPE` (the packed kernel's configuration per weight shape
 (K, N)) and the one-row kind (`hfma2` for the variants named so, else the default,
-`int4_matmul.DEFAULT_ONE_ROW_KIND`), and times `llmjax.bench` on the same random int4-g128 weights, in one process, with the
-bandwidth measured once. Variants run in turn for `--rounds` rounds, so drift shows as the spread of
+`int4_matmul.DEFAULT_ONE_ROW_KIND`), and times `llmjax.bench` on the same random int4-g128 weights,
+in one process, with the bandwidth measured once. Variants run in turn for `--rounds` rounds, so drift shows as the spread of
 one variant between rounds. Writes `int4_shapes.json` into DIR and prints a table.
 """
 
@@ -52,6 +52,11 @@ def variants(config) -> dict[str, dict]:
     }
 
 
+def kind_of(variant: str) -> str:
+    """The one-row kind a variant runs with where its table gives a shape no configuration."""
+    return "hfma2" if variant.startswith("hfma2") else K.DEFAULT_ONE_ROW_KIND
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama2-7b")
@@ -74,7 +79,7 @@ def main() -> None:
         for name in names:
             K.ONE_ROW_BY_SHAPE.clear()
             K.ONE_ROW_BY_SHAPE.update(table[name])
-            K.set_one_row_kind("hfma2" if name.startswith("hfma2") else K.DEFAULT_ONE_ROW_KIND)
+            K.set_one_row_kind(kind_of(name))
             jax.clear_caches()  # the table is read when the loop is traced
             r = bench.bench(args.model, dtype=args.dtype, params=params, bandwidth=bandwidth, gen_len=args.gen_len)
             results[name].append(r.decode_tok_s)
@@ -86,7 +91,8 @@ def main() -> None:
     with open(os.path.join(args.out, "int4_shapes.json"), "w") as f:
         json.dump({"model": args.model, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
                    "jax": jax.__version__, "tok_s": results,
-                   "variants": {n: {f"{k}x{n_}": vars(c) for (k, n_), c in table[n].items()} for n in names}},
+                   "variants": {n: {f"{k}x{n_}": vars(c) for (k, n_), c in table[n].items()} for n in names},
+                   "one_row_kind": {n: kind_of(n) for n in names}},
                   f, indent=1)
 
 

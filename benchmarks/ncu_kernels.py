@@ -97,12 +97,12 @@ def main() -> None:
     cases = sys.argv[1:]
     if not cases:
         raise SystemExit(__doc__)
+    makers = {"int4": int4_case, "paged": paged_case, "decode": decode_case, "prefill": prefill_case}
     for case in cases:
         kind, _, spec = case.partition(":")
-        cases = {"int4": int4_case, "paged": paged_case, "decode": decode_case, "prefill": prefill_case}
-        if kind not in cases:
+        if kind not in makers:
             raise SystemExit(f"unknown case {case!r}: int4:KxN, paged:DTYPE:PAGE, decode:BxC or prefill:IMPL:TxB")
-        call = cases[kind](spec)
+        call = makers[kind](spec)
         for _ in range(WARMUPS + LAUNCHES):
             jax.block_until_ready(call())
 

@@ -40,6 +40,7 @@ CASES = [
     (1, 100, 384, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),
     (2, 77, 320, 32, Int4Config(HFMA4, block_n=32, block_k=128, splits=2), True, jnp.float32),  # 4 words a thread
     (1, 64, 512, 64, Int4Config(HFMA4, block_n=64, block_k=128), True, jnp.float16),
+    (1, 100, 1280, 128, None, True, jnp.bfloat16),  # cuda's one-row default: hfma4, 32 outputs by 512 inputs
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
 PACKED_TOLERANCE = 4e-3  # float16 products and half sums
@@ -88,6 +89,8 @@ def test_bad_inputs_are_refused_with_the_reason():
         int4_matmul(x, q.values, q.scales[:, :2], **call)
     with pytest.raises(ValueError, match="group size in"):
         int4_matmul(x, q.values, q.scales, group_size=48, interpret=True)
+    with pytest.raises(ValueError, match="runs of 4 words of one group"):
+        Int4Config(HFMA4).check(16)  # no int4 group this small today; the kernel would need one
     for config, match in ((Int4Config("fast"), "kind"), (Int4Config(FMA, block_k=32), "multiple of the group"),
                           (Int4Config(FMA, block_n=48), "power of two"), (Int4Config(FMA, splits=0), "positive"),
                           (Int4Config(DOT, block_m=8), "at least 16"),

@@ -50,7 +50,7 @@ ROCM_TUNING = dict(block_k=64, num_stages=2)
 # GPUs (RTX 4090: 8.9, ~99 KB a program) would hold that too but have not been measured with it, so
 # they keep 64 keys in 3 stages, as float32 caches do.
 LARGE_BLOCKS, SMALL_BLOCKS = (128, 2), (64, 3)  # (block_k, num_stages)
-LARGE_SHARED_MEMORY = ("8.0", "9.0")
+LARGE_SHARED_MEMORY = ("8.0", "9.0")  # the capabilities that take LARGE_BLOCKS (the H200 measured; see above)
 
 
 def default_tuning(dtype) -> tuple[int, int]:

@@ -54,7 +54,7 @@ SMEM_BYTES = 227 * 1024  # shared memory one program may take on an H100/H200 (l
 # Rows of at least `rows` queries take their items by kv head in chunks of `chunk` query blocks
 # (`_order`; the first pair a row meets). On the H200 (BENCHMARKS.md, thirteenth and fourteenth
 # sessions), against every head of a block together: 64k x 1 +7% with chunks of 32 (0.95x cuDNN
-# before, 1.02x after; 24: 1.1% behind 32); 32k x 1 +1.6-2.5%, 24 ahead of 32 by 0.3-0.8% in three
+# before, 1.02x after; 24: 1.1% behind 32); 32k x 1 +1.6-3.1%, 24 ahead of 32 by 0.3-0.8% in three
 # calls; 16k x 2 with 24: +2.3%, +2.5% and -1.3% in three calls (16 and 32 level or behind, 48 +1.4%);
 # 8k x 2 -5% with any chunk, so shorter rows keep the order.
 LONG_CHUNKS = ((65536, 32), (16384, 24))  # (rows, chunk)

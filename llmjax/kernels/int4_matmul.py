@@ -103,9 +103,12 @@ class Int4Config:
         if self.block_k % group_size:
             raise ValueError(f"Int4Config.block_k={self.block_k} must be a multiple of the group size "
                              f"{group_size}")
+        if self.kind == "hfma4" and group_size // NIBBLES < PACK:
+            raise ValueError(f"the hfma4 kernel sums runs of {PACK} words of one group; group {group_size} "
+                             f"has {group_size // NIBBLES} words (use kind 'hfma2')")
         if self.kind == "hfma4" and self.block_n * self.block_k // NIBBLES < PACK * 32 * self.num_warps:
-            # a thread's four neighbouring words must be one group's: with fewer than four words a
-            # thread, Triton hands the assembly words that are not (on the H200: NaN)
+            # each thread must hold runs of four words: with fewer words a thread, Triton fills the
+            # assembly's four inputs with undefined values (on the H200: NaN)
             raise ValueError(f"the hfma4 kernel needs at least {PACK} words a thread: block_n * block_k / 8 >= "
                              f"{PACK} * 32 * num_warps; got block_n={self.block_n}, block_k={self.block_k}, "
                              f"num_warps={self.num_warps} (use larger blocks, fewer warps or kind 'hfma2')")
@@ -118,7 +121,8 @@ class Int4Config:
 # weight), the tensor-core kernel beyond. Set from `benchmarks/int4_matmul.py` on the H200
 # (BENCHMARKS.md). One row, cuda: the packed float16 kernel, 64 outputs by 512 inputs a step over 16 K
 # slices, best or within noise of the best of 40 configurations on Llama-2-7B's four shapes (4096x12288,
-# 4096x4096, 4096x22016, 11008x4096) and 8192x28672 (54.4 us against the float32 kernel's 68.2).
+# 4096x4096, 4096x22016, 11008x4096) and 8192x28672 (54.4 us against the float32 kernel's 68.2); that
+# sweep ran `hfma2`, and `hfma4` (the default since the fourteenth session) took its blocks unswept.
 # rocm, float32 activations and weights with zero points: the float32 kernel, 64 outputs by 256 inputs
 # over 16 K slices (first sweep: 62.5 us on 8192x28672 against 116.0 for 128/128/auto). 8 and 16 rows:
 # 64-wide tiles over 8 K slices.
@@ -139,7 +143,8 @@ PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, n
 ONE_ROW_KINDS = ("fma", "hfma2", "hfma4")
 DEFAULT_ONE_ROW_KIND = "hfma4"  # 528 against hfma2's 518 tok/s, Llama-2-7B int4-g128 batch 1 on an H200
 _one_row_kind = DEFAULT_ONE_ROW_KIND
-# The packed kernel's configuration per weight shape (K, N) where it differs from DECODE_PACKED.
+# The packed kernel's configuration per weight shape (K, N) where it differs from DECODE_PACKED. An
+# entry keeps its own kind: `set_one_row_kind` picks the kind of the shapes without one.
 ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {}
 
 
@@ -283,7 +288,9 @@ add.f32 $0, f0, f1;
 # float16 pair, so the conversion to float32, the sum of the halves and the group's scale (a
 # multiply-add into the float32 accumulator) come once per four words instead of once per word: ~14
 # instructions a word instead of ~18. Each half then sums 16 products in float16, so x enters at
-# PACKED4_X_SCALE, 4x smaller than PACKED_X_SCALE, to keep the same headroom below 65504.
+# PACKED4_X_SCALE, 4x smaller than PACKED_X_SCALE, to keep the same headroom below 65504 (inputs
+# below ~4e-3 then lose bits to float16's subnormals, where hfma2's threshold is ~1e-3). Needs runs of
+# four words inside a group (groups of at least 32: 4 words) and four words a thread (`Int4Config.check`).
 PACKED4_X_SCALE = 2.0 ** -6
 PACK = 4
 
@@ -293,7 +300,8 @@ def _packed4_asm() -> str:
     sum, the others pass through), $4-$7 the words, then four x pairs per word position ($8 + 4j + i:
     pair j of word i), the scales ($24-$27; the first is used) and the accumulators ($28-$31)."""
     lines = ["{", ".reg .b32 k0, k1, kg, c0, c1, c2, sh, t0, t1, t2, t3, a;", ".reg .b16 l16, h16;",
-             ".reg .f32 f0, f1;", "mov.b32 k0, 0x000f000f;", "mov.b32 k1, 0x00f000f0;", "mov.b32 kg, 0x64006400;",
+             ".reg .f32 f0, f1, r0, r1, r2, r3;",
+             "mov.b32 k0, 0x000f000f;", "mov.b32 k1, 0x00f000f0;", "mov.b32 kg, 0x64006400;",
              "mov.b32 c0, 0x64086408;", "mov.b32 c1, 0x2c002c00;", "mov.b32 c2, 0xd480d480;"]
     for i in range(PACK):
         word = f"${4 + i}"
@@ -305,7 +313,9 @@ def _packed4_asm() -> str:
             pair = f"${8 + 4 * j + i}"
             lines.append(f"mul.rn.f16x2 a, t0, {pair};" if i == j == 0 else f"fma.rn.f16x2 a, t{j}, {pair}, a;")
     lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 f0, l16;", "cvt.f32.f16 f1, h16;", "add.f32 f0, f0, f1;",
-              "fma.rn.f32 $0, f0, $24, $28;", "mov.f32 $1, $29;", "mov.f32 $2, $30;", "mov.f32 $3, $31;", "}"]
+              # every input is read before any output is written: an output may share an input's register
+              "fma.rn.f32 r0, f0, $24, $28;", "mov.f32 r1, $29;", "mov.f32 r2, $30;", "mov.f32 r3, $31;",
+              "mov.f32 $0, r0;", "mov.f32 $1, r1;", "mov.f32 $2, r2;", "mov.f32 $3, r3;", "}"]
     return "\n".join(lines)
 
 
