@@ -7,6 +7,10 @@ run compiled (`TestInt4MatmulGpu`, skipped elsewhere) when the tests are told to
 otherwise, for its 8 fake devices).
 """
 
+import re
+import shutil
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +214,30 @@ def test_the_projection_entry_point_matches_linear_reference(scheme):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
     if scheme is not None:  # the reference really is the dequantized product, not the float one
         assert not np.allclose(np.asarray(want), np.asarray(linear.linear_reference(x, w, 2, 2)), atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA's compiler is not installed here")
+@pytest.mark.parametrize("pack", [1, 4])
+def test_the_packed_kernels_assembly_assembles_for_hopper(pack, tmp_path):
+    """The inline PTX of `hfma2` (one word a block) and `hfma4` (four) through ptxas for sm_90, in a
+    CUDA kernel that binds the operands as Triton does (outputs, then each input's `pack` registers):
+    a typo or a wrong operand count fails here, not on the first GPU run."""
+    from llmjax.kernels import int4_matmul as module
+
+    asm = module._PACKED_WORD_ASM if pack == 1 else module._PACKED4_ASM
+    asm = re.sub(r"\$(\d+)", r"%\1", asm).replace("\n", "\\n")  # LLVM's $n is CUDA's %n
+    inputs = [("r", pack)] * 5 + ([("f", pack)] * 2 if pack == 4 else [])  # words, 4 pairs; scales, accs
+    operands, bound = [], 0
+    for constraint, count in inputs:
+        operands += [f'"{constraint}"(i{bound + j})' for j in range(count)]
+        bound += count
+    declare = "".join(f"{'unsigned' if c == 'r' else 'float'} i{n} = {'0u' if c == 'r' else '0.f'}; "
+                      for n, c in enumerate(c for c, count in inputs for _ in range(count)))
+    outputs = ", ".join(f'"=f"(o[{j}])' for j in range(pack))
+    source = (f"__global__ void k(float* out) {{ {declare} float o[{pack}];\n"
+              f'  asm volatile("{asm}" : {outputs} : {", ".join(operands)});\n'
+              f"  for (int j = 0; j < {pack}; j++) out[j] = o[j]; }}\n")
+    (tmp_path / "k.cu").write_text(source)
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-c", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
