@@ -224,7 +224,7 @@ def test_the_packed_kernels_assembly_assembles_for_hopper(pack, tmp_path):
     a typo or a wrong operand count fails here, not on the first GPU run."""
     from llmjax.kernels import int4_matmul as module
 
-    asm = module._PACKED_WORD_ASM if pack == 1 else module._PACKED4_ASM
+    asm = module._PACKED_ASM[HFMA2 if pack == 1 else HFMA4]
     asm = re.sub(r"\$(\d+)", r"%\1", asm).replace("\n", "\\n")  # LLVM's $n is CUDA's %n
     inputs = [("r", pack)] * 5 + ([("f", pack)] * 2 if pack == 4 else [])  # words, 4 pairs; scales, accs
     operands, bound = [], 0

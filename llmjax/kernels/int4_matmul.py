@@ -251,34 +251,6 @@ def _weight_block(v_ref, s_ref, z_ref, n_slice, n_edge, g_slice, g_edge):
 # a half's sum stays below float16's 65504 for |x| up to ~32k, and inputs below ~1e-3 lose bits to
 # float16's subnormals); the scale's inverse is folded into each group's scale.
 PACKED_X_SCALE = 2.0 ** -4
-_PACKED_WORD_ASM = """{
-.reg .b32 k0, k1, kg, t0, t1, t2, t3, sh, a, c0, c1, c2;
-.reg .b16 l16, h16;
-.reg .f32 f0, f1;
-mov.b32 k0, 0x000f000f;
-mov.b32 k1, 0x00f000f0;
-mov.b32 kg, 0x64006400;
-mov.b32 c0, 0x64086408;
-mov.b32 c1, 0x2c002c00;
-mov.b32 c2, 0xd480d480;
-shr.u32 sh, $1, 8;
-lop3.b32 t0, $1, k0, kg, 0xea;
-lop3.b32 t1, $1, k1, kg, 0xea;
-lop3.b32 t2, sh, k0, kg, 0xea;
-lop3.b32 t3, sh, k1, kg, 0xea;
-sub.rn.f16x2 t0, t0, c0;
-fma.rn.f16x2 t1, t1, c1, c2;
-sub.rn.f16x2 t2, t2, c0;
-fma.rn.f16x2 t3, t3, c1, c2;
-mul.rn.f16x2 a, t0, $2;
-fma.rn.f16x2 a, t1, $3, a;
-fma.rn.f16x2 a, t2, $4, a;
-fma.rn.f16x2 a, t3, $5, a;
-mov.b32 {l16, h16}, a;
-cvt.f32.f16 f0, l16;
-cvt.f32.f16 f1, h16;
-add.f32 $0, f0, f1;
-}"""
 # 0x64006400: 1024 in both halves; 0x64086408: 1032; 0x2c002c00: 1/16; 0xd480d480: -72, so that
 # (1024 + 16 * code) / 16 - 72 = code - 8.
 
@@ -295,31 +267,40 @@ PACKED4_X_SCALE = 2.0 ** -6
 PACK = 4
 
 
-def _packed4_asm() -> str:
-    """The PTX of one `hfma4` block: $0-$3 the new accumulators (the first takes the four words' scaled
-    sum, the others pass through), $4-$7 the words, then four x pairs per word position ($8 + 4j + i:
-    pair j of word i), the scales ($24-$27; the first is used) and the accumulators ($28-$31)."""
+PACKED_WORDS = {"hfma2": 1, "hfma4": PACK}  # words per assembly block, by kind
+
+
+def _packed_asm(words: int) -> str:
+    """The PTX block of a packed kernel over `words` words (1: `hfma2`, `PACK`: `hfma4`), its operands
+    numbered as Triton binds them (outputs first, then each input's `words` registers): outputs
+    $0..; the words $w + i; x's pair j (x_j, x_j+4) of word i at $2w + jw + i. `hfma2` returns the
+    word's sum; `hfma4` also takes the scales ($6w + i; the first is used) and the accumulators
+    ($7w + i), and returns the accumulators with the run's scaled sum added to the first."""
     lines = ["{", ".reg .b32 k0, k1, kg, c0, c1, c2, sh, t0, t1, t2, t3, a;", ".reg .b16 l16, h16;",
              ".reg .f32 f0, f1, r0, r1, r2, r3;",
              "mov.b32 k0, 0x000f000f;", "mov.b32 k1, 0x00f000f0;", "mov.b32 kg, 0x64006400;",
              "mov.b32 c0, 0x64086408;", "mov.b32 c1, 0x2c002c00;", "mov.b32 c2, 0xd480d480;"]
-    for i in range(PACK):
-        word = f"${4 + i}"
+    for i in range(words):
+        word = f"${words + i}"
         lines += [f"shr.u32 sh, {word}, 8;", f"lop3.b32 t0, {word}, k0, kg, 0xea;",
                   f"lop3.b32 t1, {word}, k1, kg, 0xea;", "lop3.b32 t2, sh, k0, kg, 0xea;",
                   "lop3.b32 t3, sh, k1, kg, 0xea;", "sub.rn.f16x2 t0, t0, c0;", "fma.rn.f16x2 t1, t1, c1, c2;",
                   "sub.rn.f16x2 t2, t2, c0;", "fma.rn.f16x2 t3, t3, c1, c2;"]
         for j in range(4):
-            pair = f"${8 + 4 * j + i}"
+            pair = f"${2 * words + j * words + i}"
             lines.append(f"mul.rn.f16x2 a, t0, {pair};" if i == j == 0 else f"fma.rn.f16x2 a, t{j}, {pair}, a;")
-    lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 f0, l16;", "cvt.f32.f16 f1, h16;", "add.f32 f0, f0, f1;",
-              # every input is read before any output is written: an output may share an input's register
-              "fma.rn.f32 r0, f0, $24, $28;", "mov.f32 r1, $29;", "mov.f32 r2, $30;", "mov.f32 r3, $31;",
-              "mov.f32 $0, r0;", "mov.f32 $1, r1;", "mov.f32 $2, r2;", "mov.f32 $3, r3;", "}"]
-    return "\n".join(lines)
+    lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 f0, l16;", "cvt.f32.f16 f1, h16;"]
+    if words == 1:
+        lines.append("add.f32 $0, f0, f1;")
+    else:  # every input is read before any output is written: an output may share an input's register
+        scale, acc = 6 * words, 7 * words
+        lines += ["add.f32 f0, f0, f1;", f"fma.rn.f32 r0, f0, ${scale}, ${acc};"]
+        lines += [f"mov.f32 r{i}, ${acc + i};" for i in range(1, words)]
+        lines += [f"mov.f32 ${i}, r{i};" for i in range(words)]
+    return "\n".join(lines + ["}"])
 
 
-_PACKED4_ASM = _packed4_asm()
+_PACKED_ASM = {kind: _packed_asm(words) for kind, words in PACKED_WORDS.items()}
 
 
 def _f16_pair(low, high, emulate: bool):
@@ -331,24 +312,28 @@ def _f16_pair(low, high, emulate: bool):
                                         pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.int32)])[0]
 
 
+def _emulated_half_sum(runs, half: int):
+    """What the packed assembly's float16 chain gives in one half (0: nibbles 0..3 against x_0..3, 1:
+    nibbles 4..7 against x_4..7), in jnp: `runs` the (words, their four int32 x pairs) in the order the
+    assembly takes them, every product added in float32 and rounded to float16 as `fma.rn.f16x2` does."""
+    acc = None
+    for words, x_pairs in runs:
+        for j in range(4):
+            code = ((words >> jnp.uint32(4 * (4 * half + j))) & jnp.uint32(0xF)).astype(jnp.float32) - 8.0
+            x = jax.lax.bitcast_convert_type(x_pairs[j], jnp.float16)[..., half].astype(jnp.float32)
+            acc = (code * x if acc is None else code * x + acc).astype(jnp.float16).astype(jnp.float32)
+    return acc
+
+
 def _packed_word_sums(words, x_pairs, emulate: bool):
     """Per word, sum over its eight codes of (code - 8) * x (float32 of two float16 half sums), with
     `x_pairs` [4] the int32 pairs (x_j, x_j+4) broadcast to the words' shape. `emulate`: the same
     arithmetic in jnp (the interpreter cannot run PTX), rounding to float16 where the PTX does."""
     if not emulate:
         return plgpu.elementwise_inline_asm(
-            _PACKED_WORD_ASM, args=[words, *x_pairs], constraints="=f,r,r,r,r,r", pack=1,
+            _PACKED_ASM["hfma2"], args=[words, *x_pairs], constraints="=f,r,r,r,r,r", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)])[0]
-    halves = []
-    for half in range(2):  # nibbles 0..3 against x_0..3 (low halves), 4..7 against x_4..7 (high)
-        acc = None
-        for j in range(4):
-            nib = 4 * half + j
-            code = ((words >> jnp.uint32(4 * nib)) & jnp.uint32(0xF)).astype(jnp.float32) - 8.0
-            x = jax.lax.bitcast_convert_type(x_pairs[j], jnp.float16)[..., half].astype(jnp.float32)
-            acc = (code * x if acc is None else code * x + acc).astype(jnp.float16).astype(jnp.float32)
-        halves.append(acc)
-    return halves[0] + halves[1]
+    return sum(_emulated_half_sum([(words, x_pairs)], half) for half in range(2))
 
 
 def _packed4_update(acc, words, x_pairs, scale, emulate: bool):
@@ -357,31 +342,21 @@ def _packed4_update(acc, words, x_pairs, scale, emulate: bool):
     along each run); the `hfma4` assembly on the GPU, the same arithmetic in jnp when `emulate`."""
     if not emulate:
         return plgpu.elementwise_inline_asm(
-            _PACKED4_ASM, args=[words, *x_pairs, scale, acc],
+            _PACKED_ASM["hfma4"], args=[words, *x_pairs, scale, acc],
             constraints=",".join(["=f"] * PACK + ["r"] * PACK * 5 + ["f"] * PACK * 2), pack=PACK,
             result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)])[0]
     shape = words.shape[:-1] + (words.shape[-1] // PACK, PACK)
-    words = words.reshape(shape)
-    pairs = [jax.lax.bitcast_convert_type(p.reshape(shape), jnp.float16) for p in x_pairs]  # [..., PACK, 2]
-    halves = []
-    for half in range(2):  # one float16 chain per half over the run's words, nibble pairs in order
-        acc16 = None
-        for i in range(PACK):
-            for j in range(4):
-                code = ((words[..., i] >> jnp.uint32(4 * (4 * half + j))) & jnp.uint32(0xF)).astype(jnp.float32) - 8.0
-                term = code * pairs[j][..., i, half].astype(jnp.float32)
-                acc16 = (term if acc16 is None else term + acc16).astype(jnp.float16).astype(jnp.float32)
-        halves.append(acc16)
-    runs = (halves[0] + halves[1]) * scale.reshape(shape)[..., 0]
-    first = jnp.zeros(shape, jnp.float32).at[..., 0].set(runs)
-    return acc + first.reshape(acc.shape)
+    words, x_pairs = words.reshape(shape), [p.reshape(shape) for p in x_pairs]
+    runs = [(words[..., i], [p[..., i] for p in x_pairs]) for i in range(PACK)]
+    total = sum(_emulated_half_sum(runs, half) for half in range(2)) * scale.reshape(shape)[..., 0]
+    return acc + jnp.zeros(shape, jnp.float32).at[..., 0].set(total).reshape(acc.shape)
 
 
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
-                asymmetric, packed=False, emulate=False):
+                asymmetric, packed=0, emulate=False):
     # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
     # s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref [M, groups, W] (x summed over each
-    # word's inputs, float32); o_ref [splits, M, N] float32
+    # word's inputs, float32); o_ref [splits, M, N] float32. packed: words per assembly block (0: fma)
     z_ref, xs_ref, o_ref = rest if asymmetric else (None, None, rest[0])
     i, split = pl.program_id(0), pl.program_id(1)
     w = v_ref.shape[-1]
@@ -499,7 +474,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
     config = config or default_config(m, asymmetric=zeros is not None, dtype=x.dtype, shape=(k, n))
     config.check(group_size)
-    if config.kind in ("hfma2", "hfma4") and zeros is not None:
+    if config.kind in PACKED_WORDS and zeros is not None:
         raise ValueError(f"the {config.kind} int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
     block_groups = config.block_k // group_size
     steps_total = pl.cdiv(groups, block_groups)
@@ -521,7 +496,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         x4 = x.reshape(m, groups, NIBBLES, w)
         sums = (jnp.sum(x4.astype(jnp.float32), axis=2),) if asymmetric else ()
         operands = (x4,) + operands + sums
-        packed = {"hfma2": 1, "hfma4": PACK}.get(config.kind, 0)
+        packed = PACKED_WORDS.get(config.kind, 0)
         kernel = functools.partial(_fma_kernel, rows=m, packed=packed, emulate=interpret, **common)
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
