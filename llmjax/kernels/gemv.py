@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from llmjax.kernels import dispatch
 
 MAX_ROWS = 16
 
@@ -84,13 +85,6 @@ def gemv(x: jax.Array, w: jax.Array, *, block_n: int = 16, block_k: int = 512, s
 MODES = ("auto", "on", "off", "narrow")
 
 
-def _mode() -> str:
-    mode = os.environ.get("LLMJAX_GEMV", "auto")
-    if mode not in MODES:
-        raise ValueError(f"LLMJAX_GEMV must be one of {', '.join(MODES)}, got {mode!r}")
-    return mode
-
-
 def use_kernel(rows: int, n: int, k: int, dtype) -> bool:
     """Whether `linear` lowers this product to the Pallas kernel on GPUs (other platforms always take
     XLA's product). `LLMJAX_GEMV` chooses, for measuring: `on` (every bf16 product of <= 16 rows),
@@ -98,7 +92,7 @@ def use_kernel(rows: int, n: int, k: int, dtype) -> bool:
     default, keeps XLA's product until the kernel has been measured faster on a GPU."""
     if rows > MAX_ROWS or jnp.dtype(dtype) != jnp.bfloat16:
         return False
-    mode = _mode()
+    mode = dispatch.mode("LLMJAX_GEMV", MODES)
     return mode == "on" or (mode == "narrow" and n <= k)
 
 
