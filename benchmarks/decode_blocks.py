@@ -32,8 +32,7 @@ def main():
     p.add_argument("--shapes", default=",".join(f"{b}x{c}" for b, c in SHAPES),
                    help="comma-separated batch x context (default: issue 7's decode table)")
     args = p.parse_args()
-    tunings = {t: dict(zip(("block_k", "num_warps", "num_stages", "splits"), map(int, t.split(":"))))
-               for t in args.tunings.split(",")}
+    tunings = {t: parse_tuning(t) for t in args.tunings.split(",")}
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     for batch, context in shapes:
         q = at.normal(30, (batch, at.HEADS, at.HEAD_DIM))
@@ -63,14 +62,20 @@ def main():
 
 
 def kernel_seconds(run) -> float:
-    """Mean seconds a launch of the decode kernel, from a profiler trace of one more run of `run`."""
-    from kernel_profile import traced  # benchmarks/, this script's folder
+    """Mean seconds a launch of the decode kernel, from a profiler trace of one more run of `run` (the
+    mean over the kernels so named, should the trace hold more than one)."""
+    from kernel_profile import launch_seconds  # benchmarks/, this script's folder
 
-    launches, _, _ = traced(run, idles=False)
-    mine = [(count, ns) for name, (count, ns) in launches.items() if "decode_attention" in name]
+    kernels = launch_seconds(run)
+    mine = [seconds for name, seconds in kernels.items() if "decode_attention" in name]
     if not mine:
-        raise SystemExit(f"no decode_attention kernel in the trace: {sorted(launches)[:8]}")
-    return sum(ns for _, ns in mine) / sum(count for count, _ in mine) / 1e9
+        raise SystemExit(f"no decode_attention kernel in the trace: {sorted(kernels)[:8]}")
+    return sum(mine) / len(mine)
+
+
+def parse_tuning(text: str) -> dict:
+    """`block_k:num_warps:num_stages[:splits]` as `decode_attention`'s keyword arguments."""
+    return dict(zip(("block_k", "num_warps", "num_stages", "splits"), map(int, text.split(":"))))
 
 
 if __name__ == "__main__":

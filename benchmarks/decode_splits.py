@@ -13,6 +13,7 @@ import argparse
 
 import jax
 
+from benchmarks import decode_blocks
 from llmjax import cli
 from llmjax.kernels import decode_attention
 
@@ -29,8 +30,7 @@ def main():
     attend = decode_attention.attend
     variants = {"default": {}}
     variants.update({f"splits {s}": {"splits": int(s)} for s in a.splits.split(",") if s})
-    variants.update({t: dict(zip(("block_k", "num_warps", "num_stages", "splits"), map(int, t.split(":"))))
-                     for t in a.tunings.split(",") if t})
+    variants.update({t: decode_blocks.parse_tuning(t) for t in a.tunings.split(",") if t})
     for r in range(a.rounds):
         for name, tuning in variants.items():
             decode_attention.attend = lambda *args, t=tuning, **kw: attend(*args, **t, **kw)

@@ -127,10 +127,9 @@ def _time(product, x, weights, kernels: dict | None = None) -> tuple[float, jax.
     jax.block_until_ready(first)
     seconds = _median_time(lambda: run(x, weights), 5) / (ROUNDS * len(weights))
     if kernels is not None:
-        from kernel_profile import traced  # benchmarks/, this script's folder
+        from kernel_profile import launch_seconds  # benchmarks/, this script's folder
 
-        launches, _, _ = traced(lambda: jax.block_until_ready(run(x, weights)), idles=False)
-        kernels.update({name: ns / count / 1e9 for name, (count, ns) in launches.items()})
+        kernels.update(launch_seconds(lambda: jax.block_until_ready(run(x, weights))))
     return seconds, first
 
 

@@ -85,6 +85,12 @@ def traced(fn, timeline: int = 0, idles: bool = True) -> tuple[dict, float]:
     return dict(kernels), last - first, max(busy.values(), default=0.0)
 
 
+def launch_seconds(fn) -> dict[str, float]:
+    """Each GPU kernel's mean seconds a launch while `fn` runs under the profiler (`traced`)."""
+    launches, _, _ = traced(fn, idles=False)
+    return {name: ns / count / 1e9 for name, (count, ns) in launches.items()}
+
+
 IDLE_EDGES_US = (2, 10, 100, 1000)
 LONGEST_IDLES = 12
 HOST_WINDOWS, HOST_EVENTS = 2, 25
