@@ -177,13 +177,12 @@ def _order(h: int, b: int, tiles: int, groups: int, chunk: int):
         return g * groups + r, row, u
 
     def at(i):
-        in_whole = i < first_of_rest
         head, row, u = within(jax.lax.rem(i, h * b * c), c)
         part = jax.lax.div(i, h * b * c)
         if whole == tiles:
             return head, row, tiles - 1 - (part * c + u)
-        last = max(tiles - whole, 1)
-        head2, row2, u2 = within(jnp.maximum(i - first_of_rest, 0), last)
+        in_whole = i < first_of_rest
+        head2, row2, u2 = within(jnp.maximum(i - first_of_rest, 0), tiles - whole)
         return (jnp.where(in_whole, head, head2), jnp.where(in_whole, row, row2),
                 tiles - 1 - jnp.where(in_whole, part * c + u, whole + u2))
     return at
