@@ -85,7 +85,7 @@ def grid(kind: str = K.DEFAULT_ONE_ROW_KIND) -> list[K.Int4Config]:
     (1024) give each program more bytes in flight; the small Llama shapes' kernels run 1.5-2.6 waves of
     one-step programs at 38-45% of DRAM bandwidth (Nsight Compute, fourteenth session)."""
     return [K.Int4Config(kind, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
-            for bn in (32, 64, 128) for bk in (256, 512, 1024) for sp in (2, 4, 8, 16) for nw in (4, 8)
+            for bn in (16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for sp in (2, 4, 8, 16) for nw in (2, 4, 8)
             if bn * bk // 8 >= 4 * 32 * nw or kind != "hfma4"]  # hfma4: four words a thread
 
 
@@ -293,7 +293,8 @@ def main() -> None:
     report.say(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, int4 group {GROUP}")
     for shape in args.shapes.split(","):
         if args.grid:
-            bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False)
+            bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False,
+                        kernel_time=args.kernel_time)
         elif args.kinds:
             default = K.default_config(1, shape=tuple(map(int, shape.split("x"))))
             same_blocks = [dataclasses.replace(default, kind=kind) for kind in args.kinds.split(",")]

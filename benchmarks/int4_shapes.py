@@ -27,6 +27,9 @@ def packed(bn, bk, sp, nw=4, ns=3):
     return K.Int4Config(K.DEFAULT_ONE_ROW_KIND, block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
 
 
+LIBRARY_TABLE = dict(K.ONE_ROW_BY_SHAPE)  # variant "default"; every other variant replaces the table
+
+
 def variants(config) -> dict[str, dict]:
     """(K, N) of the four projections of a layer, and the variants over them."""
     d, f = config.hidden_size, config.intermediate_size
@@ -34,7 +37,8 @@ def variants(config) -> dict[str, dict]:
     o, gate_up, down = (config.num_heads * config.head_dim, d), (d, 2 * f), (f, d)
     narrow = (o, down)  # few outputs: the shapes that read slowest in the model
     return {
-        "default": {},
+        "default": LIBRARY_TABLE,
+        "rule": {},  # no table: the blocks by program count alone (the default before the fifteenth session)
         "bn64 everywhere": {s: K.DECODE_PACKED for s in (qkv, o, gate_up, down)},
         "narrow bn32": {s: packed(32, 512, 16) for s in narrow},
         "narrow bk256": {s: packed(64, 256, 16) for s in narrow},
@@ -45,6 +49,10 @@ def variants(config) -> dict[str, dict]:
         "wide bn32": {s: packed(32, 512, 16) for s in (qkv, gate_up)},
         "wide bn128 warps8": {s: packed(128, 512, 16, 8) for s in (qkv, gate_up)},
         "all bn32": {s: packed(32, 512, 16) for s in (qkv, o, gate_up, down)},
+        # the fastest kernels alone of the fifteenth session's --grid --kernel-time sweep (BENCHMARKS.md)
+        "sweep15": {qkv: packed(128, 512, 4), o: packed(64, 512, 16, 8), gate_up: packed(32, 1024, 16),
+                    down: packed(64, 512, 16)},
+        "sweep15 qkv down": {qkv: packed(128, 512, 4), down: packed(64, 512, 16)},
         # the default blocks, one word a float16 sum (kind hfma2, the default before the fourteenth session)
         "hfma2": {},
         "hfma2 bn64 everywhere": {s: dataclasses.replace(K.DECODE_PACKED, kind="hfma2")

@@ -7,6 +7,7 @@ run compiled (`TestInt4MatmulGpu`, skipped elsewhere) when the tests are told to
 otherwise, for its 8 fake devices).
 """
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -45,6 +46,11 @@ CASES = [
     (2, 77, 320, 32, Int4Config(HFMA4, block_n=32, block_k=128, splits=2), True, jnp.float32),  # 4 words a thread
     (1, 64, 512, 64, Int4Config(HFMA4, block_n=64, block_k=128), True, jnp.float16),
     (1, 100, 1280, 128, None, True, jnp.bfloat16),  # cuda's one-row default: hfma4, 32 outputs by 512 inputs
+    # the tilings of Llama-2-7B's table (`ONE_ROW_BY_SHAPE`), on awkward shapes: two steps a program,
+    # eight warps, 1024 inputs a step
+    (1, 200, 1920, 128, Int4Config(HFMA4, block_n=128, block_k=512, splits=4), True, jnp.bfloat16),
+    (2, 90, 1408, 128, Int4Config(HFMA4, block_n=64, block_k=512, splits=16, num_warps=8), True, jnp.bfloat16),
+    (1, 70, 2304, 128, Int4Config(HFMA4, block_n=32, block_k=1024, splits=16), True, jnp.bfloat16),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
 PACKED_TOLERANCE = 4e-3  # float16 products and half sums
@@ -141,18 +147,24 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
 def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_tuned():
     from llmjax.kernels import int4_matmul as module
 
-    # Llama-2-7B: q/k/v (4096x12288), o (4096x4096) and down (11008x4096) narrow; gate/up stays 64 wide
-    for shape, width in (((4096, 12288), 32), ((4096, 4096), 32), ((11008, 4096), 32), ((4096, 22016), 64),
+    # Llama-2-13B, outside the table: o (5120x5120) and down (13824x5120) narrow; q/k/v and gate/up 64 wide
+    for shape, width in (((5120, 15360), 64), ((5120, 5120), 32), ((13824, 5120), 32), ((5120, 27648), 64),
                          ((8192, 28672), 64)):
         assert module.default_config(1, shape=shape).block_n == width
     assert module.default_config(1).block_n == 64  # no shape given
     assert module.default_config(1, dtype=jnp.float32, shape=(4096, 4096)) == module.DECODE_FMA
-    own = Int4Config("hfma2", block_n=16, block_k=512, splits=8, num_warps=2)
+    # Llama-2-7B's four shapes take the sweep's configurations, each a valid packed tiling at group 128
+    for shape, config in module.ONE_ROW_BY_SHAPE.items():
+        assert module.default_config(1, shape=shape) == config and config.kind == HFMA4
+        config.check(128)
+    assert module.default_config(1, shape=(4096, 12288)).block_n == 128
+    own = Int4Config(HFMA4, block_n=16, block_k=512, splits=8, num_warps=2)
+    library = module.ONE_ROW_BY_SHAPE[(4096, 4096)]
     module.ONE_ROW_BY_SHAPE[(4096, 4096)] = own
     try:
         assert module.default_config(1, shape=(4096, 4096)) == own
     finally:
-        del module.ONE_ROW_BY_SHAPE[(4096, 4096)]
+        module.ONE_ROW_BY_SHAPE[(4096, 4096)] = library
 
 
 def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switched():
@@ -169,7 +181,9 @@ def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switc
         with pytest.raises(ValueError, match="one-row int4 kernel is one of"):
             module.set_one_row_kind("dot")
         module.set_one_row_kind(HFMA2)  # the packed kernel's blocks, one word a float16 sum
-        assert module.default_config(1, shape=(4096, 4096)) == Int4Config(HFMA2, block_n=32, block_k=512, splits=16)
+        assert module.default_config(1, shape=(5120, 5120)) == Int4Config(HFMA2, block_n=32, block_k=512, splits=16)
+        table = module.ONE_ROW_BY_SHAPE[(4096, 12288)]  # a tuned shape keeps its blocks in the kind asked for
+        assert module.default_config(1, shape=(4096, 12288)) == dataclasses.replace(table, kind=HFMA2)
     finally:
         module.set_one_row_kind(module.DEFAULT_ONE_ROW_KIND)
 

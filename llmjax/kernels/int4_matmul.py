@@ -143,9 +143,18 @@ PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, n
 ONE_ROW_KINDS = ("fma", "hfma2", "hfma4")
 DEFAULT_ONE_ROW_KIND = "hfma4"  # 528 against hfma2's 518 tok/s, Llama-2-7B int4-g128 batch 1 on an H200
 _one_row_kind = DEFAULT_ONE_ROW_KIND
-# The packed kernel's configuration per weight shape (K, N) where it differs from DECODE_PACKED. An
-# entry keeps its own kind: `set_one_row_kind` picks the kind of the shapes without one.
-ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {}
+# The packed kernel's blocks per weight shape (K, N) where they differ from the rule above (the kind
+# is `set_one_row_kind`'s, as for every shape). Llama-2-7B's
+# four projections take the fastest kernels alone of a sweep of ~170 configurations a shape
+# (`benchmarks/int4_matmul.py --grid --kernel-time`, fifteenth session): q/k/v 10.6 -> 9.5 us, down
+# 10.9 -> 9.5, and batch-1 decode went from 528 to 552 tok/s on the H200 (`benchmarks/int4_shapes.py`,
+# variant "sweep15"). The same blocks by role lost 2.4% at 13B, so the table is by exact shape.
+ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
+    (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4),  # q/k/v
+    (4096, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=8),  # o
+    (4096, 22016): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # gate/up
+    (11008, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=4),  # down
+}
 
 
 def set_one_row_kind(kind: str) -> None:
@@ -171,7 +180,7 @@ def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, plat
         if not packed:
             return DECODE_FMA
         if shape in ONE_ROW_BY_SHAPE:
-            return ONE_ROW_BY_SHAPE[shape]
+            return dataclasses.replace(ONE_ROW_BY_SHAPE[shape], kind=_one_row_kind)
         config = DECODE_PACKED
         if shape is not None:
             k, n = shape
