@@ -283,6 +283,8 @@ def main() -> None:
                         "every configuration of `grid()`, no baselines; --budget-s is then per shape")
     parser.add_argument("--kinds", default=None, help="one row only: the default configuration of each shape, "
                         "then the same blocks in each of these kinds (comma-separated, e.g. hfma2), no baselines")
+    parser.add_argument("--configs", default=None, help="one row only: the default configuration of each shape, "
+                        "then these (comma-separated block_n:block_k:splits:num_warps, the default kind), no baselines")
     parser.add_argument("--kernel-time", action="store_true",
                         help="also each timed configuration's kernel alone, from a profiler trace")
     args = parser.parse_args()
@@ -294,6 +296,12 @@ def main() -> None:
     for shape in args.shapes.split(","):
         if args.grid:
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False,
+                        kernel_time=args.kernel_time)
+        elif args.configs:
+            listed = [K.Int4Config(K.DEFAULT_ONE_ROW_KIND, **dict(zip(("block_n", "block_k", "splits", "num_warps"),
+                                                                       map(int, c.split(":")))))
+                      for c in args.configs.split(",")]
+            bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: listed}, baselines=False,
                         kernel_time=args.kernel_time)
         elif args.kinds:
             default = K.default_config(1, shape=tuple(map(int, shape.split("x"))))

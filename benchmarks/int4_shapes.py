@@ -60,6 +60,22 @@ def variants(config) -> dict[str, dict]:
     }
 
 
+def fastest_alone(config, name: str) -> dict:
+    """Variant `sweep:PATH`: for each projection of the model, the configuration whose kernel alone was
+    fastest in PATH, an `int4_matmul.json` of `benchmarks/int4_matmul.py --kernel-time`."""
+    rows = json.load(open(name.split(":", 1)[1]))["rows"]
+    best = {}
+    for timed, alone in zip(rows, rows[1:]):
+        if alone.get("kernel_only") and "config" in timed:
+            k, n = map(int, timed["shape"].split("x"))
+            if (k, n) not in best or alone["us"] < best[(k, n)][0]:
+                best[(k, n)] = (alone["us"], K.Int4Config(**timed["config"]))
+    table = {s: best[s][1] for s in variants(config)["all bn32"] if s in best}
+    for s, c in table.items():
+        print(f"{name}: {s[0]}x{s[1]} {c} ({best[s][0]:.2f} us alone)")
+    return table
+
+
 def kind_of(variant: str) -> str:
     """The one-row kind a variant runs with where its table gives a shape no configuration."""
     return "hfma2" if variant.startswith("hfma2") else K.DEFAULT_ONE_ROW_KIND
@@ -79,6 +95,7 @@ def main() -> None:
     params = bench.random_params(config, args.dtype, 0)
     table = variants(params.config)
     names = args.variants.split(",") if args.variants else list(table)
+    table.update({n: fastest_alone(params.config, n) for n in names if n.startswith("sweep:")})
     bandwidth = bench.measure_bandwidth()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} {args.dtype}, "
           f"bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -147,13 +147,13 @@ def test_the_packed_kernel_refuses_zero_points_and_lowers_for_cuda():
 def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_tuned():
     from llmjax.kernels import int4_matmul as module
 
-    # Llama-2-13B, outside the table: o (5120x5120) and down (13824x5120) narrow; q/k/v and gate/up 64 wide
-    for shape, width in (((5120, 15360), 64), ((5120, 5120), 32), ((13824, 5120), 32), ((5120, 27648), 64),
+    # Llama-3-8B, outside the table: q/k/v (4096x6144) and down (14336x4096) narrow; gate/up 64 wide
+    for shape, width in (((4096, 6144), 32), ((14336, 4096), 32), ((4096, 28672), 64), ((5120, 15360), 64),
                          ((8192, 28672), 64)):
         assert module.default_config(1, shape=shape).block_n == width
     assert module.default_config(1).block_n == 64  # no shape given
     assert module.default_config(1, dtype=jnp.float32, shape=(4096, 4096)) == module.DECODE_FMA
-    # Llama-2-7B's four shapes take the sweep's configurations, each a valid packed tiling at group 128
+    # Llama-2-7B's and 13B's tuned shapes take the sweeps' configurations, each a valid tiling at group 128
     for shape, config in module.ONE_ROW_BY_SHAPE.items():
         assert module.default_config(1, shape=shape) == config and config.kind == HFMA4
         config.check(128)
@@ -181,7 +181,7 @@ def test_one_row_defaults_to_the_packed_kernel_where_it_applies_and_can_be_switc
         with pytest.raises(ValueError, match="one-row int4 kernel is one of"):
             module.set_one_row_kind("dot")
         module.set_one_row_kind(HFMA2)  # the packed kernel's blocks, one word a float16 sum
-        assert module.default_config(1, shape=(5120, 5120)) == Int4Config(HFMA2, block_n=32, block_k=512, splits=16)
+        assert module.default_config(1, shape=(14336, 4096)) == Int4Config(HFMA2, block_n=32, block_k=512, splits=16)
         table = module.ONE_ROW_BY_SHAPE[(4096, 12288)]  # a tuned shape keeps its blocks in the kind asked for
         assert module.default_config(1, shape=(4096, 12288)) == dataclasses.replace(table, kind=HFMA2)
     finally:

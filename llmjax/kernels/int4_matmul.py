@@ -148,12 +148,17 @@ _one_row_kind = DEFAULT_ONE_ROW_KIND
 # four projections take the fastest kernels alone of a sweep of ~170 configurations a shape
 # (`benchmarks/int4_matmul.py --grid --kernel-time`, fifteenth session): q/k/v 10.6 -> 9.5 us, down
 # 10.9 -> 9.5, and batch-1 decode went from 528 to 552 tok/s on the H200 (`benchmarks/int4_shapes.py`,
-# variant "sweep15"). The same blocks by role lost 2.4% at 13B, so the table is by exact shape.
+# variant "sweep15"). The same blocks by role lost 2.4% at 13B, so the table is by exact shape;
+# Llama-2-13B's o, gate/up and down take the fastest of 16 candidates each (its q/k/v keeps the rule's
+# blocks, which were fastest): 326.4 -> 332.3 tok/s.
 ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
-    (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4),  # q/k/v
-    (4096, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=8),  # o
-    (4096, 22016): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # gate/up
-    (11008, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=4),  # down
+    (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4),  # 7B q/k/v
+    (4096, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=8),  # 7B o
+    (4096, 22016): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # 7B gate/up
+    (11008, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=4),  # 7B down
+    (5120, 5120): Int4Config("hfma4", block_n=64, block_k=512, splits=8, num_warps=8),  # 13B o
+    (5120, 27648): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # 13B gate/up
+    (13824, 5120): Int4Config("hfma4", block_n=16, block_k=1024, splits=16, num_warps=2),  # 13B down
 }
 
 
