@@ -158,6 +158,7 @@ def test_one_row_blocks_narrow_for_matrices_with_few_programs_and_shapes_can_be_
         assert module.default_config(1, shape=shape) == config and config.kind == HFMA4
         config.check(128)
     assert module.default_config(1, shape=(4096, 12288)).block_n == 128
+    assert module.default_config(2, shape=(4096, 12288)).block_n == 32  # tuned at one row; two keep the rule
     own = Int4Config(HFMA4, block_n=16, block_k=512, splits=8, num_warps=2)
     library = module.ONE_ROW_BY_SHAPE[(4096, 4096)]
     module.ONE_ROW_BY_SHAPE[(4096, 4096)] = own

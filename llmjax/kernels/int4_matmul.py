@@ -176,15 +176,16 @@ def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, plat
                    shape: tuple[int, int] | None = None) -> Int4Config:
     """The configuration `int4_matmul` uses for `m` rows of `dtype` and weights of `shape` (K, N) when
     none is given. The packed float16 kernel serves one and two rows on cuda unless the weights have
-    zero points or x is float32 (whose user asked for float32 products), in `ONE_ROW_BY_SHAPE[shape]`
-    where the shape has its own, else in 32-wide output blocks when 64-wide ones would give fewer than
+    zero points or x is float32 (whose user asked for float32 products): for one row in
+    `ONE_ROW_BY_SHAPE[shape]` where the shape has its own (tuned at one row; a second row doubles the
+    accumulators), else in 32-wide output blocks when 64-wide ones would give fewer than
     `NARROW_PROGRAMS` programs."""
     if m <= FMA_MAX_ROWS:
         packed = (_one_row_kind != "fma" and platform == "cuda" and not asymmetric
                   and jnp.dtype(dtype) != jnp.float32)
         if not packed:
             return DECODE_FMA
-        if shape in ONE_ROW_BY_SHAPE:
+        if m == 1 and shape in ONE_ROW_BY_SHAPE:
             return dataclasses.replace(ONE_ROW_BY_SHAPE[shape], kind=_one_row_kind)
         config = DECODE_PACKED
         if shape is not None:
