@@ -4,6 +4,8 @@
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --grid --shapes 4096x12288,...  (one row)
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --kinds hfma2 --kernel-time  (one row: the
         default's blocks in other kinds)
+    PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --configs 128:512:4:4,64:512:16:8 --shapes ...
+        (one row: the default, then these block_n:block_k:splits:num_warps tilings)
 
 For each weight shape K x N (inputs x outputs: 4096x11008 is Llama-2-7B's up projection) and each row
 count M, it
@@ -87,6 +89,15 @@ def grid(kind: str = K.DEFAULT_ONE_ROW_KIND) -> list[K.Int4Config]:
     return [K.Int4Config(kind, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
             for bn in (16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for sp in (2, 4, 8, 16) for nw in (2, 4, 8)
             if bn * bk // 8 >= 4 * 32 * nw or kind != "hfma4"]  # hfma4: four words a thread
+
+
+def listed_config(spec: str) -> K.Int4Config:
+    """`--configs` entry `block_n:block_k:splits:num_warps`, in the default one-row kind."""
+    fields = spec.split(":")
+    if len(fields) != 4 or not all(f.isdigit() for f in fields):
+        raise SystemExit(f"--configs takes block_n:block_k:splits:num_warps entries (four integers); got {spec!r}")
+    names = ("block_n", "block_k", "splits", "num_warps")
+    return K.Int4Config(K.DEFAULT_ONE_ROW_KIND, **dict(zip(names, map(int, fields))))
 
 
 def _label(c: K.Int4Config) -> str:
@@ -288,6 +299,8 @@ def main() -> None:
     parser.add_argument("--kernel-time", action="store_true",
                         help="also each timed configuration's kernel alone, from a profiler trace")
     args = parser.parse_args()
+    if sum(map(bool, (args.grid, args.kinds, args.configs))) > 1:
+        parser.error("--grid, --kinds and --configs each pick the configurations to time: give one")
     if jax.devices()[0].platform != "gpu":
         sys.exit("this benchmark times GPU kernels; no GPU is visible to jax")
     report = Report(args.out)
@@ -298,9 +311,7 @@ def main() -> None:
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: grid()}, baselines=False,
                         kernel_time=args.kernel_time)
         elif args.configs:
-            listed = [K.Int4Config(K.DEFAULT_ONE_ROW_KIND, **dict(zip(("block_n", "block_k", "splits", "num_warps"),
-                                                                       map(int, c.split(":")))))
-                      for c in args.configs.split(",")]
+            listed = [listed_config(c) for c in args.configs.split(",")]
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: listed}, baselines=False,
                         kernel_time=args.kernel_time)
         elif args.kinds:

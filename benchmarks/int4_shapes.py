@@ -49,11 +49,13 @@ def variants(config) -> dict[str, dict]:
         "wide bn32": {s: packed(32, 512, 16) for s in (qkv, gate_up)},
         "wide bn128 warps8": {s: packed(128, 512, 16, 8) for s in (qkv, gate_up)},
         "all bn32": {s: packed(32, 512, 16) for s in (qkv, o, gate_up, down)},
-        # the fastest kernels alone of the fifteenth session's --grid --kernel-time sweep (BENCHMARKS.md)
+        # from the fifteenth session's --grid --kernel-time sweep (BENCHMARKS.md): q/k/v and down the
+        # fastest kernel alone, o and gate/up within 0.2 us of it and faster as whole products
         "sweep15": {qkv: packed(128, 512, 4), o: packed(64, 512, 16, 8), gate_up: packed(32, 1024, 16),
                     down: packed(64, 512, 16)},
         "sweep15 qkv down": {qkv: packed(128, 512, 4), down: packed(64, 512, 16)},
-        # the default blocks, one word a float16 sum (kind hfma2, the default before the fourteenth session)
+        # the rule's blocks, one word a float16 sum (kind hfma2, the default before the fourteenth session;
+        # the table's entries are hfma4's and serve that kind only)
         "hfma2": {},
         "hfma2 bn64 everywhere": {s: dataclasses.replace(K.DECODE_PACKED, kind="hfma2")
                                   for s in (qkv, o, gate_up, down)},
@@ -65,8 +67,9 @@ def fastest_alone(config, name: str) -> dict:
     fastest in PATH, an `int4_matmul.json` of `benchmarks/int4_matmul.py --kernel-time`."""
     rows = json.load(open(name.split(":", 1)[1]))["rows"]
     best = {}
-    for timed, alone in zip(rows, rows[1:]):
-        if alone.get("kernel_only") and "config" in timed:
+    for timed, alone in zip(rows, rows[1:]):  # one row, the default one-row kind: what the variant runs
+        if (alone.get("kernel_only") and "config" in timed and timed["m"] == 1
+                and timed["config"]["kind"] == K.DEFAULT_ONE_ROW_KIND):
             k, n = map(int, timed["shape"].split("x"))
             if (k, n) not in best or alone["us"] < best[(k, n)][0]:
                 best[(k, n)] = (alone["us"], K.Int4Config(**timed["config"]))
@@ -77,7 +80,7 @@ def fastest_alone(config, name: str) -> dict:
 
 
 def kind_of(variant: str) -> str:
-    """The one-row kind a variant runs with where its table gives a shape no configuration."""
+    """The one-row kind a variant runs with (a table entry of another kind then gives way to the rule)."""
     return "hfma2" if variant.startswith("hfma2") else K.DEFAULT_ONE_ROW_KIND
 
 

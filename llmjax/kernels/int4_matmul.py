@@ -119,10 +119,10 @@ class Int4Config:
 
 # Defaults by rows. Up to FMA_MAX_ROWS rows a CUDA-core kernel (each extra row adds a multiply-add per
 # weight), the tensor-core kernel beyond. Set from `benchmarks/int4_matmul.py` on the H200
-# (BENCHMARKS.md). One row, cuda: the packed float16 kernel, 64 outputs by 512 inputs a step over 16 K
-# slices, best or within noise of the best of 40 configurations on Llama-2-7B's four shapes (4096x12288,
-# 4096x4096, 4096x22016, 11008x4096) and 8192x28672 (54.4 us against the float32 kernel's 68.2); that
-# sweep ran `hfma2`, and `hfma4` (the default since the fourteenth session) took its blocks unswept.
+# (BENCHMARKS.md). One row, cuda, a shape outside `ONE_ROW_BY_SHAPE` (and two rows): the packed float16
+# kernel, 64 outputs by 512 inputs a step over 16 K slices, best or within noise of the best of 40
+# configurations on Llama-2-7B's four shapes and 8192x28672 in the sixth session (54.4 us against the
+# float32 kernel's 68.2; that sweep ran `hfma2`, and `hfma4` took its blocks unswept).
 # rocm, float32 activations and weights with zero points: the float32 kernel, 64 outputs by 256 inputs
 # over 16 K slices (first sweep: 62.5 us on 8192x28672 against 116.0 for 128/128/auto). 8 and 16 rows:
 # 64-wide tiles over 8 K slices.
@@ -131,9 +131,10 @@ TARGET_PROGRAMS = 2048  # ~3 waves of 5 programs on each of the H200's 132 SMs (
 MIN_STEPS = 2
 DECODE_PACKED = Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=4, num_stages=3)
 # A matrix that gives DECODE_PACKED fewer than NARROW_PROGRAMS programs takes 32-wide output blocks
-# (twice the programs): in Llama-2-7B that is q/k/v, o and down, and batch-1 decode went from 506 to
-# 522 tok/s on the H200 (13B: 314 to 319), where 8192x28672 (7168 programs) keeps 64 (2.32 TB/s
-# against 1.99 with 32; benchmarks/int4_shapes.py and int4_matmul.py, BENCHMARKS.md "Sixth session").
+# (twice the programs): when this rule served Llama-2-7B's q/k/v, o and down (before their table
+# entries), batch-1 decode went from 506 to 522 tok/s on the H200 (13B: 314 to 319), where 8192x28672
+# (7168 programs) keeps 64 (2.32 TB/s against 1.99 with 32; benchmarks/int4_shapes.py and
+# int4_matmul.py, BENCHMARKS.md "Sixth session").
 # The count is estimated as `int4_matmul` would split K at group sizes up to block_k.
 DECODE_PACKED_NARROW = dataclasses.replace(DECODE_PACKED, block_n=32)
 NARROW_PROGRAMS = 2048
@@ -143,14 +144,15 @@ PREFILL = Int4Config("dot", block_m=64, block_n=128, block_k=128, num_warps=4, n
 ONE_ROW_KINDS = ("fma", "hfma2", "hfma4")
 DEFAULT_ONE_ROW_KIND = "hfma4"  # 528 against hfma2's 518 tok/s, Llama-2-7B int4-g128 batch 1 on an H200
 _one_row_kind = DEFAULT_ONE_ROW_KIND
-# The packed kernel's blocks per weight shape (K, N) where they differ from the rule above (the kind
-# is `set_one_row_kind`'s, as for every shape). Llama-2-7B's
-# four projections take the fastest kernels alone of a sweep of ~170 configurations a shape
-# (`benchmarks/int4_matmul.py --grid --kernel-time`, fifteenth session): q/k/v 10.6 -> 9.5 us, down
-# 10.9 -> 9.5, and batch-1 decode went from 528 to 552 tok/s on the H200 (`benchmarks/int4_shapes.py`,
-# variant "sweep15"). The same blocks by role lost 2.4% at 13B, so the table is by exact shape;
-# Llama-2-13B's o, gate/up and down take the fastest of 16 candidates each (its q/k/v keeps the rule's
-# blocks, which were fastest): 326.4 -> 332.3 tok/s.
+# The packed kernel's configuration per weight shape (K, N), one row, where a sweep found better than
+# the rule above; an entry serves only while the one-row kind is its own (its blocks were timed in that
+# kind), else the rule does. Llama-2-7B's four projections come from a sweep of ~170 configurations a
+# shape (`benchmarks/int4_matmul.py --grid --kernel-time`, fifteenth session): q/k/v and down take the
+# fastest kernel alone (10.6 -> 9.5 and 10.9 -> 9.5 us), o and gate/up ones within 0.2 us of it that
+# were faster as whole products; batch-1 decode went from 528 to 552 tok/s on the H200
+# (`benchmarks/int4_shapes.py`, variant "sweep15"). The same blocks by role lost 2.4% at 13B, so the
+# table is by exact shape; Llama-2-13B's o, gate/up and down take the fastest kernel alone of 16
+# candidates each (its q/k/v keeps the rule's blocks, which were fastest): 326.4 -> 332.3 tok/s.
 ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
     (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4),  # 7B q/k/v
     (4096, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=8),  # 7B o
@@ -177,16 +179,17 @@ def default_config(m: int, *, asymmetric: bool = False, dtype=jnp.bfloat16, plat
     """The configuration `int4_matmul` uses for `m` rows of `dtype` and weights of `shape` (K, N) when
     none is given. The packed float16 kernel serves one and two rows on cuda unless the weights have
     zero points or x is float32 (whose user asked for float32 products): for one row in
-    `ONE_ROW_BY_SHAPE[shape]` where the shape has its own (tuned at one row; a second row doubles the
-    accumulators), else in 32-wide output blocks when 64-wide ones would give fewer than
-    `NARROW_PROGRAMS` programs."""
+    `ONE_ROW_BY_SHAPE[shape]` where the shape has an entry of the kind `set_one_row_kind` chose (tuned
+    at one row in that kind; a second row doubles the accumulators), else in 32-wide output blocks when
+    64-wide ones would give fewer than `NARROW_PROGRAMS` programs."""
     if m <= FMA_MAX_ROWS:
         packed = (_one_row_kind != "fma" and platform == "cuda" and not asymmetric
                   and jnp.dtype(dtype) != jnp.float32)
         if not packed:
             return DECODE_FMA
-        if m == 1 and shape in ONE_ROW_BY_SHAPE:
-            return dataclasses.replace(ONE_ROW_BY_SHAPE[shape], kind=_one_row_kind)
+        tuned = ONE_ROW_BY_SHAPE.get(shape) if m == 1 else None
+        if tuned is not None and tuned.kind == _one_row_kind:
+            return tuned
         config = DECODE_PACKED
         if shape is not None:
             k, n = shape
