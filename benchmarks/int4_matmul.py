@@ -86,9 +86,18 @@ def grid(kind: str = K.DEFAULT_ONE_ROW_KIND) -> list[K.Int4Config]:
     """`--grid`: every one-row configuration of output block, K step, K slices and warps. Longer K steps
     (1024) give each program more bytes in flight; the small Llama shapes' kernels run 1.5-2.6 waves of
     one-step programs at 38-45% of DRAM bandwidth (Nsight Compute, fourteenth session)."""
-    return [K.Int4Config(kind, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
-            for bn in (16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for sp in (2, 4, 8, 16) for nw in (2, 4, 8)
-            if bn * bk // 8 >= 4 * 32 * nw or kind != "hfma4"]  # hfma4: four words a thread
+    configs = [K.Int4Config(kind, block_n=bn, block_k=bk, splits=sp, num_warps=nw)
+               for bn in (16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for sp in (2, 4, 8, 16) for nw in (2, 4, 8)]
+    return [c for c in configs if _valid(c)]
+
+
+def _valid(config: K.Int4Config) -> bool:
+    """Whether `config` is a tiling the kernel takes at GROUP (`Int4Config.check`: e.g. hfma4's four words a thread)."""
+    try:
+        config.check(GROUP)
+    except ValueError:
+        return False
+    return True
 
 
 def listed_config(spec: str) -> K.Int4Config:
@@ -241,7 +250,7 @@ def bench_shape(report: Report, shape: str, rows, deadline: float, candidates=No
                 own = next((s for name, s in kernels.items() if name in ("_fma_kernel", "_dot_kernel")), None)
                 if own is not None:
                     report.add(shape, m, f"  {_label(config)}: its kernel alone (profiler)", own, packed,
-                               kernel_only=True)
+                               kernel_only=True, config=vars(config))
         if not baselines:
             continue
         bf16 = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(_copies(n * k * 2))]

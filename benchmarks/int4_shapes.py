@@ -67,12 +67,11 @@ def fastest_alone(config, name: str) -> dict:
     fastest in PATH, an `int4_matmul.json` of `benchmarks/int4_matmul.py --kernel-time`."""
     rows = json.load(open(name.split(":", 1)[1]))["rows"]
     best = {}
-    for timed, alone in zip(rows, rows[1:]):  # one row, the default one-row kind: what the variant runs
-        if (alone.get("kernel_only") and "config" in timed and timed["m"] == 1
-                and timed["config"]["kind"] == K.DEFAULT_ONE_ROW_KIND):
-            k, n = map(int, timed["shape"].split("x"))
-            if (k, n) not in best or alone["us"] < best[(k, n)][0]:
-                best[(k, n)] = (alone["us"], K.Int4Config(**timed["config"]))
+    for row in rows:  # kernels alone at one row in the default one-row kind: what the variant runs
+        if row.get("kernel_only") and row["m"] == 1 and row["config"]["kind"] == K.DEFAULT_ONE_ROW_KIND:
+            k, n = map(int, row["shape"].split("x"))
+            if (k, n) not in best or row["us"] < best[(k, n)][0]:
+                best[(k, n)] = (row["us"], K.Int4Config(**row["config"]))
     table = {s: best[s][1] for s in variants(config)["all bn32"] if s in best}
     for s, c in table.items():
         print(f"{name}: {s[0]}x{s[1]} {c} ({best[s][0]:.2f} us alone)")
