@@ -65,6 +65,7 @@ class BenchResult:
     hf_tok_s: float | None = None
     hf_setup: str | None = None
     hf_error: str | None = None
+    quant_lm_head: bool = False  # the LM head quantized too (`dtype` names the scheme)
 
     @property
     def bytes_per_step(self) -> int:
@@ -73,7 +74,8 @@ class BenchResult:
     def report(self) -> str:
         lines = [
             f"device {self.device}, jax {self.jax_version}",
-            f"model {self.model} ({_count(self.num_params)} parameters, {self.dtype}, random weights), "
+            f"model {self.model} ({_count(self.num_params)} parameters, {self.dtype}"
+            f"{', LM head too' if self.quant_lm_head else ''}, random weights), "
             f"batch {self.batch}, prompt {self.prompt_len}, {self.gen_len} new tokens",
             f"prefill + first token   {self.prefill_ms:9.2f} ms",
             f"decode                  {self.decode_tok_s:9.1f} tok/s per sequence "
@@ -212,15 +214,16 @@ def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
 def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", batch: int = 1,
           prompt_len: int = 8, gen_len: int = 256, repeats: int = 3, compare_hf: bool = False,
           seed: int = 0, mesh=None, params: Params | None = None,
-          bandwidth: float | None = None) -> BenchResult:
+          bandwidth: float | None = None, quant_lm_head: bool = False) -> BenchResult:
     """Times greedy generation of `gen_len` tokens after `prompt_len` random prompt tokens, `batch`
     sequences at once, on random weights of a preset (or a `LlamaConfig`), on one device or sharded
     over `mesh` (`llmjax.sharding.make_mesh`). Bytes and the bound are per device under a mesh,
-    summed over the stages under pipeline parallelism.
+    summed over the stages under pipeline parallelism. `quant_lm_head` quantizes the LM head with
+    the projections' scheme (`dtype` must name one).
     `params` and `bandwidth` (from an earlier run, as `sweep` passes them) skip making and measuring."""
     config = _check(model, dtype, batch, prompt_len, gen_len, repeats)
     if params is None:
-        params = random_params(config, dtype, seed, mesh)
+        params = random_params(config, dtype, seed, mesh, quant_lm_head)
     config = params.config
     name = model if isinstance(model, str) else "custom"
     prompts, cache_len, run = greedy_runner(params, batch, prompt_len, gen_len, seed)
@@ -252,7 +255,8 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
         throughput_tok_s=batch / step_s, end_to_end_tok_s=gen_len / full,
         weight_bytes_per_step=int(weight_read), cache_bytes_per_step=int(cache_read),
         bandwidth_gb_s=bandwidth / 1e9, bound_tok_s=bound, fraction_of_bound=(1 / step_s) / bound,
-        peak_memory_gib=None if peak is None else peak / 2**30)
+        peak_memory_gib=None if peak is None else peak / 2**30,
+        quant_lm_head=params.quant is not None and params.quant.lm_head)
     del params, out
     run = None  # drop the weights (its closure holds them) before transformers allocates its own
     if compare_hf:
@@ -302,9 +306,10 @@ def _bytes_per_step(params: Params, batch: int, cache_len: int) -> tuple[int, in
     return stages * layers + heads * per_stage, stages * cache_read
 
 
-def random_params(config: LlamaConfig, dtype: str, seed: int, mesh=None) -> Params:
+def random_params(config: LlamaConfig, dtype: str, seed: int, mesh=None, quant_lm_head: bool = False) -> Params:
     """Random weights of `config` (made in place on `mesh`), never stopping on EOS."""
-    return init_random(dataclasses.replace(config, eos_token_ids=()), seed=seed, dtype=dtype, mesh=mesh)
+    return init_random(dataclasses.replace(config, eos_token_ids=()), seed=seed, dtype=dtype, mesh=mesh,
+                       quant_lm_head=quant_lm_head)
 
 
 def hf_tok_s(config: LlamaConfig, dtype: str, prompts: list[list[int]], gen_len: int,
@@ -367,9 +372,9 @@ def parse_sweep(spec: str) -> tuple[str, list[int]]:
 
 
 def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b", dtype: str = "bfloat16",
-          seed: int = 0, mesh=None, **kwargs) -> list[BenchResult]:
+          seed: int = 0, mesh=None, quant_lm_head: bool = False, **kwargs) -> list[BenchResult]:
     """One bench per value of `key`; the random weights are made and the bandwidth measured once."""
-    params = random_params(_model_config(model, dtype), dtype, seed, mesh)
+    params = random_params(_model_config(model, dtype), dtype, seed, mesh, quant_lm_head)
     shared = dict(model=model, dtype=dtype, seed=seed, mesh=mesh, params=params, bandwidth=measure_bandwidth())
     results = []
     for v in values:

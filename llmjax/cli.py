@@ -84,9 +84,12 @@ def _bench(args) -> None:
         from llmjax.kernels import int4_matmul
         int4_matmul.set_one_row_kind(args.int4_kernel)
     if args.throughput:
+        if args.quant_lm_head:
+            raise ValueError("--quant-lm-head is for the decode bench; --throughput keeps the LM head in bfloat16")
         return _throughput(args)
     options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len or 8,
-                   gen_len=args.gen_len or 256, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args))
+                   gen_len=args.gen_len or 256, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args),
+                   quant_lm_head=args.quant_lm_head)
     if args.sweep:
         key, values = bench.parse_sweep(args.sweep)
         results = bench.sweep(key, values, **options)
@@ -223,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--int4-kernel", choices=["fma", "hfma2", "hfma4"], default=None, help="the int4 kernel "
                    "for one and two rows on cuda: hfma4 (the default: packed float16 math, four words a float16 sum, "
                    "symmetric weights), hfma2 (one word a float16 sum) or fma (float32 math)")
+    b.add_argument("--quant-lm-head", action="store_true", help="with a quantized --dtype, quantize the "
+                   "LM head too (as `convert --quant-lm-head`; the embedding table stays bfloat16)")
     _add_mesh_flags(b)
     b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
                    "(static cache, compiled) on the same shapes")

@@ -217,14 +217,24 @@ def _with_generation_eos(config: LlamaConfig, folder: str) -> LlamaConfig:
 
 
 def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloat16",
-                tokenizer: Tokenizer | None = None, mesh: jax.sharding.Mesh | None = None) -> Params:
+                tokenizer: Tokenizer | None = None, mesh: jax.sharding.Mesh | None = None,
+                quant_lm_head: bool = False) -> Params:
     """Random weights for a config or preset name: for benchmarks and tests. `dtype` is a float dtype
     or a quantization (`int4-g128`, ..., `int8`: random codes made directly in quantized form, the
-    other weights bfloat16). With a `mesh`, each weight is created in its sharding (a 70B model never
+    other weights bfloat16; `quant_lm_head` quantizes an untied LM head too, as `llmjax convert
+    --quant-lm-head` does). With a `mesh`, each weight is created in its sharding (a 70B model never
     sits whole on one device)."""
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
     dtype, quant = parse_dtype(dtype)
+    if quant_lm_head:
+        if quant is None:
+            raise ValueError(f"quant_lm_head quantizes the LM head with the projections' scheme, but dtype "
+                             f"{dtype!r} quantizes nothing; pass a quantized dtype such as 'int4-g128'")
+        if config.tie_word_embeddings:
+            raise ValueError("quant_lm_head: this model ties its LM head to the embedding table, which stays "
+                             "in floating point; leave quant_lm_head off")
+        quant = dataclasses.replace(quant, lm_head=True)
     if mesh is None:
         weights = llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype), quant=quant)
         return Params(weights, config, tokenizer, quant=quant)

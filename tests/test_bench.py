@@ -89,6 +89,25 @@ def test_bench_on_a_mesh_counts_bytes_per_device(tmp_path):
     assert four.weight_bytes_per_step - norms == pytest.approx((one.weight_bytes_per_step - norms) / 4, rel=0.01)
 
 
+def test_the_lm_head_can_be_quantized_too(capsys):
+    """`--quant-lm-head` makes the LM head int4 as well: the step reads its packed codes and scales
+    instead of its bfloat16 rows, and the report says so."""
+    from llmjax.quant import QuantizedWeight
+
+    c = LlamaConfig.preset("tiny")
+    plain = bench.bench("tiny", dtype="int4-g32", gen_len=12, repeats=1, bandwidth=1e11)
+    head = bench.bench("tiny", dtype="int4-g32", gen_len=12, repeats=1, bandwidth=1e11, quant_lm_head=True)
+    packed = c.vocab_size * c.hidden_size // 2 + c.vocab_size * (c.hidden_size // 32) * 2  # codes + scales
+    assert plain.weight_bytes_per_step - head.weight_bytes_per_step == c.vocab_size * c.hidden_size * 2 - packed
+    assert head.quant_lm_head and not plain.quant_lm_head
+    assert "int4-g32, LM head too" in head.report() and "LM head too" not in plain.report()
+    params = bench.random_params(c, "int4-g32", 0, quant_lm_head=True)
+    assert isinstance(params.weights["lm_head"]["kernel"], QuantizedWeight)
+    assert cli.main(["bench", "--model", "tiny", "--dtype", "int4-g32", "--quant-lm-head", "--gen-len", "12",
+                     "--repeats", "1"]) == 0
+    assert "LM head too" in capsys.readouterr().out
+
+
 def test_cli_json_and_sweep_plot(tmp_path, capsys):
     out = tmp_path / "one.json"
     assert cli.main(["bench", "--model", "tiny", "--random-weights", "--gen-len", "16", "--repeats", "1",
@@ -108,7 +127,9 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--stage", "8", "--gen-len", "16"], "stage=8 exceeds the model's 2 layers"),
     (["--gen-len", "1"], "gen_len"), (["--batch", "0"], "batch"),
     (["--prompt-len", "250", "--gen-len", "10"], "context"), (["--model", "llama9"], "llama9"),
-    (["--sweep", "heads=1,2"], "sweep"), (["--sweep", "batch=1,x"], "integers")])
+    (["--sweep", "heads=1,2"], "sweep"), (["--sweep", "batch=1,x"], "integers"),
+    (["--quant-lm-head", "--gen-len", "16"], "quantizes nothing"),
+    (["--quant-lm-head", "--dtype", "int4-g32", "--throughput"], "--throughput keeps the LM head")])
 def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
     assert cli.main(["bench", "--model", "tiny", *argv]) == 2
     assert match in capsys.readouterr().err

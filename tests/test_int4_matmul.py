@@ -46,13 +46,16 @@ CASES = [
     (1, 64, 512, 64, Int4Config(HFMA4, block_n=64, block_k=128), True, jnp.float16),
     (1, 100, 1280, 128, None, True, jnp.bfloat16),  # cuda's one-row default: hfma4, 32 outputs by 512 inputs
     # the tilings of the one-row table (`ONE_ROW_BY_SHAPE`) on awkward shapes, K long enough for two
-    # steps a program (the last past K): 7B q/k/v, o, gate/up and down; 13B o and down
+    # steps a program (the last past K): 7B q/k/v, o, gate/up and down; 13B o and down; 4096x11008; the
+    # 7B int4 LM head
     (1, 200, 3840, 128, Int4Config(HFMA4, block_n=128, block_k=512, splits=4), True, jnp.bfloat16),
     (1, 90, 8704, 128, Int4Config(HFMA4, block_n=64, block_k=512, splits=16, num_warps=8), True, jnp.bfloat16),
     (1, 70, 16640, 128, Int4Config(HFMA4, block_n=32, block_k=1024, splits=16), True, jnp.bfloat16),
     (1, 130, 8704, 128, Int4Config(HFMA4, block_n=64, block_k=512, splits=16), True, jnp.bfloat16),
     (1, 130, 4352, 128, Int4Config(HFMA4, block_n=64, block_k=512, splits=8, num_warps=8), True, jnp.bfloat16),
     (1, 50, 16640, 128, Int4Config(HFMA4, block_n=16, block_k=1024, splits=16, num_warps=2), True, jnp.bfloat16),
+    (1, 200, 7424, 128, Int4Config(HFMA4, block_n=128, block_k=1024, splits=4, num_warps=8), True, jnp.bfloat16),
+    (1, 260, 1920, 128, Int4Config(HFMA4, block_n=128, block_k=512, splits=2), True, jnp.bfloat16),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
 PACKED_TOLERANCE = 4e-3  # float16 products and half sums
