@@ -1,0 +1,49 @@
+#!/bin/bash
+# What removing a decode layer's small kernels could gain at most: `llmjax bench` on copies of the
+# package with kernels taken out (WRONG results; timing only), beside the package as it is.
+#   nonorm:  both RMSNorm kernels of a layer become x * scale (XLA fuses that into the residual add)
+#   nowrite: a decode step writes nothing into the KV cache (attention still reads it)
+#   both:    the two together
+# Usage (from the repository root, on the GPU): bash benchmarks/upper_bounds.sh [MODEL] [DTYPE] [GEN_LEN]
+set -euo pipefail
+model=${1:-llama2-7b}
+dtype=${2:-int4-g128}
+gen_len=${3:-256}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+variant() {  # variant NAME PATCHES...: a copy of llmjax with the named patches applied
+  local dir=$work/$1; shift
+  mkdir -p "$dir" && cp -r llmjax "$dir/"
+  for patch in "$@"; do
+    python - "$dir" "$patch" <<'PY'
+import sys
+root, patch = sys.argv[1], sys.argv[2]
+edits = {
+    "nonorm": ("llmjax/kernels/rms_norm.py", "    if x.size == 0:\n        return rms_norm_reference",
+               "    return (x * scale).astype(x.dtype)\n    if x.size == 0:\n        return rms_norm_reference"),
+    "nowrite": ("llmjax/cache.py", "    if new.shape[:2] == (1, 1):\n",
+                "    if new.shape[:2] == (1, 1):\n        return cache\n"),
+}
+path, old, new = edits[patch]
+text = open(f"{root}/{path}").read()
+assert text.count(old) == 1, f"{patch}: the code it patches has changed"
+open(f"{root}/{path}", "w").write(text.replace(old, new))
+PY
+  done
+}
+
+run() {  # run NAME PYTHONPATH
+  echo "== $1"
+  PYTHONPATH=$2 python -m llmjax bench --model "$model" --dtype "$dtype" --batch 1 --prompt-len 8 --gen-len "$gen_len" \
+    | grep -E "^decode|^fraction"
+}
+
+variant nonorm nonorm
+variant nowrite nowrite
+variant both nonorm nowrite
+run "as it is" .
+run nonorm "$work/nonorm"
+run nowrite "$work/nowrite"
+run both "$work/both"
+run "as it is" .
