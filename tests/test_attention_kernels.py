@@ -89,6 +89,55 @@ DECODE_CASES = {
 }
 
 
+# (batch, keys, heads, kv heads, head dim, slots, block_k, splits, vector, dtype): the slot of each row's
+# new token, 0 (no cache keys below it), at a split's edge, the cache's last, and past the cache (dropped)
+DECODE_WRITE_CASES = {
+    "groups4-three-splits": (3, 61, 8, 2, 32, [36, 0, 60], 16, 3, False, jnp.float32),
+    "groups1-split-edges": (3, 64, 2, 2, 16, [31, 32, 15], 16, 2, False, jnp.float32),
+    "mha-vector-past-the-cache": (2, 50, 4, 4, 16, [49, 80], 16, 2, True, jnp.float32),
+    "large-blocks-bf16": (1, 300, 32, 8, 64, [200], 128, None, False, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.skipif(
+    jax.devices()[0].platform != "gpu", reason="needs a GPU"))])
+@pytest.mark.parametrize("case", DECODE_WRITE_CASES)
+def test_decode_attention_write_matches_its_reference(case, interpret):
+    """The kernel that writes the new token and attends: its output against `write_reference`, and the
+    caches it returns equal to the reference's writes exactly (every other slot untouched). Compiled
+    on a GPU too (`JAX_PLATFORMS=cuda pytest -k write`; conftest otherwise keeps tests on the CPU)."""
+    b, s, h, n_kv, d, slots, block_k, splits, vector, dtype = DECODE_WRITE_CASES[case]
+    qkv, k, v = _normal(s + 7 * h, (b, n_kv, h // n_kv + 2, d), (b, s, n_kv, d), (b, s, n_kv, d), dtype=dtype)
+    slots = jnp.array(slots, jnp.int32)
+    out, keys, values = da.decode_attention_write(qkv, k, v, slots, block_k=block_k, splits=splits,
+                                                  vector=vector, interpret=interpret)
+    want, want_keys, want_values = da.write_reference(qkv, k, v, slots)
+    assert out.dtype == dtype and out.shape == (b, h, d)
+    _assert_close(out, want, dtype)
+    np.testing.assert_array_equal(np.asarray(keys, np.float32), np.asarray(want_keys, np.float32))
+    np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(want_values, np.float32))
+    inside = np.array([row for row, slot in enumerate(slots.tolist()) if slot < s])
+    assert not np.array_equal(np.asarray(keys[inside], np.float32), np.asarray(k[inside], np.float32))
+
+
+def test_a_decode_step_writes_and_attends_as_the_cache_write_and_attention_do(monkeypatch):
+    """`llama.decode_write_attention` (the model's decode step over a contiguous cache) against
+    `kv.write` then `llama.attention`, with the kernel in interpret mode."""
+    monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
+    qkv, cache_k, cache_v = _normal(5, (2, 1, 2, 6, 32), (2, 40, 2, 32), (2, 40, 2, 32), dtype=jnp.float32)
+    q, k, v = qkv[:, :, :, :4].reshape(2, 1, 8, 32), qkv[:, :, :, 4], qkv[:, :, :, 5]
+    positions = jnp.array([[17], [39]], jnp.int32)
+    out, keys, values = llama.decode_write_attention(qkv, cache_k, cache_v, positions)
+    want_keys = llmjax.cache.write(cache_k, k, positions)
+    want_values = llmjax.cache.write(cache_v, v, positions)
+    k_pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    monkeypatch.setenv("LLMJAX_ATTENTION", "off")
+    want = llama.attention(q, want_keys, want_values, positions, k_pos)
+    _assert_close(out, want, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(keys), np.asarray(want_keys))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+
+
 @pytest.mark.parametrize("platform,capability,dtype,tuning", [
     ("gpu", "9.0", jnp.bfloat16, (128, 2)), ("gpu", "8.0", jnp.float16, (128, 2)),
     ("gpu", "8.9", jnp.bfloat16, (64, 3)), ("gpu", "9.0", jnp.float32, (64, 3)), ("cpu", None, jnp.bfloat16, (64, 3))])
@@ -373,6 +422,9 @@ LOWERED = {
                                              S((2,), jnp.int32))),
     "decode_attention": (da.decode_attention, (S((4, 32, 128), jnp.bfloat16), S((4, 1000, 8, 128), jnp.bfloat16),
                                                S((4, 1000, 8, 128), jnp.bfloat16), S((4,), jnp.int32))),
+    "decode_attention_write": (da.decode_attention_write, (S((4, 8, 6, 128), jnp.bfloat16),
+                                                           S((4, 1000, 8, 128), jnp.bfloat16),
+                                                           S((4, 1000, 8, 128), jnp.bfloat16), S((4,), jnp.int32))),
     "paged_attention": (pa.paged_attention, (S((4, 32, 128), jnp.bfloat16), S((100, 16, 8, 128), jnp.bfloat16),
                                              S((100, 16, 8, 128), jnp.bfloat16), S((4, 20), jnp.int32),
                                              S((4,), jnp.int32))),
@@ -417,7 +469,9 @@ def test_model_prefill_and_decode_lower_through_the_kernels(platform, device_kin
     prefill = _lower(lambda *a: gen._prefill(model, *a), (weights, ids, rows, cache), platform, device_kind)
     decode = _lower(lambda *a: gen._decode(model, *a), (weights, rows, rows, cache), platform, device_kind)
     assert 'name = "flash_attention"' in prefill and 'name = "decode_attention"' not in prefill
-    assert 'name = "decode_attention"' in decode and 'name = "flash_attention"' not in decode
+    # a decode step writes its keys and values into the cache inside the attention kernel
+    assert 'name = "decode_attention_write"' in decode and 'name = "flash_attention"' not in decode
+    assert "dynamic_update_slice" not in decode and "scatter" not in decode
 
 
 PROMPTS = [[1, 17, 300, 5, 9, 44, 2, 80, 81, 3, 7, 19, 23, 29, 31, 37, 41, 43], [1, 500], [1, 4, 4, 4, 400]]
@@ -523,6 +577,10 @@ def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatc
     (lambda: pa.paged_attention(jnp.zeros((2, 4, 16)), jnp.zeros((3, 8, 2, 16)), jnp.zeros((3, 8, 2, 16)),
                                 jnp.zeros((3, 2), jnp.int32), jnp.ones((2,), jnp.int32)),
      r"block_tables \[B, max_pages\]"),
+    (lambda: da.decode_attention_write(jnp.zeros((1, 4, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)),
+                                       jnp.ones((1,), jnp.int32)), r"qkv \[B, KV, G \+ 2, D\]"),
+    (lambda: da.decode_attention_write(jnp.zeros((1, 4, 3, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)),
+                                       jnp.ones((1,), jnp.int32)), "qkv holds 4 kv heads, the cache 2"),
     (lambda: pa.paged_attention(jnp.zeros((2, 4, 16), jnp.bfloat16), jnp.zeros((3, 8, 2, 16)),
                                 jnp.zeros((3, 8, 2, 16)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)),
      "one dtype"),

@@ -71,6 +71,26 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     return out.reshape(b, h, d).astype(q.dtype)
 
 
+def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`[B, KV, G + 2, D]` (each kv head's G query heads, then its key and value, the model's layout)
+    -> q `[B, KV * G, D]`, k and v `[B, KV, D]`."""
+    b, n_kv, rows, d = qkv.shape
+    return qkv[:, :, :rows - 2].reshape(b, n_kv * (rows - 2), d), qkv[:, :, rows - 2], qkv[:, :, rows - 1]
+
+
+def write_reference(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The definition of `decode_attention_write`: each row's new key and value (from `qkv`
+    `[B, KV, G + 2, D]`, see `split_qkv`) written into the cache k, v `[B, S, KV, D]` at the row's slot
+    `slots` `[B]` (nowhere when the slot is outside the cache), then `decode_attention_reference` of its
+    queries over slots `[0, slot]`. Returns (out `[B, KV * G, D]`, k, v)."""
+    q, k_new, v_new = split_qkv(qkv)
+    rows = jnp.arange(k.shape[0])
+    k = k.at[rows, slots].set(k_new.astype(k.dtype), mode="drop")
+    v = v.at[rows, slots].set(v_new.astype(v.dtype), mode="drop")
+    return decode_attention_reference(q, k, v, jnp.clip(slots + 1, 0, k.shape[1])), k, v
+
+
 def vector_block(q, k_ref, v_ref, carry, exists=None):
     """`online_softmax_block` for a program of one query head (multi-head attention) on the CUDA
     cores: q `[1, D]` float32, already scaled so that `q . k` is the base-2 score. The scores are a
@@ -91,8 +111,8 @@ def vector_block(q, k_ref, v_ref, carry, exists=None):
     return acc, new_top, total * rescale + jnp.sum(p)
 
 
-def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
-                  block_h, block_k, chunk, exact, compute_dtype):
+def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
+                  block_h, block_k, chunk, exact, compute_dtype, q_index=None, new_key=None):
     """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
     of kv head `kv` in row `b` (`[block_h, D]`, padded past `groups`) over that row's keys in split
     `split`, `block_k` at a time, with an online softmax. Full blocks run unmasked; only the last is
@@ -100,16 +120,22 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
     `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
     length. The products take q, K and V in `compute_dtype` (a float8 cache is widened to it).
     `block_h` 1 (one query head per kv head) runs `vector_block` instead, in float32.
+    `q_index(b, kv)` says where the query heads of kv head `kv` lie in `q_ref` (None: `[B, H, D]`).
+    `new_key(split, kv, b) -> last`, if given, is called first (its loads then overlap the cache's);
+    `last(q, carry) -> carry` adds a key of its own after the cache's (the kernel that writes the new
+    token, `_write_kernel`), q as the products take it (float32 and already scaled when `block_h` is 1).
     Writes the output normalized over this split and its base-2 log-sum-exp (MASKED where no key was
     seen), which `merge_splits` joins across splits.
-    lengths_ref [B]; q_ref [B, H, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]."""
+    length: the row's keys (a scalar); q_ref [B, H, D]; o_ref [B, P, H, D]; lse_ref [B, P, H]."""
     split, kv, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    d = q_ref.shape[2]
+    d = q_ref.shape[-1]
     in_group = jnp.arange(block_h) < groups
     heads = pl.ds(kv * groups, block_h)
-    q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    at = (b, heads, slice(None)) if q_index is None else q_index(b, kv)
+    q = plgpu.load(q_ref.at[at], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    last = None if new_key is None else new_key(split, kv, b)
     start = split * chunk
-    stop = jnp.minimum(jnp.minimum(lengths_ref[b], kv_limit), start + chunk)
+    stop = jnp.minimum(jnp.minimum(length, kv_limit), start + chunk)
     scale = LOG2E / math.sqrt(d)
     q = q.astype(jnp.float32) * scale if block_h == 1 else q.astype(compute_dtype)
 
@@ -129,6 +155,8 @@ def split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
     carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
     acc, top, total = jax.lax.fori_loop(full, jax.lax.div(keys + block_k - 1, block_k),
                                         functools.partial(step, masked=True), carry)
+    if last is not None:
+        acc, top, total = last(q, (acc, top, total))
     seen = total > 0
     out = acc / jnp.where(seen, total, 1.0)[:, None]
     lse = jnp.where(seen, top + jnp.log2(jnp.where(seen, total, 1.0)), MASKED)  # base 2
@@ -140,7 +168,46 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, **params):
     # k_ref, v_ref [B, S, KV, D]: a block is one slice of its row
     def block_index(b, kv, first, exists):
         return b, pl.ds(first, params["block_k"]), kv, slice(None)
-    split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, kv_limit=k_ref.shape[1],
+    split_program(lengths_ref[pl.program_id(2)], q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
+                  kv_limit=k_ref.shape[1], **params)
+
+
+def _one_key(q, k, v, carry, scale, owns):
+    """The online softmax over one more key (`k`, `v` `[D]`, float32) where `owns`, else the carry
+    unchanged. q `[block_h, D]` float32; `scale` None when q is already scaled."""
+    acc, top, total = carry
+    s = jnp.sum(q * k[None, :], axis=1)  # [block_h]
+    s = s if scale is None else s * scale
+    new_top = jnp.where(owns, jnp.maximum(top, s), top)
+    p = jnp.where(owns, jnp.exp2(s - new_top), 0.0)
+    rescale = jnp.exp2(top - new_top)
+    return acc * rescale[:, None] + p[:, None] * v[None, :], new_top, total * rescale + p
+
+
+def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, o_ref, lse_ref, k_out_ref, v_out_ref, **params):
+    # slots_ref [B]: the new token's slot; qkv_ref [B, KV, G + 2, D]: each kv head's G query heads, then
+    # the new key and value; k_ref, v_ref [B, S, KV, D] aliased to k_out_ref, v_out_ref. The cache is
+    # read below the slot; the new key joins from registers in the split that holds its slot, whose
+    # program also stores it there.
+    seq, d, groups = k_ref.shape[1], k_ref.shape[3], params["groups"]
+    scale = None if params["block_h"] == 1 else LOG2E / math.sqrt(d)
+
+    def new_key(split, kv, b):
+        slot = slots_ref[b]
+        owns = (slot >= 0) & (slot < seq) & (jax.lax.div(slot, params["chunk"]) == split)
+        every = jnp.broadcast_to(owns, (d,))
+        new = []
+        for row, out_ref in ((groups, k_out_ref), (groups + 1, v_out_ref)):
+            x = plgpu.load(qkv_ref.at[b, kv, jnp.int32(row), :]).astype(out_ref.dtype)  # as the cache holds it
+            plgpu.store(out_ref.at[b, jnp.clip(slot, 0, seq - 1), kv, :], x, mask=every)
+            new.append(x.astype(jnp.float32))
+        return lambda q, carry: _one_key(q.astype(jnp.float32), *new, carry, scale, owns)
+
+    def block_index(b, kv, first, exists):
+        return b, pl.ds(first, params["block_k"]), kv, slice(None)
+    reads = jnp.clip(slots_ref[pl.program_id(2)], 0, seq)  # the cache's keys below the new one
+    split_program(reads, qkv_ref, k_ref, v_ref, o_ref, lse_ref, block_index, kv_limit=seq,
+                  q_index=lambda b, kv: (b, kv, pl.ds(0, params["block_h"]), slice(None)), new_key=new_key,
                   **params)
 
 
@@ -179,14 +246,46 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                          num_stages=num_stages, compute_dtype=compute_dtype, vector=vector, interpret=interpret)
 
 
+@functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
+                                             "vector", "interpret"))
+def decode_attention_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *,
+                           block_k: int | None = None, splits: int | None = None, num_warps: int = 4,
+                           num_stages: int | None = None, compute_dtype: str | None = None, vector: bool = False,
+                           interpret: bool = False):
+    """Decode attention that also writes the new token (`write_reference` defines it): `qkv`
+    `[B, KV, G + 2, D]` (the queries, new key and new value of each kv head, as the model's q/k/v
+    product lays them out), the cache k, v `[B, S, KV, D]` and the new token's slot `[B]` int32.
+    One kernel where a write per cache and then `decode_attention` were three launches, and no slicing
+    of q, k and v out of one array before it: the cache is read below each row's slot, the new key and
+    value join the softmax from registers, and the program whose split holds the slot stores them
+    there (the caches are the kernel's outputs too, aliased, so XLA updates them in place). Returns
+    (out `[B, KV * G, D]`, k, v)."""
+    if qkv.ndim != 4 or qkv.shape[2] < 3:
+        raise ValueError(f"decode_attention_write takes qkv [B, KV, G + 2, D] with G >= 1 query heads per kv "
+                         f"head; got {qkv.shape}")
+    b, n_kv, rows, d = qkv.shape
+    q = jax.ShapeDtypeStruct((b, n_kv * (rows - 2), d), qkv.dtype)
+    _check(q, k, v, slots)
+    if k.shape[2] != n_kv:
+        raise ValueError(f"decode_attention_write: qkv holds {n_kv} kv heads, the cache {k.shape[2]}")
+    default_k, default_stages = default_tuning(k.dtype)
+    block_k, num_stages = block_k or default_k, num_stages or default_stages
+    return launch_splits(_write_kernel, q, n_kv, k.shape[1], (slots.astype(jnp.int32), qkv, k, v),
+                         name="decode_attention_write", block_k=block_k, splits=splits, num_warps=num_warps,
+                         num_stages=num_stages, compute_dtype=compute_dtype, vector=vector, interpret=interpret,
+                         caches=(2, 3))
+
+
 def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *, name: str, block_k: int,
                   splits: int | None, num_warps: int, num_stages: int, interpret: bool,
-                  compute_dtype: str | None = None, vector: bool = False) -> jax.Array:
+                  compute_dtype: str | None = None, vector: bool = False, caches: tuple = ()):
     """Runs a `split_program` kernel over the grid (splits, kv heads, rows), for rows of up to `keys`
     keys, and merges the splits. The products take `compute_dtype` (None: q's dtype; "float16" for
     bfloat16 queries over a float8 cache, which widens to float16 in one instruction per pair).
     `vector=True` with one query head per kv head (multi-head attention) multiplies on the CUDA cores
-    in float32 (`vector_block`) instead of the tensor cores; grouped-query heads ignore it."""
+    in float32 (`vector_block`) instead of the tensor cores; grouped-query heads ignore it.
+    `caches`: positions in `operands` of arrays the kernel also writes (aliased to outputs after the
+    two of every split kernel); then the result is (out, *those arrays)."""
     b, h, d = q.shape
     groups = h // n_kv
     compute = product_dtype(name, q.dtype, compute_dtype)
@@ -195,16 +294,19 @@ def launch_splits(kernel, q: jax.Array, n_kv: int, keys: int, operands: tuple, *
     kernel = functools.partial(kernel, groups=groups, block_h=block_h, block_k=block_k, chunk=chunk,
                                exact=compute == jnp.float32, compute_dtype=compute)
     # One split writes the result in q's dtype: no convert kernel after it. More write float32 partials.
-    out, lse = pl.pallas_call(
+    out, lse, *written = pl.pallas_call(
         kernel,
         grid=(splits, n_kv, b),
         out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), q.dtype if splits == 1 else jnp.float32),
-                   jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
+                   jax.ShapeDtypeStruct((b, splits, h), jnp.float32),
+                   *(jax.ShapeDtypeStruct(operands[i].shape, operands[i].dtype) for i in caches)),
+        input_output_aliases={i: 2 + n for n, i in enumerate(caches)},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
     )(*operands)
-    return merge_splits(out, lse, q.dtype)
+    out = merge_splits(out, lse, q.dtype)
+    return (out, *written) if caches else out
 
 
 def product_dtype(name: str, q_dtype, compute_dtype: str | None) -> jnp.dtype:
@@ -233,6 +335,13 @@ def _check(q, k, v, lengths) -> None:
                          "use decode_attention_reference (llmjax.models.llama does so by itself)")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"decode_attention takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attend_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, **tuning):
+    """The model's entry point for a decode step over a contiguous cache: `decode_attention_write`
+    on cuda and rocm, `write_reference` elsewhere (as `attend` chooses). Returns (out, k, v)."""
+    return dispatch_attention(decode_attention_write, write_reference, qkv, k, v, slots, tuning=tuning,
+                              rocm_tuning=ROCM_TUNING)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, **tuning) -> jax.Array:

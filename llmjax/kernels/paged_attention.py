@@ -98,7 +98,7 @@ def _page_blocks(tables_ref, page_size: int, block_k: int, d: int):
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size, **params):
     block_index = _page_blocks(tables_ref, page_size, params["block_k"], k_ref.shape[2])
-    split_program(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
+    split_program(lengths_ref[pl.program_id(2)], q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
                   kv_limit=tables_ref.shape[1] * page_size, **params)
 
 

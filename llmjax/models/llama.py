@@ -149,6 +149,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     return flash_attention.attend(q, k, v, offsets, jnp.full(offsets.shape, k.shape[1], jnp.int32))
 
 
+def _rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE on the query and key heads of the q/k/v product `[B, T, KV, G + 2, D]`, the value heads
+    (the last of each group) passed through as they are: one elementwise pass over the whole array,
+    which XLA fuses into one kernel with the product's epilogue and which a decode step's attention
+    kernel takes whole (three slices of it were three kernels)."""
+    b, t, n_kv, rows, d = qkv.shape
+    roped = apply_rope(qkv.reshape(b, t, n_kv * rows, d), cos, sin).reshape(qkv.shape)
+    return jnp.where((jnp.arange(rows) == rows - 1)[:, None], qkv, roped)
+
+
+def decode_write_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array,
+                           mesh: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step over a contiguous cache: each row's one new token, `qkv` `[B, 1, KV, G + 2, D]`
+    (its G query heads per kv head, RoPE applied, then its key, RoPE applied, and its value), has its
+    key and value written into the cache `[B, S, KV, D]` at its position (`positions` `[B, 1]`; the
+    cache's slot p holds position p) and its queries attend over slots up to it, as `kv.write` and
+    then `attention` would, in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda
+    and rocm. Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its
+    rows and kv heads."""
+    free = free_axes(mesh) if mesh is not None else ()
+    if "data" in free or "tensor" in free:
+        batch = data_axis(mesh, free, qkv.shape[0])
+        heads = P(batch, None, "tensor" if "tensor" in free else None, None)
+        return per_device(decode_write_attention, mesh, (P(*heads, None), heads, heads, P(batch, None)),
+                          (heads,) * 3)(qkv, cache_k, cache_v, positions)
+    out, cache_k, cache_v = decode_attention.attend_write(qkv[:, 0], cache_k, cache_v, positions[:, 0])
+    return out[:, None], cache_k, cache_v
+
+
 def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
     """`paged_attention.attend` on each device's own heads when the pool is split by kv heads over
     `tensor` (as the engine places it), so the kernel never sees a sharded array."""
@@ -216,14 +245,16 @@ class Attention(nn.Module):
         qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), num_out_dims=3,
                      use_bias=bias, dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="qkv")(x)
         b, t = x.shape[:2]
-        q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
-        k = apply_rope(qkv[:, :, :, g], cos, sin)
-        v = qkv[:, :, :, g + 1]
+        qkv = _rope_qkv(qkv, cos, sin)
+        q, k, v = qkv[:, :, :, :g].reshape(b, t, h, hd), qkv[:, :, :, g], qkv[:, :, :, g + 1]
         if isinstance(layer_cache, kv.PagedLayer):  # the engine's step: a page pool
             layer_cache = layer_cache.write(k[0], v[0], self.mesh)
             out = paged_step_attention(q, positions, layer_cache, self.mesh)
         elif layer_cache is None:  # scoring a whole sequence: attend within it
             out = attention(q, k, v, positions, positions, self.mesh)
+        elif t == 1:  # a decode step: the write and the attention in one kernel, on q/k/v as one array
+            out, *layer_cache = decode_write_attention(qkv, *layer_cache, positions, self.mesh)
+            layer_cache = tuple(layer_cache)
         else:
             keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
