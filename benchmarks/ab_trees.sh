@@ -13,6 +13,9 @@ shift 2
 for turn in $(seq "$turns"); do
   for tree in "$old" .; do
     echo "== turn $turn: $([ "$tree" = . ] && echo checkout || echo "$old")"
-    PYTHONPATH=$tree python -m llmjax bench "$@" | grep -E "^decode|^fraction"
+    # -P: `python -m` would otherwise put the working directory (the checkout) first on sys.path, ahead
+    # of PYTHONPATH, and both turns would time the checkout
+    PYTHONPATH=$tree python -P -c "import llmjax; print('package', llmjax.__file__)"
+    PYTHONPATH=$tree python -P -m llmjax bench "$@" | grep -E "^decode|^fraction"
   done
 done

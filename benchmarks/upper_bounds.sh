@@ -35,7 +35,9 @@ PY
 
 run() {  # run NAME PYTHONPATH
   echo "== $1"
-  PYTHONPATH=$2 python -m llmjax bench --model "$model" --dtype "$dtype" --batch 1 --prompt-len 8 --gen-len "$gen_len" \
+  # -P: `python -m` would otherwise import the checkout's llmjax (the working directory comes first)
+  PYTHONPATH=$2 python -P -c "import llmjax; print('package', llmjax.__file__)"
+  PYTHONPATH=$2 python -P -m llmjax bench --model "$model" --dtype "$dtype" --batch 1 --prompt-len 8 --gen-len "$gen_len" \
     | grep -E "^decode|^fraction"
 }
 

@@ -242,7 +242,10 @@ def test_attention_kernels_inside_stages_see_each_devices_heads():
     with jax.sharding.use_abstract_mesh(mesh):
         calls = _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
     attention = [(name, shapes) for name, shapes in calls if "attention" in name]
-    assert {name.split(" ")[0] for name, _ in attention} >= {"flash_attention", "decode_attention"}
+    assert {name.split(" ")[0] for name, _ in attention} >= {"flash_attention", "decode_attention_write"}
     for name, shapes in attention:
-        q = next(shape for shape in shapes if len(shape) >= 3)  # q [B, T, H, D] (flash) or [B, H, D] (decode)
-        assert q[-2] == config.num_heads // 2, (name, shapes)
+        q = next(shape for shape in shapes if len(shape) >= 3)  # q [B, T, H, D] (flash), qkv [B, KV, G + 2, D]
+        if name.startswith("decode_attention_write"):  # (decode)
+            assert q[1] == config.num_kv_heads // 2, (name, shapes)
+        else:
+            assert q[-2] == config.num_heads // 2, (name, shapes)
