@@ -20,6 +20,14 @@ to read each cache byte once at full bandwidth (flash-decoding):
   scores and the output are multiplies and sums on K and V as loaded, in float32 (`vector_block`).
 `splits=None` picks enough splits for about `TARGET_PROGRAMS` programs.
 
+`decode_attention_write(qkv, k, v, slots)` is the model's decode step: the same kernel taking the
+step's queries, new key and new value as the q/k/v product lays them out (`[B, KV, G + 2, D]`), and
+storing the new key and value into the cache at each row's slot as it attends (the caches are
+aliased outputs, updated in place). What XLA ran before it, q's RoPE, k's RoPE with its write and
+v's write, was three small kernels a layer; now one RoPE pass over the whole array precedes it. At
+batch 1 on the H200, Llama-2-7B int4 decodes 3.4% faster so (BENCHMARKS.md, sixteenth session).
+`write_reference` defines it.
+
 Head dims must be powers of two >= 16 (`flash_attention.supported`); the model falls back to
 `decode_attention_reference` for others.
 """

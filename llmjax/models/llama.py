@@ -244,24 +244,28 @@ class Attention(nn.Module):
         # weights faster than three narrow ones, and sharding over kv_heads keeps each group whole.
         qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), num_out_dims=3,
                      use_bias=bias, dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="qkv")(x)
+        o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
+                   dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="o")
         b, t = x.shape[:2]
-        qkv = _rope_qkv(qkv, cos, sin)
-        q, k, v = qkv[:, :, :, :g].reshape(b, t, h, hd), qkv[:, :, :, g], qkv[:, :, :, g + 1]
-        if isinstance(layer_cache, kv.PagedLayer):  # the engine's step: a page pool
+        paged = isinstance(layer_cache, kv.PagedLayer)
+        if t == 1 and layer_cache is not None and not paged:
+            # a decode step: the cache write and the attention in one kernel, on q/k/v as one array
+            out, *layer_cache = decode_write_attention(_rope_qkv(qkv, cos, sin), *layer_cache, positions,
+                                                       self.mesh)
+            return o(out), tuple(layer_cache)
+        q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
+        k = apply_rope(qkv[:, :, :, g], cos, sin)
+        v = qkv[:, :, :, g + 1]
+        if paged:  # the engine's step: a page pool
             layer_cache = layer_cache.write(k[0], v[0], self.mesh)
             out = paged_step_attention(q, positions, layer_cache, self.mesh)
         elif layer_cache is None:  # scoring a whole sequence: attend within it
             out = attention(q, k, v, positions, positions, self.mesh)
-        elif t == 1:  # a decode step: the write and the attention in one kernel, on q/k/v as one array
-            out, *layer_cache = decode_write_attention(qkv, *layer_cache, positions, self.mesh)
-            layer_cache = tuple(layer_cache)
         else:
             keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             layer_cache = (keys, values)
             out = attention(q, keys, values, positions, k_pos, self.mesh)
-        o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
-                   dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="o")
         return o(out), layer_cache
 
 
