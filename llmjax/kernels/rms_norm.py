@@ -2,9 +2,9 @@
 
 XLA compiles a norm as two kernels, the sum of squares (a reduction) and then the scaling (an
 elementwise pass that needs the reduction's result). This kernel reads a row once, reduces it in
-registers and writes the scaled row: one launch instead of two. On the H200 the engine's 1000 x
-128/128 ran 2% faster with it; batch-1 decode did not change, its small kernels hiding behind the
-products (BENCHMARKS.md, "Sixth session").
+registers and writes the scaled row: one launch instead of two. On the H200 Llama-2-7B int4 decodes
+at batch 1 2% slower with XLA's two (`LLMJAX_NORM=off`: 542.5 against 552.6 tok/s, BENCHMARKS.md,
+sixteenth session).
 
 `rms_norm_reference` is the definition, the arithmetic of `llmjax.models.llama.RMSNorm`: the sum of
 squares and the normalization in float32, the normalized row rounded to x's dtype, then multiplied
