@@ -63,14 +63,9 @@ def write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """Writes `new` `[B, T, KV, D]` into `cache` `[B, S, KV, D]` at slots `positions` `[B, T]`.
 
     Positions at or past S are dropped: they belong to padding of a prompt bucket longer than needed.
-    One token of one row (batch-1 decode) is written with a dynamic-update-slice instead, which XLA
-    fuses with the computation of `new` into one in-place kernel (the scatter took two: the update,
-    then the write). Its position must be inside the cache, as every decode position is
-    (`generate` sizes the cache for the prompt plus every new token).
+    A decode step (one token a row) does not come here: the model's decode attention kernel writes
+    its key and value itself (`llmjax.kernels.decode_attention.decode_attention_write`).
     """
-    if new.shape[:2] == (1, 1):
-        at = positions.reshape(()).astype(jnp.int32)
-        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (jnp.int32(0), at, jnp.int32(0), jnp.int32(0)))
     rows = jnp.arange(cache.shape[0])[:, None]
     return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
 

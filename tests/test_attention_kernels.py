@@ -95,6 +95,7 @@ DECODE_WRITE_CASES = {
     "groups4-three-splits": (3, 61, 8, 2, 32, [36, 0, 60], 16, 3, False, jnp.float32),
     "groups1-split-edges": (3, 64, 2, 2, 16, [31, 32, 15], 16, 2, False, jnp.float32),
     "mha-vector-past-the-cache": (2, 50, 4, 4, 16, [49, 80], 16, 2, True, jnp.float32),
+    "a-negative-slot-writes-nothing": (2, 40, 4, 2, 16, [-1, 20], 16, 2, False, jnp.float32),
     "large-blocks-bf16": (1, 300, 32, 8, 64, [200], 128, None, False, jnp.bfloat16),
 }
 
@@ -116,21 +117,24 @@ def test_decode_attention_write_matches_its_reference(case, interpret):
     _assert_close(out, want, dtype)
     np.testing.assert_array_equal(np.asarray(keys, np.float32), np.asarray(want_keys, np.float32))
     np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(want_values, np.float32))
-    inside = np.array([row for row, slot in enumerate(slots.tolist()) if slot < s])
-    assert not np.array_equal(np.asarray(keys[inside], np.float32), np.asarray(k[inside], np.float32))
+    for row, slot in enumerate(slots.tolist()):  # written where the slot is inside the cache, else untouched
+        untouched = np.array_equal(np.asarray(keys[row], np.float32), np.asarray(k[row], np.float32))
+        assert untouched == (not 0 <= slot < s), (row, slot)
 
 
-def test_a_decode_step_writes_and_attends_as_the_cache_write_and_attention_do(monkeypatch):
+@pytest.mark.parametrize("positions", [[[17], [39]], [[0]]])
+def test_a_decode_step_writes_and_attends_as_the_cache_write_and_attention_do(monkeypatch, positions):
     """`llama.decode_write_attention` (the model's decode step over a contiguous cache) against
     `kv.write` then `llama.attention`, with the kernel in interpret mode."""
     monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
-    qkv, cache_k, cache_v = _normal(5, (2, 1, 2, 6, 32), (2, 40, 2, 32), (2, 40, 2, 32), dtype=jnp.float32)
-    q, k, v = qkv[:, :, :, :4].reshape(2, 1, 8, 32), qkv[:, :, :, 4], qkv[:, :, :, 5]
-    positions = jnp.array([[17], [39]], jnp.int32)
+    b = len(positions)
+    qkv, cache_k, cache_v = _normal(5, (b, 1, 2, 6, 32), (b, 40, 2, 32), (b, 40, 2, 32), dtype=jnp.float32)
+    q, k, v = qkv[:, :, :, :4].reshape(b, 1, 8, 32), qkv[:, :, :, 4], qkv[:, :, :, 5]
+    positions = jnp.array(positions, jnp.int32)
     out, keys, values = llama.decode_write_attention(qkv, cache_k, cache_v, positions)
     want_keys = llmjax.cache.write(cache_k, k, positions)
     want_values = llmjax.cache.write(cache_v, v, positions)
-    k_pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    k_pos = jnp.broadcast_to(jnp.arange(40), (b, 40))
     monkeypatch.setenv("LLMJAX_ATTENTION", "off")
     want = llama.attention(q, want_keys, want_values, positions, k_pos)
     _assert_close(out, want, jnp.float32)
@@ -580,7 +584,9 @@ def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatc
     (lambda: da.decode_attention_write(jnp.zeros((1, 4, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)),
                                        jnp.ones((1,), jnp.int32)), r"qkv \[B, KV, G \+ 2, D\]"),
     (lambda: da.decode_attention_write(jnp.zeros((1, 4, 3, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)),
-                                       jnp.ones((1,), jnp.int32)), "qkv holds 4 kv heads, the cache 2"),
+                                       jnp.ones((1,), jnp.int32)), r"\[B, S, KV, D\] = \[1, S, 4, 16\]"),
+    (lambda: da.decode_attention_write(jnp.zeros((1, 2, 3, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)),
+                                       jnp.ones((2,), jnp.int32)), r"slots of shape \[B\] = \(1,\)"),
     (lambda: pa.paged_attention(jnp.zeros((2, 4, 16), jnp.bfloat16), jnp.zeros((3, 8, 2, 16)),
                                 jnp.zeros((3, 8, 2, 16)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)),
      "one dtype"),

@@ -71,23 +71,6 @@ def test_cache_write_drops_positions_past_the_end():
     assert jax.tree.leaves(out)[0].dtype == jnp.float32
 
 
-def test_one_decode_token_is_written_in_place_at_its_position():
-    """Batch-1 decode writes with a dynamic-update-slice (not the scatter): the same result, in the
-    cache's dtype, and no scatter in the program."""
-    from llmjax.cache import write
-
-    cache = jnp.arange(2 * 5 * 3 * 4, dtype=jnp.bfloat16).reshape(1, 10, 3, 4) / 64
-    new = jax.random.normal(jax.random.key(0), (1, 1, 3, 4), jnp.float32)
-    for at in (0, 6, 9):
-        out = write(cache, new, jnp.array([[at]], jnp.int32))
-        expected = np.asarray(cache).copy()
-        expected[0, at] = np.asarray(new.astype(jnp.bfloat16))[0, 0]
-        np.testing.assert_array_equal(np.asarray(out), expected)
-        assert out.dtype == jnp.bfloat16
-    text = jax.jit(write).lower(cache, new, jnp.array([[3]], jnp.int32)).as_text()
-    assert "dynamic_update_slice" in text and "scatter" not in text
-
-
 def test_random_weights_differ_between_layers_and_have_the_declared_spread():
     """Every layer draws its own values (layer i from `layer_key(key, i)`, one compiled init for all
     layers), at the declared spread: kernels normal(0.02), norms one."""

@@ -94,8 +94,8 @@ def write_reference(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
     queries over slots `[0, slot]`. Returns (out `[B, KV * G, D]`, k, v)."""
     q, k_new, v_new = split_qkv(qkv)
     rows = jnp.arange(k.shape[0])
-    k = k.at[rows, slots].set(k_new.astype(k.dtype), mode="drop")
-    v = v.at[rows, slots].set(v_new.astype(v.dtype), mode="drop")
+    k = k.at[rows, slots].set(k_new.astype(k.dtype), mode="drop", wrap_negative_indices=False)
+    v = v.at[rows, slots].set(v_new.astype(v.dtype), mode="drop", wrap_negative_indices=False)
     return decode_attention_reference(q, k, v, jnp.clip(slots + 1, 0, k.shape[1])), k, v
 
 
@@ -189,7 +189,7 @@ def _one_key(q, k, v, carry, scale, owns):
     new_top = jnp.where(owns, jnp.maximum(top, s), top)
     p = jnp.where(owns, jnp.exp2(s - new_top), 0.0)
     rescale = jnp.exp2(top - new_top)
-    return acc * rescale[:, None] + p[:, None] * v[None, :], new_top, total * rescale + p
+    return acc * rescale[:, None] + jnp.where(owns, p[:, None] * v[None, :], 0.0), new_top, total * rescale + p
 
 
 def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, o_ref, lse_ref, k_out_ref, v_out_ref, **params):
@@ -272,10 +272,11 @@ def decode_attention_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: ja
         raise ValueError(f"decode_attention_write takes qkv [B, KV, G + 2, D] with G >= 1 query heads per kv "
                          f"head; got {qkv.shape}")
     b, n_kv, rows, d = qkv.shape
+    if k.ndim != 4 or k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (b, n_kv, d):
+        raise ValueError(f"decode_attention_write takes the cache k, v as [B, S, KV, D] = [{b}, S, {n_kv}, {d}] "
+                         f"for qkv {qkv.shape}; got k {k.shape}, v {v.shape}")
     q = jax.ShapeDtypeStruct((b, n_kv * (rows - 2), d), qkv.dtype)
-    _check(q, k, v, slots)
-    if k.shape[2] != n_kv:
-        raise ValueError(f"decode_attention_write: qkv holds {n_kv} kv heads, the cache {k.shape[2]}")
+    _check(q, k, v, slots, name="decode_attention_write", lengths_name="slots")
     default_k, default_stages = default_tuning(k.dtype)
     block_k, num_stages = block_k or default_k, num_stages or default_stages
     return launch_splits(_write_kernel, q, n_kv, k.shape[1], (slots.astype(jnp.int32), qkv, k, v),
@@ -329,20 +330,20 @@ def product_dtype(name: str, q_dtype, compute_dtype: str | None) -> jnp.dtype:
     return compute
 
 
-def _check(q, k, v, lengths) -> None:
+def _check(q, k, v, lengths, name: str = "decode_attention", lengths_name: str = "lengths") -> None:
     b, h, d = q.shape
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"decode_attention takes q [B, H, D] and k, v [B, S, KV, D] with the same B and D; "
+        raise ValueError(f"{name} takes q [B, H, D] and k, v [B, S, KV, D] with the same B and D; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
     if h % k.shape[2]:
-        raise ValueError(f"decode_attention: {h} query heads are not a multiple of {k.shape[2]} kv heads")
+        raise ValueError(f"{name}: {h} query heads are not a multiple of {k.shape[2]} kv heads")
     if lengths.shape != (b,):
-        raise ValueError(f"decode_attention takes lengths of shape [B] = ({b},); got {lengths.shape}")
+        raise ValueError(f"{name} takes {lengths_name} of shape [B] = ({b},); got {lengths.shape}")
     if not supported(d):
-        raise ValueError(f"decode_attention needs a head dim that is a power of two >= 16, got {d}; "
+        raise ValueError(f"{name} needs a head dim that is a power of two >= 16, got {d}; "
                          "use decode_attention_reference (llmjax.models.llama does so by itself)")
     if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"decode_attention takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{name} takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def attend_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, **tuning):
@@ -353,8 +354,9 @@ def attend_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, **tuning) -> jax.Array:
-    """The model's decode entry point: the kernel on cuda and rocm; the reference elsewhere, and for a
-    head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
+    """Decode attention over a cache already written (`llama.attention` for one query token; the
+    model's decode step takes `attend_write`): the kernel on cuda and rocm; the reference elsewhere,
+    and for a head dim or a mix of dtypes the kernel does not take. `LLMJAX_ATTENTION` overrides as in
     `flash_attention.attend`."""
     return dispatch_attention(decode_attention, decode_attention_reference, q, k, v, lengths, tuning=tuning,
                               rocm_tuning=ROCM_TUNING)

@@ -162,7 +162,7 @@ ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
     (5120, 27648): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # 13B gate/up
     (13824, 5120): Int4Config("hfma4", block_n=16, block_k=1024, splits=16, num_warps=2),  # 13B down
     # sixteenth session, the fastest kernel alone of ~180 (`--grid --kernel-time`):
-    (4096, 11008): Int4Config("hfma4", block_n=128, block_k=1024, splits=4, num_warps=8),  # 9.9 -> 9.0 us
+    (4096, 11008): Int4Config("hfma4", block_n=128, block_k=1024, splits=4, num_warps=8),  # 7B gate/up at tensor=2, 9.9 -> 9.0 us
     (4096, 32000): Int4Config("hfma4", block_n=128, block_k=512, splits=2, num_warps=4),  # 7B int4 LM head, 21.4 -> 20.2
     (5120, 32000): Int4Config("hfma4", block_n=128, block_k=512, splits=2, num_warps=4),  # 13B's (of 10), 26.3 -> 25.0
 }

@@ -165,8 +165,8 @@ def decode_write_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Arra
     (its G query heads per kv head, RoPE applied, then its key, RoPE applied, and its value), has its
     key and value written into the cache `[B, S, KV, D]` at its position (`positions` `[B, 1]`; the
     cache's slot p holds position p) and its queries attend over slots up to it, as `kv.write` and
-    then `attention` would, in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda
-    and rocm. Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its
+    then `attention` would (a position past the cache writes nothing; `generate` sizes the cache so
+    that none is), in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda and rocm. Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its
     rows and kv heads."""
     free = free_axes(mesh) if mesh is not None else ()
     if "data" in free or "tensor" in free:
