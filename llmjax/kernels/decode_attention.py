@@ -172,12 +172,15 @@ def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, k
     plgpu.store(lse_ref.at[b, split, heads], lse, mask=in_group)
 
 
+def _cache_blocks(block_k: int):
+    """`split_program`'s `block_index` for a contiguous cache `[B, S, KV, D]`: a block is one slice of
+    its row."""
+    return lambda b, kv, first, exists: (b, pl.ds(first, block_k), kv, slice(None))
+
+
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, **params):
-    # k_ref, v_ref [B, S, KV, D]: a block is one slice of its row
-    def block_index(b, kv, first, exists):
-        return b, pl.ds(first, params["block_k"]), kv, slice(None)
-    split_program(lengths_ref[pl.program_id(2)], q_ref, k_ref, v_ref, o_ref, lse_ref, block_index,
-                  kv_limit=k_ref.shape[1], **params)
+    split_program(lengths_ref[pl.program_id(2)], q_ref, k_ref, v_ref, o_ref, lse_ref,
+                  _cache_blocks(params["block_k"]), kv_limit=k_ref.shape[1], **params)
 
 
 def _one_key(q, k, v, carry, scale, owns):
@@ -211,10 +214,8 @@ def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, o_ref, lse_ref, k_out_ref, v
             new.append(x.astype(jnp.float32))
         return lambda q, carry: _one_key(q.astype(jnp.float32), *new, carry, scale, owns)
 
-    def block_index(b, kv, first, exists):
-        return b, pl.ds(first, params["block_k"]), kv, slice(None)
     reads = jnp.clip(slots_ref[pl.program_id(2)], 0, seq)  # the cache's keys below the new one
-    split_program(reads, qkv_ref, k_ref, v_ref, o_ref, lse_ref, block_index, kv_limit=seq,
+    split_program(reads, qkv_ref, k_ref, v_ref, o_ref, lse_ref, _cache_blocks(params["block_k"]), kv_limit=seq,
                   q_index=lambda b, kv: (b, kv, pl.ds(0, params["block_h"]), slice(None)), new_key=new_key,
                   **params)
 

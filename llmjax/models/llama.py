@@ -136,17 +136,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     reference elsewhere (`LLMJAX_ATTENTION` overrides). On a `mesh`, each device attends over its own
     rows (`data`) and heads (`tensor`), so the kernels never see a sharded array.
     """
-    free = free_axes(mesh) if mesh is not None else ()
-    if "data" in free or "tensor" in free:
-        batch = data_axis(mesh, free, q.shape[0])
-        heads = P(batch, None, "tensor" if "tensor" in free else None, None)
-        rows = P(batch, None)
+    split = _rows_and_heads(mesh, q.shape[0])
+    if split is not None:
+        heads, rows = split
         return per_device(attention, mesh, (heads, heads, heads, rows, rows), heads)(q, k, v, q_pos, k_pos)
     offsets = q_pos[:, 0] - k_pos[:, 0]  # each row's first query position among its keys
     if q.shape[1] == 1:
         lengths = jnp.clip(offsets + 1, 0, k.shape[1])
         return decode_attention.attend(q[:, 0], k, v, lengths)[:, None]
     return flash_attention.attend(q, k, v, offsets, jnp.full(offsets.shape, k.shape[1], jnp.int32))
+
+
+def _rows_and_heads(mesh: Any, batch: int) -> tuple[P, P] | None:
+    """Where attention on `mesh` runs per device: the specs of a `[B, T, heads, D]` array (rows over
+    `data`, heads over `tensor`) and of a `[B, T]` one; None when no free axis splits either."""
+    free = free_axes(mesh) if mesh is not None else ()
+    if "data" not in free and "tensor" not in free:
+        return None
+    rows = data_axis(mesh, free, batch)
+    return P(rows, None, "tensor" if "tensor" in free else None, None), P(rows, None)
 
 
 def _rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -166,14 +174,14 @@ def decode_write_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Arra
     key and value written into the cache `[B, S, KV, D]` at its position (`positions` `[B, 1]`; the
     cache's slot p holds position p) and its queries attend over slots up to it, as `kv.write` and
     then `attention` would (a position past the cache writes nothing; `generate` sizes the cache so
-    that none is), in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda and rocm. Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its
-    rows and kv heads."""
-    free = free_axes(mesh) if mesh is not None else ()
-    if "data" in free or "tensor" in free:
-        batch = data_axis(mesh, free, qkv.shape[0])
-        heads = P(batch, None, "tensor" if "tensor" in free else None, None)
-        return per_device(decode_write_attention, mesh, (P(*heads, None), heads, heads, P(batch, None)),
-                          (heads,) * 3)(qkv, cache_k, cache_v, positions)
+    that none is), in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda and rocm.
+    Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its rows and kv
+    heads."""
+    split = _rows_and_heads(mesh, qkv.shape[0])
+    if split is not None:
+        heads, rows = split
+        return per_device(decode_write_attention, mesh, (P(*heads, None), heads, heads, rows), (heads,) * 3)(
+            qkv, cache_k, cache_v, positions)
     out, cache_k, cache_v = decode_attention.attend_write(qkv[:, 0], cache_k, cache_v, positions[:, 0])
     return out[:, None], cache_k, cache_v
 
