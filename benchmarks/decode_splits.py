@@ -5,7 +5,7 @@ default plan (`decode_attention.split_plan`), in one process.
         [--tunings 64:4:3,128:4:2:1] [--rounds 2] [--gen-len 256]
 
 At batch 1 the kernel has one program per kv head and split; more than one split adds a kernel that
-merges them. Each round runs `llmjax bench` once with the default plan, once per `--splits` value and
+merges them. Both entry points take the variant's tuning: `attend` and the decode step's `attend_write`. Each round runs `llmjax bench` once with the default plan, once per `--splits` value and
 once per `--tunings` entry (`block_k:num_warps:num_stages[:splits]`, as in `decode_blocks.py`).
 """
 
@@ -27,17 +27,18 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--gen-len", type=int, default=256)
     a = p.parse_args()
-    attend = decode_attention.attend
+    attend, attend_write = decode_attention.attend, decode_attention.attend_write
     variants = {"default": {}}
     variants.update({f"splits {s}": {"splits": int(s)} for s in a.splits.split(",") if s})
     variants.update({t: decode_blocks.parse_tuning(t) for t in a.tunings.split(",") if t})
     for r in range(a.rounds):
         for name, tuning in variants.items():
             decode_attention.attend = lambda *args, t=tuning, **kw: attend(*args, **t, **kw)
+            decode_attention.attend_write = lambda *args, t=tuning, **kw: attend_write(*args, **t, **kw)
             jax.clear_caches()
             print(f"== {name}, round {r}", flush=True)
             cli.main(["bench", "--model", a.model, "--dtype", a.dtype, "--gen-len", str(a.gen_len)])
-    decode_attention.attend = attend
+    decode_attention.attend, decode_attention.attend_write = attend, attend_write
 
 
 if __name__ == "__main__":
