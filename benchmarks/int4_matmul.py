@@ -5,7 +5,8 @@
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --kinds hfma2 --kernel-time  (one row: the
         default's blocks in other kinds)
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --configs 128:512:4:4,64:512:16:8 --shapes ...
-        (one row: the default, then these block_n:block_k:splits:num_warps[:num_stages] tilings)
+        (one row: the default, then these block_n:block_k:splits:num_warps[:num_stages] tilings;
+        dot:block_m:block_n:... entries take the tensor-core kernel)
 
 For each weight shape K x N (inputs x outputs: 4096x11008 is Llama-2-7B's up projection) and each row
 count M, it
@@ -101,13 +102,14 @@ def _valid(config: K.Int4Config) -> bool:
 
 
 def listed_config(spec: str) -> K.Int4Config:
-    """`--configs` entry `block_n:block_k:splits:num_warps[:num_stages]`, in the default one-row kind."""
-    fields = spec.split(":")
-    if len(fields) not in (4, 5) or not all(f.isdigit() for f in fields):
-        raise SystemExit(f"--configs takes block_n:block_k:splits:num_warps[:num_stages] entries (four or five "
-                         f"integers); got {spec!r}")
-    names = ("block_n", "block_k", "splits", "num_warps", "num_stages")
-    return K.Int4Config(K.DEFAULT_ONE_ROW_KIND, **dict(zip(names, map(int, fields))))
+    """`--configs` entry `block_n:block_k:splits:num_warps[:num_stages]` in the default one-row kind, or
+    `dot:block_m:block_n:block_k:splits:num_warps[:num_stages]` (the tensor-core kernel at one row)."""
+    kind, *fields = spec.split(":") if spec.startswith("dot:") else [K.DEFAULT_ONE_ROW_KIND, *spec.split(":")]
+    names = (("block_m",) if kind == "dot" else ()) + ("block_n", "block_k", "splits", "num_warps", "num_stages")
+    if len(fields) not in (len(names) - 1, len(names)) or not all(f.isdigit() for f in fields):
+        raise SystemExit(f"--configs takes block_n:block_k:splits:num_warps[:num_stages] or "
+                         f"dot:block_m:block_n:block_k:splits:num_warps[:num_stages] entries; got {spec!r}")
+    return K.Int4Config(kind, **dict(zip(names, map(int, fields))))
 
 
 def _label(c: K.Int4Config) -> str:
@@ -305,8 +307,8 @@ def main() -> None:
     parser.add_argument("--kinds", default=None, help="one row only: the default configuration of each shape, "
                         "then the same blocks in each of these kinds (comma-separated, e.g. hfma2), no baselines")
     parser.add_argument("--configs", default=None, help="one row only: the default configuration of each shape, "
-                        "then these (comma-separated block_n:block_k:splits:num_warps[:num_stages], the default kind), "
-                        "no baselines")
+                        "then these (comma-separated block_n:block_k:splits:num_warps[:num_stages], the default kind, "
+                        "or dot:block_m:block_n:block_k:splits:num_warps[:num_stages]), no baselines")
     parser.add_argument("--kernel-time", action="store_true",
                         help="also each timed configuration's kernel alone, from a profiler trace")
     args = parser.parse_args()
