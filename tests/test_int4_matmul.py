@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
+from llmjax.kernels import int4_matmul as K
 from llmjax.kernels import linear
 from llmjax.kernels.int4_matmul import Int4Config, default_config, int4_matmul, int4_matmul_reference
 from llmjax.quant import QuantizedWeight, QuantScheme, quantize, quantize_int4
+from llmjax.quant.weights import random_weight
 
 FMA, HFMA2, HFMA4, DOT = "fma", "hfma2", "hfma4", "dot"
 # (m, n, k, group, config or None for the default by m, symmetric, x dtype): M in {1, 3, 16, 77}, N and
@@ -218,6 +220,31 @@ def test_a_quantized_decode_step_lowers_for_rocm_and_cuda_with_their_kernels():
     with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H200")):
         cuda = jax.jit(decode).trace(weights, rows, rows, cache).lower(lowering_platforms=("cuda",)).as_text()
     assert "lop3" in cuda  # and cuda's, the packed float16 kernel
+
+
+def test_partial_sums_add_up_to_the_product():
+    """`int4_matmul(reduce=False)` (the kernel's K slices, interpret mode) sums to the reduced product;
+    `matmul(partials=True)` elsewhere is the float32 product and zeros, as many slices as cuda's plan;
+    `linear(partials=True)` gives those slices for an int4 kernel and one slice for any other."""
+    qw = random_weight(jax.random.key(3), (40, 2, 256), 1, QuantScheme.parse("int4-g32"))
+    x = jax.random.normal(jax.random.key(4), (1, 2, 256), jnp.bfloat16)
+    x2 = x.reshape(1, 512)
+    config = K.Int4Config("hfma4", block_n=16, block_k=64, splits=4, num_warps=1)
+    sums = K.int4_matmul(x2, qw.values.reshape(40, -1), qw.scales.reshape(40, -1), group_size=32, config=config,
+                         reduce=False, interpret=True)
+    whole = K.int4_matmul(x2, qw.values.reshape(40, -1), qw.scales.reshape(40, -1), group_size=32, config=config,
+                          interpret=True)
+    assert sums.shape == (4, 1, 40) and sums.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(sums.sum(0).astype(jnp.bfloat16), np.float32), np.asarray(whole, np.float32))
+    parts = K.matmul(x2, qw, partials=True)  # CPU: the reference, padded to cuda's count
+    count = K.split_plan(K.default_config(1, shape=(512, 40)), 1, 40, 16, 32)[0]
+    assert parts.shape == (count, 1, 40) and not np.any(np.asarray(parts[1:]))
+    np.testing.assert_array_equal(np.asarray(parts[0].astype(jnp.bfloat16), np.float32),
+                                  np.asarray(K.matmul(x2, qw), np.float32))
+    got = linear.linear(x, qw, 1, 2, partials=True)
+    assert got.shape == (count, 1, 40)
+    w = jax.random.normal(jax.random.key(5), (40, 2, 256), jnp.bfloat16)
+    assert linear.linear(x, w, 1, 2, partials=True).shape == (1, 1, 40)
 
 
 @pytest.mark.parametrize("scheme", [None, "int4-g32", "int8"])

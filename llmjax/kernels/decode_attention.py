@@ -24,9 +24,11 @@ to read each cache byte once at full bandwidth (flash-decoding):
 step's queries, new key and new value as the q/k/v product lays them out (`[B, KV, G + 2, D]`), and
 storing the new key and value into the cache at each row's slot as it attends (the caches are
 aliased outputs, updated in place). What XLA ran before it, q's RoPE, k's RoPE with its write and
-v's write, was three small kernels a layer; now one RoPE pass over the whole array precedes it. At
-batch 1 on the H200, Llama-2-7B int4 decodes 3.4% faster so (BENCHMARKS.md, sixteenth session).
-`write_reference` defines it.
+v's write, was three small kernels a layer; at batch 1 on the H200, Llama-2-7B int4 decodes 3.4%
+faster so (BENCHMARKS.md, sixteenth session). On one device the model hands it the product's K
+slices `[S, B, KV, G + 2, D]` and the step's RoPE tables (`rope`), and the kernel adds the slices and
+rotates q and k as it reads them, so no XLA pass runs between the product and attention (+1.1% more,
+seventeenth session). `write_reference` defines it.
 
 Head dims must be powers of two >= 16 (`flash_attention.supported`); the model falls back to
 `decode_attention_reference` for others.
@@ -86,17 +88,35 @@ def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return qkv[:, :, :rows - 2].reshape(b, n_kv * (rows - 2), d), qkv[:, :, rows - 2], qkv[:, :, rows - 1]
 
 
-def write_reference(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
+def write_reference(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, rope=None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The definition of `decode_attention_write`: each row's new key and value (from `qkv`
     `[B, KV, G + 2, D]`, see `split_qkv`) written into the cache k, v `[B, S, KV, D]` at the row's slot
     `slots` `[B]` (nowhere when the slot is outside the cache), then `decode_attention_reference` of its
-    queries over slots `[0, slot]`. Returns (out `[B, KV * G, D]`, k, v)."""
-    q, k_new, v_new = split_qkv(qkv)
+    queries over slots `[0, slot]`. Returns (out `[B, KV * G, D]`, k, v). `qkv` may also be the
+    product's K slices `[S, B, KV, G + 2, D]` (summed in float32, rounded to the cache's dtype), and
+    `rope` (cos, sin `[B, D]`) rotates its query and key heads first (`product_qkv`)."""
+    q, k_new, v_new = split_qkv(product_qkv(qkv, k.dtype, rope))
     rows = jnp.arange(k.shape[0])
     k = k.at[rows, slots].set(k_new.astype(k.dtype), mode="drop", wrap_negative_indices=False)
     v = v.at[rows, slots].set(v_new.astype(v.dtype), mode="drop", wrap_negative_indices=False)
     return decode_attention_reference(q, k, v, jnp.clip(slots + 1, 0, k.shape[1])), k, v
+
+
+def product_qkv(qkv: jax.Array, dtype, rope=None) -> jax.Array:
+    """`[B, KV, G + 2, D]` from `decode_attention_write`'s `qkv` (itself, or the sum of its K slices
+    rounded to `dtype`), its query and key heads rotated by `rope` (cos, sin `[B, D]`) as
+    `llmjax.models.rope.apply_rope` rotates them (in float32, rounded once)."""
+    if qkv.ndim == 5:
+        qkv = jnp.sum(qkv.astype(jnp.float32), axis=0).astype(dtype)
+    if rope is None:
+        return qkv
+    cos, sin = (t.astype(qkv.dtype).astype(jnp.float32)[:, None, None, :] for t in rope)
+    x = qkv.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    roped = (x * cos + rotated * sin).astype(qkv.dtype)
+    return jnp.where((jnp.arange(qkv.shape[2]) == qkv.shape[2] - 1)[:, None], qkv, roped)
 
 
 def vector_block(q, k_ref, v_ref, carry, exists=None):
@@ -120,7 +140,7 @@ def vector_block(q, k_ref, v_ref, carry, exists=None):
 
 
 def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
-                  block_h, block_k, chunk, exact, compute_dtype, q_index=None, new_key=None):
+                  block_h, block_k, chunk, exact, compute_dtype, q_index=None, new_key=None, load_q=None):
     """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
     of kv head `kv` in row `b` (`[block_h, D]`, padded past `groups`) over that row's keys in split
     `split`, `block_k` at a time, with an online softmax. Full blocks run unmasked; only the last is
@@ -128,7 +148,8 @@ def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, k
     `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
     length. The products take q, K and V in `compute_dtype` (a float8 cache is widened to it).
     `block_h` 1 (one query head per kv head) runs `vector_block` instead, in float32.
-    `q_index(b, kv)` says where the query heads of kv head `kv` lie in `q_ref` (None: `[B, H, D]`).
+    `q_index(b, kv)` says where the query heads of kv head `kv` lie in `q_ref` (None: `[B, H, D]`);
+    `load_q(b, kv, in_group) -> [block_h, D]`, if given, reads them instead.
     `new_key(split, kv, b) -> last`, if given, is called first (its loads then overlap the cache's);
     `last(q, carry) -> carry` adds a key of its own after the cache's (the kernel that writes the new
     token, `_write_kernel`), q as the products take it (float32 and already scaled when `block_h` is 1).
@@ -139,8 +160,11 @@ def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, k
     d = q_ref.shape[-1]
     in_group = jnp.arange(block_h) < groups
     heads = pl.ds(kv * groups, block_h)
-    at = (b, heads, slice(None)) if q_index is None else q_index(b, kv)
-    q = plgpu.load(q_ref.at[at], mask=in_group[:, None], other=0.0)  # [block_h, D]
+    if load_q is not None:
+        q = load_q(b, kv, in_group)
+    else:
+        at = (b, heads, slice(None)) if q_index is None else q_index(b, kv)
+        q = plgpu.load(q_ref.at[at], mask=in_group[:, None], other=0.0)  # [block_h, D]
     last = None if new_key is None else new_key(split, kv, b)
     start = split * chunk
     stop = jnp.minimum(jnp.minimum(length, kv_limit), start + chunk)
@@ -195,13 +219,50 @@ def _one_key(q, k, v, carry, scale, owns):
     return acc * rescale[:, None] + jnp.where(owns, p[:, None] * v[None, :], 0.0), new_top, total * rescale + p
 
 
-def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, o_ref, lse_ref, k_out_ref, v_out_ref, **params):
+def _product_rows(qkv_ref, b, kv, rows, mask, dtype, rope):
+    """Rows `rows` (int32 `[R]`) of kv head `kv` in row `b` of the q/k/v product's K slices `qkv_ref`
+    `[S, B, KV, G + 2, D]`: summed in float32 and rounded to `dtype` (as the product's own sum is),
+    then, with `rope` (cos_ref, sin_ref `[B, D]`), rotated as `llmjax.models.rope.apply_rope` does
+    (in float32 here, rounded once by the caller). Float32 `[R, D]`; zeros where `mask` is False."""
+    d = qkv_ref.shape[-1]
+    cols = jnp.arange(d)
+    full = None if mask is None else jnp.broadcast_to(mask[:, None], (rows.size, d))
+
+    def total(cols):
+        parts = [plgpu.load(qkv_ref.at[jnp.int32(s), b, kv, rows[:, None], cols[None, :]], mask=full,
+                            other=None if full is None else 0.0).astype(jnp.float32)
+                 for s in range(qkv_ref.shape[0])]
+        return functools.reduce(jnp.add, parts).astype(dtype).astype(jnp.float32)
+
+    x = total(cols)
+    if rope is None:
+        return x
+    cos_ref, sin_ref = rope
+    cos = plgpu.load(cos_ref.at[b, cols]).astype(dtype).astype(jnp.float32)
+    sin = plgpu.load(sin_ref.at[b, cols]).astype(dtype).astype(jnp.float32)
+    partner = total((cols + d // 2) % d)  # rotate-half: the other half of each head
+    rotated = jnp.where(cols < d // 2, -partner, partner)
+    return x * cos[None, :] + rotated * sin[None, :]
+
+
+def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, *refs, **params):
     # slots_ref [B]: the new token's slot; qkv_ref [B, KV, G + 2, D]: each kv head's G query heads, then
-    # the new key and value; k_ref, v_ref [B, S, KV, D] aliased to k_out_ref, v_out_ref. The cache is
-    # read below the slot; the new key joins from registers in the split that holds its slot, whose
-    # program also stores it there.
+    # the new key and value (or [S, B, KV, G + 2, D]: the product's K slices, with `rope`: then refs
+    # start with the cos and sin tables [B, D]); k_ref, v_ref [B, S, KV, D] aliased to k_out_ref,
+    # v_out_ref. The cache is read below the slot; the new key joins from registers in the split that
+    # holds its slot, whose program also stores it there.
+    rope = params.pop("rope")
+    cos_sin, (o_ref, lse_ref, k_out_ref, v_out_ref) = (refs[:2], refs[2:]) if rope else (None, refs)
     seq, d, groups = k_ref.shape[1], k_ref.shape[3], params["groups"]
     scale = None if params["block_h"] == 1 else LOG2E / math.sqrt(d)
+    slices = qkv_ref.ndim == 5
+
+    def row_of(b, kv, row, dtype, rotate):
+        if not slices:
+            return plgpu.load(qkv_ref.at[b, kv, jnp.int32(row), :]).astype(dtype)
+        x = _product_rows(qkv_ref, b, kv, jnp.full((1,), row, jnp.int32), None, k_ref.dtype,
+                          cos_sin if rotate else None)
+        return x.reshape(d).astype(k_ref.dtype).astype(dtype)
 
     def new_key(split, kv, b):
         slot = slots_ref[b]
@@ -209,15 +270,19 @@ def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, o_ref, lse_ref, k_out_ref, v
         every = jnp.broadcast_to(owns, (d,))
         new = []
         for row, out_ref in ((groups, k_out_ref), (groups + 1, v_out_ref)):
-            x = plgpu.load(qkv_ref.at[b, kv, jnp.int32(row), :]).astype(out_ref.dtype)  # as the cache holds it
+            x = row_of(b, kv, row, out_ref.dtype, row == groups)  # as the cache holds it
             plgpu.store(out_ref.at[b, jnp.clip(slot, 0, seq - 1), kv, :], x, mask=every)
             new.append(x.astype(jnp.float32))
         return lambda q, carry: _one_key(q.astype(jnp.float32), *new, carry, scale, owns)
 
+    def load_q(b, kv, in_group):  # the query heads, summed over the slices and rotated
+        rows = jnp.arange(params["block_h"], dtype=jnp.int32)
+        return _product_rows(qkv_ref, b, kv, rows, in_group, k_ref.dtype, cos_sin).astype(k_ref.dtype)
+
     reads = jnp.clip(slots_ref[pl.program_id(2)], 0, seq)  # the cache's keys below the new one
     split_program(reads, qkv_ref, k_ref, v_ref, o_ref, lse_ref, _cache_blocks(params["block_k"]), kv_limit=seq,
                   q_index=lambda b, kv: (b, kv, pl.ds(0, params["block_h"]), slice(None)), new_key=new_key,
-                  **params)
+                  load_q=load_q if slices else None, **params)
 
 
 def merge_splits(out: jax.Array, lse: jax.Array, dtype) -> jax.Array:
@@ -257,7 +322,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("block_k", "splits", "num_warps", "num_stages", "compute_dtype",
                                              "vector", "interpret"))
-def decode_attention_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *,
+def decode_attention_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, rope=None, *,
                            block_k: int | None = None, splits: int | None = None, num_warps: int = 4,
                            num_stages: int | None = None, compute_dtype: str | None = None, vector: bool = False,
                            interpret: bool = False):
@@ -268,19 +333,31 @@ def decode_attention_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: ja
     of q, k and v out of one array before it: the cache is read below each row's slot, the new key and
     value join the softmax from registers, and the program whose split holds the slot stores them
     there (the caches are the kernel's outputs too, aliased, so XLA updates them in place). Returns
-    (out `[B, KV * G, D]`, k, v)."""
-    if qkv.ndim != 4 or qkv.shape[2] < 3:
-        raise ValueError(f"decode_attention_write takes qkv [B, KV, G + 2, D] with G >= 1 query heads per kv "
-                         f"head; got {qkv.shape}")
-    b, n_kv, rows, d = qkv.shape
+    (out `[B, KV * G, D]`, k, v).
+
+    `qkv` may instead be the product's K slices `[S, B, KV, G + 2, D]` (float32 partial sums, an int4
+    product's `reduce=False` output), which the kernel adds up as it reads them, and `rope` (cos, sin
+    `[B, D]`, each row's tables at its position) has it rotate the query and key heads: so no XLA
+    pass over the product runs between it and this kernel."""
+    slices = qkv.ndim == 5
+    if qkv.ndim not in (4, 5) or qkv.shape[-2] < 3:
+        raise ValueError(f"decode_attention_write takes qkv [B, KV, G + 2, D] (or its K slices [S, B, KV, G + 2, D]) "
+                         f"with G >= 1 query heads per kv head; got {qkv.shape}")
+    b, n_kv, rows, d = qkv.shape[-4:]
     if k.ndim != 4 or k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (b, n_kv, d):
         raise ValueError(f"decode_attention_write takes the cache k, v as [B, S, KV, D] = [{b}, S, {n_kv}, {d}] "
                          f"for qkv {qkv.shape}; got k {k.shape}, v {v.shape}")
-    q = jax.ShapeDtypeStruct((b, n_kv * (rows - 2), d), qkv.dtype)
+    if rope is not None and (len(rope) != 2 or any(t.shape != (b, d) for t in rope)):
+        raise ValueError(f"decode_attention_write takes rope as (cos, sin), each [B, D] = [{b}, {d}]; got "
+                         f"{[getattr(t, 'shape', t) for t in rope]}")
+    q = jax.ShapeDtypeStruct((b, n_kv * (rows - 2), d), k.dtype if slices else qkv.dtype)
     _check(q, k, v, slots, name="decode_attention_write", lengths_name="slots")
+    if rope is not None and not slices:
+        qkv = qkv[None]  # the rotating kernel reads slices
     default_k, default_stages = default_tuning(k.dtype)
     block_k, num_stages = block_k or default_k, num_stages or default_stages
-    return launch_splits(_write_kernel, q, n_kv, k.shape[1], (slots.astype(jnp.int32), qkv, k, v),
+    operands = (slots.astype(jnp.int32), qkv, k, v) + (() if rope is None else tuple(rope))
+    return launch_splits(functools.partial(_write_kernel, rope=rope is not None), q, n_kv, k.shape[1], operands,
                          name="decode_attention_write", block_k=block_k, splits=splits, num_warps=num_warps,
                          num_stages=num_stages, compute_dtype=compute_dtype, vector=vector, interpret=interpret,
                          caches=(2, 3))
@@ -347,11 +424,17 @@ def _check(q, k, v, lengths, name: str = "decode_attention", lengths_name: str =
         raise ValueError(f"{name} takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def attend_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, **tuning):
+def attend_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, rope=None, **tuning):
     """The model's entry point for a decode step over a contiguous cache: `decode_attention_write`
-    on cuda and rocm, `write_reference` elsewhere (as `attend` chooses). Returns (out, k, v)."""
-    return dispatch_attention(decode_attention_write, write_reference, qkv, k, v, slots, tuning=tuning,
-                              rocm_tuning=ROCM_TUNING)
+    on cuda and rocm, `write_reference` elsewhere (as `attend` chooses; `qkv` as K slices and `rope` as
+    the kernel takes them). Returns (out, k, v)."""
+    if qkv.ndim == 4 and rope is None:
+        return dispatch_attention(decode_attention_write, write_reference, qkv, k, v, slots, tuning=tuning,
+                                  rocm_tuning=ROCM_TUNING)
+    if not supported(k.shape[-1]) or k.dtype != v.dtype:
+        return write_reference(qkv, k, v, slots, rope)
+    return dispatch.dispatch(functools.partial(decode_attention_write, **tuning), write_reference, qkv, k, v, slots,
+                             rope, variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, **tuning) -> jax.Array:

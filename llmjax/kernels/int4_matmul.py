@@ -477,12 +477,26 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
     plgpu.store(o_ref.at[split, m_slice, n_slice], acc, mask=out_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "config", "interpret"))
+def split_plan(config: Int4Config, m: int, n: int, groups: int, group_size: int) -> tuple[int, int]:
+    """(splits, steps): the K slices the kernel's programs take under `config`, and the steps of
+    `block_k` inputs in each."""
+    block_groups = config.block_k // group_size
+    steps_total = pl.cdiv(groups, block_groups)
+    tiles = pl.cdiv(n, config.block_n) * (1 if config.kind != "dot" else pl.cdiv(m, config.block_m))
+    splits = config.splits or pl.cdiv(TARGET_PROGRAMS, tiles)
+    splits = max(1, min(splits, steps_total if config.splits else steps_total // MIN_STEPS))
+    steps = pl.cdiv(steps_total, splits)
+    return pl.cdiv(steps_total, steps), steps  # no split left without work
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "config", "reduce", "interpret"))
 def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *,
-                group_size: int, config: Int4Config | None = None, interpret: bool = False) -> jax.Array:
+                group_size: int, config: Int4Config | None = None, reduce: bool = True,
+                interpret: bool = False) -> jax.Array:
     """`x @ w.T` with the Pallas kernels: x `[M, K]`, `values` uint32 `[N, K/8]`, `scales` (and
     `zeros`) `[N, K/group]`; returns `[M, N]` in x's dtype. `config` defaults by M and x's dtype
-    (`default_config` for cuda; `matmul` picks rocm's on rocm)."""
+    (`default_config` for cuda; `matmul` picks rocm's on rocm). `reduce=False` returns instead the
+    float32 sums of the K slices, `[splits, M, N]` (`split_plan`), for a consumer that adds them."""
     m, k = x.shape
     n = values.shape[0]
     if group_size not in GROUP_SIZES or k % group_size:
@@ -499,12 +513,7 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     if config.kind in PACKED_WORDS and zeros is not None:
         raise ValueError(f"the {config.kind} int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
     block_groups = config.block_k // group_size
-    steps_total = pl.cdiv(groups, block_groups)
-    tiles = pl.cdiv(n, config.block_n) * (1 if config.kind != "dot" else pl.cdiv(m, config.block_m))
-    splits = config.splits or pl.cdiv(TARGET_PROGRAMS, tiles)
-    splits = max(1, min(splits, steps_total if config.splits else steps_total // MIN_STEPS))
-    steps = pl.cdiv(steps_total, splits)
-    splits = pl.cdiv(steps_total, steps)  # no split left without work
+    splits, steps = split_plan(config, m, n, groups, group_size)
     visited = splits * steps * block_groups  # groups the programs step over, the last ones maybe past K
     asymmetric = zeros is not None
     common = dict(n=n, groups=groups, block_n=config.block_n, block_groups=block_groups, steps=steps,
@@ -532,23 +541,41 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
     )(*operands)
+    if not reduce:
+        return partial
     return (partial[0] if splits == 1 else partial.sum(axis=0)).astype(x.dtype)
 
 
-def matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False) -> jax.Array:
     """`x [M, K] @ w.T` for an int4 `QuantizedWeight` of any output shape: the Pallas kernel when lowered
-    for cuda or rocm, the reference on every other platform. Returns `[M, N]`, N the flattened outputs."""
+    for cuda or rocm, the reference on every other platform. Returns `[M, N]`, N the flattened outputs.
+
+    `partials=True` returns `[S, M, N]` float32 instead: S partial sums whose sum, rounded to x's dtype,
+    is the product (the kernel's K slices on cuda, as cuda's plan splits K; elsewhere the float32
+    product and S - 1 zeros), for a consumer that adds them in its own kernel."""
     n = qw.values.size // qw.values.shape[-1]
     values = qw.values.reshape(n, -1)
     scales = qw.scales.reshape(n, -1)
     zeros = None if qw.zeros is None else qw.zeros.reshape(n, -1)
+    m, k = x.shape
+
+    def config_for(platform):
+        return default_config(m, asymmetric=zeros is not None, dtype=x.dtype, platform=platform, shape=(k, n))
+
+    count = split_plan(config_for("cuda"), m, n, k // qw.group_size, qw.group_size)[0] if partials else 0
+
+    def padded(y):  # the float32 product as the first of `count` partial sums
+        return jnp.zeros((count, m, n), jnp.float32).at[0].set(y.astype(jnp.float32))
 
     def kernel(x, values, scales, zeros, platform="cuda"):
-        config = default_config(x.shape[0], asymmetric=zeros is not None, dtype=x.dtype, platform=platform,
-                                shape=(x.shape[1], values.shape[0]))
-        return int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config)
+        y = int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config_for(platform),
+                        reduce=not partials)
+        return padded(y.sum(axis=0)) if partials and y.shape[0] != count else y  # rocm's plan may differ
 
     def reference(x, values, scales, zeros):
+        if partials:  # x in float32: the product's float32 value, not rounded
+            return padded(int4_matmul_reference(x.astype(jnp.float32), values, scales, zeros,
+                                                group_size=qw.group_size))
         return int4_matmul_reference(x, values, scales, zeros, group_size=qw.group_size)
 
     return jax.lax.platform_dependent(x, values, scales, zeros, cuda=kernel, default=reference,

@@ -14,6 +14,10 @@ row-parallel product (o, down: the input axis is split) adds the devices' partia
 `allreduce.psum`. A float row-parallel product runs so too when `LLMJAX_ALLREDUCE` picks llmjax's
 NVLink all-reduce (`llmjax.kernels.allreduce`); otherwise XLA's partitioner places it.
 
+`linear(..., partials=True)` returns `[S, ..., *out]` partial sums whose sum, rounded to x's dtype, is
+the product: an int4 one-row kernel's K slices (float32) on one device, for a consumer that adds them
+in its own kernel (the decode step's attention); every other product as one slice, `y[None]`.
+
 `linear_reference` is the definition every path must match: the float kernel (a quantized one
 dequantized) contracted in float32.
 """
@@ -106,8 +110,10 @@ def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> j
     return y.astype(x.dtype)
 
 
-def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None):
-    """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`.
+def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None,
+           partials: bool = False):
+    """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`
+    (`[S, ..., *out]` partial sums with `partials`, see the module doc).
 
     `kernel` is a float array or a `QuantizedWeight`. On a `mesh` of more than one device, `axes` (the
     float kernel's logical axes) say how the sharding rules split it, for the products that run per
@@ -116,15 +122,18 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     """
     quantized = isinstance(kernel, QuantizedWeight)
     if not quantized and not (allreduce.mode() != "xla" and _row_parallel(mesh, axes, num_out_dims)):
-        return gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
+        y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
+        return y[None] if partials else y
     lead = x.shape[:x.ndim - in_ndim]
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - in_ndim:]))
     out_shape = kernel.out_shape if quantized else kernel.shape[:num_out_dims]
     in_size = kernel.in_size if quantized else math.prod(kernel.shape[num_out_dims:])
     if x2.shape[1] != in_size:
         raise ValueError(f"x's input width {x2.shape[1]} does not match the kernel's {in_size}")
-    if mesh is None or not dispatch.free_axes(mesh):  # one device, or a pipeline stage with tensor=1
-        y = _product(x2, kernel, num_out_dims)
-    else:
-        y = _sharded_product(x2, kernel, mesh, axes, num_out_dims)
-    return y.reshape(*lead, *out_shape)
+    one_device = mesh is None or not dispatch.free_axes(mesh)  # or a pipeline stage with tensor=1
+    if partials and one_device and quantized and kernel.bits == 4 and x2.shape[0] <= int4_matmul.FMA_MAX_ROWS:
+        sums = int4_matmul.matmul(x2, kernel, partials=True)
+        return sums.reshape(sums.shape[0], *lead, *out_shape)
+    y = _product(x2, kernel, num_out_dims) if one_device else _sharded_product(x2, kernel, mesh, axes, num_out_dims)
+    y = y.reshape(*lead, *out_shape)
+    return y[None] if partials else y

@@ -69,7 +69,9 @@ class Linear(nn.Module):
     # row-parallel product runs per device)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, partials: bool = False) -> jax.Array:
+        """`[..., *in] -> [..., *out]`, or `[S, ..., *out]` partial sums with `partials` (see
+        `llmjax.kernels.linear`)."""
         width = math.prod(self.shape[self.num_out_dims:])
         if self.quant is None or not self.quant.quantizes(width):
             init = nn.with_logical_partitioning(_init, self.axes)
@@ -78,12 +80,13 @@ class Linear(nn.Module):
                                      num_out_dims=self.num_out_dims)
         kernel = self.param("kernel", init, self.shape, self.dtype)
         y = linear(x, kernel, self.num_out_dims, len(self.shape) - self.num_out_dims,  # [..., *in] -> [..., *out]
-                   mesh=self.mesh, axes=self.axes)
+                   mesh=self.mesh, axes=self.axes, partials=partials and not self.use_bias)
         if self.use_bias:
             out_shape, out_axes = self.shape[:self.num_out_dims], self.axes[:self.num_out_dims]
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes)
             bias = self.param("bias", init, out_shape, self.dtype)
             y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+            return y[None] if partials else y
         return y
 
 
@@ -161,7 +164,8 @@ def _rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """RoPE on the query and key heads of the q/k/v product `[B, T, KV, G + 2, D]`, the value heads
     (the last of each group) passed through as they are: one elementwise pass over the whole array,
     which XLA fuses into one kernel with the product's epilogue and which a decode step's attention
-    kernel takes whole (three slices of it were three kernels)."""
+    kernel takes whole on a mesh (three slices of it were three kernels; on one device the kernel
+    rotates them itself)."""
     b, t, n_kv, rows, d = qkv.shape
     roped = apply_rope(qkv.reshape(b, t, n_kv * rows, d), cos, sin).reshape(qkv.shape)
     return jnp.where((jnp.arange(rows) == rows - 1)[:, None], qkv, roped)
@@ -250,17 +254,24 @@ class Attention(nn.Module):
         # q, k and v in one kernel `[kv_heads, g + 2, head_dim, embed]`: for kv head j, its g query
         # heads (HF heads j*g .. j*g+g-1), then its key, then its value. One wide product reads its
         # weights faster than three narrow ones, and sharding over kv_heads keeps each group whole.
-        qkv = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), num_out_dims=3,
-                     use_bias=bias, dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="qkv")(x)
+        product = Linear((n_kv, g + 2, hd, d), ("kv_heads", "qkv", "head_dim", "embed"), num_out_dims=3,
+                         use_bias=bias, dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="qkv")
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="o")
         b, t = x.shape[:2]
         paged = isinstance(layer_cache, kv.PagedLayer)
         if t == 1 and layer_cache is not None and not paged:
-            # a decode step: the cache write and the attention in one kernel, on q/k/v as one array
-            out, *layer_cache = decode_write_attention(_rope_qkv(qkv, cos, sin), *layer_cache, positions,
+            # a decode step: the cache write and the attention in one kernel, on q/k/v as one array;
+            # on one device that kernel also adds up the product's K slices and applies RoPE
+            # (`decode_attention_write`'s `rope`), so nothing runs between the product and it
+            if _rows_and_heads(self.mesh, b) is None:
+                out, *layer_cache = decode_attention.attend_write(
+                    product(x, partials=True)[:, :, 0], *layer_cache, positions[:, 0], (cos[:, 0], sin[:, 0]))
+                return o(out[:, None]), tuple(layer_cache)
+            out, *layer_cache = decode_write_attention(_rope_qkv(product(x), cos, sin), *layer_cache, positions,
                                                        self.mesh)
             return o(out), tuple(layer_cache)
+        qkv = product(x)
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
         k = apply_rope(qkv[:, :, :, g], cos, sin)
         v = qkv[:, :, :, g + 1]
