@@ -128,6 +128,8 @@ DECODE_WRITE_ROPE_CASES = {
     "four-slices-groups4": (4, 2, 61, 8, 2, 32, [36, 0], 16, 3, False, jnp.bfloat16),
     "one-slice-mha-vector": (1, 2, 50, 4, 4, 16, [49, 80], 16, 2, True, jnp.float32),
     "two-slices-large-blocks": (2, 1, 300, 32, 8, 64, [200], 128, None, False, jnp.bfloat16),
+    # 0: the product as one array [B, KV, G + 2, D], rotated inside the kernel
+    "whole-product-rotated": (0, 2, 40, 8, 2, 32, [17, 39], 16, 2, False, jnp.bfloat16),
 }
 
 
@@ -143,9 +145,11 @@ def test_decode_attention_write_adds_the_slices_and_rotates_as_its_reference(cas
     """`decode_attention_write` on the q/k/v product's K slices `[S, B, KV, G + 2, D]` with `rope`: the
     kernel sums them, rounds to the cache's dtype and applies RoPE to the query and key heads, against
     `write_reference`; the caches hold the rotated key and the value exactly as the reference writes."""
-    n, b, s, h, n_kv, d, slots, block_k, splits, vector, dtype = DECODE_WRITE_ROPE_CASES[case]
-    parts, k, v = _normal(s + n, (n, b, n_kv, h // n_kv + 2, d), (b, s, n_kv, d), (b, s, n_kv, d), dtype=jnp.float32)
+    n, b, s, h, n_kv, d, slots, block_k, splits, vector, dtype = DECODE_WRITE_ROPE_CASES[case]  # n 0: no slices
+    parts, k, v = _normal(s + n, (max(n, 1), b, n_kv, h // n_kv + 2, d), (b, s, n_kv, d), (b, s, n_kv, d),
+                          dtype=jnp.float32)
     parts = parts if n > 1 else parts.astype(dtype)  # one slice: the product itself, in the model's dtype
+    parts = parts if n else parts[0]
     k, v = k.astype(dtype), v.astype(dtype)
     rope, slots = _rope_tables(b, d, s), jnp.array(slots, jnp.int32)
     out, keys, values = da.decode_attention_write(parts, k, v, slots, rope, block_k=block_k, splits=splits,
@@ -157,7 +161,24 @@ def test_decode_attention_write_adds_the_slices_and_rotates_as_its_reference(cas
     # products) may run in another order or as a fused multiply-add: one unit in the last place
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(keys, np.float32), np.asarray(want_keys, np.float32), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(values, np.float32), np.asarray(want_values, np.float32), rtol=tol, atol=tol)
+    if n <= 1:  # the value is not rotated: one slice (or the product itself) is stored exactly
+        np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(want_values, np.float32))
+    else:
+        np.testing.assert_allclose(np.asarray(values, np.float32), np.asarray(want_values, np.float32), rtol=tol,
+                                   atol=tol)
+
+
+def test_the_entry_point_keeps_what_the_kernel_does_not_take_on_the_reference(monkeypatch):
+    """`attend_write` with `rope`: a product in another dtype than the cache, or a float8 cache, goes to
+    `write_reference` (as `attend` does for such inputs), not to the kernel, whatever LLMJAX_ATTENTION."""
+    monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
+    qkv, k, v = _normal(9, (1, 2, 6, 32), (1, 20, 2, 32), (1, 20, 2, 32), dtype=jnp.float32)
+    rope, slots = _rope_tables(1, 32, 9), jnp.array([7], jnp.int32)
+    for k_, v_ in [(k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)),
+                   (k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn))]:
+        got = da.attend_write(qkv, k_, v_, slots, rope)
+        for a, b in zip(got, da.write_reference(qkv, k_, v_, slots, rope)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_the_reference_rotates_as_the_model_does():
@@ -332,6 +353,7 @@ def test_paged_prefill_reference_is_attention_over_the_gathered_sequence():
                   llama.attention(q, keys, values, q_pos, k_pos), jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "int4-g32"])
 def test_generate_through_the_decode_kernel_gives_the_references_tokens(monkeypatch, dtype):
     """Greedy tokens of `llmjax.generate` with each decode step's attention in the kernel (interpret

@@ -431,7 +431,8 @@ def attend_write(qkv: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, r
     if qkv.ndim == 4 and rope is None:
         return dispatch_attention(decode_attention_write, write_reference, qkv, k, v, slots, tuning=tuning,
                                   rocm_tuning=ROCM_TUNING)
-    if not supported(k.shape[-1]) or k.dtype != v.dtype:
+    if (not supported(k.shape[-1]) or k.dtype != v.dtype or k.dtype == jnp.float8_e4m3fn
+            or (qkv.ndim == 4 and qkv.dtype != k.dtype)):  # what the kernel does not take (as `attend`)
         return write_reference(qkv, k, v, slots, rope)
     return dispatch.dispatch(functools.partial(decode_attention_write, **tuning), write_reference, qkv, k, v, slots,
                              rope, variable="LLMJAX_ATTENTION", rocm_tuning={**ROCM_TUNING, **tuning})

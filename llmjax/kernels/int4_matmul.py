@@ -551,8 +551,9 @@ def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False) -> jax.
     for cuda or rocm, the reference on every other platform. Returns `[M, N]`, N the flattened outputs.
 
     `partials=True` returns `[S, M, N]` float32 instead: S partial sums whose sum, rounded to x's dtype,
-    is the product (the kernel's K slices on cuda, as cuda's plan splits K; elsewhere the float32
-    product and S - 1 zeros), for a consumer that adds them in its own kernel."""
+    is the product, S as cuda's plan splits K (the kernel's K slices on cuda and on rocm where its plan
+    gives as many, else their sum and S - 1 zeros; the float32 reference product and S - 1 zeros
+    elsewhere), for a consumer that adds them in its own kernel."""
     n = qw.values.size // qw.values.shape[-1]
     values = qw.values.reshape(n, -1)
     scales = qw.scales.reshape(n, -1)

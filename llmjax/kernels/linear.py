@@ -15,8 +15,10 @@ row-parallel product (o, down: the input axis is split) adds the devices' partia
 NVLink all-reduce (`llmjax.kernels.allreduce`); otherwise XLA's partitioner places it.
 
 `linear(..., partials=True)` returns `[S, ..., *out]` partial sums whose sum, rounded to x's dtype, is
-the product: an int4 one-row kernel's K slices (float32) on one device, for a consumer that adds them
-in its own kernel (the decode step's attention); every other product as one slice, `y[None]`.
+the product: for an int4 kernel and up to `int4_matmul.FMA_MAX_ROWS` rows on one device (or a
+pipeline stage with tensor=1), `int4_matmul.matmul(..., partials=True)`'s float32 slices (the
+kernel's K slices on cuda), for a consumer that adds them in its own kernel (the decode step's
+attention); every other product as one slice, `y[None]`.
 
 `linear_reference` is the definition every path must match: the float kernel (a quantized one
 dequantized) contracted in float32.

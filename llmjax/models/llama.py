@@ -180,7 +180,8 @@ def decode_write_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Arra
     then `attention` would (a position past the cache writes nothing; `generate` sizes the cache so
     that none is), in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda and rocm.
     Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its rows and kv
-    heads."""
+    heads. The model's decode step takes this path on a mesh that splits rows or heads; on one device
+    it hands the kernel the product's K slices and RoPE tables instead (`Attention`)."""
     split = _rows_and_heads(mesh, qkv.shape[0])
     if split is not None:
         heads, rows = split
