@@ -182,12 +182,15 @@ def test_the_entry_point_keeps_what_the_kernel_does_not_take_on_the_reference(mo
 
 
 def test_the_reference_rotates_as_the_model_does():
-    """`product_qkv` (the reference's sum and rotation) against the model's RoPE (`apply_rope` on the
-    query and key heads, `llama._rope_qkv`) in float32, where rounding cannot differ."""
+    """`product_qkv` (the reference's sum and rotation) against RoPE written out (rotate-half on the
+    query and key heads, the value head as it is) in float32, where rounding cannot differ."""
     parts = _normal(3, (3, 2, 2, 6, 32), dtype=jnp.float32)[0]
     cos, sin = _rope_tables(2, 32, 4)
     got = da.product_qkv(parts, jnp.float32, (cos, sin))
-    want = llama._rope_qkv(jnp.sum(parts, 0)[:, None], cos[:, None], sin[:, None])[:, 0]
+    x = jnp.sum(parts, 0)  # [B, KV, G + 2, D]
+    rotated = jnp.concatenate([-x[..., 16:], x[..., :16]], axis=-1)
+    roped = x * cos[:, None, None] + rotated * sin[:, None, None]
+    want = jnp.concatenate([roped[:, :, :5], x[:, :, 5:]], axis=2)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 

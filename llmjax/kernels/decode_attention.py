@@ -47,6 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 from llmjax.kernels import dispatch
 from llmjax.kernels.flash_attention import (LOG2E, MASKED, dispatch_attention, load_block, masked_softmax,
                                            online_softmax_block, supported)
+from llmjax.models.rope import apply_rope
 
 TARGET_PROGRAMS = 264  # two per SM on an H200 (132 SMs): enough to hide each program's tail
 # Tuning on rocm where it differs from the H200 defaults: an MI300 has 64 KB of shared memory per
@@ -111,12 +112,10 @@ def product_qkv(qkv: jax.Array, dtype, rope=None) -> jax.Array:
         qkv = jnp.sum(qkv.astype(jnp.float32), axis=0).astype(dtype)
     if rope is None:
         return qkv
-    cos, sin = (t.astype(qkv.dtype).astype(jnp.float32)[:, None, None, :] for t in rope)
-    x = qkv.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    roped = (x * cos + rotated * sin).astype(qkv.dtype)
-    return jnp.where((jnp.arange(qkv.shape[2]) == qkv.shape[2] - 1)[:, None], qkv, roped)
+    b, n_kv, rows, d = qkv.shape
+    cos, sin = (t.astype(qkv.dtype).astype(jnp.float32)[:, None] for t in rope)  # as the model's dtype holds them
+    roped = apply_rope(qkv.astype(jnp.float32).reshape(b, 1, n_kv * rows, d), cos, sin).reshape(qkv.shape)
+    return jnp.where((jnp.arange(rows) == rows - 1)[:, None], qkv, roped.astype(qkv.dtype))  # values unrotated
 
 
 def vector_block(q, k_ref, v_ref, carry, exists=None):
@@ -140,7 +139,7 @@ def vector_block(q, k_ref, v_ref, carry, exists=None):
 
 
 def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, kv_limit, groups,
-                  block_h, block_k, chunk, exact, compute_dtype, q_index=None, new_key=None, load_q=None):
+                  block_h, block_k, chunk, exact, compute_dtype, load_q=None, new_key=None):
     """One program of flash-decoding, for the contiguous and the paged kernel alike: the query heads
     of kv head `kv` in row `b` (`[block_h, D]`, padded past `groups`) over that row's keys in split
     `split`, `block_k` at a time, with an online softmax. Full blocks run unmasked; only the last is
@@ -148,8 +147,8 @@ def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, k
     `k_ref`/`v_ref` (the only thing the two kernels do differently); `kv_limit` caps the row's
     length. The products take q, K and V in `compute_dtype` (a float8 cache is widened to it).
     `block_h` 1 (one query head per kv head) runs `vector_block` instead, in float32.
-    `q_index(b, kv)` says where the query heads of kv head `kv` lie in `q_ref` (None: `[B, H, D]`);
-    `load_q(b, kv, in_group) -> [block_h, D]`, if given, reads them instead.
+    `load_q(b, kv, in_group) -> [block_h, D]`, if given, reads the query heads of kv head `kv`
+    (else they are `q_ref` `[B, H, D]`'s).
     `new_key(split, kv, b) -> last`, if given, is called first (its loads then overlap the cache's);
     `last(q, carry) -> carry` adds a key of its own after the cache's (the kernel that writes the new
     token, `_write_kernel`), q as the products take it (float32 and already scaled when `block_h` is 1).
@@ -160,11 +159,10 @@ def split_program(length, q_ref, k_ref, v_ref, o_ref, lse_ref, block_index, *, k
     d = q_ref.shape[-1]
     in_group = jnp.arange(block_h) < groups
     heads = pl.ds(kv * groups, block_h)
-    if load_q is not None:
-        q = load_q(b, kv, in_group)
+    if load_q is None:
+        q = plgpu.load(q_ref.at[b, heads, :], mask=in_group[:, None], other=0.0)  # [block_h, D]
     else:
-        at = (b, heads, slice(None)) if q_index is None else q_index(b, kv)
-        q = plgpu.load(q_ref.at[at], mask=in_group[:, None], other=0.0)  # [block_h, D]
+        q = load_q(b, kv, in_group)
     last = None if new_key is None else new_key(split, kv, b)
     start = split * chunk
     stop = jnp.minimum(jnp.minimum(length, kv_limit), start + chunk)
@@ -275,14 +273,15 @@ def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, *refs, **params):
             new.append(x.astype(jnp.float32))
         return lambda q, carry: _one_key(q.astype(jnp.float32), *new, carry, scale, owns)
 
-    def load_q(b, kv, in_group):  # the query heads, summed over the slices and rotated
+    def load_q(b, kv, in_group):  # the query heads (summed over the slices and rotated)
+        if not slices:
+            return plgpu.load(qkv_ref.at[b, kv, pl.ds(0, params["block_h"]), :], mask=in_group[:, None], other=0.0)
         rows = jnp.arange(params["block_h"], dtype=jnp.int32)
         return _product_rows(qkv_ref, b, kv, rows, in_group, k_ref.dtype, cos_sin).astype(k_ref.dtype)
 
     reads = jnp.clip(slots_ref[pl.program_id(2)], 0, seq)  # the cache's keys below the new one
     split_program(reads, qkv_ref, k_ref, v_ref, o_ref, lse_ref, _cache_blocks(params["block_k"]), kv_limit=seq,
-                  q_index=lambda b, kv: (b, kv, pl.ds(0, params["block_h"]), slice(None)), new_key=new_key,
-                  load_q=load_q if slices else None, **params)
+                  load_q=load_q, new_key=new_key, **params)
 
 
 def merge_splits(out: jax.Array, lse: jax.Array, dtype) -> jax.Array:

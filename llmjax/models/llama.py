@@ -160,34 +160,28 @@ def _rows_and_heads(mesh: Any, batch: int) -> tuple[P, P] | None:
     return P(rows, None, "tensor" if "tensor" in free else None, None), P(rows, None)
 
 
-def _rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE on the query and key heads of the q/k/v product `[B, T, KV, G + 2, D]`, the value heads
-    (the last of each group) passed through as they are: one elementwise pass over the whole array,
-    which XLA fuses into one kernel with the product's epilogue and which a decode step's attention
-    kernel takes whole on a mesh (three slices of it were three kernels; on one device the kernel
-    rotates them itself)."""
-    b, t, n_kv, rows, d = qkv.shape
-    roped = apply_rope(qkv.reshape(b, t, n_kv * rows, d), cos, sin).reshape(qkv.shape)
-    return jnp.where((jnp.arange(rows) == rows - 1)[:, None], qkv, roped)
-
-
 def decode_write_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array,
-                           mesh: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           mesh: Any = None, rope: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step over a contiguous cache: each row's one new token, `qkv` `[B, 1, KV, G + 2, D]`
-    (its G query heads per kv head, RoPE applied, then its key, RoPE applied, and its value), has its
-    key and value written into the cache `[B, S, KV, D]` at its position (`positions` `[B, 1]`; the
-    cache's slot p holds position p) and its queries attend over slots up to it, as `kv.write` and
-    then `attention` would (a position past the cache writes nothing; `generate` sizes the cache so
-    that none is), in one kernel (`llmjax.kernels.decode_attention.attend_write`) on cuda and rocm.
-    Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its rows and kv
-    heads. The model's decode step takes this path on a mesh that splits rows or heads; on one device
-    it hands the kernel the product's K slices and RoPE tables instead (`Attention`)."""
-    split = _rows_and_heads(mesh, qkv.shape[0])
+    (its G query heads per kv head, then its key and its value) or that product's K slices
+    `[S, B, 1, KV, G + 2, D]` (`Linear(partials=True)`), has its query and key heads rotated by `rope`
+    (cos, sin `[B, 1, D]`; None: already rotated), its key and value written into the cache
+    `[B, S, KV, D]` at its position (`positions` `[B, 1]`; the cache's slot p holds position p) and
+    its queries attend over slots up to it, as `kv.write` and then `attention` would (a position past
+    the cache writes nothing; `generate` sizes the cache so that none is), in one kernel
+    (`llmjax.kernels.decode_attention.attend_write`, which also adds the slices and rotates) on cuda
+    and rocm. Returns (out `[B, 1, KV * G, D]`, cache_k, cache_v). On a `mesh`, per device over its
+    rows and kv heads, the slices added and rotated before (`decode_attention.product_qkv`, the
+    kernel's arithmetic)."""
+    qkv = qkv[:, :, 0] if qkv.ndim == 6 else qkv[:, 0]  # [S, B, KV, G + 2, D] or [B, KV, G + 2, D]
+    tables = None if rope is None else tuple(t[:, 0] for t in rope)
+    split = _rows_and_heads(mesh, qkv.shape[-4])
     if split is not None:
         heads, rows = split
+        qkv = decode_attention.product_qkv(qkv, cache_k.dtype, tables)[:, None]
         return per_device(decode_write_attention, mesh, (P(*heads, None), heads, heads, rows), (heads,) * 3)(
             qkv, cache_k, cache_v, positions)
-    out, cache_k, cache_v = decode_attention.attend_write(qkv[:, 0], cache_k, cache_v, positions[:, 0])
+    out, cache_k, cache_v = decode_attention.attend_write(qkv, cache_k, cache_v, positions[:, 0], tables)
     return out[:, None], cache_k, cache_v
 
 
@@ -262,15 +256,10 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         paged = isinstance(layer_cache, kv.PagedLayer)
         if t == 1 and layer_cache is not None and not paged:
-            # a decode step: the cache write and the attention in one kernel, on q/k/v as one array;
-            # on one device that kernel also adds up the product's K slices and applies RoPE
-            # (`decode_attention_write`'s `rope`), so nothing runs between the product and it
-            if _rows_and_heads(self.mesh, b) is None:
-                out, *layer_cache = decode_attention.attend_write(
-                    product(x, partials=True)[:, :, 0], *layer_cache, positions[:, 0], (cos[:, 0], sin[:, 0]))
-                return o(out[:, None]), tuple(layer_cache)
-            out, *layer_cache = decode_write_attention(_rope_qkv(product(x), cos, sin), *layer_cache, positions,
-                                                       self.mesh)
+            # a decode step: the cache write and the attention in one kernel, which on one device also
+            # adds up the product's K slices and applies RoPE, so nothing runs between the product and it
+            out, *layer_cache = decode_write_attention(product(x, partials=True), *layer_cache, positions,
+                                                       self.mesh, (cos, sin))
             return o(out), tuple(layer_cache)
         qkv = product(x)
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
