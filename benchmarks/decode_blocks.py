@@ -74,8 +74,12 @@ def kernel_seconds(run) -> float:
 
 
 def parse_tuning(text: str) -> dict:
-    """`block_k:num_warps:num_stages[:splits]` as `decode_attention`'s keyword arguments."""
-    return dict(zip(("block_k", "num_warps", "num_stages", "splits"), map(int, text.split(":"))))
+    """`block_k:num_warps:num_stages[:splits[:vector]]` as `decode_attention`'s keyword arguments
+    (vector 1: `vector=True`)."""
+    tuning = dict(zip(("block_k", "num_warps", "num_stages", "splits", "vector"), map(int, text.split(":"))))
+    if "vector" in tuning:
+        tuning["vector"] = bool(tuning["vector"])
+    return tuning
 
 
 if __name__ == "__main__":

@@ -266,12 +266,16 @@ def _write_kernel(slots_ref, qkv_ref, k_ref, v_ref, *refs, **params):
         slot = slots_ref[b]
         owns = (slot >= 0) & (slot < seq) & (jax.lax.div(slot, params["chunk"]) == split)
         every = jnp.broadcast_to(owns, (d,))
-        new = []
-        for row, out_ref in ((groups, k_out_ref), (groups + 1, v_out_ref)):
-            x = row_of(b, kv, row, out_ref.dtype, row == groups)  # as the cache holds it
-            plgpu.store(out_ref.at[b, jnp.clip(slot, 0, seq - 1), kv, :], x, mask=every)
-            new.append(x.astype(jnp.float32))
-        return lambda q, carry: _one_key(q.astype(jnp.float32), *new, carry, scale, owns)
+        new = [(row_of(b, kv, row, out_ref.dtype, row == groups), out_ref)  # as the cache holds it
+               for row, out_ref in ((groups, k_out_ref), (groups + 1, v_out_ref))]
+
+        def last(q, carry):
+            # stored after the cache's keys are read (none of them is the slot), so that no store
+            # stands between this program's first loads and the cache's
+            for x, out_ref in new:
+                plgpu.store(out_ref.at[b, jnp.clip(slot, 0, seq - 1), kv, :], x, mask=every)
+            return _one_key(q.astype(jnp.float32), *(x.astype(jnp.float32) for x, _ in new), carry, scale, owns)
+        return last
 
     def load_q(b, kv, in_group):  # the query heads (summed over the slices and rotated)
         if not slices:
