@@ -103,18 +103,22 @@ def _valid(config: K.Int4Config) -> bool:
 
 def listed_config(spec: str) -> K.Int4Config:
     """`--configs` entry `block_n:block_k:splits:num_warps[:num_stages]` in the default one-row kind, or
-    `dot:block_m:block_n:block_k:splits:num_warps[:num_stages]` (the tensor-core kernel at one row)."""
+    `dot:block_m:block_n:block_k:splits:num_warps[:num_stages]` (the tensor-core kernel at one row); a
+    trailing `:u` unrolls the K steps (`Int4Config.unroll`)."""
+    unroll = spec.endswith(":u")
+    spec = spec[:-2] if unroll else spec
     kind, *fields = spec.split(":") if spec.startswith("dot:") else [K.DEFAULT_ONE_ROW_KIND, *spec.split(":")]
     names = (("block_m",) if kind == "dot" else ()) + ("block_n", "block_k", "splits", "num_warps", "num_stages")
     if len(fields) not in (len(names) - 1, len(names)) or not all(f.isdigit() for f in fields):
         raise SystemExit(f"--configs takes block_n:block_k:splits:num_warps[:num_stages] or "
                          f"dot:block_m:block_n:block_k:splits:num_warps[:num_stages] entries; got {spec!r}")
-    return K.Int4Config(kind, **dict(zip(names, map(int, fields))))
+    return K.Int4Config(kind, **dict(zip(names, map(int, fields))), unroll=unroll)
 
 
 def _label(c: K.Int4Config) -> str:
     m = f"bm{c.block_m} " if c.kind == "dot" else ""
-    return f"{c.kind} {m}bn{c.block_n} bk{c.block_k} splits{c.splits} warps{c.num_warps} stages{c.num_stages}"
+    return (f"{c.kind} {m}bn{c.block_n} bk{c.block_k} splits{c.splits} warps{c.num_warps} stages{c.num_stages}"
+            + (" unrolled" if c.unroll else ""))
 
 
 def _int4_weights(n, k, copies, seed):

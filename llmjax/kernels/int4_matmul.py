@@ -77,7 +77,9 @@ class Int4Config:
     sizes are powers of two; `block_k` (inputs per loop step) is a multiple of the group,
     and `dot` tiles are at least 16 wide. `splits` cuts K into that many slices, each its own program;
     None (the default) picks enough slices for about `TARGET_PROGRAMS` programs, at least `MIN_STEPS`
-    steps each, so that a matrix with few outputs (o, down) still keeps every SM reading."""
+    steps each, so that a matrix with few outputs (o, down) still keeps every SM reading. `unroll`
+    (the CUDA-core kernels) writes a program's K steps out one after another instead of looping over
+    them, so that the compiler schedules one step's loads among the previous step's arithmetic."""
 
     kind: str = "fma"
     block_m: int = 16
@@ -86,6 +88,7 @@ class Int4Config:
     splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    unroll: bool = False
 
     def check(self, group_size: int) -> None:
         if self.kind not in KINDS:
@@ -112,6 +115,8 @@ class Int4Config:
             raise ValueError(f"the hfma4 kernel needs at least {PACK} words a thread: block_n * block_k / 8 >= "
                              f"{PACK} * 32 * num_warps; got block_n={self.block_n}, block_k={self.block_k}, "
                              f"num_warps={self.num_warps} (use larger blocks, fewer warps or kind 'hfma2')")
+        if self.kind == "dot" and self.unroll:
+            raise ValueError("Int4Config.unroll is for the CUDA-core kernels (fma, hfma2, hfma4), not 'dot'")
         if self.kind == "dot" and min(self.block_m, self.block_n) < 16:
             raise ValueError(f"the dot kernel's tiles must be at least 16 wide (tensor cores); got "
                              f"block_m={self.block_m}, block_n={self.block_n}")
@@ -154,7 +159,7 @@ _one_row_kind = DEFAULT_ONE_ROW_KIND
 # table is by exact shape; Llama-2-13B's o, gate/up and down take the fastest kernel alone of 16
 # candidates each (its q/k/v keeps the rule's blocks, which were fastest): 326.4 -> 332.3 tok/s.
 ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
-    (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4),  # 7B q/k/v
+    (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4, unroll=True),  # 7B q/k/v
     (4096, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=8),  # 7B o
     (4096, 22016): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # 7B gate/up
     (11008, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=4),  # 7B down
@@ -375,7 +380,7 @@ def _packed4_update(acc, words, x_pairs, scale, emulate: bool):
 
 
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
-                asymmetric, packed=0, emulate=False):
+                asymmetric, packed=0, unroll=False, emulate=False):
     # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
     # s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref [M, groups, W] (x summed over each
     # word's inputs, float32); o_ref [splits, M, N] float32. packed: words per assembly block (0: fma)
@@ -422,7 +427,10 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
         return tuple(acc + s * scale[:, :, None] for acc, s in zip(accs, sums))
 
     zeros = tuple(jnp.zeros((block_n, block_groups, w), jnp.float32) for _ in range(rows))
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    if unroll:  # the steps one after another: the compiler may schedule across them
+        accs = functools.reduce(lambda accs, step: body(jnp.int32(step), accs), range(steps), zeros)
+    else:
+        accs = jax.lax.fori_loop(0, steps, body, zeros)
     for r, acc in enumerate(accs):
         plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], jnp.sum(acc, axis=(1, 2)), mask=n_edge)
 
@@ -528,7 +536,8 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         sums = (jnp.sum(x4.astype(jnp.float32), axis=2),) if asymmetric else ()
         operands = (x4,) + operands + sums
         packed = PACKED_WORDS.get(config.kind, 0)
-        kernel = functools.partial(_fma_kernel, rows=m, packed=packed, emulate=interpret, **common)
+        kernel = functools.partial(_fma_kernel, rows=m, packed=packed, unroll=config.unroll, emulate=interpret,
+                                   **common)
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
         operands = (x, values.reshape(n, groups, 1, w)) + operands[1:]
