@@ -50,7 +50,7 @@ CASES = [
     # the tilings of the one-row table (`ONE_ROW_BY_SHAPE`) on awkward shapes, K long enough for two
     # steps a program (the last past K): 7B q/k/v, o, gate/up and down; 13B o and down; 4096x11008; the
     # 7B int4 LM head
-    (1, 200, 3840, 128, Int4Config(HFMA4, block_n=128, block_k=512, splits=4), True, jnp.bfloat16),
+    (1, 200, 3840, 128, Int4Config(HFMA4, block_n=128, block_k=512, splits=4, unroll=True), True, jnp.bfloat16),
     (1, 90, 8704, 128, Int4Config(HFMA4, block_n=64, block_k=512, splits=16, num_warps=8), True, jnp.bfloat16),
     (1, 70, 16640, 128, Int4Config(HFMA4, block_n=32, block_k=1024, splits=16), True, jnp.bfloat16),
     (1, 130, 8704, 128, Int4Config(HFMA4, block_n=64, block_k=512, splits=16), True, jnp.bfloat16),
@@ -58,6 +58,9 @@ CASES = [
     (1, 50, 16640, 128, Int4Config(HFMA4, block_n=16, block_k=1024, splits=16, num_warps=2), True, jnp.bfloat16),
     (1, 200, 7424, 128, Int4Config(HFMA4, block_n=128, block_k=1024, splits=4, num_warps=8), True, jnp.bfloat16),
     (1, 260, 1920, 128, Int4Config(HFMA4, block_n=128, block_k=512, splits=2), True, jnp.bfloat16),
+    # the steps written out (`unroll`): two and three steps a program, zero points, edges in N and K
+    (3, 77, 320, 32, Int4Config(FMA, block_n=16, block_k=64, splits=2, unroll=True), False, jnp.float32),
+    (1, 100, 1280, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2, unroll=True), True, jnp.bfloat16),
 ]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-5}  # of the largest output
 PACKED_TOLERANCE = 4e-3  # float16 products and half sums
@@ -110,7 +113,7 @@ def test_bad_inputs_are_refused_with_the_reason():
         Int4Config(HFMA4).check(16)  # no int4 group this small today; the kernel would need one
     for config, match in ((Int4Config("fast"), "kind"), (Int4Config(FMA, block_k=32), "multiple of the group"),
                           (Int4Config(FMA, block_n=48), "power of two"), (Int4Config(FMA, splits=0), "positive"),
-                          (Int4Config(DOT, block_m=8), "at least 16"),
+                          (Int4Config(DOT, block_m=8), "at least 16"), (Int4Config(DOT, unroll=True), "CUDA-core"),
                           (Int4Config(HFMA4, block_n=16, block_k=64), "at least 4 words a thread")):
         with pytest.raises(ValueError, match=match):
             int4_matmul(x, q.values, q.scales, config=config, **call)
