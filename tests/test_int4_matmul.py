@@ -250,6 +250,41 @@ def test_partial_sums_add_up_to_the_product():
     assert linear.linear(x, w, 1, 2, partials=True).shape == (1, 1, 40)
 
 
+NORM_CASES = [  # (m, n, k, group, config, symmetric, dtype): each kernel body, edges in N and K
+    (1, 100, 1280, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2, unroll=True), True, jnp.bfloat16),
+    (1, 70, 640, 64, Int4Config(HFMA2, block_n=16, block_k=128, splits=3), True, jnp.bfloat16),
+    (2, 77, 320, 32, Int4Config(FMA, block_n=16, block_k=64, splits=3), True, jnp.float32),
+    (3, 45, 256, 32, Int4Config(DOT, block_m=16, block_n=32, block_k=64, splits=2), True, jnp.bfloat16),  # x normalized first
+    (1, 45, 256, 32, Int4Config(FMA, block_n=16, block_k=64, splits=2), False, jnp.float32),  # zero points: so too
+]
+
+
+@pytest.mark.parametrize("m,n,k,group,config,symmetric,dtype", NORM_CASES)
+def test_the_kernel_normalizes_x_as_an_rms_norm_given_its_sums_of_squares(m, n, k, group, config, symmetric, dtype):
+    """`int4_matmul(..., norm_squares, norm_scale)` (interpret mode; compiled under JAX_PLATFORMS=cuda) is the product of
+    `rms_norm.normalized_reference` of x, the squares as `rms_norm.residual_add` leaves them."""
+    from llmjax.kernels import rms_norm
+
+    x, q = _inputs(m, n, k, group, symmetric, dtype, seed=k + n)
+    x = (4.0 * x.astype(jnp.float32)).astype(dtype)
+    _, squares = rms_norm.residual_add_reference(x, jnp.zeros((1, m, k), jnp.float32))
+    scale = jax.random.uniform(jax.random.key(n), (k,), jnp.float32, 0.5, 1.5).astype(dtype)
+    got = int4_matmul(x, q.values, q.scales, q.zeros, group_size=group, config=config, norm_squares=squares,
+                      norm_scale=scale, norm_eps=1e-5, interpret=jax.devices()[0].platform != "gpu")
+    normed = rms_norm.normalized_reference(x, squares, scale, 1e-5)
+    want = int4_matmul_reference(normed, q.values, q.scales, q.zeros, group_size=group)
+    tolerance = max(TOLERANCE[dtype], PACKED_TOLERANCE) if config.kind in (HFMA2, HFMA4) else TOLERANCE[dtype]
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
+    # not the product of x itself: the norm was applied
+    plain = np.asarray(int4_matmul_reference(x, q.values, q.scales, q.zeros, group_size=group), np.float32)
+    assert np.abs(plain - want).max() > 10 * tolerance * np.abs(want).max()
+    with pytest.raises(ValueError, match="together"):
+        int4_matmul(x, q.values, q.scales, q.zeros, group_size=group, norm_squares=squares)
+    with pytest.raises(ValueError, match="norm_scale \\[K\\]"):
+        int4_matmul(x, q.values, q.scales, q.zeros, group_size=group, norm_squares=squares, norm_scale=scale[1:])
+
+
 @pytest.mark.parametrize("scheme", [None, "int4-g32", "int8"])
 def test_the_projection_entry_point_matches_linear_reference(scheme):
     """`linear` (XLA's product, or the quantized products through their kernels' references on CPU)

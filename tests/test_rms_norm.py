@@ -9,6 +9,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 import llmjax
 from llmjax.kernels import rms_norm as rn
+from llmjax.quant import quantize_params
 from llmjax.sharding import make_mesh
 
 
@@ -66,7 +67,65 @@ def test_the_model_through_the_kernel_matches_the_reference(monkeypatch):
         assert tokens == want_tokens
 
 
+@pytest.mark.parametrize("rows, width, slices", [(1, 4096, 8), (3, 100, 1), (2, 300, 5), (1, 512, 11)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_residual_add_matches_the_reference(rows, width, slices, dtype):
+    kx, kp = jax.random.split(jax.random.key(rows * width + slices))
+    x = (3.0 * jax.random.normal(kx, (rows, width), jnp.float32)).astype(dtype)
+    partials = jax.random.normal(kp, (slices, rows, width), jnp.float32)
+    h, squares = rn.residual_add(x, partials, interpret=True)
+    want_h, want_squares = rn.residual_add_reference(x, partials)
+    assert h.dtype == dtype and h.shape == x.shape and squares.shape == (rows, rn.square_parts(width))
+    # the slices are added in another order: float32 to its rounding, bf16 to one unit in the last place
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(want_h, np.float32), rtol=tol, atol=tol)
+    # the squares are of the h it wrote (XLA's interpreter may square a bf16 sum before rounding it:
+    # excess precision, 2**-8 at most)
+    _, squares_of_h = rn.residual_add_reference(h, jnp.zeros((1,) + h.shape, jnp.float32))
+    np.testing.assert_allclose(np.asarray(squares), np.asarray(squares_of_h), rtol=1e-5 if dtype == jnp.float32 else 4e-3)
+    # the parts add up to the row's sum of squares, so the norm taken from them is the norm of h
+    scale = jnp.linspace(0.5, 1.5, width).astype(dtype)
+    got = rn.normalized_reference(want_h, want_squares, scale, 1e-5)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(rn.rms_norm_reference(want_h, scale, 1e-5),
+                                                                           np.float32), rtol=tol, atol=tol)
+    # a product of one slice in x's dtype (a product with a bias, or not an int4 one)
+    h1, _ = rn.residual_add(x, partials[:1].astype(dtype), interpret=True)
+    np.testing.assert_allclose(np.asarray(h1, np.float32), np.asarray(x + partials[0].astype(dtype), np.float32),
+                               rtol=tol, atol=tol)
+
+
+def test_the_residual_add_lowers_to_a_triton_call():
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind="gfx942", num_cores=None, platform="gpu"))
+    args = (jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((8, 1, 4096), jnp.float32))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(rn.add).trace(*args).lower(lowering_platforms=("rocm",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and 'name = "residual_add"' in text
+
+
+def test_batch_one_int4_decode_without_norm_kernels_matches_the_norms(monkeypatch):
+    """At batch-1 int4 decode the residual adds write each row's sum of squares and the int4 products
+    normalize x themselves: the same greedy tokens and decode logits as with the norms applied
+    (`LLMJAX_NORM=off`, which also turns that path off), on a float32 model quantized in memory."""
+    params = quantize_params(llmjax.init_random("tiny", dtype="float32", seed=3), "int4-g32")
+    adds = []
+    add = rn.add
+    monkeypatch.setattr(rn, "add", lambda *a: adds.append(1) or add(*a))
+
+    def run(mode):
+        monkeypatch.setenv("LLMJAX_NORM", mode)
+        jax.clear_caches()
+        adds.clear()
+        return llmjax.generate(params, [1, 17, 300, 5, 9], max_new_tokens=12), len(adds)
+
+    (fused, fused_adds), (plain, plain_adds) = run("auto"), run("off")
+    assert fused == plain and len(fused) == 12
+    assert fused_adds == 2 * params.config.num_layers and plain_adds == 0  # two adds a layer, traced once
+
+
 def test_bad_input_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match="K slices"):
+        rn.add(jnp.ones((2, 8)), jnp.ones((3, 2, 7)))
     with pytest.raises(ValueError, match="scale \\[D\\]"):
         rn.apply(jnp.ones((2, 8)), jnp.ones((7,)), 1e-5)
     monkeypatch.setenv("LLMJAX_NORM", "fast")

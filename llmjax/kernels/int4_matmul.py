@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from llmjax.kernels import rms_norm
 from llmjax.quant.weights import GROUP_SIZES, NIBBLES, QuantizedWeight, dequantize_int4
 
 _MAGIC = 0x4B000000  # the float32 2**23: OR-ing an integer below 2**23 into it gives 2**23 + integer
@@ -380,16 +381,28 @@ def _packed4_update(acc, words, x_pairs, scale, emulate: bool):
 
 
 def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_groups, steps, mask_n, mask_g,
-                asymmetric, packed=0, unroll=False, emulate=False):
+                asymmetric, packed=0, unroll=False, norm_eps=None, emulate=False):
     # x_ref [M, groups, 8, W] in x's dtype (x as it comes, reshaped); v_ref [N, groups, W] uint32;
     # s_ref [N, groups]; asymmetric: z_ref [N, groups] and xs_ref [M, groups, W] (x summed over each
-    # word's inputs, float32); o_ref [splits, M, N] float32. packed: words per assembly block (0: fma)
-    z_ref, xs_ref, o_ref = rest if asymmetric else (None, None, rest[0])
+    # word's inputs, float32); o_ref [splits, M, N] float32. packed: words per assembly block (0: fma).
+    # norm_eps not None (symmetric weights): sq_ref [M, P] (parts of each row's sum of squares) and
+    # ns_ref [groups, 8, W] (an RMSNorm's scale, x's dtype) come before o_ref, and x is normalized as
+    # it is read (`normalized_reference`).
+    *rest, o_ref = rest
+    sq_ref, ns_ref = rest[-2:] if norm_eps is not None else (None, None)
+    z_ref, xs_ref = rest[:2] if asymmetric else (None, None)
     i, split = pl.program_id(0), pl.program_id(1)
     w = v_ref.shape[-1]
     n_slice = pl.ds(i * block_n, block_n)
     n_edge = _edge(i * block_n, block_n, n, mask_n)
     g_first = split * steps * block_groups
+    inv = None if sq_ref is None else [_row_inv(sq_ref, r, groups * NIBBLES * w, norm_eps) for r in range(rows)]
+
+    def x_load(r, g_slice, j, x_edge):  # [BG, W]: row r's inputs of nibble j, normalized under a norm
+        x = _load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :], x_edge)
+        if inv is None:
+            return x
+        return _load(ns_ref.at[g_slice, jnp.int32(j), :], x_edge) * (x.astype(jnp.float32) * inv[r]).astype(x.dtype)
 
     def body(step, accs):
         g0 = g_first + step * block_groups
@@ -400,8 +413,8 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
             x_scale = PACKED4_X_SCALE if packed == PACK else PACKED_X_SCALE
             pairs = []
             for r in range(rows):
-                xs = [(_load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :], x_edge).astype(jnp.float32)
-                       * x_scale).astype(jnp.float16) for j in range(NIBBLES)]
+                xs = [(x_load(r, g_slice, j, x_edge).astype(jnp.float32) * x_scale).astype(jnp.float16)
+                      for j in range(NIBBLES)]
                 pairs.append([jnp.broadcast_to(_f16_pair(xs[j], xs[j + 4], emulate)[None], words.shape)
                               for j in range(NIBBLES // 2)])
             scale = scale * (1.0 / x_scale)
@@ -417,7 +430,7 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
             # (code - 8) * 16**pos; with zero points, code * 16**pos (the zero is subtracted per word)
             f = raw - (_TWO23 + (0.0 if asymmetric else 8.0 * 16.0 ** pos))
             for r in range(rows):  # x * 16**-pos (exact), [BG, W]; zero past K
-                xj = _load(x_ref.at[jnp.int32(r), g_slice, jnp.int32(j), :], x_edge)
+                xj = x_load(r, g_slice, j, x_edge)
                 term = f * (xj.astype(jnp.float32) * _NIBBLE_SCALE[j])[None]
                 sums[r] = term if sums[r] is None else sums[r] + term
         if asymmetric:
@@ -433,6 +446,16 @@ def _fma_kernel(x_ref, v_ref, s_ref, *rest, rows, n, groups, block_n, block_grou
         accs = jax.lax.fori_loop(0, steps, body, zeros)
     for r, acc in enumerate(accs):
         plgpu.store(o_ref.at[split, jnp.int32(r), n_slice], jnp.sum(acc, axis=(1, 2)), mask=n_edge)
+
+
+def _row_inv(sq_ref, r, width, eps):
+    """1 / the root mean square of row r, from the parts of its sum of squares in `sq_ref` `[M, P]`."""
+    parts = sq_ref.shape[1]
+    padded = pl.next_power_of_2(parts)
+    inside = jnp.arange(padded) < parts if padded != parts else None
+    squares = plgpu.load(sq_ref.at[jnp.int32(r), pl.ds(0, padded)], mask=inside,
+                         other=None if inside is None else 0.0)
+    return jax.lax.rsqrt(jnp.sum(squares) / width + eps)
 
 
 def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, block_groups, steps, mask_n,
@@ -497,16 +520,29 @@ def split_plan(config: Int4Config, m: int, n: int, groups: int, group_size: int)
     return pl.cdiv(steps_total, steps), steps  # no split left without work
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "config", "reduce", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "config", "reduce", "norm_eps", "interpret"))
 def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *,
                 group_size: int, config: Int4Config | None = None, reduce: bool = True,
+                norm_squares: jax.Array | None = None, norm_scale: jax.Array | None = None, norm_eps: float = 0.0,
                 interpret: bool = False) -> jax.Array:
     """`x @ w.T` with the Pallas kernels: x `[M, K]`, `values` uint32 `[N, K/8]`, `scales` (and
     `zeros`) `[N, K/group]`; returns `[M, N]` in x's dtype. `config` defaults by M and x's dtype
     (`default_config` for cuda; `matmul` picks rocm's on rocm). `reduce=False` returns instead the
-    float32 sums of the K slices, `[splits, M, N]` (`split_plan`), for a consumer that adds them."""
+    float32 sums of the K slices, `[splits, M, N]` (`split_plan`), for a consumer that adds them.
+
+    With `norm_squares` `[M, P]` (parts of each row's sum of squares, `rms_norm.residual_add`'s) and
+    `norm_scale` `[K]` (x's dtype), x is an RMSNorm's input and the product is of the normalized rows,
+    `rms_norm.normalized_reference(x, norm_squares, norm_scale, norm_eps)`: the CUDA-core kernels
+    normalize x as they read it (symmetric weights), otherwise x is normalized before the kernel."""
+    if (norm_squares is None) != (norm_scale is None):
+        raise ValueError("int4_matmul takes norm_squares and norm_scale together (an RMSNorm's), or neither")
     m, k = x.shape
     n = values.shape[0]
+    if norm_scale is not None and (norm_scale.shape != (k,) or norm_scale.dtype != x.dtype
+                                   or norm_squares.ndim != 2 or norm_squares.shape[0] != m):
+        raise ValueError(f"int4_matmul's norm takes norm_squares [M, P] with M = {m} and norm_scale [K] = [{k}] "
+                         f"in x's dtype {x.dtype}; got norm_squares {norm_squares.shape}, norm_scale "
+                         f"{norm_scale.dtype}{list(norm_scale.shape)}")
     if group_size not in GROUP_SIZES or k % group_size:
         raise ValueError(f"int4_matmul needs a group size in {GROUP_SIZES} that divides K; got group "
                          f"{group_size}, K {k}")
@@ -518,6 +554,9 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
                          f"{list(scales.shape)}, zeros {None if zeros is None else list(zeros.shape)}")
     config = config or default_config(m, asymmetric=zeros is not None, dtype=x.dtype, shape=(k, n))
     config.check(group_size)
+    if norm_scale is not None and (zeros is not None or config.kind == "dot"):  # normalized before the kernel
+        x = rms_norm.normalized_reference(x, norm_squares, norm_scale, norm_eps)
+        norm_squares = norm_scale = None
     if config.kind in PACKED_WORDS and zeros is not None:
         raise ValueError(f"the {config.kind} int4 kernel takes symmetric weights only (no zero points); use kind 'fma'")
     block_groups = config.block_k // group_size
@@ -536,8 +575,10 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         sums = (jnp.sum(x4.astype(jnp.float32), axis=2),) if asymmetric else ()
         operands = (x4,) + operands + sums
         packed = PACKED_WORDS.get(config.kind, 0)
-        kernel = functools.partial(_fma_kernel, rows=m, packed=packed, unroll=config.unroll, emulate=interpret,
-                                   **common)
+        if norm_scale is not None:
+            operands += (norm_squares.astype(jnp.float32), norm_scale.reshape(groups, NIBBLES, w))
+        kernel = functools.partial(_fma_kernel, rows=m, packed=packed, unroll=config.unroll,
+                                   norm_eps=None if norm_scale is None else norm_eps, emulate=interpret, **common)
         grid = (pl.cdiv(n, config.block_n), splits)
     else:
         operands = (x, values.reshape(n, groups, 1, w)) + operands[1:]
@@ -555,14 +596,18 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
     return (partial[0] if splits == 1 else partial.sum(axis=0)).astype(x.dtype)
 
 
-def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False) -> jax.Array:
+def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False, norm: tuple | None = None) -> jax.Array:
     """`x [M, K] @ w.T` for an int4 `QuantizedWeight` of any output shape: the Pallas kernel when lowered
     for cuda or rocm, the reference on every other platform. Returns `[M, N]`, N the flattened outputs.
 
     `partials=True` returns `[S, M, N]` float32 instead: S partial sums whose sum, rounded to x's dtype,
     is the product, S as cuda's plan splits K (the kernel's K slices on cuda and on rocm where its plan
     gives as many, else their sum and S - 1 zeros; the float32 reference product and S - 1 zeros
-    elsewhere), for a consumer that adds them in its own kernel."""
+    elsewhere), for a consumer that adds them in its own kernel.
+
+    `norm` = (squares `[M, P]`, scale `[K]`, eps): x is an RMSNorm's input, the product is of
+    `rms_norm.normalized_reference(x, squares, scale, eps)` (normalized inside the kernel where it can,
+    see `int4_matmul`)."""
     n = qw.values.size // qw.values.shape[-1]
     values = qw.values.reshape(n, -1)
     scales = qw.scales.reshape(n, -1)
@@ -577,16 +622,20 @@ def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False) -> jax.
     def padded(y):  # the float32 product as the first of `count` partial sums
         return jnp.zeros((count, m, n), jnp.float32).at[0].set(y.astype(jnp.float32))
 
-    def kernel(x, values, scales, zeros, platform="cuda"):
+    squares, norm_scale, eps = norm if norm is not None else (None, None, 0.0)
+
+    def kernel(x, values, scales, zeros, squares, norm_scale, platform="cuda"):
         y = int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config_for(platform),
-                        reduce=not partials)
+                        reduce=not partials, norm_squares=squares, norm_scale=norm_scale, norm_eps=eps)
         return padded(y.sum(axis=0)) if partials and y.shape[0] != count else y  # rocm's plan may differ
 
-    def reference(x, values, scales, zeros):
+    def reference(x, values, scales, zeros, squares, norm_scale):
+        if squares is not None:
+            x = rms_norm.normalized_reference(x, squares, norm_scale, eps)
         if partials:  # x in float32: the product's float32 value, not rounded
             return padded(int4_matmul_reference(x.astype(jnp.float32), values, scales, zeros,
                                                 group_size=qw.group_size))
         return int4_matmul_reference(x, values, scales, zeros, group_size=qw.group_size)
 
-    return jax.lax.platform_dependent(x, values, scales, zeros, cuda=kernel, default=reference,
+    return jax.lax.platform_dependent(x, values, scales, zeros, squares, norm_scale, cuda=kernel, default=reference,
                                       rocm=functools.partial(kernel, platform="rocm"))

@@ -20,20 +20,51 @@ pipeline stage with tensor=1), `int4_matmul.matmul(..., partials=True)`'s float3
 kernel's K slices on cuda), for a consumer that adds them in its own kernel (the decode step's
 attention); every other product as one slice, `y[None]`.
 
+`linear(Normed(x, squares, scale, eps), ...)` multiplies an RMSNorm's output that was never written:
+x is the norm's input and `squares` the parts of each row's sum of squares (`rms_norm.residual_add`'s).
+An int4 product of up to `int4_matmul.FMA_MAX_ROWS` rows on one device normalizes x inside its kernel;
+every other product first normalizes it (`rms_norm.normalized_reference`).
+
 `linear_reference` is the definition every path must match: the float kernel (a quantized one
 dequantized) contracted in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from llmjax.kernels import allreduce, dispatch, gemv, int4_matmul
+from llmjax.kernels import allreduce, dispatch, gemv, int4_matmul, rms_norm
 from llmjax.quant.weights import QuantizedWeight, dequantize
+
+
+@dataclasses.dataclass(frozen=True)
+class Normed:
+    """An RMSNorm's output not yet computed: `rms_norm.normalized_reference(x, squares, scale, eps)`
+    over x's last axis, x `[..., D]`, squares `[..., P]` (parts of each row's sum of squares), scale
+    `[D]`; for `linear` to take whole (see the module doc)."""
+
+    x: jax.Array
+    squares: jax.Array
+    scale: jax.Array
+    eps: float
+
+    def apply(self) -> jax.Array:
+        """The normalized rows, `[..., D]`."""
+        d = self.x.shape[-1]
+        y = rms_norm.normalized_reference(self.x.reshape(-1, d), self.squares.reshape(-1, self.squares.shape[-1]),
+                                          self.scale, self.eps)
+        return y.reshape(self.x.shape)
+
+    def fuses_into(self, kernel, in_ndim: int, one_device: bool) -> bool:
+        """Whether `linear` with `kernel` normalizes inside its kernel (an int4 product of few rows on
+        one device, over x's last axis, with the scale in x's dtype)."""
+        return (one_device and in_ndim == 1 and isinstance(kernel, QuantizedWeight) and kernel.bits == 4
+                and self.x.size // self.x.shape[-1] <= int4_matmul.FMA_MAX_ROWS and self.scale.dtype == self.x.dtype)
 
 
 def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
@@ -123,6 +154,10 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     NVLink all-reduce.
     """
     quantized = isinstance(kernel, QuantizedWeight)
+    one_device = mesh is None or not dispatch.free_axes(mesh)  # or a pipeline stage with tensor=1
+    norm = None
+    if isinstance(x, Normed):
+        x, norm = (x.x, x) if x.fuses_into(kernel, in_ndim, one_device) else (x.apply(), None)
     if not quantized and not (allreduce.mode() != "xla" and _row_parallel(mesh, axes, num_out_dims)):
         y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
         return y[None] if partials else y
@@ -132,7 +167,10 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     in_size = kernel.in_size if quantized else math.prod(kernel.shape[num_out_dims:])
     if x2.shape[1] != in_size:
         raise ValueError(f"x's input width {x2.shape[1]} does not match the kernel's {in_size}")
-    one_device = mesh is None or not dispatch.free_axes(mesh)  # or a pipeline stage with tensor=1
+    if norm is not None:  # an int4 product of few rows on one device (`Normed.fuses_into`)
+        fused = (norm.squares.reshape(x2.shape[0], -1), norm.scale, norm.eps)
+        y = int4_matmul.matmul(x2, kernel, partials=partials, norm=fused)
+        return y.reshape(*y.shape[:-2], *lead, *out_shape)  # [S, ...] with partials
     if partials and one_device and quantized and kernel.bits == 4 and x2.shape[0] <= int4_matmul.FMA_MAX_ROWS:
         sums = int4_matmul.matmul(x2, kernel, partials=True)
         return sums.reshape(sums.shape[0], *lead, *out_shape)

@@ -28,9 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import decode_attention, dispatch, flash_attention, paged_attention, rms_norm
+from llmjax.kernels import decode_attention, dispatch, flash_attention, int4_matmul, paged_attention, rms_norm
 from llmjax.kernels.dispatch import data_axis, free_axes, on_own_heads, per_device, splits_otherwise
-from llmjax.kernels.linear import linear
+from llmjax.kernels.linear import Normed, linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
 from llmjax.sharding import pipeline
@@ -108,16 +108,20 @@ class Embed(nn.Module):
 
 class RMSNorm(nn.Module):
     """`llmjax.kernels.rms_norm` (one Pallas kernel on cuda and rocm, its jnp reference elsewhere). On
-    a `mesh`, each device normalizes its own rows (`data`), so the kernel never sees a sharded array."""
+    a `mesh`, each device normalizes its own rows (`data`), so the kernel never sees a sharded array.
+    Given `squares` (parts of each row's sum of squares, `rms_norm.residual_add`'s), it returns a
+    `Normed` instead, which the next product applies (inside an int4 kernel at batch-1 decode)."""
 
     eps: float
     dtype: Any = jnp.float32
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, squares: jax.Array | None = None):
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
         scale = self.param("scale", init, (x.shape[-1],), self.dtype)
+        if squares is not None:
+            return Normed(x, squares, scale, self.eps)
         norm = functools.partial(rms_norm.apply, eps=self.eps)
         free = free_axes(self.mesh) if self.mesh is not None else ()
         if not free:
@@ -242,7 +246,8 @@ class Attention(nn.Module):
     mesh: Any = None  # where attention and quantized products run per device, or None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, layer_cache):
+    def __call__(self, x, cos, sin, positions, layer_cache, partials: bool = False):
+        """-> (o's product, or its K slices `[S, B, T, D]` with `partials`; the layer's cache)."""
         c, bias = self.config, self.config.attention_bias
         d, h, n_kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         g = h // n_kv  # query heads per kv head
@@ -253,14 +258,14 @@ class Attention(nn.Module):
                          use_bias=bias, dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="qkv")
         o = Linear((d, h, hd), ("embed", "heads", "head_dim"), use_bias=bias,
                    dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="o")
-        b, t = x.shape[:2]
+        b, t = (x.x if isinstance(x, Normed) else x).shape[:2]
         paged = isinstance(layer_cache, kv.PagedLayer)
         if t == 1 and layer_cache is not None and not paged:
             # a decode step: the cache write and the attention in one kernel, which on one device also
             # adds up the product's K slices and applies RoPE, so nothing runs between the product and it
             out, *layer_cache = decode_write_attention(product(x, partials=True), *layer_cache, positions,
                                                        self.mesh, (cos, sin))
-            return o(out), tuple(layer_cache)
+            return o(out, partials=partials), tuple(layer_cache)
         qkv = product(x)
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
         k = apply_rope(qkv[:, :, :, g], cos, sin)
@@ -275,7 +280,7 @@ class Attention(nn.Module):
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             layer_cache = (keys, values)
             out = attention(q, keys, values, positions, k_pos, self.mesh)
-        return o(out), layer_cache
+        return o(out, partials=partials), layer_cache
 
 
 class Mlp(nn.Module):
@@ -285,7 +290,7 @@ class Mlp(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, partials: bool = False):
         d, f, bias = self.config.hidden_size, self.config.intermediate_size, self.config.mlp_bias
         # gate and up in one kernel `[2, mlp, embed]`: on the H200 one 4096x22016 product reads its
         # weights at 3.2 TB/s where two 4096x11008 ones manage 2.0 (benchmarks/gemv_shapes.py).
@@ -293,7 +298,7 @@ class Mlp(nn.Module):
                          dtype=self.dtype, quant=self.quant, mesh=self.mesh, name="gate_up")(x)
         down = Linear((d, f), ("embed", "mlp"), use_bias=bias, dtype=self.dtype, quant=self.quant,
                       mesh=self.mesh, name="down")
-        return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1])
+        return down(nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], partials=partials)
 
 
 class Block(nn.Module):
@@ -304,14 +309,46 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
+        """x: the residual stream `[B, T, D]`, or a `Stream` (it and its rows' sums of squares, which the
+        previous block leaves at batch-1 int4 decode). Returns (the same, the layer's cache)."""
         eps, q, mesh = self.config.rms_norm_eps, self.quant, self.mesh
+        x, squares = (x.x, x.squares) if isinstance(x, Stream) else (x, None)
+        # At batch-1 int4 decode on one device, each residual add also writes the new row's sum of
+        # squares (`rms_norm.residual_add`), and the int4 product after each norm normalizes x itself:
+        # no norm kernel runs (BENCHMARKS.md, eighteenth session).
+        fused = (q is not None and q.bits == 4 and not (mesh is not None and free_axes(mesh))
+                 and x.shape[0] * x.shape[1] <= int4_matmul.FMA_MAX_ROWS and dispatch.mode("LLMJAX_NORM") != "off")
+
+        def add(x, product):  # x + the product, and (fused) the new rows' sums of squares
+            if not fused:
+                return x + product, None
+            h, sq = rms_norm.add(x.reshape(-1, x.shape[-1]), product.reshape(product.shape[0], -1, x.shape[-1]))
+            return h.reshape(x.shape), sq.reshape(*x.shape[:-1], -1)
+
         with jax.named_scope("attention"):
             h, layer_cache = Attention(self.config, self.dtype, q, mesh, name="attn")(
-                RMSNorm(eps, self.dtype, mesh, name="attn_norm")(x), cos, sin, positions, layer_cache)
-        x = x + h
+                RMSNorm(eps, self.dtype, mesh, name="attn_norm")(x, squares), cos, sin, positions, layer_cache,
+                partials=fused)
+        x, squares = add(x, h)
         with jax.named_scope("mlp"):
-            x = x + Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, mesh, name="mlp_norm")(x))
-        return x, layer_cache
+            h = Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, mesh, name="mlp_norm")(
+                x, squares), partials=fused)
+        x, squares = add(x, h)
+        return (x if squares is None else Stream(x, squares)), layer_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """The residual stream between blocks at batch-1 int4 decode: x `[B, T, D]` and the parts of each
+    row's sum of squares `[B, T, P]` (`rms_norm.residual_add`), for the next block's first norm."""
+
+    x: jax.Array
+    squares: jax.Array
+
+
+def _stream(x) -> jax.Array:
+    """The residual stream's array, from a block's output."""
+    return x.x if isinstance(x, Stream) else x
 
 
 class Blocks(nn.Module):
@@ -338,7 +375,7 @@ class Blocks(nn.Module):
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-        return x, None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
+        return _stream(x), None if cache is None else kv.KVCache(tuple(new_k), tuple(new_v))
 
 
 class Llama(nn.Module):
@@ -378,6 +415,7 @@ class Llama(nn.Module):
                 block = Block(c, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
                 x, layer_cache = block(x, cos, sin, positions, layer_cache)
                 layers.append(layer_cache)
+            x = _stream(x)
             new_cache = None if cache is None else cache.with_layers(layers)
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.mesh, name="final_norm")(x)
         if logits_at is not None:
