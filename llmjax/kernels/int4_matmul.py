@@ -159,6 +159,9 @@ _one_row_kind = DEFAULT_ONE_ROW_KIND
 # (`benchmarks/int4_shapes.py`, variant "sweep15"). The same blocks by role lost 2.4% at 13B, so the
 # table is by exact shape; Llama-2-13B's o, gate/up and down take the fastest kernel alone of 16
 # candidates each (its q/k/v keeps the rule's blocks, which were fastest): 326.4 -> 332.3 tok/s.
+# Unrolled steps (`Int4Config.unroll`, eighteenth session) won where a program takes two steps of 128
+# outputs by 512 inputs: 7B q/k/v 9.5 -> 9.2 us and 4096x11008 9.1 -> 8.8 us (2.56 TB/s); none of ~40
+# unrolled tilings beat the other entries (down, gate/up, o, the LM heads, 13B's shapes).
 ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
     (4096, 12288): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4, unroll=True),  # 7B q/k/v
     (4096, 4096): Int4Config("hfma4", block_n=64, block_k=512, splits=16, num_warps=8),  # 7B o
@@ -168,7 +171,7 @@ ONE_ROW_BY_SHAPE: dict[tuple[int, int], Int4Config] = {
     (5120, 27648): Int4Config("hfma4", block_n=32, block_k=1024, splits=16, num_warps=4),  # 13B gate/up
     (13824, 5120): Int4Config("hfma4", block_n=16, block_k=1024, splits=16, num_warps=2),  # 13B down
     # sixteenth session, the fastest kernel alone of ~180 (`--grid --kernel-time`):
-    (4096, 11008): Int4Config("hfma4", block_n=128, block_k=1024, splits=4, num_warps=8),  # 7B gate/up at tensor=2, 9.9 -> 9.0 us
+    (4096, 11008): Int4Config("hfma4", block_n=128, block_k=512, splits=4, num_warps=4, unroll=True),  # 7B gate/up at tensor=2, 9.9 -> 9.0 us; unrolled (eighteenth session) 9.1 -> 8.8 us
     (4096, 32000): Int4Config("hfma4", block_n=128, block_k=512, splits=2, num_warps=4),  # 7B int4 LM head, 21.4 -> 20.2
     (5120, 32000): Int4Config("hfma4", block_n=128, block_k=512, splits=2, num_warps=4),  # 13B's (of 10), 26.3 -> 25.0
 }
