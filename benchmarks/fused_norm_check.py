@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/fused_norm_check.py [--model llama2-7b] [--tokens 48]
 
 At batch-1 int4 decode on one device the residual adds write each row's sum of squares and the int4
-products normalize x themselves (`llmjax.kernels.rms_norm.residual_add`); `LLMJAX_NORM=off` puts the
-norm kernels back. Prints whether the greedy tokens agree: for a float32 tiny model quantized in
+products normalize x themselves (`llmjax.kernels.rms_norm.residual_add`); `LLMJAX_NORM=off` turns that
+off (every norm then runs as XLA's, the norm's reference). Prints whether the greedy tokens agree: for a float32 tiny model quantized in
 memory (as `tests/test_rms_norm.py` checks on CPU), and for random int4-g128 weights of `--model`,
 with the first position where they differ.
 """

@@ -254,6 +254,7 @@ NORM_CASES = [  # (m, n, k, group, config, symmetric, dtype): each kernel body, 
     (1, 100, 1280, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2, unroll=True), True, jnp.bfloat16),
     (1, 70, 640, 64, Int4Config(HFMA2, block_n=16, block_k=128, splits=3), True, jnp.bfloat16),
     (2, 77, 320, 32, Int4Config(FMA, block_n=16, block_k=64, splits=3), True, jnp.float32),
+    (2, 60, 1024, 128, Int4Config(HFMA4, block_n=32, block_k=256, splits=2), True, jnp.bfloat16),  # batch-2 decode
     (3, 45, 256, 32, Int4Config(DOT, block_m=16, block_n=32, block_k=64, splits=2), True, jnp.bfloat16),  # x normalized first
     (1, 45, 256, 32, Int4Config(FMA, block_n=16, block_k=64, splits=2), False, jnp.float32),  # zero points: so too
 ]
@@ -283,6 +284,8 @@ def test_the_kernel_normalizes_x_as_an_rms_norm_given_its_sums_of_squares(m, n, 
         int4_matmul(x, q.values, q.scales, q.zeros, group_size=group, norm_squares=squares)
     with pytest.raises(ValueError, match="norm_scale \\[K\\]"):
         int4_matmul(x, q.values, q.scales, q.zeros, group_size=group, norm_squares=squares, norm_scale=scale[1:])
+    with pytest.raises(ValueError, match="matmul's norm takes squares"):  # not broadcast on any platform
+        K.matmul(x, q, norm=(jnp.ones((m + 1, 2)), scale, 1e-5))
 
 
 @pytest.mark.parametrize("scheme", [None, "int4-g32", "int8"])

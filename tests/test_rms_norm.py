@@ -105,8 +105,9 @@ def test_the_residual_add_lowers_to_a_triton_call():
 
 def test_batch_one_int4_decode_without_norm_kernels_matches_the_norms(monkeypatch):
     """At batch-1 int4 decode the residual adds write each row's sum of squares and the int4 products
-    normalize x themselves: the same greedy tokens and decode logits as with the norms applied
-    (`LLMJAX_NORM=off`, which also turns that path off), on a float32 model quantized in memory."""
+    normalize x themselves: the same greedy tokens as with the norms applied (`LLMJAX_NORM=off`, which
+    also turns that path off), on a float32 model quantized in memory; so too at batch-2 decode, and
+    the same logits for a forward of two rows (the path takes one or two rows)."""
     params = quantize_params(llmjax.init_random("tiny", dtype="float32", seed=3), "int4-g32")
     adds = []
     add = rn.add
@@ -116,16 +117,25 @@ def test_batch_one_int4_decode_without_norm_kernels_matches_the_norms(monkeypatc
         monkeypatch.setenv("LLMJAX_NORM", mode)
         jax.clear_caches()
         adds.clear()
-        return llmjax.generate(params, [1, 17, 300, 5, 9], max_new_tokens=12), len(adds)
+        tokens = llmjax.generate(params, [1, 17, 300, 5, 9], max_new_tokens=12)
+        count = len(adds)
+        pair = llmjax.generate(params, [[1, 17, 300], [1, 44]], max_new_tokens=6)  # batch-2 decode
+        return tokens, count, pair, np.asarray(llmjax.logits(params, jnp.asarray([[1, 17]])))  # two rows
 
-    (fused, fused_adds), (plain, plain_adds) = run("auto"), run("off")
-    assert fused == plain and len(fused) == 12
+    fused, fused_adds, fused_pair, fused_logits = run("auto")
+    plain, plain_adds, plain_pair, plain_logits = run("off")
+    assert fused == plain and len(fused) == 12 and fused_pair == plain_pair
+    np.testing.assert_allclose(fused_logits, plain_logits, rtol=1e-5, atol=1e-5)
     assert fused_adds == 2 * params.config.num_layers and plain_adds == 0  # two adds a layer, traced once
 
 
 def test_bad_input_is_refused(monkeypatch):
+    from llmjax.kernels.linear import Normed
+
     with pytest.raises(ValueError, match="K slices"):
         rn.add(jnp.ones((2, 8)), jnp.ones((3, 2, 7)))
+    with pytest.raises(ValueError, match="squares \\[..., P\\] with x's leading axes"):
+        Normed(jnp.ones((1, 1, 8)), jnp.ones((2, 1)), jnp.ones((8,)), 1e-5)
     with pytest.raises(ValueError, match="scale \\[D\\]"):
         rn.apply(jnp.ones((2, 8)), jnp.ones((7,)), 1e-5)
     monkeypatch.setenv("LLMJAX_NORM", "fast")

@@ -626,6 +626,9 @@ def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False, norm: t
         return jnp.zeros((count, m, n), jnp.float32).at[0].set(y.astype(jnp.float32))
 
     squares, norm_scale, eps = norm if norm is not None else (None, None, 0.0)
+    if norm is not None and (squares.ndim != 2 or squares.shape[0] != m or norm_scale.shape != (k,)):
+        raise ValueError(f"matmul's norm takes squares [M, P] with M = {m} and scale [K] = [{k}]; got squares "
+                         f"{squares.shape}, scale {norm_scale.shape}")
 
     def kernel(x, values, scales, zeros, squares, norm_scale, platform="cuda"):
         y = int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config_for(platform),

@@ -22,8 +22,9 @@ attention); every other product as one slice, `y[None]`.
 
 `linear(Normed(x, squares, scale, eps), ...)` multiplies an RMSNorm's output that was never written:
 x is the norm's input and `squares` the parts of each row's sum of squares (`rms_norm.residual_add`'s).
-An int4 product of up to `int4_matmul.FMA_MAX_ROWS` rows on one device normalizes x inside its kernel;
-every other product first normalizes it (`rms_norm.normalized_reference`).
+An int4 product of up to `int4_matmul.FMA_MAX_ROWS` rows on one device normalizes x inside its kernel
+(symmetric weights; with zero points `int4_matmul` normalizes x just before it); every other product
+first normalizes it (`rms_norm.normalized_reference`).
 
 `linear_reference` is the definition every path must match: the float kernel (a quantized one
 dequantized) contracted in float32.
@@ -52,6 +53,11 @@ class Normed:
     squares: jax.Array
     scale: jax.Array
     eps: float
+
+    def __post_init__(self):
+        if self.squares.shape[:-1] != self.x.shape[:-1] or self.scale.shape != self.x.shape[-1:]:
+            raise ValueError(f"Normed takes x [..., D], squares [..., P] with x's leading axes and scale [D]; got "
+                             f"x {self.x.shape}, squares {self.squares.shape}, scale {self.scale.shape}")
 
     def apply(self) -> jax.Array:
         """The normalized rows, `[..., D]`."""

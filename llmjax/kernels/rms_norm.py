@@ -12,7 +12,7 @@ by `scale` (the result in the promotion of the two dtypes, as jnp would give). `
 model's entry point: the Pallas kernel on cuda and rocm (Triton backend), the reference elsewhere;
 `LLMJAX_NORM` overrides as `LLMJAX_ATTENTION` does (`off`, `interpret`).
 
-At batch-1 decode a norm need not run as a kernel at all: `residual_add` adds a product's K slices to
+For one or two rows (batch-1 decode) a norm need not run as a kernel at all: `residual_add` adds a product's K slices to
 the residual stream (the add that precedes every norm of a decoder layer) and also writes the new row's
 sum of squares, in `SQUARE_COLUMNS`-wide parts, one per program; the int4 product that follows the
 norm then reads those few floats and normalizes x as it loads it (`int4_matmul`'s `norm`). On the

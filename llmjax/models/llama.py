@@ -110,7 +110,7 @@ class RMSNorm(nn.Module):
     """`llmjax.kernels.rms_norm` (one Pallas kernel on cuda and rocm, its jnp reference elsewhere). On
     a `mesh`, each device normalizes its own rows (`data`), so the kernel never sees a sharded array.
     Given `squares` (parts of each row's sum of squares, `rms_norm.residual_add`'s), it returns a
-    `Normed` instead, which the next product applies (inside an int4 kernel at batch-1 decode)."""
+    `Normed` instead, which the next product applies (inside an int4 kernel of one or two rows)."""
 
     eps: float
     dtype: Any = jnp.float32
@@ -310,12 +310,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
         """x: the residual stream `[B, T, D]`, or a `Stream` (it and its rows' sums of squares, which the
-        previous block leaves at batch-1 int4 decode). Returns (the same, the layer's cache)."""
+        previous block leaves for one or two rows of int4 products). Returns (the same, the layer's cache)."""
         eps, q, mesh = self.config.rms_norm_eps, self.quant, self.mesh
         x, squares = (x.x, x.squares) if isinstance(x, Stream) else (x, None)
-        # At batch-1 int4 decode on one device, each residual add also writes the new row's sum of
-        # squares (`rms_norm.residual_add`), and the int4 product after each norm normalizes x itself:
-        # no norm kernel runs (BENCHMARKS.md, eighteenth session).
+        # With one or two rows (batch-1 or batch-2 decode) of int4 products on one device, each residual
+        # add also writes the new rows' sums of squares (`rms_norm.residual_add`), and the int4 product
+        # after each norm normalizes x itself: no norm kernel runs past the first layer's first norm
+        # (+2.5% at Llama-2-7B batch 1, BENCHMARKS.md, eighteenth session). LLMJAX_NORM=off turns it off.
         fused = (q is not None and q.bits == 4 and not (mesh is not None and free_axes(mesh))
                  and x.shape[0] * x.shape[1] <= int4_matmul.FMA_MAX_ROWS and dispatch.mode("LLMJAX_NORM") != "off")
 
@@ -339,7 +340,7 @@ class Block(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Stream:
-    """The residual stream between blocks at batch-1 int4 decode: x `[B, T, D]` and the parts of each
+    """The residual stream between blocks for one or two rows of int4 products: x `[B, T, D]` and the parts of each
     row's sum of squares `[B, T, P]` (`rms_norm.residual_add`), for the next block's first norm."""
 
     x: jax.Array
