@@ -511,6 +511,14 @@ def _dot_kernel(x_ref, v_ref, s_ref, *rest, m, n, groups, block_m, block_n, bloc
     plgpu.store(o_ref.at[split, m_slice, n_slice], acc, mask=out_mask)
 
 
+def _check_norm(x: jax.Array, squares: jax.Array, scale: jax.Array, what: str, scale_name: str) -> None:
+    """Refuses an RMSNorm's squares and scale that do not fit x `[M, K]` (every platform alike)."""
+    m, k = x.shape
+    if squares.ndim != 2 or squares.shape[0] != m or scale.shape != (k,) or scale.dtype != x.dtype:
+        raise ValueError(f"{what} [M, P] with M = {m} and {scale_name} [K] = [{k}] in x's dtype {x.dtype}; got "
+                         f"squares {squares.shape}, {scale_name} {scale.dtype}{list(scale.shape)}")
+
+
 def split_plan(config: Int4Config, m: int, n: int, groups: int, group_size: int) -> tuple[int, int]:
     """(splits, steps): the K slices the kernel's programs take under `config`, and the steps of
     `block_k` inputs in each."""
@@ -541,11 +549,8 @@ def int4_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.A
         raise ValueError("int4_matmul takes norm_squares and norm_scale together (an RMSNorm's), or neither")
     m, k = x.shape
     n = values.shape[0]
-    if norm_scale is not None and (norm_scale.shape != (k,) or norm_scale.dtype != x.dtype
-                                   or norm_squares.ndim != 2 or norm_squares.shape[0] != m):
-        raise ValueError(f"int4_matmul's norm takes norm_squares [M, P] with M = {m} and norm_scale [K] = [{k}] "
-                         f"in x's dtype {x.dtype}; got norm_squares {norm_squares.shape}, norm_scale "
-                         f"{norm_scale.dtype}{list(norm_scale.shape)}")
+    if norm_scale is not None:
+        _check_norm(x, norm_squares, norm_scale, "int4_matmul's norm takes norm_squares", "norm_scale")
     if group_size not in GROUP_SIZES or k % group_size:
         raise ValueError(f"int4_matmul needs a group size in {GROUP_SIZES} that divides K; got group "
                          f"{group_size}, K {k}")
@@ -626,9 +631,8 @@ def matmul(x: jax.Array, qw: QuantizedWeight, *, partials: bool = False, norm: t
         return jnp.zeros((count, m, n), jnp.float32).at[0].set(y.astype(jnp.float32))
 
     squares, norm_scale, eps = norm if norm is not None else (None, None, 0.0)
-    if norm is not None and (squares.ndim != 2 or squares.shape[0] != m or norm_scale.shape != (k,)):
-        raise ValueError(f"matmul's norm takes squares [M, P] with M = {m} and scale [K] = [{k}]; got squares "
-                         f"{squares.shape}, scale {norm_scale.shape}")
+    if norm is not None:
+        _check_norm(x, squares, norm_scale, "matmul's norm takes squares", "a scale")
 
     def kernel(x, values, scales, zeros, squares, norm_scale, platform="cuda"):
         y = int4_matmul(x, values, scales, zeros, group_size=qw.group_size, config=config_for(platform),

@@ -67,10 +67,17 @@ class Normed:
         return y.reshape(self.x.shape)
 
     def fuses_into(self, kernel, in_ndim: int, one_device: bool) -> bool:
-        """Whether `linear` with `kernel` normalizes inside its kernel (an int4 product of few rows on
-        one device, over x's last axis, with the scale in x's dtype)."""
-        return (one_device and in_ndim == 1 and isinstance(kernel, QuantizedWeight) and kernel.bits == 4
-                and self.x.size // self.x.shape[-1] <= int4_matmul.FMA_MAX_ROWS and self.scale.dtype == self.x.dtype)
+        """Whether `linear` with `kernel` normalizes inside its kernel (`_few_rows_int4`, over x's last
+        axis, with the scale in x's dtype)."""
+        return (in_ndim == 1 and self.scale.dtype == self.x.dtype
+                and _few_rows_int4(kernel, self.x.size // self.x.shape[-1], one_device))
+
+
+def _few_rows_int4(kernel, rows: int, one_device: bool) -> bool:
+    """Whether a product runs the int4 one-row kernels whole (`int4_matmul.matmul`), which can hand back
+    their K slices and normalize x themselves: an int4 kernel, up to `int4_matmul.FMA_MAX_ROWS` rows,
+    one device (or a pipeline stage with tensor=1)."""
+    return one_device and isinstance(kernel, QuantizedWeight) and kernel.bits == 4 and rows <= int4_matmul.FMA_MAX_ROWS
 
 
 def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
@@ -173,13 +180,10 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     in_size = kernel.in_size if quantized else math.prod(kernel.shape[num_out_dims:])
     if x2.shape[1] != in_size:
         raise ValueError(f"x's input width {x2.shape[1]} does not match the kernel's {in_size}")
-    if norm is not None:  # an int4 product of few rows on one device (`Normed.fuses_into`)
-        fused = (norm.squares.reshape(x2.shape[0], -1), norm.scale, norm.eps)
+    if norm is not None or (partials and _few_rows_int4(kernel, x2.shape[0], one_device)):
+        fused = None if norm is None else (norm.squares.reshape(x2.shape[0], -1), norm.scale, norm.eps)
         y = int4_matmul.matmul(x2, kernel, partials=partials, norm=fused)
         return y.reshape(*y.shape[:-2], *lead, *out_shape)  # [S, ...] with partials
-    if partials and one_device and quantized and kernel.bits == 4 and x2.shape[0] <= int4_matmul.FMA_MAX_ROWS:
-        sums = int4_matmul.matmul(x2, kernel, partials=True)
-        return sums.reshape(sums.shape[0], *lead, *out_shape)
     y = _product(x2, kernel, num_out_dims) if one_device else _sharded_product(x2, kernel, mesh, axes, num_out_dims)
     y = y.reshape(*lead, *out_shape)
     return y[None] if partials else y
