@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax.cache import KVCache
+from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.models.llama import Llama
 from llmjax.params import Params
@@ -137,6 +138,28 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 
     final = jax.lax.while_loop(cond, body, state)
     return _replicated(model, final.out), final.step
+
+
+# XLA runs a while loop from the host: after every step it copies the loop's condition to the host,
+# which launches the next step only once the copy arrives, and the GPU idles meanwhile (~20 us a token
+# on an H200, 1% of a Llama-2-7B int4 batch-1 step). With command buffers for WHILE and CONDITIONAL,
+# XLA records the whole loop as one CUDA graph whose conditional nodes test the condition on the GPU:
+# no copy, no idle (7B int4 batch 1: 600.7, 599.1 -> 604.4, 604.9 tok/s, BENCHMARKS.md, nineteenth
+# session). The other types are XLA's defaults. Used on one NVIDIA GPU (a mesh's collectives and rocm
+# are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off.
+LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+_generate_ids_graph = jax.jit(_generate_ids.__wrapped__,
+                              static_argnames=("model", "cache_len", "out_len", "greedy", "filters"),
+                              compiler_options={"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS})
+
+
+def generate_ids_fn(model: Llama):
+    """The compiled `_generate_ids` that `generate` runs for `model`: the whole loop as one CUDA graph
+    on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`) unless LLMJAX_LOOP_GRAPH=off, else XLA's host-driven loop."""
+    one_device = model.mesh is None or model.mesh.size == 1
+    if one_device and dispatch.mode("LLMJAX_LOOP_GRAPH", ("auto", "off")) == "auto" and dispatch.compute_capability():
+        return _generate_ids_graph
+    return _generate_ids
 
 
 @jax.tree_util.register_dataclass
@@ -350,11 +373,12 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     padded = rows + [[0]] * (batch - len(rows))
     eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)
     row_ids = first_row + jnp.arange(batch, dtype=jnp.int32)
-    out, steps = _generate_ids(
+    model = _model(params)
+    out, steps = generate_ids_fn(model)(
         params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
         jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
         jnp.int32(max_new_tokens), eos, sampling.arrays(batch), jax.random.key(seed), row_ids,
-        model=_model(params),
+        model=model,
         cache_len=_cache_len(params, prompt_bucket, max_new_tokens), out_len=_bucket(max_new_tokens),
         greedy=sampling.greedy, filters=sampling.filters)
     out = np.asarray(out)[:len(rows), :int(steps)]

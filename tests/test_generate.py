@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import types
 
 import numpy as np
 import pytest
@@ -152,3 +153,25 @@ def test_random_params_need_no_files():
     assert "tiny" not in repr(p) and "no tokenizer" in repr(p)
     out = llmjax.generate(p, [[3, 4, 5]], max_new_tokens=3)
     assert len(out[0]) <= 3
+
+
+def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
+    """`generate_ids_fn` picks the loop compiled with WHILE and CONDITIONAL command buffers on one NVIDIA
+    GPU and XLA's loop elsewhere (here: the CPU) or under LLMJAX_LOOP_GRAPH=off; the installed XLA
+    takes its option string, and the graph variant generates what the plain loop does."""
+    model = gen._model(params)
+    nvidia = gen.dispatch.compute_capability() is not None
+    assert gen.generate_ids_fn(model) is (gen._generate_ids_graph if nvidia else gen._generate_ids)
+    monkeypatch.setattr(gen.dispatch, "compute_capability", lambda: "9.0")
+    assert gen.generate_ids_fn(model) is gen._generate_ids_graph
+    assert gen.generate_ids_fn(dataclasses.replace(model, mesh=types.SimpleNamespace(size=2))) is gen._generate_ids
+    monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
+    assert gen.generate_ids_fn(model) is gen._generate_ids
+    monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "yes")
+    with pytest.raises(ValueError, match="LLMJAX_LOOP_GRAPH must be one of auto, off"):
+        gen.generate_ids_fn(model)
+    monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "auto")
+    p = _no_eos(params)
+    graph = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6)  # compiled with the option (ignored on CPU)
+    monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
+    assert llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6) == graph and len(graph[0]) == 6
