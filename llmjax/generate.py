@@ -1,7 +1,8 @@
 """`generate`, `stream` and `logits`: the public entry points over a loaded model.
 
-`generate` runs prefill and the whole decode loop (`lax.while_loop`) inside one jit: no host round
-trip per token. `stream` steps the same jitted decode from Python so text can be shown as it comes.
+`generate` runs prefill and the whole decode loop (`lax.while_loop`) inside one jit: no Python per
+token, and on one NVIDIA GPU the loop is one CUDA graph that tests its condition on the GPU
+(`generate_ids_fn`), so no host round trip either. `stream` steps the same jitted decode from Python so text can be shown as it comes.
 Prompts are right-padded into one batch; each row keeps its own positions, so a batch gives each
 prompt what it would get alone. When sampling, prompt i of the caller's list draws from the key
 (seed, i): its tokens depend on the seed and its place in the list, never on how the list was batched.
