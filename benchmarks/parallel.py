@@ -91,11 +91,12 @@ def greedy_tokens(params, count: int, gen_len: int, seed: int = 0) -> list[int]:
     config = params.config
     prompt = np.random.default_rng(seed).integers(3, config.vocab_size, (1, 8)).tolist()
     bucket = gen._bucket(8, config.max_position_embeddings)
-    out, _ = gen._generate_ids(
+    model = gen._model(params)
+    out, _ = gen.generate_ids_fn(model)(
         params.weights, jnp.asarray(gen._pad(prompt, bucket)), jnp.full((1,), 8, jnp.int32),
         jnp.ones((1,), bool), jnp.int32(count), jnp.asarray([gen.PAD_ID], jnp.int32),
         gen.Sampling().arrays(1), jax.random.key(seed), jnp.arange(1, dtype=jnp.int32),
-        model=gen._model(params), cache_len=gen._cache_len(params, bucket, gen_len),
+        model=model, cache_len=gen._cache_len(params, bucket, gen_len),
         out_len=gen._bucket(gen_len), greedy=True, filters=())
     return np.asarray(out)[0, :count].tolist()
 

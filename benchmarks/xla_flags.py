@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/xla_flags.py --model llama2-7b --out DIR [--variants a,b] [--dtype D] [--dump]
 
 Each variant runs `python -m llmjax bench --model MODEL --json DIR/<variant>.json` with `XLA_FLAGS`
-set, under its own time limit, so one flag XLA does not know (it aborts the process) costs only its
+set (and `LLMJAX_LOOP_GRAPH=off`, so that generate's loop takes the flags rather than its own
+command-buffer setting), under its own time limit, so one flag XLA does not know (it aborts the process) costs only its
 own row. The table compares decode tok/s and the fraction of each process's own measured bound.
 `--dump` also writes the optimized HLO of the default variant and counts the kernels its decode loop
 launches per step (fusions, library calls), which is what command buffers and fusion change.
@@ -35,7 +36,9 @@ VARIANTS = {
 
 def run_variant(name: str, flags: str, args) -> dict:
     path = os.path.join(args.out, f"{name}.json")
-    env = dict(os.environ, XLA_FLAGS=flags)
+    # LLMJAX_LOOP_GRAPH=off: generate's own command-buffer setting for its loop (llmjax.generate,
+    # LOOP_COMMAND_BUFFERS) would override XLA_FLAGS' for that program, and every variant would time it
+    env = dict(os.environ, XLA_FLAGS=flags, LLMJAX_LOOP_GRAPH="off")
     cmd = [sys.executable, "-m", "llmjax", "bench", "--model", args.model, "--batch", str(args.batch),
            "--repeats", str(args.repeats), "--json", path] + (["--dtype", args.dtype] if args.dtype else [])
     try:

@@ -114,7 +114,10 @@ class _Loop:
     cache: KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cache_len", "out_len", "greedy", "filters"))
+_GENERATE_STATIC = ("model", "cache_len", "out_len", "greedy", "filters")
+
+
+@functools.partial(jax.jit, static_argnames=_GENERATE_STATIC)
 def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key, rows, *,
                   model, cache_len, out_len, greedy, filters):
     static = dict(model=model, greedy=greedy, filters=filters)
@@ -146,11 +149,11 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 # on an H200, 1% of a Llama-2-7B int4 batch-1 step). With command buffers for WHILE and CONDITIONAL,
 # XLA records the whole loop as one CUDA graph whose conditional nodes test the condition on the GPU:
 # no copy, no idle (7B int4 batch 1: 600.7, 599.1 -> 604.4, 604.9 tok/s, BENCHMARKS.md, nineteenth
-# session). The other types are XLA's defaults. Used on one NVIDIA GPU (a mesh's collectives and rocm
-# are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off.
+# session). The other types are the ones XLA enabled by default when this was measured. The setting
+# is this compilation's own (it overrides XLA_FLAGS' for it). Used on one NVIDIA GPU (a mesh's
+# collectives and rocm are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off.
 LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-_generate_ids_graph = jax.jit(_generate_ids.__wrapped__,
-                              static_argnames=("model", "cache_len", "out_len", "greedy", "filters"),
+_generate_ids_graph = jax.jit(_generate_ids.__wrapped__, static_argnames=_GENERATE_STATIC,
                               compiler_options={"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS})
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -159,19 +160,32 @@ def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     """`generate_ids_fn` picks the loop compiled with WHILE and CONDITIONAL command buffers on one NVIDIA
     GPU and XLA's loop elsewhere (here: the CPU) or under LLMJAX_LOOP_GRAPH=off; the installed XLA
     takes its option string, and the graph variant generates what the plain loop does."""
+    monkeypatch.delenv("LLMJAX_LOOP_GRAPH", raising=False)
     model = gen._model(params)
-    nvidia = gen.dispatch.compute_capability() is not None
+    nvidia = jax.devices()[0].platform == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
     assert gen.generate_ids_fn(model) is (gen._generate_ids_graph if nvidia else gen._generate_ids)
-    monkeypatch.setattr(gen.dispatch, "compute_capability", lambda: "9.0")
-    assert gen.generate_ids_fn(model) is gen._generate_ids_graph
-    assert gen.generate_ids_fn(dataclasses.replace(model, mesh=types.SimpleNamespace(size=2))) is gen._generate_ids
+
+    class Device:  # an AMD GPU reports its gfx name where NVIDIA's report a compute capability
+        platform, compute_capability = "gpu", "gfx942"
+    with monkeypatch.context() as m:
+        m.setattr(gen.dispatch.jax, "devices", lambda *a: [Device()])
+        assert gen.generate_ids_fn(model) is gen._generate_ids
+        Device.compute_capability = "9.0"
+        assert gen.generate_ids_fn(model) is gen._generate_ids_graph
+        assert gen.generate_ids_fn(dataclasses.replace(model, mesh=types.SimpleNamespace(size=2))) is gen._generate_ids
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
     assert gen.generate_ids_fn(model) is gen._generate_ids
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "yes")
     with pytest.raises(ValueError, match="LLMJAX_LOOP_GRAPH must be one of auto, off"):
         gen.generate_ids_fn(model)
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "auto")
+    # generate runs what the chooser gives: here the graph program (its option ignored on the CPU)
+    calls, graph_fn = [], gen._generate_ids_graph
+    monkeypatch.setattr(gen, "_generate_ids_graph", lambda *a, **k: calls.append(1) or graph_fn(*a, **k))
+    monkeypatch.setattr(gen.dispatch, "compute_capability", lambda: "9.0")
     p = _no_eos(params)
-    graph = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6)  # compiled with the option (ignored on CPU)
+    graph = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6)
+    assert calls == [1]
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
     assert llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6) == graph and len(graph[0]) == 6
+    assert calls == [1]

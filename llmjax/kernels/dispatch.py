@@ -36,9 +36,11 @@ def trace_settings() -> tuple:
 
 
 def compute_capability() -> str | None:
-    """The default device's CUDA compute capability ("9.0" on an H100 or H200); None off NVIDIA GPUs."""
+    """The default device's CUDA compute capability ("9.0" on an H100 or H200); None off NVIDIA GPUs
+    (a rocm device reports its gfx name there, "gfx942", which is not one)."""
     device = jax.devices()[0]
-    return getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    return capability if capability and capability[0].isdigit() else None
 
 
 def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_tuning: dict | None = None,
