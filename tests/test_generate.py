@@ -159,7 +159,8 @@ def test_random_params_need_no_files():
 def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     """`generate_ids_fn` picks the loop compiled with WHILE and CONDITIONAL command buffers on one NVIDIA
     GPU and XLA's loop elsewhere (here: the CPU) or under LLMJAX_LOOP_GRAPH=off; the installed XLA
-    takes its option string, and the graph variant generates what the plain loop does."""
+    takes its option string, and the graph variant generates what the plain loop does (on a GPU: the
+    loop as a CUDA graph against XLA's)."""
     monkeypatch.delenv("LLMJAX_LOOP_GRAPH", raising=False)
     model = gen._model(params)
     nvidia = jax.devices()[0].platform == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
@@ -184,8 +185,12 @@ def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     monkeypatch.setattr(gen, "_generate_ids_graph", lambda *a, **k: calls.append(1) or graph_fn(*a, **k))
     monkeypatch.setattr(gen.dispatch, "compute_capability", lambda: "9.0")
     p = _no_eos(params)
-    graph = llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6)
-    assert calls == [1]
+
+    def both():  # greedy, and sampled with every filter (sorts and top-k inside the loop)
+        return (llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6),
+                llmjax.generate(p, [1, 5], max_new_tokens=9, temperature=0.8, top_p=0.9, top_k=20, seed=3))
+    graph = both()
+    assert calls == [1, 1]
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
-    assert llmjax.generate(p, [[1, 5, 9], [1, 7]], max_new_tokens=6) == graph and len(graph[0]) == 6
-    assert calls == [1]
+    assert both() == graph and len(graph[0][0]) == 6 and len(graph[1]) == 9
+    assert calls == [1, 1]
