@@ -5,7 +5,7 @@
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --kinds hfma2 --kernel-time  (one row: the
         default's blocks in other kinds)
     PYTHONPATH=. python benchmarks/int4_matmul.py --out DIR --configs 128:512:4:4,64:512:16:8 --shapes ...
-        (one row: the default, then these block_n:block_k:splits:num_warps[:num_stages] tilings;
+        (one row, or --rows: the default, then these block_n:block_k:splits:num_warps[:num_stages] tilings;
         dot:block_m:block_n:... entries take the tensor-core kernel)
 
 For each weight shape K x N (inputs x outputs: 4096x11008 is Llama-2-7B's up projection) and each row
@@ -303,7 +303,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for int4_matmul.json and int4_matmul.txt")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="K x N shapes, comma-separated")
-    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts M, comma-separated")
+    parser.add_argument("--rows", default=None, help="row counts M, comma-separated (default "
+                        f"{','.join(map(str, ROWS))}; with --configs, 1)")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="after this many seconds only default configurations and baselines are timed")
     parser.add_argument("--grid", action="store_true", help="one row only, the packed float16 kernel in "
@@ -329,16 +330,17 @@ def main() -> None:
                         kernel_time=args.kernel_time)
         elif args.configs:
             listed = [listed_config(c) for c in args.configs.split(",")]
-            bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: listed}, baselines=False,
-                        kernel_time=args.kernel_time)
+            rows = [int(m) for m in (args.rows or "1").split(",")]
+            bench_shape(report, shape, rows, time.monotonic() + args.budget_s, {m: listed for m in rows},
+                        baselines=False, kernel_time=args.kernel_time)
         elif args.kinds:
             default = K.default_config(1, shape=tuple(map(int, shape.split("x"))))
             same_blocks = [dataclasses.replace(default, kind=kind) for kind in args.kinds.split(",")]
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: same_blocks}, baselines=False,
                         kernel_time=args.kernel_time)
         else:
-            bench_shape(report, shape, [int(m) for m in args.rows.split(",")], start + args.budget_s,
-                        kernel_time=args.kernel_time)
+            bench_shape(report, shape, [int(m) for m in (args.rows or ",".join(map(str, ROWS))).split(",")],
+                        start + args.budget_s, kernel_time=args.kernel_time)
         report.save()
     summary(report)
     report.say(f"\n{time.monotonic() - start:.0f} s in all")
