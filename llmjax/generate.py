@@ -2,7 +2,8 @@
 
 `generate` runs prefill and the whole decode loop (`lax.while_loop`) inside one jit: no Python per
 token, and on one NVIDIA GPU the loop is one CUDA graph that tests its condition on the GPU
-(`generate_ids_fn`), so no host round trip either. `stream` steps the same jitted decode from Python so text can be shown as it comes.
+(`generate_ids_fn`), so no host round trip either. `stream` steps the same jitted decode from
+Python so text can be shown as it comes.
 Prompts are right-padded into one batch; each row keeps its own positions, so a batch gives each
 prompt what it would get alone. When sampling, prompt i of the caller's list draws from the key
 (seed, i): its tokens depend on the seed and its place in the list, never on how the list was batched.
@@ -161,7 +162,8 @@ def generate_ids_fn(model: Llama):
     """The compiled `_generate_ids` that `generate` runs for `model`: the whole loop as one CUDA graph
     on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`) unless LLMJAX_LOOP_GRAPH=off, else XLA's host-driven loop."""
     one_device = model.mesh is None or model.mesh.size == 1
-    if one_device and dispatch.mode("LLMJAX_LOOP_GRAPH", ("auto", "off")) == "auto" and dispatch.compute_capability():
+    wanted = dispatch.mode("LLMJAX_LOOP_GRAPH", ("auto", "off")) == "auto"
+    if one_device and wanted and dispatch.compute_capability():
         return _generate_ids_graph
     return _generate_ids
 
