@@ -66,18 +66,29 @@ class Normed:
                                           self.scale, self.eps)
         return y.reshape(self.x.shape)
 
-    def fuses_into(self, kernel, in_ndim: int, one_device: bool) -> bool:
+    def fuses_into(self, kernel, in_ndim: int, mesh) -> bool:
         """Whether `linear` with `kernel` normalizes inside its kernel (`_few_rows_int4`, over x's last
         axis, with the scale in x's dtype)."""
         return (in_ndim == 1 and self.scale.dtype == self.x.dtype
-                and _few_rows_int4(kernel, self.x.size // self.x.shape[-1], one_device))
+                and _few_rows_int4(kernel, self.x.size // self.x.shape[-1], mesh))
 
 
-def _few_rows_int4(kernel, rows: int, one_device: bool) -> bool:
-    """Whether a product runs the int4 one-row kernels whole (`int4_matmul.matmul`), which can hand back
-    their K slices and normalize x themselves: an int4 kernel, up to `int4_matmul.FMA_MAX_ROWS` rows,
-    one device (or a pipeline stage with tensor=1)."""
-    return one_device and isinstance(kernel, QuantizedWeight) and kernel.bits == 4 and rows <= int4_matmul.FMA_MAX_ROWS
+def few_rows_int4(bits: int | None, rows: int, mesh) -> bool:
+    """Whether products of `bits`-bit weights (None: float) over `rows` rows on `mesh` run the int4
+    one-row kernels whole (`int4_matmul.matmul`), which can hand back their K slices and normalize x
+    themselves: int4, up to `int4_matmul.FMA_MAX_ROWS` rows, one device (or a pipeline stage with
+    tensor=1). The model's blocks ask it too, to decide whether their norms go into the products."""
+    return _one_device(mesh) and bits == 4 and rows <= int4_matmul.FMA_MAX_ROWS
+
+
+def _one_device(mesh) -> bool:
+    """No mesh, or none of its axes left to split a product over (a pipeline stage with tensor=1)."""
+    return mesh is None or not dispatch.free_axes(mesh)
+
+
+def _few_rows_int4(kernel, rows: int, mesh) -> bool:
+    """`few_rows_int4` for `kernel` (a quantized one, or a float array)."""
+    return isinstance(kernel, QuantizedWeight) and few_rows_int4(kernel.bits, rows, mesh)
 
 
 def int8_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
@@ -167,10 +178,10 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     NVLink all-reduce.
     """
     quantized = isinstance(kernel, QuantizedWeight)
-    one_device = mesh is None or not dispatch.free_axes(mesh)  # or a pipeline stage with tensor=1
+    one_device = _one_device(mesh)
     norm = None
     if isinstance(x, Normed):
-        x, norm = (x.x, x) if x.fuses_into(kernel, in_ndim, one_device) else (x.apply(), None)
+        x, norm = (x.x, x) if x.fuses_into(kernel, in_ndim, mesh) else (x.apply(), None)
     if not quantized and not (allreduce.mode() != "xla" and _row_parallel(mesh, axes, num_out_dims)):
         y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
         return y[None] if partials else y
@@ -180,7 +191,7 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     in_size = kernel.in_size if quantized else math.prod(kernel.shape[num_out_dims:])
     if x2.shape[1] != in_size:
         raise ValueError(f"x's input width {x2.shape[1]} does not match the kernel's {in_size}")
-    if norm is not None or (partials and _few_rows_int4(kernel, x2.shape[0], one_device)):
+    if norm is not None or (partials and _few_rows_int4(kernel, x2.shape[0], mesh)):
         fused = None if norm is None else (norm.squares.reshape(x2.shape[0], -1), norm.scale, norm.eps)
         y = int4_matmul.matmul(x2, kernel, partials=partials, norm=fused)
         return y.reshape(*y.shape[:-2], *lead, *out_shape)  # [S, ...] with partials

@@ -28,9 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import decode_attention, dispatch, flash_attention, int4_matmul, paged_attention, rms_norm
+from llmjax.kernels import decode_attention, dispatch, flash_attention, paged_attention, rms_norm
 from llmjax.kernels.dispatch import data_axis, free_axes, on_own_heads, per_device, splits_otherwise
-from llmjax.kernels.linear import Normed, linear
+from llmjax.kernels.linear import Normed, few_rows_int4, linear
 from llmjax.models.rope import apply_rope, rope_tables
 from llmjax.quant.weights import QuantScheme, is_quantized, leaf_axes, random_weight
 from llmjax.sharding import pipeline
@@ -317,8 +317,8 @@ class Block(nn.Module):
         # add also writes the new rows' sums of squares (`rms_norm.residual_add`), and the int4 product
         # after each norm normalizes x itself: no norm kernel runs past the first layer's first norm
         # (+2.5% at Llama-2-7B batch 1, BENCHMARKS.md, eighteenth session). LLMJAX_NORM=off turns it off.
-        fused = (q is not None and q.bits == 4 and not (mesh is not None and free_axes(mesh))
-                 and x.shape[0] * x.shape[1] <= int4_matmul.FMA_MAX_ROWS and dispatch.mode("LLMJAX_NORM") != "off")
+        fused = (few_rows_int4(None if q is None else q.bits, x.shape[0] * x.shape[1], mesh)
+                 and dispatch.mode("LLMJAX_NORM") != "off")
 
         def add(x, product):  # x + the product, and (fused) the new rows' sums of squares
             if not fused:
