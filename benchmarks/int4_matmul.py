@@ -321,6 +321,7 @@ def main() -> None:
         parser.error("--grid, --kinds and --configs each pick the configurations to time: give one")
     if jax.devices()[0].platform != "gpu":
         sys.exit("this benchmark times GPU kernels; no GPU is visible to jax")
+    rows = [int(m) for m in args.rows.split(",")] if args.rows else None
     report = Report(args.out)
     start = time.monotonic()
     report.say(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, int4 group {GROUP}")
@@ -330,17 +331,15 @@ def main() -> None:
                         kernel_time=args.kernel_time)
         elif args.configs:
             listed = [listed_config(c) for c in args.configs.split(",")]
-            rows = [int(m) for m in (args.rows or "1").split(",")]
-            bench_shape(report, shape, rows, time.monotonic() + args.budget_s, {m: listed for m in rows},
-                        baselines=False, kernel_time=args.kernel_time)
+            bench_shape(report, shape, rows or [1], time.monotonic() + args.budget_s,
+                        {m: listed for m in rows or [1]}, baselines=False, kernel_time=args.kernel_time)
         elif args.kinds:
             default = K.default_config(1, shape=tuple(map(int, shape.split("x"))))
             same_blocks = [dataclasses.replace(default, kind=kind) for kind in args.kinds.split(",")]
             bench_shape(report, shape, [1], time.monotonic() + args.budget_s, {1: same_blocks}, baselines=False,
                         kernel_time=args.kernel_time)
         else:
-            bench_shape(report, shape, [int(m) for m in (args.rows or ",".join(map(str, ROWS))).split(",")],
-                        start + args.budget_s, kernel_time=args.kernel_time)
+            bench_shape(report, shape, rows or list(ROWS), start + args.budget_s, kernel_time=args.kernel_time)
         report.save()
     summary(report)
     report.say(f"\n{time.monotonic() - start:.0f} s in all")
