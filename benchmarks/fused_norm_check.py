@@ -4,9 +4,9 @@
 
 At batch-1 int4 decode on one device the residual adds write each row's sum of squares and the int4
 products normalize x themselves (`llmjax.kernels.rms_norm.residual_add`); `LLMJAX_NORM=off` turns that
-off (every norm then runs as XLA's, the norm's reference). Prints whether the greedy tokens agree: for a float32 tiny model quantized in
-memory (as `tests/test_rms_norm.py` checks on CPU), and for random int4-g128 weights of `--model`,
-with the first position where they differ.
+off (every norm then runs as XLA's, the norm's reference). Prints whether the greedy tokens agree:
+for a float32 tiny model quantized in memory (as `tests/test_rms_norm.py` checks on CPU), and for
+random int4-g128 weights of `--model`, with the first position where they differ.
 """
 
 import argparse
@@ -29,7 +29,8 @@ def main():
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--tokens", type=int, default=48)
     a = p.parse_args()
-    cases = [("tiny float32 as int4-g32", quantize_params(llmjax.init_random("tiny", dtype="float32", seed=3), "int4-g32")),
+    tiny = quantize_params(llmjax.init_random("tiny", dtype="float32", seed=3), "int4-g32")
+    cases = [("tiny float32 as int4-g32", tiny),
              (f"{a.model} int4-g128, random", llmjax.init_random(a.model, dtype="int4-g128", seed=0))]
     for name, params in cases:
         prompt = [1, 15043, 29892, 920] if params.config.vocab_size > 15043 else [1, 17, 300, 5, 9]
