@@ -1,0 +1,98 @@
+"""The engine's own schedule for the fixed set, replayed on the CPU with a stand-in for the device call,
+and each call priced with a cost model: which settings could serve 1000 x 128/128 faster.
+
+    python benchmarks/engine_schedule.py [--max-slots 384,512,640] [--prefill-tokens 4096,8192] [--decode-steps 8,16]
+        [--layer-us 110 --row-us 0.51 --context-ns 4.2 --prompt-us 20.4 --host-ms 2.3] [--calls]
+
+The host side is `llmjax.Engine` itself (admission, pages, chunking, row buckets) over a tiny model;
+only `_executable` is replaced, by a function that gives every row the tokens its budget allows. A
+call is then priced from what it holds: each decode iteration costs, per layer, `layer_us` plus
+`row_us` per row it is compiled for (the products and small kernels) plus `context_ns` per token of
+context of each row still decoding (attention); each prompt token `prompt_us`; each call `host_ms`.
+The defaults are Llama-2-7B's bf16 pool on one H200 (BENCHMARKS.md, twentieth session,
+`benchmarks/engine_calls.py`); they put the engine's 512 slots, 8192 prompt tokens and 8 iterations
+at 39 calls of 410.3 rows, as measured, and within a few percent of the measured seconds. A model:
+good for comparing schedules, not for figures.
+"""
+
+import argparse
+import itertools
+
+import numpy as np
+
+from llmjax import engine as engine_lib
+from llmjax.bench import random_params
+from llmjax.config import LlamaConfig
+
+LAYERS = 32  # Llama-2-7B's, which the default rates are for
+TINY = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                   num_kv_heads=2, head_dim=32, max_position_embeddings=4096)
+
+
+def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int = 1000, prompt: int = 128,
+           out: int = 128) -> list[tuple]:
+    """Serves the set through the engine with a stand-in device call; returns one (rows compiled for,
+    prompt tokens, budgets, positions) per call."""
+    engine = engine_lib.Engine(random_params(TINY, "float32", 0), max_slots=max_slots, page_size=16,
+                               kv_memory=2 * max_slots * (prompt + out) * 2 * TINY.hidden_size * 4,
+                               max_seq_len=prompt + out, prefill_tokens=prefill_tokens, decode_steps=decode_steps)
+    calls = []
+
+    def stand_in(variant):
+        def call(weights, pool, rows, chunk, eos):
+            budget = np.asarray(rows.budget)
+            tokens = np.full((decode_steps, variant[0]), engine_lib.PAD_ID, np.int32)
+            tokens[np.arange(decode_steps)[:, None] < budget[None, :]] = 5
+            calls.append((variant[0], 0 if chunk is None else int(np.asarray(chunk.valid).sum()), budget,
+                          np.asarray(rows.positions)))
+            return tokens, pool
+        return call
+    engine._executable = stand_in
+    engine._place = lambda tree: tree
+    rng = np.random.default_rng(0)
+    for _ in range(requests):
+        engine.add_request(rng.integers(3, TINY.vocab_size, prompt).tolist(), max_new_tokens=out)
+    while engine.pending:
+        engine.step()
+    return calls
+
+
+def call_seconds(call: tuple, steps: int, rates) -> float:
+    rows, prompt, budget, positions = call
+    seconds = prompt * rates.prompt_us * 1e-6 + rates.host_ms * 1e-3
+    for step in range(steps):
+        alive = budget > step
+        if alive.any():
+            context = int((positions[alive] + 1 + step).sum())
+            seconds += LAYERS * ((rates.layer_us + rates.row_us * rows) * 1e-6 + rates.context_ns * 1e-9 * context)
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-slots", default="512")
+    parser.add_argument("--prefill-tokens", default="8192")
+    parser.add_argument("--decode-steps", default="8")
+    parser.add_argument("--layer-us", type=float, default=110.0)
+    parser.add_argument("--row-us", type=float, default=0.51)
+    parser.add_argument("--context-ns", type=float, default=4.2)
+    parser.add_argument("--prompt-us", type=float, default=20.4)
+    parser.add_argument("--host-ms", type=float, default=2.3)
+    parser.add_argument("--calls", action="store_true", help="print each call of the first setting")
+    args = parser.parse_args()
+    settings = itertools.product(*(map(int, v.split(",")) for v in (args.max_slots, args.prefill_tokens,
+                                                                    args.decode_steps)))
+    for n, (slots, prefill, steps) in enumerate(settings):
+        calls = replay(slots, prefill, steps)
+        seconds = [call_seconds(c, steps, args) for c in calls]
+        rows = np.mean([int((c[2] > 0).sum()) for c in calls])
+        print(f"slots {slots:4d}, {prefill:5d} prompt tokens, {steps:2d} iterations a call: {len(calls)} calls of "
+              f"{rows:.1f} rows, {sum(seconds):.2f} s, {1000 * 128 / sum(seconds):,.0f} output tok/s (modelled)")
+        if args.calls and n == 0:
+            for i, (call, s) in enumerate(zip(calls, seconds), 1):
+                print(f"  call {i:3d}: {call[0]:4d} rows, {int((call[2] > 0).sum()):4d} decoding, {call[1]:5d} prompt "
+                      f"tokens, {s * 1e3:6.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
