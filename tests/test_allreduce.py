@@ -83,8 +83,12 @@ def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink):
     assert got == want
 
 
-def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch):
-    monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
+@pytest.mark.parametrize("mode", ["xla", None])  # None: the default, auto, which a CPU mesh leaves to XLA
+def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch, mode):
+    if mode is None:
+        monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
+    else:
+        monkeypatch.setenv("LLMJAX_ALLREDUCE", mode)
     traced = []
     monkeypatch.setattr(allreduce, "psum", lambda *a: traced.append(a))
     jax.clear_caches()
@@ -108,12 +112,15 @@ def test_groups_are_the_devices_along_the_axis_in_rank_order():
     assert sorted(table.ravel().tolist()) == sorted(ids.ravel().tolist())
 
 
-@pytest.mark.parametrize("mode,target", [("nvlink", "llmjax_allreduce_graph"), ("nvlink-eager", "llmjax_allreduce")])
+@pytest.mark.parametrize("mode,target", [("nvlink", "llmjax_allreduce_graph"), ("nvlink-eager", "llmjax_allreduce"),
+                                         ("auto", "llmjax_allreduce_graph")])
 def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, target):
     """What XLA gets on a CUDA mesh (lowered here for cuda, the GPU-only steps stubbed): one custom
-    call per sum with every group of the mesh in rank order, as the handler decodes them."""
+    call per sum with every group of the mesh in rank order, as the handler decodes them. `auto`
+    (the default) takes the kernel where it can run."""
     monkeypatch.setenv("LLMJAX_ALLREDUCE", mode)
     monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)
+    allreduce._groups_set_up.cache_clear()
     set_up = []
     monkeypatch.setattr(allreduce, "setup", set_up.append)
     monkeypatch.setattr(allreduce, "_register", lambda: {"nvlink": "llmjax_allreduce_graph",
@@ -128,7 +135,39 @@ def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, ta
     assert len(calls) == 1 and f"@{target}(" in calls[0], calls
     assert "group_size = 2 : i64" in calls[0] and "blocks = 0 : i64" in calls[0]
     assert f"groups = dense<[{', '.join(str(i) for i in table.ravel())}]> : tensor<4xi64>" in calls[0]
-    assert set_up == table.tolist()  # each group's buffers set up when traced
+    assert set_up == table.tolist() * (2 if mode == "auto" else 1)  # set up when traced (auto: first to probe)
+    allreduce._groups_set_up.cache_clear()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("LLMJAX_ALLREDUCE: the NVLink all-reduce is compiled with nvcc, "
+                                                  "which was not found"),
+                                     OSError("libllmjax_allreduce.so: cannot open shared object file")])
+def test_auto_falls_back_to_psum_with_one_warning_where_the_kernel_cannot_run(monkeypatch, failure):
+    """A CUDA mesh (stubbed as above) whose kernel cannot be built or loaded, or whose GPUs cannot reach
+    each other's memory: `auto` keeps XLA's psum and says why, once; `nvlink` raises."""
+    monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
+    monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)
+
+    def fail(ordinals):
+        raise failure
+    monkeypatch.setattr(allreduce, "setup", fail)
+    allreduce._groups_set_up.cache_clear()
+    allreduce._warn_once.cache_clear()
+    mesh = make_mesh(tensor=2, devices=jax.devices()[:2])
+    f = jax.shard_map(lambda x: allreduce.psum(x[0], "tensor", mesh), mesh=mesh, in_specs=P("tensor"),
+                      out_specs=P(), check_vma=False)
+    with pytest.warns(UserWarning, match=f"auto: XLA's psum .* cannot run: {str(failure)[:20]}") as caught:
+        assert allreduce.kernel_mode(mesh, "tensor") is None
+        assert allreduce.kernel_mode(mesh, "tensor") is None
+        text = jax.jit(f).trace(jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert len([w for w in caught if "auto" in str(w.message)]) == 1
+    assert "custom_call" not in text and "all_reduce" in text
+    monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")
+    jax.clear_caches()  # the mode is read when a program is traced
+    with pytest.raises(type(failure)):
+        jax.jit(f).trace(jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16))
+    allreduce._groups_set_up.cache_clear()
 
 
 def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
@@ -152,7 +191,7 @@ def test_the_reference_adds_in_rank_order_in_float32_rounding_once(dtype):
 
 
 @pytest.mark.parametrize("variable,value,needle", [
-    ("LLMJAX_ALLREDUCE", "nccl", "must be one of xla, nvlink, nvlink-eager"),
+    ("LLMJAX_ALLREDUCE", "nccl", "must be one of auto, xla, nvlink, nvlink-eager"),
     ("LLMJAX_ALLREDUCE_BYTES", "lots", "integer >= 16"),
     ("LLMJAX_ALLREDUCE_BYTES", "1000", "multiple of 16"),
     ("LLMJAX_ALLREDUCE_BLOCKS", "65", "integer from 0 to 64"),

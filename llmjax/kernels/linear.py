@@ -11,8 +11,9 @@ Every `Linear` of the model calls it with its kernel, whatever the kernel holds:
 On a mesh, XLA cannot split a Pallas call over devices, so a quantized product runs under `shard_map`:
 each device multiplies its own slice of the weights (Megatron's layout from the sharding rules), and a
 row-parallel product (o, down: the input axis is split) adds the devices' partial sums with
-`allreduce.psum`. A float row-parallel product runs so too when `LLMJAX_ALLREDUCE` picks llmjax's
-NVLink all-reduce (`llmjax.kernels.allreduce`); otherwise XLA's partitioner places it.
+`allreduce.psum`. A float row-parallel product runs so too when llmjax's NVLink all-reduce sums it
+(`llmjax.kernels.allreduce`: by default on CUDA GPUs that reach each other's memory); otherwise XLA's
+partitioner places it.
 
 `linear(..., partials=True)` returns `[S, ..., *out]` partial sums whose sum, rounded to x's dtype, is
 the product: for an int4 kernel and up to `int4_matmul.FMA_MAX_ROWS` rows on one device (or a
@@ -174,15 +175,16 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
 
     `kernel` is a float array or a `QuantizedWeight`. On a `mesh` of more than one device, `axes` (the
     float kernel's logical axes) say how the sharding rules split it, for the products that run per
-    device: a quantized kernel's, and a row-parallel float kernel's when `LLMJAX_ALLREDUCE` picks the
-    NVLink all-reduce.
+    device: a quantized kernel's, and a row-parallel float kernel's when the NVLink all-reduce sums it
+    (`allreduce.kernel_mode`).
     """
     quantized = isinstance(kernel, QuantizedWeight)
     one_device = _one_device(mesh)
     norm = None
     if isinstance(x, Normed):
         x, norm = (x.x, x) if x.fuses_into(kernel, in_ndim, mesh) else (x.apply(), None)
-    if not quantized and not (allreduce.mode() != "xla" and _row_parallel(mesh, axes, num_out_dims)):
+    if not quantized and not (_row_parallel(mesh, axes, num_out_dims)
+                              and allreduce.kernel_mode(mesh, _mesh_spec(axes)[num_out_dims]) is not None):
         y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
         return y[None] if partials else y
     lead = x.shape[:x.ndim - in_ndim]
