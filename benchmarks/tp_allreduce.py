@@ -1,15 +1,16 @@
 """llmjax's NVLink all-reduce against XLA's psum: one all-reduce, then a tensor-parallel model.
 
     PYTHONPATH=. python benchmarks/tp_allreduce.py --out DIR [--model llama2-13b] [--dtype bfloat16]
-        [--tensor 2] [--modes xla,nvlink,nvlink-eager] [--turns 2] [--skip-model] [--no-single]
+        [--tensor 2] [--modes xla,nvlink,nvlink-eager,auto] [--turns 2] [--skip-model] [--no-single]
         [--skip-allreduce] [--smoke]
 
 On `--tensor` GPUs of one process (`LLMJAX_ALLREDUCE`, see `llmjax/kernels/allreduce.py`):
 1. One all-reduce of a bf16 decode activation `[rows, hidden]`, for each mode: its result against
    `jax.lax.psum`'s and `allreduce.allreduce_reference`'s on random values (max abs difference; the
-   kernel must equal the reference exactly), whether the compiled program holds the kernel's custom call (so a silent fallback to psum shows),
-   and microseconds each, `CHAIN` dependent sums inside one jit, median of 20 calls. Then the kernel's
-   grid (`LLMJAX_ALLREDUCE_BLOCKS`) at the largest shape.
+   kernel must equal the reference exactly), whether the compiled program holds the kernel's custom
+   call (so a silent fallback to psum shows), and microseconds each, `CHAIN` dependent sums inside
+   one jit, median of 20 calls. Then the kernel's grid (`LLMJAX_ALLREDUCE_BLOCKS`) at the largest
+   shape.
 2. The model (random weights of `--dtype`, made once on the GPUs): one GPU alone (unless
    `--no-single`, for a model one GPU cannot hold), then the tensor mesh under each
    mode in turn, `--turns` times (the machine drifts; each turn times every mode once): batch 1,
@@ -105,7 +106,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="llama2-13b")
     p.add_argument("--tensor", type=int, default=2)
-    p.add_argument("--modes", default=",".join(allreduce.MODES))
+    p.add_argument("--modes", default="xla,nvlink,nvlink-eager", help="LLMJAX_ALLREDUCE modes; auto (the default "
+                   "outside this script) is nvlink where the kernel runs, xla elsewhere")
     p.add_argument("--turns", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16, int4-g128, ... (as llmjax bench)")
     p.add_argument("--skip-model", action="store_true")

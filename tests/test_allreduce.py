@@ -120,6 +120,7 @@ def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, ta
     (the default) takes the kernel where it can run."""
     monkeypatch.setenv("LLMJAX_ALLREDUCE", mode)
     monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)
+    monkeypatch.setattr(allreduce, "_capable", lambda mesh: True)
     allreduce._groups_set_up.cache_clear()
     set_up = []
     monkeypatch.setattr(allreduce, "setup", set_up.append)
@@ -147,6 +148,7 @@ def test_auto_falls_back_to_psum_with_one_warning_where_the_kernel_cannot_run(mo
     each other's memory: `auto` keeps XLA's psum and says why, once; `nvlink` raises."""
     monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
     monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)
+    monkeypatch.setattr(allreduce, "_capable", lambda mesh: True)
 
     def fail(ordinals):
         raise failure
@@ -168,6 +170,39 @@ def test_auto_falls_back_to_psum_with_one_warning_where_the_kernel_cannot_run(mo
     with pytest.raises(type(failure)):
         jax.jit(f).trace(jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16))
     allreduce._groups_set_up.cache_clear()
+
+
+@pytest.mark.parametrize("case", ["four GPUs", "older GPUs", "a prefill-sized sum", "a CPU mesh"])
+def test_auto_keeps_psum_silently_where_the_kernel_was_not_measured_or_cannot_run(monkeypatch, recwarn, case):
+    """`auto` takes the kernel only for groups of two GPUs of compute capability 8 or more and sums that
+    fit its slots; elsewhere it leaves the sums to XLA without a word (and never builds the kernel)."""
+    monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
+    if case != "a CPU mesh":
+        monkeypatch.setattr(allreduce, "_why_not", lambda mesh, axis, nbytes, dtype=None: (
+            "size" if nbytes > allreduce.slot_bytes() else None))
+        monkeypatch.setattr(allreduce, "_capable", lambda mesh: case != "older GPUs")
+    monkeypatch.setattr(allreduce, "setup", lambda ordinals: pytest.fail("the kernel was set up"))
+    allreduce._groups_set_up.cache_clear()
+    mesh = make_mesh(tensor=4 if case == "four GPUs" else 2, devices=jax.devices()[:4 if case == "four GPUs" else 2])
+    nbytes = 4 << 20 if case == "a prefill-sized sum" else 16 << 10
+    assert allreduce.kernel_mode(mesh, "tensor", nbytes, jnp.bfloat16) is None
+    assert not [w for w in recwarn if "LLMJAX_ALLREDUCE" in str(w.message)]
+    monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")  # asked for, it is taken wherever it can run
+    assert allreduce.kernel_mode(mesh, "tensor", nbytes, jnp.bfloat16) == "nvlink"
+
+
+def test_older_gpus_and_other_platforms_are_not_capable():
+    class Device:
+        def __init__(self, capability):
+            self.compute_capability = capability
+
+    class Mesh:
+        def __init__(self, *capabilities):
+            self.devices = np.array([Device(c) for c in capabilities])
+
+    assert allreduce._capable(Mesh("9.0", "9.0")) and allreduce._capable(Mesh("8.0", "8.6"))
+    assert not allreduce._capable(Mesh("9.0", "7.0")) and not allreduce._capable(Mesh("gfx942", "gfx942"))
+    assert not allreduce._capable(Mesh(None, "9.0"))
 
 
 def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
@@ -225,6 +260,7 @@ def test_the_kernel_builds_and_exports_the_handlers(tmp_path, monkeypatch):
     assert all(type(c).__name__ == "PyCapsule" for c in capsules)
     if lib.llmjax_allreduce_device_count() <= 0:  # no CUDA GPU here: setting a group up says why it cannot
         monkeypatch.setattr(allreduce, "library", lambda: lib)
-        with pytest.raises(RuntimeError, match=r"cannot run on GPUs \[0, 1\]: allocating .* GPU 0: .*Unset"):
+        with pytest.raises(RuntimeError,
+                           match=r"cannot run on GPUs \[0, 1\]: allocating .* GPU 0: .*Set LLMJAX_ALLREDUCE=xla"):
             allreduce.setup([0, 1])
 

@@ -9,11 +9,13 @@ NVLink, raises a flag there, waits for theirs, and adds the members' values in r
 member holds the same bits).
 
 `LLMJAX_ALLREDUCE` chooses, when a program is traced:
-- `auto` (the default): `nvlink` where the kernel can run (a mesh of 2-8 CUDA GPUs of one process that
-  reach each other's memory, and a kernel that nvcc built or had built), `xla` elsewhere: on other
-  platforms and multi-process meshes silently, and with one warning where the GPUs cannot reach each
-  other's memory or nvcc is missing or fails. On two H200s with NVLink it decodes Llama-2-13B bf16 at
-  tensor=2 13.5% faster than `xla`, and 70B 6.7% (BENCHMARKS.md, twentieth session).
+- `auto` (the default): `nvlink` where the kernel runs and was measured faster (groups of two CUDA GPUs
+  of compute capability 8 or more, driven by one process, that reach each other's memory, a kernel
+  that nvcc built or had built, sums that fit `LLMJAX_ALLREDUCE_BYTES`), `xla` elsewhere: on other
+  platforms, larger groups, older GPUs, larger sums and multi-process meshes silently, and with one
+  warning where the GPUs cannot reach each other's memory or nvcc is missing or fails. On two H200s
+  with NVLink it decodes Llama-2-13B bf16 at tensor=2 13.5% faster than `xla`, and 70B 6.7%
+  (BENCHMARKS.md, twentieth session).
 - `xla`: XLA's partitioner places the products and `psum`s them.
 - `nvlink`: every row-parallel product runs per device (`shard_map`) and its sum goes through the
   kernel, on CUDA GPUs driven by one process, for sums of at most `LLMJAX_ALLREDUCE_BYTES` (default
@@ -67,31 +69,45 @@ def mode() -> str:
     return dispatch.mode(VARIABLE, MODES, "auto")
 
 
-def kernel_mode(mesh, axis: str) -> str | None:
-    """The kernel's mode (`nvlink` or `nvlink-eager`) for the row-parallel sums over `axis` of `mesh`,
-    or None where XLA's partitioner places the products and sums them (`xla`, or `auto` where the
-    kernel cannot run)."""
+# `auto` takes the kernel only where it was measured faster than psum: groups of two GPUs (two H200s,
+# BENCHMARKS.md, twentieth session). Larger groups keep psum unless LLMJAX_ALLREDUCE=nvlink.
+AUTO_GROUP = 2
+MIN_CAPABILITY = 8  # the library holds sm_80 and sm_90 code (ARCHS)
+
+
+def kernel_mode(mesh, axis: str, nbytes: int = 16, dtype=np.dtype(np.float32)) -> str | None:
+    """The kernel's mode (`nvlink` or `nvlink-eager`) for row-parallel sums of `nbytes` of `dtype` per
+    device over `axis` of `mesh`, or None where XLA's partitioner places the products and sums them
+    (`xla`, or `auto` where the kernel cannot run or would not take sums of that size)."""
     chosen = mode()
     if chosen == "auto":
-        return "nvlink" if _kernel_runs(mesh, axis) else None
+        return "nvlink" if _kernel_runs(mesh, axis, nbytes, np.dtype(dtype)) else None
     return None if chosen == "xla" else chosen
 
 
-def _kernel_runs(mesh, axis: str) -> bool:
-    """Whether `auto` takes the kernel over `axis` of `mesh`: a mesh it sums (see `_why_not`) whose
-    groups' buffers could be set up, over a library nvcc could build."""
-    if _why_not(mesh, axis, 16) is not None:
+def _kernel_runs(mesh, axis: str, nbytes: int, dtype) -> bool:
+    """Whether `auto` takes the kernel over `axis` of `mesh`: a mesh and a sum it takes (`_why_not`), a
+    group of `AUTO_GROUP` GPUs of compute capability 8 or more, whose buffers could be set up over a
+    library nvcc could build."""
+    if _why_not(mesh, axis, nbytes, dtype) is not None or mesh.shape[axis] != AUTO_GROUP or not _capable(mesh):
         return False
     return _groups_set_up(tuple(tuple(row) for row in groups(mesh, axis).tolist()))
 
 
+def _capable(mesh) -> bool:
+    """Whether every GPU of `mesh` runs the library's code (compute capability `MIN_CAPABILITY` or more)."""
+    capabilities = [getattr(d, "compute_capability", None) or "0" for d in mesh.devices.flat]
+    return all(c[0].isdigit() and int(c.split(".")[0]) >= MIN_CAPABILITY for c in capabilities)
+
+
 @functools.cache
 def _groups_set_up(table: tuple) -> bool:
+    slot_bytes(), _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1, MAX_TIMEOUT_S)  # a bad setting raises
     try:
         for row in table:
             setup(list(row))
         _register()
-    except (RuntimeError, OSError) as e:  # no nvcc, a failed build, GPUs that cannot reach each other
+    except Exception as e:  # no nvcc, a failed build or load, GPUs that cannot reach each other
         _warn_once(f"{VARIABLE}=auto: XLA's psum sums the tensor-parallel products, because the NVLink "
                    f"all-reduce cannot run: {e} (set {VARIABLE}=xla to silence this)")
         return False
@@ -158,7 +174,7 @@ def _why_not(mesh, axis: str, nbytes: int, dtype=np.dtype(np.float32)) -> str | 
 def psum(y: jax.Array, axis: str, mesh) -> jax.Array:
     """The sum of `y` over `axis`, inside a `shard_map` over `mesh` that makes `axis` manual: XLA's
     `psum`, or the NVLink kernel where `LLMJAX_ALLREDUCE` asks for it and it can run (see above)."""
-    chosen = kernel_mode(mesh, axis)
+    chosen = kernel_mode(mesh, axis, y.size * y.dtype.itemsize, y.dtype)
     if chosen is None:
         return jax.lax.psum(y, axis)
     reason = _why_not(mesh, axis, y.size * y.dtype.itemsize, np.dtype(y.dtype))
@@ -188,7 +204,7 @@ def setup(ordinals: list[int]) -> None:
     timeout = _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1, MAX_TIMEOUT_S)
     if lib.llmjax_allreduce_setup(array, len(ordinals), slot_bytes(), float(timeout)):
         raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce cannot run on GPUs {ordinals}: "
-                           f"{lib.llmjax_allreduce_error().decode()}. Unset {VARIABLE} to use XLA's psum.")
+                           f"{lib.llmjax_allreduce_error().decode()}. Set {VARIABLE}=xla to use XLA's psum.")
 
 
 @functools.cache
@@ -208,7 +224,7 @@ def nvcc() -> str:
         found = "/usr/local/cuda/bin/nvcc"
     if found is None:
         raise RuntimeError(f"{VARIABLE}: the NVLink all-reduce is compiled with nvcc, which was not found; "
-                           f"install CUDA's compiler, point LLMJAX_NVCC at it, or unset {VARIABLE}")
+                           f"install CUDA's compiler, point LLMJAX_NVCC at it, or set {VARIABLE}=xla")
     if not os.access(found, os.X_OK):
         raise RuntimeError(f"{VARIABLE}: the CUDA compiler {found!r} (LLMJAX_NVCC) is not an executable file; "
                            f"point LLMJAX_NVCC at nvcc, or unset it to use the one on PATH")
@@ -218,7 +234,7 @@ def nvcc() -> str:
 def build(cache_dir: str | os.PathLike | None = None) -> Path:
     """Compile `allreduce.cu` into a shared library (once: the result is cached) and return its path."""
     compiler = nvcc()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace").stdout
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-return-type",
              "-diag-suppress=940,2473", *ARCHS, f"-I{jax.ffi.include_dir()}"]  # quiet on JAX's headers
     source = SOURCE.read_bytes()
@@ -232,9 +248,11 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{VARIABLE}: nvcc could not build {SOURCE.name}:\n{done.stderr[-4000:]}")
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                              errors="replace")
+        if done.returncode or not os.path.getsize(partial):
+            raise RuntimeError(f"{VARIABLE}: nvcc could not build {SOURCE.name} (exit {done.returncode}):\n"
+                               f"{done.stderr[-4000:]}")
         os.replace(partial, target)  # atomic: a process that finds the file finds it whole
     finally:
         if os.path.exists(partial):

@@ -127,6 +127,12 @@ def _row_parallel(mesh, axes: tuple | None, num_out_dims: int) -> bool:
     return in_axis is not None and in_axis in dispatch.free_axes(mesh)
 
 
+def _sum_bytes(x: jax.Array, kernel: jax.Array, num_out_dims: int, in_ndim: int) -> int:
+    """The bytes of a row-parallel float product's output: the sum its devices add (at most; a data
+    axis gives each device fewer rows)."""
+    return math.prod(x.shape[:x.ndim - in_ndim]) * math.prod(kernel.shape[:num_out_dims]) * x.dtype.itemsize
+
+
 def _leaf_specs(kernel, out_axes: tuple, in_axis) -> QuantizedWeight | P:
     """The mesh PartitionSpec of the kernel (of each leaf of a `QuantizedWeight`, as
     `llmjax.quant.leaf_axes` lays them out)."""
@@ -183,8 +189,8 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     norm = None
     if isinstance(x, Normed):
         x, norm = (x.x, x) if x.fuses_into(kernel, in_ndim, mesh) else (x.apply(), None)
-    if not quantized and not (_row_parallel(mesh, axes, num_out_dims)
-                              and allreduce.kernel_mode(mesh, _mesh_spec(axes)[num_out_dims]) is not None):
+    if not quantized and not (_row_parallel(mesh, axes, num_out_dims) and allreduce.kernel_mode(
+            mesh, _mesh_spec(axes)[num_out_dims], _sum_bytes(x, kernel, num_out_dims, in_ndim), x.dtype)):
         y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
         return y[None] if partials else y
     lead = x.shape[:x.ndim - in_ndim]

@@ -65,8 +65,8 @@ class Linear(nn.Module):
     use_bias: bool = False
     dtype: Any = jnp.float32
     quant: QuantScheme | None = None
-    mesh: Any = None  # the mesh the kernel is split over (a quantized or, with LLMJAX_ALLREDUCE=nvlink, a
-    # row-parallel product runs per device)
+    mesh: Any = None  # the mesh the kernel is split over (a quantized product, and a row-parallel one that
+    # llmjax's NVLink all-reduce sums, run per device: `linear`)
 
     @nn.compact
     def __call__(self, x: jax.Array, partials: bool = False) -> jax.Array:

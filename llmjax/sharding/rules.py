@@ -2,7 +2,8 @@
 
 Megatron's tensor parallelism: q/k/v and gate/up are split by their outputs (kv heads, MLP columns),
 o and down by their inputs (query heads, MLP rows), the embedding and the LM head by the vocabulary;
-XLA adds the all-reduce after each row-parallel product. The batch splits over `data`. The KV cache
+each row-parallel product ends in an all-reduce (XLA's, or llmjax's NVLink kernel on CUDA GPUs:
+`llmjax.kernels.allreduce`). The batch splits over `data`. The KV cache
 follows the kv heads. Pipeline parallelism maps `layers` onto `stage`: the weights of each stage are
 stacked along that axis (`pipeline.py`). Changing the parallelism is changing the mesh, never the model.
 """
