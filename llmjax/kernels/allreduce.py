@@ -159,6 +159,8 @@ def groups(mesh, axis: str) -> np.ndarray:
 
 def _why_not(mesh, axis: str, nbytes: int, dtype=np.dtype(np.float32)) -> str | None:
     """Why the kernel cannot sum `nbytes` of `dtype` per device over `axis` of `mesh` (None: it can)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return "platform"  # no devices to reach (a program lowered for a platform it does not run on)
     devices = list(mesh.devices.flat)
     if any(d.platform != "gpu" or "cuda" not in d.client.platform_version.lower() for d in devices):
         return "platform"  # not a CUDA GPU: psum, as any kernel's reference elsewhere
