@@ -37,6 +37,16 @@ def model(tmp_path_factory):
     return folder, np.asarray(llmjax.logits(params, ids)), llmjax.generate(params, PROMPTS, max_new_tokens=10)
 
 
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    """`auto`'s probe and its warning are cached per process: each test starts and ends without them."""
+    allreduce._groups_set_up.cache_clear()
+    allreduce._warn_once.cache_clear()
+    yield
+    allreduce._groups_set_up.cache_clear()
+    allreduce._warn_once.cache_clear()
+
+
 @pytest.fixture
 def nvlink(monkeypatch):
     """`LLMJAX_ALLREDUCE=nvlink`, the shapes `allreduce.psum` was traced with, and fresh jit caches
@@ -121,7 +131,6 @@ def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, ta
     monkeypatch.setenv("LLMJAX_ALLREDUCE", mode)
     monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)
     monkeypatch.setattr(allreduce, "_capable", lambda mesh: True)
-    allreduce._groups_set_up.cache_clear()
     set_up = []
     monkeypatch.setattr(allreduce, "setup", set_up.append)
     monkeypatch.setattr(allreduce, "_register", lambda: {"nvlink": "llmjax_allreduce_graph",
@@ -137,7 +146,6 @@ def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, ta
     assert "group_size = 2 : i64" in calls[0] and "blocks = 0 : i64" in calls[0]
     assert f"groups = dense<[{', '.join(str(i) for i in table.ravel())}]> : tensor<4xi64>" in calls[0]
     assert set_up == table.tolist() * (2 if mode == "auto" else 1)  # set up when traced (auto: first to probe)
-    allreduce._groups_set_up.cache_clear()
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("LLMJAX_ALLREDUCE: the NVLink all-reduce is compiled with nvcc, "
@@ -153,8 +161,6 @@ def test_auto_falls_back_to_psum_with_one_warning_where_the_kernel_cannot_run(mo
     def fail(ordinals):
         raise failure
     monkeypatch.setattr(allreduce, "setup", fail)
-    allreduce._groups_set_up.cache_clear()
-    allreduce._warn_once.cache_clear()
     mesh = make_mesh(tensor=2, devices=jax.devices()[:2])
     f = jax.shard_map(lambda x: allreduce.psum(x[0], "tensor", mesh), mesh=mesh, in_specs=P("tensor"),
                       out_specs=P(), check_vma=False)
@@ -169,7 +175,6 @@ def test_auto_falls_back_to_psum_with_one_warning_where_the_kernel_cannot_run(mo
     jax.clear_caches()  # the mode is read when a program is traced
     with pytest.raises(type(failure)):
         jax.jit(f).trace(jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16))
-    allreduce._groups_set_up.cache_clear()
 
 
 @pytest.mark.parametrize("case", ["four GPUs", "older GPUs", "a prefill-sized sum", "a CPU mesh"])
@@ -182,7 +187,6 @@ def test_auto_keeps_psum_silently_where_the_kernel_was_not_measured_or_cannot_ru
             "size" if nbytes > allreduce.slot_bytes() else None))
         monkeypatch.setattr(allreduce, "_capable", lambda mesh: case != "older GPUs")
     monkeypatch.setattr(allreduce, "setup", lambda ordinals: pytest.fail("the kernel was set up"))
-    allreduce._groups_set_up.cache_clear()
     mesh = make_mesh(tensor=4 if case == "four GPUs" else 2, devices=jax.devices()[:4 if case == "four GPUs" else 2])
     nbytes = 4 << 20 if case == "a prefill-sized sum" else 16 << 10
     assert allreduce.kernel_mode(mesh, "tensor", nbytes, jnp.bfloat16) is None
@@ -240,6 +244,17 @@ def test_bad_settings_are_refused(monkeypatch, variable, value, needle):
         allreduce.slot_bytes()
         allreduce._int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0, allreduce.MAX_BLOCKS)
         allreduce._int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", 120, 1)
+
+
+def test_a_hung_compiler_is_stopped(monkeypatch, tmp_path):
+    def hang(command, **options):
+        raise allreduce.subprocess.TimeoutExpired(command, options["timeout"])
+    monkeypatch.setattr(allreduce, "nvcc", lambda: "nvcc")
+    monkeypatch.setattr(allreduce.subprocess, "run", lambda command, **options: (
+        hang(command, **options) if "timeout" in options else type("Done", (), {"stdout": "nvcc 13"})()))
+    with pytest.raises(RuntimeError, match=f"nvcc did not build allreduce.cu within {allreduce.BUILD_TIMEOUT_S} s"):
+        allreduce.build(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no partial library left behind
 
 
 def test_a_missing_compiler_is_named(monkeypatch):

@@ -60,6 +60,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 TIMEOUT_S = 120
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: longer is never what a program wants
 SOURCE = Path(__file__).with_name("allreduce.cu")
+BUILD_TIMEOUT_S = 600  # nvcc builds it in ~20 s; a compiler that hangs must not hang the first trace
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
          "-gencode=arch=compute_90,code=compute_90")
 
@@ -250,8 +251,11 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                              errors="replace")
+        try:
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                  errors="replace", timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{VARIABLE}: nvcc did not build {SOURCE.name} within {BUILD_TIMEOUT_S} s") from None
         if done.returncode or not os.path.getsize(partial):
             raise RuntimeError(f"{VARIABLE}: nvcc could not build {SOURCE.name} (exit {done.returncode}):\n"
                                f"{done.stderr[-4000:]}")
