@@ -9,7 +9,7 @@ rows it was compiled for, the rows that decode in it, its prompt tokens, the tok
 its seconds from the call to its tokens on the host (`Engine.step`'s device time). The output tok/s
 of a run counts the host's time between calls too, as `llmjax bench --throughput` does. `--profile`
 traces those calls (1-based, of the last run) under the profiler and prints their kernels by kind
-and the longest ones (`kernel_profile.traced`).
+and the longest ones (`kernel_profile.traced` and `table`).
 """
 
 import argparse
@@ -17,19 +17,9 @@ import time
 
 import numpy as np
 
-from kernel_profile import kind_of, traced
+import llmjax
+from kernel_profile import table, traced
 from llmjax import engine as engine_lib
-from llmjax.bench import _model_config, random_params
-
-
-def kernel_table(kernels: dict, top: int = 28) -> None:
-    kinds = {}
-    for name, (_, ns) in kernels.items():
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0) + ns
-    for kind, ns in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"   {kind:30s} {ns / 1e6:8.2f} ms")
-    for name, (count, ns) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"   {ns / 1e6:8.2f} ms {count:6d}x {ns / count / 1e3:9.1f} us  {name[:90]}")
 
 
 def main():
@@ -46,8 +36,9 @@ def main():
     parser.add_argument("--profile", default="", help="calls of the last run to trace, e.g. 9,17")
     args = parser.parse_args()
     profile = {int(c) for c in args.profile.split(",") if c}
-    config = _model_config(args.model, args.dtype)
-    engine = engine_lib.Engine(random_params(config, args.dtype, 0), max_slots=args.max_slots,
+    params = llmjax.init_random(args.model, dtype=args.dtype)
+    config = params.config
+    engine = engine_lib.Engine(params, max_slots=args.max_slots,
                                page_size=args.page_size, max_seq_len=256, prefill_tokens=args.prefill_tokens,
                                decode_steps=args.decode_steps, kv_dtype=args.kv_dtype)
     engine.warmup(256, rows=[r for r in engine.row_buckets if r >= args.max_slots // 4])
@@ -78,9 +69,8 @@ def main():
         handles = [engine.add_request(p, max_new_tokens=128) for p in prompts]
         while engine.pending:
             if last and len(calls) + 1 in profile:
-                kernels, span, _ = traced(engine.step, idles=False)
-                print(f"call {len(calls)} (traced): {span / 1e6:.1f} ms from its first kernel to its last")
-                kernel_table(kernels)
+                print(f"call {len(calls) + 1} (traced):")
+                table(*traced(engine.step, idles=False), 1, "call")
             else:
                 engine.step()
         seconds = time.perf_counter() - start

@@ -22,8 +22,6 @@ The gain a step could take from the overlap is `one stream - two streams` agains
 import argparse
 import json
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ from jax._src import core as jax_core
 from jax.experimental import compute_on
 from jax.experimental.xla_metadata import set_xla_metadata
 
+from llmjax.bench import _median_time
 from llmjax.kernels import paged_attention
 
 HEADS, HEAD_DIM, EMBED, MLP, PAGE = 32, 128, 4096, 11008, 16
@@ -126,13 +125,9 @@ def variant(attn_rows, prod_rows, attn_stream, prod_stream=None, group=False):
 
 
 def timed(fn, args, calls=5) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / ROUNDS
+    """Seconds a round: the median of `calls` calls (after one that compiles), over ROUNDS."""
+    jax.block_until_ready(fn(*args))
+    return _median_time(lambda: fn(*args), calls) / ROUNDS
 
 
 def main():
