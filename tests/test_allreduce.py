@@ -197,6 +197,8 @@ def test_auto_keeps_psum_silently_where_the_kernel_was_not_measured_or_cannot_ru
 
 def test_older_gpus_and_other_platforms_are_not_capable():
     class Device:
+        platform = "gpu"
+
         def __init__(self, capability):
             self.compute_capability = capability
 

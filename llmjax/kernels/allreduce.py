@@ -97,8 +97,8 @@ def _kernel_runs(mesh, axis: str, nbytes: int, dtype) -> bool:
 
 def _capable(mesh) -> bool:
     """Whether every GPU of `mesh` runs the library's code (compute capability `MIN_CAPABILITY` or more)."""
-    capabilities = [getattr(d, "compute_capability", None) or "0" for d in mesh.devices.flat]
-    return all(c[0].isdigit() and int(c.split(".")[0]) >= MIN_CAPABILITY for c in capabilities)
+    capabilities = [dispatch.compute_capability(d) for d in mesh.devices.flat]
+    return all(c is not None and int(c.split(".")[0]) >= MIN_CAPABILITY for c in capabilities)
 
 
 @functools.cache

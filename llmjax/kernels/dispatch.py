@@ -35,10 +35,10 @@ def trace_settings() -> tuple:
     return tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("LLMJAX_")))
 
 
-def compute_capability() -> str | None:
-    """The default device's CUDA compute capability ("9.0" on an H100 or H200); None off NVIDIA GPUs
-    (a rocm device reports its gfx name there, "gfx942", which is not one)."""
-    device = jax.devices()[0]
+def compute_capability(device=None) -> str | None:
+    """`device`'s (default: the default device's) CUDA compute capability ("9.0" on an H100 or H200);
+    None off NVIDIA GPUs (a rocm device reports its gfx name there, "gfx942", which is not one)."""
+    device = jax.devices()[0] if device is None else device
     capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
     return capability if capability and capability[0].isdigit() else None
 
