@@ -4,7 +4,7 @@ and each call priced with a cost model: which settings could serve 1000 x 128/12
     python benchmarks/engine_schedule.py [--max-slots 384,512,640] [--prefill-tokens 4096,8192] [--decode-steps 8,16]
         [--layer-us 110 --row-us 0.51 --context-ns 4.2 --prompt-us 20.4 --host-ms 2.3] [--calls]
 
-The host side is `llmjax.Engine` itself (admission, pages, chunking, row buckets) over a tiny model;
+The host side is `llmjax.Engine` itself (admission, pages, chunking, row buckets) over the tiny preset;
 only `_executable` is replaced, by a function that gives every row the tokens its budget allows. A
 call is then priced from what it holds: each decode iteration costs, per layer, `layer_us` plus
 `row_us` per row it is compiled for (the products and small kernels) plus `context_ns` per token of
@@ -20,21 +20,21 @@ import itertools
 
 import numpy as np
 
+import llmjax
 from llmjax import engine as engine_lib
-from llmjax.bench import random_params
-from llmjax.config import LlamaConfig
 
 LAYERS = 32  # Llama-2-7B's, which the default rates are for
-TINY = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
-                   num_kv_heads=2, head_dim=32, max_position_embeddings=4096)
 
 
 def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int = 1000, prompt: int = 128,
            out: int = 128) -> list[tuple]:
     """Serves the set through the engine with a stand-in device call; returns one (rows compiled for,
     prompt tokens, budgets, positions) per call."""
-    engine = engine_lib.Engine(random_params(TINY, "float32", 0), max_slots=max_slots, page_size=16,
-                               kv_memory=2 * max_slots * (prompt + out) * 2 * TINY.hidden_size * 4,
+    params = llmjax.init_random("tiny", dtype="float32")  # the host side never looks at the weights
+    c = params.config
+    token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # keys and values, float32
+    engine = engine_lib.Engine(params, max_slots=max_slots, page_size=16,
+                               kv_memory=2 * max_slots * (prompt + out) * token_bytes,  # room for every slot
                                max_seq_len=prompt + out, prefill_tokens=prefill_tokens, decode_steps=decode_steps)
     calls = []
 
@@ -51,7 +51,7 @@ def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int
     engine._place = lambda tree: tree
     rng = np.random.default_rng(0)
     for _ in range(requests):
-        engine.add_request(rng.integers(3, TINY.vocab_size, prompt).tolist(), max_new_tokens=out)
+        engine.add_request(rng.integers(3, c.vocab_size, prompt).tolist(), max_new_tokens=out)
     while engine.pending:
         engine.step()
     return calls
