@@ -68,6 +68,7 @@ PAD_ID = -1  # an output slot after a row stopped
 MIN_ROWS = 8  # the fewest decode rows a call is compiled for
 HOST_POOL_BYTES = 256 * 2**20  # default pool on a device that reports no memory (the CPU)
 MEMORY_FRACTION = 0.9  # of the device memory left after the weights, less the step's workspace
+CHUNK_SHRINK = 8  # the smaller prompt chunk a call may take: chunk_rows / CHUNK_SHRINK rows
 
 
 # ---------------------------------------------------------------- requests
@@ -392,6 +393,9 @@ class Engine:
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
+        # A call's prompt chunk: all `chunk_rows` rows, or an eighth of them when its pieces fit there (a
+        # few prompts arriving while others decode need not pay for a whole chunk's products).
+        self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // CHUNK_SHRINK), self.chunk_rows}))
         self.width_buckets = _quarters(self.max_pages, 1)
 
     # ------------------------------------------------------------ memory
@@ -666,10 +670,12 @@ class Engine:
         rows = decode + finishing
         pages = max(len(r._pages) for r in rows + [p[0] for p in pieces])
         greedy, filters = all(r.sampling.greedy for r in rows), any(r.sampling.filters for r in rows)
-        variant = self._variant(len(rows), pages, bool(pieces), greedy, filters)
-        num_rows, width = variant[:2]
+        chunk_rows = sum(-(-count // self.prefill_row) for _, _, count in pieces)
+        variant = self._variant(len(rows), pages, chunk_rows, greedy, filters)
+        num_rows, width, chunk_rows = variant[:3]
         host_rows = self._rows(rows, decode, num_rows, width)
-        chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width) if pieces else None
+        chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width,
+                            chunk_rows) if pieces else None
         run = self._executable(variant)
         called = time.perf_counter()
         out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
@@ -713,8 +719,8 @@ class Engine:
         knobs["min_p"][:n] = [s.min_p or 0.0 for s in samplings]
         return _Rows(last, positions, active, generated, budget, tables, keys, knobs)
 
-    def _chunk(self, pieces, row_of: dict, num_rows: int, width: int) -> _Chunk:
-        p, t = self.chunk_rows, self.prefill_row
+    def _chunk(self, pieces, row_of: dict, num_rows: int, width: int, p: int) -> _Chunk:
+        t = self.prefill_row
         tokens, positions = np.zeros((p, t), np.int32), np.zeros((p, t), np.int32)
         valid, tables = np.zeros((p, t), bool), np.zeros((p, width), np.int32)
         last, target = np.full(p, -1, np.int32), np.full(p, num_rows, np.int32)
@@ -789,14 +795,16 @@ class Engine:
         return (self._model, self.num_pages, self.page_size, self.kv_dtype.name, self.chunk_rows,
                 self.prefill_row, self.decode_steps, dispatch.trace_settings(), *variant)
 
-    def _variant(self, rows: int, pages: int, has_chunk: bool, greedy: bool, filters: bool) -> tuple:
-        """The step variant for a call: the smallest buckets that hold `rows` rows and `pages`
-        pages; after `warmup`, the smallest warmed variant that holds them, if any (so nothing
-        compiles while the engine serves)."""
-        exact = (self._bucket(self.row_buckets, rows), self._bucket(self.width_buckets, pages), has_chunk,
-                 greedy, filters)
+    def _variant(self, rows: int, pages: int, chunk_rows: int, greedy: bool, filters: bool) -> tuple:
+        """The step variant for a call: the smallest buckets that hold `rows` rows, `pages` pages and
+        `chunk_rows` prompt-chunk rows (0: no chunk); after `warmup`, the smallest warmed variant that
+        holds them, if any (so nothing compiles while the engine serves)."""
+        chunk = self._bucket(self.chunk_buckets, chunk_rows) if chunk_rows else 0
+        exact = (self._bucket(self.row_buckets, rows), self._bucket(self.width_buckets, pages), chunk, greedy,
+                 filters)
         if self._warmed and self._cache_key(exact) not in _EXECUTABLES:
-            fits = [v for v in self._warmed if v[2:] == exact[2:] and v[0] >= rows and v[1] >= pages]
+            fits = [v for v in self._warmed if v[3:] == exact[3:] and v[0] >= rows and v[1] >= pages
+                    and v[2] >= chunk and bool(v[2]) == bool(chunk)]
             if fits:
                 return min(fits)
         return exact
@@ -807,13 +815,13 @@ class Engine:
             _EXECUTABLES[key] = self._compile(*variant)
         return _EXECUTABLES[key]
 
-    def _compile(self, num_rows: int, width: int, has_chunk: bool, greedy: bool, filters: bool):
+    def _compile(self, num_rows: int, width: int, chunk_rows: int, greedy: bool, filters: bool):
         self.stats.compiled += 1
-        shapes = self._abstract_inputs(num_rows, width, has_chunk)
+        shapes = self._abstract_inputs(num_rows, width, chunk_rows)
         return _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=self._model,
                                   steps=self.decode_steps, greedy=greedy, filters=filters).compile()
 
-    def _abstract_inputs(self, num_rows: int, width: int, has_chunk: bool):
+    def _abstract_inputs(self, num_rows: int, width: int, chunk_rows: int):
         mesh = self.params.mesh
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else \
             NamedSharding(mesh, P())
@@ -826,24 +834,24 @@ class Engine:
                  "min_p": spec(r, jnp.float32)}
         rows = _Rows(spec(r, i32), spec(r, i32), spec(r, bool), spec(r, i32), spec(r, i32),
                      spec((num_rows, width), i32), spec((num_rows, _key_words()), jnp.uint32), knobs)
-        if not has_chunk:
+        if not chunk_rows:
             return rows, None
-        pt, p = (self.chunk_rows, self.prefill_row), (self.chunk_rows,)
-        return rows, _Chunk(spec(pt, i32), spec(pt, i32), spec(pt, bool), spec((self.chunk_rows, width), i32),
+        pt, p = (chunk_rows, self.prefill_row), (chunk_rows,)
+        return rows, _Chunk(spec(pt, i32), spec(pt, i32), spec(pt, bool), spec((chunk_rows, width), i32),
                             spec(p, i32), spec(p, i32))
 
     def warmup(self, max_len: int | None = None, *, rows: Sequence[int] | None = None, greedy: bool = True,
                filters: bool = False, threads: int = 8) -> int:
         """Compiles, several at once, the step variants for sequences of up to `max_len` tokens
-        (default `max_seq_len`): the block-table width they need, with and without a prefill chunk,
-        for each of `rows` (default every row bucket: eighths of `max_slots` from a quarter up, and
-        `max_slots / 4**k` below). From then on a step uses
+        (default `max_seq_len`): the block-table width they need, without a prompt chunk and with
+        each chunk size (`chunk_buckets`), for each of `rows` (default every row bucket: eighths of
+        `max_slots` from a quarter up, and `max_slots / 4**k` below). From then on a step uses
         the smallest of these that holds it (a narrower call pads its tables), so serving compiles
         nothing more unless a step fits none of them. Returns how many were compiled. Without
         `warmup`, each variant compiles the first time a step needs it."""
         width = self._bucket(self.width_buckets, self._pages_for(max_len or self.max_seq_len))
         rows = self.row_buckets if rows is None else [self._bucket(self.row_buckets, r) for r in rows]
-        variants = {(r, width, c, greedy, filters) for r in rows for c in (False, True)}
+        variants = {(r, width, c, greedy, filters) for r in rows for c in (0, *self.chunk_buckets)}
         self._warmed = self._warmed | variants
         todo = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:

@@ -218,6 +218,41 @@ def _engine(params, **options):
     return Engine(params, **{**SMALL, **options})
 
 
+def test_a_few_prompt_tokens_take_the_small_chunk_and_warmup_covers_both(params):
+    """A call whose prompt pieces fit an eighth of the chunk rows runs that smaller chunk (a big
+    prefill budget must not pad a short prompt to all of it); a queue that fills the chunk runs it
+    whole. After `warmup` (every row bucket without a chunk and with each chunk size) serving compiles
+    nothing, and the tokens are generate's."""
+    engine = _engine(params, prefill_tokens=128, prefill_row=8)  # 16 chunk rows, or 2
+    assert engine.chunk_buckets == (2, 16)
+    chunks = []
+    real = engine._executable
+    engine._executable = lambda variant: chunks.append(variant[2]) or real(variant)
+    rng = np.random.default_rng(9)
+    short = rng.integers(3, SP_VOCAB, 12).tolist()  # 2 rows of 8
+    handle = engine.add_request(short, max_new_tokens=3)
+    engine.step()
+    assert chunks == [2]
+    prompts = _prompts(rng, 8, 40)
+    handles = [engine.add_request(p, max_new_tokens=3) for p in prompts]
+    engine.step()
+    assert chunks[-1] == 16
+    while engine.pending:
+        engine.step()
+    assert [h.token_ids for h in [handle, *handles]] == _reference(params, [short, *prompts], [3] * 9)
+
+    warmed = _engine(params, prefill_tokens=128, prefill_row=8)
+    warmed.warmup()
+    assert {v[2] for v in warmed._warmed} == {0, 2, 16}  # no chunk, 2 rows, 16 rows
+    assert len(warmed._warmed) == len(warmed.row_buckets) * 3
+    before = warmed.stats.compiled
+    handles = [warmed.add_request(p, max_new_tokens=3) for p in [short, *prompts]]
+    while warmed.pending:
+        warmed.step()
+    assert warmed.stats.compiled == before
+    assert [h.token_ids for h in handles] == _reference(params, [short, *prompts], [3] * 9)
+
+
 def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypatch):
     """With no kv_memory, the pool takes 90% of what the device reports free, less the step's workspace,
     and no more than max_slots full sequences; a device too full for one page is refused."""
