@@ -28,9 +28,11 @@ Static shapes, and why each exists (each distinct value compiles once; `warmup` 
   for `max_slots` rows. Moving a request between rows is free: its cache is its pages.
 - block-table width: the pages of the longest sequence in the call, rounded up to
   `max_pages / 4**k`, so short sequences do not gather a `max_seq_len`-long view.
-- the prefill chunk: `prefill_tokens` tokens as rows of `prefill_row` tokens. A row holds one piece
-  of one prompt (a long prompt spans several rows, in order); a call with no prompt work compiles
-  without the chunk.
+- the prefill chunk: up to `prefill_tokens` tokens as rows of `prefill_row` tokens. A row holds one
+  piece of one prompt (a long prompt spans several rows, in order). The chunk has two sizes, all
+  `prefill_tokens // prefill_row` rows or an eighth of them (at least one row), and a call takes the
+  smaller when its pieces fit: a few prompts arriving while others decode do not pay for a whole
+  chunk. A call with no prompt work compiles without the chunk.
 - `decode_steps`: the iterations per call.
 
 Sampling: a request's tokens depend only on its seed and its index, never on which rows, batch or
@@ -393,8 +395,8 @@ class Engine:
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
-        # A call's prompt chunk: all `chunk_rows` rows, or an eighth of them when its pieces fit there (a
-        # few prompts arriving while others decode need not pay for a whole chunk's products).
+        # A call's prompt chunk: all `chunk_rows` rows, or an eighth of them (at least one) when its pieces
+        # fit there (a few prompts arriving while others decode need not pay for a whole chunk's products).
         self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // CHUNK_SHRINK), self.chunk_rows}))
         self.width_buckets = _quarters(self.max_pages, 1)
 

@@ -1,7 +1,8 @@
 """`llmjax bench --throughput`: how many requests the engine serves, on random weights of a preset.
 
 Three measurements, all through one `llmjax.Engine` (its step variants compiled first, by `warmup`,
-and run once on a short untimed pass, outside every timed region):
+those of a full batch also run once on a short untimed pass, outside every timed region; a smaller
+variant's first launch, which costs a little more, may fall in a timed run):
 - fixed: `requests` prompts of `prompt_len` random tokens, each generating exactly `gen_len` tokens
   (random weights never stop on EOS), all queued at once; output tokens per second and requests per
   minute, from the first request queued to the last one finished.

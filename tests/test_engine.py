@@ -245,12 +245,18 @@ def test_a_few_prompt_tokens_take_the_small_chunk_and_warmup_covers_both(params)
     warmed.warmup()
     assert {v[2] for v in warmed._warmed} == {0, 2, 16}  # no chunk, 2 rows, 16 rows
     assert len(warmed._warmed) == len(warmed.row_buckets) * 3
-    before = warmed.stats.compiled
-    handles = [warmed.add_request(p, max_new_tokens=3) for p in [short, *prompts]]
+    before, chunks = warmed.stats.compiled, []
+    real = warmed._executable
+    warmed._executable = lambda variant: chunks.append(variant[2]) or real(variant)
+    budgets = [20] + [3] * len(prompts)  # the short prompt decodes on alone after the others end
+    handles = [warmed.add_request(short, max_new_tokens=20)]
+    warmed.step()
+    handles += [warmed.add_request(p, max_new_tokens=3) for p in prompts]
     while warmed.pending:
         warmed.step()
     assert warmed.stats.compiled == before
-    assert [h.token_ids for h in handles] == _reference(params, [short, *prompts], [3] * 9)
+    assert chunks[0] == 2 and 16 in chunks and 0 in chunks  # the warmed variants keep each chunk size
+    assert [h.token_ids for h in handles] == _reference(params, [short, *prompts], budgets)
 
 
 def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypatch):
