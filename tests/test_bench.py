@@ -95,15 +95,15 @@ def test_the_lm_head_can_be_quantized_too(capsys):
     from llmjax.quant import QuantizedWeight
 
     c = LlamaConfig.preset("tiny")
-    plain = bench.bench("tiny", dtype="int4-g32", gen_len=12, repeats=1, bandwidth=1e11)
-    head = bench.bench("tiny", dtype="int4-g32", gen_len=12, repeats=1, bandwidth=1e11, quant_lm_head=True)
+    plain = bench.bench("tiny", dtype="int4-g32", gen_len=48, repeats=1, bandwidth=1e11)
+    head = bench.bench("tiny", dtype="int4-g32", gen_len=48, repeats=1, bandwidth=1e11, quant_lm_head=True)
     packed = c.vocab_size * c.hidden_size // 2 + c.vocab_size * (c.hidden_size // 32) * 2  # codes + scales
     assert plain.weight_bytes_per_step - head.weight_bytes_per_step == c.vocab_size * c.hidden_size * 2 - packed
     assert head.quant_lm_head and not plain.quant_lm_head
     assert "int4-g32, LM head too" in head.report() and "LM head too" not in plain.report()
     params = bench.random_params(c, "int4-g32", 0, quant_lm_head=True)
     assert isinstance(params.weights["lm_head"]["kernel"], QuantizedWeight)
-    assert cli.main(["bench", "--model", "tiny", "--dtype", "int4-g32", "--quant-lm-head", "--gen-len", "12",
+    assert cli.main(["bench", "--model", "tiny", "--dtype", "int4-g32", "--quant-lm-head", "--gen-len", "48",
                      "--repeats", "1"]) == 0
     assert "LM head too" in capsys.readouterr().out
 
