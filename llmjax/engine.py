@@ -623,11 +623,15 @@ class Engine:
             self._grow(request, cover)
             if count:
                 pieces.append((request, request._computed, count))
-                rows_left -= -(-count // self.prefill_row)
+                rows_left -= self._rows_of(count)
             else:
                 decode.append(request)
         self._admit(pieces, rows_left)
         return decode, pieces
+
+    def _rows_of(self, count: int) -> int:
+        """The chunk rows a prompt piece of `count` tokens takes."""
+        return -(-count // self.prefill_row)
 
     def _reserve(self, request: Request, cover: int) -> bool:
         """Frees pages for `request` to cover `cover` tokens by preempting younger requests; False if
@@ -658,7 +662,7 @@ class Engine:
             request._admitted = True
             self._grow(request, cover)
             pieces.append((request, request._computed, count))
-            rows_left -= -(-count // self.prefill_row)
+            rows_left -= self._rows_of(count)
 
     # ------------------------------------------------------------ one step
 
@@ -672,7 +676,7 @@ class Engine:
         rows = decode + finishing
         pages = max(len(r._pages) for r in rows + [p[0] for p in pieces])
         greedy, filters = all(r.sampling.greedy for r in rows), any(r.sampling.filters for r in rows)
-        chunk_rows = sum(-(-count // self.prefill_row) for _, _, count in pieces)
+        chunk_rows = sum(self._rows_of(count) for _, _, count in pieces)
         variant = self._variant(len(rows), pages, chunk_rows, greedy, filters)
         num_rows, width, chunk_rows = variant[:3]
         host_rows = self._rows(rows, decode, num_rows, width)
@@ -794,8 +798,9 @@ class Engine:
 
     def _cache_key(self, variant: tuple) -> tuple:
         # LLMJAX_* settings (kernel modes, the all-reduce) change what a trace gives.
-        return (self._model, self.num_pages, self.page_size, self.kv_dtype.name, self.chunk_rows,
-                self.prefill_row, self.decode_steps, dispatch.trace_settings(), *variant)
+        # The variant holds the chunk's rows; engines of other `prefill_tokens` share its programs.
+        return (self._model, self.num_pages, self.page_size, self.kv_dtype.name, self.prefill_row,
+                self.decode_steps, dispatch.trace_settings(), *variant)
 
     def _variant(self, rows: int, pages: int, chunk_rows: int, greedy: bool, filters: bool) -> tuple:
         """The step variant for a call: the smallest buckets that hold `rows` rows, `pages` pages and
@@ -806,7 +811,7 @@ class Engine:
                  filters)
         if self._warmed and self._cache_key(exact) not in _EXECUTABLES:
             fits = [v for v in self._warmed if v[3:] == exact[3:] and v[0] >= rows and v[1] >= pages
-                    and v[2] >= chunk and bool(v[2]) == bool(chunk)]
+                    and (v[2] >= chunk if chunk else not v[2])]
             if fits:
                 return min(fits)
         return exact
