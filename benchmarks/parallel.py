@@ -19,8 +19,9 @@ On 2 GPUs (and more layouts when 4 are present), with random bf16 weights made o
    measured bandwidth).
 The tensor layouts sum with the default all-reduce (`LLMJAX_ALLREDUCE=auto`: llmjax's NVLink kernel on
 two CUDA GPUs since 66843b5, while part 1 times XLA's psum); `LLMJAX_ALLREDUCE=xla` gives the
-layouts of the earlier sessions' tables. Each layout runs in its own try block, so one failure is printed and the rest still run. Layouts
-whose estimated time would pass `--budget-s` are skipped and listed. Writes DIR/parallel.json and
+layouts of the earlier sessions' tables. Each layout runs in its own try block, so one failure is
+printed and the rest still run. Layouts whose estimated time would pass `--budget-s` are skipped and
+listed. Writes DIR/parallel.json and
 DIR/parallel.txt (the table) and prints the table.
 """
 
