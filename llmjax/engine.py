@@ -60,6 +60,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.kernels import dispatch
+from llmjax.models import llama
 from llmjax.generate import (_check_budget, _check_seed, _continuation, _Detokenizer, _is_int, _model,
                              _parse_prompt, _stop_strings, _token_rows)
 from llmjax.params import Params, shard
@@ -418,16 +419,24 @@ class Engine:
         return 1 if mesh is None or self.config.num_kv_heads % mesh.shape["tensor"] else mesh.shape["tensor"]
 
     def _workspace_bytes(self) -> int:
-        """A generous bound on one step's activations: the prefill rows' gathered keys and values and
-        float32 scores, every token's MLP activations, and the logits with a sampling copy or two."""
+        """A generous bound on one step's activations: every token's MLP activations, the logits with a
+        sampling copy or two, and, unless the prompt rows read their pages in place (the prefill kernel,
+        on a GPU), their gathered keys and values and float32 scores."""
         c, itemsize = self.config, jnp.dtype(self.params.dtype).itemsize
         tokens = self.max_slots + self.chunk_rows * self.prefill_row
-        length = self.max_pages * self.page_size
-        gathered = 2 * self.chunk_rows * length * c.num_kv_heads * c.head_dim * itemsize
-        scores = 2 * self.chunk_rows * c.num_heads * self.prefill_row * length * 4
+        gathered = scores = 0
+        if not self._chunk_in_place():
+            length = self.max_pages * self.page_size
+            gathered = 2 * self.chunk_rows * length * c.num_kv_heads * c.head_dim * itemsize
+            scores = 2 * self.chunk_rows * c.num_heads * self.prefill_row * length * 4
         mlp = 4 * tokens * (c.hidden_size + c.intermediate_size) * itemsize
         logits = 4 * (self.max_slots + self.chunk_rows) * c.vocab_size * 4
         return 2 * (gathered + scores + mlp + logits) + 2**29
+
+    def _chunk_in_place(self) -> bool:
+        mesh = self.params.mesh
+        device = jax.local_devices()[0] if mesh is None else mesh.devices.flat[0]
+        return llama.paged_chunk_in_place(self.config, self.params.dtype, self.kv_dtype, mesh, device)
 
     def _pool_pages(self, kv_memory) -> int:
         wanted = self.max_slots * self.max_pages

@@ -43,6 +43,16 @@ def compute_capability(device=None) -> str | None:
     return capability if capability and capability[0].isdigit() else None
 
 
+def kernel_runs(variable: str, device, rocm: bool = True) -> bool:
+    """Whether `dispatch` under `variable` (with its `rocm`) runs the kernel on `device`, compiled or
+    in interpret mode, rather than the reference: what a caller sizing memory for one path or the
+    other needs to know before it traces anything."""
+    chosen = mode(variable)
+    if chosen != "auto":
+        return chosen == "interpret"
+    return device.platform == "gpu" and (rocm or compute_capability(device) is not None)
+
+
 def dispatch(kernel: Callable, reference: Callable, *args, variable: str, rocm_tuning: dict | None = None,
              rocm: bool = True, rocm_kernel: Callable | None = None):
     """`kernel(*args, interpret=...)` or `reference(*args)`, as the platform and `variable` decide.

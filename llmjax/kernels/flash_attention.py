@@ -229,9 +229,26 @@ def dispatch_attention(kernel, reference, q, k, v, *rest, tuning: dict, rocm_tun
     rocm) through `llmjax.kernels.dispatch`, which `LLMJAX_ATTENTION` steers. K and V in float8
     (e4m3fn) with a wider q run the kernel on cuda (which widens them as it reads) and the reference
     elsewhere. `rocm_kernel` (None: `kernel`) is what runs on rocm."""
-    float8 = k.dtype == v.dtype == FLOAT8 and q.dtype != FLOAT8
-    if not supported(q.shape[-1]) or not (q.dtype == k.dtype == v.dtype or float8):
+    if not kernels_take(q.shape[-1], q.dtype, k.dtype, v.dtype):
         return reference(q, k, v, *rest)
     return dispatch.dispatch(functools.partial(kernel, **tuning), reference, q, k, v, *rest,
                              variable="LLMJAX_ATTENTION", rocm_tuning={**rocm_tuning, **tuning},
-                             rocm=not float8, rocm_kernel=rocm_kernel)
+                             rocm=not _float8(q.dtype, k.dtype, v.dtype), rocm_kernel=rocm_kernel)
+
+
+def kernels_take(head_dim: int, q_dtype, k_dtype, v_dtype) -> bool:
+    """Whether the attention kernels take this head dim and these dtypes: one dtype for q, K and V, or
+    float8 K and V under a wider q."""
+    same = jnp.dtype(q_dtype) == jnp.dtype(k_dtype) == jnp.dtype(v_dtype)
+    return supported(head_dim) and (same or _float8(q_dtype, k_dtype, v_dtype))
+
+
+def kernel_runs(head_dim: int, q_dtype, k_dtype, v_dtype, device) -> bool:
+    """Whether `dispatch_attention` runs its kernel (compiled, or interpreted under
+    `LLMJAX_ATTENTION=interpret`) for these shapes on `device`, rather than the reference."""
+    return kernels_take(head_dim, q_dtype, k_dtype, v_dtype) and dispatch.kernel_runs(
+        "LLMJAX_ATTENTION", device, rocm=not _float8(q_dtype, k_dtype, v_dtype))
+
+
+def _float8(q_dtype, k_dtype, v_dtype) -> bool:
+    return jnp.dtype(k_dtype) == jnp.dtype(v_dtype) == FLOAT8 and jnp.dtype(q_dtype) != FLOAT8

@@ -202,11 +202,7 @@ def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
     device where `tensor` splits the pool's kv heads, as `_paged_decode`. On a mesh whose axes split
     something else, or with `LLMJAX_PAGED_PREFILL=off`, each row's pages are gathered into a contiguous
     copy for `attention` (which places the work by itself)."""
-    chosen = dispatch.mode("LLMJAX_PAGED_PREFILL")
-    if chosen == "interpret":  # the kernel's own mode is LLMJAX_ATTENTION's to set
-        raise ValueError("LLMJAX_PAGED_PREFILL takes auto or off; LLMJAX_ATTENTION=interpret runs the kernel in "
-                         "interpret mode")
-    if splits_otherwise(mesh, k_pages.shape[2]) or chosen == "off":
+    if _gathers(mesh, k_pages.shape[2]):
         keys = paged_attention.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
         values = paged_attention.gather_pages(v_pages, tables).astype(q.dtype)
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
@@ -215,6 +211,24 @@ def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
     heads = P(None, None, "tensor", None)  # q's and the pool's third axis alike
     return on_own_heads(paged_attention.attend_prefill, mesh, k_pages.shape[2], (heads, heads, heads, P(), P()),
                         heads)(q, k_pages, v_pages, tables, offsets)
+
+
+def _gathers(mesh, kv_heads: int) -> bool:
+    """Whether `_paged_chunk` gathers its rows' pages into contiguous copies (on `mesh`, under the
+    environment's `LLMJAX_PAGED_PREFILL`) rather than handing the pool to `attend_prefill`."""
+    chosen = dispatch.mode("LLMJAX_PAGED_PREFILL")
+    if chosen == "interpret":  # the kernel's own mode is LLMJAX_ATTENTION's to set
+        raise ValueError("LLMJAX_PAGED_PREFILL takes auto or off; LLMJAX_ATTENTION=interpret runs the kernel in "
+                         "interpret mode")
+    return chosen == "off" or splits_otherwise(mesh, kv_heads)
+
+
+def paged_chunk_in_place(config: LlamaConfig, dtype, kv_dtype, mesh, device) -> bool:
+    """Whether the engine's prompt rows (`paged_step_attention`) read their keys from the pages in place
+    through the prefill kernel on `device`; otherwise each row's pages are gathered into a contiguous
+    copy and, off the kernels, its float32 scores materialize too (memory the engine sets aside)."""
+    return not _gathers(mesh, config.num_kv_heads) and flash_attention.kernel_runs(
+        config.head_dim, dtype, kv_dtype, kv_dtype, device)
 
 
 def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer, mesh: Any = None) -> jax.Array:
