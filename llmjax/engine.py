@@ -29,10 +29,13 @@ Static shapes, and why each exists (each distinct value compiles once; `warmup` 
 - block-table width: the pages of the longest sequence in the call, rounded up to
   `max_pages / 4**k`, so short sequences do not gather a `max_seq_len`-long view.
 - the prefill chunk: up to `prefill_tokens` tokens as rows of `prefill_row` tokens. A row holds one
-  piece of one prompt (a long prompt spans several rows, in order). The chunk has two sizes, all
-  `prefill_tokens // prefill_row` rows or an eighth of them (at least one row), and a call takes the
-  smaller when its pieces fit: a few prompts arriving while others decode do not pay for a whole
-  chunk. A call with no prompt work compiles without the chunk.
+  piece of one prompt (a long prompt spans several rows, in order). The chunk has up to three sizes:
+  all `prefill_tokens // prefill_row` rows, an eighth and a sixty-fourth of them (at least one row).
+  A call fills the largest size its waiting prompt work fills, or the size above when the work fills
+  three quarters of it or nothing is decoding; the rest waits for the next call. So a few prompts
+  arriving while others decode do not pay for a whole chunk, and a chunk is never mostly padding
+  (each padded row costs the products of a prompt row). A call with no prompt work compiles without
+  the chunk.
 - `decode_steps`: the iterations per call.
 
 Sampling: a request's tokens depend only on its seed and its index, never on which rows, batch or
@@ -71,7 +74,8 @@ PAD_ID = -1  # an output slot after a row stopped
 MIN_ROWS = 8  # the fewest decode rows a call is compiled for
 HOST_POOL_BYTES = 256 * 2**20  # default pool on a device that reports no memory (the CPU)
 MEMORY_FRACTION = 0.9  # of the device memory left after the weights, less the step's workspace
-CHUNK_SHRINK = 8  # the smaller prompt chunk a call may take: chunk_rows / CHUNK_SHRINK rows
+CHUNK_SIZES = 3  # prompt chunk sizes: chunk_rows, and each an eighth of the one above (at least one row)
+CHUNK_FILL = 0.75  # a call runs the chunk size above its prompt work when the work fills this much of it
 
 
 # ---------------------------------------------------------------- requests
@@ -396,9 +400,9 @@ class Engine:
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
-        # A call's prompt chunk: all `chunk_rows` rows, or an eighth of them (at least one) when its pieces
-        # fit there (a few prompts arriving while others decode need not pay for a whole chunk's products).
-        self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // CHUNK_SHRINK), self.chunk_rows}))
+        # A call's prompt chunk: all `chunk_rows` rows, an eighth, a sixty-fourth (see `_chunk_target`): a
+        # few prompts arriving while others decode need not pay for a whole chunk's products.
+        self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // 8**k) for k in range(CHUNK_SIZES)}))
         self.width_buckets = _quarters(self.max_pages, 1)
 
     # ------------------------------------------------------------ memory
@@ -612,7 +616,7 @@ class Engine:
 
     def _schedule(self):
         """Decides one call: the decode requests and the prompt pieces `(request, start, count)`."""
-        decode, pieces, rows_left = [], [], self.chunk_rows
+        decode, pieces, rows_left = [], [], self._chunk_target()
         for request in list(self._running):
             if not request._admitted:  # preempted below for an older request
                 continue
@@ -637,6 +641,28 @@ class Engine:
                 decode.append(request)
         self._admit(pieces, rows_left)
         return decode, pieces
+
+    def _chunk_target(self) -> int:
+        """The chunk rows this call may fill: the smallest chunk size that holds the waiting prompt
+        work when the work fills `CHUNK_FILL` of it, when no smaller size exists, or when no request is
+        decoding (a call of a few
+        rows reads every weight whatever its size, and work left over would cost a call of its own);
+        otherwise the largest size the work fills, the rest waiting for the next call, a few hundred
+        milliseconds later, rather than every decoding row waiting on the products of padding."""
+        want, top, decoding = 0, self.chunk_buckets[-1], False
+        for request in self._running:
+            decoding = decoding or request._decoding
+            want += 0 if request._decoding else self._rows_of(request._sequence_len - request._computed)
+        for request in self._waiting[:max(0, self.max_slots - len(self._running))]:
+            if want >= top:
+                break
+            want += self._rows_of(request._sequence_len - request._computed)
+        if want >= top:
+            return top
+        above = self._bucket(self.chunk_buckets, want)
+        if want >= CHUNK_FILL * above or not decoding:
+            return above
+        return max((b for b in self.chunk_buckets if b <= want), default=above)
 
     def _rows_of(self, count: int) -> int:
         """The chunk rows a prompt piece of `count` tokens takes."""
