@@ -150,7 +150,8 @@ def _add_throughput_flags(b) -> None:
     t.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     t.add_argument("--decode-steps", type=int, default=8, help="decode iterations per device call")
     t.add_argument("--prefill-tokens", type=int, default=32768, help="prompt tokens per device call (at most)")
-    t.add_argument("--prefill-row", type=int, default=64, help="prompt tokens per chunk row")
+    t.add_argument("--prefill-row", type=int, default=32,
+                   help="prompt tokens per chunk row (a prompt pads its last row)")
     t.add_argument("--kv-memory", type=float, default=None, metavar="GIB", help="GiB per device for the "
                    "page pool (default: what the device has free after the weights, less a margin)")
     t.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float16", "float32", "float8_e4m3fn"],

@@ -118,7 +118,7 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
                      prompt_len: int = 128, gen_len: int = 128, mix: bool = True, serving_requests: int = 200,
                      rates: list[float] | None = None, compare_hf: bool = False, hf_requests: int = 128,
                      hf_batch: int = 64, seed: int = 0, mesh=None, max_slots: int = 512, page_size: int = 16,
-                     decode_steps: int = 8, prefill_tokens: int = 32768, prefill_row: int = 64,
+                     decode_steps: int = 8, prefill_tokens: int = 32768, prefill_row: int = 32,
                      kv_memory: int | None = None, kv_dtype=None, log=print) -> ThroughputResult:
     """Serves the fixed set, the mix and the Poisson arrivals on random weights (see the module
     docstring); `log` gets each line as it is measured. Rates are requests per second."""

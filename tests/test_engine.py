@@ -286,8 +286,9 @@ def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypat
 
 def test_the_workspace_holds_gathered_keys_only_where_prompt_rows_gather_them(params, monkeypatch):
     """The step's workspace sets aside each prompt row's gathered keys and values and float32 scores
-    only where the rows gather their pages (the reference, as on this CPU), not where the prefill
+    only where the rows gather their pages (the reference, as on a CPU), not where the prefill
     kernel reads them in place (here that kernel in interpret mode): a GPU's pool keeps those bytes."""
+    monkeypatch.setenv("LLMJAX_ATTENTION", "off")  # the reference on every platform
     engine = _engine(params)
     gathered, c = engine._workspace_bytes(), params.config
     rows, length = engine.chunk_rows, engine.max_pages * engine.page_size
