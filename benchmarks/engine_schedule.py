@@ -2,8 +2,8 @@
 device call, and each call priced with a cost model: which settings could serve them faster.
 
     python benchmarks/engine_schedule.py [--max-slots 384,512,640] [--prefill-tokens 4096,8192] [--decode-steps 8,16]
-        [--mix] [--chunks 8,64] [--layer-us 110 --row-us 0.51 --context-ns 4.2 --prompt-us 20.4 --host-ms 2.3]
-        [--calls]
+        [--prefill-row 64] [--mix] [--chunks 8,64] [--calls]
+        [--layer-us 110 --row-us 0.51 --context-ns 4.2 --prompt-us 20.4 --host-ms 2.3]
 
 The host side is `llmjax.Engine` itself (admission, pages, chunking, row buckets) over the tiny preset;
 only `_executable` is replaced, by a function that gives every row the tokens its budget allows. A
@@ -12,10 +12,11 @@ call is then priced from what it holds: each decode iteration costs, per layer, 
 context of each row still decoding (attention); each prompt token the chunk holds, padding included,
 `prompt_us`; each call `host_ms`. `--mix` serves the throughput bench's mix of lengths instead of
 1000 x 128/128; `--chunks` replaces the engine's chunk sizes by the largest divided by each number.
-The defaults are Llama-2-7B's bf16 pool on one H200 (BENCHMARKS.md, twentieth session,
-`benchmarks/engine_calls.py`); they put 512 slots, 8192 prompt tokens and 8 iterations at 39 calls
-of 410.3 rows under the engine of then, as measured, and within a few percent of the measured
-seconds. A model: good for comparing schedules, not for figures.
+The settings default to the throughput bench's (512 slots, 32768 prompt tokens in rows of 32, 8
+iterations). The rates default to Llama-2-7B's bf16 pool on one H200 (BENCHMARKS.md, twentieth
+session, `benchmarks/engine_calls.py`); they put 512 slots, 8192 prompt tokens in rows of 64 and 8
+iterations at 39 calls of 410.3 rows under the engine of then, as measured, and within a few percent
+of the measured seconds. A model: good for comparing schedules, not for figures.
 """
 
 import argparse
@@ -32,7 +33,8 @@ LAYERS = 32  # Llama-2-7B's, which the default rates are for
 
 
 def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int = 1000, prompt: int = 128,
-           out: int = 128, mix: bool = False, chunks: tuple[int, ...] | None = None) -> list[tuple]:
+           out: int = 128, mix: bool = False, chunks: tuple[int, ...] | None = None,
+           prefill_row: int = 32) -> list[tuple]:
     """Serves the set (with `mix`, the throughput bench's mix of lengths around `prompt` and `out`)
     through the engine with a stand-in device call; returns one (rows compiled for, prompt tokens,
     budgets, positions, prompt tokens the chunk holds) per call. `chunks` replaces the engine's chunk
@@ -47,7 +49,8 @@ def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int
     token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # keys and values, float32
     engine = engine_lib.Engine(params, max_slots=max_slots, page_size=16,
                                kv_memory=2 * max_slots * longest * token_bytes,  # room for every slot
-                               max_seq_len=longest, prefill_tokens=prefill_tokens, decode_steps=decode_steps)
+                               max_seq_len=longest, prefill_tokens=prefill_tokens, prefill_row=prefill_row,
+                               decode_steps=decode_steps)
     if chunks is not None:
         engine.chunk_buckets = tuple(sorted({max(1, engine.chunk_rows // n) for n in (1, *chunks)}))
     calls = []
@@ -86,7 +89,8 @@ def call_seconds(call: tuple, steps: int, rates) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-slots", default="512")
-    parser.add_argument("--prefill-tokens", default="8192")
+    parser.add_argument("--prefill-tokens", default="32768")
+    parser.add_argument("--prefill-row", type=int, default=32, help="prompt tokens per chunk row")
     parser.add_argument("--decode-steps", default="8")
     parser.add_argument("--layer-us", type=float, default=110.0)
     parser.add_argument("--row-us", type=float, default=0.51)
@@ -102,7 +106,7 @@ def main():
                                                                     args.decode_steps)))
     chunks = None if args.chunks is None else tuple(map(int, args.chunks.split(",")))
     for n, (slots, prefill, steps) in enumerate(settings):
-        calls = replay(slots, prefill, steps, mix=args.mix, chunks=chunks)
+        calls = replay(slots, prefill, steps, mix=args.mix, chunks=chunks, prefill_row=args.prefill_row)
         seconds = [call_seconds(c, steps, args) for c in calls]
         rows = np.mean([int((c[2] > 0).sum()) for c in calls])
         output = sum(int(np.minimum(c[2], steps).sum()) for c in calls)

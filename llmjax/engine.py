@@ -31,11 +31,13 @@ Static shapes, and why each exists (each distinct value compiles once; `warmup` 
 - the prefill chunk: up to `prefill_tokens` tokens as rows of `prefill_row` tokens. A row holds one
   piece of one prompt (a long prompt spans several rows, in order). The chunk has up to three sizes:
   all `prefill_tokens // prefill_row` rows, an eighth and a sixty-fourth of them (at least one row).
-  A call fills the largest size its waiting prompt work fills, or the size above when the work fills
-  three quarters of it or nothing is decoding; the rest waits for the next call. So a few prompts
-  arriving while others decode do not pay for a whole chunk, and a chunk is never mostly padding
-  (each padded row costs the products of a prompt row). A call with no prompt work compiles without
-  the chunk.
+  A call fills the largest size that the prompt work it can place (seats and pages allowing) fills,
+  or the size above when the work fills three quarters of it; the rest waits for the next call. So
+  a few prompts arriving while others decode do not pay for a whole chunk, and a chunk above the
+  smallest size is at most a quarter padding rows (each costs the products of a prompt row) unless
+  the schedule places less than it counted (a preemption, a piece cut to the pages left). A prompt's
+  last row is padded within; rows of fewer tokens waste less. A call with no prompt work compiles
+  without the chunk.
 - `decode_steps`: the iterations per call.
 
 Sampling: a request's tokens depend only on its seed and its index, never on which rows, batch or
@@ -74,7 +76,8 @@ PAD_ID = -1  # an output slot after a row stopped
 MIN_ROWS = 8  # the fewest decode rows a call is compiled for
 HOST_POOL_BYTES = 256 * 2**20  # default pool on a device that reports no memory (the CPU)
 MEMORY_FRACTION = 0.9  # of the device memory left after the weights, less the step's workspace
-CHUNK_SIZES = 3  # prompt chunk sizes: chunk_rows, and each an eighth of the one above (at least one row)
+CHUNK_SIZES = 3  # prompt chunk sizes: chunk_rows, and each a CHUNK_SHRINK-th of the one above (at least one row)
+CHUNK_SHRINK = 8
 CHUNK_FILL = 0.75  # a call runs the chunk size above its prompt work when the work fills this much of it
 
 
@@ -402,7 +405,7 @@ class Engine:
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
         # A call's prompt chunk: all `chunk_rows` rows, an eighth, a sixty-fourth (see `_chunk_target`): a
         # few prompts arriving while others decode need not pay for a whole chunk's products.
-        self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // 8**k) for k in range(CHUNK_SIZES)}))
+        self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // CHUNK_SHRINK**k) for k in range(CHUNK_SIZES)}))
         self.width_buckets = _quarters(self.max_pages, 1)
 
     # ------------------------------------------------------------ memory
@@ -643,24 +646,28 @@ class Engine:
         return decode, pieces
 
     def _chunk_target(self) -> int:
-        """The chunk rows this call may fill: the smallest chunk size that holds the waiting prompt
-        work when the work fills `CHUNK_FILL` of it, when no smaller size exists, or when no request is
-        decoding (a call of a few
-        rows reads every weight whatever its size, and work left over would cost a call of its own);
-        otherwise the largest size the work fills, the rest waiting for the next call, a few hundred
-        milliseconds later, rather than every decoding row waiting on the products of padding."""
-        want, top, decoding = 0, self.chunk_buckets[-1], False
+        """The chunk rows this call may fill: the smallest chunk size that holds the prompt work the
+        call can place when that work fills `CHUNK_FILL` of it (or no smaller size exists); otherwise
+        the largest size the work fills, the rest waiting for the next call rather than the call's
+        decoding rows waiting on the products of padding. The work the call can place: the running
+        requests' prompt pieces, then waiting requests in order while seats and pages last (pages as
+        `_schedule` will take them, the decoding rows' growth first)."""
+        want, top, free = 0, self.chunk_buckets[-1], len(self._free)
         for request in self._running:
-            decoding = decoding or request._decoding
-            want += 0 if request._decoding else self._rows_of(request._sequence_len - request._computed)
+            count, cover = (0, request._sequence_len - 1 + request._budget(self.decode_steps)) \
+                if request._decoding else self._piece(request, top)
+            want += self._rows_of(count)
+            free -= max(0, self._pages_for(cover) - len(request._pages))
         for request in self._waiting[:max(0, self.max_slots - len(self._running))]:
-            if want >= top:
+            count, cover = self._piece(request, top)
+            free -= self._pages_for(cover)
+            if want >= top or free < 0:  # `_admit` stops at the first request that does not fit
                 break
-            want += self._rows_of(request._sequence_len - request._computed)
+            want += self._rows_of(count)
         if want >= top:
             return top
         above = self._bucket(self.chunk_buckets, want)
-        if want >= CHUNK_FILL * above or not decoding:
+        if want >= CHUNK_FILL * above:
             return above
         return max((b for b in self.chunk_buckets if b <= want), default=above)
 

@@ -234,7 +234,7 @@ def test_a_call_fills_the_chunk_size_its_prompt_work_fills_and_warmup_covers_eac
     short = rng.integers(3, SP_VOCAB, 12).tolist()  # 2 rows of 8
     handle = engine.add_request(short, max_new_tokens=20)
     engine.step()
-    assert chunks == [2] and engine.stats.prefill_tokens == 12  # nothing decodes: the size that holds it
+    assert chunks == [2] and engine.stats.prefill_tokens == 12  # the size it fills
     prompts = [rng.integers(3, SP_VOCAB, 40).tolist() for _ in range(10)]  # 5 rows each
     handles = [engine.add_request(p, max_new_tokens=3) for p in prompts[:2]]
     engine.step()  # 10 rows wanted beside a decoding row: 2 rows now, 8 later
@@ -262,6 +262,27 @@ def test_a_call_fills_the_chunk_size_its_prompt_work_fills_and_warmup_covers_eac
     assert warmed.stats.compiled == before
     assert chunks[0] == 2 and {0, 16} <= set(chunks)  # the warmed variants keep each chunk size
     assert [h.token_ids for h in handles] == _reference(params, [short, *prompts], [40, *budgets[1:]])
+
+
+@pytest.mark.parametrize("lengths, pages, target", [
+    ([14], None, 8),  # 7 rows fill 7/8 of the 8-row size: it runs whole
+    ([10], None, 1),  # 5 rows fill 5/8 of it: one row now, the rest later
+    ([80], None, 8),  # 40 rows fill 40/64 of the whole chunk: the eighth, full
+    ([90, 10], None, 64),  # 50 rows fill 50/64
+    ([90, 90], None, 64),  # more than the chunk
+    ([1], None, 1),  # less than the smallest size
+    ([80, 80], 15, 8),  # pages for the first only (11 of 15): its 40 rows
+])
+def test_a_call_counts_the_prompt_work_it_can_place_and_rounds_to_a_chunk_size(params, lengths, pages, target):
+    """Chunk sizes of 64, 8 and 1 rows of 2 tokens: the call fills the smallest size holding the
+    waiting work when the work fills three quarters of it, else the largest size the work fills; work
+    the pool has no pages for does not count (`_admit` would stop there)."""
+    memory = None if pages is None else pages * _page_bytes(params, 8)
+    engine = _engine(params, prefill_tokens=128, prefill_row=2, kv_memory=memory)
+    assert engine.chunk_buckets == (1, 8, 64)
+    for n in lengths:
+        engine.add_request(list(range(3, 3 + n)), max_new_tokens=4)
+    assert engine._chunk_target() == target
 
 
 def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypatch):

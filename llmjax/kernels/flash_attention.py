@@ -243,7 +243,7 @@ def kernels_take(head_dim: int, q_dtype, k_dtype, v_dtype) -> bool:
     return supported(head_dim) and (same or _float8(q_dtype, k_dtype, v_dtype))
 
 
-def kernel_runs(head_dim: int, q_dtype, k_dtype, v_dtype, device) -> bool:
+def kernel_runs_for(head_dim: int, q_dtype, k_dtype, v_dtype, device) -> bool:
     """Whether `dispatch_attention` runs its kernel (compiled, or interpreted under
     `LLMJAX_ATTENTION=interpret`) for these shapes on `device`, rather than the reference."""
     return kernels_take(head_dim, q_dtype, k_dtype, v_dtype) and dispatch.kernel_runs(

@@ -227,7 +227,7 @@ def paged_chunk_in_place(config: LlamaConfig, dtype, kv_dtype, mesh, device) -> 
     """Whether the engine's prompt rows (`paged_step_attention`) read their keys from the pages in place
     through the prefill kernel on `device`; otherwise each row's pages are gathered into a contiguous
     copy and, off the kernels, its float32 scores materialize too (memory the engine sets aside)."""
-    return not _gathers(mesh, config.num_kv_heads) and flash_attention.kernel_runs(
+    return not _gathers(mesh, config.num_kv_heads) and flash_attention.kernel_runs_for(
         config.head_dim, dtype, kv_dtype, kv_dtype, device)
 
 
