@@ -77,7 +77,7 @@ MIN_ROWS = 8  # the fewest decode rows a call is compiled for
 HOST_POOL_BYTES = 256 * 2**20  # default pool on a device that reports no memory (the CPU)
 MEMORY_FRACTION = 0.9  # of the device memory left after the weights, less the step's workspace
 CHUNK_SIZES = 3  # prompt chunk sizes: chunk_rows, and each a CHUNK_SHRINK-th of the one above (at least one row)
-CHUNK_SHRINK = 8
+CHUNK_SHRINK = 8  # the ratio of neighbouring chunk sizes
 CHUNK_FILL = 0.75  # a call runs the chunk size above its prompt work when the work fills this much of it
 
 
