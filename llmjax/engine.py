@@ -614,8 +614,13 @@ class Engine:
         remaining = request._sequence_len - request._computed
         count = min(remaining, rows * self.prefill_row)
         if count == remaining:
-            return count, request._sequence_len - 1 + request._budget(self.decode_steps)
+            return count, self._call_cover(request)
         return count, request._computed + count
+
+    def _call_cover(self, request: Request) -> int:
+        """Tokens `request`'s pages must cover when it decodes in this call: its sequence and the
+        call's decode iterations."""
+        return request._sequence_len - 1 + request._budget(self.decode_steps)
 
     def _schedule(self):
         """Decides one call: the decode requests and the prompt pieces `(request, start, count)`."""
@@ -624,8 +629,7 @@ class Engine:
             if not request._admitted:  # preempted below for an older request
                 continue
             if request._decoding:
-                cover = request._sequence_len - 1 + request._budget(self.decode_steps)
-                count = 0
+                count, cover = 0, self._call_cover(request)
             elif rows_left:
                 count, cover = self._piece(request, rows_left)
             else:
@@ -654,14 +658,15 @@ class Engine:
         `_schedule` will take them, the decoding rows' growth first)."""
         want, top, free = 0, self.chunk_buckets[-1], len(self._free)
         for request in self._running:
-            count, cover = (0, request._sequence_len - 1 + request._budget(self.decode_steps)) \
-                if request._decoding else self._piece(request, top)
+            count, cover = (0, self._call_cover(request)) if request._decoding else self._piece(request, top)
             want += self._rows_of(count)
             free -= max(0, self._pages_for(cover) - len(request._pages))
-        for request in self._waiting[:max(0, self.max_slots - len(self._running))]:
+        for request in self._waiting[:self.max_slots - len(self._running)]:  # seats: never fewer than 0
+            if want >= top:
+                break
             count, cover = self._piece(request, top)
             free -= self._pages_for(cover)
-            if want >= top or free < 0:  # `_admit` stops at the first request that does not fit
+            if free < 0:  # `_admit` stops at the first request that does not fit
                 break
             want += self._rows_of(count)
         if want >= top:
