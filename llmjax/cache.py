@@ -127,11 +127,14 @@ class PagedLayer:
     v: jax.Array
     batch: PagedBatch
 
-    def write(self, k: jax.Array, v: jax.Array, mesh=None) -> "PagedLayer":
-        """Writes the step's keys and values `[N, KV, D]` into their slots (`llmjax.kernels.page_write`:
-        one kernel for both on cuda and rocm). On a `mesh` whose `tensor` axis splits the pool's kv
-        heads (as the engine places it), each device writes its own heads."""
-        return PagedLayer(*_write_pages(self.k, self.v, k, v, self.batch.slots, mesh), self.batch)
+    def rope_write(self, qkv: jax.Array, cos: jax.Array, sin: jax.Array, mesh=None) -> tuple[jax.Array, "PagedLayer"]:
+        """From the step's q/k/v product `[N, KV, G + 2, D]` and RoPE tables cos, sin `[N, D]`: its
+        query and key heads rotated, its keys and values written into their slots. Returns (the
+        rotated queries `[N, KV * G, D]`, the layer). `llmjax.kernels.page_write.apply`: one
+        kernel on cuda and rocm. On a `mesh` whose `tensor` axis splits the pool's kv heads (as the
+        engine places it), each device writes its own heads."""
+        q, k, v = _rope_write(qkv, self.k, self.v, cos, sin, self.batch.slots, mesh)
+        return q, PagedLayer(k, v, self.batch)
 
 
 @jax.tree_util.register_dataclass
@@ -158,11 +161,12 @@ def page_slots(tables: jax.Array, positions: jax.Array, valid: jax.Array, page_s
     return jnp.where(valid, pages * page_size + positions % page_size, num_pages * page_size)
 
 
-def _write_pages(k_pages, v_pages, k, v, slots, mesh):
+def _rope_write(qkv, k_pages, v_pages, cos, sin, slots, mesh):
     """`page_write.apply` where no mesh axis splits anything; on a mesh, per device when `tensor` splits
     the pool's kv heads (the engine's placement), else the reference (which GSPMD partitions)."""
     if splits_otherwise(mesh, k_pages.shape[2]):
-        return page_write.write_pages_reference(k_pages, v_pages, k, v, slots)
-    pool, new = P(None, None, "tensor", None), P(None, "tensor", None)
-    return on_own_heads(page_write.apply, mesh, k_pages.shape[2], (pool, pool, new, new, P()), (pool, pool))(
-        k_pages, v_pages, k, v, slots)
+        return page_write.rope_write_reference(qkv, k_pages, v_pages, cos, sin, slots)
+    pool, heads = P(None, None, "tensor", None), P(None, "tensor", None)
+    return on_own_heads(page_write.apply, mesh, k_pages.shape[2],
+                        (P(None, "tensor", None, None), pool, pool, P(), P(), P()), (heads, pool, pool))(
+        qkv, k_pages, v_pages, cos, sin, slots)

@@ -1,6 +1,6 @@
-"""The page-write kernel against its reference (interpret mode: awkward widths, float8 saturation,
-slots past the pool's end), its lowering for cuda and rocm, the engine through it on one device and
-on a mesh, and bad input."""
+"""The rotate-and-write kernel against its reference (interpret mode: awkward head counts and widths,
+float8 saturation, slots past the pool's end), its lowering for cuda and rocm, the engine through it
+on one device and on a mesh, and bad input."""
 
 import dataclasses
 
@@ -14,60 +14,81 @@ import llmjax
 from llmjax.config import LlamaConfig
 from llmjax.engine import LLM
 from llmjax.kernels import page_write as pw
+from llmjax.models.rope import rope_tables
 from llmjax.sharding import make_mesh
 
 
-def _case(seed, dtype, pages, page_size, kv_heads, head_dim, n, scale=1.0):
+def _case(seed, dtype, pool_dtype, pages, page_size, kv_heads, groups, head_dim, n, scale=1.0):
     keys = jax.random.split(jax.random.key(seed), 4)
-    pool = lambda key: jax.random.normal(key, (pages, page_size, kv_heads, head_dim)).astype(dtype)  # noqa: E731
-    k = scale * jax.random.normal(keys[2], (n, kv_heads, head_dim), jnp.float32)
-    v = jax.random.normal(keys[3], (n, kv_heads, head_dim), jnp.float32)
+    pool = lambda key: jax.random.normal(key, (pages, page_size, kv_heads, head_dim)).astype(pool_dtype)  # noqa: E731
+    qkv = (scale * jax.random.normal(keys[2], (n, kv_heads, groups + 2, head_dim))).astype(dtype)
+    positions = jax.random.randint(keys[3], (1, n), 0, 4096)
+    cos, sin = rope_tables(dataclasses.replace(LlamaConfig.preset("tiny"), head_dim=head_dim), positions)
     # distinct slots, some past the pool's end (those write nothing)
     slots = np.random.default_rng(seed).permutation(pages * page_size + 7)[:n]
-    return pool(keys[0]), pool(keys[1]), k, v, jnp.asarray(slots, jnp.int32)
+    return qkv, pool(keys[0]), pool(keys[1]), cos[0], sin[0], jnp.asarray(slots, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn])
-@pytest.mark.parametrize("pages, page_size, kv_heads, head_dim, n", [
-    (5, 4, 2, 16, 7),  # a row of 32 values
-    (4, 16, 3, 32, 9),  # 96: not a power of two (a masked block)
-    (3, 8, 1, 64, 1),  # one token
-    (2, 64, 5, 20, 30),  # 100 values, pages of 64
+@pytest.mark.parametrize("dtype, pool_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                                               (jnp.bfloat16, jnp.float8_e4m3fn)])
+@pytest.mark.parametrize("pages, page_size, kv_heads, groups, head_dim, n", [
+    (5, 4, 2, 1, 16, 7),  # multi-head: 6 head rows a token, one masked block of 8
+    (4, 16, 3, 4, 32, 9),  # groups of 4: 18 head rows (32-row blocks, masked)
+    (3, 8, 1, 8, 64, 1),  # one token, groups of 8
+    (2, 64, 5, 3, 20, 30),  # halves of 10 (masked columns), 25 head rows, pages of 64
+    (2, 16, 16, 1, 8, 5),  # 48 head rows: two blocks of 32, the second partly masked
 ])
-def test_kernel_matches_the_reference(dtype, pages, page_size, kv_heads, head_dim, n):
-    # scale 600: float8 keys past its largest finite value (448) saturate in both, never NaN
-    case = _case(pages * n, dtype, pages, page_size, kv_heads, head_dim, n, scale=600.0)
-    want = pw.write_pages_reference(*case)
-    got = pw.write_pages(*case, interpret=True)
-    for g, w, old in zip(got, want, case[:2]):
-        assert g.dtype == w.dtype == old.dtype and g.shape == w.shape == old.shape
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-        assert not np.isnan(np.asarray(g, np.float32)).any()
-        # only the written slots changed
-        changed = np.any(np.asarray(g, np.float32) != np.asarray(old, np.float32), axis=(2, 3)).reshape(-1)
-        assert set(np.flatnonzero(changed)) <= set(np.asarray(case[4]).tolist())
+def test_kernel_matches_the_reference(dtype, pool_dtype, pages, page_size, kv_heads, groups, head_dim, n):
+    # scale 150: rotated float8 keys past its largest finite value (448) saturate in both, never NaN
+    case = _case(pages * n, dtype, pool_dtype, pages, page_size, kv_heads, groups, head_dim, n, scale=150.0)
+    want = pw.rope_write_reference(*case)
+    got = pw.rope_write_pages(*case, interpret=True)
+    assert got[0].shape == want[0].shape == (n, kv_heads * groups, head_dim) and got[0].dtype == dtype
+    # the kernel rotates in float32 and rounds once, the reference in the model's dtype: a rounding apart
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert not np.isnan(g).any()
+        rtol = _rtol(dtype, pool_dtype)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * 150)
+    # the values are not rotated, so they are the product's own (narrowed): every written slot exact
+    flat = lambda pages: np.asarray(pages, np.float32).reshape(-1, kv_heads, head_dim)  # noqa: E731
+    slots = np.asarray(case[5])
+    inside = slots < pages * page_size
+    want_v = np.asarray(pw.narrow(case[0][:, :, groups + 1], pool_dtype), np.float32)
+    np.testing.assert_array_equal(flat(got[2])[slots[inside]], want_v[inside])
+    # only the written slots changed
+    for g, old in zip(got[1:], case[1:3]):
+        changed = np.any(flat(g) != flat(old), axis=(1, 2))
+        assert set(np.flatnonzero(changed)) <= set(slots[inside].tolist())
+
+
+def _rtol(dtype, pool_dtype):  # a few roundings of the narrower dtype
+    return 2 ** -3 if pool_dtype == jnp.float8_e4m3fn else {jnp.float32: 1e-6, jnp.bfloat16: 2 ** -6}[dtype]
 
 
 def test_an_empty_step_returns_the_pools():
-    k_pages, v_pages, k, v, slots = _case(1, jnp.float32, 2, 4, 1, 16, 3)
-    got = pw.write_pages(k_pages, v_pages, k[:0], v[:0], slots[:0], interpret=True)
-    np.testing.assert_array_equal(got[0], k_pages)
-    np.testing.assert_array_equal(got[1], v_pages)
+    qkv, k_pages, v_pages, cos, sin, slots = _case(1, jnp.float32, jnp.float32, 2, 4, 1, 1, 16, 3)
+    q, k, v = pw.rope_write_pages(qkv[:0], k_pages, v_pages, cos[:0], sin[:0], slots[:0], interpret=True)
+    assert q.shape == (0, 1, 16)
+    np.testing.assert_array_equal(k, k_pages)
+    np.testing.assert_array_equal(v, v_pages)
 
 
 @pytest.mark.parametrize("platform, device_kind, pool_dtype", [
     ("rocm", "gfx942", jnp.bfloat16), ("cuda", "NVIDIA H200", jnp.bfloat16),
     ("cuda", "NVIDIA H200", jnp.float8_e4m3fn)])
-@pytest.mark.parametrize("head_dim", [128, 20])  # rows of 1024 and of 160 values (masked)
+@pytest.mark.parametrize("head_dim", [128, 20])  # halves of 64 and of 10 (masked)
 def test_the_kernel_lowers_to_a_triton_call(platform, device_kind, pool_dtype, head_dim):
     mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
                         abstract_device=AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu"))
     pool = jax.ShapeDtypeStruct((64, 16, 8, head_dim), pool_dtype)
-    new = jax.ShapeDtypeStruct((40, 8, head_dim), jnp.bfloat16)
+    qkv = jax.ShapeDtypeStruct((40, 8, 6, head_dim), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((40, head_dim), jnp.float32)
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(pw.apply).trace(pool, pool, new, new, jax.ShapeDtypeStruct((40,), jnp.int32)).lower(
+        text = jax.jit(pw.apply).trace(qkv, pool, pool, table, table, jax.ShapeDtypeStruct((40,), jnp.int32)).lower(
             lowering_platforms=(platform,)).as_text()
-    assert "__gpu$xla.gpu.triton" in text and 'name = "page_write"' in text
+    assert "__gpu$xla.gpu.triton" in text and 'name = "rope_page_write"' in text
     assert "scatter" not in text  # the pools are written by the kernel alone
 
 
@@ -94,13 +115,20 @@ def test_the_engine_through_the_kernel_gives_the_references_tokens(monkeypatch):
 
 
 def test_bad_input_is_refused(monkeypatch):
-    k_pages, v_pages, k, v, slots = _case(2, jnp.float32, 2, 4, 2, 16, 3)
+    qkv, k_pages, v_pages, cos, sin, slots = _case(2, jnp.float32, jnp.float32, 2, 4, 2, 1, 16, 3)
     with pytest.raises(ValueError, match="one shape"):
-        pw.apply(k_pages, v_pages[:1], k, v, slots)
+        pw.apply(qkv, k_pages, v_pages[:1], cos, sin, slots)
     with pytest.raises(ValueError, match="KV and D"):
-        pw.apply(k_pages, v_pages, k[:, :1], v[:, :1], slots)
+        pw.apply(qkv[:, :1], k_pages, v_pages, cos, sin, slots)
+    with pytest.raises(ValueError, match="G >= 1"):
+        pw.apply(qkv[:, :, :2], k_pages, v_pages, cos, sin, slots)
+    with pytest.raises(ValueError, match="cos, sin"):
+        pw.apply(qkv, k_pages, v_pages, cos[:2], sin, slots)
     with pytest.raises(ValueError, match="one slot per token"):
-        pw.apply(k_pages, v_pages, k, v, slots[:2])
+        pw.apply(qkv, k_pages, v_pages, cos, sin, slots[:2])
+    odd = _case(2, jnp.float32, jnp.float32, 2, 4, 2, 1, 15, 3)
+    with pytest.raises(ValueError, match="D must be even"):
+        pw.apply(*odd)
     monkeypatch.setenv("LLMJAX_PAGE_WRITE", "fast")
     with pytest.raises(ValueError, match="LLMJAX_PAGE_WRITE"):
-        pw.apply(k_pages, v_pages, k, v, slots)
+        pw.apply(qkv, k_pages, v_pages, cos, sin, slots)

@@ -281,13 +281,14 @@ class Attention(nn.Module):
                                                        self.mesh, (cos, sin))
             return o(out, partials=partials), tuple(layer_cache)
         qkv = product(x)
+        if paged:  # the engine's step: a page pool; RoPE and the page writes in one kernel
+            q, layer_cache = layer_cache.rope_write(qkv[0], cos[0], sin[0], self.mesh)
+            out = paged_step_attention(q[None], positions, layer_cache, self.mesh)
+            return o(out, partials=partials), layer_cache
         q = apply_rope(qkv[:, :, :, :g].reshape(b, t, h, hd), cos, sin)
         k = apply_rope(qkv[:, :, :, g], cos, sin)
         v = qkv[:, :, :, g + 1]
-        if paged:  # the engine's step: a page pool
-            layer_cache = layer_cache.write(k[0], v[0], self.mesh)
-            out = paged_step_attention(q, positions, layer_cache, self.mesh)
-        elif layer_cache is None:  # scoring a whole sequence: attend within it
+        if layer_cache is None:  # scoring a whole sequence: attend within it
             out = attention(q, k, v, positions, positions, self.mesh)
         else:
             keys, values = kv.write(layer_cache[0], k, positions), kv.write(layer_cache[1], v, positions)
