@@ -1,5 +1,6 @@
-"""The RMSNorm kernel against its reference (interpret mode, awkward widths and row counts), its
-lowering for cuda and rocm, the model's norm through it, and bad input."""
+"""The RMSNorm kernel, alone and with the residual add before it, against its reference (interpret
+mode, awkward widths and row counts), its lowering for cuda and rocm, the model's norms through it,
+and bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,23 @@ def test_kernel_matches_the_reference(shape, dtype, scale_dtype):
         assert np.mean(np.asarray(got, np.float32) == np.asarray(want, np.float32)) > 0.98
 
 
+@pytest.mark.parametrize("shape", [(1, 96), (3, 100), (2, 5, 130), (33, 4096)])
+@pytest.mark.parametrize("dtype, scale_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                                                (jnp.bfloat16, jnp.float32)])
+def test_the_add_and_norm_match_the_reference(shape, dtype, scale_dtype):
+    kx, kd, ks = jax.random.split(jax.random.key(sum(shape) + 1), 3)
+    x = (3.0 * jax.random.normal(kx, shape, jnp.float32)).astype(dtype)
+    delta = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
+    scale = (1.0 + 0.5 * jax.random.normal(ks, shape[-1:], jnp.float32)).astype(scale_dtype)
+    normed, h = rn.add_rms_norm(x, delta, scale, 1e-5, interpret=True)
+    want_normed, want_h = rn.add_rms_norm_reference(x, delta, scale, 1e-5)
+    assert h.dtype == dtype and normed.dtype == want_normed.dtype and normed.shape == h.shape == shape
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(want_h, np.float32))  # one rounding
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # as for the norm alone
+    np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(want_normed, np.float32), rtol=tol,
+                               atol=tol)
+
+
 def test_a_zero_row_gives_zeros_not_nan():
     x = jnp.zeros((2, 48), jnp.float32).at[1].set(1.0)
     got = np.asarray(rn.rms_norm(x, jnp.ones((48,)), 1e-6, interpret=True))
@@ -46,6 +64,10 @@ def test_the_kernel_lowers_to_a_triton_call(platform, device_kind):
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(lambda x, s: rn.apply(x, s, 1e-5)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert "__gpu$xla.gpu.triton" in text and 'name = "rms_norm"' in text
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(lambda x, d, s: rn.add_apply(x, d, s, 1e-5)).trace(args[0], *args).lower(
+            lowering_platforms=(platform,)).as_text()
+    assert 'name = "add_rms_norm"' in text and text.count("__gpu$xla.gpu.triton") == 1  # the add is inside
 
 
 def test_the_model_through_the_kernel_matches_the_reference(monkeypatch):
@@ -138,6 +160,8 @@ def test_bad_input_is_refused(monkeypatch):
         Normed(jnp.ones((1, 1, 8)), jnp.ones((2, 1)), jnp.ones((8,)), 1e-5)
     with pytest.raises(ValueError, match="scale \\[D\\]"):
         rn.apply(jnp.ones((2, 8)), jnp.ones((7,)), 1e-5)
+    with pytest.raises(ValueError, match="delta of x's shape"):
+        rn.add_apply(jnp.ones((2, 8)), jnp.ones((1, 8)), jnp.ones((8,)), 1e-5)
     monkeypatch.setenv("LLMJAX_NORM", "fast")
     with pytest.raises(ValueError, match="LLMJAX_NORM"):
         rn.apply(jnp.ones((2, 8)), jnp.ones((8,)), 1e-5)

@@ -117,17 +117,23 @@ class RMSNorm(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, squares: jax.Array | None = None):
+    def __call__(self, x: jax.Array, squares: jax.Array | None = None, residual: jax.Array | None = None):
+        """The norm of x; given `residual`, (the norm of x + residual, x + residual) from one kernel
+        (`rms_norm.add_apply`)."""
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
         scale = self.param("scale", init, (x.shape[-1],), self.dtype)
         if squares is not None:
             return Normed(x, squares, scale, self.eps)
-        norm = functools.partial(rms_norm.apply, eps=self.eps)
+        if residual is None:
+            norm, operands, outs = functools.partial(rms_norm.apply, eps=self.eps), (x, scale), 1
+        else:
+            norm, operands, outs = functools.partial(rms_norm.add_apply, eps=self.eps), (x, residual, scale), 2
         free = free_axes(self.mesh) if self.mesh is not None else ()
         if not free:
-            return norm(x, scale)
+            return norm(*operands)
         rows = P(data_axis(self.mesh, free, x.shape[0]))
-        return per_device(norm, self.mesh, (rows, P()), rows)(x, scale)
+        out_specs = rows if outs == 1 else (rows, rows)
+        return per_device(norm, self.mesh, (rows,) * (len(operands) - 1) + (P(),), out_specs)(*operands)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -324,10 +330,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, layer_cache):
-        """x: the residual stream `[B, T, D]`, or a `Stream` (it and its rows' sums of squares, which the
-        previous block leaves for one or two rows of int4 products). Returns (the same, the layer's cache)."""
+        """x: the residual stream `[B, T, D]`, a `Stream` (it and its rows' sums of squares, which the
+        previous block leaves for one or two rows of int4 products) or a `Pending` (it and the previous
+        block's last product, which this block's first norm adds). Returns (a `Stream` for one or two
+        rows of int4 products, else a `Pending`; the layer's cache)."""
         eps, q, mesh = self.config.rms_norm_eps, self.quant, self.mesh
-        x, squares = (x.x, x.squares) if isinstance(x, Stream) else (x, None)
+        pending = x.delta if isinstance(x, Pending) else None
+        squares = x.squares if isinstance(x, Stream) else None
+        x = x.x if isinstance(x, (Stream, Pending)) else x
         # With one or two rows (batch-1 or batch-2 decode) of int4 products on one device, each residual
         # add also writes the new rows' sums of squares (`rms_norm.residual_add`), and the int4 product
         # after each norm normalizes x itself: no norm kernel runs past the first layer's first norm
@@ -336,21 +346,30 @@ class Block(nn.Module):
                  and dispatch.mode("LLMJAX_NORM") != "off")
 
         def add(x, product):  # x + the product, and (fused) the new rows' sums of squares
-            if not fused:
-                return x + product, None
             h, sq = rms_norm.add(x.reshape(-1, x.shape[-1]), product.reshape(product.shape[0], -1, x.shape[-1]))
             return h.reshape(x.shape), sq.reshape(*x.shape[:-1], -1)
 
+        def add_norm(norm, x, product, squares):  # (the norm of x + product, x + product, its squares)
+            if product is None:  # the first block's first norm; fused, the previous block left squares
+                return norm(x, squares), x, squares
+            if fused:  # the product after the norm normalizes x itself
+                x, squares = add(x, product)
+                return norm(x, squares), x, squares
+            # Otherwise the residual add is the norm kernel's: one launch that reads x and the product
+            # once, where XLA's add and the norm read the sum again.
+            return *norm(x, residual=product), None
+
         with jax.named_scope("attention"):
+            normed, x, squares = add_norm(RMSNorm(eps, self.dtype, mesh, name="attn_norm"), x, pending, squares)
             h, layer_cache = Attention(self.config, self.dtype, q, mesh, name="attn")(
-                RMSNorm(eps, self.dtype, mesh, name="attn_norm")(x, squares), cos, sin, positions, layer_cache,
-                partials=fused)
-        x, squares = add(x, h)
+                normed, cos, sin, positions, layer_cache, partials=fused)
         with jax.named_scope("mlp"):
-            h = Mlp(self.config, self.dtype, q, mesh, name="mlp")(RMSNorm(eps, self.dtype, mesh, name="mlp_norm")(
-                x, squares), partials=fused)
+            normed, x, squares = add_norm(RMSNorm(eps, self.dtype, mesh, name="mlp_norm"), x, h, squares)
+            h = Mlp(self.config, self.dtype, q, mesh, name="mlp")(normed, partials=fused)
+        if not fused:  # the next block's first norm (or `_stream`) adds it
+            return Pending(x, h), layer_cache
         x, squares = add(x, h)
-        return (x if squares is None else Stream(x, squares)), layer_cache
+        return Stream(x, squares), layer_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,8 +381,19 @@ class Stream:
     squares: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """The residual stream between blocks when each residual add is the next norm's (`RMSNorm` with
+    `residual`): x `[B, T, D]` and the last product `[B, T, D]`, not yet added to it."""
+
+    x: jax.Array
+    delta: jax.Array
+
+
 def _stream(x) -> jax.Array:
     """The residual stream's array, from a block's output."""
+    if isinstance(x, Pending):
+        return x.x + x.delta
     return x.x if isinstance(x, Stream) else x
 
 
@@ -431,9 +461,9 @@ class Llama(nn.Module):
                 block = Block(c, self.dtype, self.quant, self.mesh, name=f"layer_{i}")
                 x, layer_cache = block(x, cos, sin, positions, layer_cache)
                 layers.append(layer_cache)
-            x = _stream(x)
             new_cache = None if cache is None else cache.with_layers(layers)
-        x = RMSNorm(c.rms_norm_eps, self.dtype, self.mesh, name="final_norm")(x)
+        final_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.mesh, name="final_norm")
+        x = final_norm(x.x, residual=x.delta)[0] if isinstance(x, Pending) else final_norm(_stream(x))
         if logits_at is not None:
             picks = logits_at if logits_at.ndim == 2 else logits_at[:, None]  # [B, M]
             x = jnp.take_along_axis(x, picks[:, :, None], axis=1)  # [B, M, D]
