@@ -1,15 +1,16 @@
 """What each device call of the engine costs on the fixed set (1000 x 128 in / 128 out, random weights):
 its rows, prompt tokens and seconds, and, for the calls named, the kernels it ran.
 
-    PYTHONPATH=. python benchmarks/engine_calls.py [--model llama2-7b] [--max-slots 512] [--prefill-tokens 8192]
-        [--page-size 16] [--kv-dtype float8_e4m3fn] [--runs 2] [--profile 9,17]
+    PYTHONPATH=. python benchmarks/engine_calls.py [--model llama2-7b] [--max-slots 512] [--prefill-tokens 32768]
+        [--page-size 16] [--kv-dtype float8_e4m3fn] [--runs 2] [--profile 9,17] [--timeline 40]
 
 The set is served `--runs` times (the first warms up); the last run prints one line a call: the
 rows it was compiled for, the rows that decode in it, its prompt tokens, the tokens it produced and
 its seconds from the call to its tokens on the host (`Engine.step`'s device time). The output tok/s
 of a run counts the host's time between calls too, as `llmjax bench --throughput` does. `--profile`
 traces those calls (1-based, of the last run) under the profiler and prints their kernels by kind
-and the longest ones (`kernel_profile.traced` and `table`).
+and the longest ones (`kernel_profile.traced` and `table`); `--timeline` prints that many of their kernels
+in order from the middle of each, with the idle time before each.
 """
 
 import argparse
@@ -28,18 +29,22 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-slots", type=int, default=512)
-    parser.add_argument("--prefill-tokens", type=int, default=8192)
+    parser.add_argument("--prefill-tokens", type=int, default=32768)  # the bench's defaults
+    parser.add_argument("--prefill-row", type=int, default=32)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--kv-dtype", default=None)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--profile", default="", help="calls of the last run to trace, e.g. 9,17")
+    parser.add_argument("--timeline", type=int, default=0, help="kernels of each traced call to print in order, "
+                        "with the idle time before each")
     args = parser.parse_args()
     profile = {int(c) for c in args.profile.split(",") if c}
     params = llmjax.init_random(args.model, dtype=args.dtype)
     config = params.config
     engine = engine_lib.Engine(params, max_slots=args.max_slots,
                                page_size=args.page_size, max_seq_len=256, prefill_tokens=args.prefill_tokens,
+                               prefill_row=args.prefill_row,
                                decode_steps=args.decode_steps, kv_dtype=args.kv_dtype)
     engine.warmup(256, rows=[r for r in engine.row_buckets if r >= args.max_slots // 4])
     rng = np.random.default_rng(0)
@@ -70,7 +75,7 @@ def main():
         while engine.pending:
             if last and len(calls) + 1 in profile:
                 print(f"call {len(calls) + 1} (traced):")
-                table(*traced(engine.step, idles=False), 1, "call")
+                table(*traced(engine.step, timeline=args.timeline, idles=False), 1, "call")
             else:
                 engine.step()
         seconds = time.perf_counter() - start

@@ -66,8 +66,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.kernels import dispatch
 from llmjax.models import llama
-from llmjax.generate import (_check_budget, _check_seed, _continuation, _Detokenizer, _is_int, _model,
-                             _parse_prompt, _stop_strings, _token_rows)
+from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _check_seed, _continuation, _Detokenizer, _is_int,
+                             _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, shard
 from llmjax.sampling import Sampling, sample
 from llmjax.sharding import pipeline
@@ -872,8 +872,10 @@ class Engine:
     def _compile(self, num_rows: int, width: int, chunk_rows: int, greedy: bool, filters: bool):
         self.stats.compiled += 1
         shapes = self._abstract_inputs(num_rows, width, chunk_rows)
+        # the decode iterations' loop as one CUDA graph that tests its condition on the GPU, as generate's
+        options = {"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS} if loop_graph(self.params.mesh) else None
         return _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=self._model,
-                                  steps=self.decode_steps, greedy=greedy, filters=filters).compile()
+                                  steps=self.decode_steps, greedy=greedy, filters=filters).compile(options)
 
     def _abstract_inputs(self, num_rows: int, width: int, chunk_rows: int):
         mesh = self.params.mesh

@@ -152,20 +152,26 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 # no copy, no idle (7B int4 batch 1: 600.7, 599.1 -> 604.4, 604.9 tok/s, BENCHMARKS.md, nineteenth
 # session). The other types are the ones XLA enabled by default when this was measured. The setting
 # is this compilation's own (it overrides XLA_FLAGS' for it). Used on one NVIDIA GPU (a mesh's
-# collectives and rocm are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off.
+# collectives and rocm are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off. The
+# engine compiles its step's decode iterations the same way (`loop_graph`; its decode calls 0.9-1.3%
+# shorter on the H200, BENCHMARKS.md, twenty-third session).
 LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 _generate_ids_graph = jax.jit(_generate_ids.__wrapped__, static_argnames=_GENERATE_STATIC,
                               compiler_options={"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS})
 
 
+def loop_graph(mesh) -> bool:
+    """Whether a program with a device loop over `mesh` (None: one device) is compiled with
+    `LOOP_COMMAND_BUFFERS`: on one NVIDIA GPU, unless LLMJAX_LOOP_GRAPH=off."""
+    one_device = mesh is None or mesh.size == 1
+    wanted = dispatch.mode("LLMJAX_LOOP_GRAPH", ("auto", "off")) == "auto"
+    return one_device and wanted and dispatch.compute_capability() is not None
+
+
 def generate_ids_fn(model: Llama):
     """The compiled `_generate_ids` that `generate` runs for `model`: the whole loop as one CUDA graph
     on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`) unless LLMJAX_LOOP_GRAPH=off, else XLA's host-driven loop."""
-    one_device = model.mesh is None or model.mesh.size == 1
-    wanted = dispatch.mode("LLMJAX_LOOP_GRAPH", ("auto", "off")) == "auto"
-    if one_device and wanted and dispatch.compute_capability():
-        return _generate_ids_graph
-    return _generate_ids
+    return _generate_ids_graph if loop_graph(model.mesh) else _generate_ids
 
 
 @jax.tree_util.register_dataclass

@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,6 +70,26 @@ def test_greedy_tokens_equal_generate_whatever_the_batch(params):
         engine.step()
     assert [h.token_ids for h in handles] == expected
     assert engine.free_pages == engine.num_pages
+
+
+def test_the_step_is_compiled_with_loop_graphs_where_generate_takes_them(params, monkeypatch):
+    """Where `generate` compiles its loop as one CUDA graph (`gen.loop_graph`: one NVIDIA GPU), the engine
+    compiles its step with the same command buffers, and its tokens stay `generate`'s (here, on the CPU,
+    the installed XLA takes the option and ignores it); elsewhere it passes none."""
+    seen = []
+    compile_ = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, options=None, **kw: seen.append(options) or compile_(self, options, **kw))
+    prompts = _prompts(np.random.default_rng(3), 5, 30)
+    expected = _reference(params, prompts, [6] * 5)
+    for graphs in (False, True):
+        monkeypatch.setattr(llmjax.engine, "loop_graph", lambda mesh: graphs and mesh is None)
+        llmjax.engine._EXECUTABLES.clear()
+        seen.clear()
+        assert LLM(params, **SMALL).generate(prompts, max_new_tokens=6, progress=False) == expected
+        want = {"xla_gpu_enable_command_buffer": gen.LOOP_COMMAND_BUFFERS} if graphs else None
+        assert seen and all(options == want for options in seen)
+    assert "WHILE" in gen.LOOP_COMMAND_BUFFERS and "CONDITIONAL" in gen.LOOP_COMMAND_BUFFERS
 
 
 def _page_bytes(params, page_size):
@@ -208,8 +229,6 @@ def test_llm_on_a_mesh_gives_one_devices_tokens(params):
 
 
 def _stage_mesh():
-    import jax
-
     from llmjax.sharding import make_mesh
 
     return make_mesh(stage=2, devices=jax.devices()[:2])
@@ -382,8 +401,6 @@ def test_engine_step_lowers_for_gpu(platform, device_kind):
     lowers for AMD and NVIDIA on a CPU-only machine (lowered, not run)."""
     import functools
 
-    import jax
-    import jax.numpy as jnp
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
     from llmjax import cache as kv, engine
