@@ -874,7 +874,7 @@ class Engine:
         shapes = self._abstract_inputs(num_rows, width, chunk_rows)
         # the decode iterations' loop as one CUDA graph that tests its condition on the GPU, as generate's
         options = {"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS} if loop_graph(self.params.mesh) else None
-        return _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=self._model,
+        return _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=_model(self.params),
                                   steps=self.decode_steps, greedy=greedy, filters=filters).compile(options)
 
     def _abstract_inputs(self, num_rows: int, width: int, chunk_rows: int):

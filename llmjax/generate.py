@@ -333,7 +333,9 @@ def _pad(rows: list[list[int]], length: int) -> np.ndarray:
 
 
 def _model(params: Params) -> Llama:
-    return Llama(params.config, params.dtype, params.mesh, params.quant)
+    """The module for `params`, with today's LLMJAX_* settings, so a jit taking it as a static
+    argument traces again when they change (`Llama.settings`)."""
+    return Llama(params.config, params.dtype, params.mesh, params.quant, dispatch.trace_settings())
 
 
 def _batch_size(params: Params, rows: int) -> int:

@@ -156,6 +156,27 @@ def test_random_params_need_no_files():
     assert len(out[0]) <= 3
 
 
+def test_a_changed_kernel_setting_traces_the_program_again(params, monkeypatch):
+    """The jitted programs take the model as a static argument, and the model carries the LLMJAX_*
+    settings it is traced under: after LLMJAX_NORM=interpret, LLMJAX_NORM=off traces the norms'
+    reference instead of reusing the kernels' program; the same settings again reuse it."""
+    from llmjax.kernels import rms_norm
+
+    traced, reference = [], rms_norm.rms_norm_reference
+    monkeypatch.setattr(rms_norm, "rms_norm_reference", lambda *a, **k: traced.append(1) or reference(*a, **k))
+    runs = {}
+    for mode in ("interpret", "off", "off", "interpret"):
+        monkeypatch.setenv("LLMJAX_NORM", mode)
+        traced.clear()
+        tokens = llmjax.generate(params, [[3, 4, 5, 6]], max_new_tokens=3)
+        runs.setdefault(mode, []).append((len(traced), tokens))
+    assert runs["interpret"][0][0] == 0 and runs["off"][0][0] > 0  # each traced its own program
+    assert runs["off"][1][0] == 0 and runs["interpret"][1][0] == 0  # and reused it
+    assert runs["off"][0][1] == runs["interpret"][0][1]
+    settings = gen._model(params).settings
+    assert settings == gen.dispatch.trace_settings() and ("LLMJAX_NORM", "interpret") in settings
+
+
 def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     """`generate_ids_fn` picks the loop compiled with WHILE and CONDITIONAL command buffers on one NVIDIA
     GPU and XLA's loop elsewhere (here: the CPU) or under LLMJAX_LOOP_GRAPH=off; the installed XLA

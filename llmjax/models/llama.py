@@ -441,6 +441,10 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32  # the dtype of freshly initialised weights; compute follows the weights
     mesh: Any = None  # the mesh the weights are sharded over (llmjax.sharding), or None
     quant: QuantScheme | None = None  # how the projections are quantized (llmjax.quant), or None
+    # The LLMJAX_* environment the model is traced under (`dispatch.trace_settings()`, which the
+    # callers fill in): jitted functions take the model as a static argument, so a program traced
+    # under other kernel settings is never reused. The module itself never reads it.
+    settings: tuple = ()
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
