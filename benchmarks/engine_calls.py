@@ -10,7 +10,9 @@ its seconds from the call to its tokens on the host (`Engine.step`'s device time
 of a run counts the host's time between calls too, as `llmjax bench --throughput` does. `--profile`
 traces those calls (1-based, of the last run) under the profiler and prints their kernels by kind
 and the longest ones (`kernel_profile.traced` and `table`); `--timeline` prints that many of their kernels
-in order from the middle of each, with the idle time before each.
+in order from the middle of each, with the idle time before each. On one NVIDIA GPU the decode
+iterations run as one CUDA graph, whose kernels after the first iteration the trace does not show:
+profile with `LLMJAX_LOOP_GRAPH=off`.
 """
 
 import argparse
