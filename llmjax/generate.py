@@ -153,7 +153,7 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 # session). The other types are the ones XLA enabled by default when this was measured. The setting
 # is this compilation's own (it overrides XLA_FLAGS' for it). Used on one NVIDIA GPU (a mesh's
 # collectives and rocm are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off. The
-# engine compiles its step's decode iterations the same way (`loop_graph`; its decode calls 0.9-1.3%
+# engine compiles its step's decode iterations the same way (`loop_graph`; its decode calls 0.9%
 # shorter on the H200, BENCHMARKS.md, twenty-third session).
 LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 _generate_ids_graph = jax.jit(_generate_ids.__wrapped__, static_argnames=_GENERATE_STATIC,

@@ -30,7 +30,7 @@ def _case(seed, dtype, pool_dtype, pages, page_size, kv_heads, groups, head_dim,
 
 
 @pytest.mark.parametrize("dtype, pool_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
-                                               (jnp.bfloat16, jnp.float8_e4m3fn)])
+                                               (jnp.bfloat16, jnp.float8_e4m3fn), (jnp.bfloat16, jnp.float32)])
 @pytest.mark.parametrize("pages, page_size, kv_heads, groups, head_dim, n", [
     (5, 4, 2, 1, 16, 7),  # multi-head: 6 head rows a token, one masked block of 8
     (4, 16, 3, 4, 32, 9),  # groups of 4: 18 head rows (32-row blocks, masked)
@@ -77,7 +77,7 @@ def test_an_empty_step_returns_the_pools():
 
 @pytest.mark.parametrize("platform, device_kind, pool_dtype", [
     ("rocm", "gfx942", jnp.bfloat16), ("cuda", "NVIDIA H200", jnp.bfloat16),
-    ("cuda", "NVIDIA H200", jnp.float8_e4m3fn)])
+    ("cuda", "NVIDIA H200", jnp.float8_e4m3fn), ("cuda", "NVIDIA H200", jnp.float32)])
 @pytest.mark.parametrize("head_dim", [128, 20])  # halves of 64 and of 10 (masked)
 def test_the_kernel_lowers_to_a_triton_call(platform, device_kind, pool_dtype, head_dim):
     mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
@@ -90,6 +90,18 @@ def test_the_kernel_lowers_to_a_triton_call(platform, device_kind, pool_dtype, h
             lowering_platforms=(platform,)).as_text()
     assert "__gpu$xla.gpu.triton" in text and 'name = "rope_page_write"' in text
     assert "scatter" not in text  # the pools are written by the kernel alone
+
+
+def test_a_float8_pool_takes_the_reference_on_rocm():
+    mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind="gfx942", num_cores=None, platform="gpu"))
+    pool = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.float8_e4m3fn)
+    qkv = jax.ShapeDtypeStruct((40, 8, 6, 128), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((40, 128), jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(pw.apply).trace(qkv, pool, pool, table, table, jax.ShapeDtypeStruct((40,), jnp.int32)).lower(
+            lowering_platforms=("rocm",)).as_text()
+    assert "rope_page_write" not in text and "scatter" in text
 
 
 def test_the_engine_through_the_kernel_gives_the_references_tokens(monkeypatch):

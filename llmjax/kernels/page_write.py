@@ -15,13 +15,13 @@ values' slice, then the page write (before that, two scatters of ~11 us each for
 kernel (Pallas, Triton backend, so it lowers for cuda and rocm) is one program per token and block
 of 32 of the product's head rows: it reads each value once, rotates in float32 and rounds once (as
 the decode-attention kernel does), and writes it once; the pools are aliased to the outputs, so
-nothing else is copied. Every program owns its slot: the engine gives each token a distinct slot,
-or the pool's end. On the H200 the engine's step at 512 rows takes 7.2 us a layer for it, and the
+nothing else is copied. Every token owns its slot (the engine gives each a distinct slot, or the
+pool's end), and each of its programs writes its own heads there. On the H200 the engine's step at 512 rows takes 7.2 us a layer for it, and the
 engine serves ~1% more tokens a second (BENCHMARKS.md, twenty-third session).
 
 `rope_write_reference` is the definition, in jnp (the model's own rotation and `write_pages_reference`,
-two scatters); `apply` is the model's entry point (the kernel on cuda and rocm, the reference
-elsewhere; `LLMJAX_PAGE_WRITE` overrides with `off` or `interpret`).
+two scatters); `apply` is the model's entry point (the kernel on cuda and rocm, except float8 pools on
+rocm, the reference elsewhere; `LLMJAX_PAGE_WRITE` overrides with `off` or `interpret`).
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, q_out, k_out, v_ou
     out_lo = jnp.where(rotate, x_lo * cos_lo - x_hi * sin_lo, x_lo)
     out_hi = jnp.where(rotate, x_hi * cos_hi + x_lo * sin_hi, x_hi)
 
-    # A masked lane's index is one past its axis (never 0): a lane writes nothing on a GPU, and
-    # interpret mode's scatter drops it rather than racing a real write to the same place.
+    # A masked row's index is one past its axis (never 0): a masked lane writes nothing on a GPU, and
+    # interpret mode's scatter drops the row rather than racing a real write to the same place.
+    # (Masked columns of a real row, past half in the first half's store, land on that row's second
+    # half, which the second store then writes: correct in both.)
     g = rows - 2
     is_q = (role < g) & exists
     q_row = jnp.where(is_q, kv * g + role, q_out.shape[1])
@@ -113,7 +115,8 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, q_out, k_out, v_ou
         mine = (role == which) & exists & inside
         head = jnp.where(mine, kv, ref.shape[1])
         for c, out in ((lo, out_lo), (hi, out_hi)):
-            plgpu.store(ref.at[target, head[:, None], c[None, :]], narrow(out, ref.dtype),
+            # rounded to the product's dtype first, as the reference's keys are (a float32 pool)
+            plgpu.store(ref.at[target, head[:, None], c[None, :]], narrow(out.astype(dtype), ref.dtype),
                         mask=mine[:, None] & col_ok[None, :])
 
 
@@ -164,9 +167,11 @@ def _check(qkv, k_pages, v_pages, cos, sin, slots) -> None:
 
 
 def apply(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array, cos: jax.Array, sin: jax.Array,
-               slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+          slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The model's entry point: `rope_write_pages` on cuda and rocm, `rope_write_reference` elsewhere
-    (`LLMJAX_PAGE_WRITE`: `off`, `interpret`)."""
+    (`LLMJAX_PAGE_WRITE`: `off`, `interpret`). A float8 pool takes the reference on rocm: the kernel
+    narrows to float8 itself, and an MI300's native float8 formats are not the pool's (unmeasured
+    there, as the attention kernels' float8 reads are)."""
     _check(qkv, k_pages, v_pages, cos, sin, slots)
     return dispatch.dispatch(rope_write_pages, rope_write_reference, qkv, k_pages, v_pages, cos, sin, slots,
-                             variable="LLMJAX_PAGE_WRITE")
+                             variable="LLMJAX_PAGE_WRITE", rocm=jnp.dtype(k_pages.dtype).itemsize > 1)

@@ -15,10 +15,11 @@ model's entry point: the Pallas kernel on cuda and rocm (Triton backend), the re
 Every norm of a decoder layer follows a residual add. `add_rms_norm(x, delta, scale, eps)` does both
 in one launch: it writes x + delta (added in float32 and rounded once, as XLA adds) and its norm,
 reading x and delta once, where XLA's add and then the norm kernel read the sum again (four passes
-over the rows instead of five, and one launch fewer). The model takes it for every norm after the
-first unless its products are int4 at one or two rows (below): on the H200 the engine's decode step
-at 512 rows takes 4.6 us a norm for it, and serves ~1.5% more tokens a second (BENCHMARKS.md,
-twenty-third session). `add_rms_norm_reference` is its definition; `add_apply` its entry point.
+over the rows instead of five, and one launch fewer). The model takes it for every norm that follows
+a residual add within a run of blocks (a pipeline stage's first norm takes a plain add) unless its
+products are int4 at one or two rows (below). On the H200 the engine's decode step at 512 rows takes
+4.6 us a norm for it; with `page_write`'s kernel, the engine's device calls are ~1.7% shorter
+(BENCHMARKS.md, twenty-third session; the two were not measured apart). `add_rms_norm_reference` is its definition; `add_apply` its entry point.
 
 For one or two rows (batch-1 decode) a norm need not run as a kernel at all: `residual_add` adds a product's K slices to
 the residual stream (the add that precedes every norm of a decoder layer) and also writes the new row's
