@@ -72,7 +72,7 @@ def rope_write_reference(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, q_out, k_out, v_out, *, rows, total, half,
-                 block_rows, block_half, limit):
+            block_rows, block_half, limit):
     # qkv_ref [N, KV * rows, D] (rows = G + 2 per kv head); cos_ref, sin_ref [N, D] float32;
     # q_out [N, KV * G, D]; k_out, v_out (aliased to k_in, v_in) [num_slots, KV, D]
     del k_in, v_in  # the same buffers as the outputs
