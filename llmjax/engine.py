@@ -64,7 +64,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cache as kv
-from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _check_seed, _continuation, _Detokenizer, _is_int,
                              _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
@@ -391,7 +390,6 @@ class Engine:
         if self.max_seq_len > context:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's context of {context} tokens")
         self.max_pages = -(-self.max_seq_len // self.page_size)
-        self._model = _model(params)
         self._eos = jnp.asarray(self.config.eos_token_ids or (PAD_ID,), jnp.int32)
         self._eos_set = set(self.config.eos_token_ids)
         self.num_pages = self._pool_pages(kv_memory)
@@ -844,10 +842,11 @@ class Engine:
     # ------------------------------------------------------------ compilation
 
     def _cache_key(self, variant: tuple) -> tuple:
-        # LLMJAX_* settings (kernel modes, the all-reduce) change what a trace gives.
-        # The variant holds the chunk's rows; engines of other `prefill_tokens` share its programs.
-        return (self._model, self.num_pages, self.page_size, self.kv_dtype.name, self.prefill_row,
-                self.decode_steps, dispatch.trace_settings(), *variant)
+        # The model carries the LLMJAX_* settings (kernel modes, the all-reduce), which change what a
+        # trace gives (`Llama.settings`), as `_compile` traces it. The variant holds the chunk's rows;
+        # engines of other `prefill_tokens` share its programs.
+        return (_model(self.params), self.num_pages, self.page_size, self.kv_dtype.name, self.prefill_row,
+                self.decode_steps, *variant)
 
     def _variant(self, rows: int, pages: int, chunk_rows: int, greedy: bool, filters: bool) -> tuple:
         """The step variant for a call: the smallest buckets that hold `rows` rows, `pages` pages and

@@ -125,14 +125,14 @@ class RMSNorm(nn.Module):
         if squares is not None:
             return Normed(x, squares, scale, self.eps)
         if residual is None:
-            norm, operands, outs = functools.partial(rms_norm.apply, eps=self.eps), (x, scale), 1
+            norm, operands = functools.partial(rms_norm.apply, eps=self.eps), (x, scale)
         else:
-            norm, operands, outs = functools.partial(rms_norm.add_apply, eps=self.eps), (x, residual, scale), 2
+            norm, operands = functools.partial(rms_norm.add_apply, eps=self.eps), (x, residual, scale)
         free = free_axes(self.mesh) if self.mesh is not None else ()
         if not free:
             return norm(*operands)
         rows = P(data_axis(self.mesh, free, x.shape[0]))
-        out_specs = rows if outs == 1 else (rows, rows)
+        out_specs = rows if residual is None else (rows, rows)
         return per_device(norm, self.mesh, (rows,) * (len(operands) - 1) + (P(),), out_specs)(*operands)
 
 
