@@ -23,6 +23,7 @@ import numpy as np
 import llmjax
 from kernel_profile import table, traced
 from llmjax import engine as engine_lib
+from llmjax.throughput import BENCH_ENGINE
 
 
 def main():
@@ -30,11 +31,11 @@ def main():
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--max-slots", type=int, default=512)
-    parser.add_argument("--prefill-tokens", type=int, default=32768)  # the bench's defaults
-    parser.add_argument("--prefill-row", type=int, default=32)
-    parser.add_argument("--decode-steps", type=int, default=8)
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-slots", type=int, default=BENCH_ENGINE["max_slots"])  # the bench's defaults
+    parser.add_argument("--prefill-tokens", type=int, default=BENCH_ENGINE["prefill_tokens"])
+    parser.add_argument("--prefill-row", type=int, default=BENCH_ENGINE["prefill_row"])
+    parser.add_argument("--decode-steps", type=int, default=BENCH_ENGINE["decode_steps"])
+    parser.add_argument("--page-size", type=int, default=BENCH_ENGINE["page_size"])
     parser.add_argument("--kv-dtype", default=None)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--profile", default="", help="calls of the last run to trace, e.g. 9,17")

@@ -27,14 +27,14 @@ import numpy as np
 
 import llmjax
 from llmjax import engine as engine_lib
-from llmjax.throughput import mix_lengths
+from llmjax.throughput import BENCH_ENGINE, mix_lengths
 
 LAYERS = 32  # Llama-2-7B's, which the default rates are for
 
 
 def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int = 1000, prompt: int = 128,
            out: int = 128, mix: bool = False, chunks: tuple[int, ...] | None = None,
-           prefill_row: int = 32) -> list[tuple]:
+           prefill_row: int = BENCH_ENGINE["prefill_row"]) -> list[tuple]:
     """Serves the set (with `mix`, the throughput bench's mix of lengths around `prompt` and `out`)
     through the engine with a stand-in device call; returns one (rows compiled for, prompt tokens,
     budgets, positions, prompt tokens the chunk holds) per call. `chunks` replaces the engine's chunk
@@ -47,7 +47,7 @@ def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int
     params = llmjax.init_random(config, dtype="float32")  # the host side never looks at the weights
     c = params.config
     token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # keys and values, float32
-    engine = engine_lib.Engine(params, max_slots=max_slots, page_size=16,
+    engine = engine_lib.Engine(params, max_slots=max_slots, page_size=BENCH_ENGINE["page_size"],
                                kv_memory=2 * max_slots * longest * token_bytes,  # room for every slot
                                max_seq_len=longest, prefill_tokens=prefill_tokens, prefill_row=prefill_row,
                                decode_steps=decode_steps)
@@ -88,10 +88,11 @@ def call_seconds(call: tuple, steps: int, rates) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-slots", default="512")
-    parser.add_argument("--prefill-tokens", default="32768")
-    parser.add_argument("--prefill-row", type=int, default=32, help="prompt tokens per chunk row")
-    parser.add_argument("--decode-steps", default="8")
+    parser.add_argument("--max-slots", default=str(BENCH_ENGINE["max_slots"]))  # the bench's defaults
+    parser.add_argument("--prefill-tokens", default=str(BENCH_ENGINE["prefill_tokens"]))
+    parser.add_argument("--prefill-row", type=int, default=BENCH_ENGINE["prefill_row"],
+                        help="prompt tokens per chunk row")
+    parser.add_argument("--decode-steps", default=str(BENCH_ENGINE["decode_steps"]))
     parser.add_argument("--layer-us", type=float, default=110.0)
     parser.add_argument("--row-us", type=float, default=0.51)
     parser.add_argument("--context-ns", type=float, default=4.2)

@@ -14,6 +14,7 @@ import sys
 import jinja2
 
 from llmjax.params import DEFAULT_MODEL
+from llmjax.throughput import BENCH_ENGINE
 from llmjax.quant.weights import SCHEMES
 
 
@@ -144,13 +145,14 @@ def _add_throughput_flags(b) -> None:
     t.add_argument("--hf-requests", type=int, default=128, help="requests of the fixed set that "
                    "--compare-hf gives transformers")
     t.add_argument("--hf-batch", type=int, default=64, help="transformers' batch size")
-    # The defaults are the settings that served 1000 x 128/128 fastest (Llama-2-7B shape, one H200,
-    # BENCHMARKS.md); `Engine`'s own defaults (256 slots, 2048 prompt tokens a call) favour latency.
-    t.add_argument("--max-slots", type=int, default=512, help="requests decoding at once")
-    t.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    t.add_argument("--decode-steps", type=int, default=8, help="decode iterations per device call")
-    t.add_argument("--prefill-tokens", type=int, default=32768, help="prompt tokens per device call (at most)")
-    t.add_argument("--prefill-row", type=int, default=32,
+    # The defaults are `throughput.BENCH_ENGINE`, the settings that served 1000 x 128/128 fastest.
+    d = BENCH_ENGINE
+    t.add_argument("--max-slots", type=int, default=d["max_slots"], help="requests decoding at once")
+    t.add_argument("--page-size", type=int, default=d["page_size"], help="tokens per KV page")
+    t.add_argument("--decode-steps", type=int, default=d["decode_steps"], help="decode iterations per device call")
+    t.add_argument("--prefill-tokens", type=int, default=d["prefill_tokens"],
+                   help="prompt tokens per device call (at most)")
+    t.add_argument("--prefill-row", type=int, default=d["prefill_row"],
                    help="prompt tokens per chunk row (a prompt pads its last row)")
     t.add_argument("--kv-memory", type=float, default=None, metavar="GIB", help="GiB per device for the "
                    "page pool (default: what the device has free after the weights, less a margin)")

@@ -33,6 +33,10 @@ from llmjax.config import LlamaConfig
 from llmjax.engine import Engine
 
 SERVING_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
+# The engine settings that served 1000 x 128/128 fastest (Llama-2-7B shape, one H200, BENCHMARKS.md):
+# the bench's defaults (`throughput_bench`, `llmjax bench --throughput`, the engine scripts under
+# benchmarks/). `Engine`'s own defaults (256 slots, 2048 prompt tokens a call) favour latency.
+BENCH_ENGINE = dict(max_slots=512, page_size=16, decode_steps=8, prefill_tokens=32768, prefill_row=32)
 
 
 @dataclasses.dataclass
@@ -117,8 +121,10 @@ def _check(requests, prompt_len, gen_len, serving_requests, hf_requests, hf_batc
 def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", requests: int = 1000,
                      prompt_len: int = 128, gen_len: int = 128, mix: bool = True, serving_requests: int = 200,
                      rates: list[float] | None = None, compare_hf: bool = False, hf_requests: int = 128,
-                     hf_batch: int = 64, seed: int = 0, mesh=None, max_slots: int = 512, page_size: int = 16,
-                     decode_steps: int = 8, prefill_tokens: int = 32768, prefill_row: int = 32,
+                     hf_batch: int = 64, seed: int = 0, mesh=None, max_slots: int = BENCH_ENGINE["max_slots"],
+                     page_size: int = BENCH_ENGINE["page_size"], decode_steps: int = BENCH_ENGINE["decode_steps"],
+                     prefill_tokens: int = BENCH_ENGINE["prefill_tokens"],
+                     prefill_row: int = BENCH_ENGINE["prefill_row"],
                      kv_memory: int | None = None, kv_dtype=None, log=print) -> ThroughputResult:
     """Serves the fixed set, the mix and the Poisson arrivals on random weights (see the module
     docstring); `log` gets each line as it is measured. Rates are requests per second."""
