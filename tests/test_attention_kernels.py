@@ -341,6 +341,36 @@ def test_paged_prefill_matches_its_reference(case):
     _assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("case", ["blocks-within-pages", "pages-of-5-gathered-groups8", "empty-row-bf16-head-dim-128",
+                                  "float8-pages-float16-products"])
+@pytest.mark.parametrize("first", [0, 5])
+def test_paged_prefill_rows_read_and_write_the_flat_step_in_place(case, first):
+    """`paged_prefill_rows`: the same prompt rows laid end to end after `first` other tokens of a flat
+    `[N, H, D]` array (the engine's decode rows), read and written there: from `first` on it equals
+    `paged_prefill` on those rows, row by row (a query block past a row's end, which in the flat array
+    is the next row's start, neither reads nor writes there). The reference gives the same rows and
+    zeros before them."""
+    b, t, h, n_kv, d, page, pool, max_pages, offsets, block_q, block_k, dtype, compute = PREFILL_CASES[case]
+    q, k_pages, v_pages = _normal(t + pool + first, (first + b * t, h, d), (pool, page, n_kv, d),
+                                  (pool, page, n_kv, d), dtype=dtype)
+    if "float8" in case:
+        k_pages, v_pages = k_pages.astype(jnp.float8_e4m3fn), v_pages.astype(jnp.float8_e4m3fn)
+    tables = jnp.asarray(np.array(jax.random.permutation(jax.random.key(pool), pool))[:b * max_pages]
+                         .reshape(b, max_pages), jnp.int32)
+    offsets = jnp.array(offsets, jnp.int32)
+    got = pa.paged_prefill_rows(q, k_pages, v_pages, tables, offsets, first=first, block_q=block_q,
+                                block_k=block_k, compute_dtype=compute, interpret=True)
+    assert got.shape == q.shape and got.dtype == dtype
+    rows = pa.paged_prefill(q[first:].reshape(b, t, h, d), k_pages, v_pages, tables, offsets, block_q=block_q,
+                            block_k=block_k, compute_dtype=compute, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got[first:], np.float32), np.asarray(rows.reshape(-1, h, d), np.float32))
+    want = pa.paged_prefill_rows_reference(q, k_pages, v_pages, tables, offsets, first=first)
+    _assert_close(got[first:], want[first:], dtype)
+    assert not np.asarray(want[:first], np.float32).any()
+    with pytest.raises(ValueError, match="rows of equal length"):
+        pa.paged_prefill_rows(q[:-1], k_pages, v_pages, tables, offsets, first=first, interpret=True)
+
+
 def test_paged_prefill_reference_is_attention_over_the_gathered_sequence():
     """The definition: what `llama.attention` gives over each row's pages laid end to end, query t of
     row b at position offsets[b] + t."""
@@ -532,6 +562,10 @@ LOWERED = {
                                                    S((100, 64, 8, 128), jnp.bfloat16),
                                                    S((100, 64, 8, 128), jnp.bfloat16), S((8, 4), jnp.int32),
                                                    S((8,), jnp.int32))),
+    "paged_prefill_attention:rows": (functools.partial(pa.paged_prefill_rows, first=40),
+                                     (S((40 + 8 * 64, 32, 128), jnp.bfloat16), S((100, 64, 8, 128), jnp.bfloat16),
+                                      S((100, 64, 8, 128), jnp.bfloat16), S((8, 4), jnp.int32),
+                                      S((8,), jnp.int32))),
 }
 
 

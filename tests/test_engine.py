@@ -228,6 +228,32 @@ def test_llm_on_a_mesh_gives_one_devices_tokens(params):
     assert llm.generate(prompts, max_new_tokens=10, progress=False) == expected
 
 
+@pytest.mark.slow
+def test_the_engine_through_the_attention_kernels_gives_the_references_tokens(params, monkeypatch):
+    """Greedy tokens of the engine with its attention in the kernels (interpret mode): decode rows
+    through the paged decode kernel, prompt rows through the prefill kernel reading their queries and
+    writing their output in place in the step's flat array (`paged_prefill_rows`, after decode rows of
+    any count), on one device and on a (tensor 2, data 2) mesh (each device its own kv heads; where
+    four devices are, as in CI), equal those with the references; a float8 pool too."""
+    from llmjax.sharding import make_mesh
+
+    rng = np.random.default_rng(8)
+    prompts = _prompts(rng, 7, 40)
+
+    def run(mode, p, kv_dtype):
+        monkeypatch.setenv("LLMJAX_ATTENTION", mode)
+        jax.clear_caches()
+        llmjax.engine._EXECUTABLES.clear()
+        return LLM(p, kv_dtype=kv_dtype, **{**SMALL, "max_slots": 5}).generate(prompts, max_new_tokens=7,
+                                                                                progress=False)
+
+    meshes = [make_mesh(tensor=2, data=2, devices=jax.devices()[:4])] if len(jax.devices()) >= 4 else []
+    for kv_dtype in (None, "float8_e4m3fn"):
+        want = run("off", params, kv_dtype)
+        for p in [params] + [llmjax.shard(params, mesh) for mesh in meshes if kv_dtype is None]:
+            assert run("interpret", p, kv_dtype) == want
+
+
 def _stage_mesh():
     from llmjax.sharding import make_mesh
 

@@ -98,23 +98,28 @@ def online_softmax_block(q, k_ref, v_ref, carry, scale, exact, exists=None, visi
 
 
 def flash_program(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, block_index, *, seq_k, groups,
-                  block_q, block_k, exact, compute_dtype=None):
+                  block_q, block_k, exact, compute_dtype=None, flat=None):
     """One program of the causal prefill kernel, for contiguous keys and for keys in a page pool alike:
     query head `h`, the query block `block` (counted from the end), row `b`. `block_index(b, kv, first,
     exists)` says where keys `[first, first + block_k)` of kv head `kv` lie in `k_ref`/`v_ref` (the
     only thing the two kernels do differently); `seq_k` caps a row's keys. The products take q in
     `compute_dtype` (None: q's dtype), and K and V widened to it (a float8 cache).
-    offsets_ref, lengths_ref [B]; q_ref, o_ref [B, T, H, D]."""
+    offsets_ref, lengths_ref [B]; q_ref, o_ref [B, T, H, D], or with `flat` = (first, T) `[N, H, D]`
+    with row b's T queries at `first + b * T` (the engine's flat step, read and written in place)."""
     h, b = pl.program_id(0), pl.program_id(2)
     block = pl.num_programs(1) - 1 - pl.program_id(1)  # the longest query blocks first
-    seq_q, d = q_ref.shape[1], q_ref.shape[3]
+    seq_q, d = (q_ref.shape[1] if flat is None else flat[1]), q_ref.shape[-1]
     kv = jax.lax.div(h, groups)
     t0 = block * block_q
     offset = offsets_ref[b]
     kv_len = jnp.minimum(lengths_ref[b], seq_k)
     rows = t0 + jnp.arange(block_q)
     q_pos = offset + rows
-    q = plgpu.load(q_ref.at[b, pl.ds(t0, block_q), h, :], mask=(rows < seq_q)[:, None], other=0.0)
+    if flat is None:
+        at = (b, pl.ds(t0, block_q), h, slice(None))
+    else:
+        at = (pl.ds(flat[0] + b * seq_q + t0, block_q), h, slice(None))
+    q = plgpu.load(q_ref.at[at], mask=(rows < seq_q)[:, None], other=0.0)
     q = q.astype(compute_dtype or q.dtype)
     scale = LOG2E / math.sqrt(d)  # scores in base 2: exp2 is the cheaper instruction
 
@@ -137,7 +142,7 @@ def flash_program(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, block_in
     acc, _, total = jax.lax.fori_loop(full, end, functools.partial(step, masked=True), carry)
     sees_a_key = (q_pos >= 0) & (kv_len > 0)  # key 0 is visible, so the sum counts real keys
     out = jnp.where(sees_a_key[:, None], acc / jnp.where(sees_a_key, total, 1.0)[:, None], 0.0)
-    plgpu.store(o_ref.at[b, pl.ds(t0, block_q), h, :], out.astype(o_ref.dtype), mask=(rows < seq_q)[:, None])
+    plgpu.store(o_ref.at[at], out.astype(o_ref.dtype), mask=(rows < seq_q)[:, None])
 
 
 def _kernel(offsets_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, **params):
@@ -169,10 +174,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
 
 
 def launch_flash(kernel, q: jax.Array, n_kv: int, operands: tuple, *, name: str, block_q: int, block_k: int,
-                 num_warps: int, num_stages: int, compute, interpret: bool) -> jax.Array:
+                 num_warps: int, num_stages: int, compute, interpret: bool, rows: tuple[int, int] | None = None
+                 ) -> jax.Array:
     """Runs a `flash_program` kernel over the grid (query heads, query blocks, rows) for q `[B, T, H, D]`
-    against `n_kv` kv heads; `compute` is the products' dtype. Returns `[B, T, H, D]` in q's dtype."""
-    b, t, h, d = q.shape
+    against `n_kv` kv heads; `compute` is the products' dtype. Returns `[B, T, H, D]` in q's dtype.
+    With `rows` = (B, T), q is `[N, H, D]` and the kernel (given `flat`) places its rows in it; the
+    result is `[N, H, D]` with only those rows written."""
+    b, t = q.shape[:2] if rows is None else rows
+    h = q.shape[-2]
     block_q = min(block_q, max(16, pl.next_power_of_2(t)))
     kernel = functools.partial(kernel, groups=h // n_kv, block_q=block_q, block_k=block_k,
                                exact=compute == jnp.float32, compute_dtype=compute)

@@ -250,13 +250,22 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     batch, rows = layer.batch, layer.batch.rows
     h, d = q.shape[2:]
     out = _paged_decode(q[0, :rows], layer.k, layer.v, batch.tables, batch.lengths, mesh)  # [rows, H, D]
-    if batch.chunk_tables is not None:
-        chunk_rows = batch.chunk_tables.shape[0]
-        q_chunk = q[0, rows:].reshape(chunk_rows, -1, h, d)
-        offsets = positions[0, rows:].reshape(chunk_rows, -1)[:, 0]
-        chunk = _paged_chunk(q_chunk, layer.k, layer.v, batch.chunk_tables, offsets, mesh)
-        out = jnp.concatenate([out, chunk.reshape(-1, h, d)])
-    return out[None]
+    if batch.chunk_tables is None:
+        return out[None]
+    chunk_rows = batch.chunk_tables.shape[0]
+    offsets = positions[0, rows:].reshape(chunk_rows, -1)[:, 0]
+    if _gathers(mesh, layer.k.shape[2]):
+        chunk = _paged_chunk(q[0, rows:].reshape(chunk_rows, -1, h, d), layer.k, layer.v, batch.chunk_tables,
+                             offsets, mesh)
+        return jnp.concatenate([out, chunk.reshape(-1, h, d)])[None]
+    # The prompt rows' queries read and their output written in place in the step's flat array; the
+    # decode rows' output then fills its head (no copy of the prompt rows either way).
+    heads = P(None, "tensor", None)  # q's and the output's second axis, the pool's third
+    pool = P(None, None, "tensor", None)
+    both = on_own_heads(functools.partial(paged_attention.attend_prefill_rows, first=rows), mesh,
+                        layer.k.shape[2], (heads, pool, pool, P(), P()), heads)(
+        q[0], layer.k, layer.v, batch.chunk_tables, offsets)
+    return both.at[:rows].set(out)[None]
 
 
 class Attention(nn.Module):
