@@ -347,9 +347,10 @@ def test_paged_prefill_matches_its_reference(case):
 def test_paged_prefill_rows_read_and_write_the_flat_step_in_place(case, first):
     """`paged_prefill_rows`: the same prompt rows laid end to end after `first` other tokens of a flat
     `[N, H, D]` array (the engine's decode rows), read and written there: from `first` on it equals
-    `paged_prefill` on those rows, row by row (a query block past a row's end, which in the flat array
-    is the next row's start, neither reads nor writes there). The reference gives the same rows and
-    zeros before them."""
+    `paged_prefill` on those rows, row by row, query blocks past a row's end included (in the flat
+    array the next row's start: the kernel masks them; interpret mode runs the programs in order, so
+    a missing mask would be overwritten by the next row's program and is not caught here). The
+    reference gives the same rows and zeros before them."""
     b, t, h, n_kv, d, page, pool, max_pages, offsets, block_q, block_k, dtype, compute = PREFILL_CASES[case]
     q, k_pages, v_pages = _normal(t + pool + first, (first + b * t, h, d), (pool, page, n_kv, d),
                                   (pool, page, n_kv, d), dtype=dtype)
@@ -445,12 +446,14 @@ def test_float8_pages_stay_close_to_the_exact_result():
 
 
 @pytest.mark.parametrize("platform,device_kind,kernel", [("cuda", "NVIDIA H200", True), ("rocm", "gfx942", False)])
-@pytest.mark.parametrize("entry, q", [("attend", (4, 32, 128)), ("attend_prefill", (4, 64, 32, 128))])
+@pytest.mark.parametrize("entry, q", [(pa.attend, (4, 32, 128)), (pa.attend_prefill, (4, 64, 32, 128)),
+                                      (functools.partial(pa.attend_prefill_rows, first=8), (8 + 4 * 64, 32, 128))],
+                         ids=["attend", "attend_prefill", "attend_prefill_rows"])
 def test_float8_pages_take_the_kernel_on_cuda_and_the_reference_on_rocm(platform, device_kind, kernel, entry, q):
     f8 = jnp.float8_e4m3fn
     args = (S(q, jnp.bfloat16), S((100, 16, 8, 128), f8), S((100, 16, 8, 128), f8),
             S((4, 20), jnp.int32), S((4,), jnp.int32))
-    text = _lower(getattr(pa, entry), args, platform, device_kind)
+    text = _lower(entry, args, platform, device_kind)
     assert ("__gpu$xla.gpu.triton" in text) == kernel and "f8E4M3FN" in text
 
 
@@ -684,10 +687,8 @@ def test_attention_mode_is_checked(monkeypatch):
 @pytest.mark.parametrize("value, message", [("interpret", "takes auto or off"), ("fast", "must be one of")])
 def test_paged_prefill_switch_is_checked(monkeypatch, value, message):
     monkeypatch.setenv("LLMJAX_PAGED_PREFILL", value)
-    pages = jnp.zeros((4, 8, 1, 16))
     with pytest.raises(ValueError, match=f"LLMJAX_PAGED_PREFILL {message}"):
-        llama._paged_chunk(jnp.zeros((1, 3, 2, 16)), pages, pages, jnp.zeros((1, 2), jnp.int32),
-                           jnp.zeros((1,), jnp.int32), None)
+        llama._gathers(None, 1)
 
 
 def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatch):

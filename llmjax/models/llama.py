@@ -203,25 +203,20 @@ def _paged_decode(q, k_pages, v_pages, tables, lengths, mesh):
         q, k_pages, v_pages, tables, lengths)
 
 
-def _paged_chunk(q, k_pages, v_pages, tables, offsets, mesh):
-    """`paged_attention.attend_prefill` (the prompt rows read their keys through the block table), per
-    device where `tensor` splits the pool's kv heads, as `_paged_decode`. On a mesh whose axes split
-    something else, or with `LLMJAX_PAGED_PREFILL=off`, each row's pages are gathered into a contiguous
-    copy for `attention` (which places the work by itself)."""
-    if _gathers(mesh, k_pages.shape[2]):
-        keys = paged_attention.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
-        values = paged_attention.gather_pages(v_pages, tables).astype(q.dtype)
-        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-        q_pos = offsets[:, None] + jnp.arange(q.shape[1])[None, :]
-        return attention(q, keys, values, q_pos, k_pos, mesh)
-    heads = P(None, None, "tensor", None)  # q's and the pool's third axis alike
-    return on_own_heads(paged_attention.attend_prefill, mesh, k_pages.shape[2], (heads, heads, heads, P(), P()),
-                        heads)(q, k_pages, v_pages, tables, offsets)
+def _gathered_chunk(q, k_pages, v_pages, tables, offsets, mesh):
+    """The prompt rows' attention where `_gathers` says so (`LLMJAX_PAGED_PREFILL=off`, or a mesh whose
+    axes split something other than the pool's kv heads): each row's pages gathered into a contiguous
+    copy for `attention` (which places the work by itself). q `[rows, T, H, D]`."""
+    keys = paged_attention.gather_pages(k_pages, tables).astype(q.dtype)  # [rows, S, KV, D]
+    values = paged_attention.gather_pages(v_pages, tables).astype(q.dtype)
+    k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+    q_pos = offsets[:, None] + jnp.arange(q.shape[1])[None, :]
+    return attention(q, keys, values, q_pos, k_pos, mesh)
 
 
 def _gathers(mesh, kv_heads: int) -> bool:
-    """Whether `_paged_chunk` gathers its rows' pages into contiguous copies (on `mesh`, under the
-    environment's `LLMJAX_PAGED_PREFILL`) rather than handing the pool to `attend_prefill`."""
+    """Whether the engine's prompt rows gather their pages into contiguous copies (on `mesh`, under the
+    environment's `LLMJAX_PAGED_PREFILL`) rather than handing the pool to `attend_prefill_rows`."""
     chosen = dispatch.mode("LLMJAX_PAGED_PREFILL")
     if chosen == "interpret":  # the kernel's own mode is LLMJAX_ATTENTION's to set
         raise ValueError("LLMJAX_PAGED_PREFILL takes auto or off; LLMJAX_ATTENTION=interpret runs the kernel in "
@@ -244,8 +239,11 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     Decode rows (one token each) go through `paged_attention.attend` (on a GPU a kernel that reads only
     each row's valid pages).
     Prefill rows (a piece of a prompt each, its positions counting up from the row's first) go through
-    `paged_attention.attend_prefill`: a prompt token sees every earlier token of its sequence, whether
-    written by an earlier step or by an earlier row of this one, read from the pages in place.
+    `paged_attention.attend_prefill_rows`: a prompt token sees every earlier token of its sequence,
+    whether written by an earlier step or by an earlier row of this one, read from the pages in place;
+    the kernel reads the rows' queries from `q` and writes their output at their own positions of its
+    result, whose head the decode rows' output then fills (on one device, or per device where `tensor`
+    splits the pool's kv heads). Elsewhere (`_gathers`) each row's pages are gathered into a copy.
     """
     batch, rows = layer.batch, layer.batch.rows
     h, d = q.shape[2:]
@@ -255,8 +253,8 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
     chunk_rows = batch.chunk_tables.shape[0]
     offsets = positions[0, rows:].reshape(chunk_rows, -1)[:, 0]
     if _gathers(mesh, layer.k.shape[2]):
-        chunk = _paged_chunk(q[0, rows:].reshape(chunk_rows, -1, h, d), layer.k, layer.v, batch.chunk_tables,
-                             offsets, mesh)
+        chunk = _gathered_chunk(q[0, rows:].reshape(chunk_rows, -1, h, d), layer.k, layer.v, batch.chunk_tables,
+                                offsets, mesh)
         return jnp.concatenate([out, chunk.reshape(-1, h, d)])[None]
     # The prompt rows' queries read and their output written in place in the step's flat array; the
     # decode rows' output then fills its head (no copy of the prompt rows either way).
