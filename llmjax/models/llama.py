@@ -257,7 +257,8 @@ def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLaye
                                 offsets, mesh)
         return jnp.concatenate([out, chunk.reshape(-1, h, d)])[None]
     # The prompt rows' queries read and their output written in place in the step's flat array; the
-    # decode rows' output then fills its head (no copy of the prompt rows either way).
+    # decode rows' output then fills its head (where the kernel runs, the prompt rows' queries and
+    # output are never copied; the reference, elsewhere, slices and concatenates).
     heads = P(None, "tensor", None)  # q's and the output's second axis, the pool's third
     pool = P(None, None, "tensor", None)
     both = on_own_heads(functools.partial(paged_attention.attend_prefill_rows, first=rows), mesh,
