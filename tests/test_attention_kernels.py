@@ -348,9 +348,8 @@ def test_paged_prefill_rows_read_and_write_the_flat_step_in_place(case, first):
     """`paged_prefill_rows`: the same prompt rows laid end to end after `first` other tokens of a flat
     `[N, H, D]` array (the engine's decode rows), read and written there: from `first` on it equals
     `paged_prefill` on those rows, row by row, query blocks past a row's end included (in the flat
-    array the next row's start: the kernel masks them; interpret mode runs the programs in order, so
-    a missing mask would be overwritten by the next row's program and is not caught here). The
-    reference gives the same rows and zeros before them."""
+    array the next row's start; that the kernel masks them, the test below checks). The reference
+    gives the same rows and zeros before them."""
     b, t, h, n_kv, d, page, pool, max_pages, offsets, block_q, block_k, dtype, compute = PREFILL_CASES[case]
     q, k_pages, v_pages = _normal(t + pool + first, (first + b * t, h, d), (pool, page, n_kv, d),
                                   (pool, page, n_kv, d), dtype=dtype)
@@ -370,6 +369,30 @@ def test_paged_prefill_rows_read_and_write_the_flat_step_in_place(case, first):
     assert not np.asarray(want[:first], np.float32).any()
     with pytest.raises(ValueError, match="rows of equal length"):
         pa.paged_prefill_rows(q[:-1], k_pages, v_pages, tables, offsets, first=first, interpret=True)
+
+
+@pytest.mark.parametrize("case", ["blocks-within-pages", "pages-of-5-gathered-groups8", "blocks-of-two-pages-groups1"])
+def test_paged_prefill_rows_write_nothing_outside_their_rows(case):
+    """A query block past a row's end is masked, loads and stores: the kernel launched on rows that lie
+    between other tokens (7 before, 5 after, which the engine never has: its chunk rows run to the
+    end) writes those rows as `paged_prefill` does and nothing else. Interpret mode leaves what no
+    program writes NaN, and the last row's overrun lands after the rows, where no later program
+    writes, so a missing store mask shows there."""
+    b, t, h, n_kv, d, page, pool, max_pages, offsets, block_q, block_k, dtype, compute = PREFILL_CASES[case]
+    before, after = 7, 5
+    q, k_pages, v_pages = _normal(3 * t + pool, (before + b * t + after, h, d), (pool, page, n_kv, d),
+                                  (pool, page, n_kv, d), dtype=dtype)
+    tables = jnp.asarray(np.array(jax.random.permutation(jax.random.key(pool), pool))[:b * max_pages]
+                         .reshape(b, max_pages), jnp.int32)
+    offsets = jnp.array(offsets, jnp.int32)
+    assert t % min(block_q, max(16, 1 << (t - 1).bit_length())), "the case must have a block past a row's end"
+    out = np.asarray(pa._launch_prefill(q, k_pages, v_pages, tables, offsets, (before, t), block_q=block_q,
+                                        block_k=block_k, num_warps=4, num_stages=3, compute_dtype=compute,
+                                        interpret=True), np.float32)
+    assert np.isnan(out[:before]).all() and np.isnan(out[before + b * t:]).all()
+    rows = pa.paged_prefill(q[before:before + b * t].reshape(b, t, h, d), k_pages, v_pages, tables, offsets,
+                            block_q=block_q, block_k=block_k, compute_dtype=compute, interpret=True)
+    np.testing.assert_array_equal(out[before:before + b * t], np.asarray(rows.reshape(-1, h, d), np.float32))
 
 
 def test_paged_prefill_reference_is_attention_over_the_gathered_sequence():
