@@ -14,8 +14,8 @@ import sys
 import jinja2
 
 from llmjax.params import DEFAULT_MODEL
-from llmjax.throughput import BENCH_ENGINE
 from llmjax.quant.weights import SCHEMES
+from llmjax.throughput import BENCH_ENGINE
 
 
 def _convert(args) -> None:

@@ -174,13 +174,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offsets: jax.Arr
 
 
 def launch_flash(kernel, q: jax.Array, n_kv: int, operands: tuple, *, name: str, block_q: int, block_k: int,
-                 num_warps: int, num_stages: int, compute, interpret: bool, rows: tuple[int, int] | None = None
+                 num_warps: int, num_stages: int, compute, interpret: bool, flat: tuple[int, int] | None = None
                  ) -> jax.Array:
     """Runs a `flash_program` kernel over the grid (query heads, query blocks, rows) for q `[B, T, H, D]`
     against `n_kv` kv heads; `compute` is the products' dtype. Returns `[B, T, H, D]` in q's dtype.
-    With `rows` = (B, T), q is `[N, H, D]` and the kernel (given `flat`) places its rows in it; the
-    result is `[N, H, D]` with only those rows written."""
-    b, t = q.shape[:2] if rows is None else rows
+    With `flat` = (first, T) (which the kernel is given), q is `[N, H, D]` holding rows of T queries
+    from token `first` on (the whole rows that fit); the result is `[N, H, D]` with only those rows
+    written."""
+    if flat is None:
+        b, t = q.shape[:2]
+    else:
+        t = flat[1]
+        b = (q.shape[0] - flat[0]) // t
+        kernel = functools.partial(kernel, flat=flat)
     h = q.shape[-2]
     block_q = min(block_q, max(16, pl.next_power_of_2(t)))
     kernel = functools.partial(kernel, groups=h // n_kv, block_q=block_q, block_k=block_k,

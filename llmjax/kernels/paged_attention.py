@@ -221,10 +221,9 @@ def _launch_prefill(q, k_pages, v_pages, block_tables, q_offsets, flat, *, compu
     t = q.shape[1] if flat is None else flat[1]
     offsets = q_offsets.astype(jnp.int32)  # a row's keys end at its last query's position
     operands = (offsets, offsets + t, block_tables.astype(jnp.int32), q, _flat(k_pages), _flat(v_pages))
-    return launch_flash(functools.partial(_prefill_kernel, page_size=page_size, flat=flat), q, n_kv, operands,
+    return launch_flash(functools.partial(_prefill_kernel, page_size=page_size), q, n_kv, operands,
                         name="paged_prefill_attention", **tuning,
-                        compute=product_dtype("paged_prefill", q.dtype, compute_dtype),
-                        rows=None if flat is None else (block_tables.shape[0], t))
+                        compute=product_dtype("paged_prefill", q.dtype, compute_dtype), flat=flat)
 
 
 @functools.partial(jax.jit, static_argnames=("first", "block_q", "block_k", "num_warps", "num_stages",
@@ -268,8 +267,11 @@ def _check_prefill(q, k_pages, v_pages, block_tables, q_offsets) -> None:
 
 def attend_prefill_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                         q_offsets: jax.Array, first: int, **tuning) -> jax.Array:
-    """`attend_prefill` for prompt rows in a flat array of tokens (`paged_prefill_rows`): the kernel
-    reads their queries and writes their output in place, as the engine's step wants."""
+    """The engine's entry point for prompt rows in its step's flat array of tokens: `paged_prefill_rows`
+    (their queries read and their output written in place) on cuda and rocm with
+    `PREFILL_TUNING[pages' dtype]` under `tuning`; its reference elsewhere, and for a head dim or a mix
+    of dtypes the kernel does not take (float8 pages on rocm too). `LLMJAX_ATTENTION` overrides as in
+    `flash_attention.attend`."""
     return dispatch_attention(functools.partial(paged_prefill_rows, first=first),
                               functools.partial(paged_prefill_rows_reference, first=first), q, k_pages, v_pages,
                               block_tables, q_offsets, tuning=_engine_tuning(PREFILL_TUNING, q, k_pages, tuning),
@@ -278,10 +280,7 @@ def attend_prefill_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, bl
 
 def attend_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                    q_offsets: jax.Array, **tuning) -> jax.Array:
-    """The engine's entry point for prompt rows: `paged_prefill` on cuda and rocm with
-    `PREFILL_TUNING[pages' dtype]` under `tuning`; the reference elsewhere, and for a head dim or a mix
-    of dtypes the kernel does not take (float8 pages on rocm too). `LLMJAX_ATTENTION` overrides as in
-    `flash_attention.attend`."""
-    return dispatch_attention(paged_prefill, paged_prefill_reference, q, k_pages, v_pages, block_tables, q_offsets,
-                              tuning=_engine_tuning(PREFILL_TUNING, q, k_pages, tuning),
-                              rocm_tuning=PREFILL_ROCM_TUNING)
+    """`attend_prefill_rows` for prompt rows given as q `[B, T, H, D]` (laid end to end, from token 0)."""
+    b, t, h, d = q.shape
+    out = attend_prefill_rows(q.reshape(b * t, h, d), k_pages, v_pages, block_tables, q_offsets, 0, **tuning)
+    return out.reshape(q.shape)
