@@ -426,22 +426,33 @@ class Engine:
     def _workspace_bytes(self) -> int:
         """A generous bound on one step's activations: every token's MLP activations, the logits with a
         sampling copy or two, and, unless the prompt rows read their pages in place (the prefill kernel,
-        on a GPU), their gathered keys and values and float32 scores."""
+        on a GPU), their gathered keys and values and float32 scores; the same for the decode rows
+        unless the decode kernel reads theirs in place."""
         c, itemsize = self.config, jnp.dtype(self.params.dtype).itemsize
         tokens = self.max_slots + self.chunk_rows * self.prefill_row
+        length = self.max_pages * self.page_size
+        row_kv = 2 * length * c.num_kv_heads * c.head_dim * itemsize  # a row's pages gathered, K and V
         gathered = scores = 0
         if not self._chunk_in_place():
-            length = self.max_pages * self.page_size
-            gathered = 2 * self.chunk_rows * length * c.num_kv_heads * c.head_dim * itemsize
+            gathered = self.chunk_rows * row_kv
             scores = 2 * self.chunk_rows * c.num_heads * self.prefill_row * length * 4
+        if not self._decode_in_place():  # the reference gathers each decode row's pages too
+            gathered += self.max_slots * row_kv
+            scores += 2 * self.max_slots * c.num_heads * length * 4
         mlp = 4 * tokens * (c.hidden_size + c.intermediate_size) * itemsize
         logits = 4 * (self.max_slots + self.chunk_rows) * c.vocab_size * 4
         return 2 * (gathered + scores + mlp + logits) + 2**29
 
-    def _chunk_in_place(self) -> bool:
+    def _device(self):
         mesh = self.params.mesh
-        device = jax.local_devices()[0] if mesh is None else mesh.devices.flat[0]
-        return llama.paged_chunk_in_place(self.config, self.params.dtype, self.kv_dtype, mesh, device)
+        return jax.local_devices()[0] if mesh is None else mesh.devices.flat[0]
+
+    def _chunk_in_place(self) -> bool:
+        return llama.paged_chunk_in_place(self.config, self.params.dtype, self.kv_dtype, self.params.mesh,
+                                          self._device())
+
+    def _decode_in_place(self) -> bool:
+        return llama.paged_decode_in_place(self.config, self.params.dtype, self.kv_dtype, self._device())
 
     def _pool_pages(self, kv_memory) -> int:
         wanted = self.max_slots * self.max_pages

@@ -350,36 +350,39 @@ def test_the_default_pool_takes_most_of_the_free_device_memory(params, monkeypat
         _engine(params)
 
 
-def test_the_workspace_holds_gathered_keys_only_where_prompt_rows_gather_them(params, monkeypatch):
-    """The step's workspace sets aside each prompt row's gathered keys and values and float32 scores
-    only where the rows gather their pages (the reference, as on a CPU), not where the prefill
-    kernel reads them in place (here that kernel in interpret mode): a GPU's pool keeps those bytes."""
-    monkeypatch.setenv("LLMJAX_ATTENTION", "off")  # the reference on every platform
+def test_the_workspace_holds_gathered_keys_only_where_rows_gather_them(params, monkeypatch):
+    """The step's workspace sets aside each row's gathered keys and values and float32 scores only
+    where the rows gather their pages (the references, as on a CPU), not where the kernels read them
+    in place (here in interpret mode): a GPU's pool keeps those bytes. The prompt rows and the decode
+    rows are counted apart, since the prompt rows may gather while the decode kernel runs."""
+    monkeypatch.setenv("LLMJAX_ATTENTION", "off")  # the references on every platform
     engine = _engine(params)
     gathered, c = engine._workspace_bytes(), params.config
-    rows, length = engine.chunk_rows, engine.max_pages * engine.page_size
-    copies = (2 * rows * length * c.num_kv_heads * c.head_dim * 4  # float32 keys and values
-              + 2 * rows * c.num_heads * engine.prefill_row * length * 4)  # scores, and their exponentials
+    length = engine.max_pages * engine.page_size
+    row_kv = 2 * length * c.num_kv_heads * c.head_dim * 4  # a row's float32 keys and values
+    prompt = engine.chunk_rows * (row_kv + 2 * c.num_heads * engine.prefill_row * length * 4)  # and scores
+    decode = engine.max_slots * (row_kv + 2 * c.num_heads * length * 4)
     monkeypatch.setenv("LLMJAX_ATTENTION", "interpret")
-    assert gathered - _engine(params)._workspace_bytes() == 2 * copies
-    monkeypatch.setenv("LLMJAX_PAGED_PREFILL", "off")  # the kernel runs, but on gathered copies
-    assert _engine(params)._workspace_bytes() == gathered
+    in_place = _engine(params)._workspace_bytes()
+    assert gathered - in_place == 2 * (prompt + decode)
+    monkeypatch.setenv("LLMJAX_PAGED_PREFILL", "off")  # the prefill kernel runs, but on gathered copies
+    assert _engine(params)._workspace_bytes() - in_place == 2 * prompt
 
 
-@pytest.mark.parametrize("device, kv_dtype, environment, head_dim, in_place", [
-    ("cuda", None, {}, 16, True),
-    ("cuda", "float8_e4m3fn", {}, 16, True),  # widened as the kernel reads
-    ("rocm", None, {}, 16, True),
-    ("rocm", "float8_e4m3fn", {}, 16, False),  # the reference on rocm
-    ("cpu", None, {}, 16, False),
-    ("cpu", None, {"LLMJAX_ATTENTION": "interpret"}, 16, True),
-    ("cuda", None, {"LLMJAX_ATTENTION": "off"}, 16, False),
-    ("cuda", None, {"LLMJAX_PAGED_PREFILL": "off"}, 16, False),
-    ("cuda", None, {}, 24, False),  # a head dim the kernels do not take
+@pytest.mark.parametrize("device, kv_dtype, environment, head_dim, prompt_in_place, decode_in_place", [
+    ("cuda", None, {}, 16, True, True),
+    ("cuda", "float8_e4m3fn", {}, 16, True, True),  # widened as the kernels read
+    ("rocm", None, {}, 16, True, True),
+    ("rocm", "float8_e4m3fn", {}, 16, False, False),  # the references on rocm
+    ("cpu", None, {}, 16, False, False),
+    ("cpu", None, {"LLMJAX_ATTENTION": "interpret"}, 16, True, True),
+    ("cuda", None, {"LLMJAX_ATTENTION": "off"}, 16, False, False),
+    ("cuda", None, {"LLMJAX_PAGED_PREFILL": "off"}, 16, False, True),  # only the prompt rows gather
+    ("cuda", None, {}, 24, False, False),  # a head dim the kernels do not take
 ])
-def test_prompt_rows_read_the_pages_in_place_where_the_prefill_kernel_runs(device, kv_dtype, environment,
-                                                                           head_dim, in_place, monkeypatch):
-    """The engine sizes its workspace by this answer, so it must follow the path the step will take."""
+def test_rows_read_the_pages_in_place_where_the_kernels_run(device, kv_dtype, environment, head_dim,
+                                                            prompt_in_place, decode_in_place, monkeypatch):
+    """The engine sizes its workspace by these answers, so they must follow the paths the step takes."""
     llama = importlib.import_module("llmjax.models.llama")
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -387,7 +390,8 @@ def test_prompt_rows_read_the_pages_in_place_where_the_prefill_kernel_runs(devic
     fake = types.SimpleNamespace(platform="cpu" if device == "cpu" else "gpu", compute_capability=capability)
     config = dataclasses.replace(LlamaConfig.preset("tiny"), head_dim=head_dim)
     kv_dtype = jnp.dtype(kv_dtype or jnp.bfloat16)
-    assert llama.paged_chunk_in_place(config, jnp.bfloat16, kv_dtype, None, fake) is in_place
+    assert llama.paged_chunk_in_place(config, jnp.bfloat16, kv_dtype, None, fake) is prompt_in_place
+    assert llama.paged_decode_in_place(config, jnp.bfloat16, kv_dtype, fake) is decode_in_place
 
 
 @pytest.mark.parametrize("call, match", [

@@ -228,8 +228,14 @@ def paged_chunk_in_place(config: LlamaConfig, dtype, kv_dtype, mesh, device) -> 
     """Whether the engine's prompt rows (`paged_step_attention`) read their keys from the pages in place
     through the prefill kernel on `device`; otherwise each row's pages are gathered into a contiguous
     copy and, off the kernels, its float32 scores materialize too (memory the engine sets aside)."""
-    return not _gathers(mesh, config.num_kv_heads) and flash_attention.kernel_runs_for(
-        config.head_dim, dtype, kv_dtype, kv_dtype, device)
+    return not _gathers(mesh, config.num_kv_heads) and paged_decode_in_place(config, dtype, kv_dtype, device)
+
+
+def paged_decode_in_place(config: LlamaConfig, dtype, kv_dtype, device) -> bool:
+    """Whether the engine's decode rows (`paged_step_attention`) read their pages in place through the
+    decode kernel on `device`; otherwise its reference gathers each row's pages into a contiguous copy
+    and materializes float32 scores (memory the engine sets aside)."""
+    return flash_attention.kernel_runs_for(config.head_dim, dtype, kv_dtype, kv_dtype, device)
 
 
 def paged_step_attention(q: jax.Array, positions: jax.Array, layer: kv.PagedLayer, mesh: Any = None) -> jax.Array:
