@@ -11,7 +11,8 @@ timed against the Triton kernel and cuDNN in the same run.
    `--shapes`) with Llama-3-8B's heads (32 query, 8 kv, head dim 128), bf16: the Triton kernel (its defaults),
    `jax.nn.dot_product_attention(implementation="cudnn")`, and each variant of this kernel; each
    output is compared with the Triton kernel's. Each timed turn is 10 calls in one jit, each call's
-   query depending on the last one's output; the implementations take turns, 9 each, and the figure
+   query depending on the last one's output; the implementations take turns, 9 each, in an order
+   rotated by one each turn (so that none always runs right after the same other one), and the figure
    is the median turn (the same configuration drifted by up to 6% when timed one after another).
 3. model: the Llama-3-8B shape (random bf16 weights) through `flash_attention.attend` as the model
    calls it, with this kernel (the default on Hopper), the Triton kernel (`LLMJAX_ATTENTION_MOSAIC=off`)
@@ -113,9 +114,10 @@ def run_timing(report: Report, variants: dict, shapes: str = SHAPES) -> None:
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
                 report.say(f"  {t:6d} x{b} d{d} {name:22s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
         times = {name: [] for name in runners}
-        for _ in range(INTERLEAVED):  # every implementation once a turn: drift hits them alike
-            for name, run in runners.items():
-                times[name].append(run())
+        names = list(runners)
+        for turn in range(INTERLEAVED):  # every implementation once a turn: drift hits them alike
+            for name in names[turn % len(names):] + names[:turn % len(names)]:  # each follows each in turn
+                times[name].append(runners[name]())
         for name, seconds in times.items():
             s = statistics.median(seconds)
             tflops = flash_flops(b, t) * d / HEAD_DIM / s / 1e12
