@@ -14,6 +14,8 @@ timed against the Triton kernel and cuDNN in the same run.
    query depending on the last one's output; the implementations take turns, 9 each, in an order
    rotated by one each turn (so that none always runs right after the same other one), and the figure
    is the median turn (the same configuration drifted by up to 6% when timed one after another).
+   Back to back, the GPU heats and its clock falls over the run; `--rest 1` idles it a second before
+   every turn, so that each turn starts cool (faster, and a narrower spread).
 3. model: the Llama-3-8B shape (random bf16 weights) through `flash_attention.attend` as the model
    calls it, with this kernel (the default on Hopper), the Triton kernel (`LLMJAX_ATTENTION_MOSAIC=off`)
    and the reference attention (`LLMJAX_ATTENTION=off`): logits of two 1000-token rows, and 32 greedy
@@ -92,7 +94,7 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     return t, b, d[0] if d else HEAD_DIM
 
 
-def run_timing(report: Report, variants: dict, shapes: str = SHAPES) -> None:
+def run_timing(report: Report, variants: dict, shapes: str = SHAPES, rest: float = 0.0) -> None:
     report.say(f"2. causal prefill, {HEADS} q / {KV_HEADS} kv heads, bf16 (context x batch [x head dim])")
     for t, b, d in map(parse_shape, shapes.split(",")):
         q = normal(20, (b, t, HEADS, d))
@@ -117,6 +119,7 @@ def run_timing(report: Report, variants: dict, shapes: str = SHAPES) -> None:
         names = list(runners)
         for turn in range(INTERLEAVED):  # every implementation once a turn: drift hits them alike
             for name in names[turn % len(names):] + names[:turn % len(names)]:  # each follows each in turn
+                time.sleep(rest)
                 times[name].append(runners[name]())
         for name, seconds in times.items():
             s = statistics.median(seconds)
@@ -169,6 +172,8 @@ def main():
     parser.add_argument("--only", default="check,time,model")
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated TxB or TxBxD (context, batch, "
                         "head dim 128 unless given)")
+    parser.add_argument("--rest", type=float, default=0.0, help="seconds the GPU idles before each timed "
+                        "turn (0: back to back, as a long prefill runs; 1: each turn from a cool GPU)")
     parser.add_argument("--variants", default=VARIANTS, help="comma-separated block_kv:stages[:programs][:cN]")
     args = parser.parse_args()
     variants = {label: parse(label) for label in args.variants.split(",")}
@@ -180,7 +185,7 @@ def main():
         report.say(f"  (checks done at {time.perf_counter() - start:.0f} s)")
         report.save()
     if "time" in args.only:
-        run_timing(report, variants, args.shapes)
+        run_timing(report, variants, args.shapes, args.rest)
         report.say(f"  (timing done at {time.perf_counter() - start:.0f} s)")
     if "model" in args.only:
         run_model(report)
