@@ -9,6 +9,7 @@ the weights; the config, tokenizer, mesh and quantization scheme ride along as s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 
@@ -151,10 +152,7 @@ def _place(groups, config, fitted, repeat, mesh, dtype, quant) -> dict:
     place_of = {i: (s, j) for s, places in enumerate(layout) for j, i in enumerate(places) if i is not None}
     weights, places = {}, {}
     for key, tree in groups:
-        if key.startswith("layer_"):
-            tree = rules.repeat_kv_heads(tree, config, repeat)
-        elif key in ("embed", "lm_head"):
-            tree = rules.pad_vocab(tree, fitted.embedding_rows)
+        tree = rules.fit_group(key, tree, config, fitted, repeat)
         if dtype is not None:
             tree = cast_floats(jax.tree.map(np.asarray, tree), dtype)
         if num_stages > 1 and key.startswith("layer_"):
@@ -240,21 +238,25 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
         return Params(weights, config, tokenizer, quant=quant)
     from llmjax.sharding import mesh as meshes, rules
 
-    fitted, _ = meshes.fit_config(config, mesh)
+    fitted, repeat = meshes.fit_config(config, mesh)
     check_mesh(fitted, quant, mesh)
     shardings = rules.weight_shardings(fitted, mesh, quant)
     key, dtype = jax.random.key(seed), jnp.dtype(dtype)
+    # the one-device model's weights, fitted to the mesh as `shard` fits them
+    fit = functools.partial(rules.fit_group, config=config, fitted=fitted, repeat=repeat)
     if pipeline.stages(mesh) == 1:
-        return Params(llama.init_params(fitted, key, dtype, shardings, quant), fitted, tokenizer, mesh, quant)
-    return Params(_init_stacked(fitted, key, dtype, mesh, shardings, quant), fitted, tokenizer, mesh, quant)
+        weights = llama.init_params(config, key, dtype, shardings, quant, fit)
+    else:
+        weights = _init_stacked(config, key, dtype, mesh, shardings, quant, fit)
+    return Params(weights, fitted, tokenizer, mesh, quant)
 
 
-def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings, quant=None) -> dict:
+def _init_stacked(config: LlamaConfig, key, dtype, mesh, shardings, quant=None, fit=None) -> dict:
     """Random weights in the pipeline's layout, equal to `init_params`'s: each stage makes its own
     layers on its own devices, so no device ever holds more than its share."""
     outer = {name: s for name, s in shardings.items() if name != "stages"}
-    weights = llama.init_outer(config, key, dtype, outer, quant)
-    init = llama.layer_init(config, dtype, quant)
+    weights = llama.init_outer(config, key, dtype, outer, quant, fit)
+    init = llama.layer_init(config, dtype, quant, fit)
     places = {}
     for stage, layers in enumerate(pipeline.stage_layout(config, pipeline.stages(mesh))):
         # every place of a stage lands alike ([1, ...] on the stage's devices): one compiled program

@@ -11,7 +11,6 @@ import textwrap
 import pytest
 
 import llmjax
-from llmjax.sharding import fit_config, make_mesh
 
 from conftest import hf_config, save_hf_model
 
@@ -53,8 +52,8 @@ def test_two_processes_generate_what_one_does(tmp_path):
     alone = llmjax.load(folder)
     want_tokens = llmjax.generate(alone, PROMPTS, max_new_tokens=10)
     want_logits = llmjax.logits(alone, [PROMPTS[0]])[0, -1, :8].tolist()
-    # the config init_random uses on the stage mesh: kv heads repeated up to the tensor degree
-    config, _ = fit_config(llmjax.LlamaConfig.from_hf(folder), make_mesh(tensor=4, stage=2))
+    # init_random on the stage mesh makes the one-device model (its kv heads repeated for tensor=4)
+    config = llmjax.LlamaConfig.from_hf(folder)
     want_staged = llmjax.generate(llmjax.init_random(config, dtype="float32"), PROMPTS, max_new_tokens=10)
 
     port = _free_port()

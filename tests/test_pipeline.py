@@ -113,10 +113,11 @@ def test_sampling_and_early_stops_match_one_device(models):
     assert llmjax.generate(p, PROMPTS, **knobs) == want
 
 
-@pytest.mark.parametrize("layers", [4, 3])  # 3: stage 1 holds one layer and a padding place
-def test_random_weights_on_stages_equal_the_single_device_ones(layers):
+# 3 layers: stage 1 holds one layer and a padding place; one kv head: tensor=2 repeats it
+@pytest.mark.parametrize("layers, kv_heads", [(4, 2), (3, 2), (2, 1)])
+def test_random_weights_on_stages_equal_the_single_device_ones(layers, kv_heads):
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=layers, vocab_size=516,
-                                 eos_token_ids=())
+                                 num_kv_heads=kv_heads, eos_token_ids=())
     mesh = _mesh(1, 2, 2)
     p = llmjax.init_random(config, dtype="float32", mesh=mesh)
     want = llmjax.shard(llmjax.init_random(config, dtype="float32"), mesh)

@@ -168,14 +168,24 @@ def test_a_vocabulary_the_tensor_degree_does_not_divide_is_padded(tmp_path):
 
 
 def test_random_weights_are_made_in_their_shardings():
+    """Made in place on the mesh, they are the one-device model's weights as `shard` places them: each
+    kv head repeated where the tensor degree exceeds the kv heads (its copies equal), the vocab padded."""
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2,
                                  intermediate_size=192, eos_token_ids=())
-    p = llmjax.init_random(config, mesh=_mesh(4, 2))
+    mesh = _mesh(4, 2)
+    p = llmjax.init_random(config, seed=3, dtype="float32", mesh=mesh)
     assert p.config.num_kv_heads == 4 and p.config.embedding_rows == 516  # kv repeated, vocab padded
     qkv = p.weights["layer_0"]["attn"]["qkv"]["kernel"]
     assert qkv.shape[0] == 4 and qkv.sharding.spec == P("tensor", None, None, None)
     assert p.weights["embed"]["embedding"].sharding.spec == P("tensor", None)
-    assert len(llmjax.generate(p, [1, 5, 9], max_new_tokens=4)) == 4
+    one = llmjax.init_random(config, seed=3, dtype="float32")
+    want = llmjax.shard(one, mesh)
+    assert jax.tree.structure(p.weights) == jax.tree.structure(want.weights)
+    for got, expected in zip(jax.tree.leaves(p.weights), jax.tree.leaves(want.weights)):
+        assert got.sharding == expected.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    np.testing.assert_allclose(np.asarray(llmjax.logits(p, [[1, 5, 9]])), np.asarray(llmjax.logits(one, [[1, 5, 9]])),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _collectives(compiled_text: str, op: str) -> list[int]:

@@ -554,27 +554,28 @@ def logical_axes(config: LlamaConfig, quant: QuantScheme | None = None) -> dict:
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardings=None,
-                quant: QuantScheme | None = None) -> dict:
+                quant: QuantScheme | None = None, fit=None) -> dict:
     """Random weights (normal, std 0.02; norms one; quantized kernels random codes of about that
     spread): for tests and benchmarks. With `shardings` (a tree like the weights'), each weight is
     made in place on its devices. The embedding, final norm and head come from `key`; layer i from
     `layer_key(key, i)` through one compiled program shared by every layer (`init_layers`), so an
     80-layer model compiles one layer's init rather than 80 (a whole-model init took 80-106 s to
-    make a 70B model on an H200, nearly all of it compiling)."""
+    make a 70B model on an H200, nearly all of it compiling). `fit(name, group)`, if given, rewrites
+    each group of weights as it is made (a mesh's, `llmjax.sharding.rules.fit_group`)."""
     layer_sharding = None if shardings is None else shardings["layer_0"]  # every layer's is alike
     outer = None if shardings is None else {n: s for n, s in shardings.items() if not n.startswith("layer_")}
-    return {**init_outer(config, key, dtype, outer, quant),
-            **init_layers(config, key, range(config.num_layers), dtype, layer_sharding, quant)}
+    return {**init_outer(config, key, dtype, outer, quant, fit),
+            **init_layers(config, key, range(config.num_layers), dtype, layer_sharding, quant, fit)}
 
 
 def init_outer(config: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16, shardings=None,
-               quant: QuantScheme | None = None) -> dict:
+               quant: QuantScheme | None = None, fit=None) -> dict:
     """The weights outside the layers (embedding, final norm, head), as `init_params` makes them."""
     one_layer = dataclasses.replace(config, num_layers=1)
 
     def init(key):  # the one layer is left out of the result, so XLA never makes it
         weights = nn.meta.unbox(Llama(one_layer, dtype, quant=quant).init(key, *_init_args())["params"])
-        return {name: w for name, w in weights.items() if not name.startswith("layer_")}
+        return {name: fit(name, w) if fit else w for name, w in weights.items() if not name.startswith("layer_")}
     return jax.jit(init, out_shardings=shardings)(key)
 
 
@@ -583,19 +584,21 @@ def layer_key(key: jax.Array, index: int) -> jax.Array:
     return jax.random.fold_in(key, index)
 
 
-def layer_init(config: LlamaConfig, dtype=jnp.bfloat16, quant: QuantScheme | None = None):
-    """`key -> one layer's weights`, the same function (so one compilation) for every layer."""
+def layer_init(config: LlamaConfig, dtype=jnp.bfloat16, quant: QuantScheme | None = None, fit=None):
+    """`key -> one layer's weights`, the same function (so one compilation) for every layer (`fit` as
+    `init_params`')."""
     def init(key):
         x, positions = jnp.zeros((1, 1, config.hidden_size), dtype), jnp.zeros((1, 1), jnp.int32)
-        return nn.meta.unbox(Blocks(config, dtype, (0,), quant).init(key, x, positions)["params"])["layer_0"]
+        layer = nn.meta.unbox(Blocks(config, dtype, (0,), quant).init(key, x, positions)["params"])["layer_0"]
+        return fit("layer_0", layer) if fit else layer
     return init
 
 
 def init_layers(config: LlamaConfig, key: jax.Array, indices, dtype=jnp.bfloat16, sharding=None,
-                quant: QuantScheme | None = None) -> dict:
+                quant: QuantScheme | None = None, fit=None) -> dict:
     """`{"layer_i": weights}` for i in `indices`, the values `init_params` gives those layers, each
     placed by `sharding` (one layer's shardings)."""
-    init = jax.jit(layer_init(config, dtype, quant), out_shardings=sharding)
+    init = jax.jit(layer_init(config, dtype, quant, fit), out_shardings=sharding)
     return {f"layer_{i}": init(layer_key(key, i)) for i in indices}
 
 

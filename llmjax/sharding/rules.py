@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -67,8 +68,21 @@ def cache_sharding(mesh: jax.sharding.Mesh, batch: int) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def fit_group(name: str, group, config: LlamaConfig, fitted: LlamaConfig, repeat: int):
+    """Weight group `name` of `config`'s model as the mesh's model (`fitted`, with each kv head repeated
+    `repeat` times: `mesh.fit_config`) holds it: a layer's kv heads repeated, the embedding and LM head
+    padded to the fitted vocab rows, the rest as it is. Numpy arrays on the host, jax arrays inside a
+    jitted function (`init_random` makes weights in place)."""
+    if name.startswith("layer_"):
+        return repeat_kv_heads(group, config, repeat)
+    if name in ("embed", "lm_head"):
+        return pad_vocab(group, fitted.embedding_rows)
+    return group
+
+
 def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
-    """Rewrites one layer's fused q/k/v weights (numpy) so each kv head appears `repeat` times.
+    """Rewrites one layer's fused q/k/v weights so each kv head appears `repeat` times (numpy arrays
+    on the host, jax arrays inside a jitted function).
 
     `qkv` `[KV, G+2, hd, D]` becomes `[KV*repeat, G/repeat+2, hd, D]`: kv head j's G query heads are
     split among its copies in order, and each copy carries j's key and value. Biases alike, and the
@@ -79,22 +93,25 @@ def repeat_kv_heads(layer: dict, config: LlamaConfig, repeat: int) -> dict:
     g = config.num_heads // config.num_kv_heads
 
     def rewrite(w):
+        xp = jnp if isinstance(w, jax.Array) else np
+        w = xp.asarray(w)
         kv, rest = w.shape[0], w.shape[2:]
         q = w[:, :g].reshape(kv, repeat, g // repeat, *rest)
-        k = np.broadcast_to(w[:, g:g + 1][:, None], (kv, repeat, 1, *rest))
-        v = np.broadcast_to(w[:, g + 1:g + 2][:, None], (kv, repeat, 1, *rest))
-        return np.concatenate([q, k, v], axis=2).reshape(kv * repeat, g // repeat + 2, *rest)
+        k = xp.broadcast_to(w[:, g:g + 1][:, None], (kv, repeat, 1, *rest))
+        v = xp.broadcast_to(w[:, g + 1:g + 2][:, None], (kv, repeat, 1, *rest))
+        return xp.concatenate([q, k, v], axis=2).reshape(kv * repeat, g // repeat + 2, *rest)
 
     attn = dict(layer["attn"])
-    attn["qkv"] = jax.tree.map(lambda w: rewrite(np.asarray(w)), layer["attn"]["qkv"])
+    attn["qkv"] = jax.tree.map(rewrite, layer["attn"]["qkv"])
     return dict(layer, attn=attn)
 
 
 def pad_vocab(group: dict, rows: int) -> dict:
-    """The embedding or LM head group (numpy) with zero rows appended up to `rows` (a quantized head's
-    codes and scales alike: a zero scale makes a zero row)."""
+    """The embedding or LM head group with zero rows appended up to `rows` (a quantized head's codes and
+    scales alike: a zero scale makes a zero row)."""
     def pad(w):
-        w = np.asarray(w)
-        return w if w.shape[0] == rows else np.concatenate([w, np.zeros((rows - w.shape[0],) + w.shape[1:],
+        xp = jnp if isinstance(w, jax.Array) else np
+        w = xp.asarray(w)
+        return w if w.shape[0] == rows else xp.concatenate([w, xp.zeros((rows - w.shape[0],) + w.shape[1:],
                                                                         w.dtype)])
     return jax.tree.map(pad, group)
