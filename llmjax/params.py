@@ -19,8 +19,8 @@ import numpy as np
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.convert.hf import (DTYPES, SafetensorsFolder, check_tensors, iter_weight_groups,
-                               read_hf_weights, resolve_dtype)
+from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
+                               iter_weight_groups, pickled_files, read_hf_weights, resolve_dtype)
 from llmjax.files import read_json
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
@@ -93,8 +93,11 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     is_ckpt = checkpoint.is_checkpoint(path)
     if not is_ckpt and not (glob.glob(os.path.join(path, "*.safetensors")) or os.path.isfile(
             os.path.join(path, "model.safetensors.index.json"))):
+        pickles = pickled_files(path)
         raise FileNotFoundError(f"{path} holds config.json but no weights: neither an llmjax checkpoint "
-                                "(llmjax.json) nor *.safetensors")
+                                "(llmjax.json) nor *.safetensors" + (
+                                    f"; only pickled weights ({', '.join(pickles)}). " + HOW_TO_GET_SAFETENSORS
+                                    if pickles else ""))
     quant = _stored_quant(path) if is_ckpt else None
     if mesh is not None:
         return _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant)

@@ -174,8 +174,12 @@ def test_load_errors_name_the_problem(tmp_path, hf_dir):
         llmjax.load(tmp_path / "nowhere")
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text((hf_dir / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="no weights"):
+    with pytest.raises(FileNotFoundError, match="no weights") as error:
         llmjax.load(tmp_path / "cfg")
+    assert "pickled" not in str(error.value)
+    (tmp_path / "cfg" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match=r"only pickled weights \(pytorch_model.bin\).*never unpickles"):
+        llmjax.load(tmp_path / "cfg")  # named, with how to get safetensors, and never opened
 
 
 def test_damaged_checkpoint_is_named(tmp_path, hf_dir):

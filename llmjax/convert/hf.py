@@ -41,7 +41,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "token
               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "chat_template.json")
 
-_HOW_TO_GET_SAFETENSORS = (
+HOW_TO_GET_SAFETENSORS = (
     "llmjax never unpickles checkpoints (unpickling runs arbitrary code). Get the safetensors "
     "release of the model, or, in an environment you trust, re-save it with transformers: "
     "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
@@ -76,6 +76,11 @@ class SafetensorsFolder:
                              "corrupt or truncated; download it again") from e
 
 
+def pickled_files(folder: str) -> list[str]:
+    """The names of `folder`'s pickled weight files (`PICKLES`), which llmjax never reads."""
+    return sorted(os.path.basename(p) for pattern in PICKLES for p in glob.glob(os.path.join(folder, pattern)))
+
+
 def _tensor_files(folder: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder; point at a Hugging Face model folder "
@@ -85,10 +90,10 @@ def _tensor_files(folder: str) -> dict[str, str]:
         return _files_from_index(folder, index)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
-        pickles = [os.path.basename(p) for pat in PICKLES for p in glob.glob(os.path.join(folder, pat))]
+        pickles = pickled_files(folder)
         if pickles:
-            raise ValueError(f"{folder} holds only pickled weights ({', '.join(sorted(pickles))}). "
-                             + _HOW_TO_GET_SAFETENSORS)
+            raise ValueError(f"{folder} holds only pickled weights ({', '.join(pickles)}). "
+                             + HOW_TO_GET_SAFETENSORS)
         raise FileNotFoundError(f"{folder}: no *.safetensors files; a Hugging Face model folder "
                                 "holds model.safetensors or shards with model.safetensors.index.json")
     names: dict[str, str] = {}
