@@ -122,6 +122,11 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         raise ValueError(
             f"config.json: model_type={model_type!r} is not supported; llmjax runs model_type 'llama' "
             "(Llama 2, Code Llama, Llama 3, Llama 3.1 and models of the same architecture)")
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise ValueError(
+            f"config.json: architectures={architectures!r} is not supported; llmjax runs LlamaForCausalLM "
+            "(a Llama language model with its LM head)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json: hidden_act={act!r} is not supported; Llama uses 'silu'")

@@ -46,6 +46,8 @@ def test_head_dim_and_kv_heads_default_from_heads():
 
 @pytest.mark.parametrize("change, field", [
     ({"model_type": "mixtral"}, "model_type"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, "architectures"),  # under model_type llama
+    ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),  # no LM head
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type='dynamic'"),
