@@ -250,7 +250,10 @@ def _parse_prompt(prompt) -> tuple[str, list]:
             raise ValueError(f"a token-id prompt array must be 1-D or 2-D integers, got {prompt.dtype} "
                              f"of shape {prompt.shape}")
         prompt = np.asarray(prompt).tolist()
-    if not isinstance(prompt, (list, tuple)) or not prompt:
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError(f"prompt is empty ({prompt!r}): neither a prompt's token ids nor a batch of prompts; "
+                         "pass at least one prompt (a str, or a list of token ids)")
+    if not isinstance(prompt, (list, tuple)):
         raise ValueError(f"prompt must be a str, a list of str, a list of token ids or a list of such "
                          f"lists; got {prompt!r}")
     if all(isinstance(p, str) for p in prompt):

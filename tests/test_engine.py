@@ -403,7 +403,7 @@ def test_rows_read_the_pages_in_place_where_the_kernels_run(device, kv_dtype, en
     (lambda p: _engine(p, kv_memory=100), "would hold no page"),
     (lambda p: _engine(p, kv_dtype="int8"), "kv_dtype must be one of"),
     (lambda p: _engine(p, kv_dtype="fp9"), "kv_dtype must be one of"),
-    (lambda p: _engine(p).add_request([]), "prompt must be"),
+    (lambda p: _engine(p).add_request([]), "prompt is empty"),
     (lambda p: _engine(p).add_request(["a", "b"]), "one prompt"),
     (lambda p: _engine(p).add_request([1, SP_VOCAB]), "outside the vocabulary"),
     (lambda p: _engine(p).add_request("x", max_new_tokens=0), "max_new_tokens"),
