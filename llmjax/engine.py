@@ -574,14 +574,21 @@ class Engine:
         if self.params.tokenizer is None:
             raise ValueError("stream yields text and these params have no tokenizer; read "
                              "request.token_ids instead")
+        if not isinstance(request, Request) or request._engine is not self:
+            raise ValueError("stream takes a Request handle from this engine's add_request")
         while True:
-            request._text.push(request.token_ids, request.finished)
+            done = request.finished  # read first: once finished, the tokens pushed are all there are
+            request._text.push(request.token_ids, done)
             piece = request._text.take()
             if piece:
                 yield piece
-            if request.finished:
+            if done:
                 return
-            self.step()
+            if not request.finished:  # (while this generator waited, another may have stepped it to its end)
+                calls = self.stats.calls
+                self.step()
+                if self.stats.calls == calls and not request.finished:
+                    raise RuntimeError("the engine has unfinished requests but scheduled nothing")
 
     def text(self, request: Request) -> str:
         """The request's continuation so far (its whole text once finished), cut before a stop string."""

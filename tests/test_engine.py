@@ -185,6 +185,24 @@ def test_stream_and_stop_strings_give_generates_text(params):
     assert texts == llmjax.generate(no_eos, [prompt, "import json"], max_new_tokens=24, stop=stop)
 
 
+def test_streams_taken_in_turn_each_give_the_whole_text(params):
+    """Streams that step the engine in turn: a request that finishes while its own stream waits still
+    yields its last pieces (they once ended at the finish, dropping them)."""
+    no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+    prompts, budgets = ["def f(x):", "import json", "x = 1"], [9, 24, 17]
+    engine = Engine(no_eos, **SMALL)
+    handles = [engine.add_request(p, max_new_tokens=n) for p, n in zip(prompts, budgets)]
+    streams, texts = [engine.stream(h) for h in handles], ["", "", ""]
+    texts[0] += next(streams[0])  # one piece, then the other streams run every request to its end
+    for i in (1, 2, 0):
+        texts[i] += "".join(streams[i])
+    for handle, text, prompt, n in zip(handles, texts, prompts, budgets):
+        assert handle.finished and text == engine.text(handle) == llmjax.generate(no_eos, prompt, max_new_tokens=n)
+    other = Engine(no_eos, **SMALL).add_request("x", max_new_tokens=3)
+    with pytest.raises(ValueError, match="this engine's add_request"):
+        next(engine.stream(other))  # it would wait forever on an engine that never runs it
+
+
 def test_demo_model_gives_generates_text():
     params = llmjax.load("tiny-stdlib", dtype="float32")
     prompts = ["def fibonacci(n):", "import os\n\n", "class Stack:\n    def push(self, item):",
