@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 
 import jinja2
@@ -21,6 +22,8 @@ from llmjax.throughput import BENCH_ENGINE
 def _convert(args) -> None:
     from llmjax.convert.hf import convert
 
+    # SIGTERM (a job killed) unwinds like Ctrl-C, so the partial output folder is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                   progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
     print(f"wrote {out}", file=sys.stderr)

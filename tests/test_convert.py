@@ -140,6 +140,33 @@ def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
 
 
+def test_outputs_that_would_lose_data_or_cannot_be_written_are_refused(tmp_path, hf_dir):
+    """The input folder itself, or a folder holding it, is never the output (--overwrite would delete
+    the checkpoint being read); a file, or a path under one, is named; an llmjax checkpoint is not
+    converted again; a tied LM head cannot be quantized."""
+    (tmp_path / "models").mkdir()
+    src = _copy_with(hf_dir, tmp_path / "models" / "src", lambda t: None)
+    for out in (src, tmp_path / "models", tmp_path):
+        with pytest.raises(ValueError, match="holds it"):
+            hf.convert(str(src), str(out), overwrite=True, progress=False)
+    assert (src / "model.safetensors").is_file()
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "out"):
+        with pytest.raises(ValueError, match="afile is a file"):
+            hf.convert(str(src), str(out), overwrite=True, progress=False)
+    out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    with pytest.raises(ValueError, match="already an llmjax checkpoint; load it directly"):
+        hf.convert(out, str(tmp_path / "again"), progress=False)
+    tied = _copy_with(hf_dir, tmp_path / "tied", lambda t: t.pop("lm_head.weight", None))
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
+    with pytest.raises(ValueError, match="ties its LM head"):
+        hf.convert(str(tied), str(tmp_path / "q"), quant="int8", quant_lm_head=True, progress=False)
+
+
 def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_dir):
     bf16 = _copy_with(hf_dir, tmp_path / "bf16", lambda t: t.update(
         {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))

@@ -242,6 +242,27 @@ def _quantized(groups, config: LlamaConfig, dtype: str, quant: QuantScheme):
         yield key, jax.tree.map(np.asarray, quantize_tree(tree, like[key]))
 
 
+def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
+    """`out_dir` as an absolute path, once it is known to be a folder `convert` may write: not the input
+    folder nor one holding it (replacing it would delete the checkpoint being read), not a file, not
+    under a file, and new unless `overwrite`."""
+    out_dir = os.path.abspath(out_dir)
+    real_out, real_in = os.path.realpath(out_dir), os.path.realpath(hf_dir)
+    if os.path.commonpath([real_out, real_in]) == real_out:
+        raise ValueError(f"the output folder {out_dir} is the input folder or holds it ({hf_dir}); writing "
+                         "it would replace the checkpoint being read; choose an output folder outside it")
+    ancestor = out_dir
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"cannot write {out_dir}: {ancestor} is a file, not a folder; choose another "
+                         "output folder")
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
+                              "--overwrite (overwrite=True)")
+    return out_dir
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
             progress: bool = True, quant: str | QuantScheme | None = None, quant_lm_head: bool = False) -> str:
     """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir.
@@ -256,17 +277,23 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         quant = dataclasses.replace(quant, lm_head=True)
     elif quant_lm_head:
         raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
+    if checkpoint.is_checkpoint(hf_dir):
+        raise ValueError(f"{hf_dir} is already an llmjax checkpoint; load it directly (llmjax.load, or "
+                         "--model with the CLI) rather than converting it again")
     config = LlamaConfig.from_hf(hf_dir)  # refuses unsupported architectures before any work
+    if quant_lm_head and config.tie_word_embeddings:
+        raise ValueError("quant_lm_head (--quant-lm-head): this model ties its LM head to the embedding "
+                         "table, which stays in floating point; leave it off")
     source = SafetensorsFolder(hf_dir)
     entries = check_tensors(source, config)
     dtype = resolve_dtype(dtype, source)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
-                              "--overwrite (overwrite=True)")
+    out_dir = _checked_output(hf_dir, out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.partial-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder as the user's umask makes one (mkdtemp's is private)
     try:
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
