@@ -196,6 +196,11 @@ def _model_config(model, dtype) -> LlamaConfig:
     return model if isinstance(model, LlamaConfig) else LlamaConfig.preset(model)
 
 
+def model_context(model: str | LlamaConfig, dtype: str = "bfloat16") -> int:
+    """The context (in tokens) of the model `bench` would time."""
+    return _model_config(model, dtype).max_position_embeddings
+
+
 def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
     config = _model_config(model, dtype)
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 
@@ -87,12 +88,20 @@ def _bench(args) -> None:
     if args.int4_kernel:
         from llmjax.kernels import int4_matmul
         int4_matmul.set_one_row_kind(args.int4_kernel)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before the work, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
     if args.throughput:
         if args.quant_lm_head:
             raise ValueError("--quant-lm-head is for the decode bench; --throughput keeps the LM head in bfloat16")
         return _throughput(args)
-    options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len or 8,
-                   gen_len=args.gen_len or 256, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args),
+    prompt_len = 8 if args.prompt_len is None else args.prompt_len
+    gen_len = args.gen_len
+    if gen_len is None:  # 256, or what the model's context leaves after the prompt (the tiny preset's 256)
+        gen_len = max(2, min(256, bench.model_context(args.model, args.dtype) - prompt_len))
+    options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=prompt_len,
+                   gen_len=gen_len, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args),
                    quant_lm_head=args.quant_lm_head)
     if args.sweep:
         key, values = bench.parse_sweep(args.sweep)
@@ -119,8 +128,9 @@ def _throughput(args) -> None:
             raise ValueError(f"--rates takes requests per second, comma-separated, got {args.rates!r}") from None
     kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
     result = throughput.throughput_bench(
-        args.model, dtype=args.dtype, requests=args.requests, prompt_len=args.prompt_len or 128,
-        gen_len=args.gen_len or 128, mix=not args.no_mix, serving_requests=args.serving_requests, rates=rates,
+        args.model, dtype=args.dtype, requests=args.requests,
+        prompt_len=128 if args.prompt_len is None else args.prompt_len,
+        gen_len=128 if args.gen_len is None else args.gen_len, mix=not args.no_mix, serving_requests=args.serving_requests, rates=rates,
         compare_hf=args.compare_hf, hf_requests=args.hf_requests, hf_batch=args.hf_batch, mesh=_mesh(args),
         max_slots=args.max_slots, page_size=args.page_size, decode_steps=args.decode_steps,
         prefill_tokens=args.prefill_tokens, prefill_row=args.prefill_row, kv_memory=kv_memory,
@@ -229,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
                    "directly in int4/int8, the other weights bfloat16)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=None, help="default 8 (128 with --throughput)")
-    b.add_argument("--gen-len", type=int, default=None, help="default 256 (128 with --throughput)")
+    b.add_argument("--gen-len", type=int, default=None, help="default 256, or less where the model's context "
+                   "ends sooner (128 with --throughput)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported")
     b.add_argument("--int4-kernel", choices=["fma", "hfma2", "hfma4"], default=None, help="the int4 kernel "
                    "for one and two rows on cuda: hfma4 (the default: packed float16 math, four words a float16 sum, "

@@ -108,6 +108,12 @@ def test_the_lm_head_can_be_quantized_too(capsys):
     assert "LM head too" in capsys.readouterr().out
 
 
+def test_cli_default_generation_fits_the_models_context(capsys):
+    """256 new tokens, or what the context leaves after the prompt: the tiny preset's context is 256."""
+    assert cli.main(["bench", "--model", "tiny", "--repeats", "1"]) == 0
+    assert "prompt 8, 248 new tokens" in capsys.readouterr().out
+
+
 def test_cli_json_and_sweep_plot(tmp_path, capsys):
     out = tmp_path / "one.json"
     assert cli.main(["bench", "--model", "tiny", "--random-weights", "--gen-len", "16", "--repeats", "1",
@@ -129,7 +135,12 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--prompt-len", "250", "--gen-len", "10"], "context"), (["--model", "llama9"], "llama9"),
     (["--sweep", "heads=1,2"], "sweep"), (["--sweep", "batch=1,x"], "integers"),
     (["--quant-lm-head", "--gen-len", "16"], "quantizes nothing"),
-    (["--quant-lm-head", "--dtype", "int4-g32", "--throughput"], "--throughput keeps the LM head")])
+    (["--quant-lm-head", "--dtype", "int4-g32", "--throughput"], "--throughput keeps the LM head"),
+    (["--gen-len", "0"], "gen_len must be an integer >= 1, got 0"),  # not read as the default
+    (["--prompt-len", "0", "--gen-len", "16"], "prompt_len must be an integer >= 1, got 0"),
+    (["--prompt-len", "0", "--throughput"], "prompt_len"),
+    (["--json", "/nonexistent-folder/x.json"], "/nonexistent-folder does not exist"),  # before any work
+    (["--sweep", "batch=1,2", "--plot", "/nonexistent-folder/x.png"], "does not exist")])
 def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
     assert cli.main(["bench", "--model", "tiny", *argv]) == 2
     assert match in capsys.readouterr().err
