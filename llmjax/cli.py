@@ -62,9 +62,10 @@ def _generate(args) -> None:
         print(piece, end="", flush=True)
     print()
     s = stream.stats
+    speed = "" if math.isnan(s.decode_tok_s) else f", {s.decode_tok_s:.1f} tok/s"  # one token: no decode step
     print(f"[prefill] {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms "
-          f"({s.prompt_tokens / s.prefill_s:.1f} tok/s) | [decode] {s.new_tokens} tokens, "
-          f"{s.decode_tok_s:.1f} tok/s | [compile] {s.compile_s:.1f} s", file=sys.stderr)
+          f"({s.prompt_tokens / s.prefill_s:.1f} tok/s) | [decode] {s.new_tokens} tokens{speed} | "
+          f"[compile] {s.compile_s:.1f} s", file=sys.stderr)
 
 
 def _perplexity(args) -> None:
@@ -73,7 +74,11 @@ def _perplexity(args) -> None:
     texts = []
     for path in args.text:
         with open(path, encoding="utf-8") as f:
-            texts.append(f.read())
+            try:
+                texts.append(f.read())
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a "
+                                 "UTF-8 text file") from None
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
     chars = sum(len(t.encode("utf-8")) for t in texts)
@@ -126,6 +131,8 @@ def _throughput(args) -> None:
             rates = [float(r) for r in args.rates.split(",")]
         except ValueError:
             raise ValueError(f"--rates takes requests per second, comma-separated, got {args.rates!r}") from None
+    if args.kv_memory is not None and not args.kv_memory > 0:
+        raise ValueError(f"--kv-memory takes GiB of device memory for the page pool, > 0; got {args.kv_memory}")
     kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
     result = throughput.throughput_bench(
         args.model, dtype=args.dtype, requests=args.requests,

@@ -91,7 +91,11 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (no 'chat_template' in "
                              "tokenizer_config.json and no chat_template.jinja); format the prompt yourself")
-        template = _jinja_env().from_string(self.chat_template)
+        try:
+            template = _jinja_env().from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the checkpoint's chat template does not parse (line {e.lineno}: {e.message}); "
+                             "fix chat_template in tokenizer_config.json or chat_template.jinja") from None
         variables = {**self._special_tokens, **kwargs}  # the caller may override e.g. bos_token
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 

@@ -65,6 +65,17 @@ def test_generate_errors_are_one_line(example_model, capsys):
     assert "context of 256 tokens" in capsys.readouterr().err
 
 
+def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, capsys):
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe not utf-8")
+    assert cli_main(["perplexity", "--model", str(example_model), "--text", str(tmp_path / "bin.txt")]) == 2
+    assert f"--text {tmp_path / 'bin.txt'} is not UTF-8 text" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "[decode] 1 tokens |" in err and "nan" not in err  # one token: no decode step to time
+    assert cli_main(["bench", "--model", "tiny", "--throughput", "--kv-memory", "-1"]) == 2
+    assert "--kv-memory takes GiB of device memory for the page pool, > 0; got -1.0" in capsys.readouterr().err
+
+
 def test_example_folder_round_trips_through_conversion(example_model):
     params = llmjax.load(example_model)
     assert json.loads((example_model / "config.json").read_text())["num_hidden_layers"] == 2
