@@ -176,9 +176,11 @@ class EngineStats:
     preemptions: int = 0
     busy_rows: int = 0  # decode rows that held a request, summed over calls
     compiled: int = 0  # step variants compiled
+    compile_s: float = 0.0  # seconds compiling them (in `step`, when a call first needs a variant)
     device_s: float = 0.0  # seconds in device calls: inputs in, the call (a GPU runs its loop in step with
     # the host), tokens back
-    host_s: float = 0.0  # seconds `step` spent on the host around them: scheduling, inputs, results
+    host_s: float = 0.0  # seconds `step` spent on the host around them: scheduling, inputs, results (not
+    # compiling)
 
 
 # ---------------------------------------------------------------- device side
@@ -731,7 +733,7 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Runs one device call; returns the requests that got tokens or finished in it."""
-        start = time.perf_counter()
+        start, compiling = time.perf_counter(), self.stats.compile_s
         decode, pieces = self._schedule()
         if not decode and not pieces:
             return []
@@ -753,7 +755,8 @@ class Engine:
         self._account(decode, pieces, rows, num_rows)
         done = self._collect(rows, decode, out)
         self.stats.device_s += back - called
-        self.stats.host_s += (called - start) + (time.perf_counter() - back)
+        compiled = self.stats.compile_s - compiling  # in `_executable`, counted apart
+        self.stats.host_s += (called - start) + (time.perf_counter() - back) - compiled
         return done
 
     @staticmethod
@@ -887,12 +890,15 @@ class Engine:
         return _EXECUTABLES[key]
 
     def _compile(self, num_rows: int, width: int, chunk_rows: int, greedy: bool, filters: bool):
+        start = time.perf_counter()
         self.stats.compiled += 1
         shapes = self._abstract_inputs(num_rows, width, chunk_rows)
         # the decode iterations' loop as one CUDA graph that tests its condition on the GPU, as generate's
         options = {"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS} if loop_graph(self.params.mesh) else None
-        return _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=_model(self.params),
-                                  steps=self.decode_steps, greedy=greedy, filters=filters).compile(options)
+        compiled = _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=_model(self.params),
+                                      steps=self.decode_steps, greedy=greedy, filters=filters).compile(options)
+        self.stats.compile_s += time.perf_counter() - start
+        return compiled
 
     def _abstract_inputs(self, num_rows: int, width: int, chunk_rows: int):
         mesh = self.params.mesh

@@ -185,6 +185,15 @@ def test_stream_and_stop_strings_give_generates_text(params):
     assert texts == llmjax.generate(no_eos, [prompt, "import json"], max_new_tokens=24, stop=stop)
 
 
+def test_compiling_is_counted_apart_from_the_hosts_work(params):
+    engine = _engine(params, decode_steps=5)  # a setting no other test compiles
+    engine.add_request([1, 5, 9], max_new_tokens=4)
+    engine.step()
+    stats = engine.stats
+    assert stats.compiled == 1 and stats.compile_s > 0 and stats.device_s > 0
+    assert 0 < stats.host_s < stats.compile_s / 10  # scheduling and arrays: far less than a compilation
+
+
 def test_streams_taken_in_turn_each_give_the_whole_text(params):
     """Streams that step the engine in turn: a request that finishes while its own stream waits still
     yields its last pieces (they once ended at the finish, dropping them)."""
