@@ -33,9 +33,24 @@ def _convert(args) -> None:
 def _mesh(args):
     if args.tensor == args.stage == args.data == 1:
         return None
+    import jax
+
     from llmjax.sharding import make_mesh
 
+    degrees = (args.tensor, args.stage, args.data)
+    if min(degrees) >= 1 and math.prod(degrees) != jax.device_count():  # make_mesh names the rest
+        raise ValueError(f"--data {args.data} x --stage {args.stage} x --tensor {args.tensor} = "
+                         f"{args.data * args.stage * args.tensor}, but there are {jax.device_count()} devices; "
+                         f"choose degrees whose product is {jax.device_count()}")
     return make_mesh(tensor=args.tensor, stage=args.stage, data=args.data)
+
+
+def _with_tokenizer(params, model: str):
+    """The CLI reads and writes text: a model folder without a tokenizer is refused up front."""
+    if params.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer (tokenizer.model or tokenizer.json), and the command line "
+                         "works on text; copy the model's tokenizer files into the folder")
+    return params
 
 
 def _add_mesh_flags(parser) -> None:
@@ -47,11 +62,9 @@ def _add_mesh_flags(parser) -> None:
 def _generate(args) -> None:
     import llmjax
 
-    params = llmjax.load(args.model, mesh=_mesh(args))
+    params = _with_tokenizer(llmjax.load(args.model, mesh=_mesh(args)), args.model)
     prompt = args.prompt
     if args.chat:
-        if params.tokenizer is None:
-            raise ValueError(f"--chat needs a tokenizer with a chat template; {args.model} has no tokenizer")
         prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     stream = llmjax.stream(params, prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -79,7 +92,7 @@ def _perplexity(args) -> None:
             except UnicodeDecodeError as e:
                 raise ValueError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a "
                                  "UTF-8 text file") from None
-    params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
+    params = _with_tokenizer(llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args)), args.model)
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
     chars = sum(len(t.encode("utf-8")) for t in texts)
     print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "

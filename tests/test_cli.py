@@ -74,6 +74,18 @@ def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, cap
     assert "[decode] 1 tokens |" in err and "nan" not in err  # one token: no decode step to time
     assert cli_main(["bench", "--model", "tiny", "--throughput", "--kv-memory", "-1"]) == 2
     assert "--kv-memory takes GiB of device memory for the page pool, > 0; got -1.0" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--tensor", "3"]) == 2
+    assert "--data 1 x --stage 1 x --tensor 3 = 3, but there are" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(example_model):
+        if not name.startswith("tokenizer"):
+            (bare / name).write_bytes((example_model / name).read_bytes())
+    (tmp_path / "good.txt").write_text("def f(x):\n    return x\n")
+    for command in (["generate", "--prompt", "x"], ["perplexity", "--text", str(tmp_path / "good.txt")]):
+        assert cli_main([command[0], "--model", str(bare), *command[1:]]) == 2
+        assert "has no tokenizer (tokenizer.model or tokenizer.json), and the command line works on text" in \
+            capsys.readouterr().err
 
 
 def test_example_folder_round_trips_through_conversion(example_model):
