@@ -88,6 +88,33 @@ def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, cap
             capsys.readouterr().err
 
 
+SLOW_CONVERT = """
+import sys, time
+from llmjax import cli
+from llmjax.convert import hf
+read = hf.SafetensorsFolder.read
+hf.SafetensorsFolder.read = lambda self, name: (time.sleep(0.3), read(self, name))[1]
+sys.exit(cli.main(["convert", sys.argv[1], sys.argv[2], "--quiet"]))
+"""
+
+
+def test_a_conversion_stopped_by_sigterm_leaves_nothing(example_model, tmp_path):
+    import glob
+    import signal
+    import time
+
+    partial = str(tmp_path / ".out.partial-*")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(example_model), str(tmp_path / "out")],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline = time.monotonic() + 120
+    while not glob.glob(partial) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert glob.glob(partial), proc.stderr.read() if proc.poll() is not None else "no partial folder appeared"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not glob.glob(partial) and not (tmp_path / "out").exists()
+
+
 def test_example_folder_round_trips_through_conversion(example_model):
     params = llmjax.load(example_model)
     assert json.loads((example_model / "config.json").read_text())["num_hidden_layers"] == 2
