@@ -12,7 +12,8 @@ timed against the Triton kernel and cuDNN in the same run.
    `jax.nn.dot_product_attention(implementation="cudnn")`, and each variant of this kernel; each
    output is compared with the Triton kernel's. Each timed turn is 10 calls in one jit, each call's
    query depending on the last one's output; the implementations take turns, 9 each, in an order
-   rotated by one each turn (so that none always runs right after the same other one), and the figure
+   rotated by one each turn and reversed every few turns (`turn_order`: each takes each place equally
+   often, and runs after each of the others, not always after the same one), and the figure
    is the median turn (the same configuration drifted by up to 6% when timed one after another).
    Back to back, the GPU heats and its clock falls over the run; `--rest 1` idles it a second before
    every turn, so that each turn starts cool (faster, and a narrower spread).
@@ -94,6 +95,15 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     return t, b, d[0] if d else HEAD_DIM
 
 
+def turn_order(names: list, turn: int) -> list:
+    """The implementations' order in timed turn `turn`: rotated by one place each turn (each takes
+    each place equally often), and reversed every `len(names)` turns (so each also runs right after
+    each other one, not always after the same)."""
+    k = turn % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if turn // len(names) % 2 else order
+
+
 def run_timing(report: Report, variants: dict, shapes: str = SHAPES, rest: float = 0.0) -> None:
     report.say(f"2. causal prefill, {HEADS} q / {KV_HEADS} kv heads, bf16 (context x batch [x head dim])")
     for t, b, d in map(parse_shape, shapes.split(",")):
@@ -116,9 +126,8 @@ def run_timing(report: Report, variants: dict, shapes: str = SHAPES, rest: float
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
                 report.say(f"  {t:6d} x{b} d{d} {name:22s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
         times = {name: [] for name in runners}
-        names = list(runners)
         for turn in range(INTERLEAVED):  # every implementation once a turn: drift hits them alike
-            for name in names[turn % len(names):] + names[:turn % len(names)]:  # each follows each in turn
+            for name in turn_order(list(runners), turn):
                 time.sleep(rest)
                 times[name].append(runners[name]())
         for name, seconds in times.items():

@@ -23,10 +23,13 @@ from llmjax.throughput import BENCH_ENGINE
 def _convert(args) -> None:
     from llmjax.convert.hf import convert
 
-    # SIGTERM (a job killed) unwinds like Ctrl-C, so the partial output folder is removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                  progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
+    # SIGTERM (a job killed) unwinds like Ctrl-C while converting, so the partial output folder is removed
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                      progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -45,12 +48,15 @@ def _mesh(args):
     return make_mesh(tensor=args.tensor, stage=args.stage, data=args.data)
 
 
-def _with_tokenizer(params, model: str):
-    """The CLI reads and writes text: a model folder without a tokenizer is refused up front."""
-    if params.tokenizer is None:
+def _check_tokenizer(model: str) -> None:
+    """The CLI reads and writes text: a model folder without a tokenizer is refused before loading."""
+    from llmjax.params import resolve
+    from llmjax.tokenizer import Tokenizer
+
+    folder = resolve(model)
+    if os.path.isdir(folder) and Tokenizer.from_dir(folder) is None:
         raise ValueError(f"{model} has no tokenizer (tokenizer.model or tokenizer.json), and the command line "
                          "works on text; copy the model's tokenizer files into the folder")
-    return params
 
 
 def _add_mesh_flags(parser) -> None:
@@ -62,7 +68,8 @@ def _add_mesh_flags(parser) -> None:
 def _generate(args) -> None:
     import llmjax
 
-    params = _with_tokenizer(llmjax.load(args.model, mesh=_mesh(args)), args.model)
+    _check_tokenizer(args.model)
+    params = llmjax.load(args.model, mesh=_mesh(args))
     prompt = args.prompt
     if args.chat:
         prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -92,7 +99,8 @@ def _perplexity(args) -> None:
             except UnicodeDecodeError as e:
                 raise ValueError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a "
                                  "UTF-8 text file") from None
-    params = _with_tokenizer(llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args)), args.model)
+    _check_tokenizer(args.model)
+    params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
     chars = sum(len(t.encode("utf-8")) for t in texts)
     print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "
@@ -116,8 +124,10 @@ def _bench(args) -> None:
         return _throughput(args)
     prompt_len = 8 if args.prompt_len is None else args.prompt_len
     gen_len = args.gen_len
-    if gen_len is None:  # 256, or what the model's context leaves after the prompt (the tiny preset's 256)
-        gen_len = max(2, min(256, bench.model_context(args.model, args.dtype) - prompt_len))
+    if gen_len is None:  # 256, or what the context leaves after the (longest swept) prompt: tiny's is 256
+        key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, None)
+        longest = max(values) if key == "prompt_len" else prompt_len
+        gen_len = max(2, min(256, bench.model_context(args.model, args.dtype) - longest))
     options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=prompt_len,
                    gen_len=gen_len, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args),
                    quant_lm_head=args.quant_lm_head)
@@ -144,7 +154,7 @@ def _throughput(args) -> None:
             rates = [float(r) for r in args.rates.split(",")]
         except ValueError:
             raise ValueError(f"--rates takes requests per second, comma-separated, got {args.rates!r}") from None
-    if args.kv_memory is not None and not args.kv_memory > 0:
+    if args.kv_memory is not None and not 0 < args.kv_memory < math.inf:
         raise ValueError(f"--kv-memory takes GiB of device memory for the page pool, > 0; got {args.kv_memory}")
     kv_memory = None if args.kv_memory is None else int(args.kv_memory * 2**30)
     result = throughput.throughput_bench(

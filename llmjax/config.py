@@ -123,7 +123,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
             f"config.json: model_type={model_type!r} is not supported; llmjax runs model_type 'llama' "
             "(Llama 2, Code Llama, Llama 3, Llama 3.1 and models of the same architecture)")
     architectures = hf.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in architectures:
+    if "llamaforcausallm" not in {str(name).lower() for name in architectures}:  # early ones: LLaMAForCausalLM
         raise ValueError(
             f"config.json: architectures={architectures!r} is not supported; llmjax runs LlamaForCausalLM "
             "(a Llama language model with its LM head)")

@@ -54,6 +54,7 @@ class Workload:
     mean_rows: float  # requests decoding per call, on average
     device_s: float = 0.0  # of `seconds`, in device calls
     host_s: float = 0.0  # of `seconds`, the engine's host work between device calls
+    compile_s: float = 0.0  # of `seconds`, compiling a step variant the warmup had not (normally none)
 
 
 @dataclasses.dataclass
@@ -97,7 +98,8 @@ class ThroughputResult:
                              f"requests/min  ({w.requests} requests, {w.output_tokens} output tokens in "
                              f"{w.seconds:.2f} s; {w.total_tok_s:.1f} tok/s in+out; {w.calls} calls, "
                              f"{w.mean_rows:.1f} rows per call, {w.preemptions} preemptions; "
-                             f"{w.device_s:.2f} s in device calls, {w.host_s:.2f} s on the host between them)")
+                             f"{w.device_s:.2f} s in device calls, {w.host_s:.2f} s on the host between them"
+                             + (f", {w.compile_s:.2f} s compiling" if w.compile_s else "") + ")")
         lines += [_serving_line(s) for s in self.serving]
         lines += transformers_line(f"{self.hf_setup}, same run, {self.hf_requests} requests", self.hf_tok_s,
                                    self.hf_error, "output tok/s", self.fixed.output_tok_s)
@@ -211,7 +213,8 @@ def _offline(engine: Engine, name: str, prompts: list[list[int]], budgets: list[
     return Workload(name, len(prompts), inputs, out, seconds, out / seconds, (inputs + out) / seconds,
                     60 * len(prompts) / seconds, calls, engine.stats.preemptions - before.preemptions,
                     (engine.stats.busy_rows - before.busy_rows) / max(calls, 1),
-                    engine.stats.device_s - before.device_s, engine.stats.host_s - before.host_s)
+                    engine.stats.device_s - before.device_s, engine.stats.host_s - before.host_s,
+                    engine.stats.compile_s - before.compile_s)
 
 
 def _serve(engine: Engine, rng, rate: float, count: int, prompt_len: int, gen_len: int) -> ServingPoint:

@@ -95,7 +95,8 @@ class Tokenizer:
             template = _jinja_env().from_string(self.chat_template)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the checkpoint's chat template does not parse (line {e.lineno}: {e.message}); "
-                             "fix chat_template in tokenizer_config.json or chat_template.jinja") from None
+                             "fix it where the checkpoint keeps it (chat_template.jinja, chat_template.json or "
+                             "tokenizer_config.json)") from None
         variables = {**self._special_tokens, **kwargs}  # the caller may override e.g. bos_token
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 

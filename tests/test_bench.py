@@ -108,10 +108,13 @@ def test_the_lm_head_can_be_quantized_too(capsys):
     assert "LM head too" in capsys.readouterr().out
 
 
-def test_cli_default_generation_fits_the_models_context(capsys):
+def test_cli_default_generation_fits_the_models_context(tmp_path, capsys):
     """256 new tokens, or what the context leaves after the prompt: the tiny preset's context is 256."""
     assert cli.main(["bench", "--model", "tiny", "--repeats", "1"]) == 0
     assert "prompt 8, 248 new tokens" in capsys.readouterr().out
+    assert cli.main(["bench", "--model", "tiny", "--repeats", "1", "--sweep", "prompt_len=8,64",
+                     "--plot", str(tmp_path / "p.png")]) == 0
+    assert "plot:" in capsys.readouterr().err  # both points ran: 192 new tokens fit after 64
 
 
 def test_cli_json_and_sweep_plot(tmp_path, capsys):

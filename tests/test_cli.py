@@ -72,8 +72,10 @@ def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, cap
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--max-new-tokens", "1"]) == 0
     err = capsys.readouterr().err
     assert "[decode] 1 tokens |" in err and "nan" not in err  # one token: no decode step to time
-    assert cli_main(["bench", "--model", "tiny", "--throughput", "--kv-memory", "-1"]) == 2
-    assert "--kv-memory takes GiB of device memory for the page pool, > 0; got -1.0" in capsys.readouterr().err
+    for value in ("-1", "inf"):
+        assert cli_main(["bench", "--model", "tiny", "--throughput", "--kv-memory", value]) == 2
+        assert f"--kv-memory takes GiB of device memory for the page pool, > 0; got {float(value)}" in \
+            capsys.readouterr().err
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--tensor", "3"]) == 2
     assert "--data 1 x --stage 1 x --tensor 3 = 3, but there are" in capsys.readouterr().err
     bare = tmp_path / "bare"

@@ -39,6 +39,10 @@ def test_reads_what_transformers_writes():
     assert c.vocab_size == 1003 and c.num_heads == 6 and c.hidden_size == 96
 
 
+def test_early_llama_configs_spelling_their_class_llama_load():
+    assert LlamaConfig.from_hf(dict(CLASSIC, architectures=["LLaMAForCausalLM"])).num_layers == 32
+
+
 def test_head_dim_and_kv_heads_default_from_heads():
     c = LlamaConfig.from_hf({k: v for k, v in CLASSIC.items() if k != "num_key_value_heads"})
     assert c.num_kv_heads == 32 and c.head_dim == 128

@@ -154,10 +154,24 @@ def test_outputs_that_would_lose_data_or_cannot_be_written_are_refused(tmp_path,
     for out in (tmp_path / "afile", tmp_path / "afile" / "out"):
         with pytest.raises(ValueError, match="afile is a file"):
             hf.convert(str(src), str(out), overwrite=True, progress=False)
-    out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        hf.convert(str(src), str(tmp_path / "link"), overwrite=True, progress=False)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"  # a cache: the snapshot links into blobs
+    blobs.mkdir(), snapshot.mkdir()
+    for name in os.listdir(src):
+        os.replace(src / name, blobs / name)
+        os.symlink(blobs / name, snapshot / name)
+    with pytest.raises(ValueError, match="holds it or its files"):
+        hf.convert(str(snapshot), str(blobs), overwrite=True, progress=False)
+    assert (blobs / "model.safetensors").is_file()
+    before = os.umask(0o022)
+    try:
+        out = hf.convert(str(snapshot), str(tmp_path / "out"), progress=False)
+    finally:
+        os.umask(before)
+    assert os.stat(out).st_mode & 0o777 == 0o755  # the umask's mode, not a private 0700
     with pytest.raises(ValueError, match="already an llmjax checkpoint; load it directly"):
         hf.convert(out, str(tmp_path / "again"), progress=False)
     tied = _copy_with(hf_dir, tmp_path / "tied", lambda t: t.pop("lm_head.weight", None))

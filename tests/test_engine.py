@@ -185,8 +185,9 @@ def test_stream_and_stop_strings_give_generates_text(params):
     assert texts == llmjax.generate(no_eos, [prompt, "import json"], max_new_tokens=24, stop=stop)
 
 
-def test_compiling_is_counted_apart_from_the_hosts_work(params):
-    engine = _engine(params, decode_steps=5)  # a setting no other test compiles
+def test_compiling_is_counted_apart_from_the_hosts_work(params, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("llmjax.engine"), "_EXECUTABLES", {})  # nothing compiled yet
+    engine = _engine(params)
     engine.add_request([1, 5, 9], max_new_tokens=4)
     engine.step()
     stats = engine.stats

@@ -16,7 +16,7 @@ import glob
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections import defaultdict
 from typing import Iterator
 
@@ -247,10 +247,15 @@ def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
     folder nor one holding it (replacing it would delete the checkpoint being read), not a file, not
     under a file, and new unless `overwrite`."""
     out_dir = os.path.abspath(out_dir)
-    real_out, real_in = os.path.realpath(out_dir), os.path.realpath(hf_dir)
-    if os.path.commonpath([real_out, real_in]) == real_out:
-        raise ValueError(f"the output folder {out_dir} is the input folder or holds it ({hf_dir}); writing "
-                         "it would replace the checkpoint being read; choose an output folder outside it")
+    if os.path.islink(out_dir):
+        raise ValueError(f"the output folder {out_dir} is a symbolic link; give the folder it points to, or "
+                         "another path")
+    real_out = os.path.realpath(out_dir)
+    # the input folder and the files it holds (a cache's snapshot links into its blobs)
+    inputs = [os.path.realpath(hf_dir)] + [os.path.realpath(os.path.join(hf_dir, n)) for n in os.listdir(hf_dir)]
+    if any(os.path.commonpath([real_out, path]) == real_out for path in inputs):
+        raise ValueError(f"the output folder {out_dir} is the input folder or holds it or its files ({hf_dir}); "
+                         "writing it would replace the checkpoint being read; choose an output folder outside it")
     ancestor = out_dir
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
@@ -290,10 +295,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     out_dir = _checked_output(hf_dir, out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.partial-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a folder as the user's umask makes one (mkdtemp's is private)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)  # with the user's umask, as any folder they make (mkdtemp's would be private)
     try:
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
