@@ -160,7 +160,8 @@ def _throughput(args) -> None:
     result = throughput.throughput_bench(
         args.model, dtype=args.dtype, requests=args.requests,
         prompt_len=128 if args.prompt_len is None else args.prompt_len,
-        gen_len=128 if args.gen_len is None else args.gen_len, mix=not args.no_mix, serving_requests=args.serving_requests, rates=rates,
+        gen_len=128 if args.gen_len is None else args.gen_len,
+        mix=not args.no_mix, serving_requests=args.serving_requests, rates=rates,
         compare_hf=args.compare_hf, hf_requests=args.hf_requests, hf_batch=args.hf_batch, mesh=_mesh(args),
         max_slots=args.max_slots, page_size=args.page_size, decode_steps=args.decode_steps,
         prefill_tokens=args.prefill_tokens, prefill_row=args.prefill_row, kv_memory=kv_memory,
