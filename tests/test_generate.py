@@ -1,6 +1,7 @@
 """generate, stream and logits: return types, stopping, budgets, seeds, and bad input."""
 
 import dataclasses
+import enum
 import importlib
 import types
 
@@ -39,6 +40,7 @@ def test_return_types_follow_the_prompt(params):
     assert batch[0] == ids and len(batch[1]) == 5
     assert llmjax.generate(p, np.array([1, 5, 9]), max_new_tokens=5) == ids
     assert llmjax.generate(p, [1, 5, 9], max_new_tokens=np.int64(5), seed=np.int32(0)) == ids
+    assert llmjax.generate(p, [np.uint16(1), enum.IntEnum("E", {"A": 5}).A, 9], max_new_tokens=5) == ids
     import torch
 
     assert llmjax.generate(p, torch.tensor([[1, 5, 9]]), max_new_tokens=5) == [ids]
@@ -131,6 +133,8 @@ def test_logits_shapes_and_padding_invariance(params):
     (lambda p: llmjax.LLM(p).generate([]), "prompt is empty"),
     (lambda p: llmjax.generate(p, [[1], []]), "prompt 1 is empty"),
     (lambda p: llmjax.generate(p, [1, "a"]), "mixed"),
+    (lambda p: llmjax.generate(p, [1, True]), "mixed"),
+    (lambda p: llmjax.generate(p, [[1, 2], [np.int32(1), 2.0]]), "mixed"),
     (lambda p: llmjax.generate(p, [1, 2], stop="x"), "stop strings apply to text"),
     (lambda p: llmjax.generate(p, "x", stop=[""]), "stop must be"),
     (lambda p: llmjax.generate(p, "x", temperature=-1), "temperature"),
