@@ -201,7 +201,7 @@ def _pipelined_decode(weights, first, lengths, done, out, cache, max_new, eos_id
         def leave(carry, m, x):
             out, done, positions = carry
             r = np.arange(width) * num_stages + m  # the rows of microbatch m
-            logits = llama.head(config, weights, x, mesh)[:, 0]
+            logits = llama.head(config, weights, x, mesh, model.quant)[:, 0]
             knobs_r = jax.tree.map(lambda a: a[r], knobs)
             token = sample(logits, _row_keys(key, rows[r], s.step), knobs_r, greedy=greedy, filters=filters)
             token = jnp.where(done[r], PAD_ID, token)

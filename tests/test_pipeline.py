@@ -113,6 +113,18 @@ def test_sampling_and_early_stops_match_one_device(models):
     assert llmjax.generate(p, PROMPTS, **knobs) == want
 
 
+@pytest.mark.parametrize("data, stage, tensor", [(4, 2, 1), (2, 2, 2)])
+def test_a_quantized_lm_head_stays_quantized_in_the_stages_decode(data, stage, tensor):
+    """The decode over stages applies the LM head to each microbatch leaving the last stage: a head
+    quantized with `quant_lm_head` must be read as its codes there too (8 rows: microbatches)."""
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), hidden_size=128, num_heads=4, head_dim=32,
+                                 intermediate_size=256, eos_token_ids=())  # int4 groups of 32 split over tensor=2
+    one = llmjax.init_random(config, dtype="int4-g32", quant_lm_head=True)
+    prompts = [[1 + i, 7, 40 + 3 * i] for i in range(8)]
+    want = llmjax.generate(one, prompts, max_new_tokens=5)
+    assert llmjax.generate(llmjax.shard(one, _mesh(data, stage, tensor)), prompts, max_new_tokens=5) == want
+
+
 # 3 layers: stage 1 holds one layer and a padding place; one kv head: tensor=2 repeats it
 @pytest.mark.parametrize("layers, kv_heads", [(4, 2), (3, 2), (2, 1)])
 def test_random_weights_on_stages_equal_the_single_device_ones(layers, kv_heads):

@@ -489,14 +489,15 @@ class Llama(nn.Module):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
             else:
-                head_quant = self.quant if self.quant is not None and self.quant.lm_head else None
-                logits = Linear((c.embedding_rows, c.hidden_size), ("vocab", "embed"), dtype=self.dtype,
-                                quant=head_quant, mesh=self.mesh, name="lm_head")(x)
+                logits = _lm_head(c, self.dtype, "lm_head", self.quant, self.mesh)(x)
         return _true_vocab(c, logits), new_cache
 
 
-def _lm_head(config: LlamaConfig, dtype=jnp.float32, name=None) -> Linear:
-    return Linear((config.embedding_rows, config.hidden_size), ("vocab", "embed"), dtype=dtype, name=name)
+def _lm_head(config: LlamaConfig, dtype=jnp.float32, name=None, quant: QuantScheme | None = None,
+             mesh: Any = None) -> Linear:
+    head_quant = quant if quant is not None and quant.lm_head else None
+    return Linear((config.embedding_rows, config.hidden_size), ("vocab", "embed"), dtype=dtype, quant=head_quant,
+                  mesh=mesh, name=name)
 
 
 def _true_vocab(config: LlamaConfig, logits: jax.Array) -> jax.Array:
@@ -521,17 +522,18 @@ def embed(config: LlamaConfig, weights: dict, tokens: jax.Array) -> jax.Array:
     return Embed(config.embedding_rows, config.hidden_size).apply({"params": weights["embed"]}, tokens)
 
 
-def head(config: LlamaConfig, weights: dict, x: jax.Array, mesh: Any = None) -> jax.Array:
+def head(config: LlamaConfig, weights: dict, x: jax.Array, mesh: Any = None,
+         quant: QuantScheme | None = None) -> jax.Array:
     """The final norm and LM head on hidden states `[B, T, D]` -> float32 logits `[B, T, vocab]`, as
     `Llama` computes them (the pipelined decode applies them to each microbatch leaving the last stage,
-    on the model's `mesh`)."""
+    on the model's `mesh`, with its `quant` scheme: a quantized LM head stays quantized)."""
     x = RMSNorm(config.rms_norm_eps, mesh=mesh).apply({"params": weights["final_norm"]}, x)
     with jax.named_scope("lm_head"):
         if config.tie_word_embeddings:
             logits = Embed(config.embedding_rows, config.hidden_size).apply(
                 {"params": weights["embed"]}, x, method=Embed.attend)
         else:
-            logits = _lm_head(config).apply({"params": weights["lm_head"]}, x)
+            logits = _lm_head(config, quant=quant, mesh=mesh).apply({"params": weights["lm_head"]}, x)
     return _true_vocab(config, logits)
 
 
