@@ -66,7 +66,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _check_seed, _continuation, _Detokenizer, _is_int,
-                             _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
+                             _model, _parse_prompt, _seed_key, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, shard
 from llmjax.sampling import Sampling, sample
 from llmjax.sharding import pipeline
@@ -299,7 +299,7 @@ _EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}
 
 def _key_data(seed: int, index: int) -> np.ndarray:
     """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
+    return np.asarray(jax.random.key_data(jax.random.fold_in(_seed_key(seed), index)))
 
 
 @functools.cache

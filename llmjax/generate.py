@@ -316,6 +316,16 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed must be an integer that fits in 64 bits, got {seed!r}")
 
 
+def _seed_key(seed: int) -> jax.Array:
+    """The random key of a 64-bit seed. `jax.random.key` keeps only a seed's low 32 bits (without
+    jax_enable_x64), so 0 and 2**32 would draw alike: the high 32 bits (two's complement), where
+    not 0, are folded in. A seed in [0, 2**32) keeps its plain key."""
+    seed = int(seed)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    high = (seed >> 32) & 0xFFFFFFFF
+    return jax.random.fold_in(key, high) if high else key
+
+
 def _stop_strings(stop) -> list[str]:
     if stop is None:
         return []
@@ -403,7 +413,7 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     out, steps = generate_ids_fn(model)(
         params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
         jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
-        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), jax.random.key(seed), row_ids,
+        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), _seed_key(seed), row_ids,
         model=model,
         cache_len=_cache_len(params, prompt_bucket, max_new_tokens), out_len=_bucket(max_new_tokens),
         greedy=sampling.greedy, filters=sampling.filters)
@@ -448,7 +458,7 @@ class Stream:
         self._params, self._stops = params, _stop_strings(stop)
         self._row = _token_rows(params, kind, prompts)[0]
         _check_budget(params, [self._row], max_new_tokens)
-        self._max_new, self._key = int(max_new_tokens), jax.random.key(seed)
+        self._max_new, self._key = int(max_new_tokens), _seed_key(seed)
         self._rows = jnp.zeros((1,), jnp.int32)  # a single prompt is prompt 0, as in generate
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()

@@ -40,7 +40,8 @@ class Sampling:
             raise ValueError(f"min_p must be None or a number in [0, 1], got {m!r}")
         # numpy scalars become Python numbers, so equal knobs hash and compare equal.
         object.__setattr__(self, "temperature", float(t))
-        object.__setattr__(self, "top_k", None if k is None else int(k))
+        # top_k past the vocabulary keeps it all; past int32 (the knobs' arrays) it would wrap
+        object.__setattr__(self, "top_k", None if k is None else min(int(k), 2**31 - 1))
         object.__setattr__(self, "top_p", None if p is None else float(p))
         object.__setattr__(self, "min_p", None if m is None else float(m))
 
@@ -69,7 +70,9 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     """Masks `[B, V]` (temperature-scaled) logits to -inf outside top-k, top-p and min-p.
 
     As in transformers, top-k keeps every token tied with the k-th, while top-p cuts by rank in the
-    sorted order: tokens tied at its cut-off are kept only as far as the prefix reaches top_p.
+    sorted order: tokens tied at its cut-off are kept only as far as the prefix reaches top_p (as
+    many as transformers keeps; which of them is the sort's choice: here the lower ids, in
+    transformers whatever torch's unstable sort leaves last).
     """
     neg_inf = jnp.array(-jnp.inf, logits.dtype)
     batch, vocab = logits.shape
@@ -78,11 +81,12 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
     ordered = jnp.where(ordered < kth, neg_inf, ordered)
-    # Keep the smallest prefix whose probability reaches top_p: a token stays when the mass before it
-    # is below top_p. top_p = 1 keeps everything exactly (a float32 cumsum can reach 1 early).
+    # Keep the smallest prefix whose probability reaches top_p: a token stays when the mass from it to
+    # the end of the order exceeds 1 - top_p, summed from the smallest up (as transformers sums, and
+    # exact in the tail that a top_p near 1 cuts). top_p = 1 keeps everything.
     probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
+    tail = jnp.flip(jnp.cumsum(jnp.flip(probs, axis=-1), axis=-1), axis=-1)
+    keep_sorted = (tail > 1 - top_p[:, None]) | (top_p[:, None] >= 1)
     keep_sorted = keep_sorted.at[:, 0].set(True) & jnp.isfinite(ordered)
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(batch)[:, None], order].set(keep_sorted)
     logits = jnp.where(keep, logits, neg_inf)

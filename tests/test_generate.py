@@ -46,6 +46,22 @@ def test_return_types_follow_the_prompt(params):
     assert llmjax.generate(p, torch.tensor([[1, 5, 9]]), max_new_tokens=5) == [ids]
 
 
+def test_seeds_differ_in_their_high_bits_and_a_huge_top_k_keeps_the_vocabulary(params):
+    """A 64-bit seed is taken whole (jax.random.key alone keeps the low 32 bits); a top_k past
+    int32 means the whole vocabulary (it wrapped to 1, or to 0, in the knobs' int32 arrays), in
+    generate and in the engine alike."""
+    p, prompts = _no_eos(params), [[1, 5, 9], [1, 7], [3], [1, 2, 3, 4]]
+    draw = lambda seed, **kw: llmjax.generate(p, prompts, max_new_tokens=8, temperature=1.0, seed=seed, **kw)
+    base = draw(0)
+    assert draw(2**32) != base and draw(-1) != draw(2**32 - 1) and draw(-2**63) != base
+    assert draw(2**32 + 5) == draw(2**32 + 5)
+    assert jax.random.key_data(gen._seed_key(7)).tolist() == jax.random.key_data(jax.random.key(7)).tolist()
+    assert draw(0, top_k=2**32 + 1) == draw(0, top_k=2**31) == base
+    llm = llmjax.LLM(p, max_slots=4, page_size=8, prefill_tokens=64, prefill_row=16)
+    assert llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=0, top_k=2**40, progress=False) == base
+    assert llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=2**32, progress=False) == draw(2**32)
+
+
 def test_text_continues_the_prompt_as_one_decode_would(params):
     p = _no_eos(params)
     for prompt in ("class A:", "import json", "x"):

@@ -124,6 +124,19 @@ def test_masks_equal_transformers_warpers(seed, knobs):
     np.testing.assert_array_equal(_our_kept(logits, **knobs), _hf_kept(logits, **knobs))
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.999, 0.9999])
+def test_top_p_cuts_where_transformers_cuts_on_long_tails_and_ties(top_p):
+    """A top_p near 1 on a 32000-token vocabulary cuts the same tail (the mass is summed from the
+    smallest up, as transformers sums it); rows of tied tokens (flat, integer logits) keep as many."""
+    rng = np.random.default_rng(int(top_p * 1e4))
+    wide = (rng.standard_normal((2, 32000)) * 2).astype(np.float32)
+    np.testing.assert_array_equal(_our_kept(jnp.asarray(wide), top_p=top_p), _hf_kept(wide, top_p=top_p))
+    tied = np.concatenate([np.zeros((1, 64)), np.array([[2.0, 2.0, 0.0, 0.0] * 16]),
+                           rng.integers(-3, 4, (3, 64))]).astype(np.float32)
+    np.testing.assert_array_equal(_our_kept(jnp.asarray(tied), top_p=top_p).sum(-1),
+                                  _hf_kept(tied, top_p=top_p).sum(-1))
+
+
 def test_ties_top_k_keeps_all_tied_top_p_cuts_by_rank():
     tied = jnp.array([[1.0, 1.0, 1.0, 0.0]])  # three tokens of probability 0.297 each
     assert _our_kept(tied, top_k=1).sum() == _hf_kept(tied, top_k=1).sum() == 3
