@@ -6,8 +6,9 @@ its rows, prompt tokens and seconds, and, for the calls named, the kernels it ra
 
 The set is served `--runs` times (the first warms up); the last run prints one line a call: the
 rows it was compiled for, the rows that decode in it, its prompt tokens, the tokens it produced and
-its seconds from the call to its tokens on the host (`Engine.step`'s device time). The output tok/s
-of a run counts the host's time between calls too, as `llmjax bench --throughput` does. `--profile`
+its seconds from the call to its tokens on the host (the engine runs without `overlap`, so that each
+call is read before the next is sent). The output tok/s of a run counts the host's time between
+calls too, as `llmjax bench --throughput` does. `--profile`
 traces those calls (1-based, of the last run) under the profiler and prints their kernels by kind
 and the longest ones (`kernel_profile.traced` and `table`); `--timeline` prints that many of their kernels
 in order from the middle of each, with the idle time before each. On one NVIDIA GPU the decode
@@ -48,7 +49,8 @@ def main():
     engine = engine_lib.Engine(params, max_slots=args.max_slots,
                                page_size=args.page_size, max_seq_len=256, prefill_tokens=args.prefill_tokens,
                                prefill_row=args.prefill_row,
-                               decode_steps=args.decode_steps, kv_dtype=args.kv_dtype)
+                               decode_steps=args.decode_steps, kv_dtype=args.kv_dtype,
+                               overlap=False)  # each call timed to its tokens (its own seconds)
     engine.warmup(256, rows=[r for r in engine.row_buckets if r >= args.max_slots // 4])
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, config.vocab_size, 128).tolist() for _ in range(args.requests)]

@@ -165,7 +165,7 @@ def _throughput(args) -> None:
         compare_hf=args.compare_hf, hf_requests=args.hf_requests, hf_batch=args.hf_batch, mesh=_mesh(args),
         max_slots=args.max_slots, page_size=args.page_size, decode_steps=args.decode_steps,
         prefill_tokens=args.prefill_tokens, prefill_row=args.prefill_row, kv_memory=kv_memory,
-        kv_dtype=args.kv_dtype, log=lambda line: print(line, file=sys.stderr, flush=True))
+        kv_dtype=args.kv_dtype, overlap=not args.no_overlap, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(result.report())
     if result.serving:
         path = args.plot or f"serving-{args.model}-{args.dtype}.png"
@@ -202,6 +202,8 @@ def _add_throughput_flags(b) -> None:
                    "page pool (default: what the device has free after the weights, less a margin)")
     t.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float16", "float32", "float8_e4m3fn"],
                    help="the page pool's dtype (default: the model's); float8_e4m3fn halves the bytes")
+    t.add_argument("--no-overlap", action="store_true", help="read each call's tokens before sending the next "
+                   "(Engine(overlap=False)); by default the host schedules the next call while the device works")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,6 +15,11 @@ same forward so the weights are read once for both), then up to `decode_steps - 
 iterations in a `lax.while_loop`, sampling on the device, before the host looks at the tokens. So the
 host decides (admits, preempts, frees) once per `decode_steps` tokens, not once per token; a row that
 meets EOS or its token budget stops inside the call, and the loop ends early when every row has.
+With `overlap` (the default), `step` sends the next call before it reads this one's tokens: the host
+schedules while the device works, counting on every row of the call in flight to produce all the
+tokens its budget allows (the next call feeds each row its last token straight from that call's
+output, on the device). A row that meets EOS or a stop string instead loses only the next call's
+work for it; a schedule that would have to preempt waits for the tokens.
 
 Memory is a pool of fixed-size pages (`llmjax.cache.PagedKVCache`). A request holds the pages its
 tokens need, taken as it grows and returned when it ends. Admission waits for free pages; when pages
@@ -139,6 +144,8 @@ class Request:
     _pages: list[int] = dataclasses.field(default_factory=list, repr=False)
     _computed: int = 0  # tokens (prompt, then generated) whose keys and values are in the pages
     _admitted: bool = False  # running: it holds a seat (and pages)
+    _pending: int = 0  # tokens the call in flight will give it (counted as its own: see `Engine.overlap`)
+    _pending_row: int = 0  # its decode row in that call
     _engine: object = dataclasses.field(default=None, repr=False)
     _key: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _text: _Text | None = dataclasses.field(default=None, repr=False)
@@ -148,8 +155,13 @@ class Request:
         return self.finish_reason is not None
 
     @property
+    def _produced(self) -> int:
+        """Its tokens, those of the call in flight included."""
+        return len(self.token_ids) + self._pending
+
+    @property
     def _sequence_len(self) -> int:
-        return len(self.prompt_ids) + len(self.token_ids)
+        return len(self.prompt_ids) + self._produced
 
     @property
     def _decoding(self) -> bool:
@@ -158,7 +170,7 @@ class Request:
         return self._computed == self._sequence_len - 1
 
     def _budget(self, steps: int) -> int:
-        return min(steps, self.max_new_tokens - len(self.token_ids))
+        return min(steps, self.max_new_tokens - self._produced)
 
     def _tokens(self, start: int, stop: int) -> list[int]:
         ids = self.prompt_ids + self.token_ids if stop > len(self.prompt_ids) else self.prompt_ids
@@ -177,10 +189,9 @@ class EngineStats:
     busy_rows: int = 0  # decode rows that held a request, summed over calls
     compiled: int = 0  # step variants compiled
     compile_s: float = 0.0  # seconds compiling them (in `step`, when a call first needs a variant)
-    device_s: float = 0.0  # seconds in device calls: inputs in, the call (a GPU runs its loop in step with
-    # the host), tokens back
-    host_s: float = 0.0  # seconds `step` spent on the host around them: scheduling, inputs, results (not
-    # compiling)
+    device_s: float = 0.0  # seconds `step` waited for the device's tokens
+    host_s: float = 0.0  # seconds `step` spent on the host: scheduling, inputs, results (not compiling);
+    # with `overlap`, mostly while the device works
 
 
 # ---------------------------------------------------------------- device side
@@ -297,6 +308,24 @@ _jitted_call = jax.jit(_engine_call, static_argnames=("model", "steps", "greedy"
 _EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}
 
 
+@dataclasses.dataclass
+class _Flight:
+    """A call sent to the device: its rows (requests, in row order), its tokens `[steps, R]` (on the
+    device until landed) and each row's budget."""
+
+    rows: list
+    out: jax.Array
+    budgets: list[int]
+    waited: float = 0.0  # seconds the host waited for `out`
+
+
+@jax.jit
+def _feed(out, picks, last):
+    """`last`, where `picks` (a flat index into a call's tokens `out`, -1: none) takes it from `out`."""
+    taken = jnp.maximum(out.reshape(-1)[jnp.maximum(picks, 0)], 0)  # PAD_ID: a row that ended there
+    return jnp.where(picks >= 0, taken, last)
+
+
 def _key_data(seed: int, index: int) -> np.ndarray:
     """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold."""
     return np.asarray(jax.random.key_data(jax.random.fold_in(_seed_key(seed), index)))
@@ -364,11 +393,17 @@ class Engine:
     of bfloat16: twice the tokens in the same memory and half the reads of decode attention, at a
     precision of ~6% per stored key and value, which moves logits slightly; values past +-448
     saturate).
+    overlap: send each call to the device before reading the tokens of the one before, so that the
+    host's scheduling runs while the device works. The next call then counts on every row of the
+    one in flight producing all the tokens its budget allows; a row that meets EOS or a stop string
+    there has its next call's tokens thrown away (a call's work, no request's output, is lost),
+    and a call that would have to preempt waits for the tokens first. False: the host reads each
+    call's tokens before scheduling the next (the device idles meanwhile).
     """
 
     def __init__(self, params: Params, mesh=None, *, max_slots: int = 256, page_size: int = 16,
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
-                 prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None):
+                 prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None, overlap: bool = True):
         if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:
             raise ValueError("the engine runs on meshes without pipeline stages: its page pool and step are "
                              "split over `tensor` and `data` only; use a mesh with stage=1 (tensor parallelism "
@@ -400,6 +435,10 @@ class Engine:
         self._waiting: list[Request] = []  # by arrival (id)
         self._running: list[Request] = []  # admitted, by arrival (id)
         self._ids = itertools.count()
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        self.overlap = overlap
+        self._flight: _Flight | None = None  # the call on the device whose tokens the host has not read
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -640,19 +679,25 @@ class Engine:
         call's decode iterations."""
         return request._sequence_len - 1 + request._budget(self.decode_steps)
 
-    def _schedule(self):
-        """Decides one call: the decode requests and the prompt pieces `(request, start, count)`."""
+    def _schedule(self, speculative: bool = False):
+        """Decides one call: the decode requests and the prompt pieces `(request, start, count)`.
+        `speculative` (a call in flight): None where the call would have to preempt (that waits for
+        the call's tokens)."""
         decode, pieces, rows_left = [], [], self._chunk_target()
         for request in list(self._running):
             if not request._admitted:  # preempted below for an older request
                 continue
             if request._decoding:
+                if not request._budget(self.decode_steps):  # the call in flight gives its last tokens
+                    continue
                 count, cover = 0, self._call_cover(request)
             elif rows_left:
                 count, cover = self._piece(request, rows_left)
             else:
                 continue
-            if not self._reserve(request, cover):
+            if not self._reserve(request, cover, preempt=not speculative):
+                if speculative:
+                    return None
                 count = self._shrunk_piece(request, count)
                 if not count:
                     self._preempt_latest()  # `request` itself, the youngest
@@ -698,11 +743,11 @@ class Engine:
         """The chunk rows a prompt piece of `count` tokens takes."""
         return -(-count // self.prefill_row)
 
-    def _reserve(self, request: Request, cover: int) -> bool:
+    def _reserve(self, request: Request, cover: int, preempt: bool = True) -> bool:
         """Frees pages for `request` to cover `cover` tokens by preempting younger requests; False if
-        only preempting `request` itself would do."""
+        only preempting `request` itself would do (or, without `preempt`, if any preemption would)."""
         while self._pages_for(cover) - len(request._pages) > len(self._free):
-            if self._running[-1] is request:
+            if self._running[-1] is request or not preempt:
                 return False
             self._preempt_latest()
         return True
@@ -732,11 +777,29 @@ class Engine:
     # ------------------------------------------------------------ one step
 
     def step(self) -> list[Request]:
-        """Runs one device call; returns the requests that got tokens or finished in it."""
+        """Runs one device call; returns the requests that got tokens or finished in it. With
+        `overlap`, the next call is on its way to the device before this one's tokens are read."""
         start, compiling = time.perf_counter(), self.stats.compile_s
-        decode, pieces = self._schedule()
+        if self._flight is None:
+            self._flight = self._launch(speculative=False)
+        landing = self._flight
+        done = []
+        if landing is not None:
+            self._flight = self._launch(speculative=True) if self.overlap else None
+            done = self._land(landing)
+        compiled = self.stats.compile_s - compiling  # in `_executable`, counted apart
+        self.stats.host_s += time.perf_counter() - start - compiled - (landing.waited if landing else 0.0)
+        return done
+
+    def _launch(self, speculative: bool) -> _Flight | None:
+        """Schedules a call and sends it to the device (None: nothing to run). `speculative`: a call is
+        in flight, and this one counts on it giving each of its rows the tokens its budget allows."""
+        scheduled = self._schedule(speculative)
+        if scheduled is None:
+            return None
+        decode, pieces = scheduled
         if not decode and not pieces:
-            return []
+            return None
         finishing = [req for req, start, count in pieces if start + count == req._sequence_len]
         rows = decode + finishing
         pages = max(len(r._pages) for r in rows + [p[0] for p in pieces])
@@ -748,15 +811,52 @@ class Engine:
         chunk = self._chunk(pieces, {id(r): i for i, r in enumerate(rows)}, num_rows, width,
                             chunk_rows) if pieces else None
         run = self._executable(variant)
-        called = time.perf_counter()
-        out, self._pool = run(self.params.weights, self._pool, *self._place((host_rows, chunk)), self._eos)
-        out = np.asarray(out)
-        back = time.perf_counter()
-        self._account(decode, pieces, rows, num_rows)
-        done = self._collect(rows, decode, out)
-        self.stats.device_s += back - called
-        compiled = self.stats.compile_s - compiling  # in `_executable`, counted apart
-        self.stats.host_s += (called - start) + (time.perf_counter() - back) - compiled
+        device_rows, device_chunk = self._place((host_rows, chunk))
+        if any(r._pending for r in decode):  # their last tokens are still on the device
+            device_rows = dataclasses.replace(device_rows, last=self._fed_tokens(decode, host_rows.last))
+        out, self._pool = run(self.params.weights, self._pool, device_rows, device_chunk, self._eos)
+        budgets = host_rows.budget[:len(rows)].tolist()
+        self._account(decode, pieces, rows, budgets)
+        return _Flight(rows, out, budgets)
+
+    def _fed_tokens(self, decode: list[Request], last: np.ndarray) -> jax.Array:
+        """The decode rows' first tokens, where the call in flight gives them: its output gathered on
+        the device (the host has not read it)."""
+        flight, picks = self._flight, np.full(last.shape, -1, np.int32)
+        width = flight.out.shape[1]
+        picks[:len(decode)] = [(r._pending - 1) * width + r._pending_row if r._pending else -1 for r in decode]
+        mesh = self.params.mesh
+        target = jax.local_devices()[0] if mesh is None else NamedSharding(mesh, P())
+        return _feed(flight.out, *jax.device_put((picks, last), target))
+
+    def _land(self, flight: _Flight) -> list[Request]:
+        """Waits for a call's tokens and hands each row its own; finishes those that ended. Rows whose
+        request finished meanwhile (cancelled, or ended in the call before, whose next call counted on
+        it going on) are skipped."""
+        waited = time.perf_counter()
+        out = np.asarray(flight.out)
+        flight.waited = time.perf_counter() - waited
+        self.stats.device_s += flight.waited
+        self.stats.calls += 1
+        now = time.perf_counter()
+        out = out[:, :len(flight.rows)]
+        produced = out != PAD_ID  # each row's tokens run up to its first PAD_ID
+        counts = np.where(produced.all(axis=0), out.shape[0], produced.argmin(axis=0)).tolist()
+        done = []
+        for request, column, count, budget in zip(flight.rows, out.T.tolist(), counts, flight.budgets):
+            request._pending -= budget
+            if request.finished:
+                continue
+            self.stats.decode_tokens += count
+            if request.first_token_time is None and count:
+                request.first_token_time = now
+            request.token_ids.extend(column[:count])
+            request._computed -= budget - count
+            self._check_end(request)
+            if count < budget and not request.finished:
+                raise RuntimeError(f"request {request.id} stopped short of its budget in a call without "
+                                   "ending (an llmjax bug: its next call counted on those tokens)")
+            done.append(request)
         return done
 
     @staticmethod
@@ -774,10 +874,10 @@ class Engine:
         keys = np.zeros((num_rows, _key_words()), np.uint32)
         knobs = {"temperature": np.zeros(num_rows, np.float32), "top_k": np.zeros(num_rows, np.int32),
                  "top_p": np.ones(num_rows, np.float32), "min_p": np.zeros(num_rows, np.float32)}
-        last[:d] = [(r.token_ids or r.prompt_ids)[-1] for r in decode]
+        last[:d] = [0 if r._pending else (r.token_ids or r.prompt_ids)[-1] for r in decode]
         active[:d] = True
         positions[:n] = [r._sequence_len - 1 for r in rows]
-        generated[:n] = [len(r.token_ids) for r in rows]
+        generated[:n] = [r._produced for r in rows]
         budget[:n] = [r._budget(self.decode_steps) for r in rows]
         for i, request in enumerate(rows):  # a slice a row: 0.1 ms for 410 rows
             tables[i, :len(request._pages)] = request._pages
@@ -816,30 +916,20 @@ class Engine:
         target = jax.local_devices()[0] if mesh is None else NamedSharding(mesh, P())
         return jax.device_put(tree, target)
 
-    def _account(self, decode, pieces, rows, num_rows) -> None:
+    def _account(self, decode: list[Request], pieces: list, rows: list[Request], budgets: list[int]) -> None:
+        """Counts a call's work as done when it is sent: each row's tokens as its budget allows (its
+        pages cover them); `_land` takes back those a row did not produce."""
         s = self.stats
-        s.calls += 1
         s.busy_rows += len(rows)
         for request, start, count in pieces:
             s.prefill_tokens += count
             request._computed = start + count
-
-    def _collect(self, rows: list[Request], decode: list[Request], out: np.ndarray) -> list[Request]:
-        """Hands each row's tokens to its request; finishes those that ended."""
-        now = time.perf_counter()
-        out = out[:, :len(rows)]
-        produced = out != PAD_ID  # each row's tokens run up to its first PAD_ID
-        counts = np.where(produced.all(axis=0), out.shape[0], produced.argmin(axis=0)).tolist()
-        self.stats.decode_tokens += sum(counts)
-        for i, (request, column, count) in enumerate(zip(rows, out.T.tolist(), counts)):
-            if request.first_token_time is None and count:
-                request.first_token_time = now
-            if i >= len(decode):  # its prefill ended in this call: the first token came from the chunk
+        for i, (request, budget) in enumerate(zip(rows, budgets)):
+            if i >= len(decode):  # its prefill ends in this call: the first token comes from the chunk
                 request._computed -= 1
-            request.token_ids.extend(column[:count])
-            request._computed += count
-            self._check_end(request)
-        return rows
+            request._computed += budget
+            request._pending += budget
+            request._pending_row = i
 
     def _check_end(self, request: Request) -> None:
         """Finishes a request at EOS, its budget or a stop string (its text is decoded now only when

@@ -52,8 +52,8 @@ class Workload:
     calls: int  # engine steps (device calls)
     preemptions: int
     mean_rows: float  # requests decoding per call, on average
-    device_s: float = 0.0  # of `seconds`, in device calls
-    host_s: float = 0.0  # of `seconds`, the engine's host work between device calls
+    device_s: float = 0.0  # of `seconds`, waiting for the device's tokens
+    host_s: float = 0.0  # of `seconds`, the engine's host work (with `overlap`, while the device works)
     compile_s: float = 0.0  # of `seconds`, compiling a step variant the warmup had not (normally none)
 
 
@@ -91,14 +91,15 @@ class ThroughputResult:
                  f"model {self.model} ({_count(self.num_params)} parameters, {self.dtype}, random weights)",
                  f"engine: {e['max_slots']} slots, pages of {e['page_size']} tokens x {e['num_pages']} "
                  f"({e['kv_gib']:.1f} GiB, {e.get('kv_dtype', 'model dtype')}), {e['decode_steps']} decode steps per call, "
-                 f"{e['prefill_tokens']} prefill tokens per call; compiled in {self.compile_s:.1f} s"]
+                 f"{e['prefill_tokens']} prefill tokens per call"
+                 + ("" if e.get("overlap", True) else ", no overlap") + f"; compiled in {self.compile_s:.1f} s"]
         for w in (self.fixed, self.mix):
             if w is not None:
                 lines.append(f"{w.name:<28} {w.output_tok_s:10.1f} output tok/s  {w.requests_per_min:9.1f} "
                              f"requests/min  ({w.requests} requests, {w.output_tokens} output tokens in "
                              f"{w.seconds:.2f} s; {w.total_tok_s:.1f} tok/s in+out; {w.calls} calls, "
                              f"{w.mean_rows:.1f} rows per call, {w.preemptions} preemptions; "
-                             f"{w.device_s:.2f} s in device calls, {w.host_s:.2f} s on the host between them"
+                             f"{w.device_s:.2f} s waiting for the device, {w.host_s:.2f} s of host work"
                              + (f", {w.compile_s:.2f} s compiling" if w.compile_s else "") + ")")
         lines += [_serving_line(s) for s in self.serving]
         lines += transformers_line(f"{self.hf_setup}, same run, {self.hf_requests} requests", self.hf_tok_s,
@@ -127,7 +128,8 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
                      page_size: int = BENCH_ENGINE["page_size"], decode_steps: int = BENCH_ENGINE["decode_steps"],
                      prefill_tokens: int = BENCH_ENGINE["prefill_tokens"],
                      prefill_row: int = BENCH_ENGINE["prefill_row"],
-                     kv_memory: int | None = None, kv_dtype=None, log=print) -> ThroughputResult:
+                     kv_memory: int | None = None, kv_dtype=None, overlap: bool = True,
+                     log=print) -> ThroughputResult:
     """Serves the fixed set, the mix and the Poisson arrivals on random weights (see the module
     docstring); `log` gets each line as it is measured. Rates are requests per second."""
     _check(requests, prompt_len, gen_len, serving_requests, hf_requests, hf_batch)
@@ -145,7 +147,7 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
     params = random_params(config, dtype, seed, mesh)
     engine = Engine(params, max_slots=max_slots, page_size=page_size, kv_memory=kv_memory, max_seq_len=longest,
                     prefill_tokens=prefill_tokens, prefill_row=prefill_row, decode_steps=decode_steps,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, overlap=overlap)
     start = time.perf_counter()
     # Rows down to a quarter of the slots: the tail of a run drains through them; fewer rows would
     # save little and cost another compilation of the whole model.
@@ -184,7 +186,7 @@ def _engine_options(engine: Engine) -> dict:
     return {"max_slots": engine.max_slots, "page_size": engine.page_size, "num_pages": engine.num_pages,
             "kv_gib": engine.num_pages * engine.page_bytes / 2**30, "decode_steps": engine.decode_steps,
             "prefill_tokens": engine.chunk_rows * engine.prefill_row, "prefill_row": engine.prefill_row,
-            "max_seq_len": engine.max_seq_len, "kv_dtype": engine.kv_dtype.name}
+            "max_seq_len": engine.max_seq_len, "kv_dtype": engine.kv_dtype.name, "overlap": engine.overlap}
 
 
 def _serving_line(s: ServingPoint) -> str:

@@ -6,6 +6,7 @@ float32: in bfloat16, `generate`'s own tokens depend on how a list is batched (r
 batching scheme can promise equal tokens there.
 """
 
+import collections
 import dataclasses
 import importlib
 import time
@@ -297,6 +298,30 @@ def test_the_engine_through_the_attention_kernels_gives_the_references_tokens(pa
             assert run("interpret", p, kv_dtype) == want
 
 
+def test_overlap_sends_the_next_call_before_reading_the_tokens_and_changes_none(params):
+    """The next call counts on every row of the one in flight going on; rows that meet EOS there
+    (here an EOS that many requests meet within a call) lose only that next call's work, and each
+    request still gets `generate`'s tokens, with the pool whole at the end, as without overlap."""
+    rng = np.random.default_rng(4)
+    prompts = _prompts(rng, 30, 30)
+    budgets = rng.integers(2, 30, len(prompts)).tolist()
+    with_eos = lambda *ids: dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=ids))
+    plain = LLM(with_eos(), **SMALL, overlap=False).generate(prompts, max_new_tokens=budgets, progress=False)
+    p = with_eos(collections.Counter(t for ids in plain for t in ids[1:-1]).most_common(1)[0][0])
+    expected = _reference(p, prompts, budgets)
+    for overlap in (True, False):
+        engine = Engine(p, **SMALL, overlap=overlap)
+        handles = [engine.add_request(prompt, max_new_tokens=n) for prompt, n in zip(prompts, budgets)]
+        engine.step()
+        assert (engine._flight is not None) == overlap  # sent before the first call's tokens were read
+        while engine.pending:
+            engine.step()
+        assert [h.token_ids for h in handles] == expected
+        assert engine.free_pages == engine.num_pages
+        assert sum(h.finish_reason == "eos" and len(h.token_ids) < n for h, n in zip(handles, budgets)) >= 5
+        assert engine.stats.decode_tokens == sum(len(h.token_ids) for h in handles)
+
+
 def _stage_mesh():
     from llmjax.sharding import make_mesh
 
@@ -312,8 +337,8 @@ def test_a_call_fills_the_chunk_size_its_prompt_work_fills_and_warmup_covers_eac
     to all of it); prompts arriving beside a decoding request fill the largest size they fill and the
     rest waits for the next call (no chunk of mostly padding); a queue that fills the chunk runs it
     whole. After `warmup` (every row bucket without a chunk and with each chunk size) serving compiles
-    nothing, and the tokens are generate's."""
-    engine = _engine(params, prefill_tokens=128, prefill_row=8)  # 16 chunk rows, 2 or 1
+    nothing, and the tokens are generate's. (Without `overlap`, so that a step is the call it sends.)"""
+    engine = _engine(params, prefill_tokens=128, prefill_row=8, overlap=False)  # 16 chunk rows, 2 or 1
     assert engine.chunk_buckets == (1, 2, 16)
     chunks = []
     real = engine._executable
