@@ -49,12 +49,13 @@ def _mesh(args):
 
 
 def _check_tokenizer(model: str) -> None:
-    """The CLI reads and writes text: a model folder without a tokenizer is refused before loading."""
+    """The CLI reads and writes text: a model folder without a tokenizer is refused before loading
+    (a folder that is no model at all is left to `load`'s message)."""
     from llmjax.params import resolve
     from llmjax.tokenizer import Tokenizer
 
     folder = resolve(model)
-    if os.path.isdir(folder) and Tokenizer.from_dir(folder) is None:
+    if os.path.isfile(os.path.join(folder, "config.json")) and Tokenizer.from_dir(folder) is None:
         raise ValueError(f"{model} has no tokenizer (tokenizer.model or tokenizer.json), and the command line "
                          "works on text; copy the model's tokenizer files into the folder")
 

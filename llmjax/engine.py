@@ -511,8 +511,10 @@ class Engine:
                 kv_memory = HOST_POOL_BYTES
             pages = min(wanted, kv_memory // self.page_bytes)
         else:
+            if isinstance(kv_memory, float) and kv_memory.is_integer():  # 0.5 * 2**30 and the like
+                kv_memory = int(kv_memory)
             if not _is_int(kv_memory) or kv_memory < 1:
-                raise ValueError(f"kv_memory must be a number of bytes >= 1, got {kv_memory!r}")
+                raise ValueError(f"kv_memory must be a whole number of bytes >= 1, got {kv_memory!r}")
             pages = kv_memory // self.page_bytes
         if pages < 1:
             raise ValueError(f"the page pool would hold no page: one page of {self.page_size} tokens takes "

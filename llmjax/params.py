@@ -88,6 +88,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
                                 f"name ({', '.join(BUNDLED)})")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is a file; pass the model folder that holds it ({os.path.dirname(path) or '.'})")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     tokenizer = Tokenizer.from_dir(path)
     is_ckpt = checkpoint.is_checkpoint(path)
@@ -126,7 +128,7 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant) -> Param
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, repeat = meshes.fit_config(config, mesh)
-    check_mesh(fitted, quant, mesh)
+    check_mesh(config, quant, mesh)
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored), quant)
@@ -191,7 +193,7 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     from llmjax.sharding import mesh as meshes
 
     fitted, repeat = meshes.fit_config(params.config, mesh)
-    check_mesh(fitted, params.quant, mesh)
+    check_mesh(params.config, params.quant, mesh)
     groups = ((key, jax.tree.map(np.asarray, tree)) for key, tree in params.weights.items())
     weights = _place(groups, params.config, fitted, repeat, mesh, None, params.quant)
     return Params(weights, fitted, params.tokenizer, mesh, params.quant)
@@ -228,6 +230,13 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
     dtype, quant = parse_dtype(dtype)
+    try:
+        float_dtype = jnp.dtype(dtype).name
+    except TypeError:
+        float_dtype = None
+    if float_dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}, or a "
+                         "quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
     if quant_lm_head:
         if quant is None:
             raise ValueError(f"quant_lm_head quantizes the LM head with the projections' scheme, but dtype "
@@ -242,7 +251,7 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, repeat = meshes.fit_config(config, mesh)
-    check_mesh(fitted, quant, mesh)
+    check_mesh(config, quant, mesh)
     shardings = rules.weight_shardings(fitted, mesh, quant)
     key, dtype = jax.random.key(seed), jnp.dtype(dtype)
     # the one-device model's weights, fitted to the mesh as `shard` fits them

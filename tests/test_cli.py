@@ -88,6 +88,9 @@ def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, cap
         assert cli_main([command[0], "--model", str(bare), *command[1:]]) == 2
         assert "has no tokenizer (tokenizer.model or tokenizer.json), and the command line works on text" in \
             capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # no model at all: load's message, not the tokenizer's
+    assert cli_main(["generate", "--model", str(tmp_path / "empty"), "--prompt", "x"]) == 2
+    assert "no config.json" in capsys.readouterr().err
 
 
 SLOW_CONVERT = """

@@ -221,6 +221,11 @@ def test_load_errors_name_the_problem(tmp_path, hf_dir):
     (tmp_path / "cfg" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match=r"only pickled weights \(pytorch_model.bin\).*never unpickles"):
         llmjax.load(tmp_path / "cfg")  # named, with how to get safetensors, and never opened
+    with pytest.raises(ValueError, match=r"config.json is a file; pass the model folder that holds it \(.*cfg\)"):
+        llmjax.load(tmp_path / "cfg" / "config.json")
+    for dtype in ("bf16", "float8"):
+        with pytest.raises(ValueError, match=f"dtype '{dtype}' is not supported; choose one of float32.*int4-g128"):
+            llmjax.init_random("tiny", dtype=dtype)
 
 
 def test_damaged_checkpoint_is_named(tmp_path, hf_dir):

@@ -462,6 +462,10 @@ def test_rows_read_the_pages_in_place_where_the_kernels_run(device, kv_dtype, en
     assert llama.paged_decode_in_place(config, jnp.bfloat16, kv_dtype, fake) is decode_in_place
 
 
+def test_kv_memory_takes_a_whole_float_of_bytes(params):
+    assert _engine(params, kv_memory=float(16 * _page_bytes(params, 8))).num_pages == 16
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda p: _engine(p, max_slots=0), "max_slots must be an integer >= 1"),
     (lambda p: _engine(p, page_size=0), "page_size"),
@@ -469,6 +473,8 @@ def test_rows_read_the_pages_in_place_where_the_kernels_run(device, kv_dtype, en
     (lambda p: _engine(p, prefill_tokens=40), "multiple of prefill_row"),
     (lambda p: _engine(p, max_seq_len=200), "exceeds the model's context of 96"),
     (lambda p: _engine(p, kv_memory=100), "would hold no page"),
+    (lambda p: _engine(p, kv_memory=1.5), "a whole number of bytes"),
+    (lambda p: _engine(p, kv_memory=2.0 ** 40 + 0.5), "a whole number of bytes"),
     (lambda p: _engine(p, kv_dtype="int8"), "kv_dtype must be one of"),
     (lambda p: _engine(p, kv_dtype="fp9"), "kv_dtype must be one of"),
     (lambda p: _engine(p).add_request([]), "prompt is empty"),

@@ -5,6 +5,7 @@ the model it dequantizes to, `convert --quant` round trips, the sharding rules o
 import dataclasses
 import importlib
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,28 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
         assert kernel.values.sharding.spec == specs[name] and kernel.scales.sharding.spec == specs[name], name
     with pytest.raises(ValueError, match=r"would cut int4 groups of 128.*one of \[1\].*int4-g64 or int4-g32"):
         llmjax.shard(quantize_params(float_params, "int4-g128"), make_mesh(tensor=2, data=4))
+
+
+@pytest.mark.parametrize("scheme, tensor", [("int4-g128", 4), ("int4-g32", 8), ("int4-g128", 2), ("int4-g64", 8)])
+def test_a_refused_tensor_degree_names_degrees_and_group_sizes_that_run(scheme, tensor):
+    """Every degree and group size the message offers is one the model then runs with (the demo
+    model: 8 query heads, 4 kv heads, MLP width 672, which int4-g128 already takes in groups of 32)."""
+    from llmjax.params import resolve
+    from llmjax.quant.tree import check_mesh
+    from llmjax.sharding.mesh import fit_config
+
+    config = llmjax.LlamaConfig.from_hf(resolve("tiny-stdlib"))
+    mesh = lambda t: make_mesh(tensor=t, data=8 // t)  # noqa: E731
+    with pytest.raises(ValueError, match="would cut int4 groups") as error:
+        check_mesh(config, QuantScheme.parse(scheme), mesh(tensor))
+    message = str(error.value)
+    degrees = [int(t) for t in re.search(r"one of \[([\d, ]*)\]", message).group(1).split(",")]
+    assert 1 in degrees
+    for t in degrees:
+        fit_config(config, mesh(t))
+        check_mesh(config, QuantScheme.parse(scheme), mesh(t))
+    for group in re.findall(r"int4-g\d+", message.split("convert with")[1]):
+        check_mesh(config, QuantScheme.parse(group), mesh(tensor))
 
 
 def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(float_params):

@@ -71,25 +71,36 @@ def cast_floats(tree, dtype):
     return jax.tree.map(cast, tree, is_leaf=is_quantized)
 
 
-def check_mesh(config: LlamaConfig, scheme: QuantScheme | None, mesh) -> None:
-    """Refuses a mesh quantized weights cannot run on: a tensor degree that would cut an int4 group
-    (o and down split their input, query heads and MLP width, over `tensor`, and each device must
-    hold whole groups)."""
-    if scheme is None:
-        return
-    tensor = mesh.shape["tensor"]
-    if scheme.bits != 4 or tensor == 1:
-        return
+def _cut_groups(config: LlamaConfig, scheme: QuantScheme, tensor: int) -> list[tuple[str, int, int]]:
+    """(projection, input width, group) of each int4 product whose groups `tensor` devices would cut
+    (o and down split their input, query heads and MLP width, over `tensor`)."""
+    cuts = []
     for name, width in (("o", config.num_heads * config.head_dim), ("down", config.intermediate_size)):
         group = scheme.group_for(width)
-        if group is not None and (width // tensor) % group:
-            fits = [t for t in range(1, tensor) if width % t == 0 and (width // t) % group == 0]
-            smaller = [f"int4-g{g}" for g in GROUP_SIZES if g < group and (width // tensor) % g == 0]
-            raise ValueError(
-                f"tensor={tensor} would cut int4 groups of {group}: the {name} projection's input width "
-                f"{width} splits into {width // tensor} per device, not a multiple of {group}; use a "
-                f"tensor degree that keeps whole groups (one of {fits}) or convert with "
-                f"{' or '.join(smaller) if smaller else 'int8'}")
+        if scheme.bits == 4 and group is not None and (width // tensor) % group:
+            cuts.append((name, width, group))
+    return cuts
+
+
+def check_mesh(config: LlamaConfig, scheme: QuantScheme | None, mesh) -> None:
+    """Refuses a mesh quantized weights cannot run on: a tensor degree that would cut an int4 group
+    (each device must hold whole groups). The message names the tensor degrees below it and the
+    group sizes that would run: every product's groups whole, and the degree one the model and the
+    mesh's device count take (`config`: the model's own, before its kv heads are repeated)."""
+    from llmjax.sharding.mesh import tensor_problem  # the sharding package imports this one
+
+    tensor = mesh.shape["tensor"]
+    if scheme is None or tensor == 1 or not _cut_groups(config, scheme, tensor):
+        return
+    name, width, group = _cut_groups(config, scheme, tensor)[0]
+    fits = [t for t in range(1, tensor) if mesh.size % t == 0 and not tensor_problem(config, t)
+            and not _cut_groups(config, scheme, t)]
+    smaller = [f"int4-g{g}" for g in GROUP_SIZES if g < group and not _cut_groups(
+        config, dataclasses.replace(scheme, group_size=g), tensor)]
+    raise ValueError(
+        f"tensor={tensor} would cut int4 groups of {group}: the {name} projection's input width {width} "
+        f"splits into {width // tensor} per device, not a multiple of {group}; use a tensor degree that "
+        f"runs with whole groups (one of {fits}) or convert with {' or '.join(smaller) if smaller else 'int8'}")
 
 
 def parse_dtype(dtype: str) -> tuple[str, QuantScheme | None]:

@@ -45,22 +45,32 @@ def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfi
     """
     pipeline.layers_per_stage(config, pipeline.stages(mesh))
     tensor = mesh.shape["tensor"]
-    problems = [f"{what} ({value})" for what, value in (
-        ("query heads", config.num_heads), ("MLP width", config.intermediate_size)) if value % tensor]
-    if problems:
-        raise ValueError(f"tensor={tensor} does not divide the model's {', '.join(problems)}; choose a "
-                         "tensor degree that divides each of them")
+    problem = tensor_problem(config, tensor)
+    if problem:
+        raise ValueError(problem)
     rows = -(-config.vocab_size // tensor) * tensor
     if rows != config.embedding_rows:
         config = dataclasses.replace(config, padded_vocab_size=rows)
     kv = config.num_kv_heads
     if tensor <= kv:
-        if kv % tensor:
-            raise ValueError(f"tensor={tensor} does not divide the {kv} kv heads; choose a tensor degree "
-                             f"that divides {kv} or is a multiple of it")
         return config, 1
-    if tensor % kv:
-        raise ValueError(f"tensor={tensor} is larger than the {kv} kv heads but not a multiple of them; "
-                         f"choose a divisor or a multiple of {kv}")
     repeat = tensor // kv
     return dataclasses.replace(config, num_kv_heads=kv * repeat), repeat
+
+
+def tensor_problem(config: LlamaConfig, tensor: int) -> str | None:
+    """Why `config` cannot be split over `tensor` devices (None: it can): the degree must divide the
+    query heads and the MLP width, and divide the kv heads or be a multiple of them."""
+    problems = [f"{what} ({value})" for what, value in (
+        ("query heads", config.num_heads), ("MLP width", config.intermediate_size)) if value % tensor]
+    if problems:
+        return (f"tensor={tensor} does not divide the model's {', '.join(problems)}; choose a tensor degree "
+                "that divides each of them")
+    kv = config.num_kv_heads
+    if tensor <= kv and kv % tensor:
+        return (f"tensor={tensor} does not divide the {kv} kv heads; choose a tensor degree that divides {kv} "
+                "or is a multiple of it")
+    if tensor > kv and tensor % kv:
+        return (f"tensor={tensor} is larger than the {kv} kv heads but not a multiple of them; choose a "
+                f"divisor or a multiple of {kv}")
+    return None
