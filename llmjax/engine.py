@@ -189,7 +189,8 @@ class EngineStats:
     busy_rows: int = 0  # decode rows that held a request, summed over calls
     compiled: int = 0  # step variants compiled
     compile_s: float = 0.0  # seconds compiling them (in `step`, when a call first needs a variant)
-    device_s: float = 0.0  # seconds `step` waited for the device's tokens
+    device_s: float = 0.0  # seconds `step` waited for the device: for a call's tokens, or in sending a
+    # call while the device still held what it takes (the pool the call before writes)
     host_s: float = 0.0  # seconds `step` spent on the host: scheduling, inputs, results (not compiling);
     # with `overlap`, mostly while the device works
 
@@ -272,9 +273,11 @@ def _sample(logits, rows: _Rows, step, greedy, filters):
     return sample(logits, keys, rows.knobs, greedy=greedy, filters=filters)
 
 
-def _engine_call(weights, pool, rows: _Rows, chunk: _Chunk | None, eos, *, model, steps, greedy, filters):
+def _engine_call(weights, pool, rows: _Rows, chunk: _Chunk | None, eos, *, model, steps, greedy, filters,
+                 out_rows):
     """One step: the mixed first iteration (when there is a chunk), then decode iterations until
-    `steps` or until no row is alive. Returns tokens `[steps, R]` (PAD_ID after a row stopped)."""
+    `steps` or until no row is alive. Returns tokens `[steps, out_rows]` (PAD_ID after a row stopped,
+    and in the columns past its R rows: every call's tokens have one shape, for `_feed`)."""
     r = rows.last.shape[0]
 
     def record(state: _Loop, logits, producing, pool):
@@ -295,13 +298,13 @@ def _engine_call(weights, pool, rows: _Rows, chunk: _Chunk | None, eos, *, model
         return record(s, logits, s.alive, pool)
 
     state = jax.lax.while_loop(lambda s: (s.step < steps) & jnp.any(s.alive), body, state)
-    out = state.out
+    out = jnp.pad(state.out, ((0, 0), (0, out_rows - r)), constant_values=PAD_ID)
     if model.mesh is not None:  # whole on every device, so every process can read it
         out = jax.lax.with_sharding_constraint(out, NamedSharding(model.mesh, P()))
     return out, state.pool
 
 
-_jitted_call = jax.jit(_engine_call, static_argnames=("model", "steps", "greedy", "filters"),
+_jitted_call = jax.jit(_engine_call, static_argnames=("model", "steps", "greedy", "filters", "out_rows"),
                        donate_argnames=("pool",))
 # Compiled step variants, shared by every engine of the same model and shapes (as jit shares its
 # own): keyed by the model, the pool's shape and every static size of the call.
@@ -316,14 +319,15 @@ class _Flight:
     rows: list
     out: jax.Array
     budgets: list[int]
-    waited: float = 0.0  # seconds the host waited for `out`
 
 
-@jax.jit
 def _feed(out, picks, last):
     """`last`, where `picks` (a flat index into a call's tokens `out`, -1: none) takes it from `out`."""
     taken = jnp.maximum(out.reshape(-1)[jnp.maximum(picks, 0)], 0)  # PAD_ID: a row that ended there
     return jnp.where(picks >= 0, taken, last)
+
+
+_FEEDS: dict[tuple, jax.stages.Compiled] = {}  # `_feed` compiled, by (tokens' shape, rows, mesh)
 
 
 def _key_data(seed: int, index: int) -> np.ndarray:
@@ -781,7 +785,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Runs one device call; returns the requests that got tokens or finished in it. With
         `overlap`, the next call is on its way to the device before this one's tokens are read."""
-        start, compiling = time.perf_counter(), self.stats.compile_s
+        start, compiling, waiting = time.perf_counter(), self.stats.compile_s, self.stats.device_s
         if self._flight is None:
             self._flight = self._launch(speculative=False)
         landing = self._flight
@@ -789,8 +793,8 @@ class Engine:
         if landing is not None:
             self._flight = self._launch(speculative=True) if self.overlap else None
             done = self._land(landing)
-        compiled = self.stats.compile_s - compiling  # in `_executable`, counted apart
-        self.stats.host_s += time.perf_counter() - start - compiled - (landing.waited if landing else 0.0)
+        apart = self.stats.compile_s - compiling + self.stats.device_s - waiting  # counted by themselves
+        self.stats.host_s += time.perf_counter() - start - apart
         return done
 
     def _launch(self, speculative: bool) -> _Flight | None:
@@ -816,7 +820,9 @@ class Engine:
         device_rows, device_chunk = self._place((host_rows, chunk))
         if any(r._pending for r in decode):  # their last tokens are still on the device
             device_rows = dataclasses.replace(device_rows, last=self._fed_tokens(decode, host_rows.last))
+        sent = time.perf_counter()
         out, self._pool = run(self.params.weights, self._pool, device_rows, device_chunk, self._eos)
+        self.stats.device_s += time.perf_counter() - sent  # on a GPU, sending waits for the pool
         budgets = host_rows.budget[:len(rows)].tolist()
         self._account(decode, pieces, rows, budgets)
         return _Flight(rows, out, budgets)
@@ -827,9 +833,18 @@ class Engine:
         flight, picks = self._flight, np.full(last.shape, -1, np.int32)
         width = flight.out.shape[1]
         picks[:len(decode)] = [(r._pending - 1) * width + r._pending_row if r._pending else -1 for r in decode]
-        mesh = self.params.mesh
-        target = jax.local_devices()[0] if mesh is None else NamedSharding(mesh, P())
-        return _feed(flight.out, *jax.device_put((picks, last), target))
+        return self._feeder(len(last))(flight.out, *jax.device_put((picks, last), self._input_sharding()))
+
+    def _feeder(self, num_rows: int):
+        """`_feed` compiled for calls of `num_rows` decode rows (its compilation goes to compile_s)."""
+        key = (self.decode_steps, self.max_slots, num_rows, self.params.mesh)
+        if key not in _FEEDS:
+            start = time.perf_counter()
+            spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._input_sharding())  # noqa: E731
+            _FEEDS[key] = jax.jit(_feed).lower(spec((self.decode_steps, self.max_slots)), spec((num_rows,)),
+                                               spec((num_rows,))).compile()
+            self.stats.compile_s += time.perf_counter() - start
+        return _FEEDS[key]
 
     def _land(self, flight: _Flight) -> list[Request]:
         """Waits for a call's tokens and hands each row its own; finishes those that ended. Rows whose
@@ -837,8 +852,7 @@ class Engine:
         it going on) are skipped."""
         waited = time.perf_counter()
         out = np.asarray(flight.out)
-        flight.waited = time.perf_counter() - waited
-        self.stats.device_s += flight.waited
+        self.stats.device_s += time.perf_counter() - waited
         self.stats.calls += 1
         now = time.perf_counter()
         out = out[:, :len(flight.rows)]
@@ -914,9 +928,7 @@ class Engine:
 
     def _place(self, tree):
         """The call's host arrays on the device (replicated over a mesh)."""
-        mesh = self.params.mesh
-        target = jax.local_devices()[0] if mesh is None else NamedSharding(mesh, P())
-        return jax.device_put(tree, target)
+        return jax.device_put(tree, self._input_sharding())
 
     def _account(self, decode: list[Request], pieces: list, rows: list[Request], budgets: list[int]) -> None:
         """Counts a call's work as done when it is sent: each row's tokens as its budget allows (its
@@ -959,7 +971,7 @@ class Engine:
         # trace gives (`Llama.settings`), as `_compile` traces it. The variant holds the chunk's rows;
         # engines of other `prefill_tokens` share its programs.
         return (_model(self.params), self.num_pages, self.page_size, self.kv_dtype.name, self.prefill_row,
-                self.decode_steps, *variant)
+                self.decode_steps, self.max_slots, *variant)
 
     def _variant(self, rows: int, pages: int, chunk_rows: int, greedy: bool, filters: bool) -> tuple:
         """The step variant for a call: the smallest buckets that hold `rows` rows, `pages` pages and
@@ -988,14 +1000,19 @@ class Engine:
         # the decode iterations' loop as one CUDA graph that tests its condition on the GPU, as generate's
         options = {"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS} if loop_graph(self.params.mesh) else None
         compiled = _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=_model(self.params),
-                                      steps=self.decode_steps, greedy=greedy, filters=filters).compile(options)
+                                      steps=self.decode_steps, greedy=greedy, filters=filters,
+                                      out_rows=self.max_slots).compile(options)
         self.stats.compile_s += time.perf_counter() - start
         return compiled
 
-    def _abstract_inputs(self, num_rows: int, width: int, chunk_rows: int):
+    def _input_sharding(self):
+        """Where a call's host inputs go: the first local device, or whole on every device of the mesh."""
         mesh = self.params.mesh
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else \
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else \
             NamedSharding(mesh, P())
+
+    def _abstract_inputs(self, num_rows: int, width: int, chunk_rows: int):
+        sharding = self._input_sharding()
 
         def spec(shape, dtype):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -1028,6 +1045,9 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
             for variant, compiled in zip(todo, pool.map(lambda v: self._compile(*v), todo)):
                 _EXECUTABLES[self._cache_key(variant)] = compiled
+        if self.overlap:
+            for r in rows:
+                self._feeder(r)
         return len(todo)
 
 
