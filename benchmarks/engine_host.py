@@ -4,8 +4,8 @@
     PYTHONPATH=. python benchmarks/engine_host.py [--model llama2-7b] [--runs 4]
 
 Each run prints its output tok/s (the host's time included, as `llmjax bench --throughput` counts
-it), the seconds `Engine.step` waited for the device and spent on the host (`EngineStats.device_s`
-and `host_s`), and the seconds inside each of the engine's host methods: scheduling, the rows' and
+it), the seconds `Engine.step` spent in device calls (sending them, waiting for their tokens) and
+on the host (`EngineStats.device_s` and `host_s`), and the seconds inside each of the engine's host methods: scheduling, the rows' and
 the chunk's arrays, placing them on the device, gathering the last tokens from the call in flight
 (`_fed_tokens`, with overlap), sending a call (`_launch`, which holds the others) and reading its
 tokens (`_land`). The settings are the throughput bench's (`throughput.BENCH_ENGINE`).
@@ -63,7 +63,7 @@ def main():
         wall = time.perf_counter() - start
         s = {k: v - before[k] for k, v in engine.stats.__dict__.items()}
         print(f"run {run + 1}, overlap {'on' if engine.overlap else 'off'}: {128_000 / wall:.1f} output tok/s, "
-              f"{wall:.3f} s: waiting for the device {s['device_s']:.3f} s, host {s['host_s']:.3f} s, "
+              f"{wall:.3f} s: in device calls {s['device_s']:.3f} s, host {s['host_s']:.3f} s, "
               f"compiling {s['compile_s']:.3f} s, {s['calls']} calls")
         print("  " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in spent.most_common()))
 

@@ -186,8 +186,8 @@ def engine(args) -> dict:
         e.step()
     n, wall = e.stats.calls - stats.calls, time.perf_counter() - start
     print(f"unprofiled: {n} calls in {wall:.2f} s, {wall / n * 1e3:.1f} ms a call: "
-          f"{(e.stats.device_s - stats.device_s) / n * 1e3:.1f} ms waiting for the device"
-          f"'s tokens, {(e.stats.host_s - stats.host_s) / n * 1e3:.1f} ms on the host around it")
+          f"{(e.stats.device_s - stats.device_s) / n * 1e3:.1f} ms in the device call (sending it, "
+          f"waiting for its tokens), {(e.stats.host_s - stats.host_s) / n * 1e3:.1f} ms on the host around it")
     queue()
     calls = 0
     while len(e._running) < args.max_slots and calls < 10:

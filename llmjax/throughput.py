@@ -52,7 +52,7 @@ class Workload:
     calls: int  # engine steps (device calls)
     preemptions: int
     mean_rows: float  # requests decoding per call, on average
-    device_s: float = 0.0  # of `seconds`, waiting for the device's tokens
+    device_s: float = 0.0  # of `seconds`, in device calls: sending them, waiting for their tokens
     host_s: float = 0.0  # of `seconds`, the engine's host work (with `overlap`, while the device works)
     compile_s: float = 0.0  # of `seconds`, compiling a step variant the warmup had not (normally none)
 
@@ -99,7 +99,7 @@ class ThroughputResult:
                              f"requests/min  ({w.requests} requests, {w.output_tokens} output tokens in "
                              f"{w.seconds:.2f} s; {w.total_tok_s:.1f} tok/s in+out; {w.calls} calls, "
                              f"{w.mean_rows:.1f} rows per call, {w.preemptions} preemptions; "
-                             f"{w.device_s:.2f} s waiting for the device, {w.host_s:.2f} s of host work"
+                             f"{w.device_s:.2f} s in device calls, {w.host_s:.2f} s of host work"
                              + (f", {w.compile_s:.2f} s compiling" if w.compile_s else "") + ")")
         lines += [_serving_line(s) for s in self.serving]
         lines += transformers_line(f"{self.hf_setup}, same run, {self.hf_requests} requests", self.hf_tok_s,
