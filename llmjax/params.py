@@ -199,15 +199,15 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     return Params(weights, fitted, params.tokenizer, mesh, params.quant)
 
 
-def _dtype_name(dtype) -> str:
-    """`"bfloat16"`, `jnp.bfloat16` and `np.dtype("bfloat16")` alike, or a ValueError."""
+def _dtype_name(dtype, also: str = "(or None to keep the stored dtype)") -> str:
+    """`"bfloat16"`, `jnp.bfloat16` and `np.dtype("bfloat16")` alike, or a ValueError naming the
+    float dtypes and `also` what else the caller takes."""
     try:
         name = jnp.dtype(dtype).name
     except TypeError:
         name = None
     if name not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)} (or None "
-                         "to keep the stored dtype)")
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)} {also}")
     return name
 
 
@@ -230,13 +230,7 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
     dtype, quant = parse_dtype(dtype)
-    try:
-        float_dtype = jnp.dtype(dtype).name
-    except TypeError:
-        float_dtype = None
-    if float_dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}, or a "
-                         "quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
+    dtype = _dtype_name(dtype, "or a quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
     if quant_lm_head:
         if quant is None:
             raise ValueError(f"quant_lm_head quantizes the LM head with the projections' scheme, but dtype "
