@@ -58,8 +58,8 @@ def replay(max_slots: int, prefill_tokens: int, decode_steps: int, requests: int
     def stand_in(variant):
         def call(weights, pool, rows, chunk, eos):
             budget = np.asarray(rows.budget)
-            tokens = np.full((decode_steps, variant[0]), engine_lib.PAD_ID, np.int32)
-            tokens[np.arange(decode_steps)[:, None] < budget[None, :]] = 5
+            tokens = np.full((decode_steps, max_slots), engine_lib.PAD_ID, np.int32)  # as the call pads them
+            tokens[:, :variant[0]][np.arange(decode_steps)[:, None] < budget[None, :]] = 5
             valid = np.zeros((0,)) if chunk is None else np.asarray(chunk.valid)
             calls.append((variant[0], int(valid.sum()), budget, np.asarray(rows.positions), valid.size))
             return tokens, pool
