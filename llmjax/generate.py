@@ -518,13 +518,14 @@ class _Detokenizer:
 
     Text that might still change is held back: an incomplete UTF-8 character (decoded as U+FFFD
     until its last byte comes), or what could be the start of a stop string. The window starts at
-    the last complete character, preceded by the prompt's last tokens, so each delta joins the text
-    before it exactly as one decode of everything would.
+    the last ids that gave complete text (at first, the prompt's last tokens), so each delta joins
+    the text before it exactly as one decode of everything would.
     """
 
     def __init__(self, tokenizer, prompt: list[int], stops: list[str]):
         self._tok, self._stops = tokenizer, stops
         self._ids = list(prompt[-CONTEXT_TOKENS:])
+        self._context = len(self._ids)
         self._start, self._done = 0, len(self._ids)  # ids[_start:_done] are already in _text
         self._text, self._sent = "", 0
         self.stopped = False
@@ -540,7 +541,11 @@ class _Detokenizer:
 
     def flush(self) -> str:
         delta = self._pending()
-        self._take(self._tok.decode(self._ids[self._done:]) if delta is None else delta)
+        if delta is None:  # the window's text changed: decode the whole continuation once, as generate does
+            whole = _continuation(self._tok, self._ids[:self._context], self._ids[self._context:])
+            delta = (whole[len(self._text):] if whole.startswith(self._text)
+                     else self._tok.decode(self._ids[self._done:]))
+        self._take(delta)
         return self._release(final=True)
 
     def _pending(self) -> str | None:
@@ -552,7 +557,11 @@ class _Detokenizer:
 
     def _take(self, delta: str) -> None:
         self._text += delta
-        self._start, self._done = self._done, len(self._ids)
+        # The window moves on only past ids that gave text. Ids of no text (a special token) would
+        # leave it empty, and a decode then strips the next piece's leading space as the text's start.
+        if delta:
+            self._start = self._done
+        self._done = len(self._ids)
 
     def _release(self, final: bool) -> str:
         text, self.stopped = _cut_at_stop(self._text, self._stops)

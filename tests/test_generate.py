@@ -83,6 +83,28 @@ def test_stream_yields_what_generate_returns(params):
     assert s.stats.new_tokens == 7 and s.stats.prompt_tokens == len(p.tokenizer.encode("x = "))
 
 
+def test_streamed_text_is_one_decodes_text_for_any_ids(sp_dir):
+    # Special tokens (no text), lone and repeated "▁" pieces, byte pieces that make up characters
+    # over several tokens, and ordinary pieces, in random runs: the pieces the detokenizer releases
+    # join to the text one decode of everything gives, with and without stop strings.
+    tok = llmjax.Tokenizer.from_dir(sp_dir)
+    after_a = {i: tok.decode([100, i])[len(tok.decode([100])):] for i in range(600)}
+    spaces = [i for i, text in after_a.items() if text and set(text) == {" "}]
+    assert len(spaces) >= 3
+    assert tok.decode([3 + 0xC3, 3 + 0xA9]) == "é"  # ids 3-258 are the byte pieces <0x00>-<0xFF>
+    byte = [3 + b for b in (0xC3, 0xE4, 0xF0, 0xA9, 0xBD, 0x80)]  # lead bytes of 2, 3 and 4; continuations
+    pool = [0, 1, 2] + spaces + byte * 3 + list(range(3, 600, 7))
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        prompt = rng.choice(pool, rng.integers(0, 12)).tolist()
+        new = rng.choice(pool, rng.integers(1, 30)).tolist()
+        whole = gen._continuation(tok, prompt, new)
+        stops = [] if trial % 3 else [whole[len(whole) // 2:len(whole) // 2 + 2] or "\x00"]
+        detok = gen._Detokenizer(tok, prompt, stops)
+        text = "".join(detok.push(t) for t in new) + detok.flush()
+        assert text == gen._cut_at_stop(whole, stops)[0], (prompt, new, stops)
+
+
 def test_eos_ends_generation_and_is_kept_in_ids(params):
     first = llmjax.generate(_no_eos(params), [1, 5, 9], max_new_tokens=4)
     p = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=(first[2],)))
