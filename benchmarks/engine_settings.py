@@ -72,11 +72,11 @@ def main() -> None:
                 w = throughput._offline(engine, name, prompts, [128] * len(prompts))
                 runs[name].append({"cycle": cycle, "output_tok_s": w.output_tok_s, "calls": w.calls,
                                    "device_s": w.device_s, "host_s": w.host_s, "seconds": w.seconds,
-                                   "preemptions": w.preemptions, "mean_rows": w.mean_rows,
+                                   "preemptions": w.preemptions, "mean_rows": w.mean_rows, "step_compile_s": w.compile_s,
                                    "num_pages": engine.num_pages, "compile_s": compile_s})
                 print(f"cycle {cycle} {name}: {w.output_tok_s:.1f} output tok/s ({w.calls} calls of "
-                      f"{w.mean_rows:.1f} rows, {w.device_s:.2f} s in device calls, {w.preemptions} "
-                      f"preemptions; {engine.num_pages} pages; compiled in {compile_s:.0f} s)", flush=True)
+                      f"{w.mean_rows:.1f} rows, {w.device_s:.2f} s in device calls, {w.host_s:.2f} s on the host, "
+                      f"{w.compile_s:.2f} s compiling, {w.preemptions} preemptions; {engine.num_pages} pages; compiled in {compile_s:.0f} s)", flush=True)
             engine = None
     medians = {name: statistics.median(r["output_tok_s"] for r in runs[name]) for name in names}
     for name in names:
