@@ -35,6 +35,7 @@ from llmjax.models import llama
 from llmjax.models.llama import Llama
 from llmjax.params import Params
 from llmjax.sampling import Sampling, sample
+from llmjax.sampling import check_seed as _check_seed, seed_key as _seed_key  # noqa: F401 (the engine's too)
 from llmjax.sharding import pipeline
 from llmjax.sharding.rules import cache_sharding
 
@@ -309,21 +310,6 @@ def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {context} tokens; lower max_new_tokens to at most "
                          f"{context - longest} or shorten the prompt")
-
-
-def _check_seed(seed) -> None:
-    if not _is_int(seed) or not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer that fits in 64 bits, got {seed!r}")
-
-
-def _seed_key(seed: int) -> jax.Array:
-    """The random key of a 64-bit seed. `jax.random.key` keeps only a seed's low 32 bits (without
-    jax_enable_x64), so 0 and 2**32 would draw alike: the high 32 bits (two's complement), where
-    not 0, are folded in. A seed in [0, 2**32) keeps its plain key."""
-    seed = int(seed)
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    high = (seed >> 32) & 0xFFFFFFFF
-    return jax.random.fold_in(key, high) if high else key
 
 
 def _stop_strings(stop) -> list[str]:

@@ -25,6 +25,7 @@ from llmjax.files import read_json
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
 from llmjax.quant.weights import QuantScheme
+from llmjax.sampling import check_seed, seed_key
 from llmjax.sharding import pipeline
 from llmjax.tokenizer import Tokenizer
 
@@ -229,6 +230,7 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     sits whole on one device)."""
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
+    check_seed(seed)
     dtype, quant = parse_dtype(dtype)
     dtype = _dtype_name(dtype, "or a quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
     if quant_lm_head:
@@ -240,14 +242,14 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
                              "in floating point; leave quant_lm_head off")
         quant = dataclasses.replace(quant, lm_head=True)
     if mesh is None:
-        weights = llama.init_params(config, jax.random.key(seed), jnp.dtype(dtype), quant=quant)
+        weights = llama.init_params(config, seed_key(seed), jnp.dtype(dtype), quant=quant)
         return Params(weights, config, tokenizer, quant=quant)
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, repeat = meshes.fit_config(config, mesh)
     check_mesh(config, quant, mesh)
     shardings = rules.weight_shardings(fitted, mesh, quant)
-    key, dtype = jax.random.key(seed), jnp.dtype(dtype)
+    key, dtype = seed_key(seed), jnp.dtype(dtype)
     # the one-device model's weights, fitted to the mesh as `shard` fits them
     fit = functools.partial(rules.fit_group, config=config, fitted=fitted, repeat=repeat)
     if pipeline.stages(mesh) == 1:

@@ -18,6 +18,21 @@ import jax
 import jax.numpy as jnp
 
 
+def check_seed(seed) -> None:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer that fits in 64 bits, got {seed!r}")
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The random key of a 64-bit seed. `jax.random.key` keeps only a seed's low 32 bits (without
+    jax_enable_x64), so 0 and 2**32 would draw alike: the high 32 bits (two's complement), where
+    not 0, are folded in. A seed in [0, 2**32) keeps its plain key."""
+    seed = int(seed)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    high = (seed >> 32) & 0xFFFFFFFF
+    return jax.random.fold_in(key, high) if high else key
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0

@@ -62,6 +62,17 @@ def test_seeds_differ_in_their_high_bits_and_a_huge_top_k_keeps_the_vocabulary(p
     assert llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=2**32, progress=False) == draw(2**32)
 
 
+def test_init_random_takes_whole_64_bit_seeds():
+    weights = lambda seed: jax.tree.leaves(llmjax.init_random("tiny", dtype="float32", seed=seed).weights)
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b))
+    base = weights(0)
+    assert not same(weights(2**32), base) and not same(weights(-1), weights(2**32 - 1))
+    assert same(weights(np.int64(2**32)), weights(2**32))
+    for bad in (1.5, True, 2**64, "3"):
+        with pytest.raises(ValueError, match="seed must be an integer that fits in 64 bits"):
+            llmjax.init_random("tiny", seed=bad)
+
+
 def test_text_continues_the_prompt_as_one_decode_would(params):
     p = _no_eos(params)
     for prompt in ("class A:", "import json", "x"):
