@@ -179,6 +179,21 @@ def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(fl
         assert llmjax.generate(p, PROMPTS[1], max_new_tokens=8) == tokens[1]  # batch 1: the stages in turn
 
 
+@pytest.mark.parametrize("layers", [5, 6])
+def test_quantized_stages_of_three_layers_with_tensor_parallelism_generate(layers):
+    """Three layers a stage (six, or five and a padding layer), tensor parallel inside: XLA's
+    partitioner refused generate's loop when the stage index came from `axis_index`."""
+    config = llmjax.LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=layers,
+                                num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=64,
+                                eos_token_ids=())
+    q = quantize_params(llmjax.init_random(config, seed=3, dtype="float32"), "int8")
+    prompts = [[1, 5, 9], [1, 6], [1, 7, 9, 11]]
+    tokens = llmjax.generate(q, prompts, max_new_tokens=4)
+    p = llmjax.shard(q, make_mesh(stage=2, tensor=2, data=2))
+    assert llmjax.generate(p, prompts, max_new_tokens=4) == tokens
+    assert llmjax.generate(p, prompts[0], max_new_tokens=4) == tokens[0]
+
+
 def test_random_quantized_weights_under_stages_equal_the_single_device_ones():
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2, hidden_size=128,
                                  head_dim=16, intermediate_size=256, num_layers=4, eos_token_ids=())

@@ -169,8 +169,11 @@ def _tick(mesh, stage_fn: StageFn, weights, x, positions, cache, live: tuple[boo
     num_stages = stages(mesh)
     shift = [(s, s + 1) for s in range(num_stages - 1)]
 
-    def body(weights, x, positions, cache):
-        me = jax.lax.axis_index(AXIS)
+    def body(stage_ids, weights, x, positions, cache):
+        # The stage's index from an input split over `stage`, not `axis_index`: its PartitionId
+        # is refused by XLA's SPMD partitioner in some programs where `tensor` is left to it (a
+        # quantized model's products, three layers a stage, inside generate's loop).
+        me = stage_ids[0]
         own = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731  this stage's [1, ...] shard
         w, x, positions, cache = own(weights), x[0], positions[0], own(cache)
 
@@ -192,9 +195,9 @@ def _tick(mesh, stage_fn: StageFn, weights, x, positions, cache, live: tuple[boo
     # on all of them, which out_specs P(rows) states.
     rows = _row_axis(mesh, x.shape[1])
     by_stage, by_rows = P(AXIS), P(AXIS, rows)
-    return jax.shard_map(body, mesh=mesh, in_specs=(by_stage,) + (by_rows,) * 3,
+    return jax.shard_map(body, mesh=mesh, in_specs=(by_stage, by_stage) + (by_rows,) * 3,
                          out_specs=(P(rows),) + (by_rows,) * 3, axis_names={AXIS, DATA}, check_vma=False)(
-        weights, x, positions, cache)
+        jnp.arange(num_stages, dtype=jnp.int32), weights, x, positions, cache)
 
 
 def _from_last_stage(y: jax.Array, me: jax.Array, num_stages: int) -> jax.Array:
