@@ -642,7 +642,7 @@ class Engine:
         if self.params.tokenizer is None:
             raise ValueError("these params have no tokenizer; read request.token_ids instead")
         if request.finished and not request.stops:  # as generate renders it, in one decode
-            return _continuation(self.params.tokenizer, request.prompt_ids, request.token_ids)
+            return _continuation(self.params.tokenizer, request.prompt_ids, request.token_ids, self._eos_set)
         request._text.push(request.token_ids, request.finished)
         return "".join(request._text.pieces)
 

@@ -321,8 +321,11 @@ def _stop_strings(stop) -> list[str]:
     return stops
 
 
-def _continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
-    """The text of `new` as it reads after the prompt."""
+def _continuation(tokenizer, prompt: list[int], new: list[int], eos=()) -> str:
+    """The text of `new` as it reads after the prompt; a last token in `eos` gives none (an EOS id
+    may be an ordinary token of the vocabulary, which a decode would render)."""
+    if new and new[-1] in eos:
+        new = new[:-1]
     context = prompt[-CONTEXT_TOKENS:]
     before, full = tokenizer.decode(context), tokenizer.decode(context + new)
     return full[len(before):] if full.startswith(before) else tokenizer.decode(new)
@@ -384,7 +387,8 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
                                    seed, first_row=start)
     if kind.startswith("ids"):
         return outputs[0] if kind == "ids" else outputs
-    texts = [_cut_at_stop(_continuation(params.tokenizer, row, ids), stops)[0]
+    eos = params.config.eos_token_ids
+    texts = [_cut_at_stop(_continuation(params.tokenizer, row, ids, eos), stops)[0]
              for row, ids in zip(rows, outputs)]
     return texts[0] if kind == "text" else texts
 

@@ -187,6 +187,26 @@ def test_stream_and_stop_strings_give_generates_text(params):
     assert texts == llmjax.generate(no_eos, [prompt, "import json"], max_new_tokens=24, stop=stop)
 
 
+def test_an_eos_that_is_an_ordinary_token_is_in_no_text(params):
+    """EOS ends the ids and is never in text, also when the EOS id is a piece of the vocabulary
+    that a decode would render: generate, stream, the engine's text and stream, and LLM agree."""
+    no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+    prompt, tok = "def f(x):", params.tokenizer
+    ids = llmjax.generate(no_eos, tok.encode(prompt), max_new_tokens=12)
+    at = next(i for i, t in enumerate(ids) if i >= 2 and tok.decode([t]).strip() and t not in ids[:i])
+    p = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=(ids[at],)))
+    want = tok.decode(tok.encode(prompt) + ids[:at])[len(prompt):]
+    assert llmjax.generate(p, tok.encode(prompt), max_new_tokens=12) == ids[:at + 1]
+    assert llmjax.generate(p, prompt, max_new_tokens=12) == want
+    assert llmjax.generate(p, prompt, max_new_tokens=12, stop="\x00") == want
+    assert "".join(llmjax.stream(p, prompt, max_new_tokens=12)) == want
+    engine = Engine(p, **SMALL)
+    handle = engine.add_request(prompt, max_new_tokens=12)
+    assert "".join(engine.stream(handle)) == want == engine.text(handle)
+    for stop in (None, "\x00"):
+        assert LLM(p, **SMALL).generate([prompt], max_new_tokens=12, stop=stop, progress=False) == [want]
+
+
 def test_compiling_is_counted_apart_from_the_hosts_work(params, monkeypatch):
     """A compilation inside `step` goes to compile_s, not host_s (JAX's own cache may make the real one
     instant, so this one is made to take half a second)."""
