@@ -74,7 +74,7 @@ from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _check_seed, _
                              _model, _parse_prompt, _seed_key, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, shard
 from llmjax.sampling import Sampling, sample
-from llmjax.sharding import pipeline
+from llmjax.sharding import mesh as meshes, pipeline
 
 PAD_ID = -1  # an output slot after a row stopped
 MIN_ROWS = 8  # the fewest decode rows a call is compiled for
@@ -408,6 +408,8 @@ class Engine:
     def __init__(self, params: Params, mesh=None, *, max_slots: int = 256, page_size: int = 16,
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
                  prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None, overlap: bool = True):
+        if mesh is not None:
+            meshes.check_axes(mesh)
         if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:
             raise ValueError("the engine runs on meshes without pipeline stages: its page pool and step are "
                              "split over `tensor` and `data` only; use a mesh with stage=1 (tensor parallelism "
@@ -439,9 +441,9 @@ class Engine:
         self._waiting: list[Request] = []  # by arrival (id)
         self._running: list[Request] = []  # admitted, by arrival (id)
         self._ids = itertools.count()
-        if not isinstance(overlap, bool):
+        if not isinstance(overlap, (bool, np.bool_)):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
-        self.overlap = overlap
+        self.overlap = bool(overlap)
         self._flight: _Flight | None = None  # the call on the device whose tokens the host has not read
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
@@ -566,9 +568,14 @@ class Engine:
     def _checked_ids(self, kind: str, prompts: list, budgets: list) -> list[list[int]]:
         """Every prompt's token ids, after checking all of them (errors name the prompt's index)."""
         rows = _token_rows(self.params, kind, prompts)
-        for ids, max_new in zip(rows, budgets):
-            _check_budget(self.params, [ids], max_new)
-            self._check_fits(len(ids), int(max_new))
+        for i, (ids, max_new) in enumerate(zip(rows, budgets)):
+            try:
+                _check_budget(self.params, [ids], max_new)
+                self._check_fits(len(ids), int(max_new))
+            except ValueError as e:
+                if len(rows) == 1:
+                    raise
+                raise ValueError(f"prompt {i}: {e}") from None
         return rows
 
     def _queue(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int, stops: list[str],
@@ -584,10 +591,15 @@ class Engine:
 
     def _check_fits(self, prompt_len: int, max_new: int) -> None:
         total = prompt_len + max_new
+        if prompt_len >= self.max_seq_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens leaves no room in this engine's max_seq_len of "
+                             f"{self.max_seq_len}; shorten it (llmjax never truncates a prompt) or make the "
+                             "Engine with a larger max_seq_len")
         if total > self.max_seq_len:
             raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new} exceeds this "
-                             f"engine's max_seq_len of {self.max_seq_len}; lower max_new_tokens, shorten the "
-                             "prompt, or make the Engine with a larger max_seq_len")
+                             f"engine's max_seq_len of {self.max_seq_len}; lower max_new_tokens to at most "
+                             f"{self.max_seq_len - prompt_len}, shorten the prompt, or make the Engine with a "
+                             "larger max_seq_len")
         pages = self._pages_for(total - 1)  # the last new token is never fed back, so never stored
         if pages > self.num_pages:
             raise ValueError(f"this request could never fit: {total - 1} tokens take {pages} pages of "
@@ -1083,7 +1095,7 @@ class LLM:
 
     @staticmethod
     def _budgets(max_new_tokens, count: int) -> list:
-        if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+        if isinstance(max_new_tokens, (list, tuple)) or getattr(max_new_tokens, "ndim", 0) > 0:
             if len(max_new_tokens) != count:
                 raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {count} prompts; "
                                  "give one number, or one per prompt")
@@ -1094,16 +1106,22 @@ class LLM:
         from tqdm.auto import tqdm
 
         pending = set(id(r) for r in requests)
-        with tqdm(total=len(requests), unit="req", disable=not progress, desc="generate") as bar:
-            while pending:
-                calls = self.engine.stats.calls
-                advanced = self.engine.step()
-                if self.engine.stats.calls == calls:
-                    raise RuntimeError("the engine has unfinished requests but scheduled nothing")
-                for request in advanced:
-                    if request.finished and id(request) in pending:
-                        pending.discard(id(request))
-                        bar.update(1)
+        try:
+            with tqdm(total=len(requests), unit="req", disable=not progress, desc="generate") as bar:
+                while pending:
+                    calls = self.engine.stats.calls
+                    advanced = self.engine.step()
+                    if self.engine.stats.calls == calls:
+                        raise RuntimeError("the engine has unfinished requests but scheduled nothing")
+                    for request in advanced:
+                        if request.finished and id(request) in pending:
+                            pending.discard(id(request))
+                            bar.update(1)
+        except BaseException:  # an interrupt (Ctrl-C in a notebook) or an error: the next call
+            for request in requests:  # must not serve this one's leftovers first
+                if not request.finished:
+                    self.engine.cancel(request)
+            raise
 
 
 def _memory_stats() -> dict:

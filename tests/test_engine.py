@@ -503,7 +503,14 @@ def test_kv_memory_takes_a_whole_float_of_bytes(params):
     (lambda p: _engine(p).add_request([1, SP_VOCAB]), "outside the vocabulary"),
     (lambda p: _engine(p).add_request("x", max_new_tokens=0), "max_new_tokens"),
     (lambda p: _engine(p).add_request([1] * 90, max_new_tokens=10), "at most 6"),
-    (lambda p: _engine(p, max_seq_len=32).add_request([1] * 30, max_new_tokens=5), "max_seq_len of 32"),
+    (lambda p: _engine(p, max_seq_len=32).add_request([1] * 30, max_new_tokens=5), "max_seq_len of 32; lower "
+     "max_new_tokens to at most 2"),
+    (lambda p: _engine(p, max_seq_len=32).add_request([1] * 40, max_new_tokens=1),
+     "40 tokens leaves no room in this engine's"),
+    (lambda p: LLM(p, **SMALL).generate([[1, 2], [1] * 95], max_new_tokens=[1, 5]), "prompt 1: .* at most 1"),
+    (lambda p: LLM(p, **SMALL).generate([[1, 2]], max_new_tokens=np.array(0)), "max_new_tokens must be"),
+    (lambda p: _engine(p, mesh="x"), "mesh must be a jax.sharding.Mesh"),
+    (lambda p: _engine(p, mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("tensor",))), "Auto axes"),
     (lambda p: _engine(p, kv_memory=4 * _page_bytes(p, 8)).add_request([1] * 40, max_new_tokens=10),
      "could never fit: 49 tokens take 7 pages of 8 and the pool holds 4"),
     (lambda p: _engine(p).add_request([1, 2], stop="x"), "stop strings apply to text"),
@@ -518,6 +525,29 @@ def test_kv_memory_takes_a_whole_float_of_bytes(params):
 def test_bad_input_is_refused_with_a_reason(params, call, match):
     with pytest.raises(ValueError, match=match):
         call(params)
+
+
+def test_an_interrupted_generate_leaves_nothing_queued(params, monkeypatch):
+    """Ctrl-C (or any error) inside LLM.generate cancels its unfinished requests: the next call
+    serves only its own prompts."""
+    llm = LLM(params, **SMALL, overlap=np.True_)
+    step, calls = llm.engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 5 + i, 9] for i in range(20)], max_new_tokens=12, progress=False)
+    assert llm.engine.pending == 0 and llm.engine.free_pages == llm.engine.num_pages
+    monkeypatch.setattr(llm.engine, "step", step)
+    before = llm.engine.stats.calls
+    assert llm.generate([[1, 5, 9]], max_new_tokens=3, progress=False) == llmjax.generate(
+        params, [[1, 5, 9]], max_new_tokens=3)
+    assert llm.engine.stats.calls - before <= 2
 
 
 @pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])

@@ -161,7 +161,7 @@ def test_a_refused_tensor_degree_names_degrees_and_group_sizes_that_run(scheme, 
     for t in degrees:
         fit_config(config, mesh(t))
         check_mesh(config, QuantScheme.parse(scheme), mesh(t))
-    for group in re.findall(r"int4-g\d+", message.split("convert with")[1]):
+    for group in re.findall(r"int4-g\d+", message.split("quantize with")[1]):
         check_mesh(config, QuantScheme.parse(group), mesh(tensor))
 
 

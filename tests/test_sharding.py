@@ -106,6 +106,14 @@ def test_impossible_meshes_are_refused():
         make_mesh(tensor=3)
     with pytest.raises(ValueError, match="integer"):
         make_mesh(tensor=0, data=8)
+    assert make_mesh(tensor=np.int64(2), data=4).shape["tensor"] == 2
+    params = llmjax.init_random("tiny", dtype="float32")
+    explicit = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    for mesh in (explicit, jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "tensor"))):
+        with pytest.raises(ValueError, match="make_mesh"):  # not after loading: at the first use
+            llmjax.shard(params, mesh)
+    with pytest.raises(ValueError, match="jax.sharding.Mesh"):
+        llmjax.init_random("tiny", mesh="tensor=2")
     config = llmjax.LlamaConfig.preset("tiny")  # 6 query heads, 2 kv heads, MLP 200, vocab 515
     with pytest.raises(ValueError, match=r"query heads \(6\)"):
         fit_config(config, make_mesh(tensor=4, data=2))

@@ -100,7 +100,8 @@ def check_mesh(config: LlamaConfig, scheme: QuantScheme | None, mesh) -> None:
     raise ValueError(
         f"tensor={tensor} would cut int4 groups of {group}: the {name} projection's input width {width} "
         f"splits into {width // tensor} per device, not a multiple of {group}; use a tensor degree that "
-        f"runs with whole groups (one of {fits}) or convert with {' or '.join(smaller) if smaller else 'int8'}")
+        f"runs with whole groups (one of {fits}) or quantize with {' or '.join(smaller) if smaller else 'int8'} "
+        "(llmjax convert --quant, or init_random's dtype)")
 
 
 def parse_dtype(dtype: str) -> tuple[str, QuantScheme | None]:

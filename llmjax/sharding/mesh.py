@@ -9,6 +9,7 @@ The mesh spans `jax.devices()`: the local devices, or every process's devices af
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import numpy as np
@@ -22,8 +23,9 @@ AXES = ("data", "stage", "tensor")
 def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> jax.sharding.Mesh:
     """A mesh of `data * stage * tensor` devices (all of `jax.devices()` unless `devices` is given)."""
     for name, value in (("tensor", tensor), ("stage", stage), ("data", data)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    tensor, stage, data = int(tensor), int(stage), int(data)
     devices = list(jax.devices() if devices is None else devices)
     if tensor * stage * data != len(devices):
         raise ValueError(f"data * stage * tensor = {data} * {stage} * {tensor} = {tensor * stage * data}, "
@@ -31,6 +33,21 @@ def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> j
                          f"{len(devices)} (or pass devices=...)")
     grid = np.asarray(devices, dtype=object).reshape(data, stage, tensor)
     return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def check_axes(mesh) -> None:
+    """A mesh llmjax can place a model on: a `jax.sharding.Mesh` whose axes are Auto and named
+    `data`, `stage` and `tensor`, as `make_mesh` builds (GSPMD places the collectives the rules
+    imply; Explicit axes would need every sharding spelled out)."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh from llmjax.sharding.make_mesh(tensor=, stage=, "
+                         f"data=), got {type(mesh).__name__}")
+    auto = jax.sharding.AxisType.Auto
+    types = getattr(mesh, "axis_types", None) or (auto,) * len(mesh.axis_names)
+    if sorted(mesh.axis_names) != sorted(AXES) or any(t != auto for t in types):
+        raise ValueError(f"llmjax places models on meshes with the Auto axes {AXES}, got axes "
+                         f"{tuple(mesh.axis_names)} of types {tuple(str(t) for t in types)}; build the "
+                         "mesh with llmjax.sharding.make_mesh(tensor=, stage=, data=, devices=)")
 
 
 def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfig, int]:
@@ -43,6 +60,7 @@ def fit_config(config: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[LlamaConfi
     the kv heads, each kv head is repeated `tensor / kv_heads` times (an exact rewrite of the weights:
     every query head still reads the same key and value), so that every device holds whole heads.
     """
+    check_axes(mesh)
     pipeline.layers_per_stage(config, pipeline.stages(mesh))
     tensor = mesh.shape["tensor"]
     problem = tensor_problem(config, tensor)
