@@ -29,8 +29,8 @@ kept, nothing fails). Requests are served in arrival order and the oldest one al
 
 Static shapes, and why each exists (each distinct value compiles once; `warmup` compiles them ahead):
 - decode rows: the running requests are packed into the first rows, and the row count is the
-  smallest of `max_slots / 4**k` (down to 8) that holds them, so a nearly drained batch does not pay
-  for `max_slots` rows. Moving a request between rows is free: its cache is its pages.
+  smallest bucket that holds them (eighths of `max_slots` from a quarter up, then `max_slots / 4**k`
+  down to 8), so a nearly drained batch does not pay for `max_slots` rows. Moving a request between rows is free: its cache is its pages.
 - block-table width: the pages of the longest sequence in the call, rounded up to
   `max_pages / 4**k`, so short sequences do not gather a `max_seq_len`-long view.
 - the prefill chunk: up to `prefill_tokens` tokens as rows of `prefill_row` tokens. A row holds one

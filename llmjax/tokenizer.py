@@ -76,6 +76,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. half of an emoji cut from UTF-16
+            raise ValueError(f"the text is not valid Unicode: {text[e.start:e.end]!r} at index {e.start} is a "
+                             "lone surrogate; fix or remove it (decode the source with errors='replace')") from None
         return self._backend.encode(text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -133,3 +133,11 @@ def test_bad_tokenizer_files_name_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="tokenizer.json: cannot read tokenizer"):
         Tokenizer.from_dir(str(tmp_path))
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
+def test_text_with_a_lone_surrogate_is_refused_with_its_place(which, sp_dir, json_dir):
+    ours = Tokenizer.from_dir(str(sp_dir if which == "sp" else json_dir))
+    with pytest.raises(ValueError, match=r"'\\udc80' at index 3 is a lone surrogate"):
+        ours.encode("abc\udc80")
+    assert ours.decode(ours.encode("abc\U0001F600", add_special_tokens=False)) == "abc\U0001F600"
