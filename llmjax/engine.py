@@ -69,6 +69,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cache as kv
+from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _check_seed, _continuation, _Detokenizer, _is_int,
                              _model, _parse_prompt, _seed_key, _stop_strings, _token_rows, loop_graph)
@@ -408,6 +409,7 @@ class Engine:
     def __init__(self, params: Params, mesh=None, *, max_slots: int = 256, page_size: int = 16,
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
                  prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None, overlap: bool = True):
+        dispatch.refuse_x64()
         if mesh is not None:
             meshes.check_axes(mesh)
         if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:

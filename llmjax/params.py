@@ -22,6 +22,7 @@ from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
                                iter_weight_groups, pickled_files, read_hf_weights, resolve_dtype)
 from llmjax.files import read_json
+from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
 from llmjax.quant.weights import QuantScheme
@@ -231,6 +232,7 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
     check_seed(seed)
+    dispatch.refuse_x64()
     dtype, quant = parse_dtype(dtype)
     dtype = _dtype_name(dtype, "or a quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
     if quant_lm_head:

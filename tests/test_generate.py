@@ -269,3 +269,15 @@ def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
     assert both() == graph and len(graph[0][0]) == 6 and len(graph[1]) == 9
     assert calls == [1, 1]
+
+
+def test_jax_enable_x64_is_refused_with_the_fix(params):
+    jax.config.update("jax_enable_x64", True)
+    try:
+        for call in (lambda: llmjax.generate(params, [1, 5], max_new_tokens=2), lambda: llmjax.logits(params, [1, 5]),
+                     lambda: llmjax.init_random("tiny"), lambda: llmjax.Engine(params, max_slots=2)):
+            with pytest.raises(ValueError, match=r"jax.config.update\('jax_enable_x64', False\)"):
+                call()
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert len(llmjax.generate(params, [1, 5], max_new_tokens=2)) == 2

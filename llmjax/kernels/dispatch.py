@@ -29,9 +29,19 @@ def mode(variable: str, choices: tuple = MODES, default: str = "auto") -> str:
     return value
 
 
+def refuse_x64() -> None:
+    """llmjax's programs index with 32-bit integers; with `jax_enable_x64` on, Python integers in
+    them become 64-bit and tracing fails deep inside a kernel. Called wherever llmjax traces."""
+    if jax.config.jax_enable_x64:
+        raise ValueError("llmjax runs with jax_enable_x64 off (its kernels index with 32-bit integers), but it "
+                         "is on (JAX_ENABLE_X64 or jax.config.update); turn it off with "
+                         "jax.config.update('jax_enable_x64', False) before calling llmjax")
+
+
 def trace_settings() -> tuple:
     """Every `LLMJAX_*` environment variable and its value: what llmjax reads when it traces a program
     (the kernel modes, the all-reduce), for a cache of compiled programs to key on."""
+    refuse_x64()
     return tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("LLMJAX_")))
 
 
