@@ -9,6 +9,7 @@ the worst outcome.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -134,8 +135,9 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
                   "num_attention_heads"):
         if field not in hf:
             raise ValueError(f"config.json: required field {field!r} is missing")
+        _int(hf, field)
     num_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    head_dim = _int(hf, "head_dim", None) or hf["hidden_size"] // num_heads
     theta, scaling = _rope_from_hf(hf)
     eos = hf.get("eos_token_id", 2)
     return LlamaConfig(
@@ -144,46 +146,80 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        num_kv_heads=_int(hf, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=_int(hf, "max_position_embeddings", 2048),
+        rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=_bool(hf, "tie_word_embeddings"),
+        attention_bias=_bool(hf, "attention_bias"),
+        mlp_bias=_bool(hf, "mlp_bias"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
     )
 
 
+def _int(block: dict, key: str, default=0, where: str = "") -> int | None:
+    """`block[key]`, which must be an integer >= 1 when present (else `default`)."""
+    value = block.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"config.json: {where}{key} must be an integer >= 1, got {value!r}; restore it from "
+                         "the model's release")
+    return value
+
+
+def _positive_float(block: dict, key: str, default: float, where: str = "") -> float:
+    value = block.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config.json: {where}{key} must be a number > 0, got {value!r}; restore it from the "
+                         "model's release")
+    return float(value)
+
+
+def _bool(block: dict, key: str) -> bool:
+    value = block.get(key, False)
+    if not isinstance(value, bool):  # a string "false" would read as true
+        raise ValueError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """Both spellings: transformers 5's `rope_parameters` block, or classic `rope_theta`/`rope_scaling`."""
-    if hf.get("rope_parameters") is not None:
-        params, field = dict(hf["rope_parameters"]), "rope_parameters"
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    """Both spellings: transformers 5's `rope_parameters` block, or classic `rope_theta`/`rope_scaling`.
+    With both, `rope_scaling` wins where it is set, as transformers reads them (a user stretching the
+    context of a model saved by transformers 5 adds it next to the block)."""
+    for field in ("rope_parameters", "rope_scaling"):
+        if hf.get(field) is not None and not isinstance(hf[field], dict):
+            raise ValueError(f"config.json: {field} must be an object (or null), got {hf[field]!r}")
+    block = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling"):
+        params, field = dict(hf["rope_scaling"]), "rope_scaling"
     else:
-        params, field = dict(hf.get("rope_scaling") or {}), "rope_scaling"
-        theta = hf.get("rope_theta", 10000.0)
+        params, field = dict(block), "rope_parameters" if block else "rope_scaling"
+    theta_block = params if "rope_theta" in params else block if "rope_theta" in block else hf
+    theta = _positive_float(theta_block, "rope_theta", 10000.0, "" if theta_block is hf else f"{field}.")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(
             f"config.json: {field}.rope_type={rope_type!r} is not supported; llmjax implements "
             f"{', '.join(ROPE_TYPES)}")
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if "factor" not in params:
         raise ValueError(f"config.json: {field} of type {rope_type!r} needs a 'factor'")
+    factor = _positive_float(params, "factor", 1.0, f"{field}.")
     if rope_type == "linear":
-        return float(theta), RopeScaling("linear", float(params["factor"]))
+        return theta, RopeScaling("linear", factor)
     missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                if k not in params]
     if missing:
         raise ValueError(f"config.json: {field} of type 'llama3' lacks {', '.join(missing)}")
-    return float(theta), RopeScaling(
-        "llama3", float(params["factor"]), float(params["low_freq_factor"]),
-        float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+    return theta, RopeScaling(
+        "llama3", factor, _positive_float(params, "low_freq_factor", 1.0, f"{field}."),
+        _positive_float(params, "high_freq_factor", 1.0, f"{field}."),
+        _int(params, "original_max_position_embeddings", None, f"{field}."))
 
 
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)

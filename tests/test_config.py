@@ -64,9 +64,42 @@ def test_refuses_what_it_does_not_implement(change, field):
 
 
 def test_refuses_unknown_rope_in_transformers5_spelling():
-    bad = dict(CLASSIC, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    bad = dict({k: v for k, v in CLASSIC.items() if k != "rope_scaling"},
+               rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
     with pytest.raises(ValueError, match="rope_parameters.rope_type='longrope'"):
         LlamaConfig.from_hf(bad)
+
+
+def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers():
+    """A user stretching the context of a config that transformers 5 wrote adds `rope_scaling` next to
+    its `rope_parameters`; transformers then reads `rope_scaling`, and so must llmjax."""
+    import transformers
+
+    written = hf_config().to_dict()
+    assert written["rope_parameters"]["rope_type"] == "default"
+    stretched = dict(written, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    theirs = transformers.LlamaConfig.from_dict(stretched).rope_parameters
+    ours = LlamaConfig.from_hf(stretched)
+    assert (theirs["rope_type"], theirs["factor"]) == ("linear", 4.0)
+    assert ours.rope_scaling == RopeScaling("linear", 4.0) and ours.rope_theta == theirs["rope_theta"]
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='yarn'"):
+        LlamaConfig.from_hf(dict(written, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "4096"}, "hidden_size must be an integer >= 1, got '4096'"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be an integer >= 1, got 0"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a number > 0"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a number > 0"),
+    ({"rope_theta": "ten thousand"}, "rope_theta must be a number > 0"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor must be a number > 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"attention_bias": 1}, "attention_bias must be true or false"),
+])
+def test_fields_of_the_wrong_type_are_named(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        LlamaConfig.from_hf({**CLASSIC, **change})
 
 
 def test_missing_field_and_missing_file(tmp_path):
