@@ -30,6 +30,7 @@ from llmjax.quant.tree import from_storage, to_storage
 MANIFEST = "llmjax.json"
 FORMAT = "llmjax-checkpoint"
 VERSION = 1
+STORED_DTYPES = ("float32", "float16", "bfloat16")  # the float weights' dtype a manifest names
 WEIGHTS_DIR = "weights"
 
 
@@ -68,7 +69,23 @@ def read_manifest(root: str) -> dict[str, Any]:
             or not isinstance(manifest.get("groups"), list) or "dtype" not in manifest):
         raise ValueError(f"{path}: not an llmjax checkpoint of version {VERSION} ({manifest!r}); "
                          "convert the model again with this version of `llmjax convert`")
+    if manifest["dtype"] not in STORED_DTYPES:
+        raise ValueError(f"{path}: dtype {manifest['dtype']!r} is not one llmjax stores ({', '.join(STORED_DTYPES)}); "
+                         "the manifest is damaged; convert the model again")
     return manifest
+
+
+def check_groups(root: str, keys) -> None:
+    """The manifest's weight groups are exactly `keys`, the ones the checkpoint's config.json implies:
+    a group missing, or one on disk that the config does not use (its config.json edited to fewer
+    layers, or to a tied LM head), would make another model than the one converted."""
+    stored = set(read_manifest(root)["groups"])
+    missing, unused = sorted(set(keys) - stored), sorted(stored - set(keys))
+    if missing or unused:
+        raise ValueError(f"{root}: the checkpoint's weight groups do not match its config.json ("
+                         + "; ".join(([f"missing {missing}"] if missing else [])
+                                     + ([f"not used by the config {unused}"] if unused else []))
+                         + "); restore the config.json written with it, or convert the model again")
 
 
 def restore_weights(root: str, target: dict) -> dict:

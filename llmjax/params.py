@@ -108,6 +108,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(stored), quant))
+        checkpoint.check_groups(path, target)
         weights = checkpoint.restore_weights(path, target)
     else:
         weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
@@ -134,6 +135,7 @@ def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant) -> Param
     if is_ckpt:
         stored = checkpoint.read_manifest(path)["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored), quant)
+        checkpoint.check_groups(path, abstract)
         if fitted == config and dtype in (None, stored) and pipeline.stages(mesh) == 1:
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

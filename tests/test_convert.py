@@ -235,3 +235,25 @@ def test_damaged_checkpoint_is_named(tmp_path, hf_dir):
     shutil.rmtree(os.path.join(out, "weights", "layer_1"))
     with pytest.raises(ValueError, match="layer_1.*convert the model again"):
         llmjax.load(out)
+
+
+def test_a_checkpoint_whose_config_json_was_edited_is_refused(tmp_path, hf_dir):
+    """Weight groups on disk that the config does not use (fewer layers, a tied head) would make
+    another model, silently; so would a manifest naming a dtype llmjax never stores."""
+    from llmjax.sharding import make_mesh
+
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    config_path, manifest_path = os.path.join(out, "config.json"), os.path.join(out, "llmjax.json")
+    original, manifest = open(config_path).read(), open(manifest_path).read()
+    for edit, unused in (({"num_hidden_layers": 1}, "layer_1"), ({"tie_word_embeddings": True}, "lm_head")):
+        with open(config_path, "w") as f:
+            json.dump({**json.loads(original), **edit}, f)
+        for mesh in (None, make_mesh(tensor=2, data=4)):
+            with pytest.raises(ValueError, match=f"not used by the config \\['{unused}'\\]"):
+                llmjax.load(out, mesh=mesh)
+    with open(config_path, "w") as f:
+        f.write(original)
+    with open(manifest_path, "w") as f:
+        json.dump({**json.loads(manifest), "dtype": "int8"}, f)
+    with pytest.raises(ValueError, match="dtype 'int8' is not one llmjax stores"):
+        llmjax.load(out)
