@@ -287,15 +287,26 @@ def _encode(params: Params, text: str) -> list[int]:
 
 
 def _token_rows(params: Params, kind: str, prompts: list) -> list[list[int]]:
-    rows = [_encode(params, p) for p in prompts] if kind in ("text", "texts") else prompts
-    vocab = params.config.vocab_size
+    from_text = kind in ("text", "texts")
+    rows = [_encode(params, p) for p in prompts] if from_text else prompts
     for n, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {n} is empty (no tokens); give at least one token")
-        if min(row) < 0 or max(row) >= vocab:
-            bad = [t for t in row if not 0 <= t < vocab]
-            raise ValueError(f"prompt {n} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    check_vocabulary(params, rows, from_text)
     return [list(map(int, row)) for row in rows]
+
+
+def check_vocabulary(params: Params, rows: list[list[int]], from_text: bool) -> None:
+    """Every id inside the model's vocabulary; from text, an id past it means the tokenizer is not
+    this model's (its pieces outnumber the model's embedding rows)."""
+    vocab = params.config.vocab_size
+    for n, row in enumerate(rows):
+        if row and (min(row) < 0 or max(row) >= vocab):
+            bad = [t for t in row if not 0 <= t < vocab]
+            where = f"text {n} encodes to" if from_text else f"prompt {n} has"
+            fix = (f"; the tokenizer ({params.tokenizer.vocab_size} pieces) is not this model's: load the "
+                   "tokenizer saved with the model" if from_text else "")
+            raise ValueError(f"{where} token ids outside the vocabulary [0, {vocab}): {bad[:5]}{fix}")
 
 
 def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None:

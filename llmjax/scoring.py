@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.generate import _bucket, _forward, _is_int, _model, _token_rows
+from llmjax.generate import _bucket, _forward, _is_int, _model, _token_rows, check_vocabulary
 from llmjax.params import Params
 
 BATCH = 8  # windows per compiled call
@@ -87,6 +87,7 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
             raise ValueError("scoring text needs a tokenizer with a BOS token; these params have none, "
                              "so pass token ids (BOS first) instead")
         bos, rows = tok.bos_id, [tok.encode(t, add_special_tokens=False) for t in text]
+        check_vocabulary(params, [[bos, *r] for r in rows], from_text=True)
     elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and all(map(_is_int, text)):
         (row,) = _token_rows(params, "ids", [list(text)])
         bos, rows = row[0], [row[1:]]

@@ -76,3 +76,15 @@ def test_bad_window_and_stride_are_refused(params, kwargs, match):
 def test_nothing_to_score_or_wrong_type_is_refused(params, text):
     with pytest.raises(ValueError):
         llmjax.perplexity(params, text)
+
+
+def test_a_tokenizer_larger_than_the_model_is_named_not_scored(tmp_path, sp_dir):
+    """Text whose ids fall past the model's vocabulary (a tokenizer of 600 pieces on a model of 500)
+    is refused in perplexity as in generate; it scored NaN before."""
+    save_hf_model(tmp_path, hf_config(vocab_size=500, max_position_embeddings=64), seed=5, tokenizer_dir=sp_dir)
+    small = llmjax.load(tmp_path)
+    text = "def add(a, b):\n    return a + b\n" * 3
+    assert max(small.tokenizer.encode(text)) >= 500
+    for call in (lambda: llmjax.perplexity(small, text), lambda: llmjax.generate(small, text, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 500\).*tokenizer \(600 pieces\)"):
+            call()
