@@ -71,6 +71,22 @@ def test_missing_shard_is_named(tmp_path, hf_dir):
     assert shard in _convert_error(tmp_path / "sh", tmp_path / "out")
 
 
+def test_an_index_that_does_not_match_its_shards_is_named(tmp_path, hf_dir):
+    import transformers
+
+    transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(tmp_path / "sh", max_shard_size="150KB")
+    index_path = tmp_path / "sh" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == shards[-1])
+    index["weight_map"][name] = shards[0]  # a tensor said to be in a shard that lacks it
+    index_path.write_text(json.dumps(index))
+    assert f"cannot read tensor {name!r}" in _convert_error(tmp_path / "sh", tmp_path / "out")
+    index["weight_map"][name] = 7
+    index_path.write_text(json.dumps(index))
+    assert "the file 7, not a file name" in _convert_error(tmp_path / "sh", tmp_path / "out2")
+
+
 def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, hf_dir):
     msg = _convert_error(_copy_with(hf_dir, tmp_path / "e", lambda t: t.pop("model.embed_tokens.weight")),
                          tmp_path / "o0")

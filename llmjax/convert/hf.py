@@ -65,7 +65,11 @@ class SafetensorsFolder:
         return self._handles[path]
 
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        sl = self._open(self.files[name]).get_slice(name)
+        try:
+            sl = self._open(self.files[name]).get_slice(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); if the folder's {INDEX} "
+                             "puts it in this file, the index does not match the shards: download them again") from e
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def read(self, name: str) -> np.ndarray:
@@ -111,6 +115,10 @@ def _files_from_index(folder: str, index: str) -> dict[str, str]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no 'weight_map'; download it again")
+    bad = [name for name, fn in weight_map.items() if not isinstance(fn, str)]
+    if bad:
+        raise ValueError(f"{index}: weight_map gives {bad[0]!r} the file {weight_map[bad[0]]!r}, not a file name "
+                         "in the folder; download the index again")
     missing = sorted({fn for fn in weight_map.values() if not os.path.isfile(os.path.join(folder, fn))})
     if missing:
         raise FileNotFoundError(f"{folder}: {INDEX} lists shards that are missing: {', '.join(missing)}; "
