@@ -21,7 +21,7 @@ from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
                                iter_weight_groups, pickled_files, read_hf_weights, resolve_dtype)
-from llmjax.files import read_json
+from llmjax.files import not_permitted, read_json
 from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
@@ -92,6 +92,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
                                 f"name ({', '.join(BUNDLED)})")
     if not os.path.isdir(path):
         raise ValueError(f"{path} is a file; pass the model folder that holds it ({os.path.dirname(path) or '.'})")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(not_permitted(path))
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     tokenizer = Tokenizer.from_dir(path)
     is_ckpt = checkpoint.is_checkpoint(path)

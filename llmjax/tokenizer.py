@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jinja2
 import jinja2.sandbox
 
-from llmjax.files import read_json
+from llmjax.files import not_permitted, read_json
 
 FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -159,6 +159,8 @@ class _HFTokenizersBackend:
     def __init__(self, path: str):
         import tokenizers
 
+        if not os.access(path, os.R_OK):
+            raise PermissionError(not_permitted(path))
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
@@ -188,7 +190,11 @@ class _SentencePieceBackend:
 
         try:
             with open(path, "rb") as f:
-                proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+                data = f.read()
+        except PermissionError:
+            raise PermissionError(not_permitted(path)) from None
+        try:
+            proto = sentencepiece_model_pb2.ModelProto.FromString(data)
             self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
             # The same model without the automatic prefix, so that only the text's start gets one.
             proto.normalizer_spec.add_dummy_prefix = False

@@ -273,3 +273,28 @@ def test_a_checkpoint_whose_config_json_was_edited_is_refused(tmp_path, hf_dir):
         json.dump({**json.loads(manifest), "dtype": "int8"}, f)
     with pytest.raises(ValueError, match="dtype 'int8' is not one llmjax stores"):
         llmjax.load(out)
+
+
+def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, monkeypatch):
+    """A folder or file this user may not read (tested by faking `os.access` and `open`: CI runs as
+    root, which reads anything) is not reported as corrupt or missing."""
+    import builtins
+
+    from llmjax.files import read_json
+
+    real_access, real_open = os.access, builtins.open
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(hf_dir) else real_access(p, mode))
+    with pytest.raises(PermissionError, match=f"{hf_dir}: permission denied"):
+        llmjax.load(hf_dir)
+    with pytest.raises(PermissionError, match="permission denied"):
+        hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    monkeypatch.setattr(os, "access", real_access)
+
+    def no_config(path, *args, **kwargs):
+        if str(path).endswith("config.json"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_config)
+    with pytest.raises(PermissionError, match="config.json: permission denied; this user may not read it"):
+        read_json(hf_dir / "config.json")

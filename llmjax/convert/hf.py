@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.files import read_json
+from llmjax.files import not_permitted, read_json
 from llmjax.convert.names import Entry, is_ignorable, name_map
 from llmjax.quant.tree import quantize_tree
 from llmjax.quant.weights import QuantScheme
@@ -57,6 +57,8 @@ class SafetensorsFolder:
 
     def _open(self, path: str):
         if path not in self._handles:
+            if os.path.isfile(path) and not os.access(path, os.R_OK):
+                raise PermissionError(not_permitted(path))
             try:
                 self._handles[path] = safe_open(path, framework="numpy")
             except (SafetensorError, OSError, ValueError) as e:
@@ -89,6 +91,8 @@ def _tensor_files(folder: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder; point at a Hugging Face model folder "
                                 "holding config.json and *.safetensors")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise PermissionError(not_permitted(folder))
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
         return _files_from_index(folder, index)
@@ -102,6 +106,8 @@ def _tensor_files(folder: str) -> dict[str, str]:
                                 "holds model.safetensors or shards with model.safetensors.index.json")
     names: dict[str, str] = {}
     for path in files:
+        if not os.access(path, os.R_OK):
+            raise PermissionError(not_permitted(path))
         try:
             with safe_open(path, framework="numpy") as f:
                 names.update({k: path for k in f.keys()})
