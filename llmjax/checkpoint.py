@@ -103,7 +103,8 @@ def restore_weights(root: str, target: dict) -> dict:
         try:
             weights[key] = from_storage(checkpointer.restore(path, to_storage(group_target)), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
-            raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(e).__name__}: {e}); "
+            detail = " ".join(str(e).split())[:300]  # orbax's messages span lines (TensorStore reprs)
+            raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(e).__name__}: {detail}); "
                              "the checkpoint is damaged or does not match its config.json; convert the "
                              "model again") from e
     return weights

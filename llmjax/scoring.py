@@ -74,12 +74,13 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
     """
     config, tok = params.config, params.tokenizer
     window = config.max_position_embeddings if window is None else window
-    if not isinstance(window, int) or not 2 <= window <= config.max_position_embeddings:
+    if not _is_int(window) or not 2 <= window <= config.max_position_embeddings:
         raise ValueError(f"window must be an integer in [2, {config.max_position_embeddings}] (the "
                          f"model's context), got {window!r}")
     stride = max(1, window // 2) if stride is None else stride
-    if not isinstance(stride, int) or not 1 <= stride <= window - 1:
+    if not _is_int(stride) or not 1 <= stride <= window - 1:
         raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}")
+    window, stride = int(window), int(stride)
     if isinstance(text, str):
         text = [text]
     if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):

@@ -298,3 +298,9 @@ def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, mon
     monkeypatch.setattr(builtins, "open", no_config)
     with pytest.raises(PermissionError, match="config.json: permission denied; this user may not read it"):
         read_json(hf_dir / "config.json")
+
+
+def test_a_file_given_for_the_folder_is_named(tmp_path, hf_dir):
+    for name in ("model.safetensors", "config.json"):
+        message = _convert_error(hf_dir / name, tmp_path / "out")
+        assert f"{name} is a file; pass the Hugging Face model folder that holds it ({hf_dir})" in message

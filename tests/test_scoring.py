@@ -72,6 +72,12 @@ def test_bad_window_and_stride_are_refused(params, kwargs, match):
         llmjax.perplexity(params, "x = 1", **kwargs)
 
 
+def test_numpy_integers_are_integers_for_window_and_stride(params):
+    text = "def f(x):\n    return x\n" * 3
+    assert llmjax.perplexity(params, text, window=np.int64(16), stride=np.int32(5)).nll == pytest.approx(
+        llmjax.perplexity(params, text, window=16, stride=5).nll)
+
+
 @pytest.mark.parametrize("text", ["", [""], [], [1], None, [1, "a"], 3.5, [1, 10**6]])
 def test_nothing_to_score_or_wrong_type_is_refused(params, text):
     with pytest.raises(ValueError):

@@ -296,6 +296,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         quant = dataclasses.replace(quant, lm_head=True)
     elif quant_lm_head:
         raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
+    if os.path.isfile(hf_dir):
+        raise ValueError(f"{hf_dir} is a file; pass the Hugging Face model folder that holds it "
+                         f"({os.path.dirname(hf_dir) or '.'})")
     if checkpoint.is_checkpoint(hf_dir):
         raise ValueError(f"{hf_dir} is already an llmjax checkpoint; load it directly (llmjax.load, or "
                          "--model with the CLI) rather than converting it again")
