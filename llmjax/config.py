@@ -69,6 +69,12 @@ class LlamaConfig:
                 f"LlamaConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads="
                 f"{self.num_kv_heads}; grouped-query attention needs whole groups")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        ids = [("eos_token_id", t) for t in self.eos_token_ids] + (
+            [] if self.bos_token_id is None else [("bos_token_id", self.bos_token_id)])
+        for name, value in ids:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"LlamaConfig: {name} {value!r} is not a token id of the vocabulary [0, "
+                                 f"{self.vocab_size}); fix it in config.json (or generation_config.json)")
 
     @property
     def q_per_kv(self) -> int:

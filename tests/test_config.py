@@ -96,6 +96,8 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers():
     ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor must be a number > 0"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
     ({"attention_bias": 1}, "attention_bias must be true or false"),
+    ({"eos_token_id": "</s>"}, "eos_token_id '</s>' is not a token id"),
+    ({"bos_token_id": 128256}, r"bos_token_id 128256 is not a token id of the vocabulary \[0, 128256\)"),
 ])
 def test_fields_of_the_wrong_type_are_named(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
