@@ -178,7 +178,8 @@ def _int(block: dict, key: str, default=0, where: str = "") -> int | None:
 
 
 def _positive_float(block: dict, key: str, default: float, where: str = "") -> float:
-    value = block.get(key, default)
+    value = block.get(key)
+    value = default if value is None else value
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"config.json: {where}{key} must be a number > 0, got {value!r}; restore it from the "
                          "model's release")
@@ -186,7 +187,9 @@ def _positive_float(block: dict, key: str, default: float, where: str = "") -> f
 
 
 def _bool(block: dict, key: str) -> bool:
-    value = block.get(key, False)
+    value = block.get(key)
+    if value is None:
+        return False
     if not isinstance(value, bool):  # a string "false" would read as true
         raise ValueError(f"config.json: {key} must be true or false, got {value!r}")
     return value
