@@ -282,7 +282,7 @@ def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, see
     cache_len = gen._cache_len(params, prompt_bucket, gen_len)
     args = (params.weights, jnp.asarray(gen._pad(prompts, prompt_bucket)),
             jnp.full((batch,), prompt_len, jnp.int32), jnp.ones((batch,), bool))
-    tail = (jnp.asarray([gen.PAD_ID], jnp.int32), gen.Sampling().arrays(batch), gen._seed_key(seed),
+    tail = (jnp.asarray([gen.PAD_ID], jnp.int32), gen.Sampling().arrays(batch), gen.seed_key(seed),
             jnp.arange(batch, dtype=jnp.int32))
     static = dict(model=gen._model(params), cache_len=cache_len, out_len=gen._bucket(gen_len), greedy=True,
                   filters=())

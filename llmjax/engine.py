@@ -71,10 +71,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.kernels import dispatch
 from llmjax.models import llama
-from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _check_seed, _continuation, _Detokenizer, _is_int,
-                             _model, _parse_prompt, _seed_key, _stop_strings, _token_rows, loop_graph)
+from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _Detokenizer, _is_int, _model,
+                             _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, shard
-from llmjax.sampling import Sampling, sample
+from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import mesh as meshes, pipeline
 
 PAD_ID = -1  # an output slot after a row stopped
@@ -333,7 +333,7 @@ _FEEDS: dict[tuple, jax.stages.Compiled] = {}  # `_feed` compiled, by (tokens' s
 
 def _key_data(seed: int, index: int) -> np.ndarray:
     """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(_seed_key(seed), index)))
+    return np.asarray(jax.random.key_data(jax.random.fold_in(seed_key(seed), index)))
 
 
 @functools.cache
@@ -560,7 +560,7 @@ class Engine:
         return self._queue(ids, int(max_new_tokens), sampling, seed, stops, index=0)
 
     def _check_options(self, kind: str, seed, stop) -> list[str]:
-        _check_seed(seed)
+        check_seed(seed)
         stops = _stop_strings(stop)
         if stops and kind.startswith("ids"):
             raise ValueError("stop strings apply to text prompts; with token ids, stop on EOS or "

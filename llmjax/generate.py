@@ -34,8 +34,7 @@ from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.models.llama import Llama
 from llmjax.params import Params
-from llmjax.sampling import Sampling, sample
-from llmjax.sampling import check_seed as _check_seed, seed_key as _seed_key  # noqa: F401 (the engine's too)
+from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import pipeline
 from llmjax.sharding.rules import cache_sharding
 
@@ -384,7 +383,7 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
     `stop` string.
     """
     sampling = Sampling(temperature, top_k, top_p, min_p)
-    _check_seed(seed)
+    check_seed(seed)
     kind, prompts = _parse_prompt(prompt)
     stops = _stop_strings(stop)
     if stops and kind.startswith("ids"):
@@ -414,7 +413,7 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     out, steps = generate_ids_fn(model)(
         params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
         jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
-        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), _seed_key(seed), row_ids,
+        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), seed_key(seed), row_ids,
         model=model,
         cache_len=_cache_len(params, prompt_bucket, max_new_tokens), out_len=_bucket(max_new_tokens),
         greedy=sampling.greedy, filters=sampling.filters)
@@ -448,7 +447,7 @@ class Stream:
     def __init__(self, params: Params, prompt, *, max_new_tokens=256, temperature=0.0, top_k=None,
                  top_p=None, min_p=None, seed=0, stop=None):
         self._sampling = Sampling(temperature, top_k, top_p, min_p)
-        _check_seed(seed)
+        check_seed(seed)
         kind, prompts = _parse_prompt(prompt)
         if kind not in ("text", "ids"):
             raise ValueError("stream takes one prompt (a str or a list of token ids); use generate for "
@@ -459,7 +458,7 @@ class Stream:
         self._params, self._stops = params, _stop_strings(stop)
         self._row = _token_rows(params, kind, prompts)[0]
         _check_budget(params, [self._row], max_new_tokens)
-        self._max_new, self._key = int(max_new_tokens), _seed_key(seed)
+        self._max_new, self._key = int(max_new_tokens), seed_key(seed)
         self._rows = jnp.zeros((1,), jnp.int32)  # a single prompt is prompt 0, as in generate
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()

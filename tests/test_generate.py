@@ -55,7 +55,7 @@ def test_seeds_differ_in_their_high_bits_and_a_huge_top_k_keeps_the_vocabulary(p
     base = draw(0)
     assert draw(2**32) != base and draw(-1) != draw(2**32 - 1) and draw(-2**63) != base
     assert draw(2**32 + 5) == draw(2**32 + 5)
-    assert jax.random.key_data(gen._seed_key(7)).tolist() == jax.random.key_data(jax.random.key(7)).tolist()
+    assert jax.random.key_data(gen.seed_key(7)).tolist() == jax.random.key_data(jax.random.key(7)).tolist()
     assert draw(0, top_k=2**32 + 1) == draw(0, top_k=2**31) == base
     llm = llmjax.LLM(p, max_slots=4, page_size=8, prefill_tokens=64, prefill_row=16)
     assert llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=0, top_k=2**40, progress=False) == base
