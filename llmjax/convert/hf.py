@@ -57,13 +57,7 @@ class SafetensorsFolder:
 
     def _open(self, path: str):
         if path not in self._handles:
-            if os.path.isfile(path) and not os.access(path, os.R_OK):
-                raise PermissionError(not_permitted(path))
-            try:
-                self._handles[path] = safe_open(path, framework="numpy")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); "
-                                 "download it again") from e
+            self._handles[path] = _safe_open(path)
         return self._handles[path]
 
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
@@ -106,15 +100,20 @@ def _tensor_files(folder: str) -> dict[str, str]:
                                 "holds model.safetensors or shards with model.safetensors.index.json")
     names: dict[str, str] = {}
     for path in files:
-        if not os.access(path, os.R_OK):
-            raise PermissionError(not_permitted(path))
-        try:
-            with safe_open(path, framework="numpy") as f:
-                names.update({k: path for k in f.keys()})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); download it "
-                             "again") from e
+        with _safe_open(path) as f:
+            names.update({k: path for k in f.keys()})
     return names
+
+
+def _safe_open(path: str):
+    """`safe_open(path)`, with errors that say what is wrong: safetensors reports a file this user may
+    not read as missing, and a damaged one in its own terms."""
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        raise PermissionError(not_permitted(path))
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); download it again") from e
 
 
 def _files_from_index(folder: str, index: str) -> dict[str, str]:
