@@ -143,7 +143,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
             raise ValueError(f"config.json: required field {field!r} is missing")
         _int(hf, field)
     num_heads = hf["num_attention_heads"]
-    head_dim = _int(hf, "head_dim", None) or hf["hidden_size"] // num_heads
+    head_dim = _int(hf, "head_dim") or hf["hidden_size"] // num_heads
     theta, scaling = _rope_from_hf(hf)
     eos = hf.get("eos_token_id", 2)
     return LlamaConfig(
@@ -152,7 +152,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=num_heads,
-        num_kv_heads=_int(hf, "num_key_value_heads", None) or num_heads,
+        num_kv_heads=_int(hf, "num_key_value_heads") or num_heads,
         head_dim=head_dim,
         max_position_embeddings=_int(hf, "max_position_embeddings", 2048),
         rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6),
@@ -166,7 +166,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
     )
 
 
-def _int(block: dict, key: str, default=0, where: str = "") -> int | None:
+def _int(block: dict, key: str, default=None, where: str = "") -> int | None:
     """`block[key]`, which must be an integer >= 1 when present (else `default`)."""
     value = block.get(key)
     if value is None:
@@ -228,7 +228,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return theta, RopeScaling(
         "llama3", factor, _positive_float(params, "low_freq_factor", 1.0, f"{field}."),
         _positive_float(params, "high_freq_factor", 1.0, f"{field}."),
-        _int(params, "original_max_position_embeddings", None, f"{field}."))
+        _int(params, "original_max_position_embeddings", where=f"{field}."))
 
 
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
