@@ -15,7 +15,7 @@ import sys
 
 import jinja2
 
-from llmjax.params import DEFAULT_MODEL
+from llmjax.files import DEFAULT_MODEL, resolve
 from llmjax.quant.weights import SCHEMES
 from llmjax.throughput import BENCH_ENGINE
 
@@ -51,7 +51,6 @@ def _mesh(args):
 def _check_tokenizer(model: str) -> None:
     """The CLI reads and writes text: a model folder without a tokenizer is refused before loading
     (a folder that is no model at all is left to `load`'s message)."""
-    from llmjax.params import resolve
     from llmjax.tokenizer import Tokenizer
 
     folder = resolve(model)
@@ -214,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a Hugging Face Llama folder into an llmjax checkpoint",
                           description="Streams the safetensors of HF_DIR through llmjax's name map into "
                                       "an orbax checkpoint at OUT_DIR, with config and tokenizer files.")
-    conv.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and *.safetensors")
+    conv.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and *.safetensors, or a bundled model's "
+                      "name (tiny-stdlib)")
     conv.add_argument("out_dir", metavar="OUT_DIR", help="where to write the llmjax checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="weight dtype to store (default: the checkpoint's own)")

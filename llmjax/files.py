@@ -1,10 +1,27 @@
-"""Reading the small JSON files of a model folder, with errors that name the file."""
+"""Model folders: the bundled models' names, and reading a folder's small JSON files with errors that
+name the file."""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
+
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# Models that ship inside the package, by name; `load(name)` and `convert(name, ...)` find them
+# wherever llmjax is installed.
+BUNDLED = ("tiny-stdlib",)
+DEFAULT_MODEL = "tiny-stdlib"
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """The folder `load` or `convert` reads: `path` itself, or a bundled model's folder when `path` is
+    its name and no such file or folder exists (a folder of that name in the working directory wins)."""
+    path = os.fspath(path)
+    if path in BUNDLED and not os.path.exists(path):
+        return os.path.join(ASSETS, path)
+    return path
 
 
 def read_json(path: str | os.PathLike, *, optional: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
                                iter_weight_groups, pickled_files, read_hf_weights, resolve_dtype)
-from llmjax.files import not_permitted, read_json
+from llmjax.files import BUNDLED, not_permitted, read_json, resolve
 from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
@@ -56,21 +56,6 @@ class Params:
 
 jax.tree_util.register_dataclass(Params, data_fields=["weights"],
                                  meta_fields=["config", "tokenizer", "mesh", "quant"])
-
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-# Models that ship inside the package, by name; `load(name)` finds them wherever llmjax is installed.
-BUNDLED = ("tiny-stdlib",)
-DEFAULT_MODEL = "tiny-stdlib"
-
-
-def resolve(path: str | os.PathLike) -> str:
-    """The folder `load` reads: `path` itself, or a bundled model's folder when `path` is its name
-    and no such file or folder exists (a folder of that name in the working directory wins)."""
-    path = os.fspath(path)
-    if path in BUNDLED and not os.path.exists(path):
-        return os.path.join(ASSETS, path)
-    return path
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Params:

@@ -12,7 +12,7 @@ import pytest
 
 import llmjax
 from llmjax import cli
-from llmjax.params import resolve
+from llmjax.files import resolve
 
 FOLDER = pathlib.Path(resolve("tiny-stdlib"))
 TRAINING = json.loads((FOLDER / "training.json").read_text())
@@ -57,6 +57,15 @@ def test_a_folder_of_the_same_name_wins_over_the_bundled_model(tmp_path, monkeyp
     assert resolve("tiny-stdlib") == str(FOLDER)
     (tmp_path / "tiny-stdlib").mkdir()
     assert resolve("tiny-stdlib") == "tiny-stdlib"
+
+
+def test_convert_takes_the_bundled_model_by_name(params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder named tiny-stdlib here
+    assert cli.main(["convert", "tiny-stdlib", "ckpt", "--quiet"]) == 0
+    converted = llmjax.load(tmp_path / "ckpt")
+    ids = np.arange(3, 40)[None]
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(converted, ids)), np.asarray(llmjax.logits(params, ids)))
+    assert converted.tokenizer.vocab_size == params.tokenizer.vocab_size
 
 
 @pytest.fixture(scope="module")

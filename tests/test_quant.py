@@ -87,7 +87,7 @@ def test_schemes_and_group_fallback():
     assert s.group_for(4096) == 128 and s.group_for(672) == 32 and s.group_for(192) == 64
     assert not s.quantizes(200) and QuantScheme.parse("int8").quantizes(200)
     # the demo model's down projection (width 672) gets group 32; its other projections group 128
-    demo = llmjax.LlamaConfig.from_hf(llmjax.params.resolve("tiny-stdlib"))  # wherever pytest runs from
+    demo = llmjax.LlamaConfig.from_hf(llmjax.files.resolve("tiny-stdlib"))  # wherever pytest runs from
     layer = llama.abstract_params(demo, quant=s)["layer_0"]
     assert layer["mlp"]["down"]["kernel"].group_size == 32 and layer["attn"]["o"]["kernel"].group_size == 128
 
@@ -147,7 +147,7 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
 def test_a_refused_tensor_degree_names_degrees_and_group_sizes_that_run(scheme, tensor):
     """Every degree and group size the message offers is one the model then runs with (the demo
     model: 8 query heads, 4 kv heads, MLP width 672, which int4-g128 already takes in groups of 32)."""
-    from llmjax.params import resolve
+    from llmjax.files import resolve
     from llmjax.quant.tree import check_mesh
     from llmjax.sharding.mesh import fit_config
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.files import not_permitted, read_json
+from llmjax.files import not_permitted, read_json, resolve
 from llmjax.convert.names import Entry, is_ignorable, name_map
 from llmjax.quant.tree import quantize_tree
 from llmjax.quant.weights import QuantScheme
@@ -283,7 +283,8 @@ def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
             progress: bool = True, quant: str | QuantScheme | None = None, quant_lm_head: bool = False) -> str:
-    """Converts a Hugging Face Llama folder into an llmjax checkpoint at `out_dir`; returns out_dir.
+    """Converts a Hugging Face Llama folder (or a bundled model, by name: `"tiny-stdlib"`) into an
+    llmjax checkpoint at `out_dir`; returns out_dir.
 
     `quant` (`int4-g128`, `int4-g64`, `int4-g32`, optionally `-asym`, or `int8`) quantizes the
     projections (q/k/v, o, gate/up, down; also an untied LM head with `quant_lm_head`) as they stream
@@ -295,6 +296,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         quant = dataclasses.replace(quant, lm_head=True)
     elif quant_lm_head:
         raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
+    hf_dir = resolve(hf_dir)
     if os.path.isfile(hf_dir):
         raise ValueError(f"{hf_dir} is a file; pass the Hugging Face model folder that holds it "
                          f"({os.path.dirname(hf_dir) or '.'})")
