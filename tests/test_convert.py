@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -298,6 +299,34 @@ def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, mon
     monkeypatch.setattr(builtins, "open", no_config)
     with pytest.raises(PermissionError, match="config.json: permission denied; this user may not read it"):
         read_json(hf_dir / "config.json")
+    monkeypatch.setattr(builtins, "open", real_open)
+
+    # a side file this user may not read, and an output folder they may not write
+    assert (hf_dir / "tokenizer.model").is_file()
+    real_copy, real_mkdir = shutil.copy2, os.mkdir
+
+    def no_tokenizer(src, dst, **kwargs):
+        if str(src).endswith("tokenizer.model"):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copy2", no_tokenizer)
+    with pytest.raises(PermissionError, match="tokenizer.model: permission denied; this user may not read it"):
+        hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    assert not [name for name in os.listdir(tmp_path) if "out" in name]  # no partial folder left behind
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    with pytest.raises(PermissionError, match=f"cannot write {read_only / 'out'}: this user may not write in "
+                                              f"{read_only}; choose an output folder"):
+        hf.convert(str(hf_dir), str(read_only / "out"), progress=False)
 
 
 def test_a_file_given_for_the_folder_is_named(tmp_path, hf_dir):

@@ -312,13 +312,22 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     dtype = resolve_dtype(dtype, source)
     out_dir = _checked_output(hf_dir, out_dir, overwrite)
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
-    os.mkdir(tmp)  # with the user's umask, as any folder they make (mkdtemp's would be private)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(tmp)  # with the user's umask, as any folder they make (mkdtemp's would be private)
+    except PermissionError as e:
+        where = os.path.dirname(e.filename) if e.filename == tmp else e.filename or parent
+        raise PermissionError(f"cannot write {out_dir}: this user may not write in {where}; choose an output "
+                              "folder this user may write, or fix its permissions") from None
     try:
         for name in SIDE_FILES:
-            if os.path.isfile(os.path.join(hf_dir, name)):
-                shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
+            side = os.path.join(hf_dir, name)
+            if os.path.isfile(side):
+                try:
+                    shutil.copy2(side, os.path.join(tmp, name))
+                except PermissionError:
+                    raise PermissionError(not_permitted(side)) from None
         groups = iter_weight_groups(source, entries, dtype, progress)
         if quant is not None:
             groups = _quantized(groups, config, dtype, quant)
