@@ -134,6 +134,13 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         raise ValueError(
             f"config.json: architectures={architectures!r} is not supported; llmjax runs LlamaForCausalLM "
             "(a Llama language model with its LM head)")
+    quantized = hf.get("quantization_config")
+    if quantized:  # GPTQ, AWQ, bitsandbytes, fp8...: weights stored in another tool's format
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else quantized
+        raise ValueError(
+            f"config.json: quantization_config (quant_method {method!r}) marks weights another tool quantized, "
+            "which llmjax does not read; convert the model's float release (bfloat16, float16 or float32) "
+            "instead, with `llmjax convert --quant int4-g128` (or int8) to quantize it")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json: hidden_act={act!r} is not supported; Llama uses 'silu'")

@@ -57,6 +57,8 @@ def test_head_dim_and_kv_heads_default_from_heads():
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type='dynamic'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"num_key_value_heads": 5}, "num_kv_heads"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method 'gptq'"),
+    ({"quantization_config": {"quant_method": "awq"}}, "convert the model's float release"),
 ])
 def test_refuses_what_it_does_not_implement(change, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[")):
