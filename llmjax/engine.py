@@ -73,7 +73,7 @@ from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _Detokenizer, _is_int, _model,
                              _parse_prompt, _stop_strings, _token_rows, loop_graph)
-from llmjax.params import Params, shard
+from llmjax.params import Params, check_params, shard
 from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import mesh as meshes, pipeline
 
@@ -410,6 +410,7 @@ class Engine:
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
                  prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None, overlap: bool = True):
         dispatch.refuse_x64()
+        check_params(params)
         if mesh is not None:
             meshes.check_axes(mesh)
         if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:
@@ -556,8 +557,8 @@ class Engine:
             raise ValueError("add_request takes one prompt (a str or a list of token ids); call it once "
                              "per prompt, or use llmjax.LLM(params).generate for a list")
         sampling, stops = Sampling(temperature, top_k, top_p, min_p), self._check_options(kind, seed, stop)
-        ids = self._checked_ids(kind, prompts, [max_new_tokens])[0]
-        return self._queue(ids, int(max_new_tokens), sampling, seed, stops, index=0)
+        (ids, max_new_tokens), = self._checked_ids(kind, prompts, [max_new_tokens])
+        return self._queue(ids, max_new_tokens, sampling, seed, stops, index=0)
 
     def _check_options(self, kind: str, seed, stop) -> list[str]:
         check_seed(seed)
@@ -567,18 +568,20 @@ class Engine:
                              "max_new_tokens")
         return stops
 
-    def _checked_ids(self, kind: str, prompts: list, budgets: list) -> list[list[int]]:
-        """Every prompt's token ids, after checking all of them (errors name the prompt's index)."""
-        rows = _token_rows(self.params, kind, prompts)
+    def _checked_ids(self, kind: str, prompts: list, budgets: list) -> list[tuple[list[int], int]]:
+        """Every prompt's token ids and its budget as a Python int, after checking all of them (errors
+        name the prompt's index)."""
+        rows, checked = _token_rows(self.params, kind, prompts), []
         for i, (ids, max_new) in enumerate(zip(rows, budgets)):
             try:
-                _check_budget(self.params, [ids], max_new)
-                self._check_fits(len(ids), int(max_new))
+                max_new = _check_budget(self.params, [ids], max_new)
+                self._check_fits(len(ids), max_new)
             except ValueError as e:
                 if len(rows) == 1:
                     raise
                 raise ValueError(f"prompt {i}: {e}") from None
-        return rows
+            checked.append((ids, max_new))
+        return checked
 
     def _queue(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int, stops: list[str],
                index: int) -> Request:
@@ -653,6 +656,8 @@ class Engine:
 
     def text(self, request: Request) -> str:
         """The request's continuation so far (its whole text once finished), cut before a stop string."""
+        if not isinstance(request, Request) or request._engine is not self:
+            raise ValueError("text takes a Request handle from this engine's add_request")
         if self.params.tokenizer is None:
             raise ValueError("these params have no tokenizer; read request.token_ids instead")
         if request.finished and not request.stops:  # as generate renders it, in one decode
@@ -1085,9 +1090,8 @@ class LLM:
         budgets = self._budgets(max_new_tokens, len(items))
         engine = self.engine
         stops = engine._check_options(kind, seed, stop)
-        rows = engine._checked_ids(kind, items, budgets)
-        requests = [engine._queue(ids, int(n), sampling, seed, stops, index=i)
-                    for i, (ids, n) in enumerate(zip(rows, budgets))]
+        requests = [engine._queue(ids, n, sampling, seed, stops, index=i)
+                    for i, (ids, n) in enumerate(engine._checked_ids(kind, items, budgets))]
         self._run(requests, progress)
         if kind.startswith("ids"):
             outputs = [r.token_ids for r in requests]

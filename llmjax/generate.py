@@ -33,7 +33,7 @@ from llmjax.cache import KVCache
 from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.models.llama import Llama
-from llmjax.params import Params
+from llmjax.params import Params, check_params
 from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import pipeline
 from llmjax.sharding.rules import cache_sharding
@@ -269,8 +269,11 @@ def _parse_prompt(prompt) -> tuple[str, list]:
         return "texts", list(prompt)
     if _all_ints(prompt):
         return "ids", [list(prompt)]
-    if all(isinstance(p, (list, tuple, np.ndarray)) and _all_ints(p) for p in prompt):
-        return "ids_batch", [list(p) for p in prompt]
+    # rows as lists, or as 1-D integer arrays of any library (numpy, jax, torch)
+    rows = [np.asarray(p) if not isinstance(p, (list, tuple, str)) and hasattr(p, "__array__") else p for p in prompt]
+    if all(isinstance(p, (list, tuple)) and _all_ints(p) or isinstance(p, np.ndarray) and p.ndim == 1
+           and jnp.issubdtype(p.dtype, jnp.integer) for p in rows):
+        return "ids_batch", [p.tolist() if isinstance(p, np.ndarray) else list(p) for p in rows]
     raise ValueError("prompt must be a str, a list of str, a list of token ids or a list of such lists; "
                      "mixed or nested types are not accepted")
 
@@ -308,9 +311,12 @@ def check_vocabulary(params: Params, rows: list[list[int]], from_text: bool) -> 
             raise ValueError(f"{where} token ids outside the vocabulary [0, {vocab}): {bad[:5]}{fix}")
 
 
-def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None:
+def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> int:
+    """`max_new_tokens` as a Python int, once it fits the model's context after the longest row (a numpy
+    integer would wrap or overflow in the sum, and pass a check it fails)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     context = params.config.max_position_embeddings
     longest = max(len(r) for r in rows)
     if longest >= context:
@@ -320,6 +326,7 @@ def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> None
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {context} tokens; lower max_new_tokens to at most "
                          f"{context - longest} or shorten the prompt")
+    return max_new_tokens
 
 
 def _stop_strings(stop) -> list[str]:
@@ -382,6 +389,7 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
     at the end of returned ids, never in text), after `max_new_tokens`, or, for text, before the first
     `stop` string.
     """
+    check_params(params)
     sampling = Sampling(temperature, top_k, top_p, min_p)
     check_seed(seed)
     kind, prompts = _parse_prompt(prompt)
@@ -390,7 +398,7 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
         raise ValueError("stop strings apply to text prompts; with token ids, stop on EOS or "
                          "max_new_tokens")
     rows = _token_rows(params, kind, prompts)
-    _check_budget(params, rows, max_new_tokens)
+    max_new_tokens = _check_budget(params, rows, max_new_tokens)
     outputs = []
     for start in range(0, len(rows), MAX_BATCH):
         outputs += _generate_batch(params, rows[start:start + MAX_BATCH], max_new_tokens, sampling,
@@ -446,6 +454,7 @@ class Stream:
 
     def __init__(self, params: Params, prompt, *, max_new_tokens=256, temperature=0.0, top_k=None,
                  top_p=None, min_p=None, seed=0, stop=None):
+        check_params(params)
         self._sampling = Sampling(temperature, top_k, top_p, min_p)
         check_seed(seed)
         kind, prompts = _parse_prompt(prompt)
@@ -457,8 +466,7 @@ class Stream:
                              "token ids")
         self._params, self._stops = params, _stop_strings(stop)
         self._row = _token_rows(params, kind, prompts)[0]
-        _check_budget(params, [self._row], max_new_tokens)
-        self._max_new, self._key = int(max_new_tokens), seed_key(seed)
+        self._max_new, self._key = _check_budget(params, [self._row], max_new_tokens), seed_key(seed)
         self._rows = jnp.zeros((1,), jnp.int32)  # a single prompt is prompt 0, as in generate
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()
@@ -581,6 +589,7 @@ def stream(params: Params, prompt, **kwargs) -> Stream:
 
 def logits(params: Params, token_ids) -> jax.Array:
     """float32 logits `[batch, seq, vocab]` for token ids `[seq]` or `[batch, seq]` (one forward)."""
+    check_params(params)
     if isinstance(token_ids, str):
         raise ValueError("logits takes token ids; encode text with params.tokenizer.encode(text)")
     kind, rows = _parse_prompt(token_ids)

@@ -176,8 +176,18 @@ def _put(tree, shardings):
                                                                   dtype=w.dtype), tree, shardings)
 
 
+def check_params(params) -> None:
+    """Refuses anything but `Params`: a model's name or folder given where its loaded params go, say."""
+    if not isinstance(params, Params):
+        hint = (f"; load them first: params = llmjax.load({os.fspath(params)!r})"
+                if isinstance(params, (str, os.PathLike)) else "")
+        raise ValueError(f"params must be llmjax Params (from llmjax.load or llmjax.init_random), got "
+                         f"{type(params).__name__}{hint}")
+
+
 def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     """The same model sharded over `mesh` by llmjax's rules (a layer at a time, through the host)."""
+    check_params(params)
     if params.mesh is not None:
         raise ValueError("these params are already sharded over a mesh; load or init them unsharded, "
                          "then shard them once")

@@ -11,7 +11,6 @@ Each row draws from its own key, so a row's tokens do not depend on what else is
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 
 import jax
@@ -33,6 +32,12 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.fold_in(key, high) if high else key
 
 
+# Above this, logits divided by the temperature can underflow float32 (to 0 where the device flushes
+# denormals), so tokens of different logits would tie and top-k would keep them all; sampling there is
+# uniform in all but name.
+MAX_TEMPERATURE = 1e6
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0
@@ -42,8 +47,9 @@ class Sampling:
 
     def __post_init__(self):
         t = self.temperature
-        if not _is_real(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        if not _is_real(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy; larger "
+                             f"ones sample uniformly in all but name), got {t!r}")
         k = self.top_k
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.generate import _bucket, _forward, _is_int, _model, _token_rows, check_vocabulary
-from llmjax.params import Params
+from llmjax.params import Params, check_params
 
 BATCH = 8  # windows per compiled call
 
@@ -72,6 +72,7 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
     `window` (default: the model's context) is the most tokens the model sees at once, BOS included;
     `stride` (default: half the window) is how many new tokens each later window scores.
     """
+    check_params(params)
     config, tok = params.config, params.tokenizer
     window = config.max_position_embeddings if window is None else window
     if not _is_int(window) or not 2 <= window <= config.max_position_embeddings:

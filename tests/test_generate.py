@@ -6,6 +6,7 @@ import importlib
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,6 +45,10 @@ def test_return_types_follow_the_prompt(params):
     import torch
 
     assert llmjax.generate(p, torch.tensor([[1, 5, 9]]), max_new_tokens=5) == [ids]
+    # a list of rows, each an array of any library
+    assert llmjax.generate(p, [jnp.array([1, 5, 9]), torch.tensor([1, 7]), np.array([3])], max_new_tokens=5) == \
+        llmjax.generate(p, [[1, 5, 9], [1, 7], [3]], max_new_tokens=5)
+    assert np.array_equal(llmjax.logits(p, [jnp.array([1, 5]), np.array([1, 7])]), llmjax.logits(p, [[1, 5], [1, 7]]))
 
 
 def test_seeds_differ_in_their_high_bits_and_a_huge_top_k_keeps_the_vocabulary(params):
@@ -197,6 +202,19 @@ def test_logits_shapes_and_padding_invariance(params):
     (lambda p: llmjax.logits(p, [[1, 2], [1]]), "equal length"),
     (lambda p: llmjax.logits(p, [1] * 65), "context of 64"),
     (lambda p: llmjax.generate(dataclasses.replace(p, tokenizer=None), "x"), "no tokenizer"),
+    # numpy integers wrapped or overflowed in the context check, which then passed
+    (lambda p: llmjax.generate(p, [1] * 40, max_new_tokens=np.int16(32760)), "at most 24"),
+    (lambda p: llmjax.generate(p, [1] * 40, max_new_tokens=np.int64(2**63 - 1)), "at most 24"),
+    (lambda p: llmjax.generate(p, [1] * 40, max_new_tokens=np.uint8(200)), "at most 24"),
+    (lambda p: llmjax.stream(p, [1] * 40, max_new_tokens=np.int32(2**31 - 1)), "at most 24"),
+    # the model's name where its params go
+    (lambda p: llmjax.generate("tiny-stdlib", "x"), r"params must be llmjax Params .* got str; load them "
+                                                    r"first: params = llmjax.load\('tiny-stdlib'\)"),
+    (lambda p: llmjax.stream(None, "x"), "params must be llmjax Params"),
+    (lambda p: llmjax.logits(None, [1, 2]), "params must be llmjax Params"),
+    (lambda p: llmjax.perplexity({}, "x"), "params must be llmjax Params"),
+    (lambda p: llmjax.LLM("model"), "params must be llmjax Params"),
+    (lambda p: llmjax.generate(p, [jnp.array([1, 2]), jnp.array([1.0])]), "mixed"),
 ])
 def test_bad_input_is_refused_with_a_reason(params, call, match):
     with pytest.raises(ValueError, match=match):

@@ -80,7 +80,7 @@ def test_rows_may_differ_in_temperature():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(temperature="hot"), "temperature"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(temperature="hot"), "temperature"), (dict(temperature=3e38), r"temperature must be a number in \[0, 1e\+06\]"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(top_k=True), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(min_p=-0.1), "min_p"), (dict(min_p=2), "min_p")])
 def test_out_of_range_knobs_raise(kwargs, match):
