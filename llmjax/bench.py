@@ -192,7 +192,8 @@ def _model_config(model, dtype) -> LlamaConfig:
     except ValueError as e:
         raise ValueError(f"dtype {dtype!r}: {e}") from None
     if float_dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES + SCHEMES)}")
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES + SCHEMES)} (int4 "
+                         "also takes -asym for zero points, e.g. int4-g128-asym)")
     return model if isinstance(model, LlamaConfig) else LlamaConfig.preset(model)
 
 

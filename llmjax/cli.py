@@ -17,6 +17,10 @@ import jinja2
 
 from llmjax.files import DEFAULT_MODEL, resolve
 from llmjax.quant.weights import SCHEMES
+
+# int4 schemes take -asym (zero points); int8 is symmetric only
+QUANT_METAVAR = "{" + ",".join(s for s in SCHEMES if s.startswith("int4")) + "}[-asym]|" + \
+    "|".join(s for s in SCHEMES if not s.startswith("int4"))
 from llmjax.throughput import BENCH_ENGINE
 
 
@@ -218,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("out_dir", metavar="OUT_DIR", help="where to write the llmjax checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="weight dtype to store (default: the checkpoint's own)")
-    conv.add_argument("--quant", metavar="{" + ",".join(SCHEMES) + "}[-asym]", help="quantize the projections (q/k/v, o, gate/up, down) to "
+    conv.add_argument("--quant", metavar=QUANT_METAVAR, help="quantize the projections (q/k/v, o, gate/up, down) to "
                       "group-wise int4 (group 128, 64 or 32; -asym adds zero points) or per-channel int8")
     conv.add_argument("--quant-lm-head", action="store_true", help="with --quant, also quantize an "
                       "untied LM head (the embedding table always stays in --dtype)")
@@ -268,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
                    "tiny, ...; see llmjax.LlamaConfig.preset)")
     b.add_argument("--random-weights", action="store_true", default=True,
                    help="random weights of the preset (the only mode; accepted for clarity)")
-    b.add_argument("--dtype", default="bfloat16", metavar="{bfloat16,float16,float32," + ",".join(SCHEMES) + "}",
+    b.add_argument("--dtype", default="bfloat16", metavar="{bfloat16,float16,float32}|" + QUANT_METAVAR,
                    help="weight format: a float dtype, or quantized projections (random codes made "
                    "directly in int4/int8, the other weights bfloat16)")
     b.add_argument("--batch", type=int, default=1)
@@ -283,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
                    "LM head too (as `convert --quant-lm-head`; the embedding table stays bfloat16)")
     _add_mesh_flags(b)
     b.add_argument("--compare-hf", action="store_true", help="also time Hugging Face transformers "
-                   "(static cache, compiled) on the same shapes")
+                   "(static cache; compiled on CUDA, eager on CPU) on the same shapes")
     b.add_argument("--json", metavar="FILE", help="save the results as JSON")
     b.add_argument("--sweep", metavar="NAME=V1,V2", help="run once per value, e.g. batch=1,8,32,64, and "
                    "draw a plot")

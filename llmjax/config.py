@@ -205,7 +205,9 @@ def _bool(block: dict, key: str) -> bool:
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """Both spellings: transformers 5's `rope_parameters` block, or classic `rope_theta`/`rope_scaling`.
     With both, `rope_scaling` wins where it is set, as transformers reads them (a user stretching the
-    context of a model saved by transformers 5 adds it next to the block)."""
+    context of a model saved by transformers 5 adds it next to the block). transformers then takes
+    rope_theta from `rope_scaling` or the top level (10000 if neither has it), never from the block; a
+    block whose theta differs from that is refused rather than read one way or the other."""
     for field in ("rope_parameters", "rope_scaling"):
         if hf.get(field) is not None and not isinstance(hf[field], dict):
             raise ValueError(f"config.json: {field} must be an object (or null), got {hf[field]!r}")
@@ -214,8 +216,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         params, field = dict(hf["rope_scaling"]), "rope_scaling"
     else:
         params, field = dict(block), "rope_parameters" if block else "rope_scaling"
-    theta_block = params if "rope_theta" in params else block if "rope_theta" in block else hf
+    theta_block = params if "rope_theta" in params else hf
     theta = _positive_float(theta_block, "rope_theta", 10000.0, "" if theta_block is hf else f"{field}.")
+    if hf.get("rope_scaling") and block.get("rope_theta", theta) != theta:
+        raise ValueError(
+            f"config.json: rope_scaling beside rope_parameters makes transformers read rope_theta from "
+            f"rope_scaling or the top level ({theta:g} here), not rope_parameters' {block['rope_theta']!r}; put "
+            "the rope_theta meant into rope_scaling, or keep one of the two blocks")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(

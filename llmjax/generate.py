@@ -281,8 +281,9 @@ def _parse_prompt(prompt) -> tuple[str, list]:
 def _encode(params: Params, text: str) -> list[int]:
     tok = params.tokenizer
     if tok is None:
-        raise ValueError("these params have no tokenizer (the model folder held no tokenizer.model or "
-                         "tokenizer.json); pass token ids instead of text")
+        raise ValueError("these params have no tokenizer (made by init_random without tokenizer=, or loaded "
+                         "from a folder without tokenizer.model or tokenizer.json); pass token ids instead of "
+                         "text")
     # A chat template already writes the BOS token into the text; do not add a second one.
     has_bos = tok.bos_token is not None and text.startswith(tok.bos_token)
     return tok.encode(text, add_special_tokens=not has_bos)

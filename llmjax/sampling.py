@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 def check_seed(seed) -> None:
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer that fits in 64 bits, got {seed!r}")
+        raise ValueError(f"seed must be a signed 64-bit integer, in [-2**63, 2**63), got {seed!r}")
 
 
 def seed_key(seed: int) -> jax.Array:

@@ -95,7 +95,8 @@ class Tokenizer:
         """
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (no 'chat_template' in "
-                             "tokenizer_config.json and no chat_template.jinja); format the prompt yourself")
+                             "tokenizer_config.json or chat_template.json, and no chat_template.jinja); format "
+                             "the prompt yourself (from the command line: leave out --chat)")
         try:
             template = _jinja_env().from_string(self.chat_template)
         except jinja2.TemplateSyntaxError as e:

@@ -136,10 +136,32 @@ def test_chat_errors_are_one_line(example_model, tmp_path, capsys):
     import shutil
 
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "hi", "--chat"]) == 2
-    assert "has no chat template" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "leave out --chat" in err
     folder = tmp_path / "m"
     shutil.copytree(example_model, folder)
     (folder / "chat_template.jinja").write_text("{{ raise_exception('only system messages') }}")
     assert cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--chat"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "llmjax generate: error: only system messages"
+
+
+def test_the_quantizations_the_help_offers_are_the_ones_accepted(capsys):
+    """`--quant` and `bench --dtype` show int4's `-asym` and not int8's, which is refused."""
+    import itertools
+    import re
+
+    from llmjax.cli import QUANT_METAVAR
+    from llmjax.quant.weights import QuantScheme
+
+    int4, rest = re.fullmatch(r"\{(.*)\}\[-asym\]\|(.*)", QUANT_METAVAR).groups()
+    offered = [a + b for a, b in itertools.product(int4.split(","), ("", "-asym"))] + rest.split("|")
+    assert "int8" in offered and "int4-g128-asym" in offered
+    for name in offered:
+        QuantScheme.parse(name)
+    with pytest.raises(ValueError, match="int4 also takes -asym"):
+        QuantScheme.parse("int8-asym")
+    for command in (["convert", "--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            cli_main(command)
+        assert QUANT_METAVAR in capsys.readouterr().out.replace("\n", "").replace(" ", "")

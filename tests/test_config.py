@@ -1,5 +1,6 @@
 """LlamaConfig: presets, both spellings of Hugging Face's rope fields, refusals, full-size shapes."""
 
+import copy
 import dataclasses
 import json
 
@@ -86,6 +87,19 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers():
     assert ours.rope_scaling == RopeScaling("linear", 4.0) and ours.rope_theta == theirs["rope_theta"]
     with pytest.raises(ValueError, match="rope_scaling.rope_type='yarn'"):
         LlamaConfig.from_hf(dict(written, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    # transformers takes theta from rope_scaling or the top level, never from the block beside them
+    llama3 = dict(written, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    linear = {"rope_type": "linear", "factor": 2.0}
+    for agreed in (dict(llama3, rope_scaling=dict(linear, rope_theta=500000.0)),
+                   dict(llama3, rope_scaling=linear, rope_theta=500000.0),
+                   dict(written, rope_parameters={"rope_type": "default"}, rope_scaling=linear, rope_theta=5000.0)):
+        theirs = transformers.LlamaConfig.from_dict(copy.deepcopy(agreed)).rope_parameters  # it edits the dicts
+        assert LlamaConfig.from_hf(agreed).rope_theta == theirs["rope_theta"]
+    for torn in (dict(llama3, rope_scaling=linear), dict(llama3, rope_scaling=linear, rope_theta=5000.0)):
+        theirs = transformers.LlamaConfig.from_dict(copy.deepcopy(torn)).rope_parameters["rope_theta"]
+        with pytest.raises(ValueError, match=f"rope_theta from rope_scaling or the top level \\({theirs:g} here\\), "
+                                             "not rope_parameters' 500000.0; put the rope_theta meant"):
+            LlamaConfig.from_hf(torn)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -74,7 +74,7 @@ def test_init_random_takes_whole_64_bit_seeds():
     assert not same(weights(2**32), base) and not same(weights(-1), weights(2**32 - 1))
     assert same(weights(np.int64(2**32)), weights(2**32))
     for bad in (1.5, True, 2**64, "3"):
-        with pytest.raises(ValueError, match="seed must be an integer that fits in 64 bits"):
+        with pytest.raises(ValueError, match=r"seed must be a signed 64-bit integer, in \[-2\*\*63, 2\*\*63\)"):
             llmjax.init_random("tiny", seed=bad)
 
 
@@ -194,7 +194,7 @@ def test_logits_shapes_and_padding_invariance(params):
     (lambda p: llmjax.generate(p, "x", temperature=-1), "temperature"),
     (lambda p: llmjax.generate(p, "x", top_p=2), "top_p"),
     (lambda p: llmjax.generate(p, "x", seed="s"), "seed"),
-    (lambda p: llmjax.generate(p, "x", seed=2**64), "fits in 64 bits"),
+    (lambda p: llmjax.generate(p, "x", seed=2**64), "signed 64-bit"),
     (lambda p: llmjax.generate(p, "x", stop=5), "stop must be"),
     (lambda p: llmjax.generate(p, "x", stop=[]), "stop must be"),
     (lambda p: llmjax.stream(p, ["a", "b"]), "one prompt"),
