@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import statistics
 import time
@@ -298,14 +299,17 @@ def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, see
 def _bytes_per_step(params: Params, batch: int, cache_len: int) -> tuple[int, int]:
     """Bytes of weights and of KV cache one decode step reads on one device, or, under pipeline
     parallelism, on one device of each stage in turn (a token passes the stages one after another).
-    The embedding table counts one row per sequence. When the decode keeps the stages full, every
-    stage also applies the LM head to its microbatch once a step."""
+    The embedding table counts one row per sequence, and all of it again where it is also the LM head
+    (tied). When the decode keeps the stages full, every stage also applies the LM head to its
+    microbatch once a step."""
     mesh, weights = params.mesh, params.weights
     stages = pipeline.stages(mesh)
     embed = weights["embed"]["embedding"]
     outside = {name: w for name, w in weights.items() if name != "stages"}
     per_stage = sum(_per_device(w) for w in jax.tree.leaves(outside)) - _per_device(embed)
     per_stage += batch * embed.nbytes // params.config.embedding_rows
+    if params.config.tie_word_embeddings:  # the head's product reads the whole table
+        per_stage += _per_device(embed)
     heads = stages if pipeline.microbatch_count(mesh, batch) > 1 else 1
     layers = sum(_per_device(w) for w in jax.tree.leaves(weights.get("stages", {})))
     cache = jax.eval_shape(lambda: gen._new_cache(gen._model(params), batch, cache_len, embed.dtype))
@@ -381,7 +385,12 @@ def parse_sweep(spec: str) -> tuple[str, list[int]]:
 
 def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b", dtype: str = "bfloat16",
           seed: int = 0, mesh=None, quant_lm_head: bool = False, **kwargs) -> list[BenchResult]:
-    """One bench per value of `key`; the random weights are made and the bandwidth measured once."""
+    """One bench per value of `key`; the random weights are made and the bandwidth measured once. Every
+    value is checked before any runs."""
+    defaults = inspect.signature(bench).parameters
+    for v in values:
+        shape = {name: kwargs.get(name, defaults[name].default) for name in ("batch", "prompt_len", "gen_len", "repeats")}
+        _check(model, dtype, **{**shape, key: v})
     params = random_params(_model_config(model, dtype), dtype, seed, mesh, quant_lm_head)
     shared = dict(model=model, dtype=dtype, seed=seed, mesh=mesh, params=params, bandwidth=measure_bandwidth())
     results = []

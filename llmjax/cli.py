@@ -97,7 +97,7 @@ def _perplexity(args) -> None:
 
     texts = []
     for path in args.text:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:  # the file's own line endings, \r\n included
             try:
                 texts.append(f.read())
             except UnicodeDecodeError as e:
@@ -131,7 +131,11 @@ def _bench(args) -> None:
     if gen_len is None:  # 256, or what the context leaves after the (longest swept) prompt: tiny's is 256
         key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, None)
         longest = max(values) if key == "prompt_len" else prompt_len
-        gen_len = max(2, min(256, bench.model_context(args.model, args.dtype) - longest))
+        context = bench.model_context(args.model, args.dtype)
+        if context - longest < 2:
+            raise ValueError(f"a prompt of {longest} tokens leaves {max(context - longest, 0)} of the model's context "
+                             f"of {context} tokens, and the bench generates at least 2; shorten the prompt")
+        gen_len = min(256, context - longest)
     options = dict(model=args.model, dtype=args.dtype, batch=args.batch, prompt_len=prompt_len,
                    gen_len=gen_len, repeats=args.repeats, compare_hf=args.compare_hf, mesh=_mesh(args),
                    quant_lm_head=args.quant_lm_head)

@@ -1,8 +1,10 @@
 """`llmjax bench` on CPU with the tiny preset: the figures it reports hang together, the CLI writes
 JSON and a sweep plot, transformers is timed alongside, and bad options are refused."""
 
+import dataclasses
 import json
 
+import jax
 import pytest
 
 from llmjax import bench, cli
@@ -89,6 +91,14 @@ def test_bench_on_a_mesh_counts_bytes_per_device(tmp_path):
     assert four.weight_bytes_per_step - norms == pytest.approx((one.weight_bytes_per_step - norms) / 4, rel=0.01)
 
 
+def test_a_tied_lm_head_reads_the_whole_table_a_step():
+    c = dataclasses.replace(LlamaConfig.preset("tiny"), tie_word_embeddings=True)
+    params = bench.random_params(c, "bfloat16", 0)
+    total = sum(w.nbytes for w in jax.tree.leaves(params.weights))
+    weights, _ = bench._bytes_per_step(params, 2, 48)
+    assert weights == total + 2 * c.hidden_size * 2  # every weight, the table as the head, and 2 rows looked up
+
+
 def test_the_lm_head_can_be_quantized_too(capsys):
     """`--quant-lm-head` makes the LM head int4 as well: the step reads its packed codes and scales
     instead of its bfloat16 rows, and the report says so."""
@@ -143,7 +153,18 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--prompt-len", "0", "--gen-len", "16"], "prompt_len must be an integer >= 1, got 0"),
     (["--prompt-len", "0", "--throughput"], "prompt_len"),
     (["--json", "/nonexistent-folder/x.json"], "/nonexistent-folder does not exist"),  # before any work
-    (["--sweep", "batch=1,2", "--plot", "/nonexistent-folder/x.png"], "does not exist")])
+    (["--sweep", "batch=1,2", "--plot", "/nonexistent-folder/x.png"], "does not exist"),
+    (["--prompt-len", "300"], "a prompt of 300 tokens leaves 0 of the model's context of 256 tokens"),
+    (["--sweep", "prompt_len=8,255"], "a prompt of 255 tokens leaves 1 of the model's context"),
+    (["--sweep", "batch=2,0", "--gen-len", "8"], "batch must be an integer >= 1, got 0")])
 def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
     assert cli.main(["bench", "--model", "tiny", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_a_sweep_checks_every_value_before_it_runs_one(monkeypatch):
+    monkeypatch.setattr(bench, "random_params", lambda *a, **kw: pytest.fail("weights made before the check"))
+    for values, match in (("batch=2,0", "batch must be an integer >= 1, got 0"),
+                          ("prompt_len=8,300", "prompt_len 300 \\+ gen_len 16 exceeds")):
+        with pytest.raises(ValueError, match=match):
+            bench.sweep(*bench.parse_sweep(values), model="tiny", gen_len=16)

@@ -3,6 +3,7 @@ its held-out perplexity stays where it was recorded."""
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import sysconfig
@@ -108,6 +109,14 @@ def test_cli_perplexity(tmp_path, capsys):
     out = capsys.readouterr().out
     want = llmjax.perplexity(llmjax.load("tiny-stdlib", dtype="float32"), text)
     assert f"perplexity {want.perplexity:.4f} over {want.tokens} tokens of 1 file(s)" in out
+    windows = tmp_path / "add-crlf.py"  # scored as written: \r\n is not read as \n
+    windows.write_bytes(text.replace("\n", "\r\n").encode())
+    assert cli.main(["perplexity", "--text", str(windows), "--dtype", "float32"]) == 0
+    want = llmjax.perplexity(llmjax.load("tiny-stdlib", dtype="float32"), text.replace("\n", "\r\n"))
+    bits = want.nll * want.tokens / math.log(2) / len(windows.read_bytes())
+    out = capsys.readouterr().out
+    assert f"perplexity {want.perplexity:.4f} over {want.tokens} tokens of 1 file(s)" in out
+    assert f"{bits:.4f} bits/byte" in out
     assert cli.main(["perplexity", "--text", str(tmp_path / "missing.py")]) == 2
     assert "missing.py" in capsys.readouterr().err
     assert cli.main(["perplexity", "--text", str(path), "--window", "1"]) == 2
