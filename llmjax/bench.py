@@ -82,12 +82,12 @@ class BenchResult:
             f"decode                  {self.decode_tok_s:9.1f} tok/s per sequence "
             f"({self.decode_ms_per_step:.3f} ms per step; {self.throughput_tok_s:.1f} tok/s in all)",
             f"end to end              {self.end_to_end_tok_s:9.1f} tok/s per sequence",
-            f"read per step           {self.bytes_per_step / 1e9:9.3f} GB (weights "
-            f"{self.weight_bytes_per_step / 1e9:.3f}, KV cache {self.cache_bytes_per_step / 1e9:.3f})",
-            f"bandwidth (measured)    {self.bandwidth_gb_s / 1e3:9.2f} TB/s -> bound "
+            f"read per step           {_size(self.bytes_per_step)} (weights "
+            f"{_size(self.weight_bytes_per_step).strip()}, KV cache {_size(self.cache_bytes_per_step).strip()})",
+            f"bandwidth (measured)    {_rate(self.bandwidth_gb_s * 1e9)} -> bound "
             f"{self.bound_tok_s:.1f} tok/s per sequence",
             f"fraction of bound       {self.fraction_of_bound:9.1%} (reads at "
-            f"{self.bytes_per_step / self.decode_ms_per_step / 1e9:.2f} TB/s)",
+            f"{_rate(self.bytes_per_step / self.decode_ms_per_step * 1e3).strip()})",
         ]
         if self.peak_memory_gib is not None:
             lines.append(f"peak device memory      {self.peak_memory_gib:9.2f} GiB")
@@ -107,6 +107,15 @@ def transformers_line(setup: str, hf_tok_s: float | None, error: str | None, uni
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _size(n: float) -> str:
+    """Bytes in GB, or in MB below one GB (a small model's reads would print as 0.000 GB)."""
+    return f"{n / 1e9:9.3f} GB" if n >= 1e9 else f"{n / 1e6:9.3f} MB"
+
+
+def _rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e12:9.2f} TB/s" if bytes_per_s >= 1e11 else f"{bytes_per_s / 1e9:9.2f} GB/s"
 
 
 def measure_bandwidth(gib: float | None = None, repeats: int = 10, passes: int | None = None) -> float:
@@ -389,7 +398,8 @@ def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b"
     value is checked before any runs."""
     defaults = inspect.signature(bench).parameters
     for v in values:
-        shape = {name: kwargs.get(name, defaults[name].default) for name in ("batch", "prompt_len", "gen_len", "repeats")}
+        shape = {name: kwargs.get(name, defaults[name].default)
+                 for name in ("batch", "prompt_len", "gen_len", "repeats")}
         _check(model, dtype, **{**shape, key: v})
     params = random_params(_model_config(model, dtype), dtype, seed, mesh, quant_lm_head)
     shared = dict(model=model, dtype=dtype, seed=seed, mesh=mesh, params=params, bandwidth=measure_bandwidth())

@@ -221,8 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a Hugging Face Llama folder into an llmjax checkpoint",
                           description="Streams the safetensors of HF_DIR through llmjax's name map into "
                                       "an orbax checkpoint at OUT_DIR, with config and tokenizer files.")
-    conv.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and *.safetensors, or a bundled model's "
-                      "name (tiny-stdlib)")
+    conv.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and *.safetensors, or a bundled "
+                      "model's name (tiny-stdlib)")
     conv.add_argument("out_dir", metavar="OUT_DIR", help="where to write the llmjax checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="weight dtype to store (default: the checkpoint's own)")

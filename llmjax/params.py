@@ -70,7 +70,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     """
     path = resolve(path)
     if dtype is not None:
-        dtype = _dtype_name(dtype)
+        dtype = float_dtype_name(dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
@@ -200,7 +200,7 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     return Params(weights, fitted, params.tokenizer, mesh, params.quant)
 
 
-def _dtype_name(dtype, also: str = "(or None to keep the stored dtype)") -> str:
+def float_dtype_name(dtype, also: str = "(or None to keep the stored dtype)") -> str:
     """`"bfloat16"`, `jnp.bfloat16` and `np.dtype("bfloat16")` alike, or a ValueError naming the
     float dtypes and `also` what else the caller takes."""
     try:
@@ -233,7 +233,7 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str = "bfloa
     check_seed(seed)
     dispatch.refuse_x64()
     dtype, quant = parse_dtype(dtype)
-    dtype = _dtype_name(dtype, "or a quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
+    dtype = float_dtype_name(dtype, "or a quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
     if quant_lm_head:
         if quant is None:
             raise ValueError(f"quant_lm_head quantizes the LM head with the projections' scheme, but dtype "

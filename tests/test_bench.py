@@ -50,6 +50,17 @@ def test_bytes_and_bound_follow_from_the_shapes(result):
     assert result.prefill_ms > 0 and result.end_to_end_tok_s > 0 and result.bandwidth_gb_s > 0
 
 
+def test_a_small_models_report_keeps_its_figures(result):
+    """tiny reads well under a GB a step: the report prints MB and GB/s, not 0.000 GB and 0.00 TB/s."""
+    import re
+
+    report = result.report()
+    read = float(re.search(r"read per step +([0-9.]+) MB", report).group(1))
+    assert read == pytest.approx(result.bytes_per_step / 1e6, abs=1e-3) and read > 0
+    bandwidth = float(re.search(r"bandwidth \(measured\) +([0-9.]+) (GB|TB)/s", report).group(1))
+    assert bandwidth > 0 and f"bound {result.bound_tok_s:.1f} tok/s" in report
+
+
 def test_a_short_run_is_timed_often_enough_and_an_untimeable_one_refused(monkeypatch):
     """Decode is the difference of two timings, a fraction of a millisecond for tiny: short runs are
     repeated until they fill `MIN_TIMED_S`, and a difference that is not positive is an error, not a
@@ -72,7 +83,7 @@ def test_transformers_is_timed_in_the_same_run(result):
 
 def test_report_names_every_figure(result):
     text = result.report()
-    for needle in ("prefill", "tok/s per sequence", "ms per step", "GB", "TB/s", "bound",
+    for needle in ("prefill", "tok/s per sequence", "ms per step", "MB", "GB/s", "bound",
                    "fraction of bound", f"{result.decode_tok_s:.1f}"):
         assert needle in text
 

@@ -141,6 +141,20 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
         assert kernel.values.sharding.spec == specs[name] and kernel.scales.sharding.spec == specs[name], name
     with pytest.raises(ValueError, match=r"would cut int4 groups of 128.*one of \[1\].*int4-g64 or int4-g32"):
         llmjax.shard(quantize_params(float_params, "int4-g128"), make_mesh(tensor=2, data=4))
+    with pytest.raises(ValueError, match=r"quantize with int4-g64-asym or int4-g32-asym"):  # zero points kept
+        llmjax.shard(quantize_params(float_params, "int4-g128-asym"), make_mesh(tensor=2, data=4))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: quantize_params(p, None), "scheme must be a QuantScheme or one of its names"),
+    (lambda p: quantize_params(p, 4), r"\(int4-g128, int4-g64, int4-g32, int8; int4 also takes -asym\), got 4"),
+    (lambda p: quantize_params("tiny-stdlib", "int8"), "params must be llmjax Params"),
+    (lambda p: dequantize_params(quantize_params(p, "int8"), "int8"), "dtype 'int8' is not supported; choose one"),
+    (lambda p: dequantize_params(quantize_params(p, "int8"), "foo"), "dtype 'foo' is not supported; choose one"),
+])
+def test_quantize_params_names_bad_input(float_params, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(float_params)
 
 
 @pytest.mark.parametrize("scheme, tensor", [("int4-g128", 4), ("int4-g32", 8), ("int4-g128", 2), ("int4-g64", 8)])

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import LlamaConfig
-from llmjax.quant.weights import (GROUP_SIZES, QuantizedWeight, QuantScheme, dequantize, is_quantized, quantize_int4,
-                                  quantize_int8)
+from llmjax.quant.weights import (GROUP_SIZES, SCHEMES, QuantizedWeight, QuantScheme, dequantize, is_quantized,
+                                  quantize_int4, quantize_int8)
 
 STORAGE_FIELDS = ("values", "scales", "zeros")
 
@@ -95,7 +95,7 @@ def check_mesh(config: LlamaConfig, scheme: QuantScheme | None, mesh) -> None:
     name, width, group = _cut_groups(config, scheme, tensor)[0]
     fits = [t for t in range(1, tensor) if mesh.size % t == 0 and not tensor_problem(config, t)
             and not _cut_groups(config, scheme, t)]
-    smaller = [f"int4-g{g}" for g in GROUP_SIZES if g < group and not _cut_groups(
+    smaller = [dataclasses.replace(scheme, group_size=g).name for g in GROUP_SIZES if g < group and not _cut_groups(
         config, dataclasses.replace(scheme, group_size=g), tensor)]
     raise ValueError(
         f"tensor={tensor} would cut int4 groups of {group}: the {name} projection's input width {width} "
@@ -117,9 +117,14 @@ def quantize_params(params, scheme: QuantScheme | str):
     `"int4-g128"`), in memory: for checks and experiments. Checkpoints are quantized once, by
     `llmjax convert --quant`; loading never quantizes."""
     from llmjax.models import llama  # the model imports this package
+    from llmjax.params import check_params
 
+    check_params(params)
     if isinstance(scheme, str):
         scheme = QuantScheme.parse(scheme)
+    elif not isinstance(scheme, QuantScheme):
+        raise ValueError(f"scheme must be a QuantScheme or one of its names ({', '.join(SCHEMES)}; int4 also "
+                         f"takes -asym), got {scheme!r}")
     if params.quant is not None:
         raise ValueError(f"these params are already quantized ({params.quant.name})")
     if params.mesh is not None:
@@ -132,10 +137,13 @@ def dequantize_params(params, dtype=None):
     """The float model a quantized one stands for (each kernel dequantized; `dtype` defaults to that of
     the unquantized weights): the reference the quantized model's output is checked against."""
     from llmjax.models import llama
+    from llmjax.params import check_params, float_dtype_name
 
+    check_params(params)
     if params.quant is None:
         raise ValueError("these params are not quantized")
-    dtype = jnp.dtype(dtype or params.dtype)
+    dtype = jnp.dtype(params.dtype if dtype is None else float_dtype_name(dtype, "(or None for the unquantized "
+                                                                          "weights' dtype)"))
     like = llama.abstract_params(params.config, dtype)
     weights = jax.tree.map(jnp.asarray, dequantize_tree(params.weights, like, dtype))
     return dataclasses.replace(params, weights=weights, quant=None)
