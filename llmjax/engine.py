@@ -1017,10 +1017,11 @@ class Engine:
         self.stats.compiled += 1
         shapes = self._abstract_inputs(num_rows, width, chunk_rows)
         # the decode iterations' loop as one CUDA graph that tests its condition on the GPU, as generate's
-        options = {"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS} if loop_graph(self.params.mesh) else None
+        options = {"xla_gpu_enable_command_buffer": LOOP_COMMAND_BUFFERS} if loop_graph(self.params.mesh) else {}
+        options |= dispatch.gemm_options()
         compiled = _jitted_call.lower(self.params.weights, self._pool, *shapes, self._eos, model=_model(self.params),
                                       steps=self.decode_steps, greedy=greedy, filters=filters,
-                                      out_rows=self.max_slots).compile(options)
+                                      out_rows=self.max_slots).compile(options or None)
         self.stats.compile_s += time.perf_counter() - start
         return compiled
 

@@ -584,3 +584,19 @@ def test_engine_step_lowers_for_gpu(platform, device_kind):
         text = jax.jit(fn).trace(abstract_params(config, jnp.bfloat16), pool, decode, chunk, i32((1,))).lower(
             lowering_platforms=(platform,)).as_text()
     assert "stablehlo.while" in text and "stablehlo.sort" in text and "tensor<16x8x2x16xbf16>" in text
+
+
+def test_gemm_setting_asks_xla_for_triton_products_on_nvidia_only(monkeypatch):
+    """LLMJAX_GEMM=triton turns into XLA's option on an NVIDIA GPU and into nothing elsewhere; other
+    values are refused, naming the choices."""
+    from llmjax.kernels import dispatch
+
+    monkeypatch.setenv("LLMJAX_GEMM", "triton")
+    assert dispatch.gemm_options() == {}  # the CPU: no option to give
+    monkeypatch.setattr(dispatch, "compute_capability", lambda device=None: "9.0")
+    assert dispatch.gemm_options() == {"xla_gpu_experimental_disable_binary_libraries": True}
+    monkeypatch.setenv("LLMJAX_GEMM", "auto")
+    assert dispatch.gemm_options() == {}
+    monkeypatch.setenv("LLMJAX_GEMM", "cublas")
+    with pytest.raises(ValueError, match="LLMJAX_GEMM must be one of auto, triton, got 'cublas'"):
+        dispatch.gemm_options()

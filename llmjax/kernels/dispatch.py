@@ -45,6 +45,15 @@ def trace_settings() -> tuple:
     return tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("LLMJAX_")))
 
 
+def gemm_options() -> dict:
+    """XLA compiler options for the products of a program: with LLMJAX_GEMM=triton, on an NVIDIA GPU,
+    every product is one of XLA's Triton GEMMs (cuBLAS and cuDNN are not used); `auto`, the default,
+    lets XLA's autotuner choose between cuBLAS and its Triton GEMMs per product."""
+    if mode("LLMJAX_GEMM", ("auto", "triton")) == "triton" and compute_capability() is not None:
+        return {"xla_gpu_experimental_disable_binary_libraries": True}
+    return {}
+
+
 def compute_capability(device=None) -> str | None:
     """`device`'s (default: the default device's) CUDA compute capability ("9.0" on an H100 or H200);
     None off NVIDIA GPUs (a rocm device reports its gfx name there, "gfx942", which is not one)."""
