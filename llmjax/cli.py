@@ -17,11 +17,11 @@ import jinja2
 
 from llmjax.files import DEFAULT_MODEL, resolve
 from llmjax.quant.weights import SCHEMES
+from llmjax.throughput import BENCH_ENGINE
 
 # int4 schemes take -asym (zero points); int8 is symmetric only
 QUANT_METAVAR = "{" + ",".join(s for s in SCHEMES if s.startswith("int4")) + "}[-asym]|" + \
     "|".join(s for s in SCHEMES if not s.startswith("int4"))
-from llmjax.throughput import BENCH_ENGINE
 
 
 def _convert(args) -> None:

@@ -218,7 +218,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         params, field = dict(block), "rope_parameters" if block else "rope_scaling"
     theta_block = params if "rope_theta" in params else hf
     theta = _positive_float(theta_block, "rope_theta", 10000.0, "" if theta_block is hf else f"{field}.")
-    if hf.get("rope_scaling") and block.get("rope_theta", theta) != theta:
+    if hf.get("rope_scaling") and "rope_theta" not in params and block.get("rope_theta", theta) != theta:
         raise ValueError(
             f"config.json: rope_scaling beside rope_parameters makes transformers read rope_theta from "
             f"rope_scaling or the top level ({theta:g} here), not rope_parameters' {block['rope_theta']!r}; put "

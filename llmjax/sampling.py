@@ -32,9 +32,9 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.fold_in(key, high) if high else key
 
 
-# Above this, logits divided by the temperature can underflow float32 (to 0 where the device flushes
-# denormals), so tokens of different logits would tie and top-k would keep them all; sampling there is
-# uniform in all but name.
+# Far above this, sampling is uniform in all but name; near float32's largest values (~1e38), logits
+# divided by the temperature underflow (to 0 where the device flushes denormals), so tokens of
+# different logits tie and top-k keeps them all. The cap refuses the whole useless range.
 MAX_TEMPERATURE = 1e6
 
 

@@ -92,7 +92,8 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers():
     linear = {"rope_type": "linear", "factor": 2.0}
     for agreed in (dict(llama3, rope_scaling=dict(linear, rope_theta=500000.0)),
                    dict(llama3, rope_scaling=linear, rope_theta=500000.0),
-                   dict(written, rope_parameters={"rope_type": "default"}, rope_scaling=linear, rope_theta=5000.0)):
+                   dict(written, rope_parameters={"rope_type": "default"}, rope_scaling=linear, rope_theta=5000.0),
+                   dict(llama3, rope_scaling=dict(linear, rope_theta=7000.0))):  # rope_scaling's own theta
         theirs = transformers.LlamaConfig.from_dict(copy.deepcopy(agreed)).rope_parameters  # it edits the dicts
         assert LlamaConfig.from_hf(agreed).rope_theta == theirs["rope_theta"]
     for torn in (dict(llama3, rope_scaling=linear), dict(llama3, rope_scaling=linear, rope_theta=5000.0)):

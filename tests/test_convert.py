@@ -327,6 +327,9 @@ def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, mon
     with pytest.raises(PermissionError, match=f"cannot write {read_only / 'out'}: this user may not write in "
                                               f"{read_only}; choose an output folder"):
         hf.convert(str(hf_dir), str(read_only / "out"), progress=False)
+    nested = read_only / "a" / "b" / "out"  # the folders between are made first; the first mkdir is refused
+    with pytest.raises(PermissionError, match=f"cannot write {nested}: this user may not write in {read_only};"):
+        hf.convert(str(hf_dir), str(nested), progress=False)
 
 
 def test_a_file_given_for_the_folder_is_named(tmp_path, hf_dir):

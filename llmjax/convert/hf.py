@@ -317,7 +317,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         os.makedirs(parent, exist_ok=True)
         os.mkdir(tmp)  # with the user's umask, as any folder they make (mkdtemp's would be private)
     except PermissionError as e:
-        where = os.path.dirname(e.filename) if e.filename == tmp else e.filename or parent
+        where = os.path.dirname(e.filename) if e.filename else parent  # the folder that refused the mkdir
         raise PermissionError(f"cannot write {out_dir}: this user may not write in {where}; choose an output "
                               "folder this user may write, or fix its permissions") from None
     try:
@@ -326,7 +326,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
             if os.path.isfile(side):
                 try:
                     shutil.copy2(side, os.path.join(tmp, name))
-                except PermissionError:
+                except PermissionError as e:
+                    if e.filename != side:  # writing the copy, not reading the original
+                        raise
                     raise PermissionError(not_permitted(side)) from None
         groups = iter_weight_groups(source, entries, dtype, progress)
         if quant is not None:
