@@ -75,11 +75,12 @@ def read_manifest(root: str) -> dict[str, Any]:
     return manifest
 
 
-def check_groups(root: str, keys) -> None:
-    """The manifest's weight groups are exactly `keys`, the ones the checkpoint's config.json implies:
-    a group missing, or one on disk that the config does not use (its config.json edited to fewer
-    layers, or to a tied LM head), would make another model than the one converted."""
-    stored = set(read_manifest(root)["groups"])
+def check_groups(root: str, manifest: dict, keys) -> None:
+    """The weight groups of `manifest` (`read_manifest(root)`) are exactly `keys`, the ones the
+    checkpoint's config.json implies: a group missing, or one on disk that the config does not use (its
+    config.json edited to fewer layers, or to a tied LM head), would make another model than the one
+    converted. Checked once per load, before `restore_weights`."""
+    stored = set(manifest["groups"])
     missing, unused = sorted(set(keys) - stored), sorted(stored - set(keys))
     if missing or unused:
         raise ValueError(f"{root}: the checkpoint's weight groups do not match its config.json ("
@@ -90,12 +91,7 @@ def check_groups(root: str, keys) -> None:
 
 def restore_weights(root: str, target: dict) -> dict:
     """Restores every group of `target` (a tree of `jax.ShapeDtypeStruct` with shardings; quantized
-    kernels as `QuantizedWeight`s of them)."""
-    manifest = read_manifest(root)
-    missing = sorted(set(target) - set(manifest["groups"]))
-    if missing:
-        raise ValueError(f"{root}: the checkpoint lacks weight groups {missing}; it does not match its "
-                         "config.json; convert the model again")
+    kernels as `QuantizedWeight`s of them), groups that `check_groups` found on disk."""
     checkpointer = ocp.StandardCheckpointer()
     weights = {}
     for key, group_target in target.items():

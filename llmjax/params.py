@@ -89,13 +89,13 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
                                 "(llmjax.json) nor *.safetensors" + (
                                     f"; only pickled weights ({', '.join(pickles)}). " + HOW_TO_GET_SAFETENSORS
                                     if pickles else ""))
-    quant = _stored_quant(path) if is_ckpt else None
+    manifest = checkpoint.read_manifest(path) if is_ckpt else None  # read once for the whole load
+    quant = _stored_quant(path, manifest) if is_ckpt else None
     if mesh is not None:
-        return _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant)
+        return _load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant)
     if is_ckpt:
-        stored = checkpoint.read_manifest(path)["dtype"]
-        target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(stored), quant))
-        checkpoint.check_groups(path, target)
+        target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
+        checkpoint.check_groups(path, manifest, target)
         weights = checkpoint.restore_weights(path, target)
     else:
         weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
@@ -104,9 +104,9 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     return Params(weights, config, tokenizer, quant=quant)
 
 
-def _stored_quant(path) -> QuantScheme | None:
+def _stored_quant(path, manifest: dict) -> QuantScheme | None:
     """The quantization scheme a checkpoint's manifest names, if any."""
-    stored = checkpoint.read_manifest(path).get("quant")
+    stored = manifest.get("quant")
     try:
         return None if stored is None else QuantScheme.from_json(stored)
     except (TypeError, ValueError) as e:
@@ -114,15 +114,16 @@ def _stored_quant(path) -> QuantScheme | None:
                          "the model again with this version of `llmjax convert`") from e
 
 
-def _load_sharded(path, is_ckpt, config, tokenizer, dtype, mesh, quant) -> Params:
+def _load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant) -> Params:
+    """`load` onto `mesh`; `manifest` is the checkpoint's, None for a Hugging Face folder."""
     from llmjax.sharding import mesh as meshes, rules
 
     fitted, repeat = meshes.fit_config(config, mesh)
     check_mesh(config, quant, mesh)
-    if is_ckpt:
-        stored = checkpoint.read_manifest(path)["dtype"]
+    if manifest is not None:
+        stored = manifest["dtype"]
         abstract = llama.abstract_params(config, jnp.dtype(stored), quant)
-        checkpoint.check_groups(path, abstract)
+        checkpoint.check_groups(path, manifest, abstract)
         if fitted == config and dtype in (None, stored) and pipeline.stages(mesh) == 1:
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
