@@ -44,6 +44,15 @@ def read_json(path: str | os.PathLike, *, optional: bool = False) -> dict[str, A
     return value
 
 
+def check_folder(path: str, kind: str) -> None:
+    """Refuses a file given where a folder goes (naming the folder that holds it: `kind`, "model
+    folder" say) and a folder this user may not read."""
+    if os.path.isfile(path):
+        raise ValueError(f"{path} is a file; pass the {kind} that holds it ({os.path.dirname(path) or '.'})")
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(not_permitted(path))
+
+
 def not_permitted(path: str) -> str:
     """The message for a file or folder this process may not read (not a damaged one)."""
     return (f"{path}: permission denied; this user may not read it: fix its permissions (chmod, chown) "

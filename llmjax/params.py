@@ -21,7 +21,7 @@ from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
                                iter_weight_groups, pickled_files, read_hf_weights, resolve_dtype)
-from llmjax.files import BUNDLED, not_permitted, read_json, resolve
+from llmjax.files import BUNDLED, check_folder, read_json, resolve
 from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.quant.tree import cast_floats, check_mesh, parse_dtype
@@ -75,10 +75,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
                                 f"name ({', '.join(BUNDLED)})")
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is a file; pass the model folder that holds it ({os.path.dirname(path) or '.'})")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise PermissionError(not_permitted(path))
+    check_folder(path, "model folder")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     tokenizer = Tokenizer.from_dir(path)
     is_ckpt = checkpoint.is_checkpoint(path)

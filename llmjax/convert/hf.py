@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.files import not_permitted, read_json, resolve
+from llmjax.files import check_folder, not_permitted, read_json, resolve
 from llmjax.convert.names import Entry, is_ignorable, name_map
 from llmjax.quant.tree import quantize_tree
 from llmjax.quant.weights import QuantScheme
@@ -85,8 +85,7 @@ def _tensor_files(folder: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder; point at a Hugging Face model folder "
                                 "holding config.json and *.safetensors")
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise PermissionError(not_permitted(folder))
+    check_folder(folder, "Hugging Face model folder")
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
         return _files_from_index(folder, index)
@@ -297,9 +296,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     elif quant_lm_head:
         raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
     hf_dir = resolve(hf_dir)
-    if os.path.isfile(hf_dir):
-        raise ValueError(f"{hf_dir} is a file; pass the Hugging Face model folder that holds it "
-                         f"({os.path.dirname(hf_dir) or '.'})")
+    check_folder(hf_dir, "Hugging Face model folder")
     if checkpoint.is_checkpoint(hf_dir):
         raise ValueError(f"{hf_dir} is already an llmjax checkpoint; load it directly (llmjax.load, or "
                          "--model with the CLI) rather than converting it again")
