@@ -1,7 +1,8 @@
 """llmjax's NVLink all-reduce against XLA's psum: one all-reduce, then a tensor-parallel model.
 
     PYTHONPATH=. python benchmarks/tp_allreduce.py --out DIR [--model llama2-13b] [--dtype bfloat16]
-        [--tensor 2] [--modes xla,nvlink,nvlink-eager,auto] [--turns 2] [--skip-model] [--no-single]
+        [--tensor 2] [--modes xla,nvlink,nvlink-eager,auto,auto+tpgraph,auto+tpgraph+nograph] [--turns 2]
+        [--skip-model] [--no-single]
         [--skip-allreduce] [--smoke]
 
 On `--tensor` GPUs of one process (`LLMJAX_ALLREDUCE`, see `llmjax/kernels/allreduce.py`):
@@ -15,7 +16,8 @@ On `--tensor` GPUs of one process (`LLMJAX_ALLREDUCE`, see `llmjax/kernels/allre
    `--no-single`, for a model one GPU cannot hold), then the tensor mesh under each
    mode in turn, `--turns` times (the machine drifts; each turn times every mode once): batch 1,
    prompt 8, 256 new tokens (`llmjax.bench.bench`), tok/s against the per-GPU bandwidth bound, the
-   speedup over one GPU, and the first 32 greedy tokens against the xla mode's.
+   speedup over one GPU, whether the decode loop was one CUDA graph, and the first 32 greedy tokens
+   against the xla mode's.
 Each mode's programs are traced afresh (`jax.clear_caches`): the mode is read when a program is
 traced. Writes DIR/tp_allreduce.json after every measurement and prints a line per figure.
 `--smoke` runs the whole script on 8 fake CPU devices with a small model (every mode is psum there).
@@ -24,6 +26,7 @@ traced. Writes DIR/tp_allreduce.json after every measurement and prints a line p
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -44,15 +47,30 @@ from llmjax.config import LlamaConfig  # noqa: E402
 from llmjax.kernels import allreduce  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
 
+gen = importlib.import_module("llmjax.generate")  # the module; `llmjax.generate` is also a function
 CHAIN = 160  # a 70B decode step's all-reduces
 SHAPES = ((1, 5120), (1, 8192), (16, 8192), (64, 8192))
 BLOCKS = (1, 2, 4, 8, 16, 32)
 CHECK_TOKENS = 32
 
 
+def parse_mode(mode: str) -> list[str]:
+    """`mode` split at `+` (see `use`), or SystemExit naming what is wrong with it."""
+    base, *extras = mode.split("+")
+    if base not in allreduce.MODES or set(extras) - {"tpgraph", "nograph"}:
+        raise SystemExit(f"unknown mode {mode!r}: one of {', '.join(allreduce.MODES)}, then +tpgraph and/or +nograph")
+    return [base, *extras]
+
+
 def use(mode: str, blocks: int | None = None) -> None:
-    """Select an all-reduce mode (and grid) for the programs traced from now on."""
-    os.environ[allreduce.VARIABLE] = mode
+    """Select an all-reduce mode (and grid) for the programs traced from now on. A mode is an
+    `LLMJAX_ALLREDUCE` value, then optionally `+tpgraph` (`LLMJAX_TP_GRAPH=on`: the embedding and
+    logits through the kernel too, and the decode loop one CUDA graph) and `+nograph`
+    (`LLMJAX_LOOP_GRAPH=off`: the same without the graph, to tell the two gains apart)."""
+    base, *extras = parse_mode(mode)
+    os.environ[allreduce.VARIABLE] = base
+    os.environ[allreduce.GRAPH_VARIABLE] = "on" if "tpgraph" in extras else "off"
+    os.environ["LLMJAX_LOOP_GRAPH"] = "off" if "nograph" in extras else "auto"
     if blocks is None:
         os.environ.pop("LLMJAX_ALLREDUCE_BLOCKS", None)
     else:
@@ -96,7 +114,8 @@ def model_turn(params, tp1_tok_s: float | None, bandwidth: float) -> dict:
     result = bench.bench(params.config, batch=1, prompt_len=8, gen_len=256, repeats=3, mesh=params.mesh,
                          params=params, bandwidth=bandwidth)
     tokens = parallel.greedy_tokens(params, CHECK_TOKENS, gen_len=256)
-    return dict(tok_s=result.decode_tok_s, ms_per_token=result.decode_ms_per_step, bound_tok_s=result.bound_tok_s,
+    graph = gen.generate_ids_fn(gen._model(params)) is gen._generate_ids_graph
+    return dict(loop_graph=graph, tok_s=result.decode_tok_s, ms_per_token=result.decode_ms_per_step, bound_tok_s=result.bound_tok_s,
                 fraction_of_bound=result.fraction_of_bound,
                 speedup=None if tp1_tok_s is None else result.decode_tok_s / tp1_tok_s, tokens=tokens)
 
@@ -116,6 +135,8 @@ def main():
     p.add_argument("--smoke", action="store_true", help="8 fake CPU devices, a small model")
     args = p.parse_args()
     modes = args.modes.split(",")
+    for mode in modes:
+        parse_mode(mode)  # every mode checked before the first is measured
     os.makedirs(args.out, exist_ok=True)
     out = dict(device=jax.devices()[0].device_kind, devices=len(jax.devices()), jax=jax.__version__,
                platform_version=jax.devices()[0].client.platform_version, allreduce=[], blocks=[], model=[])
@@ -187,7 +208,7 @@ def main():
             print(f"turn {turn} {mode:13s} " + (row.get("error") or
                   f"{row['tok_s']:.1f} tok/s, {row['ms_per_token']:.3f} ms/token, "
                   f"{'-' if row['speedup'] is None else format(row['speedup'], '.2f')}x one "
-                  f"GPU, {row['fraction_of_bound']:.0%} of bound, tokens = xla: "
+                  f"GPU, {row['fraction_of_bound']:.0%} of bound, loop graph {row['loop_graph']}, tokens = xla: "
                   f"{row.get('tokens_agree_with_xla', '-')}/{CHECK_TOKENS}, {row['seconds']:.0f} s"), flush=True)
 
 

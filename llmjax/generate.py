@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax.cache import KVCache
-from llmjax.kernels import dispatch
+from llmjax.kernels import allreduce, dispatch
 from llmjax.models import llama
 from llmjax.models.llama import Llama
 from llmjax.params import Params, check_params
@@ -152,7 +152,8 @@ def _generate_ids(weights, tokens, lengths, active, max_new, eos_ids, knobs, key
 # no copy, no idle (7B int4 batch 1: 600.7, 599.1 -> 604.4, 604.9 tok/s, BENCHMARKS.md, nineteenth
 # session). The other types are the ones XLA enabled by default when this was measured. The setting
 # is this compilation's own (it overrides XLA_FLAGS' for it). Used on one NVIDIA GPU (a mesh's
-# collectives and rocm are left as they were, unmeasured); LLMJAX_LOOP_GRAPH=off turns it off. The
+# collectives and rocm are left as they were, unmeasured; with LLMJAX_TP_GRAPH=on, on a tensor-only mesh
+# whose every sum llmjax's NVLink all-reduce does: `allreduce.graph_loop`); LLMJAX_LOOP_GRAPH=off turns it off. The
 # engine compiles its step's decode iterations the same way (`loop_graph`; its decode calls 0.9%
 # shorter on the H200, BENCHMARKS.md, twenty-third session).
 LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
@@ -170,8 +171,13 @@ def loop_graph(mesh) -> bool:
 
 def generate_ids_fn(model: Llama):
     """The compiled `_generate_ids` that `generate` runs for `model`: the whole loop as one CUDA graph
-    on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`) unless LLMJAX_LOOP_GRAPH=off, else XLA's host-driven loop."""
-    return _generate_ids_graph if loop_graph(model.mesh) else _generate_ids
+    on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`), or on several whose decode sums all go through llmjax's
+    NVLink all-reduce (`allreduce.graph_loop`, LLMJAX_TP_GRAPH=on), unless LLMJAX_LOOP_GRAPH=off; else
+    XLA's host-driven loop. (A batch whose logits outgrow the kernel's slots gathers them through NCCL,
+    which `LOOP_COMMAND_BUFFERS` does not capture: XLA should then leave the loop host-driven; not yet
+    run on two GPUs.)"""
+    graph = loop_graph(model.mesh) or (loop_graph(None) and allreduce.graph_loop(model.mesh))
+    return _generate_ids_graph if graph else _generate_ids
 
 
 @jax.tree_util.register_dataclass

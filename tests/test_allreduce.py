@@ -77,8 +77,11 @@ def test_nvlink_mode_gives_the_single_device_result(model, nvlink, data, stage, 
     assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
 
 
-def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink):
-    """The engine's paged steps on a tensor mesh sum through the same path (greedy, float32)."""
+@pytest.mark.parametrize("tp_graph", ["off", "on"])
+def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink, monkeypatch, tp_graph):
+    """The engine's paged steps on a tensor mesh sum through the same path (greedy, float32), with the
+    embedding and logits too under LLMJAX_TP_GRAPH=on."""
+    monkeypatch.setenv("LLMJAX_TP_GRAPH", tp_graph)
     from llmjax.engine import LLM
 
     folder, _, _ = model
@@ -90,7 +93,136 @@ def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink):
               prefill_tokens=48, prefill_row=16, decode_steps=4)
     got = llm.generate(prompts, max_new_tokens=8, progress=False)
     assert nvlink and {axis for _, axis in nvlink} == {"tensor"}
+    assert bool(_vocab_sums(nvlink, single.config)) == (tp_graph == "on")
     assert got == want
+
+
+def test_tp_graph_gathers_a_quantized_heads_logits(model, nvlink, monkeypatch):
+    """A quantized LM head runs per device in any case; under LLMJAX_TP_GRAPH=on its logits gather through
+    the sum, and the mesh gives the single device's quantized logits and tokens."""
+    from llmjax.quant import QuantScheme, quantize_params
+
+    folder, _, _ = model
+    monkeypatch.setenv("LLMJAX_TP_GRAPH", "on")
+    single = quantize_params(llmjax.load(folder), QuantScheme.parse("int8", lm_head=True))
+    ids = jnp.asarray(gen._pad(PROMPTS, 8))
+    want_logits, want = np.asarray(llmjax.logits(single, ids)), llmjax.generate(single, PROMPTS, max_new_tokens=6)
+    p = llmjax.shard(single, make_mesh(tensor=2, devices=jax.devices()[:2]))
+    np.testing.assert_allclose(np.asarray(llmjax.logits(p, ids)), want_logits, rtol=1e-5, atol=1e-5)
+    assert "logits" in _vocab_sums(nvlink, p.config), nvlink
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=6) == want
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A tied-embedding model whose vocabulary (1003) a tensor mesh pads, with its single-device logits
+    and greedy tokens."""
+    folder = tmp_path_factory.mktemp("tied")
+    save_hf_model(folder, hf_config(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                                    max_position_embeddings=64), seed=12)
+    params = llmjax.load(folder)
+    ids = jnp.asarray(gen._pad(PROMPTS, 8))
+    return folder, np.asarray(llmjax.logits(params, ids)), llmjax.generate(params, PROMPTS, max_new_tokens=10)
+
+
+def _vocab_sums(traced, config) -> set:
+    """Which of the sums `allreduce.psum` was traced with are the embedding's (`[B, T, D]`: the products'
+    sums are `[rows, D]`) and whole logits (`[rows, padded vocabulary]`)."""
+    return ({"embedding" for shape, _ in traced if len(shape) == 3 and shape[-1] == config.hidden_size}
+            | {"logits" for shape, _ in traced if shape[-1] == config.embedding_rows})
+
+
+@pytest.mark.parametrize("which", ["model", "tied"])
+@pytest.mark.parametrize("data,stage,tensor", [(1, 1, 2), (2, 1, 4), (1, 2, 2), (1, 1, 8)])
+def test_tp_graph_sends_the_embedding_and_logits_through_the_kernel(request, nvlink, monkeypatch, which, data,
+                                                                    stage, tensor):
+    """LLMJAX_TP_GRAPH=on: the embedding's lookup and the LM head's logits (untied, and tied to a padded
+    vocabulary) are summed through `allreduce.psum` too, and every mesh still gives the single-device
+    logits and greedy tokens."""
+    folder, logits, tokens = request.getfixturevalue(which)
+    monkeypatch.setenv("LLMJAX_TP_GRAPH", "on")
+    p = llmjax.load(folder, mesh=make_mesh(tensor=tensor, stage=stage, data=data,
+                                           devices=jax.devices()[:data * stage * tensor]))
+    got = np.asarray(llmjax.logits(p, jnp.asarray(gen._pad(PROMPTS, 8))))
+    np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+    assert _vocab_sums(nvlink, p.config) == {"embedding", "logits"}, nvlink
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
+
+
+def test_tp_graph_is_off_by_default(model, nvlink, monkeypatch):
+    folder, _, tokens = model
+    monkeypatch.delenv("LLMJAX_TP_GRAPH", raising=False)
+    p = llmjax.load(folder, mesh=make_mesh(tensor=2, devices=jax.devices()[:2]))
+    assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
+    assert nvlink and not _vocab_sums(nvlink, p.config), nvlink
+
+
+def _collectives(p, **env) -> dict:
+    """How many of each collective the compiled `generate` program for `p` holds, under `env`."""
+    import re
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        jax.clear_caches()
+        model = gen._model(p)
+        rows = len(PROMPTS) + 1
+        text = gen.generate_ids_fn(model).lower(
+            p.weights, jnp.asarray(gen._pad(PROMPTS + [[0]], 8)), jnp.full((rows,), 8, jnp.int32),
+            jnp.ones((rows,), bool), jnp.int32(4), jnp.asarray([gen.PAD_ID], jnp.int32),
+            gen.Sampling().arrays(rows), jax.random.key(0), jnp.arange(rows, dtype=jnp.int32),
+            model=model, cache_len=16, out_len=4, greedy=True, filters=()).compile().as_text()
+    names = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+                       text)
+    return {name: names.count(name) for name in set(names)}
+
+
+def test_tp_graph_leaves_no_all_gather_in_the_decode_program(model, monkeypatch):
+    """At tensor=2 XLA's partitioner samples from vocab-split logits with all-gathers (and the loop then
+    cannot be one CUDA graph); with LLMJAX_TP_GRAPH=on every collective left is a sum the kernel does
+    (an all-reduce on a CPU, where psum stands in for it)."""
+    folder, _, _ = model
+    p = llmjax.load(folder, mesh=make_mesh(tensor=2, devices=jax.devices()[:2]))
+    before = _collectives(p, LLMJAX_ALLREDUCE="nvlink")
+    after = _collectives(p, LLMJAX_ALLREDUCE="nvlink", LLMJAX_TP_GRAPH="on")
+    assert before.get("all-gather", 0) > 0, before
+    assert set(after) == {"all-reduce"}, after
+
+
+@pytest.mark.parametrize("env,data,tensor,want", [
+    ({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 1, 2, True),
+    ({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 1, 8, True),
+    ({"LLMJAX_TP_GRAPH": "on"}, 1, 2, True),  # auto, where the kernel runs
+    ({"LLMJAX_ALLREDUCE": "nvlink"}, 1, 2, False),  # off by default
+    ({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 2, 2, False),  # the loop's test sums over data
+    ({"LLMJAX_ALLREDUCE": "nvlink-eager", "LLMJAX_TP_GRAPH": "on"}, 1, 2, False),  # never captured
+    ({"LLMJAX_ALLREDUCE": "xla", "LLMJAX_TP_GRAPH": "on"}, 1, 2, False),
+])
+def test_the_loop_is_one_graph_on_a_tensor_mesh_only_where_every_sum_is_the_kernels(monkeypatch, env, data,
+                                                                                  tensor, want):
+    monkeypatch.delenv("LLMJAX_ALLREDUCE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(allreduce, "_why_not", lambda *a: None)  # a CUDA mesh, as the lowering test stubs it
+    monkeypatch.setattr(allreduce, "_capable", lambda mesh: True)
+    monkeypatch.setattr(allreduce, "setup", lambda ordinals: None)
+    monkeypatch.setattr(allreduce, "_register", lambda: {"nvlink": "llmjax_allreduce_graph",
+                                                         "nvlink-eager": "llmjax_allreduce"})
+    monkeypatch.setattr(allreduce, "AUTO_GROUP", tensor)
+    assert allreduce.graph_loop(make_mesh(tensor=tensor, data=data, devices=jax.devices()[:data * tensor])) is want
+    assert not allreduce.graph_loop(None)
+    monkeypatch.setenv("LLMJAX_TP_GRAPH", "sometimes")
+    with pytest.raises(ValueError, match="LLMJAX_TP_GRAPH must be one of off, on, got 'sometimes'"):
+        allreduce.graph_loop(make_mesh(tensor=2, devices=jax.devices()[:2]))
+
+
+def test_gather_is_a_tiled_all_gather(nvlink):
+    mesh = make_mesh(tensor=4, data=2, devices=jax.devices()[:8])
+    x = jnp.arange(2 * 3 * 20, dtype=jnp.float32).reshape(2, 3, 20) - 50.0
+    f = jax.shard_map(lambda y: allreduce.gather(y, "tensor", mesh, along=-1), mesh=mesh,
+                      in_specs=P("data", None, "tensor"), out_specs=P("data", None, None), check_vma=False)
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.asarray(x))
+    assert [shape for shape, _ in nvlink] == [(1, 3, 20)]  # through the sum, whole width
 
 
 @pytest.mark.parametrize("mode", ["xla", None])  # None: the default, auto, which a CPU mesh leaves to XLA

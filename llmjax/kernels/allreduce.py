@@ -27,6 +27,16 @@ member holds the same bits).
 The kernel is compiled with `nvcc` (`LLMJAX_NVCC`, else the one on `PATH`, else
 `/usr/local/cuda/bin/nvcc`) the first time it is needed, against JAX's FFI headers, and cached in
 `LLMJAX_CACHE_DIR` (default `~/.cache/llmjax`), keyed by the source, the flags, the compiler and JAX.
+`LLMJAX_TP_GRAPH=on` (default `off`: a trial not yet measured on two GPUs) sends a tensor-parallel
+model's other two collectives through the kernel too, where it sums the products: the embedding's
+lookup (each device looks up the tokens in its share of the vocabulary, zeros for the others, and the
+shares add) and the LM head's logits (each device places its columns in zeros of the whole width, and
+the widths add: `gather`). Each sum has one nonzero term per value, so the results are the same bits
+as XLA's collectives give, and the sampling after the head runs on every device by itself instead of
+XLA's partitioned argmax (two NCCL all-gathers a step). With no NCCL collective left in a decode step
+on a tensor-only mesh, `generate` runs its decode loop as one CUDA graph there (`loop_graph`), as it
+does on one GPU.
+
 `LLMJAX_ALLREDUCE_BLOCKS` fixes its grid (default: one block per 32 KiB, at most 32).
 `LLMJAX_ALLREDUCE_TIMEOUT_S` (default 120, at most a week) is how long a GPU waits for a peer before it stops with a
 message: the GPUs' programs diverged, or one was held up. It, like the slot size, is fixed when a
@@ -38,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -53,6 +64,7 @@ from llmjax.kernels import dispatch
 
 MODES = ("auto", "xla", "nvlink", "nvlink-eager")
 VARIABLE = "LLMJAX_ALLREDUCE"
+GRAPH_VARIABLE = "LLMJAX_TP_GRAPH"
 SLOT_BYTES = 2 << 20
 MAX_GROUP = 8  # kMaxRanks in allreduce.cu
 MAX_BLOCKS = 64  # kMaxBlocks
@@ -192,6 +204,42 @@ def psum(y: jax.Array, axis: str, mesh) -> jax.Array:
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(y.shape, y.dtype))(
         y, groups=table.reshape(-1), group_size=np.int64(table.shape[1]),
         blocks=np.int64(_int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0, MAX_BLOCKS)))
+
+
+def vocab_axis(mesh, nbytes: int, dtype) -> str | None:
+    """The axis over which the embedding's lookup and the LM head's logits, `nbytes` of `dtype` per
+    device when whole, go through `psum` and `gather` (`LLMJAX_TP_GRAPH=on`): `tensor` when it splits the
+    vocabulary on `mesh` and the kernel would sum the products; None leaves them to XLA's partitioner."""
+    if mesh is None or dispatch.mode(GRAPH_VARIABLE, ("off", "on"), "off") == "off":
+        return None
+    if "tensor" not in dispatch.free_axes(mesh) or kernel_mode(mesh, "tensor", nbytes, np.dtype(dtype)) is None:
+        return None
+    return "tensor"
+
+
+def graph_loop(mesh) -> bool:
+    """Whether every collective of a decode step on `mesh` goes through the kernel in a form a CUDA
+    graph captures (`LLMJAX_TP_GRAPH=on`, the `nvlink` handler, `tensor` the mesh's only axis of more
+    than one device), so that `generate`'s decode loop can be one graph on several GPUs."""
+    if mesh is None or any(size > 1 for axis, size in mesh.shape.items() if axis != "tensor"):
+        return False
+    return mesh.shape["tensor"] > 1 and vocab_axis(mesh, 16, np.float32) is not None and \
+        kernel_mode(mesh, "tensor") == "nvlink"
+
+
+def gather(y: jax.Array, axis: str, mesh, along: int = -1) -> jax.Array:
+    """The members' `y` along `along`, concatenated in rank order over `axis` (a tiled all-gather), inside
+    a `shard_map` over `mesh` that makes `axis` manual: as a `psum` of each member's `y` placed in zeros
+    of the whole width (one nonzero term per value: the same bits), so that the kernel does it where it
+    sums the products, and XLA's all-gather where it does not."""
+    along %= y.ndim
+    members = mesh.shape[axis]
+    shape = y.shape[:along] + (y.shape[along] * members,) + y.shape[along + 1:]
+    nbytes = math.prod(shape) * y.dtype.itemsize
+    if kernel_mode(mesh, axis, nbytes, y.dtype) is None or _why_not(mesh, axis, nbytes, np.dtype(y.dtype)) == "size":
+        return jax.lax.all_gather(y, axis, axis=along, tiled=True)  # twice the bytes as a sum
+    start = jax.lax.axis_index(axis) * y.shape[along]
+    return psum(jax.lax.dynamic_update_slice_in_dim(jnp.zeros(shape, y.dtype), y, start, along), axis, mesh)
 
 
 @functools.cache

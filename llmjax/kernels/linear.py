@@ -15,6 +15,11 @@ row-parallel product (o, down: the input axis is split) adds the devices' partia
 (`llmjax.kernels.allreduce`: by default on CUDA GPUs that reach each other's memory); otherwise XLA's
 partitioner places it.
 
+`linear(..., gather=True)` (the LM head) runs a product whose output axis the mesh splits per device and
+gathers its columns through `allreduce.gather` where `allreduce.vocab_axis` says so (`LLMJAX_TP_GRAPH=on`
+with the NVLink all-reduce), so that every device holds the whole logits; XLA's partitioner places it
+otherwise.
+
 `linear(..., partials=True)` returns `[S, ..., *out]` partial sums whose sum, rounded to x's dtype, is
 the product: for an int4 kernel and up to `int4_matmul.FMA_MAX_ROWS` rows on one device (or a
 pipeline stage with tensor=1), `int4_matmul.matmul(..., partials=True)`'s float32 slices (the
@@ -127,6 +132,17 @@ def _row_parallel(mesh, axes: tuple | None, num_out_dims: int) -> bool:
     return in_axis is not None and in_axis in dispatch.free_axes(mesh)
 
 
+def _gathers(x, kernel, mesh, axes: tuple | None, num_out_dims: int, in_ndim: int) -> bool:
+    """Whether a product asked to `gather` (the LM head) gathers its columns through the NVLink all-reduce:
+    its one output axis is the axis `allreduce.vocab_axis` gives for the whole output's bytes."""
+    if mesh is None or axes is None or num_out_dims != 1:
+        return False
+    out_shape = kernel.out_shape if isinstance(kernel, QuantizedWeight) else kernel.shape[:num_out_dims]
+    nbytes = math.prod(x.shape[:x.ndim - in_ndim]) * math.prod(out_shape) * x.dtype.itemsize
+    axis = allreduce.vocab_axis(mesh, nbytes, x.dtype)
+    return axis is not None and _mesh_spec(axes)[0] == axis
+
+
 def _sum_bytes(x: jax.Array, kernel: jax.Array, num_out_dims: int, in_ndim: int) -> int:
     """The bytes of a row-parallel float product's output: the sum its devices add (at most; a data
     axis gives each device fewer rows)."""
@@ -144,10 +160,13 @@ def _leaf_specs(kernel, out_axes: tuple, in_axis) -> QuantizedWeight | P:
     return QuantizedWeight(values, scales, None if qw.zeros is None else scales, qw.bits, qw.group_size)
 
 
-def _sharded_product(x2, kernel, mesh, axes: tuple, num_out_dims: int):
-    """`_product` on each device's slice of `kernel`, the partial sums added over the input axis."""
+def _sharded_product(x2, kernel, mesh, axes: tuple, num_out_dims: int, gather: bool = False):
+    """`_product` on each device's slice of `kernel`, the partial sums added over the input axis (and
+    with `gather`, the output's one axis gathered whole on every device: `allreduce.gather`)."""
     spec = _mesh_spec(axes)
     out_axes, in_axis = spec[:num_out_dims], spec[num_out_dims]
+    if gather and (num_out_dims != 1 or out_axes[0] is None):
+        raise ValueError(f"gather takes a kernel with one output axis the mesh splits, got logical axes {axes}")
     if any(a is not None for a in spec[num_out_dims + 1:]):
         raise ValueError(f"a kernel with logical axes {axes} splits a minor input axis ({spec}) in a "
                          f"per-device product; only its major input axis may be split")
@@ -156,10 +175,11 @@ def _sharded_product(x2, kernel, mesh, axes: tuple, num_out_dims: int):
 
     def local(x2, kernel):
         y = _product(x2, kernel, num_out_dims)
-        return y if in_axis is None else allreduce.psum(y, in_axis, mesh)
+        y = y if in_axis is None else allreduce.psum(y, in_axis, mesh)
+        return allreduce.gather(y, out_axes[0], mesh, along=1) if gather else y
 
     return dispatch.per_device(local, mesh, (P(rows, in_axis), _leaf_specs(kernel, out_axes, in_axis)),
-                               P(rows, *out_axes))(x2, kernel)
+                               P(rows, *((None,) if gather else out_axes)))(x2, kernel)
 
 
 def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> jax.Array:
@@ -175,21 +195,23 @@ def linear_reference(x: jax.Array, kernel, num_out_dims: int, in_ndim: int) -> j
 
 
 def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, axes: tuple | None = None,
-           partials: bool = False):
+           partials: bool = False, gather: bool = False):
     """x `[..., *in]` (its last `in_ndim` axes) times `kernel` `[*out, *in]` -> `[..., *out]`
     (`[S, ..., *out]` partial sums with `partials`, see the module doc).
 
     `kernel` is a float array or a `QuantizedWeight`. On a `mesh` of more than one device, `axes` (the
     float kernel's logical axes) say how the sharding rules split it, for the products that run per
     device: a quantized kernel's, and a row-parallel float kernel's when the NVLink all-reduce sums it
-    (`allreduce.kernel_mode`).
+    (`allreduce.kernel_mode`), and with `gather` a vocab-split kernel's when the kernel gathers its
+    columns (`allreduce.vocab_axis`).
     """
     quantized = isinstance(kernel, QuantizedWeight)
     one_device = _one_device(mesh)
     norm = None
     if isinstance(x, Normed):
         x, norm = (x.x, x) if x.fuses_into(kernel, in_ndim, mesh) else (x.apply(), None)
-    if not quantized and not (_row_parallel(mesh, axes, num_out_dims) and allreduce.kernel_mode(
+    gather = gather and _gathers(x, kernel, mesh, axes, num_out_dims, in_ndim)
+    if not quantized and not gather and not (_row_parallel(mesh, axes, num_out_dims) and allreduce.kernel_mode(
             mesh, _mesh_spec(axes)[num_out_dims], _sum_bytes(x, kernel, num_out_dims, in_ndim), x.dtype)):
         y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
         return y[None] if partials else y
@@ -203,6 +225,7 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
         fused = None if norm is None else (norm.squares.reshape(x2.shape[0], -1), norm.scale, norm.eps)
         y = int4_matmul.matmul(x2, kernel, partials=partials, norm=fused)
         return y.reshape(*y.shape[:-2], *lead, *out_shape)  # [S, ...] with partials
-    y = _product(x2, kernel, num_out_dims) if one_device else _sharded_product(x2, kernel, mesh, axes, num_out_dims)
+    y = _product(x2, kernel, num_out_dims) if one_device else _sharded_product(x2, kernel, mesh, axes, num_out_dims,
+                                                                                gather)
     y = y.reshape(*lead, *out_shape)
     return y[None] if partials else y

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import cache as kv
 from llmjax.config import LlamaConfig
-from llmjax.kernels import decode_attention, dispatch, flash_attention, paged_attention, rms_norm
+from llmjax.kernels import allreduce, decode_attention, dispatch, flash_attention, paged_attention, rms_norm
 from llmjax.kernels.dispatch import data_axis, free_axes, on_own_heads, per_device, splits_otherwise
 from llmjax.kernels.linear import Normed, few_rows_int4, linear
 from llmjax.models.rope import apply_rope, rope_tables
@@ -67,6 +67,7 @@ class Linear(nn.Module):
     quant: QuantScheme | None = None
     mesh: Any = None  # the mesh the kernel is split over (a quantized product, and a row-parallel one that
     # llmjax's NVLink all-reduce sums, run per device: `linear`)
+    gather: bool = False  # the LM head: its vocab-split columns gathered through that all-reduce (`linear`)
 
     @nn.compact
     def __call__(self, x: jax.Array, partials: bool = False) -> jax.Array:
@@ -80,7 +81,7 @@ class Linear(nn.Module):
                                      num_out_dims=self.num_out_dims)
         kernel = self.param("kernel", init, self.shape, self.dtype)
         y = linear(x, kernel, self.num_out_dims, len(self.shape) - self.num_out_dims,  # [..., *in] -> [..., *out]
-                   mesh=self.mesh, axes=self.axes, partials=partials and not self.use_bias)
+                   mesh=self.mesh, axes=self.axes, partials=partials and not self.use_bias, gather=self.gather)
         if self.use_bias:
             out_shape, out_axes = self.shape[:self.num_out_dims], self.axes[:self.num_out_dims]
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), out_axes)
@@ -91,19 +92,43 @@ class Linear(nn.Module):
 
 
 class Embed(nn.Module):
+    """The embedding table `[vocab, D]`: the lookup, and the tied LM head. On a `mesh` that splits the
+    vocabulary, XLA's partitioner places both, or with `LLMJAX_TP_GRAPH=on` (`allreduce.vocab_axis`)
+    each device works on its share and llmjax's NVLink all-reduce joins the shares."""
+
     vocab_size: int
     hidden_size: int
     dtype: Any = jnp.float32
+    mesh: Any = None
 
     def setup(self):
         init = nn.with_logical_partitioning(_init, ("vocab", "embed"))
         self.embedding = self.param("embedding", init, (self.vocab_size, self.hidden_size), self.dtype)
 
+    def _vocab_axis(self, rows: int, width: int) -> str | None:
+        table = self.embedding
+        return None if self.mesh is None else allreduce.vocab_axis(self.mesh, rows * width * table.dtype.itemsize,
+                                                                   table.dtype)
+
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding, tokens, axis=0)
+        axis = self._vocab_axis(tokens.size, self.hidden_size)
+        if axis is None:
+            return jnp.take(self.embedding, tokens, axis=0)
+
+        def local(table, tokens):  # the tokens in this device's share of the vocabulary, zeros for the rest
+            index = tokens - jax.lax.axis_index(axis) * table.shape[0]
+            inside = (index >= 0) & (index < table.shape[0])
+            found = jnp.take(table, jnp.clip(index, 0, table.shape[0] - 1), axis=0)
+            return allreduce.psum(jnp.where(inside[..., None], found, 0), axis, self.mesh)
+
+        rows = data_axis(self.mesh, free_axes(self.mesh), tokens.shape[0])
+        return per_device(local, self.mesh, (P(axis, None), P(rows, None)), P(rows, None, None))(
+            self.embedding, tokens)
 
     def attend(self, x: jax.Array) -> jax.Array:  # tied LM head: [B, T, D] -> [B, T, V]
-        return jnp.einsum("btd,vd->btv", x, self.embedding)
+        if self._vocab_axis(math.prod(x.shape[:-1]), self.vocab_size) is None:
+            return jnp.einsum("btd,vd->btv", x, self.embedding)
+        return linear(x, self.embedding, 1, 1, mesh=self.mesh, axes=("vocab", "embed"), gather=True)
 
 
 class RMSNorm(nn.Module):
@@ -463,7 +488,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
         c = self.config
-        embed = Embed(c.embedding_rows, c.hidden_size, self.dtype, name="embed")
+        embed = Embed(c.embedding_rows, c.hidden_size, self.dtype, self.mesh, name="embed")
         x = embed(tokens)
         if pipeline.stages(self.mesh) > 1:
             if self.is_initializing():
@@ -497,7 +522,7 @@ def _lm_head(config: LlamaConfig, dtype=jnp.float32, name=None, quant: QuantSche
              mesh: Any = None) -> Linear:
     head_quant = quant if quant is not None and quant.lm_head else None
     return Linear((config.embedding_rows, config.hidden_size), ("vocab", "embed"), dtype=dtype, quant=head_quant,
-                  mesh=mesh, name=name)
+                  mesh=mesh, gather=True, name=name)
 
 
 def _true_vocab(config: LlamaConfig, logits: jax.Array) -> jax.Array:
