@@ -114,7 +114,7 @@ def model_turn(params, tp1_tok_s: float | None, bandwidth: float) -> dict:
     result = bench.bench(params.config, batch=1, prompt_len=8, gen_len=256, repeats=3, mesh=params.mesh,
                          params=params, bandwidth=bandwidth)
     tokens = parallel.greedy_tokens(params, CHECK_TOKENS, gen_len=256)
-    graph = gen.generate_ids_fn(gen._model(params)) is gen._generate_ids_graph
+    graph = gen.generate_ids_fn(gen._model(params), 1) is gen._generate_ids_graph
     return dict(loop_graph=graph, tok_s=result.decode_tok_s, ms_per_token=result.decode_ms_per_step, bound_tok_s=result.bound_tok_s,
                 fraction_of_bound=result.fraction_of_bound,
                 speedup=None if tp1_tok_s is None else result.decode_tok_s / tp1_tok_s, tokens=tokens)

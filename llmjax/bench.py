@@ -298,7 +298,7 @@ def greedy_runner(params: Params, batch: int, prompt_len: int, gen_len: int, see
     static = dict(model=gen._model(params), cache_len=cache_len, out_len=gen._bucket(gen_len), greedy=True,
                   filters=())
 
-    generate_ids = gen.generate_ids_fn(static["model"])
+    generate_ids = gen.generate_ids_fn(static["model"], batch)
 
     def run(n: int):
         return generate_ids(*args, jnp.int32(n), *tail, **static)

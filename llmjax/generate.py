@@ -169,14 +169,13 @@ def loop_graph(mesh) -> bool:
     return one_device and wanted and dispatch.compute_capability() is not None
 
 
-def generate_ids_fn(model: Llama):
-    """The compiled `_generate_ids` that `generate` runs for `model`: the whole loop as one CUDA graph
-    on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`), or on several whose decode sums all go through llmjax's
-    NVLink all-reduce (`allreduce.graph_loop`, LLMJAX_TP_GRAPH=on), unless LLMJAX_LOOP_GRAPH=off; else
-    XLA's host-driven loop. (A batch whose logits outgrow the kernel's slots gathers them through NCCL,
-    which `LOOP_COMMAND_BUFFERS` does not capture: XLA should then leave the loop host-driven; not yet
-    run on two GPUs.)"""
-    graph = loop_graph(model.mesh) or (loop_graph(None) and allreduce.graph_loop(model.mesh))
+def generate_ids_fn(model: Llama, batch: int = 1):
+    """The compiled `_generate_ids` that `generate` runs for `model` on `batch` rows: the whole loop as
+    one CUDA graph on one NVIDIA GPU (`LOOP_COMMAND_BUFFERS`), or on several whose decode sums all go
+    through llmjax's NVLink all-reduce (`allreduce.graph_loop`, LLMJAX_TP_GRAPH=on: a batch whose
+    logits fit its slots), unless LLMJAX_LOOP_GRAPH=off; else XLA's host-driven loop."""
+    logits = batch * model.config.embedding_rows * jnp.dtype(model.dtype).itemsize
+    graph = loop_graph(model.mesh) or (loop_graph(None) and allreduce.graph_loop(model.mesh, logits, model.dtype))
     return _generate_ids_graph if graph else _generate_ids
 
 
@@ -425,7 +424,7 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)
     row_ids = first_row + jnp.arange(batch, dtype=jnp.int32)
     model = _model(params)
-    out, steps = generate_ids_fn(model)(
+    out, steps = generate_ids_fn(model, batch)(
         params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
         jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
         jnp.int32(max_new_tokens), eos, sampling.arrays(batch), seed_key(seed), row_ids,

@@ -209,7 +209,9 @@ def test_the_loop_is_one_graph_on_a_tensor_mesh_only_where_every_sum_is_the_kern
     monkeypatch.setattr(allreduce, "_register", lambda: {"nvlink": "llmjax_allreduce_graph",
                                                          "nvlink-eager": "llmjax_allreduce"})
     monkeypatch.setattr(allreduce, "AUTO_GROUP", tensor)
-    assert allreduce.graph_loop(make_mesh(tensor=tensor, data=data, devices=jax.devices()[:data * tensor])) is want
+    mesh = make_mesh(tensor=tensor, data=data, devices=jax.devices()[:data * tensor])
+    assert allreduce.graph_loop(mesh, 64 << 10, jnp.bfloat16) is want  # batch 1's logits of a 32k vocabulary
+    assert not allreduce.graph_loop(mesh, 4 << 20, jnp.bfloat16)  # batch 64's: an NCCL all-gather, not the kernel
     assert not allreduce.graph_loop(None)
     monkeypatch.setenv("LLMJAX_TP_GRAPH", "sometimes")
     with pytest.raises(ValueError, match="LLMJAX_TP_GRAPH must be one of off, on, got 'sometimes'"):

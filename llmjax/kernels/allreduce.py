@@ -217,14 +217,15 @@ def vocab_axis(mesh, nbytes: int, dtype) -> str | None:
     return "tensor"
 
 
-def graph_loop(mesh) -> bool:
+def graph_loop(mesh, nbytes: int = 16, dtype=np.float32) -> bool:
     """Whether every collective of a decode step on `mesh` goes through the kernel in a form a CUDA
     graph captures (`LLMJAX_TP_GRAPH=on`, the `nvlink` handler, `tensor` the mesh's only axis of more
-    than one device), so that `generate`'s decode loop can be one graph on several GPUs."""
+    than one device, and the step's largest sum, its whole logits of `nbytes` of `dtype` per device, fits
+    the kernel's slots), so that `generate`'s decode loop can be one graph on several GPUs."""
     if mesh is None or any(size > 1 for axis, size in mesh.shape.items() if axis != "tensor"):
         return False
-    return mesh.shape["tensor"] > 1 and vocab_axis(mesh, 16, np.float32) is not None and \
-        kernel_mode(mesh, "tensor") == "nvlink"
+    return mesh.shape["tensor"] > 1 and vocab_axis(mesh, nbytes, dtype) is not None and \
+        kernel_mode(mesh, "tensor", nbytes, dtype) == "nvlink" and nbytes <= slot_bytes()
 
 
 def gather(y: jax.Array, axis: str, mesh, along: int = -1) -> jax.Array:
