@@ -320,6 +320,7 @@ class _Flight:
     rows: list
     out: jax.Array
     budgets: list[int]
+    landed: int = 0  # rows the host has handed their tokens (`Engine._land`)
 
 
 def _feed(out, picks, last):
@@ -448,6 +449,7 @@ class Engine:
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
         self.overlap = bool(overlap)
         self._flight: _Flight | None = None  # the call on the device whose tokens the host has not read
+        self._landing: _Flight | None = None  # the call `_land` is reading (kept if an interrupt stops it)
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -805,13 +807,18 @@ class Engine:
         """Runs one device call; returns the requests that got tokens or finished in it. With
         `overlap`, the next call is on its way to the device before this one's tokens are read."""
         start, compiling, in_calls = time.perf_counter(), self.stats.compile_s, self.stats.device_s
-        if self._flight is None:
-            self._flight = self._launch(speculative=False)
-        landing = self._flight
+        landing = self._landing  # a call an interrupt (Ctrl-C) stopped `_land` reading: read it first
+        if landing is None:
+            if self._flight is None:
+                self._flight = self._launch(speculative=False)
+            landing = self._flight
+            if landing is not None:
+                self._flight = self._launch(speculative=True) if self.overlap else None
+                self._landing = landing
         done = []
         if landing is not None:
-            self._flight = self._launch(speculative=True) if self.overlap else None
             done = self._land(landing)
+            self._landing = None
         apart = self.stats.compile_s - compiling + self.stats.device_s - in_calls  # counted by themselves
         self.stats.host_s += time.perf_counter() - start - apart
         return done
@@ -868,7 +875,8 @@ class Engine:
     def _land(self, flight: _Flight) -> list[Request]:
         """Waits for a call's tokens and hands each row its own; finishes those that ended. Rows whose
         request finished meanwhile (cancelled, or ended in the call before, whose next call counted on
-        it going on) are skipped."""
+        it going on) are skipped. An interrupt (Ctrl-C, most likely while waiting) loses nothing: the
+        call stays `_landing`, and the next step lands the rows not yet landed."""
         waited = time.perf_counter()
         out = np.asarray(flight.out)
         self.stats.device_s += time.perf_counter() - waited
@@ -878,7 +886,9 @@ class Engine:
         produced = out != PAD_ID  # each row's tokens run up to its first PAD_ID
         counts = np.where(produced.all(axis=0), out.shape[0], produced.argmin(axis=0)).tolist()
         done = []
-        for request, column, count, budget in zip(flight.rows, out.T.tolist(), counts, flight.budgets):
+        rows = zip(flight.rows, out.T.tolist(), counts, flight.budgets)
+        for request, column, count, budget in itertools.islice(rows, flight.landed, None):
+            flight.landed += 1  # an interrupt past here leaves this row landed, and the next step lands the rest
             request._pending -= budget
             if request.finished:
                 continue

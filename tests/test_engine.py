@@ -554,6 +554,63 @@ def test_an_interrupted_generate_leaves_nothing_queued(params, monkeypatch):
     assert llm.engine.stats.calls - before <= 2
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_interrupt_while_a_step_waits_for_its_call_loses_nothing(params, monkeypatch, overlap):
+    """Ctrl-C while `step` waits for the device (where a step spends its time): the call is read on the
+    next step, so every request, including those an interrupted LLM.generate does not own, goes on
+    with exactly `generate`'s tokens."""
+    from llmjax.engine import Engine
+
+    llm = LLM(params, **SMALL, overlap=overlap)
+    engine = llm.engine
+    mine = engine.add_request([1, 5, 9], max_new_tokens=20)
+    engine.step()
+    land = Engine._land
+
+    def interrupted(self, flight):
+        monkeypatch.setattr(Engine, "_land", land)  # once
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Engine, "_land", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 7 + i, 3] for i in range(3)], max_new_tokens=12, progress=False)
+    assert llm.generate([[1, 4, 4]], max_new_tokens=5, progress=False) == llmjax.generate(
+        params, [[1, 4, 4]], max_new_tokens=5)
+    _drain(engine)
+    assert mine.finished and mine.token_ids == llmjax.generate(params, [1, 5, 9], max_new_tokens=20)
+    assert engine.free_pages == engine.num_pages
+
+
+def _drain(engine, limit: int = 50) -> None:
+    for _ in range(limit):  # bounded: a lost call once left requests waiting for tokens forever
+        if not engine.pending:
+            return
+        engine.step()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_interrupt_between_rows_of_a_landing_call_loses_nothing(params, monkeypatch, overlap):
+    """Ctrl-C after the first row of a call has its tokens: the next step hands the other rows theirs."""
+    from llmjax.engine import Engine
+
+    engine = _engine(params, overlap=overlap)
+    prompts = [[1, 5, 9], [1, 6, 2, 8], [1, 3]]
+    handles = [engine.add_request(p, max_new_tokens=15) for p in prompts]
+    engine.step()
+    engine.step()
+    check_end = Engine._check_end
+
+    def interrupted(self, request):
+        check_end(self, request)
+        monkeypatch.setattr(Engine, "_check_end", check_end)  # once
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Engine, "_check_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    _drain(engine)
+    assert [h.token_ids for h in handles] == llmjax.generate(params, prompts, max_new_tokens=15)
+    assert engine.free_pages == engine.num_pages
+
+
 @pytest.mark.parametrize("platform, device_kind", [("rocm", "gfx942"), ("cuda", "NVIDIA H200")])
 def test_engine_step_lowers_for_gpu(platform, device_kind):
     """The whole step (mixed prefill + decode iteration, the decode loop, sampling with filters)
