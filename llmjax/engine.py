@@ -618,10 +618,10 @@ class Engine:
         """Stops a request and frees its pages; False if it had already finished."""
         if not isinstance(request, Request):
             raise ValueError(f"cancel takes a Request handle from add_request, got {type(request).__name__}")
-        if request.finished:
-            return False
         if request._engine is not self:
             raise ValueError(f"request {request.id} does not belong to this engine")
+        if request.finished:
+            return False
         if request._admitted:
             self._release(request)
         else:
@@ -1067,6 +1067,13 @@ class Engine:
         the smallest of these that holds it (a narrower call pads its tables), so serving compiles
         nothing more unless a step fits none of them. Returns how many were compiled. Without
         `warmup`, each variant compiles the first time a step needs it."""
+        if max_len is not None and not 1 <= _positive("max_len", max_len) <= self.max_seq_len:
+            raise ValueError(f"max_len must be at most the engine's max_seq_len ({self.max_seq_len}), got {max_len}")
+        if rows is not None and (isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence)):
+            raise ValueError(f"rows must be a list of row counts, got {rows!r}")
+        for r in rows or ():
+            if not 1 <= _positive("rows", r) <= self.max_slots:
+                raise ValueError(f"each of rows must be at most the engine's max_slots ({self.max_slots}), got {r}")
         width = self._bucket(self.width_buckets, self._pages_for(max_len or self.max_seq_len))
         rows = self.row_buckets if rows is None else [self._bucket(self.row_buckets, r) for r in rows]
         variants = {(r, width, c, greedy, filters) for r in rows for c in (0, *self.chunk_buckets)}

@@ -487,6 +487,14 @@ def test_kv_memory_takes_a_whole_float_of_bytes(params):
     assert _engine(params, kv_memory=float(16 * _page_bytes(params, 8))).num_pages == 16
 
 
+def _finished(engine):
+    """A request of `engine`, run to its end."""
+    request = engine.add_request([1, 2], max_new_tokens=1)
+    while engine.pending:
+        engine.step()
+    return request
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda p: _engine(p, max_slots=0), "max_slots must be an integer >= 1"),
     (lambda p: _engine(p, page_size=0), "page_size"),
@@ -523,6 +531,13 @@ def test_kv_memory_takes_a_whole_float_of_bytes(params):
     (lambda p: _engine(None), "params must be llmjax Params"),
     (lambda p: _engine(p).cancel(_engine(p).add_request("x", max_new_tokens=4)), "does not belong"),
     (lambda p: LLM(p, **SMALL).generate(["a", "b"], max_new_tokens=[1]), "one per prompt"),
+    (lambda p: _engine(p).warmup(97), r"max_len must be at most the engine's max_seq_len \(96\), got 97"),
+    (lambda p: _engine(p).warmup(0), "max_len must be an integer >= 1, got 0"),
+    (lambda p: _engine(p).warmup(1.5), "max_len must be an integer >= 1, got 1.5"),
+    (lambda p: _engine(p).warmup(rows=[100]), r"each of rows must be at most the engine's max_slots \(8\), got 100"),
+    (lambda p: _engine(p).warmup(rows=4), "rows must be a list of row counts, got 4"),
+    (lambda p: _engine(p).cancel(_engine(p).add_request([1, 2], max_new_tokens=1)), "does not belong"),
+    (lambda p: _engine(p).cancel(_finished(_engine(p))), "does not belong"),
     (lambda p: _engine(p, mesh=_stage_mesh()), "meshes without pipeline stages"),
     (lambda p: list(_engine(dataclasses.replace(p, tokenizer=None)).stream(None)), "no tokenizer"),
 ])
