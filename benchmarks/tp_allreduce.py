@@ -16,8 +16,9 @@ On `--tensor` GPUs of one process (`LLMJAX_ALLREDUCE`, see `llmjax/kernels/allre
    `--no-single`, for a model one GPU cannot hold), then the tensor mesh under each
    mode in turn, `--turns` times (the machine drifts; each turn times every mode once): batch 1,
    prompt 8, 256 new tokens (`llmjax.bench.bench`), tok/s against the per-GPU bandwidth bound, the
-   speedup over one GPU, whether the decode loop was one CUDA graph, and the first 32 greedy tokens
-   against the xla mode's.
+   speedup over one GPU, whether `generate` compiled its decode loop for one CUDA graph (XLA captures
+   it only where every instruction of the loop can be), and the first 32 greedy tokens against the
+   xla mode's.
 Each mode's programs are traced afresh (`jax.clear_caches`): the mode is read when a program is
 traced. Writes DIR/tp_allreduce.json after every measurement and prints a line per figure.
 `--smoke` runs the whole script on 8 fake CPU devices with a small model (every mode is psum there).
@@ -208,7 +209,7 @@ def main():
             print(f"turn {turn} {mode:13s} " + (row.get("error") or
                   f"{row['tok_s']:.1f} tok/s, {row['ms_per_token']:.3f} ms/token, "
                   f"{'-' if row['speedup'] is None else format(row['speedup'], '.2f')}x one "
-                  f"GPU, {row['fraction_of_bound']:.0%} of bound, loop graph {row['loop_graph']}, tokens = xla: "
+                  f"GPU, {row['fraction_of_bound']:.0%} of bound, graph program {row['loop_graph']}, tokens = xla: "
                   f"{row.get('tokens_agree_with_xla', '-')}/{CHECK_TOKENS}, {row['seconds']:.0f} s"), flush=True)
 
 

@@ -31,11 +31,11 @@ The kernel is compiled with `nvcc` (`LLMJAX_NVCC`, else the one on `PATH`, else
 model's other two collectives through the kernel too, where it sums the products: the embedding's
 lookup (each device looks up the tokens in its share of the vocabulary, zeros for the others, and the
 shares add) and the LM head's logits (each device places its columns in zeros of the whole width, and
-the widths add: `gather`). Each sum has one nonzero term per value, so the results are the same bits
-as XLA's collectives give, and the sampling after the head runs on every device by itself instead of
-XLA's partitioned argmax (two NCCL all-gathers a step). With no NCCL collective left in a decode step
-on a tensor-only mesh, `generate` runs its decode loop as one CUDA graph there (`loop_graph`), as it
-does on one GPU.
+the widths add: `gather`). Each sum has one nonzero term per value, so the results are the values
+XLA's collectives give (a negative zero comes out positive), and the sampling after the head runs on
+every device by itself instead of on vocab-split logits (XLA's partitioned argmax: two NCCL all-gathers
+a step; top-p's sort adds more). With no NCCL collective left in a decode step on a tensor-only mesh,
+`generate` compiles its decode loop for one CUDA graph there (`graph_loop`), as on one GPU.
 
 `LLMJAX_ALLREDUCE_BLOCKS` fixes its grid (default: one block per 32 KiB, at most 32).
 `LLMJAX_ALLREDUCE_TIMEOUT_S` (default 120, at most a week) is how long a GPU waits for a peer before it stops with a
@@ -221,18 +221,21 @@ def graph_loop(mesh, nbytes: int = 16, dtype=np.float32) -> bool:
     """Whether every collective of a decode step on `mesh` goes through the kernel in a form a CUDA
     graph captures (`LLMJAX_TP_GRAPH=on`, the `nvlink` handler, `tensor` the mesh's only axis of more
     than one device, and the step's largest sum, its whole logits of `nbytes` of `dtype` per device, fits
-    the kernel's slots), so that `generate`'s decode loop can be one graph on several GPUs."""
+    the kernel's slots), so that `generate`'s decode loop can be one graph on several GPUs. (It is what
+    llmjax compiles for; XLA captures the loop only if every instruction of its body can be captured.)"""
     if mesh is None or any(size > 1 for axis, size in mesh.shape.items() if axis != "tensor"):
         return False
     return mesh.shape["tensor"] > 1 and vocab_axis(mesh, nbytes, dtype) is not None and \
-        kernel_mode(mesh, "tensor", nbytes, dtype) == "nvlink" and nbytes <= slot_bytes()
+        kernel_mode(mesh, "tensor", nbytes, dtype) == "nvlink" and nbytes <= slot_bytes() and \
+        _why_not(mesh, "tensor", nbytes, np.dtype(dtype)) is None
 
 
 def gather(y: jax.Array, axis: str, mesh, along: int = -1) -> jax.Array:
     """The members' `y` along `along`, concatenated in rank order over `axis` (a tiled all-gather), inside
     a `shard_map` over `mesh` that makes `axis` manual: as a `psum` of each member's `y` placed in zeros
-    of the whole width (one nonzero term per value: the same bits), so that the kernel does it where it
-    sums the products, and XLA's all-gather where it does not."""
+    of the whole width (one nonzero term per value: the same values), so that the kernel does it where
+    it sums the products; XLA's all-gather where the kernel is not chosen or the whole width outgrows its
+    slots (a psum of the zero-padded width where `psum` falls back for another reason)."""
     along %= y.ndim
     members = mesh.shape[axis]
     shape = y.shape[:along] + (y.shape[along] * members,) + y.shape[along + 1:]
