@@ -578,11 +578,16 @@ class _Detokenizer:
         self._done = len(self._ids)
 
     def _release(self, final: bool) -> str:
-        text, self.stopped = _cut_at_stop(self._text, self._stops)
-        if not (self.stopped or final):
-            held = max((k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                       default=0)
-            text = text[:len(text) - held]
+        text, stopped = _cut_at_stop(self._text, self._stops)
+        if not final:
+            # What could still become a stop string that starts before any stop found (generate cuts
+            # at the stop that starts first, which may end after one found already) is held back.
+            whole = self._text
+            starts = [len(whole) - k for s in self._stops for k in range(1, len(s)) if whole.endswith(s[:k])]
+            start = min((i for i in starts if i < len(text)), default=None)
+            if start is not None:
+                text, stopped = text[:start], False
+        self.stopped = stopped
         piece = text[self._sent:]
         self._sent = max(self._sent, len(text))
         return piece

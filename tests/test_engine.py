@@ -187,6 +187,28 @@ def test_stream_and_stop_strings_give_generates_text(params):
     assert texts == llmjax.generate(no_eos, [prompt, "import json"], max_new_tokens=24, stop=stop)
 
 
+def test_a_stop_string_that_starts_first_but_ends_last_cuts_everywhere_as_in_generate(params):
+    """Stops `a` and `b` where `b` is inside `a`: `b` is complete a few characters before `a`, but `a`
+    starts first, and generate cuts the text at the stop that starts first. stream, the engine's
+    stream and text, and LLM.generate must not cut at `b` just because it completed first."""
+    no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+    prompt = "def f(x):"
+    full = llmjax.generate(no_eos, prompt, max_new_tokens=24)
+    cases = [(full[i:i + 6], full[i + 3:i + 5]) for i in range(len(full) - 6)
+             if full.find(full[i:i + 6]) == i and full.find(full[i + 3:i + 5]) == i + 3]
+    assert cases, full
+    for stops in cases[:3]:
+        stops = list(stops)
+        expected = full[:full.find(stops[0])]
+        assert llmjax.generate(no_eos, prompt, max_new_tokens=24, stop=stops) == expected
+        assert "".join(llmjax.stream(no_eos, prompt, max_new_tokens=24, stop=stops)) == expected
+        engine = Engine(no_eos, **SMALL)
+        handle = engine.add_request(prompt, max_new_tokens=24, stop=stops)
+        assert "".join(engine.stream(handle)) == expected == engine.text(handle)
+        assert handle.finish_reason == "stop"
+        assert LLM(no_eos, **SMALL).generate(prompt, max_new_tokens=24, stop=stops, progress=False) == expected
+
+
 def test_an_eos_that_is_an_ordinary_token_is_in_no_text(params):
     """EOS ends the ids and is never in text, also when the EOS id is a piece of the vocabulary
     that a decode would render: generate, stream, the engine's text and stream, and LLM agree."""
