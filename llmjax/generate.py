@@ -531,13 +531,15 @@ class _Detokenizer:
     """Turns a growing list of ids into new text, decoding only a window of recent ids per token.
 
     Text that might still change is held back: an incomplete UTF-8 character (decoded as U+FFFD
-    until its last byte comes), or what could be the start of a stop string. The window starts at
+    until its last byte comes), a run of byte tokens a decoder renders as a whole
+    (`Tokenizer.unstable_bytes`), or what could be the start of a stop string. The window starts at
     the last ids that gave complete text (at first, the prompt's last tokens), so each delta joins
     the text before it exactly as one decode of everything would.
     """
 
     def __init__(self, tokenizer, prompt: list[int], stops: list[str]):
         self._tok, self._stops = tokenizer, stops
+        self._bytes, self._silent = tokenizer.unstable_bytes, {}  # _silent: id -> decodes to no text
         self._ids = list(prompt[-CONTEXT_TOKENS:])
         self._context = len(self._ids)
         self._start, self._done = 0, len(self._ids)  # ids[_start:_done] are already in _text
@@ -547,11 +549,25 @@ class _Detokenizer:
     def push(self, token: int | None) -> str:
         if token is not None:
             self._ids.append(token)
+            if self._bytes and self._in_byte_run():
+                return ""  # the byte run's text may still change (`Tokenizer.unstable_bytes`)
         delta = self._pending()
         if delta is None or delta.endswith("\ufffd"):
             return ""  # a character is incomplete: wait for its next byte
         self._take(delta)
         return self._release(final=False)
+
+    def _in_byte_run(self) -> bool:
+        """Whether the ids not yet taken end in a byte token, ignoring those that decode to no text (a
+        skipped special token does not end a byte run: the decoder never sees it)."""
+        for token in reversed(self._ids[self._done:]):
+            if token in self._bytes:
+                return True
+            if token not in self._silent:
+                self._silent[token] = self._tok.decode([token]) == ""
+            if not self._silent[token]:
+                return False
+        return False
 
     def flush(self) -> str:
         delta = self._pending()

@@ -10,6 +10,7 @@ text, BOS/EOS added as `tokenizer_config.json` says). Chat templates are rendere
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import re
@@ -72,6 +73,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.vocab_size
+
+    @functools.cached_property
+    def unstable_bytes(self) -> frozenset[int]:
+        """Ids of byte tokens (`<0xNN>`) whose run decodes as a whole: `tokenizers`' ByteFallback
+        decoder renders a run that is not valid UTF-8 as one U+FFFD per byte, so a byte that decoded
+        alone as a character may turn into U+FFFD when the next byte comes. A streaming decoder holds
+        text back while the ids end in one of these. (sentencepiece decodes a byte run a prefix at a
+        time: none.)"""
+        return getattr(self._backend, "unstable_bytes", frozenset())
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
@@ -174,6 +184,11 @@ class _HFTokenizersBackend:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    @property
+    def unstable_bytes(self) -> frozenset[int]:
+        byte = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+        return frozenset(i for token, i in self._tok.get_vocab(with_added_tokens=False).items() if byte.fullmatch(token))
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

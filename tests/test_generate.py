@@ -98,16 +98,32 @@ def test_stream_yields_what_generate_returns(params):
     assert s.stats.new_tokens == 7 and s.stats.prompt_tokens == len(p.tokenizer.encode("x = "))
 
 
-def test_streamed_text_is_one_decodes_text_for_any_ids(sp_dir):
+@pytest.fixture(scope="module")
+def sp_json_dir(sp_dir, tmp_path_factory):
+    """sp_dir's tokenizer as transformers converts it: a tokenizer.json whose decoder renders a byte
+    run that is not valid UTF-8 as one U+FFFD per byte (ByteFallback), the file a Llama-2 release has."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("sp_json")
+    transformers.AutoTokenizer.from_pretrained(sp_dir).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize("which", ["sp_dir", "sp_json_dir"])
+def test_streamed_text_is_one_decodes_text_for_any_ids(request, which):
     # Special tokens (no text), lone and repeated "▁" pieces, byte pieces that make up characters
-    # over several tokens, and ordinary pieces, in random runs: the pieces the detokenizer releases
-    # join to the text one decode of everything gives, with and without stop strings.
-    tok = llmjax.Tokenizer.from_dir(sp_dir)
+    # over several tokens (and bytes that are characters alone, 0x11 and 0x41, which a ByteFallback
+    # decoder turns into U+FFFD beside an invalid byte), and ordinary pieces, in random runs: the pieces
+    # the detokenizer releases join to the text one decode of everything gives, with and without stop
+    # strings.
+    tok = llmjax.Tokenizer.from_dir(request.getfixturevalue(which))
+    assert type(tok._backend).__name__ == ("_SentencePieceBackend" if which == "sp_dir" else "_HFTokenizersBackend")
     after_a = {i: tok.decode([100, i])[len(tok.decode([100])):] for i in range(600)}
     spaces = [i for i, text in after_a.items() if text and set(text) == {" "}]
     assert len(spaces) >= 3
     assert tok.decode([3 + 0xC3, 3 + 0xA9]) == "é"  # ids 3-258 are the byte pieces <0x00>-<0xFF>
-    byte = [3 + b for b in (0xC3, 0xE4, 0xF0, 0xA9, 0xBD, 0x80)]  # lead bytes of 2, 3 and 4; continuations
+    byte = [3 + b for b in (0xC3, 0xE4, 0xF0, 0xA9, 0xBD, 0x80, 0x11, 0x41)]  # lead bytes of 2, 3 and 4; continuations
     pool = [0, 1, 2] + spaces + byte * 3 + list(range(3, 600, 7))
     rng = np.random.default_rng(0)
     for trial in range(300):
