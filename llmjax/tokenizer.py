@@ -224,6 +224,11 @@ class _SentencePieceBackend:
         self._prefix = True if prefix is None else bool(prefix)
         self._specials = self._special_tokens(cfg)
         self._special_ids = {i: t for t, i in self._specials.items()}
+        # Added tokens marked "special": false keep their text when special tokens are skipped.
+        self._kept = {int(key) for key, value in (cfg.get("added_tokens_decoder") or {}).items()
+                      if isinstance(value, dict) and value.get("special") is False}
+        # Added tokens may take ids past the model's pieces (chat markers added to a Llama-2 model).
+        self._size = max([self._sp.get_piece_size(), *(i + 1 for i in self._special_ids)])
         pattern = "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
         self._split = re.compile(f"({pattern})") if pattern else None
 
@@ -237,7 +242,7 @@ class _SentencePieceBackend:
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self._size
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._specials:
@@ -272,7 +277,7 @@ class _SentencePieceBackend:
             if i in self._special_ids:
                 out.append(self._sp_bare.decode(run))
                 run = []
-                if not skip_special_tokens:
+                if not skip_special_tokens or i in self._kept:
                     out.append(self._special_ids[i])
             else:
                 run.append(i)

@@ -62,6 +62,26 @@ def test_sentencepiece_without_prefix_space(sp_dir, tmp_path):
     assert ours.encode("x\ndef f(x):", add_special_tokens=False)[-len(line):] == line
 
 
+def test_sentencepiece_with_added_tokens_past_its_pieces(sp_dir, tmp_path):
+    """Chat markers added in tokenizer_config.json take ids past the model's 600 pieces; one added
+    token is not special, so skipping special tokens keeps its text. As transformers."""
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    flags = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    added = {"0": ("<unk>", True), "1": ("<s>", True), "2": ("</s>", True), "600": ("<|im_start|>", True),
+             "601": ("<|im_end|>", True), "602": ("<tool>", False)}
+    cfg["added_tokens_decoder"] = {i: dict(flags, content=c, special=special) for i, (c, special) in added.items()}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(str(tmp_path))
+    assert ours.vocab_size == len(theirs) == 603
+    for text in ["<|im_start|>user\nhi<|im_end|>", "a <tool> b", "x<|im_end|>", "<tool><tool>", *TEXTS]:
+        ids = theirs.encode(text)
+        assert ours.encode(text) == ids, text
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), (text, skip)
+
+
 @pytest.fixture(scope="module")
 def json_dir(tmp_path_factory):
     """A byte-level BPE tokenizer.json (Llama 3's kind) built with the tokenizers library."""
