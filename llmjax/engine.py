@@ -71,8 +71,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import cache as kv
 from llmjax.kernels import dispatch
 from llmjax.models import llama
-from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _Detokenizer, _is_int, _model,
-                             _parse_prompt, _stop_strings, _token_rows, loop_graph)
+from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _cut_at_stop, _Detokenizer,
+                             _is_int, _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, check_params, shard
 from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import mesh as meshes, pipeline
@@ -109,7 +109,7 @@ class _Text:
             token = token_ids[self.fed]
             self.fed += 1
             self._keep(self._detok.push(None if token in self._eos else token))
-        if finished and self.fed == len(token_ids) and not self._flushed:
+        if finished and self.fed >= len(token_ids) and not self._flushed:
             self._flushed = True
             self._keep(self._detok.flush())
 
@@ -321,6 +321,8 @@ class _Flight:
     out: jax.Array
     budgets: list[int]
     landed: int = 0  # rows the host has handed their tokens (`Engine._land`)
+    read: bool = False  # the host has its tokens
+    checking: object = None  # the request whose end `_land` was checking (an interrupt may stop it there)
 
 
 def _feed(out, picks, last):
@@ -879,8 +881,13 @@ class Engine:
         call stays `_landing`, and the next step lands the rows not yet landed."""
         waited = time.perf_counter()
         out = np.asarray(flight.out)
-        self.stats.device_s += time.perf_counter() - waited
-        self.stats.calls += 1
+        if not flight.read:  # a call landed again after an interrupt is counted once
+            flight.read = True
+            self.stats.device_s += time.perf_counter() - waited
+            self.stats.calls += 1
+        if flight.checking is not None and not flight.checking.finished:
+            self._check_end(flight.checking)  # its tokens were handed out before the interrupt
+        flight.checking = None
         now = time.perf_counter()
         out = out[:, :len(flight.rows)]
         produced = out != PAD_ID  # each row's tokens run up to its first PAD_ID
@@ -897,7 +904,9 @@ class Engine:
                 request.first_token_time = now
             request.token_ids.extend(column[:count])
             request._computed -= budget - count
+            flight.checking = request
             self._check_end(request)
+            flight.checking = None
             if count < budget and not request.finished:
                 raise RuntimeError(f"request {request.id} stopped short of its budget in a call without "
                                    "ending (an llmjax bug: its next call counted on those tokens)")
@@ -984,14 +993,30 @@ class Engine:
             reason = "length"
         if request.stops:
             request._text.push(request.token_ids, finished=False)
+            if reason is not None and not request._text.stopped:
+                # Text held back until the end (a longer stop that might still have come, a byte run)
+                # may hold a stop: the end decodes it all.
+                request._text.push(request.token_ids, finished=True)
             if request._text.stopped:
-                del request.token_ids[request._text.fed:]  # tokens past the stop string are not its own
+                del request.token_ids[self._stop_end(request):]  # tokens past the stop string are not its own
                 reason = "stop"
         if reason is not None:
             self._release(request)
             self._finish(request, reason)
             if request.stops:
                 request._text.push(request.token_ids, finished=True)
+
+    def _stop_end(self, request: Request) -> int:
+        """How many of a stopped request's tokens its text needs: up to the one that completed the
+        stop string, which the text may have seen a few tokens later (held back meanwhile)."""
+        tokenizer, ids = self.params.tokenizer, request.token_ids[:request._text.fed]
+
+        def cut(n: int) -> tuple[str, bool]:
+            return _cut_at_stop(_continuation(tokenizer, request.prompt_ids, ids[:n], self._eos_set), request.stops)
+        n, want = len(ids), cut(len(ids))
+        while n > 1 and cut(n - 1) == want:
+            n -= 1
+        return n
 
     # ------------------------------------------------------------ compilation
 
@@ -1069,9 +1094,9 @@ class Engine:
         `warmup`, each variant compiles the first time a step needs it."""
         if max_len is not None and not 1 <= _positive("max_len", max_len) <= self.max_seq_len:
             raise ValueError(f"max_len must be at most the engine's max_seq_len ({self.max_seq_len}), got {max_len}")
-        if rows is not None and (isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence)):
+        if rows is not None and (isinstance(rows, (str, bytes)) or np.ndim(rows) != 1):
             raise ValueError(f"rows must be a list of row counts, got {rows!r}")
-        for r in rows or ():
+        for r in () if rows is None else rows:
             if not 1 <= _positive("rows", r) <= self.max_slots:
                 raise ValueError(f"each of rows must be at most the engine's max_slots ({self.max_slots}), got {r}")
         width = self._bucket(self.width_buckets, self._pages_for(max_len or self.max_seq_len))

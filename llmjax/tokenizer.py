@@ -272,8 +272,8 @@ class _SentencePieceBackend:
         # encode prepended) is stripped from the whole text, as transformers' decoder does.
         out, run = [], []
         for i in ids:
-            if not 0 <= i < self.vocab_size:
-                continue  # an id of a model vocabulary padded past the tokenizer's: no text
+            if not 0 <= i < self._sp.get_piece_size() and i not in self._special_ids:
+                continue  # an id of a model vocabulary padded past the tokenizer's (or between added ids): no text
             if i in self._special_ids:
                 out.append(self._sp_bare.decode(run))
                 run = []

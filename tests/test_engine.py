@@ -209,6 +209,54 @@ def test_a_stop_string_that_starts_first_but_ends_last_cuts_everywhere_as_in_gen
         assert LLM(no_eos, **SMALL).generate(prompt, max_new_tokens=24, stop=stops, progress=False) == expected
 
 
+def test_a_stop_seen_only_at_the_end_still_stops_the_request(params):
+    """`b` completes on the last token while `a`, one character earlier, might still have come: the
+    text is held back to the end, where the stop is found. The request ends "stop", keeping the tokens
+    up to the one that completed `b`, as with `b` alone."""
+    no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+    prompt = "def f(x):"
+    for n in range(6, 13):
+        full = llmjax.generate(no_eos, prompt, max_new_tokens=n)
+        if len(full) >= 3 and full.find(full[-2:]) == len(full) - 2:
+            break
+    b, a = full[-2:], full[-3:] + "\x00"
+    engine = Engine(no_eos, **SMALL)
+    alone = engine.add_request(prompt, max_new_tokens=n, stop=[b])
+    both = engine.add_request(prompt, max_new_tokens=n, stop=[a, b])
+    while engine.pending:
+        engine.step()
+    assert engine.text(both) == engine.text(alone) == full[:-2] == llmjax.generate(no_eos, prompt, max_new_tokens=n,
+                                                                                   stop=[a, b])
+    assert both.finish_reason == alone.finish_reason == "stop"
+    assert both.token_ids == alone.token_ids
+
+
+def test_an_interrupt_while_a_row_checks_its_end_loses_nothing(params, monkeypatch):
+    """Ctrl-C while a row's text is decoded for its stop strings (real host time): the next step
+    finishes the check, so the request ends and its pages come back."""
+    from llmjax import engine as engine_module
+
+    no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+    engine = Engine(no_eos, **SMALL)
+    handle = engine.add_request("def f(x):", max_new_tokens=3, stop=["\x00never"])
+    push = engine_module._Text.push
+
+    def interrupted(self, token_ids, finished):
+        monkeypatch.setattr(engine_module._Text, "push", push)  # once
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine_module._Text, "push", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    for _ in range(10):
+        if not engine.pending:
+            break
+        engine.step()
+    assert handle.finish_reason == "length" and engine.stats.calls == 1
+    assert engine.text(handle) == llmjax.generate(no_eos, "def f(x):", max_new_tokens=3)
+    assert engine.free_pages == engine.num_pages
+    assert _engine(params).warmup(16, rows=np.array([2, 4])) >= 0  # rows as a numpy array
+
+
 def test_an_eos_that_is_an_ordinary_token_is_in_no_text(params):
     """EOS ends the ids and is never in text, also when the EOS id is a piece of the vocabulary
     that a decode would render: generate, stream, the engine's text and stream, and LLM agree."""
