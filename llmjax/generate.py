@@ -552,6 +552,12 @@ class _Detokenizer:
             if self._bytes and self._in_byte_run():
                 return ""  # the byte run's text may still change (`Tokenizer.unstable_bytes`)
         delta = self._pending()
+        if delta is None and self._run_crossed():
+            # A byte run that began in the prompt went on into the new ids and now ends: it rewrote the
+            # prompt's last characters for good, and the text `generate` gives is the new ids decoded
+            # alone (`_continuation`). The window restarts there, rather than waiting for the end.
+            self._start = self._done = self._context
+            delta = self._pending()
         if delta is None or delta.endswith("\ufffd"):
             return ""  # a character is incomplete: wait for its next byte
         self._take(delta)
@@ -563,11 +569,22 @@ class _Detokenizer:
         for token in reversed(self._ids[self._done:]):
             if token in self._bytes:
                 return True
-            if token not in self._silent:
-                self._silent[token] = self._tok.decode([token]) == ""
-            if not self._silent[token]:
+            if not self._is_silent(token):
                 return False
         return False
+
+    def _run_crossed(self) -> bool:
+        """Whether nothing new is taken yet, and the prompt's last id and the first new one that give text
+        are both byte tokens (`Tokenizer.unstable_bytes`)."""
+        if not self._bytes or self._done != self._context or self._start == self._context:
+            return False
+        spoken = lambda ids: next((t for t in ids if not self._is_silent(t)), None)
+        return spoken(reversed(self._ids[:self._context])) in self._bytes and spoken(self._ids[self._context:]) in self._bytes
+
+    def _is_silent(self, token: int) -> bool:
+        if token not in self._silent:
+            self._silent[token] = self._tok.decode([token]) == ""
+        return self._silent[token]
 
     def flush(self) -> str:
         delta = self._pending()

@@ -136,6 +136,28 @@ def test_streamed_text_is_one_decodes_text_for_any_ids(request, which):
         assert text == gen._cut_at_stop(whole, stops)[0], (prompt, new, stops)
 
 
+def test_a_byte_run_from_the_prompt_into_the_new_ids_does_not_stall_the_stream(sp_json_dir):
+    # The prompt ends in "é" as two byte tokens; a third byte continues the run and makes it invalid,
+    # so a ByteFallback decoder renders the prompt's "é" as U+FFFD U+FFFD, and the text generate gives
+    # is the new ids decoded alone. Once an ordinary token ends the run, the text comes as it is
+    # decoded (it used to come only at the end, and stop strings went unseen until then).
+    tok = llmjax.Tokenizer.from_dir(sp_json_dir)
+    e_acute = [3 + 0xC3, 3 + 0xA9]
+    words = [i for i in range(300, 600) if tok.decode([i]).strip().isalpha()][:6]
+    for silent in ([], [2]):  # a skipped special token between the prompt's bytes and the new byte
+        prompt, new = [100] + e_acute + silent, [3 + 0xA9] + words
+        whole = gen._continuation(tok, prompt, new)
+        assert not tok.decode(prompt + new).startswith(tok.decode(prompt))  # the prompt's text was rewritten
+        detok = gen._Detokenizer(tok, prompt, [])
+        pieces = [detok.push(t) for t in new]
+        assert pieces[0] == "" and all(pieces[1:]), pieces  # held in the run, then one piece a token
+        assert "".join(pieces) + detok.flush() == whole
+        stop = tok.decode(words[2:4])
+        detok = gen._Detokenizer(tok, prompt, [stop])
+        text = "".join(detok.push(t) for t in new[:5])
+        assert detok.stopped and text == whole[:whole.find(stop)]
+
+
 def test_eos_ends_generation_and_is_kept_in_ids(params):
     first = llmjax.generate(_no_eos(params), [1, 5, 9], max_new_tokens=4)
     p = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=(first[2],)))
