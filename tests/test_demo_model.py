@@ -8,6 +8,7 @@ import os
 import pathlib
 import sysconfig
 
+import jax
 import numpy as np
 import pytest
 
@@ -128,3 +129,19 @@ def test_unknown_model_name_says_what_is_bundled(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="tiny-stdlib"):
         llmjax.load("tiny-stdlb")
     assert not os.path.exists("tiny-stdlb")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU products (a GPU's GEMMs tile by rows)")
+def test_bfloat16_logits_of_a_row_do_not_depend_on_its_batch(params):
+    # On a CPU, XLA's product of a kernel with several output axes (gate/up, q/k/v) rounded some
+    # bfloat16 outputs differently with the number of rows, so a prompt's logits (and, at a near tie,
+    # its greedy tokens) changed with the batch it ran in. The products now see matrices.
+    assert params.dtype == "bfloat16"
+    ids = np.random.default_rng(0).integers(3, params.config.vocab_size, (8, 20)).tolist()
+    together = np.asarray(llmjax.logits(params, ids))
+    for rows in (1, 2, 3, 5):
+        np.testing.assert_array_equal(np.asarray(llmjax.logits(params, ids[:rows])), together[:rows])
+    llm = llmjax.LLM(params, max_slots=8)
+    prompts = [params.tokenizer.decode(row[:4 + 2 * i]) for i, row in enumerate(ids)]
+    assert [llm.generate(p, max_new_tokens=24, progress=False) for p in prompts] == llm.generate(
+        prompts, max_new_tokens=24, progress=False)

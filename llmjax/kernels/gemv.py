@@ -96,17 +96,21 @@ def use_kernel(rows: int, n: int, k: int, dtype) -> bool:
     return mode == "on" or (mode == "narrow" and n <= k)
 
 
-def linear(x: jax.Array, w: jax.Array, num_out_dims: int) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, num_out_dims: int, one_device: bool = False) -> jax.Array:
     """The model's one projection entry point: x `[..., *in]` times a kernel `[*out, *in]` -> `[..., *out]`.
 
     The choice between the kernel and XLA's product is made when the program is lowered: the kernel
-    for cuda and rocm, XLA's product for every other platform.
+    for cuda and rocm, XLA's product for every other platform. On a CPU, a kernel on `one_device` is
+    contracted as one `[out, in]` matrix (`_flat_dot`).
     """
     out_shape, in_shape = w.shape[:num_out_dims], w.shape[num_out_dims:]
     lead = x.shape[:x.ndim - len(in_shape)]
     n, k = math.prod(out_shape), math.prod(in_shape)
     if not use_kernel(math.prod(lead), n, k, w.dtype):
-        return _dot(x, w, len(in_shape))
+        if not one_device:
+            return _dot(x, w, len(in_shape))
+        return jax.lax.platform_dependent(x, w, cpu=functools.partial(_flat_dot, in_dims=len(in_shape)),
+                                          default=functools.partial(_dot, in_dims=len(in_shape)))
     x2, w2 = x.reshape(-1, k), w.reshape(n, k)
 
     def xla(x2, w2):
@@ -114,6 +118,18 @@ def linear(x: jax.Array, w: jax.Array, num_out_dims: int) -> jax.Array:
 
     y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
     return y.reshape(*lead, *out_shape)
+
+
+def _flat_dot(x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:
+    """`_dot` with x and the kernel seen as matrices `[rows, in]` and `[out, in]`. XLA's CPU product
+    of a kernel with several output axes (gate/up `[2, mlp, embed]`, q/k/v `[kv, G + 2, head, embed]`)
+    rounds some bfloat16 outputs differently with the number of rows, so a prompt's tokens changed with
+    the batch it ran in; as matrices, each row's outputs are the same for any number of rows (observed
+    on XLA's CPU backend, not promised by it)."""
+    out_shape, in_shape = w.shape[:w.ndim - in_dims], w.shape[w.ndim - in_dims:]
+    lead = x.shape[:x.ndim - in_dims]
+    x2, w2 = x.reshape(-1, math.prod(in_shape)), w.reshape(-1, math.prod(in_shape))
+    return jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ()))).reshape(*lead, *out_shape)
 
 
 def _dot(x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:

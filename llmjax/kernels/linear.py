@@ -109,7 +109,7 @@ def _product(x2: jax.Array, kernel, num_out_dims: int) -> jax.Array:
     """`[M, K]` times a kernel (float `[*out, *in]` or quantized) -> `[M, *out]`."""
     if not isinstance(kernel, QuantizedWeight):
         out_shape = kernel.shape[:num_out_dims]
-        return gemv.linear(x2, kernel.reshape(*out_shape, x2.shape[1]), num_out_dims)
+        return gemv.linear(x2, kernel.reshape(*out_shape, x2.shape[1]), num_out_dims, one_device=True)
     y = int8_matmul(x2, kernel) if kernel.bits == 8 else int4_matmul.matmul(x2, kernel)
     return y.reshape(x2.shape[0], *kernel.out_shape)
 
@@ -213,7 +213,7 @@ def linear(x: jax.Array, kernel, num_out_dims: int, in_ndim: int, *, mesh=None, 
     gather = gather and _gathers(x, kernel, mesh, axes, num_out_dims, in_ndim)
     if not quantized and not gather and not (_row_parallel(mesh, axes, num_out_dims) and allreduce.kernel_mode(
             mesh, _mesh_spec(axes)[num_out_dims], _sum_bytes(x, kernel, num_out_dims, in_ndim), x.dtype)):
-        y = gemv.linear(x, kernel, num_out_dims)  # one device, or XLA's partitioner places it
+        y = gemv.linear(x, kernel, num_out_dims, one_device)  # one device, or XLA's partitioner places it
         return y[None] if partials else y
     lead = x.shape[:x.ndim - in_ndim]
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - in_ndim:]))
