@@ -48,8 +48,13 @@ def rope_tables(config: LlamaConfig, positions: jnp.ndarray) -> tuple[jnp.ndarra
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotates `x` `[B, T, N, head_dim]` by the tables `[B, T, head_dim]`; keeps x's dtype."""
+    """Rotates `x` `[B, T, N, head_dim]` by the tables `[B, T, head_dim]` (rounded to x's dtype, as
+    the model holds them) in float32, and rounds the result once to x's dtype. The kernels that rotate
+    (the decode step's, the engine's page writes) do the same, so a bfloat16 key is the same whichever
+    path wrote it; a bfloat16 rotation rounded after each operation gave keys one bfloat16 step apart,
+    and a prompt's tokens then differed between `generate` and the engine."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    cos, sin = (t[:, :, None, :].astype(x.dtype).astype(jnp.float32) for t in (cos, sin))
+    return (x32 * cos + rotated * sin).astype(x.dtype)
