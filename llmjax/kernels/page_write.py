@@ -61,7 +61,8 @@ def write_pages_reference(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, 
 def rope_write_reference(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array, cos: jax.Array, sin: jax.Array,
                          slots: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The definition of `rope_write_pages` (see the module doc), as the model wrote it: the query and
-    key heads rotated by `apply_rope` in `qkv`'s dtype, then `write_pages_reference`."""
+    key heads rotated by `apply_rope` (in float32, rounded once to `qkv`'s dtype), then
+    `write_pages_reference`."""
     n, n_kv, rows, d = qkv.shape
     g = rows - 2
     tables = cos[None], sin[None]
