@@ -566,25 +566,27 @@ class _Detokenizer:
     def _in_byte_run(self) -> bool:
         """Whether the ids not yet taken end in a byte token, ignoring those that decode to no text (a
         skipped special token does not end a byte run: the decoder never sees it)."""
-        for token in reversed(self._ids[self._done:]):
-            if token in self._bytes:
-                return True
-            if not self._is_silent(token):
-                return False
-        return False
+        return self._spoken(reversed(self._ids[self._done:])) in self._bytes
 
     def _run_crossed(self) -> bool:
         """Whether nothing new is taken yet, and the prompt's last id and the first new one that give text
         are both byte tokens (`Tokenizer.unstable_bytes`)."""
         if not self._bytes or self._done != self._context or self._start == self._context:
             return False
-        spoken = lambda ids: next((t for t in ids if not self._is_silent(t)), None)
-        return spoken(reversed(self._ids[:self._context])) in self._bytes and spoken(self._ids[self._context:]) in self._bytes
+        return self._spoken(reversed(self._ids[:self._context])) in self._bytes and \
+            self._spoken(self._ids[self._context:]) in self._bytes
 
-    def _is_silent(self, token: int) -> bool:
-        if token not in self._silent:
-            self._silent[token] = self._tok.decode([token]) == ""
-        return self._silent[token]
+    def _spoken(self, ids) -> int | None:
+        """The first of `ids` that is a byte token or decodes to some text alone (None if none is; a byte
+        token alone may decode to nothing, a space at the text's start)."""
+        for token in ids:
+            if token in self._bytes:
+                return token
+            if token not in self._silent:
+                self._silent[token] = self._tok.decode([token]) == ""
+            if not self._silent[token]:
+                return token
+        return None
 
     def flush(self) -> str:
         delta = self._pending()
