@@ -113,9 +113,8 @@ def product_qkv(qkv: jax.Array, dtype, rope=None) -> jax.Array:
     if rope is None:
         return qkv
     b, n_kv, rows, d = qkv.shape
-    cos, sin = (t.astype(qkv.dtype).astype(jnp.float32)[:, None] for t in rope)  # as the model's dtype holds them
-    roped = apply_rope(qkv.astype(jnp.float32).reshape(b, 1, n_kv * rows, d), cos, sin).reshape(qkv.shape)
-    return jnp.where((jnp.arange(rows) == rows - 1)[:, None], qkv, roped.astype(qkv.dtype))  # values unrotated
+    roped = apply_rope(qkv.reshape(b, 1, n_kv * rows, d), *(t[:, None] for t in rope)).reshape(qkv.shape)
+    return jnp.where((jnp.arange(rows) == rows - 1)[:, None], qkv, roped)  # values unrotated
 
 
 def vector_block(q, k_ref, v_ref, carry, exists=None):
