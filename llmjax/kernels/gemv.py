@@ -101,7 +101,11 @@ def linear(x: jax.Array, w: jax.Array, num_out_dims: int, one_device: bool = Fal
 
     The choice between the kernel and XLA's product is made when the program is lowered: the kernel
     for cuda and rocm, XLA's product for every other platform. On a CPU, a kernel on `one_device` is
-    contracted as one `[out, in]` matrix (`_flat_dot`).
+    contracted as one `[out, in]` matrix: XLA's CPU product of a kernel with several output axes
+    (gate/up `[2, mlp, embed]`, q/k/v `[kv, G + 2, head, embed]`) rounds some bfloat16 outputs
+    differently with the number of rows, so a prompt's tokens changed with the batch it ran in; as a
+    matrix, each row's outputs are the same for any number of rows (observed on XLA's CPU backend, not
+    promised by it).
     """
     out_shape, in_shape = w.shape[:num_out_dims], w.shape[num_out_dims:]
     lead = x.shape[:x.ndim - len(in_shape)]
@@ -109,8 +113,10 @@ def linear(x: jax.Array, w: jax.Array, num_out_dims: int, one_device: bool = Fal
     if not use_kernel(math.prod(lead), n, k, w.dtype):
         if not one_device:
             return _dot(x, w, len(in_shape))
-        return jax.lax.platform_dependent(x, w, cpu=functools.partial(_flat_dot, in_dims=len(in_shape)),
-                                          default=functools.partial(_dot, in_dims=len(in_shape)))
+
+        def flat(x, w):
+            return _dot(x.reshape(-1, k), w.reshape(n, k), 1).reshape(*lead, *out_shape)
+        return jax.lax.platform_dependent(x, w, cpu=flat, default=functools.partial(_dot, in_dims=len(in_shape)))
     x2, w2 = x.reshape(-1, k), w.reshape(n, k)
 
     def xla(x2, w2):
@@ -118,18 +124,6 @@ def linear(x: jax.Array, w: jax.Array, num_out_dims: int, one_device: bool = Fal
 
     y = jax.lax.platform_dependent(x2, w2, cuda=gemv, rocm=gemv, default=xla)
     return y.reshape(*lead, *out_shape)
-
-
-def _flat_dot(x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:
-    """`_dot` with x and the kernel seen as matrices `[rows, in]` and `[out, in]`. XLA's CPU product
-    of a kernel with several output axes (gate/up `[2, mlp, embed]`, q/k/v `[kv, G + 2, head, embed]`)
-    rounds some bfloat16 outputs differently with the number of rows, so a prompt's tokens changed with
-    the batch it ran in; as matrices, each row's outputs are the same for any number of rows (observed
-    on XLA's CPU backend, not promised by it)."""
-    out_shape, in_shape = w.shape[:w.ndim - in_dims], w.shape[w.ndim - in_dims:]
-    lead = x.shape[:x.ndim - in_dims]
-    x2, w2 = x.reshape(-1, math.prod(in_shape)), w.reshape(-1, math.prod(in_shape))
-    return jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ()))).reshape(*lead, *out_shape)
 
 
 def _dot(x: jax.Array, w: jax.Array, in_dims: int) -> jax.Array:
