@@ -253,7 +253,7 @@ def paged_prefill_rows_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.
                                  q_offsets: jax.Array, *, first: int) -> jax.Array:
     """The definition of `paged_prefill_rows`: `paged_prefill_reference` on q's rows from `first` on, in
     place of them; the first `first` rows zeros."""
-    b, (n, h, d) = block_tables.shape[0], q.shape
+    b, (h, d) = block_tables.shape[0], q.shape[1:]
     rows = paged_prefill_reference(q[first:].reshape(b, -1, h, d), k_pages, v_pages, block_tables, q_offsets)
     return jnp.concatenate([jnp.zeros((first, h, d), q.dtype), rows.reshape(-1, h, d)])
 
