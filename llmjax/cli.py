@@ -264,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=None, help="new tokens scored per later window "
                      "(default: half the window)")
     ppl.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                     help="cast the weights (default: as stored)")
+                     help="cast the weights (default: as stored on a GPU, float32 on a CPU)")
     _add_mesh_flags(ppl)
     ppl.set_defaults(run=_perplexity)
 

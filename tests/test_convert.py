@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import llmjax
+from llmjax import checkpoint
 from llmjax.cli import main as cli_main
 from llmjax.convert import hf
 
@@ -205,8 +206,10 @@ def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_
     for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                  "llmjax.json"):
         assert os.path.isfile(os.path.join(out, name)), name
+    assert checkpoint.read_manifest(out)["dtype"] == "bfloat16"
     params = llmjax.load(out)
-    assert str(params.dtype) == "bfloat16" and params.tokenizer is not None
+    assert str(params.dtype) == "float32" and params.tokenizer is not None  # a CPU's default
+    assert str(llmjax.load(out, dtype="bfloat16").dtype) == "bfloat16"
     assert str(llmjax.load(out, dtype="float32").dtype) == "float32"
     assert str(llmjax.load(out, dtype=jnp.float16).dtype) == "float16"
     for bad in ("float8", "int8", 3):

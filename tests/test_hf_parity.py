@@ -80,7 +80,7 @@ def test_bfloat16_conversion_tracks_float32(tmp_path):
     hf_dir = tmp_path / "hf"
     model = save_hf_model(hf_dir, config)
     assert cli_main(["convert", str(hf_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--quiet"]) == 0
-    params = llmjax.load(tmp_path / "bf16")
+    params = llmjax.load(tmp_path / "bf16", dtype="bfloat16")  # (a CPU widens to float32 by default)
     assert str(params.dtype) == "bfloat16"
     ours = np.asarray(llmjax.logits(params, PROMPT))[0]
     assert _relative_error(ours, _hf_logits(model, PROMPT)) < 3e-2
