@@ -1130,7 +1130,7 @@ class LLM:
         be one number or one per prompt. Prompt i samples from the key (seed, i)."""
         sampling = Sampling(temperature, top_k, top_p, min_p)
         kind, items = _parse_prompt(prompts)
-        budgets = self._budgets(max_new_tokens, len(items))
+        budgets = self._budgets(max_new_tokens, len(items), one_prompt=kind in ("text", "ids"))
         engine = self.engine
         stops = engine._check_options(kind, seed, stop)
         requests = [engine._queue(ids, n, sampling, seed, stops, index=i)
@@ -1143,8 +1143,11 @@ class LLM:
         return texts[0] if kind == "text" else texts
 
     @staticmethod
-    def _budgets(max_new_tokens, count: int) -> list:
+    def _budgets(max_new_tokens, count: int, one_prompt: bool) -> list:
         if isinstance(max_new_tokens, (list, tuple)) or getattr(max_new_tokens, "ndim", 0) > 0:
+            if one_prompt:
+                raise ValueError(f"max_new_tokens={max_new_tokens!r} is a list, but the prompt is a single "
+                                 "one; give one number (a list gives one per prompt of a list)")
             if len(max_new_tokens) != count:
                 raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {count} prompts; "
                                  "give one number, or one per prompt")
