@@ -487,9 +487,15 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
-        c = self.config
-        embed = Embed(c.embedding_rows, c.hidden_size, self.dtype, self.mesh, name="embed")
+        embed = Embed(self.config.embedding_rows, self.config.hidden_size, self.dtype, self.mesh, name="embed")
         x = embed(tokens)
+        # A GPU's float32 products default to TensorFloat-32 (10-bit mantissas): a float32 model is
+        # there to be exact, so its products are asked for full float32 (bfloat16 ones are unchanged).
+        with jax.default_matmul_precision("highest" if x.dtype == jnp.float32 else None):
+            return self._layers_and_head(embed, x, positions, cache, logits_at)
+
+    def _layers_and_head(self, embed, x, positions, cache, logits_at):
+        c = self.config
         if pipeline.stages(self.mesh) > 1:
             if self.is_initializing():
                 raise ValueError("initialise the model without a mesh; llmjax.init_random(mesh=...) "
