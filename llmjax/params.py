@@ -92,7 +92,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     manifest = checkpoint.read_manifest(path) if is_ckpt else None  # read once for the whole load
     quant = _stored_quant(path, manifest) if is_ckpt else None
     if mesh is not None:
-        return _load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant)
+        return _check_finite(_load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant), path)
     if is_ckpt:
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
         checkpoint.check_groups(path, manifest, target)
@@ -101,7 +101,36 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
         weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
     if dtype is not None:
         weights = cast_floats(weights, dtype)
-    return Params(weights, config, tokenizer, quant=quant)
+    return _check_finite(Params(weights, config, tokenizer, quant=quant), path)
+
+
+def _check_finite(params: Params, path: str) -> Params:
+    """`params`, once no float weight holds a NaN or an infinity (a damaged file, or one saved from a
+    run that diverged): such weights would decode garbage without a word."""
+    named = [([str(getattr(k, "key", getattr(k, "name", k))) for k in key], w)
+             for key, w in jax.tree_util.tree_flatten_with_path(params.weights)[0]
+             if jnp.issubdtype(w.dtype, jnp.floating)]
+    stacked = tuple(names[0] == "stages" for names, _ in named)  # [stage, ...]: one verdict per stage
+    finite = jax.device_get(_all_finite([w for _, w in named], stacked))
+    bad = []
+    for (names, _), ok, per_stage in zip(named, finite, stacked):
+        if per_stage:  # stages/layer_{place}/... holds, on stage s, the model's layer layout[s][place]
+            layout = pipeline.stage_layout(params.config, pipeline.stages(params.mesh))
+            place = int(names[1][len("layer_"):])
+            bad += [f"layer_{layout[s][place]}/" + "/".join(names[2:]) for s in range(len(ok)) if not ok[s]]
+        elif not ok:
+            bad.append("/".join(names))
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight(s) hold NaN or infinite values, first {bad[:3]}; the "
+                         "file is damaged or was saved from a run that diverged: convert or copy it again")
+    return params
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _all_finite(weights: list, stacked: tuple) -> list:
+    # scalars only: replicated on every device, so every process of a multi-host mesh reads them
+    return [[jnp.isfinite(stage).all() for stage in w] if per_stage else jnp.isfinite(w).all()
+            for w, per_stage in zip(weights, stacked)]
 
 
 def _stored_quant(path, manifest: dict) -> QuantScheme | None:

@@ -14,6 +14,7 @@ import llmjax
 from llmjax import checkpoint
 from llmjax.cli import main as cli_main
 from llmjax.convert import hf
+from llmjax.sharding import make_mesh
 
 from conftest import hf_config, save_hf_model
 
@@ -116,6 +117,22 @@ def test_corrupt_file_is_named(tmp_path, hf_dir):
     (src / "model.safetensors").write_bytes(data[: len(data) // 2])
     msg = _convert_error(src, tmp_path / "out")
     assert "model.safetensors" in msg and "corrupt" in msg
+
+
+def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir):
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name][3, 5] = np.nan
+        tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.inf)
+    src = _copy_with(hf_dir, tmp_path / "a", poison)
+    out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
+    meshes = (None, make_mesh(tensor=2, data=4), make_mesh(stage=2, tensor=2, data=2))
+    for folder, mesh in [(src, None)] + [(out, mesh) for mesh in meshes]:
+        with pytest.raises(ValueError, match=r"2 weight\(s\) hold NaN or infinite values, first "
+                           r"\['final_norm/scale', 'layer_1/mlp/down/kernel'\]; the file is damaged"):
+            llmjax.load(folder, mesh=mesh)
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
@@ -260,7 +277,6 @@ def test_damaged_checkpoint_is_named(tmp_path, hf_dir):
 def test_a_checkpoint_whose_config_json_was_edited_is_refused(tmp_path, hf_dir):
     """Weight groups on disk that the config does not use (fewer layers, a tied head) would make
     another model, silently; so would a manifest naming a dtype llmjax never stores."""
-    from llmjax.sharding import make_mesh
 
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     config_path, manifest_path = os.path.join(out, "config.json"), os.path.join(out, "llmjax.json")
