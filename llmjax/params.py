@@ -230,7 +230,7 @@ def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     return Params(weights, fitted, params.tokenizer, mesh, params.quant)
 
 
-def float_dtype_name(dtype, also: str = "(or None to keep the stored dtype)") -> str:
+def float_dtype_name(dtype, also: str = "(or None: as stored on a GPU, float32 on a CPU)") -> str:
     """`"bfloat16"`, `jnp.bfloat16` and `np.dtype("bfloat16")` alike, or a ValueError naming the
     float dtypes and `also` what else the caller takes."""
     try:
