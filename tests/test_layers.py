@@ -87,3 +87,30 @@ def test_random_weights_differ_between_layers_and_have_the_declared_spread():
     np.testing.assert_array_equal(np.asarray(again["layer_2"]["mlp"]["down"]["kernel"]), kernels[2])
     other = llmjax.init_random(config, dtype="float32", seed=2).weights
     assert not np.allclose(np.asarray(other["layer_0"]["mlp"]["down"]["kernel"]), kernels[0])
+
+
+def test_a_float32_model_asks_for_full_float32_products_unless_told_otherwise():
+    # A GPU runs float32 products at XLA's default precision as TensorFloat-32 (10-bit mantissas), in
+    # XLA and in Pallas kernels alike. A float32 model asks for HIGHEST in `Llama` and in the pieces the
+    # pipelined decode calls on their own (a stage, the head), unless the caller chose a precision.
+    # The jaxpr holds every platform's branch, the GPU kernels' products included.
+    config = LlamaConfig.preset("tiny")
+    weights = llama.init_params(config, jax.random.key(0), jnp.float32)
+    tokens, positions = jnp.ones((2, 5), jnp.int32), jnp.broadcast_to(jnp.arange(5), (2, 5))
+    x = jnp.ones((2, 5, config.hidden_size), jnp.float32)
+    stage = llama.stage_fn(config, jnp.float32, None)
+    layers = {k: v for k, v in weights.items() if k.startswith("layer_")}
+    programs = {"model": lambda: llama.Llama(config).apply({"params": weights}, tokens, positions),
+                "stage": lambda: stage(layers, x, positions, None),
+                "head": lambda: llama.head(config, weights, x)}
+
+    def counts(run) -> tuple[int, int]:  # (products at HIGHEST, products)
+        text = str(jax.make_jaxpr(run)())
+        return text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)"), text.count("dot_general[")
+
+    for name, run in programs.items():
+        with jax.default_matmul_precision(None):  # as a user runs it (conftest asks for "highest")
+            at_highest, products = counts(run)
+        assert 0 < products == at_highest, (name, at_highest, products)
+        with jax.default_matmul_precision("tensorfloat32"):  # the caller's choice stands
+            assert counts(run)[0] < products, name

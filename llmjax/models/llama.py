@@ -16,6 +16,7 @@ the fused kernels); init, abstract shapes and shardings all derive from that dec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -489,9 +490,7 @@ class Llama(nn.Module):
     def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
         embed = Embed(self.config.embedding_rows, self.config.hidden_size, self.dtype, self.mesh, name="embed")
         x = embed(tokens)
-        # A GPU's float32 products default to TensorFloat-32 (10-bit mantissas): a float32 model is
-        # there to be exact, so its products are asked for full float32 (bfloat16 ones are unchanged).
-        with jax.default_matmul_precision("highest" if x.dtype == jnp.float32 else None):
+        with float_products(x.dtype):
             return self._layers_and_head(embed, x, positions, cache, logits_at)
 
     def _layers_and_head(self, embed, x, positions, cache, logits_at):
@@ -544,8 +543,19 @@ def stage_fn(config: LlamaConfig, dtype, mesh, quant: QuantScheme | None = None)
                    mesh)
 
     def apply(weights, x, positions, cache):
-        return stage.apply({"params": weights}, x, positions, cache)
+        with float_products(x.dtype):  # (the pipelined decode calls stages outside `Llama`)
+            return stage.apply({"params": weights}, x, positions, cache)
     return apply
+
+
+def float_products(dtype):
+    """The context a model of `dtype` runs its products under. A GPU's float32 products default to
+    TensorFloat-32 (10-bit mantissas), but a float32 model is there to be exact: it asks for full
+    float32, unless the caller has chosen a precision (`jax.default_matmul_precision`). Other dtypes
+    run as they are."""
+    if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
 
 
 def embed(config: LlamaConfig, weights: dict, tokens: jax.Array) -> jax.Array:
@@ -559,7 +569,7 @@ def head(config: LlamaConfig, weights: dict, x: jax.Array, mesh: Any = None,
     `Llama` computes them (the pipelined decode applies them to each microbatch leaving the last stage,
     on the model's `mesh`, with its `quant` scheme: a quantized LM head stays quantized)."""
     x = RMSNorm(config.rms_norm_eps, mesh=mesh).apply({"params": weights["final_norm"]}, x)
-    with jax.named_scope("lm_head"):
+    with jax.named_scope("lm_head"), float_products(x.dtype):
         if config.tie_word_embeddings:
             logits = Embed(config.embedding_rows, config.hidden_size).apply(
                 {"params": weights["embed"]}, x, method=Embed.attend)
