@@ -1146,8 +1146,8 @@ class LLM:
     def _budgets(max_new_tokens, count: int, one_prompt: bool) -> list:
         if isinstance(max_new_tokens, (list, tuple)) or getattr(max_new_tokens, "ndim", 0) > 0:
             if one_prompt:
-                raise ValueError(f"max_new_tokens={max_new_tokens!r} is a list, but the prompt is a single "
-                                 "one; give one number (a list gives one per prompt of a list)")
+                raise ValueError(f"max_new_tokens={max_new_tokens!r} is a sequence, but the prompt is a single "
+                                 "one; give one number (a sequence gives one per prompt of a list)")
             if len(max_new_tokens) != count:
                 raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {count} prompts; "
                                  "give one number, or one per prompt")

@@ -92,21 +92,22 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     manifest = checkpoint.read_manifest(path) if is_ckpt else None  # read once for the whole load
     quant = _stored_quant(path, manifest) if is_ckpt else None
     if mesh is not None:
-        return _check_finite(_load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant), path)
+        return _check_finite(_load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant), path, dtype)
     if is_ckpt:
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
         checkpoint.check_groups(path, manifest, target)
         weights = checkpoint.restore_weights(path, target)
+        for key in list(weights) if dtype is not None else ():  # a group at a time: never two models
+            weights[key] = cast_floats(weights.pop(key), dtype)
     else:
-        weights = jax.device_put(read_hf_weights(path, config)[0], jax.local_devices()[0])
-    if dtype is not None:
-        weights = cast_floats(weights, dtype)
-    return _check_finite(Params(weights, config, tokenizer, quant=quant), path)
+        weights = jax.device_put(read_hf_weights(path, config, dtype or "auto")[0], jax.local_devices()[0])
+    return _check_finite(Params(weights, config, tokenizer, quant=quant), path, dtype)
 
 
-def _check_finite(params: Params, path: str) -> Params:
-    """`params`, once no float weight holds a NaN or an infinity (a damaged file, or one saved from a
-    run that diverged): such weights would decode garbage without a word."""
+def _check_finite(params: Params, path: str, cast: str | None) -> Params:
+    """`params`, once no float weight holds a NaN or an infinity (a damaged file, one saved from a
+    run that diverged, or a `cast` to float16 that overflowed): such weights would decode garbage
+    without a word."""
     named = [([str(getattr(k, "key", getattr(k, "name", k))) for k in key], w)
              for key, w in jax.tree_util.tree_flatten_with_path(params.weights)[0]
              if jnp.issubdtype(w.dtype, jnp.floating)]
@@ -121,8 +122,11 @@ def _check_finite(params: Params, path: str) -> Params:
         elif not ok:
             bad.append("/".join(names))
     if bad:
+        overflow = ("; or the cast to float16 overflowed (it turns values past +-65504 into infinity): load "
+                    "as bfloat16 or float32" if cast == "float16" else "")
         raise ValueError(f"{path}: {len(bad)} weight(s) hold NaN or infinite values, first {bad[:3]}; the "
-                         "file is damaged or was saved from a run that diverged: convert or copy it again")
+                         "file is damaged or was saved from a run that diverged: copy it again from a sound "
+                         f"source{overflow}")
     return params
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -14,6 +15,7 @@ import llmjax
 from llmjax import checkpoint
 from llmjax.cli import main as cli_main
 from llmjax.convert import hf
+from llmjax.params import default_dtype
 from llmjax.sharding import make_mesh
 
 from conftest import hf_config, save_hf_model
@@ -128,11 +130,16 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir):
         tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.inf)
     src = _copy_with(hf_dir, tmp_path / "a", poison)
     out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
-    meshes = (None, make_mesh(tensor=2, data=4), make_mesh(stage=2, tensor=2, data=2))
+    meshes = [None] + ([make_mesh(tensor=2, data=4), make_mesh(stage=2, tensor=2, data=2)]
+                       if jax.device_count() == 8 else [])
     for folder, mesh in [(src, None)] + [(out, mesh) for mesh in meshes]:
         with pytest.raises(ValueError, match=r"2 weight\(s\) hold NaN or infinite values, first "
                            r"\['final_norm/scale', 'layer_1/mlp/down/kernel'\]; the file is damaged"):
             llmjax.load(folder, mesh=mesh)
+    big = _copy_with(hf_dir, tmp_path / "big", lambda t: t["model.norm.weight"].__setitem__(0, 1e5))
+    llmjax.load(big)  # finite in float32, but past float16's largest value
+    with pytest.raises(ValueError, match=r"first \['final_norm/scale'\]; .*the cast to float16 overflowed"):
+        llmjax.load(big, dtype="float16")
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
@@ -225,7 +232,7 @@ def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_
         assert os.path.isfile(os.path.join(out, name)), name
     assert checkpoint.read_manifest(out)["dtype"] == "bfloat16"
     params = llmjax.load(out)
-    assert str(params.dtype) == "float32" and params.tokenizer is not None  # a CPU's default
+    assert params.dtype == np.dtype(default_dtype()) and params.tokenizer is not None  # a CPU widens
     assert str(llmjax.load(out, dtype="bfloat16").dtype) == "bfloat16"
     assert str(llmjax.load(out, dtype="float32").dtype) == "float32"
     assert str(llmjax.load(out, dtype=jnp.float16).dtype) == "float16"
