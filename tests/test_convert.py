@@ -291,7 +291,7 @@ def test_a_checkpoint_whose_config_json_was_edited_is_refused(tmp_path, hf_dir):
     for edit, unused in (({"num_hidden_layers": 1}, "layer_1"), ({"tie_word_embeddings": True}, "lm_head")):
         with open(config_path, "w") as f:
             json.dump({**json.loads(original), **edit}, f)
-        for mesh in (None, make_mesh(tensor=2, data=4)):
+        for mesh in (None,) + ((make_mesh(tensor=2, data=4),) if jax.device_count() == 8 else ()):
             with pytest.raises(ValueError, match=f"not used by the config \\['{unused}'\\]"):
                 llmjax.load(out, mesh=mesh)
     with open(config_path, "w") as f:
