@@ -67,7 +67,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     they keep the stored dtype on a GPU and are widened to float32 on a CPU (`default_dtype`). A
     checkpoint converted with `--quant` loads quantized. With a `mesh`
     (`llmjax.sharding.make_mesh`), each weight group is read and placed straight into its sharding,
-    a layer at a time: the model is never whole on one device.
+    a layer at a time: the model is never whole on one device. Weights holding a NaN or an infinity
+    are refused, by name.
     """
     path = resolve(path)
     if dtype is None and on_cpu(mesh):
@@ -114,9 +115,9 @@ def _check_finite(params: Params, path: str, cast: str | None) -> Params:
     stacked = tuple(names[0] == "stages" for names, _ in named)  # [stage, ...]: one verdict per stage
     finite = jax.device_get(_all_finite([w for _, w in named], stacked))
     bad = []
+    layout = pipeline.stage_layout(params.config, pipeline.stages(params.mesh)) if any(stacked) else []
     for (names, _), ok, per_stage in zip(named, finite, stacked):
         if per_stage:  # stages/layer_{place}/... holds, on stage s, the model's layer layout[s][place]
-            layout = pipeline.stage_layout(params.config, pipeline.stages(params.mesh))
             place = int(names[1][len("layer_"):])
             bad += [f"layer_{layout[s][place]}/" + "/".join(names[2:]) for s in range(len(ok)) if not ok[s]]
         elif not ok:
@@ -255,10 +256,11 @@ def on_cpu(mesh: jax.sharding.Mesh | None = None) -> bool:
 def default_dtype(mesh: jax.sharding.Mesh | None = None) -> str:
     """The float dtype of weights when none is named: bfloat16 on a GPU, float32 on a CPU.
 
-    XLA's CPU backend computes bfloat16 through float32, rounding each operation's result back, so bfloat16 runs slower there (the demo model decodes one row 1.3x faster
-    in float32) and each rounding can turn a near tie between two tokens on how the work was split
-    (a request's batch, its neighbours in the engine, the mesh). In float32 the engine's greedy
-    tokens equal `generate`'s in every case tried. Name `dtype="bfloat16"` to halve the memory."""
+    XLA's CPU backend computes bfloat16 through float32, rounding each operation's result back, so
+    bfloat16 runs slower there (the demo model decodes one row 1.28x faster in float32) and each
+    rounding can turn a near tie between two tokens on how the work was split (a request's batch,
+    its neighbours in the engine, the mesh). In float32 the engine's greedy tokens have equalled
+    `generate`'s in every case tried. Name `dtype="bfloat16"` to halve the memory."""
     return "float32" if on_cpu(mesh) else "bfloat16"
 
 
@@ -276,9 +278,9 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str | None =
     """Random weights for a config or preset name: for benchmarks and tests. `dtype` is a float dtype
     (by default bfloat16 on a GPU, float32 on a CPU: `default_dtype`) or a quantization (`int4-g128`,
     ..., `int8`: random codes made directly in quantized form, the other weights bfloat16;
-    `quant_lm_head` quantizes an untied LM head too, as `llmjax convert
-    --quant-lm-head` does). With a `mesh`, each weight is created in its sharding (a 70B model never
-    sits whole on one device)."""
+    `quant_lm_head` quantizes an untied LM head too, as `llmjax convert --quant-lm-head` does).
+    With a `mesh`, each weight is created in its sharding (a 70B model never sits whole on one
+    device)."""
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
     check_seed(seed)
