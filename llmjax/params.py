@@ -98,8 +98,9 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
         checkpoint.check_groups(path, manifest, target)
         weights = checkpoint.restore_weights(path, target)
-        for key in list(weights) if dtype is not None else ():  # a group at a time: never two models
-            weights[key] = cast_floats(weights.pop(key), dtype)
+        if dtype is not None:
+            for key in list(weights):  # a group at a time: the model is never there twice
+                weights[key] = cast_floats(weights.pop(key), dtype)
     else:
         weights = jax.device_put(read_hf_weights(path, config, dtype or "auto")[0], jax.local_devices()[0])
     return _check_finite(Params(weights, config, tokenizer, quant=quant), path, dtype)
