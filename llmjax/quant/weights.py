@@ -201,16 +201,16 @@ def quantize_int4(w, *, num_out_dims: int, group_size: int, symmetric: bool = Tr
     g = rows.reshape(*out, k // group_size, group_size)
     if symmetric:
         amax = jnp.max(jnp.abs(g), axis=-1)
-        candidates = [((amax / c).astype(SCALE_DTYPE), jnp.full(amax.shape, 8.0)) for c in _SYMMETRIC_DIVISORS]
+        candidates = [(_stored(amax / c), jnp.full(amax.shape, 8.0)) for c in _SYMMETRIC_DIVISORS]
     else:
         lo, hi = jnp.minimum(jnp.min(g, axis=-1), 0.0), jnp.maximum(jnp.max(g, axis=-1), 0.0)
-        scale = ((hi - lo) / 15).astype(SCALE_DTYPE)
+        scale = _stored((hi - lo) / 15)
         candidates = [(scale, jnp.clip(jnp.round(-lo / _nonzero(scale)), 0, 15))]
     best = None
     for scale, zero in candidates:
-        # codes from the rounded scale, so dequantize reproduces what is measured here
+        # codes from the stored scale, so dequantize reproduces what is measured here
         codes = jnp.clip(jnp.round(g / _nonzero(scale)[..., None]) + zero[..., None], 0, 15)
-        err = jnp.sum(((codes - zero[..., None]) * scale.astype(jnp.float32)[..., None] - g) ** 2, axis=-1)
+        err = jnp.sum(((codes - zero[..., None]) * scale[..., None] - g) ** 2, axis=-1)
         if best is None:
             best = (err, scale, zero, codes)
         else:
@@ -220,7 +220,7 @@ def quantize_int4(w, *, num_out_dims: int, group_size: int, symmetric: bool = Tr
     _, scale, zero, codes = best
     values = pack_int4(codes.reshape(*out, k).astype(jnp.uint32), group_size)
     zeros = None if symmetric else zero.astype(SCALE_DTYPE)
-    return QuantizedWeight(values, scale, zeros, bits=4, group_size=group_size)
+    return QuantizedWeight(values, scale.astype(SCALE_DTYPE), zeros, bits=4, group_size=group_size)
 
 
 def dequantize_int4(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
@@ -232,10 +232,20 @@ def dequantize_int4(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     return ((g - zero) * qw.scales.astype(jnp.float32)[..., None]).reshape(*out, k).astype(dtype)
 
 
+def _stored(scale):
+    """A float32 scale rounded to `SCALE_DTYPE`, the value the weight will store, still in float32.
+    Not `.astype(SCALE_DTYPE).astype(float32)`: XLA on a GPU may drop that round trip inside a fusion
+    (it allows excess precision), so the codes would be divided by the unrounded scale and
+    dequantized with the rounded one: on an H200, int8 errors up to 1.84x the rounding bound
+    (`benchmarks/quant_rounding.py`).
+    `reduce_precision` is an operation of its own, and XLA keeps it."""
+    info = jnp.finfo(SCALE_DTYPE)
+    return jax.lax.reduce_precision(scale.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def _nonzero(scale):
-    """A scale to divide by: an all-zero group has scale 0 (its codes all mean 0); divide by 1."""
-    s = scale.astype(jnp.float32)
-    return jnp.where(s == 0, 1.0, s)
+    """A float32 scale to divide by: an all-zero group has scale 0 (its codes all mean 0); divide by 1."""
+    return jnp.where(scale == 0, 1.0, scale)
 
 
 # ------------------------------------------------------------------ int8
@@ -245,9 +255,9 @@ def _nonzero(scale):
 def quantize_int8(w, *, num_out_dims: int) -> QuantizedWeight:
     """Per-output-channel symmetric int8 of a kernel `[*out, *in]`."""
     rows = _rows(w, num_out_dims)
-    scale = (jnp.max(jnp.abs(rows), axis=-1) / 127).astype(SCALE_DTYPE)
+    scale = _stored(jnp.max(jnp.abs(rows), axis=-1) / 127)
     codes = jnp.clip(jnp.round(rows / _nonzero(scale)[..., None]), -127, 127).astype(jnp.int8)
-    return QuantizedWeight(codes, scale, None, bits=8, group_size=None)
+    return QuantizedWeight(codes, scale.astype(SCALE_DTYPE), None, bits=8, group_size=None)
 
 
 def dequantize_int8(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
