@@ -20,7 +20,7 @@ import numpy as np
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
-                               iter_weight_groups, pickled_files, read_hf_weights, resolve_dtype)
+                               iter_weight_groups, nonfinite_error, pickled_files, read_hf_weights, resolve_dtype)
 from llmjax.files import BUNDLED, check_folder, read_json, resolve
 from llmjax.kernels import dispatch
 from llmjax.models import llama
@@ -124,11 +124,7 @@ def _check_finite(params: Params, path: str, cast: str | None) -> Params:
         elif not ok:
             bad.append("/".join(names))
     if bad:
-        overflow = ("; or the cast to float16 overflowed (it turns values past +-65504 into infinity): load "
-                    "as bfloat16 or float32" if cast == "float16" else "")
-        raise ValueError(f"{path}: {len(bad)} weight(s) hold NaN or infinite values, first {bad[:3]}; the "
-                         "file is damaged or was saved from a run that diverged: copy it again from a sound "
-                         f"source{overflow}")
+        raise nonfinite_error(path, bad, cast)
     return params
 
 

@@ -121,7 +121,7 @@ def test_corrupt_file_is_named(tmp_path, hf_dir):
     assert "model.safetensors" in msg and "corrupt" in msg
 
 
-def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir):
+def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir, monkeypatch):
     name = "model.layers.1.mlp.down_proj.weight"
 
     def poison(tensors):
@@ -129,7 +129,15 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir):
         tensors[name][3, 5] = np.nan
         tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.inf)
     src = _copy_with(hf_dir, tmp_path / "a", poison)
-    out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
+    for dtype in ("auto", "bfloat16", "float16"):
+        with pytest.raises(ValueError, match=r"1 weight\(s\) hold NaN or infinite values, first "
+                           r"\['layer_1/mlp/down/kernel'\]; the file is damaged"):
+            hf.convert(str(src), str(tmp_path / "refused"), dtype=dtype, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # no checkpoint, no partial folder
+    # a checkpoint written without the check (as an older llmjax did): `load` refuses it too
+    with monkeypatch.context() as m:
+        m.setattr(hf, "_finite_groups", lambda groups, folder, cast: groups)
+        out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
     meshes = [None] + ([make_mesh(tensor=2, data=4), make_mesh(stage=2, tensor=2, data=2)]
                        if jax.device_count() == 8 else [])
     for folder, mesh in [(src, None)] + [(out, mesh) for mesh in meshes]:
@@ -140,6 +148,9 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir):
     llmjax.load(big)  # finite in float32, but past float16's largest value
     with pytest.raises(ValueError, match=r"first \['final_norm/scale'\]; .*the cast to float16 overflowed"):
         llmjax.load(big, dtype="float16")
+    with pytest.raises(ValueError, match=r"first \['final_norm/scale'\]; .*the cast to float16 overflowed"):
+        hf.convert(str(big), str(tmp_path / "big16"), dtype="float16", progress=False)
+    hf.convert(str(big), str(tmp_path / "big32"), dtype="float32", progress=False)
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):

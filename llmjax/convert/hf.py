@@ -188,6 +188,43 @@ def iter_weight_groups(source: SafetensorsFolder, entries: list[Entry], dtype: s
             yield key, tree
 
 
+def nonfinite_error(path: str, bad: list[str], cast: str | None) -> ValueError:
+    """The error for weights (`bad`, by llmjax name) that hold NaN or infinity, read from `path`, where
+    `cast` is the dtype the caller asked for (None or "auto": as stored)."""
+    overflow = ("; or the cast to float16 overflowed (it turns values past +-65504 into infinity): use "
+                "bfloat16 or float32" if cast == "float16" else "")
+    return ValueError(f"{path}: {len(bad)} weight(s) hold NaN or infinite values, first {bad[:3]}; the file "
+                      f"is damaged or was saved from a run that diverged: copy it again from a sound source{overflow}")
+
+
+def _is_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in a float array, from the exponent bits: numpy's `isfinite` on bfloat16 runs
+    an element at a time."""
+    info = ml_dtypes.finfo(array.dtype)
+    mask = ((1 << info.nexp) - 1) << info.nmant  # all exponent bits set: infinity or NaN
+    bits = np.ascontiguousarray(array).view(f"uint{8 * array.itemsize}")
+    return not np.any((bits & bits.dtype.type(mask)) == mask)
+
+
+def _finite_groups(groups, folder: str, cast: str) -> Iterator[tuple[str, dict]]:
+    """`groups` (`iter_weight_groups`), each checked before it is passed on: `convert` refuses a model
+    with NaN or infinite weights before its checkpoint exists, as `llmjax.load` would refuse that
+    checkpoint (float16 overflow included)."""
+    for key, tree in groups:
+        bad = [name for name, array in _named_leaves(tree, key) if not _is_finite(array)]
+        if bad:
+            raise nonfinite_error(folder, bad, cast)
+        yield key, tree
+
+
+def _named_leaves(tree: dict, prefix: str):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _named_leaves(value, f"{prefix}/{key}")
+        else:
+            yield f"{prefix}/{key}", value
+
+
 def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -306,7 +343,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
                          "table, which stays in floating point; leave it off")
     source = SafetensorsFolder(hf_dir)
     entries = check_tensors(source, config)
-    dtype = resolve_dtype(dtype, source)
+    resolved = resolve_dtype(dtype, source)
     out_dir = _checked_output(hf_dir, out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
@@ -327,11 +364,11 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
                     if e.filename != side:  # writing the copy, not reading the original
                         raise
                     raise PermissionError(not_permitted(side)) from None
-        groups = iter_weight_groups(source, entries, dtype, progress)
+        groups = _finite_groups(iter_weight_groups(source, entries, resolved, progress), hf_dir, dtype)
         if quant is not None:
-            groups = _quantized(groups, config, dtype, quant)
+            groups = _quantized(groups, config, resolved, quant)
         keys = checkpoint.write_weights(tmp, groups)
-        checkpoint.write_manifest(tmp, keys, dtype, quant)
+        checkpoint.write_manifest(tmp, keys, resolved, quant)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
