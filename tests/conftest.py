@@ -1,5 +1,9 @@
 """Test setup: 8 fake CPU devices, rank promotion raises, float32 matmuls at full precision.
 
+`LLMJAX_TEST_DEVICES` sets another number of CPU devices (`LLMJAX_TEST_DEVICES=1` shows on a CPU what a
+single GPU skips). A test that needs several devices carries `needs_devices(n)`, and one that runs an
+interpreter on the CPU `needs_cpu`: skipped, with the reason, where the process has fewer or none.
+
 Helpers here build Hugging Face model folders with `transformers` (random weights; biases and norm
 scales randomised too, so a mis-mapped one shows) and a sentencepiece tokenizer trained on standard
 library source, which every machine has.
@@ -11,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", int(os.environ.get("LLMJAX_TEST_DEVICES", "8")))
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -20,6 +24,24 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 SP_VOCAB = 600
+
+
+def needs_devices(n: int):
+    """Skips a test on fewer than `n` devices (a single GPU, say); CI's 8 CPU devices run it."""
+    have = jax.device_count()
+    return pytest.mark.skipif(have < n, reason=f"needs {n} devices, this process has {have}")
+
+
+def _has_cpu() -> bool:
+    try:
+        jax.devices("cpu")
+    except RuntimeError:  # JAX_PLATFORMS without cpu (a GPU-only run)
+        return False
+    return True
+
+
+# Pallas' and Mosaic GPU's interpret modes call back into Python on a CPU device.
+needs_cpu = pytest.mark.skipif(not _has_cpu(), reason="needs a CPU device (interpret mode); JAX_PLATFORMS leaves none")
 
 
 @pytest.fixture(scope="session", autouse=True)
