@@ -21,7 +21,7 @@ from llmjax.quant import (QuantizedWeight, QuantScheme, dequantize_int4, dequant
 from llmjax.quant.weights import pack_int4, unpack_int4
 from llmjax.sharding import make_mesh
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
 
 gen = importlib.import_module("llmjax.generate")
 PROMPTS = [[1, 17, 300, 5, 9], [1, 800], [1, 4, 4, 4, 900, 12, 33]]
@@ -126,6 +126,7 @@ def test_quantized_model_matches_the_model_it_dequantizes_to(float_params, schem
         assert llmjax.generate(q, PROMPTS, max_new_tokens=8) == llmjax.generate(d, PROMPTS, max_new_tokens=8)
 
 
+@needs_devices(8)
 def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_params):
     q = quantize_params(float_params, "int4-g32")
     want, tokens = _logits(q), llmjax.generate(q, PROMPTS, max_new_tokens=8)
@@ -157,6 +158,7 @@ def test_quantize_params_names_bad_input(float_params, call, match):
         call(float_params)
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("scheme, tensor", [("int4-g128", 4), ("int4-g32", 8), ("int4-g128", 2), ("int4-g64", 8)])
 def test_a_refused_tensor_degree_names_degrees_and_group_sizes_that_run(scheme, tensor):
     """Every degree and group size the message offers is one the model then runs with (the demo
@@ -179,6 +181,7 @@ def test_a_refused_tensor_degree_names_degrees_and_group_sizes_that_run(scheme, 
         check_mesh(config, QuantScheme.parse(group), mesh(tensor))
 
 
+@needs_devices(8)
 def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(float_params):
     """Each stage's quantized products run per device: whole with data parallelism, split over
     `tensor` (a shard_map nested in the stage's) with tensor parallelism inside the stages."""
@@ -193,6 +196,7 @@ def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(fl
         assert llmjax.generate(p, PROMPTS[1], max_new_tokens=8) == tokens[1]  # batch 1: the stages in turn
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("layers", [5, 6])
 def test_quantized_stages_of_three_layers_with_tensor_parallelism_generate(layers):
     """Three layers a stage (six, or five and a padding layer), tensor parallel inside: XLA's
@@ -208,6 +212,7 @@ def test_quantized_stages_of_three_layers_with_tensor_parallelism_generate(layer
     assert llmjax.generate(p, prompts[0], max_new_tokens=4) == tokens[0]
 
 
+@needs_devices(8)
 def test_random_quantized_weights_under_stages_equal_the_single_device_ones():
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2, hidden_size=128,
                                  head_dim=16, intermediate_size=256, num_layers=4, eos_token_ids=())
@@ -221,6 +226,7 @@ def test_random_quantized_weights_under_stages_equal_the_single_device_ones():
                        zip(mine, jax.tree.leaves(whole.weights[f"layer_{2 * stage + j}"])))
 
 
+@needs_devices(8)
 def test_random_quantized_weights_are_made_in_their_shardings():
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=8, num_kv_heads=2, hidden_size=128,
                                  head_dim=16, intermediate_size=256, eos_token_ids=())
@@ -231,20 +237,22 @@ def test_random_quantized_weights_are_made_in_their_shardings():
     assert np.isfinite(np.asarray(llmjax.logits(p, [1, 5, 9]))).all()
 
 
-def test_convert_quant_round_trips_and_loads_on_a_mesh(folder, float_params, tmp_path, capsys):
-    ckpt = tmp_path / "int4"
+@pytest.fixture(scope="module")
+def int4_checkpoint(folder, tmp_path_factory):
+    """`folder` converted with `--quant int4-g32`."""
+    ckpt = tmp_path_factory.mktemp("converted") / "int4"
     assert cli.main(["convert", str(folder), str(ckpt), "--quant", "int4-g32", "--quiet"]) == 0
-    manifest = json.loads((ckpt / "llmjax.json").read_text())
+    return ckpt
+
+
+def test_convert_quant_round_trips(int4_checkpoint, folder, float_params, tmp_path, capsys):
+    manifest = json.loads((int4_checkpoint / "llmjax.json").read_text())
     assert manifest["quant"] == {"bits": 4, "group_size": 32, "symmetric": True, "lm_head": False}
-    p = llmjax.load(ckpt)
+    p = llmjax.load(int4_checkpoint)
     assert p.quant.name == "int4-g32" and isinstance(p.weights["layer_0"]["attn"]["o"]["kernel"], QuantizedWeight)
     assert not isinstance(p.weights["lm_head"]["kernel"], QuantizedWeight)
     want = _logits(quantize_params(float_params, "int4-g32"))  # the same quantization, done in memory
     np.testing.assert_array_equal(_logits(p), want)
-    for data, tensor in ((4, 2), (2, 4)):  # straight into the shardings; through the host (kv repeated)
-        sharded = llmjax.load(ckpt, mesh=make_mesh(tensor=tensor, data=data))
-        assert sharded.quant == p.quant
-        np.testing.assert_allclose(_logits(sharded), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     head = tmp_path / "int8"
     assert cli.main(["convert", str(folder), str(head), "--quant", "int8", "--quant-lm-head", "--quiet"]) == 0
     p8 = llmjax.load(head, dtype="bfloat16")
@@ -255,6 +263,16 @@ def test_convert_quant_round_trips_and_loads_on_a_mesh(folder, float_params, tmp
         assert cli.main(["convert", str(folder), str(tmp_path / "bad"), *argv, "--quiet"]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@needs_devices(8)
+def test_a_converted_int4_checkpoint_loads_on_a_mesh(int4_checkpoint, float_params):
+    quant = llmjax.load(int4_checkpoint).quant
+    want = _logits(quantize_params(float_params, "int4-g32"))
+    for data, tensor in ((4, 2), (2, 4)):  # straight into the shardings; through the host (kv repeated)
+        sharded = llmjax.load(int4_checkpoint, mesh=make_mesh(tensor=tensor, data=data))
+        assert sharded.quant == quant
+        np.testing.assert_allclose(_logits(sharded), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_bench_int4_counts_packed_bytes_and_scales():
