@@ -22,6 +22,8 @@ from llmjax.kernels import decode_attention as da, dispatch, flash_attention as 
 from llmjax.models import llama
 from llmjax.sharding import make_mesh
 
+from conftest import needs_devices
+
 gen = importlib.import_module("llmjax.generate")
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # of the largest |output|
@@ -411,8 +413,10 @@ def test_paged_prefill_reference_is_attention_over_the_gathered_sequence():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("on_mesh", [pytest.param(False, id="one-device"),
+                                     pytest.param(True, marks=needs_devices(2), id="mesh")])
 @pytest.mark.parametrize("dtype", ["float32", "int4-g32"])
-def test_generate_through_the_decode_kernel_gives_the_references_tokens(monkeypatch, dtype):
+def test_generate_through_the_decode_kernel_gives_the_references_tokens(monkeypatch, dtype, on_mesh):
     """Greedy tokens of `llmjax.generate` with each decode step's attention in the kernel (interpret
     mode: the q/k/v product's K slices summed, RoPE applied and the cache written inside it) equal
     those with the references, for a float and an int4 model, on one device and on a (data 2) mesh
@@ -426,12 +430,16 @@ def test_generate_through_the_decode_kernel_gives_the_references_tokens(monkeypa
         jax.clear_caches()
         return llmjax.generate(p, prompts, max_new_tokens=6)
 
-    for p in (params, llmjax.shard(params, make_mesh(data=2, devices=jax.devices()[:2]))):
-        assert run("interpret", p) == run("off", p)
+    p = llmjax.shard(params, make_mesh(data=2, devices=jax.devices()[:2])) if on_mesh else params
+    assert run("interpret", p) == run("off", p)
 
 
 @pytest.mark.slow
-def test_the_engine_through_the_kernels_gives_the_references_tokens(monkeypatch):
+@pytest.mark.parametrize("on_mesh, options", [
+    pytest.param(False, dict(page_size=8), id="pages-of-8"),
+    pytest.param(False, dict(page_size=64, kv_dtype="float8_e4m3fn"), id="float8-pages-of-64"),
+    pytest.param(True, dict(page_size=8), marks=needs_devices(4), id="mesh-pages-of-8")])
+def test_the_engine_through_the_kernels_gives_the_references_tokens(monkeypatch, on_mesh, options):
     """Greedy tokens of the engine with its attention in the kernels (paged decode and the prompt
     chunks' paged prefill, interpret mode) equal those of the references: prompts spanning several
     chunk rows and steps, pages that hold whole key blocks (64) and pages gathered token by token (8),
@@ -448,10 +456,8 @@ def test_the_engine_through_the_kernels_gives_the_references_tokens(monkeypatch)
         llmjax.engine._EXECUTABLES.clear()
         return llmjax.LLM(p, **small, **options).generate(prompts, max_new_tokens=5, progress=False)
 
-    mesh = make_mesh(tensor=2, data=2, devices=jax.devices()[:4])
-    for p, options in [(params, dict(page_size=8)), (params, dict(page_size=64, kv_dtype="float8_e4m3fn")),
-                       (llmjax.shard(params, mesh), dict(page_size=8))]:
-        assert run("interpret", p, **options) == run("off", p, **options)
+    p = llmjax.shard(params, make_mesh(tensor=2, data=2, devices=jax.devices()[:4])) if on_mesh else params
+    assert run("interpret", p, **options) == run("off", p, **options)
 
 
 def test_float8_pages_stay_close_to_the_exact_result():
@@ -675,6 +681,7 @@ def test_model_through_the_kernels_matches_the_reference_model(monkeypatch):
 
 
 @pytest.mark.slow
+@needs_devices(4)
 def test_sharded_model_through_the_kernels_matches_one_device(monkeypatch):
     """On a mesh each device runs the kernel on its own rows and heads (shard_map)."""
     params = _peaked(llmjax.init_random("tiny", dtype="float32", seed=4))
