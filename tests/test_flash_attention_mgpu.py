@@ -15,6 +15,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from llmjax.kernels import flash_attention as fa, flash_attention_mgpu as mgpu
 
+from conftest import needs_cpu
+
 # (batch, queries, keys, heads, kv heads, head dim, q_offsets, kv_lengths, dtype, tuning)
 CASES = {
     # row 0 pads its keys, row 1 is a chunk at an offset; queries and keys off the block grid
@@ -39,6 +41,7 @@ CASES = {
 }
 
 
+@needs_cpu
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_the_reference_in_interpret_mode(case):
     b, t, s, h, n_kv, d, offsets, lengths, dtype, tuning = CASES[case]
