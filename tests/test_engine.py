@@ -22,7 +22,7 @@ from llmjax.config import LlamaConfig
 from llmjax.engine import Engine, LLM
 from llmjax.tokenizer import Tokenizer
 
-from conftest import SP_VOCAB
+from conftest import SP_VOCAB, needs_devices
 
 gen = importlib.import_module("llmjax.generate")
 
@@ -351,6 +351,7 @@ def test_paged_attention_reference_reads_each_rows_pages():
     assert np.all(got[2] == 0)
 
 
+@needs_devices(8)
 def test_llm_on_a_mesh_gives_one_devices_tokens(params):
     from llmjax.sharding import make_mesh
 
@@ -363,12 +364,14 @@ def test_llm_on_a_mesh_gives_one_devices_tokens(params):
 
 
 @pytest.mark.slow
-def test_the_engine_through_the_attention_kernels_gives_the_references_tokens(params, monkeypatch):
+@pytest.mark.parametrize("on_mesh", [pytest.param(False, id="one-device"),
+                                     pytest.param(True, marks=needs_devices(4), id="mesh")])
+def test_the_engine_through_the_attention_kernels_gives_the_references_tokens(params, monkeypatch, on_mesh):
     """Greedy tokens of the engine with its attention in the kernels (interpret mode): decode rows
     through the paged decode kernel, prompt rows through the prefill kernel reading their queries and
     writing their output in place in the step's flat array (`paged_prefill_rows`, after decode rows of
-    any count), on one device and on a (tensor 2, data 2) mesh (each device its own kv heads; where
-    four devices are, as in CI), equal those with the references; a float8 pool too."""
+    any count), on one device and on a (tensor 2, data 2) mesh (each device its own kv heads), equal
+    those with the references on one device; a float8 pool too (on one device)."""
     from llmjax.sharding import make_mesh
 
     rng = np.random.default_rng(8)
@@ -381,11 +384,9 @@ def test_the_engine_through_the_attention_kernels_gives_the_references_tokens(pa
         return LLM(p, kv_dtype=kv_dtype, **{**SMALL, "max_slots": 5}).generate(prompts, max_new_tokens=7,
                                                                                 progress=False)
 
-    meshes = [make_mesh(tensor=2, data=2, devices=jax.devices()[:4])] if len(jax.devices()) >= 4 else []
-    for kv_dtype in (None, "float8_e4m3fn"):
-        want = run("off", params, kv_dtype)
-        for p in [params] + [llmjax.shard(params, mesh) for mesh in meshes if kv_dtype is None]:
-            assert run("interpret", p, kv_dtype) == want
+    p = llmjax.shard(params, make_mesh(tensor=2, data=2, devices=jax.devices()[:4])) if on_mesh else params
+    for kv_dtype in (None,) if on_mesh else (None, "float8_e4m3fn"):
+        assert run("interpret", p, kv_dtype) == run("off", params, kv_dtype)
 
 
 def test_overlap_sends_the_next_call_before_reading_the_tokens_and_changes_none(params):
@@ -610,7 +611,7 @@ def _finished(engine):
     (lambda p: _engine(p).warmup(rows=4), "rows must be a list of row counts, got 4"),
     (lambda p: _engine(p).cancel(_engine(p).add_request([1, 2], max_new_tokens=1)), "does not belong"),
     (lambda p: _engine(p).cancel(_finished(_engine(p))), "does not belong"),
-    (lambda p: _engine(p, mesh=_stage_mesh()), "meshes without pipeline stages"),
+    pytest.param(lambda p: _engine(p, mesh=_stage_mesh()), "meshes without pipeline stages", marks=needs_devices(2)),
     (lambda p: list(_engine(dataclasses.replace(p, tokenizer=None)).stream(None)), "no tokenizer"),
 ])
 def test_bad_input_is_refused_with_a_reason(params, call, match):

@@ -17,6 +17,8 @@ from llmjax.kernels import page_write as pw
 from llmjax.models.rope import rope_tables
 from llmjax.sharding import make_mesh
 
+from conftest import needs_devices
+
 
 def _case(seed, dtype, pool_dtype, pages, page_size, kv_heads, groups, head_dim, n, scale=1.0):
     keys = jax.random.split(jax.random.key(seed), 4)
@@ -107,10 +109,12 @@ def test_a_float8_pool_takes_the_reference_on_rocm():
     assert "rope_page_write" not in text and "scatter" in text
 
 
-def test_the_engine_through_the_kernel_gives_the_references_tokens(monkeypatch):
+@pytest.mark.parametrize("on_mesh", [pytest.param(False, id="one-device"),
+                                     pytest.param(True, marks=needs_devices(4), id="mesh")])
+def test_the_engine_through_the_kernel_gives_the_references_tokens(monkeypatch, on_mesh):
     """Greedy tokens of the engine with every page write in the kernel (interpret mode), on one device
-    and on a (tensor 2, data 2) mesh (each device its own kv heads), equal those with XLA's scatters;
-    float32 and float8 pools."""
+    and on a (tensor 2, data 2) mesh (each device its own kv heads), equal those with XLA's scatters on
+    one device; float32 and float8 pools."""
     config = dataclasses.replace(LlamaConfig.preset("tiny"), max_position_embeddings=96)
     params = llmjax.init_random(config, seed=3, dtype="float32")
     rng = np.random.default_rng(5)
@@ -123,11 +127,9 @@ def test_the_engine_through_the_kernel_gives_the_references_tokens(monkeypatch):
         llmjax.engine._EXECUTABLES.clear()
         return LLM(p, kv_dtype=kv_dtype, **small).generate(prompts, max_new_tokens=6, progress=False)
 
+    p = llmjax.shard(params, make_mesh(tensor=2, data=2, devices=jax.devices()[:4])) if on_mesh else params
     for kv_dtype in (None, "float8_e4m3fn"):
-        want = run("off", params, kv_dtype)
-        meshes = [llmjax.shard(params, make_mesh(tensor=2, data=2, devices=jax.devices()[:4]))] if len(jax.devices()) >= 4 else []
-        for p in [params, *meshes]:  # (one GPU: no mesh)
-            assert run("interpret", p, kv_dtype) == want
+        assert run("interpret", p, kv_dtype) == run("off", params, kv_dtype)
 
 
 def test_bad_input_is_refused(monkeypatch):
