@@ -11,7 +11,7 @@ import pytest
 
 import llmjax
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
 
 # The module; `llmjax.generate` is the function of the same name.
 gen = importlib.import_module("llmjax.generate")
@@ -296,9 +296,6 @@ def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     nvidia = jax.devices()[0].platform == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
     assert gen.generate_ids_fn(model) is (gen._generate_ids_graph if nvidia else gen._generate_ids)
 
-    # A tensor mesh, whose sums are XLA's (NCCL): on the fake CPU devices (one GPU has no second device).
-    mesh = llmjax.sharding.make_mesh(tensor=2, devices=jax.devices()[:2]) if len(jax.devices()) > 1 else None
-
     class Device:  # an AMD GPU reports its gfx name where NVIDIA's report a compute capability
         platform, compute_capability = "gpu", "gfx942"
     with monkeypatch.context() as m:
@@ -306,8 +303,6 @@ def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
         assert gen.generate_ids_fn(model) is gen._generate_ids
         Device.compute_capability = "9.0"
         assert gen.generate_ids_fn(model) is gen._generate_ids_graph
-        if mesh is not None:
-            assert gen.generate_ids_fn(dataclasses.replace(model, mesh=mesh)) is gen._generate_ids
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
     assert gen.generate_ids_fn(model) is gen._generate_ids
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "yes")
@@ -328,6 +323,19 @@ def test_the_loop_runs_as_one_graph_only_on_one_nvidia_gpu(params, monkeypatch):
     monkeypatch.setenv("LLMJAX_LOOP_GRAPH", "off")
     assert both() == graph and len(graph[0][0]) == 6 and len(graph[1]) == 9
     assert calls == [1, 1]
+
+
+@needs_devices(2)
+def test_a_tensor_mesh_keeps_xlas_loop_on_nvidia_gpus(params, monkeypatch):
+    """A tensor mesh's sums are XLA's (NCCL): its loop is XLA's, where one NVIDIA GPU's would be the graph."""
+    monkeypatch.delenv("LLMJAX_LOOP_GRAPH", raising=False)
+    mesh = llmjax.sharding.make_mesh(tensor=2, devices=jax.devices()[:2])
+    model = dataclasses.replace(gen._model(params), mesh=mesh)
+
+    class Device:
+        platform, compute_capability = "gpu", "9.0"
+    monkeypatch.setattr(gen.dispatch.jax, "devices", lambda *a: [Device()])
+    assert gen.generate_ids_fn(model) is gen._generate_ids
 
 
 def test_jax_enable_x64_is_refused_with_the_fix(params):
