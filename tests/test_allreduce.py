@@ -7,6 +7,7 @@ The kernel itself runs only on CUDA GPUs: `benchmarks/tp_allreduce.py` checks an
 `benchmarks/allreduce_selftest.cu` checks its protocol on one GPU."""
 
 import importlib
+import math
 import shutil
 
 import jax
@@ -19,7 +20,7 @@ import llmjax
 from llmjax.kernels import allreduce
 from llmjax.sharding import make_mesh
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
 
 gen = importlib.import_module("llmjax.generate")
 
@@ -65,7 +66,12 @@ def nvlink(monkeypatch):
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("data,stage,tensor", [(1, 1, 2), (2, 1, 4), (1, 2, 2)])
+def _meshes(*shapes):
+    """(data, stage, tensor) parameters, each skipped where fewer devices are than it takes."""
+    return [pytest.param(*shape, marks=needs_devices(math.prod(shape))) for shape in shapes]
+
+
+@pytest.mark.parametrize("data,stage,tensor", _meshes((1, 1, 2), (2, 1, 4), (1, 2, 2)))
 def test_nvlink_mode_gives_the_single_device_result(model, nvlink, data, stage, tensor):
     folder, logits, tokens = model
     p = llmjax.load(folder, mesh=make_mesh(tensor=tensor, stage=stage, data=data,
@@ -77,6 +83,7 @@ def test_nvlink_mode_gives_the_single_device_result(model, nvlink, data, stage, 
     assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
 
 
+@needs_devices(2)
 @pytest.mark.parametrize("tp_graph", ["off", "on"])
 def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink, monkeypatch, tp_graph):
     """The engine's paged steps on a tensor mesh sum through the same path (greedy, float32), with the
@@ -97,6 +104,7 @@ def test_engine_in_nvlink_mode_gives_generates_tokens(model, nvlink, monkeypatch
     assert got == want
 
 
+@needs_devices(2)
 def test_tp_graph_gathers_a_quantized_heads_logits(model, nvlink, monkeypatch):
     """A quantized LM head runs per device in any case; under LLMJAX_TP_GRAPH=on its logits gather through
     the sum, and the mesh gives the single device's quantized logits and tokens."""
@@ -133,7 +141,7 @@ def _vocab_sums(traced, config) -> set:
 
 
 @pytest.mark.parametrize("which", ["model", "tied"])
-@pytest.mark.parametrize("data,stage,tensor", [(1, 1, 2), (2, 1, 4), (1, 2, 2), (1, 1, 8)])
+@pytest.mark.parametrize("data,stage,tensor", _meshes((1, 1, 2), (2, 1, 4), (1, 2, 2), (1, 1, 8)))
 def test_tp_graph_sends_the_embedding_and_logits_through_the_kernel(request, nvlink, monkeypatch, which, data,
                                                                     stage, tensor):
     """LLMJAX_TP_GRAPH=on: the embedding's lookup and the LM head's logits (untied, and tied to a padded
@@ -149,6 +157,7 @@ def test_tp_graph_sends_the_embedding_and_logits_through_the_kernel(request, nvl
     assert llmjax.generate(p, PROMPTS, max_new_tokens=10) == tokens
 
 
+@needs_devices(2)
 def test_tp_graph_is_off_by_default(model, nvlink, monkeypatch):
     folder, _, tokens = model
     monkeypatch.delenv("LLMJAX_TP_GRAPH", raising=False)
@@ -177,6 +186,7 @@ def _collectives(p, **env) -> dict:
     return {name: names.count(name) for name in set(names)}
 
 
+@needs_devices(2)
 def test_tp_graph_leaves_no_all_gather_in_the_decode_program(model, monkeypatch):
     """At tensor=2 XLA's partitioner samples from vocab-split logits with all-gathers (and the loop then
     cannot be one CUDA graph); with LLMJAX_TP_GRAPH=on every collective left is a sum the kernel does
@@ -189,12 +199,14 @@ def test_tp_graph_leaves_no_all_gather_in_the_decode_program(model, monkeypatch)
     assert set(after) == {"all-reduce"}, after
 
 
+@needs_devices(2)
 @pytest.mark.parametrize("env,data,tensor,want", [
     ({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 1, 2, True),
-    ({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 1, 8, True),
+    pytest.param({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 1, 8, True, marks=needs_devices(8)),
     ({"LLMJAX_TP_GRAPH": "on"}, 1, 2, True),  # auto, where the kernel runs
     ({"LLMJAX_ALLREDUCE": "nvlink"}, 1, 2, False),  # off by default
-    ({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 2, 2, False),  # the loop's test sums over data
+    pytest.param({"LLMJAX_ALLREDUCE": "nvlink", "LLMJAX_TP_GRAPH": "on"}, 2, 2, False,  # the loop's test sums over data
+                 marks=needs_devices(4)),
     ({"LLMJAX_ALLREDUCE": "nvlink-eager", "LLMJAX_TP_GRAPH": "on"}, 1, 2, False),  # never captured
     ({"LLMJAX_ALLREDUCE": "xla", "LLMJAX_TP_GRAPH": "on"}, 1, 2, False),
 ])
@@ -218,6 +230,7 @@ def test_the_loop_is_one_graph_on_a_tensor_mesh_only_where_every_sum_is_the_kern
         allreduce.graph_loop(make_mesh(tensor=2, devices=jax.devices()[:2]))
 
 
+@needs_devices(8)
 def test_gather_is_a_tiled_all_gather(nvlink):
     mesh = make_mesh(tensor=4, data=2, devices=jax.devices()[:8])
     x = jnp.arange(2 * 3 * 20, dtype=jnp.float32).reshape(2, 3, 20) - 50.0
@@ -227,6 +240,7 @@ def test_gather_is_a_tiled_all_gather(nvlink):
     assert [shape for shape, _ in nvlink] == [(1, 3, 20)]  # through the sum, whole width
 
 
+@needs_devices(2)
 @pytest.mark.parametrize("mode", ["xla", None])  # None: the default, auto, which a CPU mesh leaves to XLA
 def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch, mode):
     if mode is None:
@@ -241,6 +255,7 @@ def test_xla_mode_leaves_float_products_to_the_partitioner(model, monkeypatch, m
     assert traced == []
 
 
+@needs_devices(8)
 def test_groups_are_the_devices_along_the_axis_in_rank_order():
     mesh = make_mesh(tensor=4, data=2, devices=jax.devices()[:8])
     table = allreduce.groups(mesh, "tensor")
@@ -256,6 +271,7 @@ def test_groups_are_the_devices_along_the_axis_in_rank_order():
     assert sorted(table.ravel().tolist()) == sorted(ids.ravel().tolist())
 
 
+@needs_devices(4)
 @pytest.mark.parametrize("mode,target", [("nvlink", "llmjax_allreduce_graph"), ("nvlink-eager", "llmjax_allreduce"),
                                          ("auto", "llmjax_allreduce_graph")])
 def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, target):
@@ -282,6 +298,7 @@ def test_on_cuda_the_sum_lowers_to_the_kernels_custom_call(monkeypatch, mode, ta
     assert set_up == table.tolist() * (2 if mode == "auto" else 1)  # set up when traced (auto: first to probe)
 
 
+@needs_devices(2)
 @pytest.mark.parametrize("failure", [RuntimeError("LLMJAX_ALLREDUCE: the NVLink all-reduce is compiled with nvcc, "
                                                   "which was not found"),
                                      OSError("libllmjax_allreduce.so: cannot open shared object file")])
@@ -311,7 +328,9 @@ def test_auto_falls_back_to_psum_with_one_warning_where_the_kernel_cannot_run(mo
         jax.jit(f).trace(jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("case", ["four GPUs", "older GPUs", "a prefill-sized sum", "a CPU mesh"])
+@needs_devices(2)
+@pytest.mark.parametrize("case", [pytest.param("four GPUs", marks=needs_devices(4)), "older GPUs",
+                                  "a prefill-sized sum", "a CPU mesh"])
 def test_auto_keeps_psum_silently_where_the_kernel_was_not_measured_or_cannot_run(monkeypatch, recwarn, case):
     """`auto` takes the kernel only for groups of two GPUs of compute capability 8 or more and sums that
     fit its slots; elsewhere it leaves the sums to XLA without a word (and never builds the kernel)."""
@@ -345,6 +364,7 @@ def test_older_gpus_and_other_platforms_are_not_capable():
     assert not allreduce._capable(Mesh(None, "9.0"))
 
 
+@needs_devices(4)
 def test_off_cuda_the_sum_is_xlas_psum(monkeypatch):
     monkeypatch.setenv("LLMJAX_ALLREDUCE", "nvlink")
     mesh = make_mesh(tensor=4, devices=jax.devices()[:4])

@@ -10,6 +10,8 @@ import pytest
 from llmjax import bench, cli
 from llmjax.config import LlamaConfig
 
+from conftest import needs_devices
+
 
 @pytest.fixture(scope="module")
 def result():
@@ -88,6 +90,7 @@ def test_report_names_every_figure(result):
         assert needle in text
 
 
+@needs_devices(8)
 def test_bench_on_a_mesh_counts_bytes_per_device(tmp_path):
     config = LlamaConfig.preset("tiny")
     import dataclasses
