@@ -17,7 +17,7 @@ import llmjax
 from llmjax.models.llama import abstract_params
 from llmjax.sharding import make_mesh, pipeline
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
 
 gen = importlib.import_module("llmjax.generate")
 
@@ -59,6 +59,7 @@ def models(tmp_path_factory):
 CASES = [("gqa", *mesh) for mesh in MESHES] + [("mha", 1, 2, 1), ("mha", 2, 2, 2)]
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("config,data,stage,tensor", CASES)
 def test_every_mesh_gives_the_single_device_result(models, config, data, stage, tensor):
     folder, (_, logits, tokens, alone) = models(config, layers=max(2, stage))
@@ -70,6 +71,7 @@ def test_every_mesh_gives_the_single_device_result(models, config, data, stage, 
     assert llmjax.generate(p, PROMPTS[2], max_new_tokens=10) == alone  # one row: stages in turn
 
 
+@needs_devices(8)
 def test_weights_and_cache_are_split_over_stages_as_the_rules_say(models):
     folder = models("gqa", layers=4)[0]
     mesh = _mesh(2, 2, 2)
@@ -101,6 +103,7 @@ def test_weights_and_cache_are_split_over_stages_as_the_rules_say(models):
         assert array.sharding.is_equivalent_to(NamedSharding(mesh, P("stage", "data", None, "tensor")), 5)
 
 
+@needs_devices(8)
 def test_sampling_and_early_stops_match_one_device(models):
     folder, (params, *_) = models("gqa")
     knobs = dict(max_new_tokens=10, temperature=1.0, top_k=50, seed=3)
@@ -113,6 +116,7 @@ def test_sampling_and_early_stops_match_one_device(models):
     assert llmjax.generate(p, PROMPTS, **knobs) == want
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("data, stage, tensor", [(4, 2, 1), (2, 2, 2)])
 def test_a_quantized_lm_head_stays_quantized_in_the_stages_decode(data, stage, tensor):
     """The decode over stages applies the LM head to each microbatch leaving the last stage: a head
@@ -126,6 +130,7 @@ def test_a_quantized_lm_head_stays_quantized_in_the_stages_decode(data, stage, t
 
 
 # 3 layers: stage 1 holds one layer and a padding place; one kv head: tensor=2 repeats it
+@needs_devices(8)
 @pytest.mark.parametrize("layers, kv_heads", [(4, 2), (3, 2), (2, 1)])
 def test_random_weights_on_stages_equal_the_single_device_ones(layers, kv_heads):
     config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=layers, vocab_size=516,
@@ -146,6 +151,7 @@ def test_stage_layout_spreads_the_padding(stage, layout):
     assert pipeline.stage_layout(config, stage) == layout
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("layers, data, stage, tensor", [(3, 1, 2, 2), (5, 2, 4, 1)])
 def test_stages_that_do_not_divide_the_layers_give_the_single_device_result(models, layers, data, stage, tensor):
     """Stages of unequal size (padded with zero layers) give one device's logits and tokens; a stage's
@@ -166,6 +172,7 @@ def test_stages_that_do_not_divide_the_layers_give_the_single_device_result(mode
     assert sum(i is None for places in layout for i in places) == stage * -(-layers // stage) - layers
 
 
+@needs_devices(8)
 def test_checkpoints_shard_and_perplexity_give_the_same_result(models, tmp_path):
     folder, (params, logits, _, _) = models("mha")
     ckpt = llmjax.convert(folder, tmp_path / "ckpt", progress=False)
@@ -178,6 +185,7 @@ def test_checkpoints_shard_and_perplexity_give_the_same_result(models, tmp_path)
     assert got.tokens == want.tokens and got.nll == pytest.approx(want.nll, abs=1e-5)
 
 
+@needs_devices(8)
 def test_impossible_meshes_are_refused(models):
     folder = models("mha")[0]
     with pytest.raises(ValueError, match="there are 8 devices"):
@@ -189,6 +197,7 @@ def test_impossible_meshes_are_refused(models):
         llmjax.init_random(config, mesh=make_mesh(stage=2, tensor=4))
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_tensor_parallel_layers_gather_no_weight(models, stage):
     """Inside a stage as without stages, Megatron's layout keeps every layer weight where it is:

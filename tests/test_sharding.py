@@ -16,7 +16,9 @@ from llmjax.sharding import make_mesh
 from llmjax.sharding.mesh import fit_config
 from llmjax.sharding.rules import CACHE_SPEC
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
+
+pytestmark = needs_devices(8)  # every test here builds meshes of up to 8 devices
 
 gen = importlib.import_module("llmjax.generate")
 
