@@ -8,8 +8,10 @@
   stored scale.
 - `--demo`: the demo model converted with each scheme (`llmjax.convert`, float32), and a digest of
   its codes, scales and zero points: a GPU and a CPU write the same bytes when the digests agree.
+  `--save FILE.npz` keeps them; `--compare FILE.npz` (saved on another device) counts the values
+  that differ, and for int8 codes how far each differing weight lies from a rounding tie.
 
-    PYTHONPATH=. python -P benchmarks/quant_rounding.py [--rows 4096 --cols 4096] [--demo]
+    PYTHONPATH=. python -P benchmarks/quant_rounding.py [--rows 4096 --cols 4096] [--demo [--save F] [--compare F]]
 """
 
 import argparse
@@ -26,19 +28,41 @@ from llmjax.quant.weights import (SCALE_DTYPE, dequantize_int4, dequantize_int8,
                                   quantize_int8)
 
 
-def demo_digests() -> None:
+def demo_digests(save: str | None, compare: str | None) -> None:
+    arrays = {}
     for scheme in ("int8", "int4-g128", "int4-g32-asym"):
         with tempfile.TemporaryDirectory() as tmp:
             folder = llmjax.convert("tiny-stdlib", os.path.join(tmp, "model"), dtype="float32", quant=scheme,
                                     progress=False)
             weights = llmjax.load(folder, dtype="float32").weights
+        if scheme == "int8":
+            arrays["float"] = np.asarray(llmjax.load("tiny-stdlib", dtype="float32").weights["layer_0"]["mlp"]["down"]["kernel"])
         digest = hashlib.sha256()
-        for leaf in jax.tree.leaves(weights, is_leaf=is_quantized):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(weights, is_leaf=is_quantized)[0]:
             if is_quantized(leaf):
-                for array in (leaf.values, leaf.scales, leaf.zeros):
+                for part in ("values", "scales", "zeros"):
+                    array = getattr(leaf, part)
                     if array is not None:
+                        stored = np.asarray(array)  # bfloat16 scales as float32 (exact), which .npz keeps
+                        arrays[f"{scheme}{jax.tree_util.keystr(path)}.{part}"] = (
+                            stored if stored.dtype.kind in "iu" else stored.astype(np.float32))
                         digest.update(np.asarray(array).tobytes())
         print(f"{jax.devices()[0].device_kind}: the demo model as {scheme}, digest {digest.hexdigest()[:16]}")
+    if save:
+        np.savez_compressed(save, **{k.replace("/", "|"): v for k, v in arrays.items()})
+    if compare:
+        other = {k.replace("|", "/"): v for k, v in np.load(compare).items()}
+        for scheme in ("int8", "int4-g128", "int4-g32-asym"):
+            keys = [k for k in arrays if k.startswith(scheme + "[")]
+            differ = sum(int((arrays[k] != other[k]).sum()) for k in keys)
+            total = sum(arrays[k].size for k in keys)
+            print(f"{scheme}: {differ} of {total} stored values differ from {compare}'s")
+        key = next(k for k in arrays if k.startswith("int8[") and "'down'" in k and "layer_0" in k and k.endswith("values"))
+        scale = arrays[key.replace("values", "scales")].astype(np.float32)[:, None]
+        where = arrays[key] != other[key]
+        ratio = arrays["float"].reshape(scale.shape[0], -1) / scale  # layer_0's down kernel, [out, in] as stored
+        print(f"int8 layer_0 down: {where.sum()} codes differ; their |w / scale| lies "
+              f"{np.abs(np.abs(ratio[where] % 1) - 0.5).max() if where.any() else 0:.2e} at most from a tie")
 
 
 def main() -> None:
@@ -47,6 +71,8 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--demo", action="store_true", help="also the demo model's digests")
+    parser.add_argument("--save", help="with --demo: keep the stored values in this .npz")
+    parser.add_argument("--compare", help="with --demo: count the values that differ from this .npz")
     args = parser.parse_args()
     w = jax.random.normal(jax.random.key(0), (args.rows, args.cols), jnp.float32)
     host = np.asarray(w)
@@ -66,7 +92,7 @@ def main() -> None:
     print(f"{jax.devices()[0].device_kind}: int4-g{args.group}, groups worse than the plain grid: "
           f"{worse.sum()} of {worse.size} (squared error {err.sum():.2f} against {plain.sum():.2f})")
     if args.demo:
-        demo_digests()
+        demo_digests(args.save, args.compare)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,13 @@ def test_help(command):
 
 
 def test_console_script_is_installed():
+    import importlib.metadata
     import sysconfig
 
+    try:
+        importlib.metadata.distribution("llmjax")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run through PYTHONPATH (the GPU machine)
+        pytest.skip("llmjax is not installed in this environment (pip install -e .)")
     script = os.path.join(sysconfig.get_path("scripts"), "llmjax")
     out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "convert" in out.stdout and "generate" in out.stdout
