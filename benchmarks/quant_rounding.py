@@ -9,7 +9,8 @@
 - `--demo`: the demo model converted with each scheme (`llmjax.convert`, float32), and a digest of
   its codes, scales and zero points: a GPU and a CPU write the same bytes when the digests agree.
   `--save FILE.npz` keeps them; `--compare FILE.npz` (saved on another device) counts the values
-  that differ, and for int8 codes how far each differing weight lies from a rounding tie.
+  that differ, and for the int8 codes of layer 0's down kernel how far each differing weight lies
+  from a rounding tie.
 
     PYTHONPATH=. python -P benchmarks/quant_rounding.py [--rows 4096 --cols 4096] [--demo [--save F] [--compare F]]
 """
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--save", help="with --demo: keep the stored values in this .npz")
     parser.add_argument("--compare", help="with --demo: count the values that differ from this .npz")
     args = parser.parse_args()
+    if (args.save or args.compare) and not args.demo:
+        parser.error("--save and --compare go with --demo")
     w = jax.random.normal(jax.random.key(0), (args.rows, args.cols), jnp.float32)
     host = np.asarray(w)
 

@@ -212,8 +212,8 @@ def _finite_groups(groups, folder: str, cast: str) -> Iterator[tuple[str, dict]]
     checkpoint (float16 overflow included)."""
     for key, tree in groups:
         bad = [name for name, array in _named_leaves(tree, key) if not _is_finite(array)]
-        if bad:
-            raise nonfinite_error(folder, bad, cast)
+        if bad:  # named in the first group that has any: conversion stops there
+            raise nonfinite_error(f"{folder} (weight group {key}, the first with any)", bad, cast)
         yield key, tree
 
 
