@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 
@@ -27,11 +28,22 @@ QUANT_METAVAR = "{" + ",".join(s for s in SCHEMES if s.startswith("int4")) + "}[
 def _convert(args) -> None:
     from llmjax.convert.hf import convert
 
-    # SIGTERM (a job killed) unwinds like Ctrl-C while converting, so the partial output folder is removed
-    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM (a job killed) unwinds like Ctrl-C while converting, so the partial output folder is removed.
+    # Python runs the handler wherever the main thread is; where that is a finalizer or a callback that
+    # swallows exceptions, the conversion goes on: the flag then removes the finished output instead.
+    stopped = []
+
+    def stop(*_):
+        stopped.append(True)
+        sys.exit(128 + signal.SIGTERM)
+
+    before = signal.signal(signal.SIGTERM, stop)
     try:
         out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                       progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
+        if stopped:
+            shutil.rmtree(out)
+            sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
     print(f"wrote {out}", file=sys.stderr)

@@ -103,18 +103,31 @@ import sys, time
 from llmjax import cli
 from llmjax.convert import hf
 read = hf.SafetensorsFolder.read
-hf.SafetensorsFolder.read = lambda self, name: (time.sleep(0.3), read(self, name))[1]
+def slow_read(self, name):
+    try:
+        time.sleep(0.3)
+    except SystemExit:
+        if SWALLOW:  # as a finalizer or a library's callback would, where the handler happened to run
+            pass
+        else:
+            raise
+    return read(self, name)
+hf.SafetensorsFolder.read = slow_read
 sys.exit(cli.main(["convert", sys.argv[1], sys.argv[2], "--quiet"]))
 """
 
 
-def test_a_conversion_stopped_by_sigterm_leaves_nothing(example_model, tmp_path):
+@pytest.mark.parametrize("swallowed", [False, True], ids=["unwinds", "exit-swallowed"])
+def test_a_conversion_stopped_by_sigterm_leaves_nothing(example_model, tmp_path, swallowed):
+    """A SIGTERM unwinds the conversion; where the handler's exit is swallowed (it runs wherever the
+    main thread is), the conversion goes on and its output is removed at the end."""
     import glob
     import signal
     import time
 
     partial = str(tmp_path / ".out.partial-*")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(example_model), str(tmp_path / "out")],
+    script = f"SWALLOW = {swallowed}\n" + SLOW_CONVERT
+    proc = subprocess.Popen([sys.executable, "-c", script, str(example_model), str(tmp_path / "out")],
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     deadline = time.monotonic() + 120
     while not glob.glob(partial) and proc.poll() is None and time.monotonic() < deadline:
