@@ -20,7 +20,8 @@ import numpy as np
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
-                               iter_weight_groups, nonfinite_error, pickled_files, read_hf_weights, resolve_dtype)
+                               iter_weight_groups, named_leaves, nonfinite_error, pickled_files, read_hf_weights,
+                               resolve_dtype)
 from llmjax.files import BUNDLED, check_folder, read_json, resolve
 from llmjax.kernels import dispatch
 from llmjax.models import llama
@@ -110,9 +111,7 @@ def _check_finite(params: Params, path: str, cast: str | None) -> Params:
     """`params`, once no float weight holds a NaN or an infinity (a damaged file, one saved from a
     run that diverged, or a `cast` to float16 that overflowed): such weights would decode garbage
     without a word."""
-    named = [([str(getattr(k, "key", getattr(k, "name", k))) for k in key], w)
-             for key, w in jax.tree_util.tree_flatten_with_path(params.weights)[0]
-             if jnp.issubdtype(w.dtype, jnp.floating)]
+    named = [(names, w) for names, w in named_leaves(params.weights) if jnp.issubdtype(w.dtype, jnp.floating)]
     stacked = tuple(names[0] == "stages" for names, _ in named)  # [stage, ...]: one verdict per stage
     finite = jax.device_get(_all_finite([w for _, w in named], stacked))
     bad = []

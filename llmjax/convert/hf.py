@@ -18,8 +18,9 @@ import os
 import shutil
 import uuid
 from collections import defaultdict
-from typing import Iterator
+from typing import Any, Iterator
 
+import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -197,6 +198,13 @@ def nonfinite_error(path: str, bad: list[str], cast: str | None) -> ValueError:
                       f"is damaged or was saved from a run that diverged: copy it again from a sound source{overflow}")
 
 
+def named_leaves(tree) -> list[tuple[list[str], Any]]:
+    """Each leaf of a weight tree with the names on its path (`["layer_1", "mlp", "down", "kernel"]`;
+    a quantized kernel's arrays end in their field, `values`, `scales`, `zeros`)."""
+    return [([str(getattr(k, "key", getattr(k, "name", k))) for k in path], leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _is_finite(array: np.ndarray) -> bool:
     """No NaN or infinity in a float array, from the exponent bits: numpy's `isfinite` on bfloat16 runs
     an element at a time."""
@@ -211,18 +219,10 @@ def _finite_groups(groups, folder: str, cast: str) -> Iterator[tuple[str, dict]]
     with NaN or infinite weights before its checkpoint exists, as `llmjax.load` would refuse that
     checkpoint (float16 overflow included)."""
     for key, tree in groups:
-        bad = [name for name, array in _named_leaves(tree, key) if not _is_finite(array)]
+        bad = ["/".join([key, *names]) for names, array in named_leaves(tree) if not _is_finite(array)]
         if bad:  # named in the first group that has any: conversion stops there
             raise nonfinite_error(f"{folder} (weight group {key}, the first with any)", bad, cast)
         yield key, tree
-
-
-def _named_leaves(tree: dict, prefix: str):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _named_leaves(value, f"{prefix}/{key}")
-        else:
-            yield f"{prefix}/{key}", value
 
 
 def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
@@ -281,7 +281,6 @@ def save_hf(weights: dict, config: LlamaConfig, folder: str | os.PathLike,
 
 def _quantized(groups, config: LlamaConfig, dtype: str, quant: QuantScheme):
     """Each `(key, numpy tree)` group, with the kernels the model declares quantized quantized."""
-    import jax
     import jax.numpy as jnp
 
     from llmjax.models import llama
