@@ -18,7 +18,7 @@ from llmjax.convert import hf
 from llmjax.params import default_dtype
 from llmjax.sharding import make_mesh
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
 
 TOKENS = [1, 5, 9, 200, 7, 3]
 
@@ -121,29 +121,39 @@ def test_corrupt_file_is_named(tmp_path, hf_dir):
     assert "model.safetensors" in msg and "corrupt" in msg
 
 
-def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir, monkeypatch):
-    name = "model.layers.1.mlp.down_proj.weight"
+NAN_NAME = "model.layers.1.mlp.down_proj.weight"
+MESHES = [pytest.param(dict(tensor=2, data=4), marks=needs_devices(8), id="tensor2-data4"),
+          pytest.param(dict(stage=2, tensor=2, data=2), marks=needs_devices(8), id="stage2-tensor2-data2")]
 
-    def poison(tensors):
-        tensors[name] = tensors[name].copy()
-        tensors[name][3, 5] = np.nan
-        tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.inf)
-    src = _copy_with(hf_dir, tmp_path / "a", poison)
+
+def _poison(tensors):
+    tensors[NAN_NAME] = tensors[NAN_NAME].copy()
+    tensors[NAN_NAME][3, 5] = np.nan
+    tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.inf)
+
+
+def _converted_unchecked(src, out, monkeypatch):
+    """A checkpoint written without the NaN check (as an older llmjax did)."""
+    with monkeypatch.context() as m:
+        m.setattr(hf, "_finite_groups", lambda groups, folder, cast: groups)
+        return hf.convert(str(src), str(out), progress=False)
+
+
+LOAD_NAN = (r"2 weight\(s\) hold NaN or infinite values, first "
+            r"\['final_norm/scale', 'layer_1/mlp/down/kernel'\]; the file is damaged")
+
+
+def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir, monkeypatch):
+    src = _copy_with(hf_dir, tmp_path / "a", _poison)
     for dtype in ("auto", "bfloat16", "float16"):
         with pytest.raises(ValueError, match=r"1 weight\(s\) hold NaN or infinite values, first "
                            r"\['layer_1/mlp/down/kernel'\]; the file is damaged"):
             hf.convert(str(src), str(tmp_path / "refused"), dtype=dtype, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["a"]  # no checkpoint, no partial folder
-    # a checkpoint written without the check (as an older llmjax did): `load` refuses it too
-    with monkeypatch.context() as m:
-        m.setattr(hf, "_finite_groups", lambda groups, folder, cast: groups)
-        out = hf.convert(str(src), str(tmp_path / "out"), progress=False)
-    meshes = [None] + ([make_mesh(tensor=2, data=4), make_mesh(stage=2, tensor=2, data=2)]
-                       if jax.device_count() == 8 else [])
-    for folder, mesh in [(src, None)] + [(out, mesh) for mesh in meshes]:
-        with pytest.raises(ValueError, match=r"2 weight\(s\) hold NaN or infinite values, first "
-                           r"\['final_norm/scale', 'layer_1/mlp/down/kernel'\]; the file is damaged"):
-            llmjax.load(folder, mesh=mesh)
+    out = _converted_unchecked(src, tmp_path / "out", monkeypatch)  # `load` refuses it too
+    for folder in (src, out):
+        with pytest.raises(ValueError, match=LOAD_NAN):
+            llmjax.load(folder)
     big = _copy_with(hf_dir, tmp_path / "big", lambda t: t["model.norm.weight"].__setitem__(0, 1e5))
     llmjax.load(big)  # finite in float32, but past float16's largest value
     with pytest.raises(ValueError, match=r"first \['final_norm/scale'\]; .*the cast to float16 overflowed"):
@@ -151,6 +161,13 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path, hf_dir, m
     with pytest.raises(ValueError, match=r"first \['final_norm/scale'\]; .*the cast to float16 overflowed"):
         hf.convert(str(big), str(tmp_path / "big16"), dtype="float16", progress=False)
     hf.convert(str(big), str(tmp_path / "big32"), dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_weights_holding_nan_or_infinity_are_refused_by_name_on_a_mesh(tmp_path, hf_dir, monkeypatch, mesh):
+    out = _converted_unchecked(_copy_with(hf_dir, tmp_path / "a", _poison), tmp_path / "out", monkeypatch)
+    with pytest.raises(ValueError, match=LOAD_NAN):
+        llmjax.load(out, mesh=make_mesh(**mesh))
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
@@ -292,25 +309,26 @@ def test_damaged_checkpoint_is_named(tmp_path, hf_dir):
         llmjax.load(out)
 
 
-def test_a_checkpoint_whose_config_json_was_edited_is_refused(tmp_path, hf_dir):
+@pytest.mark.parametrize("mesh", [pytest.param(None, id="one-device"), MESHES[0]])
+def test_a_checkpoint_whose_config_json_was_edited_is_refused(tmp_path, hf_dir, mesh):
     """Weight groups on disk that the config does not use (fewer layers, a tied head) would make
     another model, silently; so would a manifest naming a dtype llmjax never stores."""
 
+    mesh = mesh and make_mesh(**mesh)
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     config_path, manifest_path = os.path.join(out, "config.json"), os.path.join(out, "llmjax.json")
     original, manifest = open(config_path).read(), open(manifest_path).read()
     for edit, unused in (({"num_hidden_layers": 1}, "layer_1"), ({"tie_word_embeddings": True}, "lm_head")):
         with open(config_path, "w") as f:
             json.dump({**json.loads(original), **edit}, f)
-        for mesh in (None,) + ((make_mesh(tensor=2, data=4),) if jax.device_count() == 8 else ()):
-            with pytest.raises(ValueError, match=f"not used by the config \\['{unused}'\\]"):
-                llmjax.load(out, mesh=mesh)
+        with pytest.raises(ValueError, match=f"not used by the config \\['{unused}'\\]"):
+            llmjax.load(out, mesh=mesh)
     with open(config_path, "w") as f:
         f.write(original)
     with open(manifest_path, "w") as f:
         json.dump({**json.loads(manifest), "dtype": "int8"}, f)
     with pytest.raises(ValueError, match="dtype 'int8' is not one llmjax stores"):
-        llmjax.load(out)
+        llmjax.load(out, mesh=mesh)
 
 
 def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, monkeypatch):

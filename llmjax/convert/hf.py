@@ -176,7 +176,8 @@ def iter_weight_groups(source: SafetensorsFolder, entries: list[Entry], dtype: s
         for key, group in groups.items():
             tree: dict = {}
             for e in group:
-                array = e.to_llmjax(source.read(e.hf_name)).astype(np_dtype)
+                with np.errstate(over="ignore"):  # an overflow is refused by name after the cast
+                    array = e.to_llmjax(source.read(e.hf_name)).astype(np_dtype)
                 if e.fused_shape is None:
                     _set_path(tree, e.path[1:], np.ascontiguousarray(array))
                 else:
