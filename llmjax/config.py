@@ -15,18 +15,29 @@ from typing import Any
 
 from llmjax.files import read_json
 
-ROPE_TYPES = ("default", "llama3", "linear")
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# The fields of each type that `to_hf` writes (the others keep their defaults).
+_ROPE_FIELDS = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                         "attention_factor", "truncate")}
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Frequency scaling of rotary embeddings: Llama 3.1's `llama3` type or plain `linear`."""
+    """Frequency scaling of rotary embeddings: Llama 3.1's `llama3` type, plain `linear`, or `yarn`
+    (YaRN: frequencies between `beta_fast` and `beta_slow` rotations over the original context blend
+    from kept to divided by `factor`, and the rotated q and k are multiplied by `attention_factor`)."""
 
     rope_type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +110,9 @@ class LlamaConfig:
               "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id,
               "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None)}
         if self.rope_scaling is not None:
-            scaling = dataclasses.asdict(self.rope_scaling)
-            if scaling["rope_type"] == "linear":
-                scaling = {"rope_type": "linear", "factor": scaling["factor"]}
-            hf["rope_scaling"] = scaling
+            scaling = self.rope_scaling
+            hf["rope_scaling"] = {"rope_type": scaling.rope_type,
+                                  **{k: getattr(scaling, k) for k in _ROPE_FIELDS[scaling.rope_type]}}
         return hf
 
     @classmethod
@@ -232,17 +242,46 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, None
     if "factor" not in params:
         raise ValueError(f"config.json: {field} of type {rope_type!r} needs a 'factor'")
-    factor = _positive_float(params, "factor", 1.0, f"{field}.")
+    where = f"{field}."
     if rope_type == "linear":
-        return theta, RopeScaling("linear", factor)
-    missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-               if k not in params]
+        return theta, RopeScaling("linear", _positive_float(params, "factor", 1.0, where))
+    # transformers takes the pretraining length from the top level where it is set there, else from
+    # the block, else max_position_embeddings
+    original = (_int(hf, "original_max_position_embeddings") or _int(params, "original_max_position_embeddings",
+                where=where) or _int(hf, "max_position_embeddings", 2048))
+    if rope_type == "yarn":
+        return theta, _yarn_from_hf(params, where, original, _int(hf, "max_position_embeddings", 2048))
+    missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in params]
     if missing:
         raise ValueError(f"config.json: {field} of type 'llama3' lacks {', '.join(missing)}")
     return theta, RopeScaling(
-        "llama3", factor, _positive_float(params, "low_freq_factor", 1.0, f"{field}."),
-        _positive_float(params, "high_freq_factor", 1.0, f"{field}."),
-        _int(params, "original_max_position_embeddings", where=f"{field}."))
+        "llama3", _positive_float(params, "factor", 1.0, where), _positive_float(params, "low_freq_factor", 1.0, where),
+        _positive_float(params, "high_freq_factor", 1.0, where), original)
+
+
+def _yarn_from_hf(params: dict[str, Any], where: str, original: int, max_positions: int) -> RopeScaling:
+    """YaRN's block as transformers reads it: a null `factor` is the ratio of the context lengths, and
+    an absent `attention_factor` follows from the factor (and `mscale`/`mscale_all_dim` where both are set)."""
+    factor = (max_positions / original if params["factor"] is None
+              else _positive_float(params, "factor", 1.0, where))
+
+    def mscale(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    if params.get("attention_factor") is not None:
+        attention = _positive_float(params, "attention_factor", 1.0, where)
+    elif params.get("mscale") and params.get("mscale_all_dim"):
+        attention = (mscale(_positive_float(params, "mscale", 1.0, where))
+                     / mscale(_positive_float(params, "mscale_all_dim", 1.0, where)))
+    else:
+        attention = mscale(1.0)
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ValueError(f"config.json: {where}truncate must be true or false, got {truncate!r}")
+    return RopeScaling("yarn", factor, original_max_position_embeddings=original,
+                       beta_fast=_positive_float(params, "beta_fast", 32.0, where),
+                       beta_slow=_positive_float(params, "beta_slow", 1.0, where),
+                       attention_factor=attention, truncate=truncate)
 
 
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)

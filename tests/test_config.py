@@ -54,7 +54,9 @@ def test_head_dim_and_kv_heads_default_from_heads():
     ({"architectures": ["Qwen2ForCausalLM"]}, "architectures"),  # under model_type llama
     ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),  # no LM head
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_scaling.rope_type='longrope'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "truncate": "no"}}, "rope_scaling.truncate must be true"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}}, "rope_scaling.beta_fast must be a number"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type='dynamic'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"num_key_value_heads": 5}, "num_kv_heads"),
@@ -85,8 +87,8 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers():
     ours = LlamaConfig.from_hf(stretched)
     assert (theirs["rope_type"], theirs["factor"]) == ("linear", 4.0)
     assert ours.rope_scaling == RopeScaling("linear", 4.0) and ours.rope_theta == theirs["rope_theta"]
-    with pytest.raises(ValueError, match="rope_scaling.rope_type='yarn'"):
-        LlamaConfig.from_hf(dict(written, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='dynamic'"):
+        LlamaConfig.from_hf(dict(written, rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
     # transformers takes theta from rope_scaling or the top level, never from the block beside them
     llama3 = dict(written, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     linear = {"rope_type": "linear", "factor": 2.0}

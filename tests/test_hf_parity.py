@@ -1,7 +1,7 @@
 """llmjax against Hugging Face transformers on tiny random Llamas, converted through the CLI.
 
-Each config varies one feature: multi-head, grouped-query (2 kv heads of 6), multi-query, Llama 3.1
-rope scaling, tied embeddings, biases, explicit head_dim, odd sizes (hidden 96, vocab 1003).
+Each config varies one feature: multi-head, grouped-query (2 kv heads of 6), multi-query, Llama 3.1,
+linear and YaRN rope scaling, tied embeddings, biases, explicit head_dim, odd sizes (hidden 96, vocab 1003).
 """
 
 import numpy as np
@@ -22,6 +22,8 @@ CONFIGS = {
     "multi-query": dict(num_key_value_heads=1),
     "llama3.1-rope": dict(rope_scaling=LLAMA31_ROPE, rope_theta=500000.0),
     "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "yarn-rope": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                    "beta_fast": 8, "mscale": 1.2, "mscale_all_dim": 0.4}),
     "tied": dict(tie_word_embeddings=True),
     "biases": dict(attention_bias=True, mlp_bias=True),
     "head-dim": dict(head_dim=24, num_hidden_layers=3),

@@ -26,9 +26,22 @@ def test_rms_norm_matches():
 
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0},
                                           {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
-def test_rotary_embedding_matches(rope_scaling):
-    cfg = hf_config(rope_scaling=rope_scaling, rope_theta=5000.0, head_dim=24)
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                          {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                                          {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                                           "beta_fast": 16, "beta_slow": 2, "mscale": 0.9, "mscale_all_dim": 0.5,
+                                           "truncate": False},
+                                          {"rope_type": "yarn", "factor": None, "attention_factor": 1.3,
+                                           "original_max_position_embeddings": 40},
+                                          # the pretraining length from max_position_embeddings, as transformers
+                                          {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0},
+                                          {"rope_type": "yarn", "factor": 2.0}])
+@pytest.mark.parametrize("top_level_original", [None, 24])
+def test_rotary_embedding_matches(rope_scaling, top_level_original):
+    extra = {} if top_level_original is None else {"original_max_position_embeddings": top_level_original}
+    cfg = hf_config(rope_scaling=rope_scaling, rope_theta=5000.0, head_dim=24, **extra)
+    assert LlamaConfig.from_hf(LlamaConfig.from_hf(cfg.to_dict()).to_hf()) == LlamaConfig.from_hf(cfg.to_dict())
     ours_cfg = LlamaConfig.from_hf(cfg.to_dict())
     positions = np.array([[0, 1, 2, 7, 50, 127], [3, 3, 9, 64, 100, 5]])
     x = np.random.default_rng(2).normal(size=(2, 6, 6, 24)).astype(np.float32)  # [B, T, H, D]
@@ -38,6 +51,7 @@ def test_rotary_embedding_matches(rope_scaling):
     theirs, _ = hf.apply_rotary_pos_emb(xt, xt, cos, sin)
     ours_cos, ours_sin = rope.rope_tables(ours_cfg, jnp.asarray(positions))
     np.testing.assert_allclose(np.asarray(ours_cos), cos.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours_sin), sin.numpy(), rtol=1e-5, atol=1e-5)
     ours = rope.apply_rope(jnp.asarray(x), ours_cos, ours_sin)
     np.testing.assert_allclose(np.asarray(ours), theirs.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
 

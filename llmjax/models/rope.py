@@ -1,4 +1,4 @@
-"""Rotary position embeddings in the Hugging Face layout (rotate-half), with Llama 3.1 and linear scaling.
+"""Rotary position embeddings in the Hugging Face layout (rotate-half), with Llama 3.1, linear and YaRN scaling.
 
 Checkpoints converted from Hugging Face already carry q/k projections permuted for the rotate-half
 convention, so this module does not implement Meta's interleaved one.
@@ -23,7 +23,25 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
         return inv_freq.astype(np.float32)
     if scaling.rope_type == "linear":
         return (inv_freq / scaling.factor).astype(np.float32)
+    if scaling.rope_type == "yarn":
+        return _yarn_scaled(inv_freq, dim, config.rope_theta, scaling).astype(np.float32)
     return _llama3_scaled(inv_freq, scaling).astype(np.float32)
+
+
+def _yarn_scaled(inv_freq: np.ndarray, dim: int, base: float, s) -> np.ndarray:
+    # The dimension index at which a frequency turns `rotations` times over the original context
+    def index(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = index(s.beta_fast), index(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    # 0 below `low` (fast rotations: kept), 1 above `high` (slow ones: divided by the factor)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
 
 
 def _llama3_scaled(inv_freq: np.ndarray, s) -> np.ndarray:
@@ -44,6 +62,9 @@ def rope_tables(config: LlamaConfig, positions: jnp.ndarray) -> tuple[jnp.ndarra
     inv_freq = jnp.asarray(inverse_frequencies(config))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, head_dim/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.rope_type == "yarn" and scaling.attention_factor != 1:
+        return jnp.cos(emb) * scaling.attention_factor, jnp.sin(emb) * scaling.attention_factor
     return jnp.cos(emb), jnp.sin(emb)
 
 
