@@ -211,6 +211,39 @@ def test_tensor_parallel_layers_gather_no_weight(models, stage):
     assert "all-reduce" in compiled.as_text() and not gathered & weights
 
 
+@needs_devices(8)
+def test_stage_and_tensor_collectives_never_wait_on_each_other(models):
+    """A permute of the positions alone depends on no stage's work, and XLA's CPU runtime ran it
+    alongside a stage's `cond`, whose tensor all-reduces it does not order with the rest: at stage=4
+    x tensor=2 (a mesh of every device), generate deadlocked within 2-29 calls. Every permute now
+    carries activations, and many calls of random shapes give the single-device tokens."""
+    folder = models("gqa", layers=4)[0]
+    one, p = llmjax.load(folder), llmjax.load(folder, mesh=_mesh(1, 4, 2))
+    compiled = gen._forward.lower(p.weights, jnp.asarray(gen._pad(PROMPTS, 8)), model=gen._model(p)).compile()
+    permutes = re.findall(r"= (\w+)\[[\d,]*\][^=]* collective-permute(?:-start)?\(", compiled.as_text())
+    assert "u32" in permutes and "s32" not in permutes  # the positions go among the activations' bits
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        prompts = [rng.integers(3, 1024, rng.integers(1, 12)).tolist() for _ in range(rng.integers(1, 7))]
+        assert llmjax.generate(p, prompts, max_new_tokens=6) == llmjax.generate(one, prompts, max_new_tokens=6)
+
+
+@needs_devices(4)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_positions_travel_with_the_activations_bit_for_bit(dtype):
+    mesh = _mesh(1, 4, 1)
+    y = jax.random.normal(jax.random.key(1), (4, 3, 5, 7), dtype).at[0, 0, 0, :3].set(jnp.array([jnp.nan, jnp.inf, 1e-40]))
+    # every bit pattern matters: halves that read as NaN, infinity or subnormals in `dtype`
+    positions = jnp.array([0, 1, 65535, 65536, 0x7F800001, 0x7FC0FFFF, 2**31 - 1, 0xFFFF] * 15, jnp.int32)
+    positions = positions.reshape(4, 3, 10)[..., :5]
+    shift = [(s, (s + 1) % 4) for s in range(4)]
+    moved = jax.jit(jax.shard_map(lambda y, p: [a[None] for a in pipeline._ppermute_with_positions(y[0], p[0], shift)],
+                                  mesh=mesh, in_specs=P("stage"), out_specs=P("stage"), axis_names={"stage"}))
+    got_y, got_p = moved(y, positions)
+    np.testing.assert_array_equal(np.asarray(got_y).view(np.uint8), np.asarray(jnp.roll(y, 1, 0)).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(got_p), np.asarray(jnp.roll(positions, 1, 0)))
+
+
 def _pipelined_generate(device_kind):
     """`generate`'s program (prefill, then the decode that keeps 2 stages of 2 tensor-parallel GPUs
     full) on an abstract GPU mesh: the function, its abstract arguments, the mesh and the config."""

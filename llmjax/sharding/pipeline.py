@@ -185,8 +185,8 @@ def _tick(mesh, stage_fn: StageFn, weights, x, positions, cache, live: tuple[boo
         else:
             y, cache = jax.lax.cond(jnp.asarray(live)[me], run, lambda x, cache: (x, cache), x, cache)
         last = _from_last_stage(y, me, num_stages)
-        moved = (jax.lax.ppermute(a, AXIS, shift)[None] for a in (y, positions))
-        return (last, *moved, jax.tree.map(lambda a: a[None], cache))
+        moved = _ppermute_with_positions(y, positions, shift)
+        return (last, *(a[None] for a in moved), jax.tree.map(lambda a: a[None], cache))
 
     # `data` is manual too: each data shard's rows go through the stages on their own. (Left to
     # GSPMD, a cache write inside the map crashed XLA's partitioner on jax 0.10.2 with data and
@@ -208,6 +208,23 @@ def _from_last_stage(y: jax.Array, me: jax.Array, num_stages: int) -> jax.Array:
     for stage in range(last):
         out = out + jax.lax.ppermute(y, AXIS, [(last, stage)])  # zeros on every stage but `stage`
     return out
+
+
+def _ppermute_with_positions(y: jax.Array, positions: jax.Array, pairs) -> tuple[jax.Array, jax.Array]:
+    """`ppermute` of y `[b, T, D]` and its positions `[b, T]` (int32) in one collective: the
+    positions' bits travel as extra columns of y. A permute of the positions alone depends on no
+    stage's work, and XLA's CPU runtime ran it alongside a stage's `cond`, whose tensor all-reduces
+    it does not order with the collectives outside: with a thread pool sized by the devices, 8 CPU
+    devices at stage=4 x tensor=2 deadlocked. Sent with y, the positions leave after the stage's work.
+    Both travel as unsigned integers of y's width: as bfloat16 on a CPU, a position whose half reads
+    as a NaN (65535, say) came back changed."""
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(y.dtype).itemsize]
+    as_bits = lambda a: jax.lax.bitcast_convert_type(a, bits)  # noqa: E731
+    both = jnp.concatenate([as_bits(y), as_bits(positions).reshape(*positions.shape, -1)], axis=-1)
+    both = jax.lax.ppermute(both, AXIS, pairs)
+    moved = both[..., y.shape[-1]:]
+    return (jax.lax.bitcast_convert_type(both[..., :y.shape[-1]], y.dtype),
+            jax.lax.bitcast_convert_type(moved if moved.shape[-1] > 1 else moved[..., 0], positions.dtype))
 
 
 def _microbatches(a: jax.Array, m: int) -> jax.Array:
