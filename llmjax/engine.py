@@ -350,6 +350,8 @@ def _key_words() -> int:
 def _positive(name: str, value) -> int:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if value >= 2**31:  # sizes of arrays and indices, in JAX's 32-bit integers
+        raise ValueError(f"{name} must be below 2**31, got {value!r}")
     return int(value)
 
 
@@ -396,7 +398,8 @@ class Engine:
     such as the CPU, 256 MiB), and never more than `max_slots` sequences of `max_seq_len` tokens.
     max_seq_len: the longest prompt + new tokens a request may have (default: the model's context).
     prefill_tokens, prefill_row: prompt tokens per step and per chunk row. decode_steps: tokens
-    each running request may produce per step, between the host's scheduling decisions.
+    each running request may produce per step, between the host's scheduling decisions. Sizes are
+    below 2**31 (JAX's 32-bit integers), and so is `decode_steps * max_slots`.
     kv_dtype: the page pool's dtype: the model's (the default), or "float8_e4m3fn" (half the bytes
     of bfloat16: twice the tokens in the same memory and half the reads of decode attention, at a
     precision of ~6% per stored key and value, which moves logits slightly; values past +-448
@@ -429,10 +432,14 @@ class Engine:
         self.max_slots = _positive("max_slots", max_slots)
         self.page_size = _positive("page_size", page_size)
         self.decode_steps = _positive("decode_steps", decode_steps)
+        if self.decode_steps * self.max_slots >= 2**31:  # a call's tokens, one per step and row
+            raise ValueError(f"decode_steps x max_slots must be below 2**31, got {self.decode_steps} x "
+                             f"{self.max_slots}")
         self.prefill_row = _positive("prefill_row", prefill_row)
         if not _is_int(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
             raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({prefill_row}), "
                              f"got {prefill_tokens!r}")
+        _positive("prefill_tokens", prefill_tokens)
         self.chunk_rows = prefill_tokens // prefill_row
         context = self.config.max_position_embeddings
         self.max_seq_len = context if max_seq_len is None else _positive("max_seq_len", max_seq_len)
