@@ -47,7 +47,7 @@ def demo_digests(save: str | None, compare: str | None) -> None:
                         stored = np.asarray(array)  # bfloat16 scales as float32 (exact), which .npz keeps
                         arrays[f"{scheme}{jax.tree_util.keystr(path)}.{part}"] = (
                             stored if stored.dtype.kind in "iu" else stored.astype(np.float32))
-                        digest.update(np.asarray(array).tobytes())
+                        digest.update(stored.tobytes())
         print(f"{jax.devices()[0].device_kind}: the demo model as {scheme}, digest {digest.hexdigest()[:16]}")
     if save:
         np.savez_compressed(save, **{k.replace("/", "|"): v for k, v in arrays.items()})

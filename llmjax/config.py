@@ -247,10 +247,11 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, RopeScaling("linear", _positive_float(params, "factor", 1.0, where))
     # transformers takes the pretraining length from the top level where it is set there, else from
     # the block, else max_position_embeddings
-    original = (_int(hf, "original_max_position_embeddings") or _int(params, "original_max_position_embeddings",
-                where=where) or _int(hf, "max_position_embeddings", 2048))
+    max_positions = _int(hf, "max_position_embeddings", 2048)
+    original = (_int(hf, "original_max_position_embeddings")
+                or _int(params, "original_max_position_embeddings", where=where) or max_positions)
     if rope_type == "yarn":
-        return theta, _yarn_from_hf(params, where, original, _int(hf, "max_position_embeddings", 2048))
+        return theta, _yarn_from_hf(params, where, original, max_positions)
     missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in params]
     if missing:
         raise ValueError(f"config.json: {field} of type 'llama3' lacks {', '.join(missing)}")
