@@ -16,8 +16,9 @@ Sections, in order (`--only` picks some; each prints its figures as it goes):
    Llama-3-8B's heads (32 query, 8 kv, head dim 128), B = 16k tokens / context: the flash kernel
    (Triton), on Hopper the Mosaic GPU kernel (`flash_attention_mgpu`, which the model runs there),
    XLA's einsum attention (the reference; skipped where its score matrix would not fit) and
-   `jax.nn.dot_product_attention(implementation="cudnn")`. (`benchmarks/prefill_mgpu.py` times the
-   Mosaic kernel's tunings against cuDNN in alternating turns.)
+   `jax.nn.dot_product_attention(implementation="cudnn")`. They take turns, `PREFILL_TURNS` each, in
+   the order `turn_order` gives (timed one after another, the one that ran later ran on a hotter GPU;
+   `benchmarks/prefill_mgpu.py` times the Mosaic kernel's tunings the same way, with more options).
 4. decode: effective bandwidth on cache bytes (B * context * KV * D * 2 bytes * 2 for K and V) at
    batch 1 and 64, context 1k, 4k, 8k and 32k: the contiguous kernel, the reference, and the paged
    kernel (pages of 16 tokens, block tables shuffled so pages are scattered). Small caches are
@@ -31,7 +32,8 @@ Sections, in order (`--only` picks some; each prints its figures as it goes):
    (`run_chunk`).
 
 Timing: each call runs `ROUNDS` times inside one jit, every round's query depending on the previous
-round's output so nothing is hoisted; the figure is the median of `REPEATS` such runs / rounds.
+round's output so nothing is hoisted; the figure is the median of `REPEATS` such runs / rounds
+(prefill: of its turns).
 Writes DIR/attention.json (every row) and DIR/attention.txt (what was printed); with `--only`,
 DIR/attention-<sections>.json and .txt, so that runs of different sections do not overwrite each
 other. On the H200 the whole script should take about 4 minutes, most of it compiling; run it as
@@ -58,6 +60,7 @@ from llmjax.kernels import decode_attention as da, flash_attention as fa, flash_
 from llmjax.kernels import paged_attention as pa
 
 ROUNDS, REPEATS = 10, 5
+PREFILL_TURNS = 9  # prefill's implementations take turns (`turn_order`), 9 each
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B
 HBM = 4.14e12  # bytes/s, the H200's read-only ceiling measured through torch (GPU.md)
 PAGE = 16
@@ -162,6 +165,15 @@ def runner(attend, q: jax.Array, operands: list[tuple]):
         jax.block_until_ready(run(q, operands))
         return (time.perf_counter() - start) / (ROUNDS * len(operands))
     return timed
+
+
+def turn_order(names: list, turn: int) -> list:
+    """The implementations' order in timed turn `turn`: rotated by one place each turn (each takes
+    each place equally often), and reversed every `len(names)` turns (so each also runs right after
+    each other one, not always after the same)."""
+    k = turn % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if turn // len(names) % 2 else order
 
 
 @contextlib.contextmanager
@@ -522,20 +534,26 @@ def run_prefill(report: Report, best: dict, smoke: bool, grid: bool = False) -> 
                 for config in FLASH_CONFIGS[1:] + FLASH_GRID:
                     impls[f"flash {_short(config)}"] = functools.partial(
                         lambda q, k, v, c: fa.flash_attention(q, k, v, zeros, full, **c), c=config)
-        want = None
+        want, runners, errors = None, {}, {}
         for name, fn in impls.items():
             try:
                 out = jax.jit(fn)(q, k, v)
                 want = out if want is None else want
-                s = seconds_per_call(fn, q, [(k, v)])
+                errors[name] = error(out, want)
+                runners[name] = runner(fn, q, [(k, v)])
             except Exception as e:
                 report.say(f"  {t:6d} x{b} {name:24s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-                continue
+        times = {name: [] for name in runners}
+        for turn in range(REPEATS if smoke else PREFILL_TURNS):  # each once a turn: drift hits them alike
+            for name in turn_order(list(runners), turn):
+                times[name].append(runners[name]())
+        for name, seconds in times.items():
+            s = statistics.median(seconds)
             tflops = flash_flops(b, t) / s / 1e12
-            err = error(out, want)
             report.say(f"  {t:6d} x{b} {name:24s} {s * 1e3:8.2f} ms  {tflops:6.1f} TFLOP/s  "
-                       f"(differs from the kernel's output by {err:.1e})")
-            report.row(section="prefill", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops, error=err)
+                       f"(differs from the kernel's output by {errors[name]:.1e})")
+            report.row(section="prefill", context=t, batch=b, impl=name, ms=s * 1e3, tflops=tflops,
+                       error=errors[name], turns_ms=[x * 1e3 for x in seconds])
         if scores_gb >= 40:
             report.say(f"  {t:6d} x{b} xla einsum (reference)  skipped: its f32 scores would take "
                        f"{scores_gb:.0f} GB")

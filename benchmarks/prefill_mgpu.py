@@ -39,7 +39,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from attention import HEAD_DIM, HEADS, KV_HEADS, Report, environment, error, flash_flops, normal, runner
+from attention import (HEAD_DIM, HEADS, KV_HEADS, Report, environment, error, flash_flops, normal, runner,
+                       turn_order)
 from llmjax.kernels import flash_attention as fa, flash_attention_mgpu as fm
 
 VARIANTS = "128:2,128:2:132,128:2:0"
@@ -93,15 +94,6 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     """`TxB` or `TxBxD` (D: head dim, 128 when left out) -> (context, batch, head dim)."""
     t, b, *d = (int(x) for x in shape.split("x"))
     return t, b, d[0] if d else HEAD_DIM
-
-
-def turn_order(names: list, turn: int) -> list:
-    """The implementations' order in timed turn `turn`: rotated by one place each turn (each takes
-    each place equally often), and reversed every `len(names)` turns (so each also runs right after
-    each other one, not always after the same)."""
-    k = turn % len(names)
-    order = names[k:] + names[:k]
-    return order[::-1] if turn // len(names) % 2 else order
 
 
 def run_timing(report: Report, variants: dict, shapes: str = SHAPES, rest: float = 0.0) -> None:

@@ -459,6 +459,7 @@ class Engine:
         self.overlap = bool(overlap)
         self._flight: _Flight | None = None  # the call on the device whose tokens the host has not read
         self._landing: _Flight | None = None  # the call `_land` is reading (kept if an interrupt stops it)
+        self._failed: str | None = None  # why a device call failed, after which the engine cannot go on
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -814,23 +815,43 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Runs one device call; returns the requests that got tokens or finished in it. With
-        `overlap`, the next call is on its way to the device before this one's tokens are read."""
+        `overlap`, the next call is on its way to the device before this one's tokens are read. A
+        call out of device memory raises MemoryError (its message names the sizes to lower), and the
+        engine refuses further steps."""
+        if self._failed is not None:
+            raise RuntimeError(f"this engine stopped at a failed device call ({self._failed}); its page pool "
+                               "and requests are gone: build a new Engine")
         start, compiling, in_calls = time.perf_counter(), self.stats.compile_s, self.stats.device_s
-        landing = self._landing  # a call an interrupt (Ctrl-C) stopped `_land` reading: read it first
-        if landing is None:
-            if self._flight is None:
-                self._flight = self._launch(speculative=False)
-            landing = self._flight
+        try:
+            landing = self._landing  # a call an interrupt (Ctrl-C) stopped `_land` reading: read it first
+            if landing is None:
+                if self._flight is None:
+                    self._flight = self._launch(speculative=False)
+                landing = self._flight
+                if landing is not None:
+                    self._flight = self._launch(speculative=True) if self.overlap else None
+                    self._landing = landing
+            done = []
             if landing is not None:
-                self._flight = self._launch(speculative=True) if self.overlap else None
-                self._landing = landing
-        done = []
-        if landing is not None:
-            done = self._land(landing)
-            self._landing = None
+                done = self._land(landing)
+                self._landing = None
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            self._failed = "out of memory"
+            raise MemoryError(self._out_of_memory()) from e
         apart = self.stats.compile_s - compiling + self.stats.device_s - in_calls  # counted by themselves
         self.stats.host_s += time.perf_counter() - start - apart
         return done
+
+    def _out_of_memory(self) -> str:
+        return (f"the engine's device call ran out of memory. A call holds up to {self.max_slots} decode rows "
+                f"(max_slots) for {self.decode_steps} steps (decode_steps) and a prompt chunk of "
+                f"{self.chunk_rows * self.prefill_row} tokens (prefill_tokens, in rows of prefill_row="
+                f"{self.prefill_row}), beside a page pool of {self.num_pages} pages "
+                f"({self.num_pages * self.page_bytes} bytes per device). Build a new Engine with a smaller "
+                "prefill_tokens or max_slots, or a smaller kv_memory to leave the call more room: this "
+                "one cannot continue, as its page pool went to the failed call")
 
     def _launch(self, speculative: bool) -> _Flight | None:
         """Schedules a call and sends it to the device (None: nothing to run). `speculative`: a call is

@@ -623,6 +623,21 @@ def test_bad_input_is_refused_with_a_reason(params, call, match):
         call(params)
 
 
+def test_a_call_out_of_memory_names_the_sizes_and_stops_the_engine(params):
+    """A call whose prompt chunk cannot be allocated (2**30 tokens of activations) raises MemoryError
+    naming the options that size it, not XLA's RESOURCE_EXHAUSTED; the engine then refuses to go on."""
+    engine = _engine(params, prefill_row=2**30, prefill_tokens=2**30)
+    engine.add_request([1, 2, 3], max_new_tokens=4)
+    with pytest.raises(MemoryError, match=r"ran out of memory.*prompt chunk of 1073741824 tokens "
+                                          r"\(prefill_tokens.*smaller prefill_tokens or max_slots"):
+        engine.step()
+    with pytest.raises(RuntimeError, match="stopped at a failed device call .out of memory.*build a new Engine"):
+        engine.step()
+    with pytest.raises(MemoryError, match="prefill_tokens"):
+        LLM(params, **{**SMALL, "prefill_row": 2**30, "prefill_tokens": 2**30}).generate(
+            [[1, 2]], max_new_tokens=2, progress=False)
+
+
 def test_an_interrupted_generate_leaves_nothing_queued(params, monkeypatch):
     """Ctrl-C (or any error) inside LLM.generate cancels its unfinished requests: the next call
     serves only its own prompts."""
