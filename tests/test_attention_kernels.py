@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -715,6 +716,30 @@ def test_attention_mode_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="LLMJAX_ATTENTION must be one of auto, off, interpret"):
         da.attend(q, jnp.zeros((1, 4, 1, 16)), jnp.zeros((1, 4, 1, 16)), jnp.ones((1,), jnp.int32))
     assert dispatch.mode("LLMJAX_SOMETHING_UNSET") == "auto"
+
+
+@pytest.mark.parametrize("variable", sorted(name for name, choices in dispatch.SETTINGS.items() if choices)
+                         + ["LLMJAX_ALLREDUCE_BYTES", "LLMJAX_ALLREDUCE_BLOCKS", "LLMJAX_ALLREDUCE_TIMEOUT_S"])
+def test_every_setting_is_checked_on_a_cpu_where_it_does_not_apply(monkeypatch, variable):
+    """Most settings are read only on a GPU or a mesh; a bad value must still fail where llmjax traces,
+    naming the variable, not pass unnoticed on a CPU."""
+    params = llmjax.init_random("tiny")
+    monkeypatch.setenv(variable, "bogus")
+    with pytest.raises(ValueError, match=f"{variable} must be "):
+        llmjax.generate(params, [1, 2, 3], max_new_tokens=2)
+    monkeypatch.setenv(variable, (dispatch.SETTINGS[variable] or ("16",))[0])  # a value it takes
+    assert len(llmjax.generate(params, [1, 2, 3], max_new_tokens=2)) == 2
+
+
+def test_a_variable_llmjax_does_not_read_is_warned_of_once(monkeypatch):
+    params = llmjax.init_random("tiny")
+    monkeypatch.setenv("LLMJAX_ATENTION", "off")  # misspelt
+    monkeypatch.setattr(dispatch, "_unknown", set())
+    with pytest.warns(UserWarning, match="LLMJAX_ATENTION is set, but llmjax reads no such variable"):
+        llmjax.generate(params, [1, 2, 3], max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llmjax.generate(params, [1, 2, 3], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("value, message", [("interpret", "takes auto or off"), ("fast", "must be one of")])

@@ -62,8 +62,8 @@ import numpy as np
 
 from llmjax.kernels import dispatch
 
-MODES = ("auto", "xla", "nvlink", "nvlink-eager")
 VARIABLE = "LLMJAX_ALLREDUCE"
+MODES = dispatch.SETTINGS[VARIABLE]  # auto, xla, nvlink, nvlink-eager
 GRAPH_VARIABLE = "LLMJAX_TP_GRAPH"
 SLOT_BYTES = 2 << 20
 MAX_GROUP = 8  # kMaxRanks in allreduce.cu
@@ -115,7 +115,7 @@ def _capable(mesh) -> bool:
 
 @functools.cache
 def _groups_set_up(table: tuple) -> bool:
-    slot_bytes(), _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1, MAX_TIMEOUT_S)  # a bad setting raises
+    check_settings()
     try:
         for row in table:
             setup(list(row))
@@ -151,10 +151,16 @@ def _int_setting(variable: str, default: int, minimum: int, maximum: int | None 
     return value
 
 
+def check_settings() -> None:
+    """Raises ValueError for an integer setting of the kernel out of its range (`dispatch.check_settings`
+    calls this wherever llmjax traces, so a bad one fails on every platform, not only where it is read)."""
+    slot_bytes(), _int_setting("LLMJAX_ALLREDUCE_TIMEOUT_S", TIMEOUT_S, 1, MAX_TIMEOUT_S)
+    _int_setting("LLMJAX_ALLREDUCE_BLOCKS", 0, 0, MAX_BLOCKS)
+
+
 def slot_bytes() -> int:
     """The most bytes per device one call of the kernel sums (`LLMJAX_ALLREDUCE_BYTES`): the size of
-    each member's receive slot. Set it before the first call: the buffers are allocated once. (This
-    and the other settings are read, and checked, only where the kernel can run: CUDA meshes.)"""
+    each member's receive slot. Set it before the first call: the buffers are allocated once."""
     value = _int_setting("LLMJAX_ALLREDUCE_BYTES", SLOT_BYTES, 16)
     if value % 16:
         raise ValueError(f"LLMJAX_ALLREDUCE_BYTES must be a multiple of 16, got {value}")
@@ -210,7 +216,7 @@ def vocab_axis(mesh, nbytes: int, dtype) -> str | None:
     """The axis over which the embedding's lookup and the LM head's logits, `nbytes` of `dtype` per
     device when whole, go through `psum` and `gather` (`LLMJAX_TP_GRAPH=on`): `tensor` when it splits the
     vocabulary on `mesh` and the kernel would sum the products; None leaves them to XLA's partitioner."""
-    if mesh is None or dispatch.mode(GRAPH_VARIABLE, ("off", "on"), "off") == "off":
+    if mesh is None or dispatch.mode(GRAPH_VARIABLE, dispatch.SETTINGS[GRAPH_VARIABLE], "off") == "off":
         return None
     if "tensor" not in dispatch.free_axes(mesh) or kernel_mode(mesh, "tensor", nbytes, np.dtype(dtype)) is None:
         return None

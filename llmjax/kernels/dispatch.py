@@ -13,11 +13,28 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Callable
 
 import jax
 
 MODES = ("auto", "off", "interpret")
+
+# Every `LLMJAX_*` environment variable llmjax reads, with the values a choice takes (None: not a choice;
+# the all-reduce's integers are checked by `allreduce.check_settings`, the paths where they are used).
+# Each is read only where it applies (a GPU, a mesh), so `check_settings` checks them all wherever llmjax
+# traces: a misspelt value fails on a CPU as on a GPU.
+SETTINGS = {
+    "LLMJAX_ATTENTION": MODES, "LLMJAX_NORM": MODES, "LLMJAX_PAGE_WRITE": MODES,
+    "LLMJAX_ATTENTION_MOSAIC": MODES,
+    "LLMJAX_PAGED_PREFILL": ("auto", "off"),  # the kernel's interpret mode is LLMJAX_ATTENTION's
+    "LLMJAX_LOOP_GRAPH": ("auto", "off"), "LLMJAX_GEMM": ("auto", "triton"),
+    "LLMJAX_GEMV": ("auto", "on", "off", "narrow"),
+    "LLMJAX_ALLREDUCE": ("auto", "xla", "nvlink", "nvlink-eager"), "LLMJAX_TP_GRAPH": ("off", "on"),
+    "LLMJAX_ALLREDUCE_BYTES": None, "LLMJAX_ALLREDUCE_BLOCKS": None, "LLMJAX_ALLREDUCE_TIMEOUT_S": None,
+    "LLMJAX_NVCC": None, "LLMJAX_CACHE_DIR": None,
+    "LLMJAX_TEST_DEVICES": None,  # the test suite's CPU devices (tests/conftest.py)
+}
 
 
 def mode(variable: str, choices: tuple = MODES, default: str = "auto") -> str:
@@ -27,6 +44,26 @@ def mode(variable: str, choices: tuple = MODES, default: str = "auto") -> str:
     if value not in choices:
         raise ValueError(f"{variable} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_settings() -> None:
+    """Raises ValueError for an `LLMJAX_*` variable set to a value it does not take, and warns once for
+    a name llmjax does not read (a misspelling would otherwise change nothing, silently)."""
+    for name, value in os.environ.items():
+        if not name.startswith("LLMJAX_"):
+            continue
+        if name not in SETTINGS:
+            if name not in _unknown:
+                _unknown.add(name)
+                warnings.warn(f"{name} is set, but llmjax reads no such variable (it reads "
+                              f"{', '.join(sorted(SETTINGS))})", stacklevel=3)
+        elif SETTINGS[name] is not None:
+            mode(name, SETTINGS[name])
+    from llmjax.kernels import allreduce  # it imports this module
+    allreduce.check_settings()
+
+
+_unknown: set[str] = set()
 
 
 def refuse_x64() -> None:
@@ -42,6 +79,7 @@ def trace_settings() -> tuple:
     """Every `LLMJAX_*` environment variable and its value: what llmjax reads when it traces a program
     (the kernel modes, the all-reduce), for a cache of compiled programs to key on."""
     refuse_x64()
+    check_settings()
     return tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("LLMJAX_")))
 
 

@@ -82,7 +82,7 @@ def gemv(x: jax.Array, w: jax.Array, *, block_n: int = 16, block_k: int = 512, s
     return partial.sum(axis=0)[:m].astype(x.dtype)
 
 
-MODES = ("auto", "on", "off", "narrow")
+MODES = dispatch.SETTINGS["LLMJAX_GEMV"]  # auto, on, off, narrow
 
 
 def use_kernel(rows: int, n: int, k: int, dtype) -> bool:
