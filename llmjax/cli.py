@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
                       "group-wise int4 (group 128, 64 or 32; -asym adds zero points) or per-channel int8")
     conv.add_argument("--quant-lm-head", action="store_true", help="with --quant, also quantize an "
                       "untied LM head (the embedding table always stays in --dtype)")
-    conv.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is an earlier conversion (or an empty folder); a folder of other files is never replaced")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(run=_convert)
 

@@ -201,12 +201,37 @@ def test_failure_midway_leaves_nothing(tmp_path, hf_dir, monkeypatch):
 def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    hf.convert(str(hf_dir), str(out), overwrite=True, progress=False)  # an empty folder is replaced
     with pytest.raises(FileExistsError, match="--overwrite"):
         hf.convert(str(hf_dir), str(out), progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    hf.convert(str(hf_dir), str(out), overwrite=True, progress=False)
+    hf.convert(str(hf_dir), str(out), overwrite=True, progress=False)  # so is an earlier conversion
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
+
+
+def test_overwrite_never_deletes_the_users_other_files(tmp_path, hf_dir, monkeypatch):
+    """--overwrite replaces an empty folder or an earlier conversion, nothing else: not a folder of
+    other files, not a conversion someone added files to, not the working folder or one holding it,
+    not an empty path (which is the working folder)."""
+    mine = tmp_path / "home"
+    (mine / "work").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"it holds thesis.tex, work, which convert does not write.*move those"):
+        hf.convert(str(hf_dir), str(mine), overwrite=True, progress=False)
+    converted = tmp_path / "converted"
+    hf.convert(str(hf_dir), str(converted), progress=False)
+    (converted / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="it holds notes.txt"):
+        hf.convert(str(hf_dir), str(converted), overwrite=True, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")  # a name convert writes, but no manifest
+    with pytest.raises(FileExistsError, match="not an llmjax checkpoint"):
+        hf.convert(str(hf_dir), str(tmp_path / "other"), overwrite=True, progress=False)
+    monkeypatch.chdir(mine / "work")
+    for out in ("", " ", ".", "..", str(mine)):
+        with pytest.raises(ValueError, match="must be a path|is the working folder or holds it"):
+            hf.convert(str(hf_dir), out, overwrite=True, progress=False)
+    assert (mine / "thesis.tex").read_text() == "mine" and (converted / "notes.txt").read_text() == "mine"
+    assert (mine / "work").is_dir() and (tmp_path / "other" / "config.json").read_text() == "{}"
 
 
 def test_outputs_that_would_lose_data_or_cannot_be_written_are_refused(tmp_path, hf_dir):

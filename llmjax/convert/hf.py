@@ -293,8 +293,13 @@ def _quantized(groups, config: LlamaConfig, dtype: str, quant: QuantScheme):
 
 def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
     """`out_dir` as an absolute path, once it is known to be a folder `convert` may write: not the input
-    folder nor one holding it (replacing it would delete the checkpoint being read), not a file, not
-    under a file, and new unless `overwrite`."""
+    folder nor one holding it (replacing it would delete the checkpoint being read), not the working
+    folder nor one holding it, not a file, not under a file, and new unless `overwrite`, which replaces
+    only what `convert` could have written (an empty folder, or an llmjax checkpoint holding nothing
+    else): it never deletes a folder of the user's other files."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir).strip():
+        raise ValueError(f"the output folder must be a path, got {out_dir!r}; name the folder to write the "
+                         "checkpoint into")
     out_dir = os.path.abspath(out_dir)
     if os.path.islink(out_dir):
         raise ValueError(f"the output folder {out_dir} is a symbolic link; give the folder it points to, or "
@@ -311,9 +316,21 @@ def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
     if not os.path.isdir(ancestor):
         raise ValueError(f"cannot write {out_dir}: {ancestor} is a file, not a folder; choose another "
                          "output folder")
+    real_cwd = os.path.realpath(os.getcwd())
+    if os.path.commonpath([real_out, real_cwd]) == real_out:
+        raise ValueError(f"the output folder {out_dir} is the working folder or holds it; convert writes a "
+                         "folder of its own: name a new one, such as ./llama2-7b")
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
-                              "--overwrite (overwrite=True)")
+        raise FileExistsError(f"{out_dir} already exists; choose another output folder, or pass "
+                              "--overwrite (overwrite=True) to replace an earlier conversion there")
+    if os.path.exists(out_dir):
+        others = sorted(set(os.listdir(out_dir)) - {checkpoint.MANIFEST, checkpoint.WEIGHTS_DIR, *SIDE_FILES})
+        if others or (os.listdir(out_dir) and not checkpoint.is_checkpoint(out_dir)):
+            what = (f"it holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which convert "
+                    "does not write" if others else f"it is not an llmjax checkpoint (no {checkpoint.MANIFEST})")
+            raise FileExistsError(f"{out_dir} already exists and --overwrite (overwrite=True) will not replace it: "
+                                  f"{what}; it replaces only an empty folder or an earlier conversion. Choose "
+                                  "another output folder, or move those files away yourself")
     return out_dir
 
 
