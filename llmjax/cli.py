@@ -81,9 +81,29 @@ def _add_mesh_flags(parser) -> None:
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree")
 
 
+def _command_line_text(flag: str, text: str) -> str:
+    """`text` as given to `flag`, refused if it is not UTF-8: Python keeps a command line's undecodable
+    bytes as lone surrogates, which the tokenizer would report in Python's terms."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{flag} is not valid UTF-8 (byte {byte!r} at character {e.start}); give UTF-8 text, "
+                         "or read the prompt from a file in the terminal's encoding") from None
+    return text
+
+
 def _generate(args) -> None:
     import llmjax
+    from llmjax.kernels import dispatch
 
+    if sys.stdout is None:  # started with standard output closed: the text would go nowhere
+        raise ValueError("standard output is closed, so the generated text would be lost; run with stdout open "
+                         "(redirect it to a file to keep it)")
+    dispatch.refuse_x64()  # before the prompt is echoed
+    _command_line_text("--prompt", args.prompt)
+    for stop in args.stop or ():
+        _command_line_text("--stop", stop)
     _check_tokenizer(args.model)
     params = llmjax.load(args.model, mesh=_mesh(args))
     prompt = args.prompt
@@ -258,7 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--min-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    gen.add_argument("--stop", action="append", help="stop before this text (repeatable; taken as given: "
+                     "a shell passes '\\n' as a backslash and an n, and bash's $'\\n' as a newline)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_mesh_flags(gen)
     gen.set_defaults(run=_generate)
@@ -317,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, jinja2.TemplateError) as e:  # OSError: FileNotFound, FileExists
+    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail
+        return 128 + signal.SIGPIPE
+    except (ValueError, OSError, MemoryError, jinja2.TemplateError) as e:  # OSError: FileNotFound, FileExists
         print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -395,7 +395,8 @@ class Engine:
     max_slots: requests running at once (decode rows). page_size: tokens per page.
     kv_memory: bytes of each device's memory for the page pool; by default what the device has free
     after the weights, times 0.9, less the step's workspace (on a device that reports no memory,
-    such as the CPU, 256 MiB), and never more than `max_slots` sequences of `max_seq_len` tokens.
+    such as the CPU, 256 MiB); either way never more than `max_slots` sequences of `max_seq_len`
+    tokens. A pool the device cannot hold raises MemoryError.
     max_seq_len: the longest prompt + new tokens a request may have (default: the model's context).
     prefill_tokens, prefill_row: prompt tokens per step and per chunk row. decode_steps: tokens
     each running request may produce per step, between the host's scheduling decisions. Sizes are
@@ -536,7 +537,10 @@ class Engine:
                 kv_memory = int(kv_memory)
             if not _is_int(kv_memory) or kv_memory < 1:
                 raise ValueError(f"kv_memory must be a whole number of bytes >= 1, got {kv_memory!r}")
-            pages = kv_memory // self.page_bytes
+            pages = min(wanted, kv_memory // self.page_bytes)  # no more than the slots can ever use
+        if pages >= 2**31:  # block tables hold page ids as 32-bit integers
+            raise ValueError(f"the page pool would hold {pages} pages, more than 2**31 - 1; pass a smaller "
+                             "kv_memory or a larger page_size")
         if pages < 1:
             raise ValueError(f"the page pool would hold no page: one page of {self.page_size} tokens takes "
                              f"{self.page_bytes} bytes per device and {kv_memory} bytes are available for "
@@ -552,7 +556,14 @@ class Engine:
     def _make_pool(self) -> kv.PagedKVCache:
         def zeros():
             return kv.PagedKVCache.zeros(self.config, self.num_pages, self.page_size, self.kv_dtype)
-        return jax.jit(zeros, out_shardings=self._pool_sharding())()
+        try:
+            return jax.block_until_ready(jax.jit(zeros, out_shardings=self._pool_sharding())())
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise MemoryError(f"the page pool of {self.num_pages} pages ({self.num_pages * self.page_bytes} bytes "
+                              "per device) does not fit in the device's memory; pass a smaller kv_memory (bytes "
+                              "per device), or leave it out to size the pool by the memory free") from e
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

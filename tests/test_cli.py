@@ -70,6 +70,40 @@ def test_generate_errors_are_one_line(example_model, capsys):
     assert "context of 256 tokens" in capsys.readouterr().err
 
 
+def test_generate_refuses_what_would_lose_or_garble_text(example_model, capsys, monkeypatch):
+    """A prompt or stop string that is not UTF-8 (Python keeps its bytes as lone surrogates) is named as
+    such; a closed stdout is refused before any work rather than losing the text; a device call out of
+    memory is one line."""
+    for flags in (["--prompt", "a\udcff"], ["--prompt", "a", "--stop", "\udcfe"]):
+        assert cli_main(["generate", "--model", str(example_model), *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{flags[-2]} is not valid UTF-8 (byte b'\\x{flags[-1][-1].encode('utf-8', 'surrogateescape')[0]:x}'" \
+            in err and "surrogate" not in err
+    monkeypatch.setattr(sys, "stdout", None)
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x"]) == 2
+    assert "standard output is closed, so the generated text would be lost" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the engine's device call ran out of memory")
+    monkeypatch.setattr(llmjax, "load", out_of_memory)
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == "llmjax generate: error: the engine's device call ran out of memory\n"
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(example_model):
+    """`llmjax generate ... | head -c 1`: the reader goes away, and the command ends as SIGPIPE would
+    end it (141), without a traceback or an error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmjax.cli", "generate", "--model", str(example_model),
+                             "--prompt", "def f(x):", "--max-new-tokens", "64"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.read(1) == b"d"  # the prompt's echo, written before any token is generated
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err
+
+
 def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, capsys):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe not utf-8")
     assert cli_main(["perplexity", "--model", str(example_model), "--text", str(tmp_path / "bin.txt")]) == 2

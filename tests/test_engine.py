@@ -558,6 +558,16 @@ def test_kv_memory_takes_a_whole_float_of_bytes(params):
     assert _engine(params, kv_memory=float(16 * _page_bytes(params, 8))).num_pages == 16
 
 
+def test_kv_memory_past_what_the_slots_can_use_is_capped_and_a_pool_too_large_is_named(params):
+    assert _engine(params, max_slots=2, max_seq_len=16, kv_memory=2**26).num_pages == 4  # 2 x 16 tokens
+    page = _page_bytes(params, 8)
+    with pytest.raises(MemoryError, match=f"the page pool of {2**29} pages .{2**29 * page} bytes per device. "
+                                          "does not fit in the device's memory; pass a smaller kv_memory"):
+        _engine(params, max_slots=2**28, decode_steps=1, kv_memory=2**29 * page)  # 4 TiB
+    with pytest.raises(ValueError, match=r"would hold 4294967296 pages, more than 2\*\*31 - 1"):
+        _engine(params, max_slots=2**30, decode_steps=1, kv_memory=2**32 * page)
+
+
 def _finished(engine):
     """A request of `engine`, run to its end."""
     request = engine.add_request([1, 2], max_new_tokens=1)

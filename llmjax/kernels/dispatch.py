@@ -71,8 +71,8 @@ def refuse_x64() -> None:
     them become 64-bit and tracing fails deep inside a kernel. Called wherever llmjax traces."""
     if jax.config.jax_enable_x64:
         raise ValueError("llmjax runs with jax_enable_x64 off (its kernels index with 32-bit integers), but it "
-                         "is on (JAX_ENABLE_X64 or jax.config.update); turn it off with "
-                         "jax.config.update('jax_enable_x64', False) before calling llmjax")
+                         "is on (JAX_ENABLE_X64 or jax.config.update); turn it off: unset JAX_ENABLE_X64, or "
+                         "call jax.config.update('jax_enable_x64', False) before calling llmjax")
 
 
 def trace_settings() -> tuple:
