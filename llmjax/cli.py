@@ -144,16 +144,44 @@ def _perplexity(args) -> None:
           "bits/byte)")
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _check_outputs(args) -> None:
+    """`--json` and `--plot` checked before the work, not after it: a file path in a folder this user
+    may write, a plot format matplotlib draws, and a plot the run draws."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if not path.strip():
+            raise ValueError(f"{flag} is empty; give a file path, or leave the flag out")
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder; give a file path in it, such as {os.path.join(path, 'results' + ('.json' if flag == '--json' else '.png'))}")
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{flag} {path}: this user may not write in {folder}; choose another path")
+    if args.plot is None:
+        return
+    if os.path.splitext(args.plot)[1].lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {args.plot}: the plot is drawn as {', '.join(PLOT_SUFFIXES)}; give a file name "
+                         "ending in one of them")
+    if not args.sweep and not args.throughput:
+        raise ValueError("--plot is where --sweep or --throughput draws its plot, and this run draws none; add "
+                         "one of them, or leave --plot out")
+    if args.throughput and (args.no_mix or not args.serving_requests):
+        raise ValueError("--plot is where --throughput draws its serving curve, which --no-mix or "
+                         "--serving-requests 0 leaves out; drop one of them, or leave --plot out")
+
+
 def _bench(args) -> None:
     from llmjax import bench
 
     if args.int4_kernel:
         from llmjax.kernels import int4_matmul
         int4_matmul.set_one_row_kind(args.int4_kernel)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before the work, not after it
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+    _check_outputs(args)
     if args.throughput:
         if args.quant_lm_head:
             raise ValueError("--quant-lm-head is for the decode bench; --throughput keeps the LM head in bfloat16")
