@@ -1143,7 +1143,7 @@ class Engine:
         variants = {(r, width, c, greedy, filters) for r in rows for c in (0, *self.chunk_buckets)}
         self._warmed = self._warmed | variants
         todo = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
-        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(_positive("threads", threads)) as pool:
             for variant, compiled in zip(todo, pool.map(lambda v: self._compile(*v), todo)):
                 _EXECUTABLES[self._cache_key(variant)] = compiled
         if self.overlap:
@@ -1167,6 +1167,8 @@ class LLM:
         """Like `llmjax.generate` (same prompts, same return types, same tokens), but served by the
         engine: prompts run as slots and pages free up, with a progress bar. `max_new_tokens` may
         be one number or one per prompt. Prompt i samples from the key (seed, i)."""
+        if not isinstance(progress, (bool, np.bool_)):
+            raise ValueError(f"progress must be True or False, got {progress!r}")
         sampling = Sampling(temperature, top_k, top_p, min_p)
         kind, items = _parse_prompt(prompts)
         budgets = self._budgets(max_new_tokens, len(items), one_prompt=kind in ("text", "ids"))

@@ -279,6 +279,12 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str | None =
     device)."""
     if isinstance(config, str):
         config = LlamaConfig.preset(config)
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"config must be an llmjax.LlamaConfig or a preset's name (such as 'tiny' or 'llama2-7b'), "
+                        f"got {config!r}")
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be an llmjax Tokenizer (Tokenizer.from_dir(folder), or "
+                        f"llmjax.load(name).tokenizer for a bundled model's), got {tokenizer!r}")
     check_seed(seed)
     dispatch.refuse_x64()
     dtype, quant = parse_dtype(default_dtype(mesh) if dtype is None else dtype)

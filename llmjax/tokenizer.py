@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import jinja2
 import jinja2.sandbox
+import numpy as np
 
 from llmjax.files import not_permitted, read_json
 
@@ -94,7 +95,8 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+        """The text of a list (or 1-D integer array) of token ids."""
+        return self._backend.decode(_token_ids(ids), skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs) -> str:
@@ -195,6 +197,23 @@ class _HFTokenizersBackend:
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _token_ids(ids) -> list[int]:
+    """`ids` as Python ints, refused (naming what is wrong) unless a list, tuple or 1-D integer array of
+    ids from 0 to 2**31 - 1: a float, a bool or a negative id is not a token, and must not decode as one."""
+    if hasattr(ids, "__array__") and not isinstance(ids, (list, tuple)):
+        array = np.asarray(ids)
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise TypeError(f"decode takes one sequence of token ids (a list, or a 1-D integer array), got an array "
+                            f"of shape {array.shape} and dtype {array.dtype}")
+        ids = array.tolist()
+    elif not isinstance(ids, (list, tuple)):
+        raise TypeError(f"decode takes a list of token ids, got {type(ids).__name__} {ids!r:.80}")
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31:
+            raise ValueError(f"decode takes token ids, integers from 0 to 2**31 - 1; got {i!r}")
+    return [int(i) for i in ids]
 
 
 class _SentencePieceBackend:

@@ -258,6 +258,17 @@ def test_bad_input_is_refused_with_a_reason(params, call, match):
         call(params)
 
 
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: llmjax.init_random(None), TypeError, "config must be an llmjax.LlamaConfig or a preset's name"),
+    (lambda: llmjax.init_random("tiny", tokenizer="tiny-stdlib"), TypeError, "tokenizer must be an llmjax Tokenizer"),
+    (lambda: llmjax.load(None), TypeError, "the model path must be a folder's path or a bundled model's name"),
+    (lambda: llmjax.load(""), ValueError, "the model path must be .* got ''"),
+])
+def test_params_entry_points_name_a_wrong_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
 def test_random_params_need_no_files():
     p = llmjax.init_random("tiny", dtype="float32", seed=1)
     assert "tiny" not in repr(p) and "no tokenizer" in repr(p)

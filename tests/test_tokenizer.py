@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import transformers
 
@@ -166,3 +167,18 @@ def test_text_with_a_lone_surrogate_is_refused_with_its_place(which, sp_dir, jso
     with pytest.raises(ValueError, match=r"'\\udc80' at index 3 is a lone surrogate"):
         ours.encode("abc\udc80")
     assert ours.decode(ours.encode("abc\U0001F600", add_special_tokens=False)) == "abc\U0001F600"
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
+def test_decode_refuses_what_is_not_a_token_id(which, sp_dir, json_dir):
+    """Negative, float, bool or far-out ids decoded as nothing (or as another id) before; arrays of
+    integers are taken as lists."""
+    ours = Tokenizer.from_dir(str(sp_dir if which == "sp" else json_dir))
+    ids = ours.encode("def f(x):", add_special_tokens=False)
+    assert ours.decode(np.asarray(ids)) == ours.decode(tuple(np.int64(i) for i in ids)) == ours.decode(ids)
+    for bad in ([-1], [2**40], [5.7], [True], [np.bool_(True)]):
+        with pytest.raises(ValueError, match="decode takes token ids, integers from 0 to 2..31 - 1"):
+            ours.decode(bad)
+    for bad in ("abc", 5, None, np.array([[5, 6]]), np.array([1.0])):
+        with pytest.raises(TypeError, match="decode takes"):
+            ours.decode(bad)
