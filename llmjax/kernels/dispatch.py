@@ -26,7 +26,7 @@ MODES = ("auto", "off", "interpret")
 # traces: a misspelt value fails on a CPU as on a GPU.
 SETTINGS = {
     "LLMJAX_ATTENTION": MODES, "LLMJAX_NORM": MODES, "LLMJAX_PAGE_WRITE": MODES,
-    "LLMJAX_ATTENTION_MOSAIC": MODES,
+    "LLMJAX_ATTENTION_MOSAIC": ("auto", "off"),  # Hopper's prefill kernel, or the Triton one
     "LLMJAX_PAGED_PREFILL": ("auto", "off"),  # the kernel's interpret mode is LLMJAX_ATTENTION's
     "LLMJAX_LOOP_GRAPH": ("auto", "off"), "LLMJAX_GEMM": ("auto", "triton"),
     "LLMJAX_GEMV": ("auto", "on", "off", "narrow"),

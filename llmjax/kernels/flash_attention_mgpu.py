@@ -74,7 +74,7 @@ def chosen(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether `flash_attention.attend` runs this kernel on cuda: on a Hopper GPU, for operands it takes,
     with a CUDA whose ptxas compiles it correctly, unless `LLMJAX_ATTENTION_MOSAIC=off` (the Triton
     kernel then; for comparisons)."""
-    return (dispatch.mode("LLMJAX_ATTENTION_MOSAIC") == "auto" and on_hopper() and supported(q, k, v)
+    return (dispatch.mode("LLMJAX_ATTENTION_MOSAIC", dispatch.SETTINGS["LLMJAX_ATTENTION_MOSAIC"]) == "auto" and on_hopper() and supported(q, k, v)
             and not miscompiling_cuda())
 
 
