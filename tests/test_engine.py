@@ -639,7 +639,8 @@ def test_bad_input_is_refused_with_a_reason(params, call, match):
 def test_a_call_out_of_memory_names_the_sizes_and_stops_the_engine(params):
     """A call whose prompt chunk cannot be allocated (2**30 tokens of activations) raises MemoryError
     naming the options that size it, not XLA's RESOURCE_EXHAUSTED; the engine then refuses to go on."""
-    engine = _engine(params, prefill_row=2**30, prefill_tokens=2**30)
+    huge = dict(prefill_row=2**30, prefill_tokens=2**30, kv_memory=16 * _page_bytes(params, 8))  # on a GPU, a
+    engine = _engine(params, **huge)  # pool sized by the memory free is refused at once, counting the call
     engine.add_request([1, 2, 3], max_new_tokens=4)
     with pytest.raises(MemoryError, match=r"ran out of memory.*prompt chunk of 1073741824 tokens "
                                           r"\(prefill_tokens.*smaller prefill_tokens or max_slots"):
@@ -647,7 +648,7 @@ def test_a_call_out_of_memory_names_the_sizes_and_stops_the_engine(params):
     with pytest.raises(RuntimeError, match="stopped at a failed device call .out of memory.*build a new Engine"):
         engine.step()
     with pytest.raises(MemoryError, match="prefill_tokens"):
-        LLM(params, **{**SMALL, "prefill_row": 2**30, "prefill_tokens": 2**30}).generate(
+        LLM(params, **{**SMALL, **huge}).generate(
             [[1, 2]], max_new_tokens=2, progress=False)
 
 
