@@ -84,6 +84,8 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
     window, stride = int(window), int(stride)
     if isinstance(text, str):
         text = [text]
+    if hasattr(text, "__array__") and not isinstance(text, np.ndarray) and np.ndim(text) == 1:
+        text = np.asarray(text)  # a jax or torch array of ids, taken as numpy's is
     if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
         if tok is None or tok.bos_id is None:
             raise ValueError("scoring text needs a tokenizer with a BOS token; these params have none, "

@@ -1,5 +1,6 @@
 """perplexity: every token scored once, with the context its window promises, and bad input refused."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -32,6 +33,16 @@ def test_short_text_scores_each_token_after_all_before_it(params):
     assert result.tokens == len(ids)
     assert result.nll == pytest.approx(-np.mean(want), abs=1e-5)
     assert result.perplexity == pytest.approx(np.exp(-np.mean(want)), rel=1e-5)
+
+
+def test_ids_as_numpy_jax_or_torch_arrays_score_as_a_list(params):
+    torch = pytest.importorskip("torch")
+    ids = [params.tokenizer.bos_id, 17, 250, 3, 99, 41]
+    want = llmjax.perplexity(params, ids).nll
+    for array in (np.asarray(ids), jnp.asarray(ids), torch.tensor(ids)):
+        assert llmjax.perplexity(params, array).nll == want
+    with pytest.raises(ValueError, match="a list of at least 2 token ids"):
+        llmjax.perplexity(params, jnp.asarray([[1, 2], [3, 4]]))
 
 
 @pytest.mark.parametrize("window,stride", [(8, 3), (9, 8), (6, 1), (16, 8)])
