@@ -1189,6 +1189,13 @@ class LLM:
             if one_prompt:
                 raise ValueError(f"max_new_tokens={max_new_tokens!r} is a sequence, but the prompt is a single "
                                  "one; give one number (a sequence gives one per prompt of a list)")
+            try:
+                flat = np.ndim(max_new_tokens) == 1
+            except ValueError:  # ragged: [3, [4]]
+                flat = False
+            if not flat:
+                raise ValueError(f"max_new_tokens must be one number, or a flat list of one per prompt; got "
+                                 f"{max_new_tokens!r:.80}")
             if len(max_new_tokens) != count:
                 raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {count} prompts; "
                                  "give one number, or one per prompt")

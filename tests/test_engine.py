@@ -616,6 +616,8 @@ def _finished(engine):
     (lambda p: _engine(None), "params must be llmjax Params"),
     (lambda p: _engine(p).cancel(_engine(p).add_request("x", max_new_tokens=4)), "does not belong"),
     (lambda p: LLM(p, **SMALL).generate(["a", "b"], max_new_tokens=[1]), "one per prompt"),
+    (lambda p: LLM(p, **SMALL).generate(["a", "b"], max_new_tokens=np.array([[2, 3]])), "a flat list of one per prompt"),
+    (lambda p: LLM(p, **SMALL).generate(["a", "b"], max_new_tokens=[3, [4]]), "a flat list of one per prompt"),
     (lambda p: LLM(p, **SMALL).generate("a", max_new_tokens=[3]), "the prompt is a single one"),
     (lambda p: LLM(p, **SMALL).generate([1, 2], max_new_tokens=(3,)), "the prompt is a single one"),
     (lambda p: _engine(p).warmup(97), r"max_len must be at most the engine's max_seq_len \(96\), got 97"),
