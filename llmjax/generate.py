@@ -424,14 +424,25 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     eos = jnp.asarray(params.config.eos_token_ids or (PAD_ID,), jnp.int32)
     row_ids = first_row + jnp.arange(batch, dtype=jnp.int32)
     model = _model(params)
-    out, steps = generate_ids_fn(model, batch)(
-        params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
-        jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
-        jnp.int32(max_new_tokens), eos, sampling.arrays(batch), seed_key(seed), row_ids,
-        model=model,
-        cache_len=_cache_len(params, prompt_bucket, max_new_tokens), out_len=_bucket(max_new_tokens),
-        greedy=sampling.greedy, filters=sampling.filters)
-    out = np.asarray(out)[:len(rows), :int(steps)]
+    cache_len = _cache_len(params, prompt_bucket, max_new_tokens)
+    try:
+        out, steps = generate_ids_fn(model, batch)(
+            params.weights, jnp.asarray(_pad(padded, prompt_bucket)),
+            jnp.asarray([len(r) for r in padded], jnp.int32), jnp.arange(batch) < len(rows),
+            jnp.int32(max_new_tokens), eos, sampling.arrays(batch), seed_key(seed), row_ids,
+            model=model, cache_len=cache_len, out_len=_bucket(max_new_tokens),
+            greedy=sampling.greedy, filters=sampling.filters)
+        out = np.asarray(out)[:len(rows), :int(steps)]
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        c = params.config
+        kv = 2 * c.num_layers * batch * cache_len * c.num_kv_heads * c.head_dim * jnp.dtype(params.dtype).itemsize
+        raise MemoryError(f"generating {len(rows)} prompts at once ran out of device memory: the call holds "
+                          f"{batch} rows with room for {cache_len} tokens each ({kv} bytes of keys and values "
+                          f"over all devices, beside the weights); pass fewer prompts per call or a smaller "
+                          "max_new_tokens, or use llmjax.LLM(params).generate, whose paged cache takes the "
+                          "prompts as memory allows") from e
     eos_set = set(params.config.eos_token_ids)
     results = []
     for row in out.tolist():

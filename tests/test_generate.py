@@ -269,6 +269,18 @@ def test_params_entry_points_name_a_wrong_argument(call, error, match):
         call()
 
 
+def test_a_batch_whose_cache_cannot_fit_names_the_fixes():
+    """64 rows with room for 32768 tokens of 64 kv heads of 256 (512 GiB of keys and values): a
+    MemoryError that says what to lower, not XLA's RESOURCE_EXHAUSTED."""
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=64, num_kv_heads=64, head_dim=256,
+                                 max_position_embeddings=32768)
+    params = llmjax.init_random(config, dtype="float32")
+    with pytest.raises(MemoryError, match=r"generating 64 prompts at once ran out of device memory: the call "
+                                          r"holds 64 rows with room for 32768 tokens each \(549755813888 bytes.*"
+                                          r"pass fewer prompts per call or a smaller max_new_tokens"):
+        llmjax.generate(params, [[1, 2]] * 64, max_new_tokens=32000)
+
+
 def test_random_params_need_no_files():
     p = llmjax.init_random("tiny", dtype="float32", seed=1)
     assert "tiny" not in repr(p) and "no tokenizer" in repr(p)
