@@ -105,7 +105,7 @@ def _generate(args) -> None:
     for stop in args.stop or ():
         _command_line_text("--stop", stop)
     _check_tokenizer(args.model)
-    params = llmjax.load(args.model, mesh=_mesh(args))
+    params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     prompt = args.prompt
     if args.chat:
         prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -300,6 +300,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help="llmjax checkpoint, Hugging Face folder or "
                      f"bundled model name (default: {DEFAULT_MODEL}, the bundled demo model)")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                     help="cast the weights (default: as stored on a GPU, float32 on a CPU)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     gen.add_argument("--top-k", type=int, default=None)

@@ -60,6 +60,11 @@ def test_convert_then_generate_from_the_command_line(example_model, tmp_path):
     assert "[prefill]" in gen.stderr and "[decode] 12 tokens" in gen.stderr
     expected = llmjax.generate(llmjax.load(tmp_path / "ckpt"), "def fibonacci(n):", max_new_tokens=12)
     assert gen.stdout == "def fibonacci(n):" + expected + "\n"
+    half = _run("generate", "--model", str(tmp_path / "ckpt"), "--prompt", "def fibonacci(n):",
+                "--max-new-tokens", "12", "--dtype", "bfloat16")
+    assert half.returncode == 0, half.stderr
+    expected = llmjax.generate(llmjax.load(tmp_path / "ckpt", dtype="bfloat16"), "def fibonacci(n):", max_new_tokens=12)
+    assert half.stdout == "def fibonacci(n):" + expected + "\n"
 
 
 def test_generate_errors_are_one_line(example_model, capsys):
