@@ -544,9 +544,15 @@ def run_prefill(report: Report, best: dict, smoke: bool, grid: bool = False) -> 
             except Exception as e:
                 report.say(f"  {t:6d} x{b} {name:24s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
         times = {name: [] for name in runners}
-        for turn in range(REPEATS if smoke else PREFILL_TURNS):  # each once a turn: drift hits them alike
-            for name in turn_order(list(runners), turn):
-                times[name].append(runners[name]())
+        for turn in range(REPEATS if smoke else PREFILL_TURNS) if runners else ():  # each once a turn:
+            for name in turn_order(list(runners), turn):  # drift hits them alike
+                if name not in times:  # failed in an earlier turn
+                    continue
+                try:
+                    times[name].append(runners[name]())
+                except Exception as e:
+                    report.say(f"  {t:6d} x{b} {name:24s} {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                    del times[name]
         for name, seconds in times.items():
             s = statistics.median(seconds)
             tflops = flash_flops(b, t) / s / 1e12

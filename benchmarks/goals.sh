@@ -42,7 +42,7 @@ for part in "${parts[@]}"; do
       grep -E "^\\$|TB/s|default" "$log" | head -40 ;;
     attention)
       run "$log" 400 python -P benchmarks/attention.py --out "$out/attention" --only check,prefill,decode
-      grep -E "^\\$|FAILED|cudnn|paged|decode" "$log" | head -60 ;;
+      grep -E "^\\$|FAILED|cudnn|Mosaic|contiguous kernel|paged kernel|decode" "$log" | head -60 ;;
     engine)
       run "$log" 280 python -P -m llmjax bench --throughput --model llama2-7b --no-mix
       run "$log" 280 python -P -m llmjax bench --throughput --model llama2-7b --no-mix --kv-dtype float8_e4m3fn --page-size 64

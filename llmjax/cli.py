@@ -81,15 +81,30 @@ def _add_mesh_flags(parser) -> None:
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree")
 
 
+class _OutputGone(Exception):
+    """Standard output's reader went away (`llmjax generate ... | head`)."""
+
+
+def _out(text: str, end: str = "\n") -> None:
+    """Prints `text` to standard output at once; a reader that went away raises `_OutputGone`, which
+    `main` ends quietly (a BrokenPipeError from anything else stays an error)."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        raise _OutputGone from None
+
+
 def _command_line_text(flag: str, text: str) -> str:
     """`text` as given to `flag`, refused if it is not UTF-8: Python keeps a command line's undecodable
     bytes as lone surrogates, which the tokenizer would report in Python's terms."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        byte = text[e.start].encode("utf-8", "surrogateescape")
-        raise ValueError(f"{flag} is not valid UTF-8 (byte {byte!r} at character {e.start}); give UTF-8 text, "
-                         "or read the prompt from a file in the terminal's encoding") from None
+        try:
+            what = f"byte {text[e.start].encode('utf-8', 'surrogateescape')!r}"
+        except UnicodeEncodeError:  # a surrogate no command line decodes to: text from Python
+            what = f"the lone surrogate {text[e.start]!r}"
+        raise ValueError(f"{flag} is not valid UTF-8 ({what} at character {e.start}); give UTF-8 text") from None
     return text
 
 
@@ -113,10 +128,10 @@ def _generate(args) -> None:
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            min_p=args.min_p, seed=args.seed, stop=args.stop or None)
     if not args.chat:
-        print(args.prompt, end="", flush=True)
+        _out(args.prompt, end="")
     for piece in stream:
-        print(piece, end="", flush=True)
-    print()
+        _out(piece, end="")
+    _out("")
     s = stream.stats
     speed = "" if math.isnan(s.decode_tok_s) else f", {s.decode_tok_s:.1f} tok/s"  # one token: no decode step
     print(f"[prefill] {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms "
@@ -139,12 +154,9 @@ def _perplexity(args) -> None:
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
     chars = sum(len(t.encode("utf-8")) for t in texts)
-    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "
+    _out(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "
           f"(nll {result.nll:.4f} nats/token, {result.nll * result.tokens / math.log(2) / chars:.4f} "
           "bits/byte)")
-
-
-PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 def _check_outputs(args) -> None:
@@ -160,12 +172,15 @@ def _check_outputs(args) -> None:
             raise ValueError(f"{flag} {path} is a folder; give a file path in it, such as {os.path.join(path, 'results' + ('.json' if flag == '--json' else '.png'))}")
         if not os.path.isdir(folder):
             raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{flag} {path}: this user may not write in {folder}; choose another path")
+        if not os.access(path if os.path.exists(path) else folder, os.W_OK):  # /dev/stdout is writable in /dev
+            raise ValueError(f"{flag} {path}: this user may not write it; choose another path")
     if args.plot is None:
         return
-    if os.path.splitext(args.plot)[1].lower() not in PLOT_SUFFIXES:
-        raise ValueError(f"--plot {args.plot}: the plot is drawn as {', '.join(PLOT_SUFFIXES)}; give a file name "
+    from matplotlib.figure import Figure
+
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    if os.path.splitext(args.plot)[1].lower().lstrip(".") not in formats:
+        raise ValueError(f"--plot {args.plot}: matplotlib draws the plot as {', '.join(formats)}; give a file name "
                          "ending in one of them")
     if not args.sweep and not args.throughput:
         raise ValueError("--plot is where --sweep or --throughput draws its plot, and this run draws none; add "
@@ -207,7 +222,7 @@ def _bench(args) -> None:
         print(f"plot: {path}", file=sys.stderr)
     else:
         results = [bench.bench(**options)]
-        print(results[0].report())
+        _out(results[0].report())
     if args.json:
         bench.save_json(results, args.json)
         print(f"results: {args.json}", file=sys.stderr)
@@ -234,7 +249,7 @@ def _throughput(args) -> None:
         max_slots=args.max_slots, page_size=args.page_size, decode_steps=args.decode_steps,
         prefill_tokens=args.prefill_tokens, prefill_row=args.prefill_row, kv_memory=kv_memory,
         kv_dtype=args.kv_dtype, overlap=not args.no_overlap, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(result.report())
+    _out(result.report())
     if result.serving:
         path = args.plot or f"serving-{args.model}-{args.dtype}.png"
         throughput.plot_serving(result, path)
@@ -368,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as SIGPIPE would
+    except _OutputGone:  # the reader of the output went away (`| head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail
         return 128 + signal.SIGPIPE
     except (ValueError, OSError, MemoryError, jinja2.TemplateError) as e:  # OSError: FileNotFound, FileExists

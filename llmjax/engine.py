@@ -831,7 +831,7 @@ class Engine:
         engine refuses further steps."""
         if self._failed is not None:
             raise RuntimeError(f"this engine stopped at a failed device call ({self._failed}); its page pool "
-                               "and requests are gone: build a new Engine")
+                               "and requests are gone: build a new Engine (or LLM)")
         start, compiling, in_calls = time.perf_counter(), self.stats.compile_s, self.stats.device_s
         try:
             landing = self._landing  # a call an interrupt (Ctrl-C) stopped `_land` reading: read it first
@@ -860,7 +860,7 @@ class Engine:
                 f"(max_slots) for {self.decode_steps} steps (decode_steps) and a prompt chunk of "
                 f"{self.chunk_rows * self.prefill_row} tokens (prefill_tokens, in rows of prefill_row="
                 f"{self.prefill_row}), beside a page pool of {self.num_pages} pages "
-                f"({self.num_pages * self.page_bytes} bytes per device). Build a new Engine with a smaller "
+                f"({self.num_pages * self.page_bytes} bytes per device). Build a new Engine (or LLM) with a smaller "
                 "prefill_tokens or max_slots, or a smaller kv_memory to leave the call more room: this "
                 "one cannot continue, as its page pool went to the failed call")
 
@@ -1138,12 +1138,13 @@ class Engine:
         for r in () if rows is None else rows:
             if not 1 <= _positive("rows", r) <= self.max_slots:
                 raise ValueError(f"each of rows must be at most the engine's max_slots ({self.max_slots}), got {r}")
+        threads = _positive("threads", threads)
         width = self._bucket(self.width_buckets, self._pages_for(max_len or self.max_seq_len))
         rows = self.row_buckets if rows is None else [self._bucket(self.row_buckets, r) for r in rows]
         variants = {(r, width, c, greedy, filters) for r in rows for c in (0, *self.chunk_buckets)}
         self._warmed = self._warmed | variants
         todo = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
-        with concurrent.futures.ThreadPoolExecutor(_positive("threads", threads)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for variant, compiled in zip(todo, pool.map(lambda v: self._compile(*v), todo)):
                 _EXECUTABLES[self._cache_key(variant)] = compiled
         if self.overlap:

@@ -200,20 +200,26 @@ class _HFTokenizersBackend:
 
 
 def _token_ids(ids) -> list[int]:
-    """`ids` as Python ints, refused (naming what is wrong) unless a list, tuple or 1-D integer array of
-    ids from 0 to 2**31 - 1: a float, a bool or a negative id is not a token, and must not decode as one."""
+    """`ids` as Python ints: any iterable of integers (Python's, numpy's, 0-d arrays such as
+    `jnp.argmax(logits)`) or a 1-D integer array, each from 0 to 2**31 - 1. A float, a bool or a
+    negative id is not a token and must not decode as one: refused, naming what is wrong."""
     if hasattr(ids, "__array__") and not isinstance(ids, (list, tuple)):
         array = np.asarray(ids)
         if array.ndim != 1 or array.dtype.kind not in "iu":
             raise TypeError(f"decode takes one sequence of token ids (a list, or a 1-D integer array), got an array "
                             f"of shape {array.shape} and dtype {array.dtype}")
         ids = array.tolist()
-    elif not isinstance(ids, (list, tuple)):
+    elif isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):
         raise TypeError(f"decode takes a list of token ids, got {type(ids).__name__} {ids!r:.80}")
+    out = []
     for i in ids:
+        if hasattr(i, "__array__") and not isinstance(i, (bool, np.bool_)):  # a 0-d array: jnp.argmax(...)
+            value = np.asarray(i)
+            i = value.item() if value.ndim == 0 and value.dtype.kind in "iu" else i
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31:
             raise ValueError(f"decode takes token ids, integers from 0 to 2**31 - 1; got {i!r}")
-    return [int(i) for i in ids]
+        out.append(int(i))
+    return out
 
 
 class _SentencePieceBackend:

@@ -742,11 +742,13 @@ def test_a_variable_llmjax_does_not_read_is_warned_of_once(monkeypatch):
         llmjax.generate(params, [1, 2, 3], max_new_tokens=2)
 
 
-@pytest.mark.parametrize("value, message", [("interpret", "takes auto or off"), ("fast", "must be one of")])
+@pytest.mark.parametrize("value, message", [("interpret", "got 'interpret'; LLMJAX_ATTENTION=interpret runs"),
+                                            ("fast", "got 'fast'$")])
 def test_paged_prefill_switch_is_checked(monkeypatch, value, message):
     monkeypatch.setenv("LLMJAX_PAGED_PREFILL", value)
-    with pytest.raises(ValueError, match=f"LLMJAX_PAGED_PREFILL {message}"):
-        llama._gathers(None, 1)
+    for check in (lambda: llama._gathers(None, 1), dispatch.check_settings):  # where it is read, and everywhere
+        with pytest.raises(ValueError, match=f"LLMJAX_PAGED_PREFILL must be one of auto, off, {message}"):
+            check()
 
 
 def test_head_dims_the_kernels_do_not_take_fall_back_to_the_reference(monkeypatch):

@@ -169,8 +169,8 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--json", "/nonexistent-folder/x.json"], "/nonexistent-folder does not exist"),  # before any work
     (["--sweep", "batch=1,2", "--plot", "/nonexistent-folder/x.png"], "does not exist"),
     (["--json", ""], "--json is empty; give a file path"), (["--json", "/"], "--json / is a folder"),
-    (["--sweep", "batch=1,2", "--plot", "x.txt"], "--plot x.txt: the plot is drawn as .png"),
-    (["--sweep", "batch=1,2", "--plot", "results"], "the plot is drawn as .png"),
+    (["--sweep", "batch=1,2", "--plot", "x.txt"], "--plot x.txt: matplotlib draws the plot as "),
+    (["--sweep", "batch=1,2", "--plot", "results"], "matplotlib draws the plot as "),
     (["--plot", "x.png"], "this run draws none"),
     (["--throughput", "--no-mix", "--plot", "x.png"], "which --no-mix or --serving-requests 0 leaves out"),
     (["--prompt-len", "300"], "a prompt of 300 tokens leaves 0 of the model's context of 256 tokens"),

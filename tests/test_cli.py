@@ -95,6 +95,14 @@ def test_generate_refuses_what_would_lose_or_garble_text(example_model, capsys, 
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "x"]) == 2
     assert capsys.readouterr().err == "llmjax generate: error: the engine's device call ran out of memory\n"
 
+    def broken(*args, **kwargs):  # a broken pipe that is not standard output's: an error, not a quiet end
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(llmjax, "load", broken)
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "x"]) == 2
+    assert "llmjax generate: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(example_model), "--prompt", "a\ud800"]) == 2
+    assert "--prompt is not valid UTF-8 (the lone surrogate '\\ud800' at character 1)" in capsys.readouterr().err
+
 
 def test_generate_into_a_closed_pipe_stops_quietly(example_model):
     """`llmjax generate ... | head -c 1`: the reader goes away, and the command ends as SIGPIPE would

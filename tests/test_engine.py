@@ -554,6 +554,13 @@ def test_rows_read_the_pages_in_place_where_the_kernels_run(device, kv_dtype, en
     assert llama.paged_decode_in_place(config, jnp.bfloat16, kv_dtype, fake) is decode_in_place
 
 
+def test_a_refused_warmup_marks_nothing_warmed(params):
+    engine = _engine(params)
+    with pytest.raises(ValueError, match="threads"):
+        engine.warmup(threads=0)
+    assert engine._warmed == frozenset()  # a step would otherwise take variants nobody compiled
+
+
 def test_kv_memory_takes_a_whole_float_of_bytes(params):
     assert _engine(params, kv_memory=float(16 * _page_bytes(params, 8))).num_pages == 16
 

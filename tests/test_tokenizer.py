@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
@@ -175,8 +176,11 @@ def test_decode_refuses_what_is_not_a_token_id(which, sp_dir, json_dir):
     integers are taken as lists."""
     ours = Tokenizer.from_dir(str(sp_dir if which == "sp" else json_dir))
     ids = ours.encode("def f(x):", add_special_tokens=False)
-    assert ours.decode(np.asarray(ids)) == ours.decode(tuple(np.int64(i) for i in ids)) == ours.decode(ids)
-    for bad in ([-1], [2**40], [5.7], [True], [np.bool_(True)]):
+    want = ours.decode(ids)
+    assert ours.decode(np.asarray(ids)) == ours.decode(tuple(np.int64(i) for i in ids)) == want
+    assert ours.decode(i for i in ids) == ours.decode([jnp.asarray(i) for i in ids]) == want
+    assert ours.decode(range(5, 9)) == ours.decode([5, 6, 7, 8])
+    for bad in ([-1], [2**40], [5.7], [True], [np.bool_(True)], [jnp.asarray(1.5)], [np.array([1, 2])]):
         with pytest.raises(ValueError, match="decode takes token ids, integers from 0 to 2..31 - 1"):
             ours.decode(bad)
     for bad in ("abc", 5, None, np.array([[5, 6]]), np.array([1.0])):

@@ -37,12 +37,18 @@ SETTINGS = {
 }
 
 
+# What to set instead, for a value a variable refuses but a user might reach for.
+HINTS = {("LLMJAX_PAGED_PREFILL", "interpret"): "LLMJAX_ATTENTION=interpret runs the prompt rows' kernel in "
+                                                "interpret mode"}
+
+
 def mode(variable: str, choices: tuple = MODES, default: str = "auto") -> str:
     """The mode the environment variable `variable` selects among `choices`: for a kernel family
     `auto` (the default), `off` or `interpret`."""
     value = os.environ.get(variable, default)
     if value not in choices:
-        raise ValueError(f"{variable} must be one of {', '.join(choices)}, got {value!r}")
+        hint = HINTS.get((variable, value))
+        raise ValueError(f"{variable} must be one of {', '.join(choices)}, got {value!r}{'; ' + hint if hint else ''}")
     return value
 
 

@@ -243,10 +243,7 @@ def _gathered_chunk(q, k_pages, v_pages, tables, offsets, mesh):
 def _gathers(mesh, kv_heads: int) -> bool:
     """Whether the engine's prompt rows gather their pages into contiguous copies (on `mesh`, under the
     environment's `LLMJAX_PAGED_PREFILL`) rather than handing the pool to `attend_prefill_rows`."""
-    chosen = dispatch.mode("LLMJAX_PAGED_PREFILL")
-    if chosen == "interpret":  # the kernel's own mode is LLMJAX_ATTENTION's to set
-        raise ValueError("LLMJAX_PAGED_PREFILL takes auto or off; LLMJAX_ATTENTION=interpret runs the kernel in "
-                         "interpret mode")
+    chosen = dispatch.mode("LLMJAX_PAGED_PREFILL", dispatch.SETTINGS["LLMJAX_PAGED_PREFILL"])
     return chosen == "off" or splits_otherwise(mesh, kv_heads)
 
 
