@@ -57,9 +57,13 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import itertools
+import os
+import signal
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -154,6 +158,14 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.id}, prompt of {len(self.prompt_ids)} tokens, {len(self.token_ids)} of "
+                f"{self.max_new_tokens} new tokens, finish_reason={self.finish_reason!r})")
+
+    def __getstate__(self):  # pickle and copy.deepcopy: a handle would drag its engine, weights and pool along
+        raise TypeError("a Request is a handle into its Engine and is not copied or pickled; keep what you need "
+                        "from it (request.token_ids, engine.text(request), request.finish_reason)")
 
     @property
     def _produced(self) -> int:
@@ -312,6 +324,27 @@ _jitted_call = jax.jit(_engine_call, static_argnames=("model", "steps", "greedy"
 _EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}
 
 
+@contextlib.contextmanager
+def _uninterrupted():
+    """Holds a Ctrl-C (SIGINT) back until the block ends, then raises it as Python would have: the
+    engine's state never stops half changed (a pool given to a call the engine does not know of, a
+    request with its pages freed but not finished). Only the main thread receives SIGINT; elsewhere
+    the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):  # Python's handler raises KeyboardInterrupt; an outer block holds it
+            previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 @dataclasses.dataclass
 class _Flight:
     """A call sent to the device: its rows (requests, in row order), its tokens `[steps, R]` (on the
@@ -461,6 +494,7 @@ class Engine:
         self._flight: _Flight | None = None  # the call on the device whose tokens the host has not read
         self._landing: _Flight | None = None  # the call `_land` is reading (kept if an interrupt stops it)
         self._failed: str | None = None  # why a device call failed, after which the engine cannot go on
+        self._stepping = threading.Lock()  # held by the thread in `step`
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -468,6 +502,10 @@ class Engine:
         # few prompts arriving while others decode need not pay for a whole chunk's products.
         self.chunk_buckets = tuple(sorted({max(1, self.chunk_rows // CHUNK_SHRINK**k) for k in range(CHUNK_SIZES)}))
         self.width_buckets = _quarters(self.max_pages, 1)
+
+    def __repr__(self) -> str:
+        return (f"<llmjax Engine: {self.max_slots} slots, {self.free_pages} of {self.num_pages} pages of "
+                f"{self.page_size} tokens free, {self.pending} requests pending, {self.stats.calls} calls>")
 
     # ------------------------------------------------------------ memory
 
@@ -828,7 +866,17 @@ class Engine:
         """Runs one device call; returns the requests that got tokens or finished in it. With
         `overlap`, the next call is on its way to the device before this one's tokens are read. A
         call out of device memory raises MemoryError (its message names the sizes to lower), and the
-        engine refuses further steps."""
+        engine refuses further steps. One thread steps an engine at a time (`stream` and
+        `LLM.generate` step it too): a step begun while another runs raises RuntimeError."""
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError("this Engine is stepping in another thread; step it from one thread at a time "
+                               "(engine.stream and LLM.generate step it too), or give each thread its own Engine")
+        try:
+            return self._step()
+        finally:
+            self._stepping.release()
+
+    def _step(self) -> list[Request]:
         if self._failed is not None:
             raise RuntimeError(f"this engine stopped at a failed device call ({self._failed}); its page pool "
                                "and requests are gone: build a new Engine (or LLM)")
@@ -837,11 +885,13 @@ class Engine:
             landing = self._landing  # a call an interrupt (Ctrl-C) stopped `_land` reading: read it first
             if landing is None:
                 if self._flight is None:
-                    self._flight = self._launch(speculative=False)
+                    self._launch(in_flight=None)
                 landing = self._flight
                 if landing is not None:
-                    self._flight = self._launch(speculative=True) if self.overlap else None
-                    self._landing = landing
+                    with _uninterrupted():
+                        self._landing, self._flight = landing, None
+                    if self.overlap:
+                        self._launch(in_flight=landing)
             done = []
             if landing is not None:
                 done = self._land(landing)
@@ -864,15 +914,18 @@ class Engine:
                 "prefill_tokens or max_slots, or a smaller kv_memory to leave the call more room: this "
                 "one cannot continue, as its page pool went to the failed call")
 
-    def _launch(self, speculative: bool) -> _Flight | None:
-        """Schedules a call and sends it to the device (None: nothing to run). `speculative`: a call is
-        in flight, and this one counts on it giving each of its rows the tokens its budget allows."""
-        scheduled = self._schedule(speculative)
+    def _launch(self, in_flight: _Flight | None) -> None:
+        """Schedules a call and sends it to the device, as `_flight` (left None: nothing to run).
+        `in_flight`: the call on the device, whose tokens the host has not read; this one then counts on
+        it giving each of its rows the tokens its budget allows. Sending and the bookkeeping after it
+        hold a Ctrl-C back until they are done: the pool went to the call, and the engine's state must
+        say so (an interrupt that lands before, while scheduling or compiling, changes nothing)."""
+        scheduled = self._schedule(in_flight is not None)
         if scheduled is None:
-            return None
+            return
         decode, pieces = scheduled
         if not decode and not pieces:
-            return None
+            return
         finishing = [req for req, start, count in pieces if start + count == req._sequence_len]
         rows = decode + finishing
         pages = max(len(r._pages) for r in rows + [p[0] for p in pieces])
@@ -886,18 +939,19 @@ class Engine:
         run = self._executable(variant)
         device_rows, device_chunk = self._place((host_rows, chunk))
         if any(r._pending for r in decode):  # their last tokens are still on the device
-            device_rows = dataclasses.replace(device_rows, last=self._fed_tokens(decode, host_rows.last))
-        sent = time.perf_counter()
-        out, self._pool = run(self.params.weights, self._pool, device_rows, device_chunk, self._eos)
-        self.stats.device_s += time.perf_counter() - sent
+            device_rows = dataclasses.replace(device_rows, last=self._fed_tokens(in_flight, decode, host_rows.last))
         budgets = host_rows.budget[:len(rows)].tolist()
-        self._account(decode, pieces, rows, budgets)
-        return _Flight(rows, out, budgets)
+        with _uninterrupted():
+            sent = time.perf_counter()
+            out, self._pool = run(self.params.weights, self._pool, device_rows, device_chunk, self._eos)
+            self.stats.device_s += time.perf_counter() - sent
+            self._account(decode, pieces, rows, budgets)
+            self._flight = _Flight(rows, out, budgets)
 
-    def _fed_tokens(self, decode: list[Request], last: np.ndarray) -> jax.Array:
+    def _fed_tokens(self, flight: _Flight, decode: list[Request], last: np.ndarray) -> jax.Array:
         """The decode rows' first tokens, where the call in flight gives them: its output gathered on
         the device (the host has not read it)."""
-        flight, picks = self._flight, np.full(last.shape, -1, np.int32)
+        picks = np.full(last.shape, -1, np.int32)
         width = flight.out.shape[1]
         picks[:len(decode)] = [(r._pending - 1) * width + r._pending_row if r._pending else -1 for r in decode]
         return self._feeder(len(last))(flight.out, *jax.device_put((picks, last), self._input_sharding()))
@@ -916,40 +970,42 @@ class Engine:
     def _land(self, flight: _Flight) -> list[Request]:
         """Waits for a call's tokens and hands each row its own; finishes those that ended. Rows whose
         request finished meanwhile (cancelled, or ended in the call before, whose next call counted on
-        it going on) are skipped. An interrupt (Ctrl-C, most likely while waiting) loses nothing: the
-        call stays `_landing`, and the next step lands the rows not yet landed."""
+        it going on) are skipped. An interrupt (Ctrl-C) while waiting loses nothing: the call stays
+        `_landing`, and the next step lands it; once the tokens are here, a Ctrl-C waits until they are
+        handed out (an error part way leaves the rows not yet landed to the next step)."""
         waited = time.perf_counter()
         out = np.asarray(flight.out)
-        if not flight.read:  # a call landed again after an interrupt is counted once
-            flight.read = True
-            self.stats.device_s += time.perf_counter() - waited
-            self.stats.calls += 1
-        if flight.checking is not None and not flight.checking.finished:
-            self._check_end(flight.checking)  # its tokens were handed out before the interrupt
-        flight.checking = None
-        now = time.perf_counter()
-        out = out[:, :len(flight.rows)]
-        produced = out != PAD_ID  # each row's tokens run up to its first PAD_ID
-        counts = np.where(produced.all(axis=0), out.shape[0], produced.argmin(axis=0)).tolist()
-        done = []
-        rows = zip(flight.rows, out.T.tolist(), counts, flight.budgets)
-        for request, column, count, budget in itertools.islice(rows, flight.landed, None):
-            flight.landed += 1  # an interrupt past here leaves this row landed, and the next step lands the rest
-            request._pending -= budget
-            if request.finished:
-                continue
-            self.stats.decode_tokens += count
-            if request.first_token_time is None and count:
-                request.first_token_time = now
-            request.token_ids.extend(column[:count])
-            request._computed -= budget - count
-            flight.checking = request
-            self._check_end(request)
+        with _uninterrupted():  # the tokens, once here, are handed out whole (a Ctrl-C waits for it)
+            if not flight.read:  # a call landed again after an interrupt is counted once
+                flight.read = True
+                self.stats.device_s += time.perf_counter() - waited
+                self.stats.calls += 1
+            if flight.checking is not None and not flight.checking.finished:
+                self._check_end(flight.checking)  # its tokens were handed out before the interrupt
             flight.checking = None
-            if count < budget and not request.finished:
-                raise RuntimeError(f"request {request.id} stopped short of its budget in a call without "
-                                   "ending (an llmjax bug: its next call counted on those tokens)")
-            done.append(request)
+            now = time.perf_counter()
+            out = out[:, :len(flight.rows)]
+            produced = out != PAD_ID  # each row's tokens run up to its first PAD_ID
+            counts = np.where(produced.all(axis=0), out.shape[0], produced.argmin(axis=0)).tolist()
+            done = []
+            rows = zip(flight.rows, out.T.tolist(), counts, flight.budgets)
+            for request, column, count, budget in itertools.islice(rows, flight.landed, None):
+                flight.landed += 1  # an interrupt past here leaves this row landed, and the next step lands the rest
+                request._pending -= budget
+                if request.finished:
+                    continue
+                self.stats.decode_tokens += count
+                if request.first_token_time is None and count:
+                    request.first_token_time = now
+                request.token_ids.extend(column[:count])
+                request._computed -= budget - count
+                flight.checking = request
+                self._check_end(request)
+                flight.checking = None
+                if count < budget and not request.finished:
+                    raise RuntimeError(f"request {request.id} stopped short of its budget in a call without "
+                                       "ending (an llmjax bug: its next call counted on those tokens)")
+                done.append(request)
         return done
 
     @staticmethod
@@ -1040,8 +1096,9 @@ class Engine:
                 del request.token_ids[self._stop_end(request):]  # tokens past the stop string are not its own
                 reason = "stop"
         if reason is not None:
-            self._release(request)
-            self._finish(request, reason)
+            with _uninterrupted():  # a request with its seat and pages given back is finished, always
+                self._release(request)
+                self._finish(request, reason)
             if request.stops:
                 request._text.push(request.token_ids, finished=True)
 
@@ -1142,11 +1199,11 @@ class Engine:
         width = self._bucket(self.width_buckets, self._pages_for(max_len or self.max_seq_len))
         rows = self.row_buckets if rows is None else [self._bucket(self.row_buckets, r) for r in rows]
         variants = {(r, width, c, greedy, filters) for r in rows for c in (0, *self.chunk_buckets)}
-        self._warmed = self._warmed | variants
         todo = [v for v in variants if self._cache_key(v) not in _EXECUTABLES]
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for variant, compiled in zip(todo, pool.map(lambda v: self._compile(*v), todo)):
                 _EXECUTABLES[self._cache_key(variant)] = compiled
+        self._warmed = self._warmed | variants  # only once compiled: an interrupted warmup marks none
         if self.overlap:
             for r in rows:
                 self._feeder(r)
@@ -1161,6 +1218,9 @@ class LLM:
 
     def __init__(self, params: Params, **engine_options):
         self.engine = Engine(params, **engine_options)
+
+    def __repr__(self) -> str:
+        return f"LLM({self.engine!r})"
 
     def generate(self, prompts, *, max_new_tokens: int | Sequence[int] = 256, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,

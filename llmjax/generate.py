@@ -487,12 +487,25 @@ class Stream:
         self._rows = jnp.zeros((1,), jnp.int32)  # a single prompt is prompt 0, as in generate
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()
+        self._stopped: BaseException | None = None  # what ended the stream before its end
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        if self._stopped is not None:  # a finished generator would just stop: the rest would go unsaid
+            raise RuntimeError(f"this stream stopped part way ({type(self._stopped).__name__}) and cannot go on; "
+                               "start a new one with llmjax.stream(...)") from self._stopped
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            raise
+        except BaseException as e:  # Ctrl-C, an error: the generator is spent
+            self._stopped = e
+            raise
+
+    def __repr__(self) -> str:
+        return f"<llmjax Stream: prompt of {len(self._row)} tokens, up to {self._max_new} new>"
 
     def _compile(self, bucket: int):
         p, s = self._params, self._sampling

@@ -208,6 +208,26 @@ def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
 
 
+def test_an_overwrite_stopped_while_it_swaps_leaves_the_earlier_conversion(tmp_path, hf_dir, reference, monkeypatch):
+    """The earlier conversion is moved aside, not deleted, until the new one is in place: stopped
+    between the two moves, the earlier one is put back whole, and nothing else is left."""
+    out = tmp_path / "out"
+    hf.convert(str(hf_dir), str(out), progress=False)
+    rename, moves = os.rename, []
+
+    def stopped(src, dst):
+        moves.append(dst)
+        if len(moves) == 2:  # the new conversion into place
+            raise KeyboardInterrupt
+        rename(src, dst)
+    monkeypatch.setattr(hf.os, "rename", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        hf.convert(str(hf_dir), str(out), overwrite=True, progress=False)
+    monkeypatch.setattr(hf.os, "rename", rename)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
+
+
 def test_overwrite_never_deletes_the_users_other_files(tmp_path, hf_dir, monkeypatch):
     """--overwrite replaces an empty folder or an earlier conversion, nothing else: not a folder of
     other files, not a conversion someone added files to, not the working folder or one holding it,

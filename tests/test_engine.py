@@ -710,6 +710,81 @@ def test_an_interrupt_while_a_step_waits_for_its_call_loses_nothing(params, monk
     assert engine.free_pages == engine.num_pages
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("where", ["send", "account", "release", "finish"])
+def test_a_ctrl_c_inside_the_engines_bookkeeping_waits_until_it_is_done(params, monkeypatch, overlap, where):
+    """A SIGINT (as Ctrl-C sends it: `_thread.interrupt_main`) that arrives while a call is sent, while
+    the engine counts its tokens, or between a finished request's release and finish is held until the
+    state is whole: then KeyboardInterrupt, and the engine goes on with every request's exact tokens
+    and all its pages back. (Raised there before, it left a donated pool the engine still used, a call
+    nobody would land, or a request with no pages that was not finished.)"""
+    import _thread
+
+    from llmjax.engine import Engine
+
+    engine = _engine(params, overlap=overlap)
+    prompts = [[1, 5, 9], [1, 6, 2, 8], [1, 3], [1, 9, 9, 9, 4]]
+    handles = [engine.add_request(p, max_new_tokens=n) for p, n in zip(prompts, (15, 6, 11, 3))]
+    engine.step()
+    fired = []
+    if where == "send":
+        executable = Engine._executable
+
+        def sending(self, variant):
+            run = executable(self, variant)
+
+            def interrupted(*args):
+                out = run(*args)
+                if not fired:
+                    fired.append(1)
+                    _thread.interrupt_main()  # arrives as the call returns, before the pool is taken back
+                return out
+            return interrupted
+        monkeypatch.setattr(Engine, "_executable", sending)
+    else:
+        name = {"account": "_account", "release": "_release", "finish": "_finish"}[where]
+        original = getattr(Engine, name)
+
+        def interrupted(self, *args):
+            out = original(self, *args)
+            if not fired:  # just after it: the state the next statement completes
+                fired.append(1)
+                _thread.interrupt_main()
+            return out
+        monkeypatch.setattr(Engine, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _drain(engine)
+    assert fired
+    _drain(engine)
+    assert [h.token_ids for h in handles] == [llmjax.generate(params, p, max_new_tokens=n)
+                                              for p, n in zip(prompts, (15, 6, 11, 3))]
+    assert all(h.finished for h in handles) and engine.free_pages == engine.num_pages
+
+
+def test_a_request_is_not_copied_and_an_engine_steps_in_one_thread_at_a_time(params):
+    import copy
+    import pickle
+    import threading
+
+    engine = _engine(params)
+    request = engine.add_request([1, 5, 9], max_new_tokens=4)
+    assert repr(request) == "Request(id=0, prompt of 3 tokens, 0 of 4 new tokens, finish_reason=None)"
+    for duplicate in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="a Request is a handle into its Engine and is not copied"):
+            duplicate(request)
+    engine._stepping.acquire()  # as if another thread were in step()
+    try:
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, engine.step)))
+        thread.start()
+        thread.join()
+        assert "stepping in another thread" in str(errors[0].value)
+    finally:
+        engine._stepping.release()
+    _drain(engine)
+    assert request.token_ids == llmjax.generate(params, [1, 5, 9], max_new_tokens=4)
+
+
 def _drain(engine, limit: int = 50) -> None:
     for _ in range(limit):  # bounded: a lost call once left requests waiting for tokens forever
         if not engine.pending:

@@ -88,6 +88,23 @@ def test_text_continues_the_prompt_as_one_decode_would(params):
         assert prompt + "".join(llmjax.stream(p, prompt, max_new_tokens=12)) == whole
 
 
+def test_a_stream_stopped_part_way_says_so_when_read_again(params):
+    """A stream's generator ends for good at an interrupt; read again (a notebook cell run twice), it
+    says so rather than yielding nothing, which would cut the text short unseen."""
+    stream = llmjax.stream(params, "def f", max_new_tokens=8)
+    next(stream)
+
+    def interrupted():
+        raise KeyboardInterrupt
+        yield
+    stream._pieces = interrupted()  # as a Ctrl-C inside the stream's decode step
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    with pytest.raises(RuntimeError, match=r"this stream stopped part way \(KeyboardInterrupt\).*llmjax.stream"):
+        next(stream)
+    assert repr(stream) == f"<llmjax Stream: prompt of {stream.stats.prompt_tokens} tokens, up to 8 new>"
+
+
 def test_stream_yields_what_generate_returns(params):
     p = _no_eos(params)
     pieces = list(llmjax.stream(p, "for i in range(", max_new_tokens=20))

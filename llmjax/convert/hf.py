@@ -364,6 +364,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     out_dir = _checked_output(hf_dir, out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
+    aside = None  # where an earlier conversion waits while the new one takes its place
     try:
         os.makedirs(parent, exist_ok=True)
         os.mkdir(tmp)  # with the user's umask, as any folder they make (mkdtemp's would be private)
@@ -386,10 +387,17 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
             groups = _quantized(groups, config, resolved, quant)
         keys = checkpoint.write_weights(tmp, groups)
         checkpoint.write_manifest(tmp, keys, resolved, quant)
+        # An earlier conversion is moved aside, not deleted, until the new one is in its place: an
+        # interrupt then leaves one whole checkpoint at out_dir, the old or the new.
         if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+            aside = os.path.join(parent, f".{os.path.basename(out_dir)}.replaced-{uuid.uuid4().hex[:12]}")
+            os.rename(out_dir, aside)
         os.rename(tmp, out_dir)
     except BaseException:
+        if aside is not None and os.path.exists(aside) and not os.path.exists(out_dir):
+            os.rename(aside, out_dir)  # the earlier conversion back in its place
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return out_dir
