@@ -597,7 +597,7 @@ class Engine:
         try:
             return jax.block_until_ready(jax.jit(zeros, out_shardings=self._pool_sharding())())
         except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
+            if not dispatch.out_of_memory(e):
                 raise
             raise MemoryError(f"the page pool of {self.num_pages} pages ({self.num_pages * self.page_bytes} bytes "
                               "per device) does not fit in the device's memory; pass a smaller kv_memory (bytes "
@@ -897,7 +897,7 @@ class Engine:
                 done = self._land(landing)
                 self._landing = None
         except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
+            if not dispatch.out_of_memory(e):
                 raise
             self._failed = "out of memory"
             raise MemoryError(self._out_of_memory()) from e
@@ -1095,10 +1095,9 @@ class Engine:
             if request._text.stopped:
                 del request.token_ids[self._stop_end(request):]  # tokens past the stop string are not its own
                 reason = "stop"
-        if reason is not None:
-            with _uninterrupted():  # a request with its seat and pages given back is finished, always
-                self._release(request)
-                self._finish(request, reason)
+        if reason is not None:  # `_land`, the only caller, holds a Ctrl-C back: released means finished
+            self._release(request)
+            self._finish(request, reason)
             if request.stops:
                 request._text.push(request.token_ids, finished=True)
 

@@ -434,7 +434,7 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
             greedy=sampling.greedy, filters=sampling.filters)
         out = np.asarray(out)[:len(rows), :int(steps)]
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if not dispatch.out_of_memory(e):
             raise
         c = params.config
         kv = 2 * c.num_layers * batch * cache_len * c.num_kv_heads * c.head_dim * jnp.dtype(params.dtype).itemsize

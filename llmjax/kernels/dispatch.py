@@ -72,6 +72,12 @@ def check_settings() -> None:
 _unknown: set[str] = set()
 
 
+def out_of_memory(error: Exception) -> bool:
+    """Whether `error` is XLA running out of device memory (RESOURCE_EXHAUSTED), which callers turn
+    into a MemoryError naming the sizes to lower."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
 def refuse_x64() -> None:
     """llmjax's programs index with 32-bit integers; with `jax_enable_x64` on, Python integers in
     them become 64-bit and tracing fails deep inside a kernel. Called wherever llmjax traces."""
