@@ -675,6 +675,10 @@ def logits(params: Params, token_ids) -> jax.Array:
     if length > context:
         raise ValueError(f"{length} tokens are longer than the model's context of {context} tokens")
     # Padding at the end leaves earlier positions unchanged (attention is causal), so the length is
-    # bucketed to bound the number of compilations.
-    tokens = jnp.asarray(_pad(rows, _bucket(length, context)))
-    return _forward(params.weights, tokens, model=_model(params))[:, :length]
+    # bucketed, and the batch rounded as `generate` rounds it, to bound the number of compilations.
+    # The padding is cut off on the host: slicing on the device would compile a program per shape.
+    tokens = _pad(rows + [rows[0]] * (_batch_size(params, len(rows)) - len(rows)), _bucket(length, context))
+    out = _forward(params.weights, jnp.asarray(tokens), model=_model(params))
+    if out.shape[:2] == (len(rows), length):
+        return out
+    return jax.device_put(np.asarray(out.addressable_data(0))[:len(rows), :length], out.sharding)

@@ -18,10 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.generate import _bucket, _forward, _is_int, _model, _token_rows, check_vocabulary
+from llmjax.generate import _batch_size, _bucket, _is_int, _model, _positions, _replicated, _token_rows, \
+    check_vocabulary
+from llmjax.kernels import dispatch
+from llmjax.models import llama
 from llmjax.params import Params, check_params
 
-BATCH = 8  # windows per compiled call
+BATCH = 8  # the most windows a compiled call scores
+TOKENS = 32768  # ... and the most tokens: past that, fewer windows a call (one, at the least)
+LOGITS = 2**26  # the most float32 logits a slice of the head holds at once (256 MiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +47,29 @@ class Perplexity:
         return f"Perplexity({self.perplexity:.3f} over {self.tokens} tokens, nll {self.nll:.4f} nats)"
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _logprobs(weights, tokens, targets, *, model):
-    """Log-probability of `targets[b, t]` after `tokens[b, :t+1]`, float32 `[B, T]`."""
-    logits = _forward(weights, tokens, model=model)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
+def _slice_len(rows: int, width: int, vocab: int) -> int:
+    """Positions per slice of the head: a power of two, at most `width`, with at most LOGITS logits."""
+    fit = max(1, LOGITS // (rows * vocab))
+    return min(width, 1 << (fit.bit_length() - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "piece"))
+def _logprobs(weights, tokens, targets, *, model, piece):
+    """Log-probability of `targets[b, t]` after `tokens[b, :t+1]`, float32 `[B, T]`. The head runs a
+    `piece` positions at a time, so the whole `[B, T, vocab]` logits never exist at once (for a
+    128k-token window and a 128k vocabulary they would take 67 GB a row)."""
+    x, _ = model.apply({"params": weights}, tokens, _positions(tokens), with_head=False)  # [B, T, D]
+    (b, t), c = tokens.shape, model.config
+    pad = -t % piece
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, piece, x.shape[-1]).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, piece).swapaxes(0, 1)
+
+    def score(args):  # [B, piece, D], [B, piece] -> [B, piece]
+        h, target = args
+        logits = llama.project(c, weights, h, model.mesh, model.quant)
+        return jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    out = jax.lax.map(score, (x, targets)).swapaxes(0, 1).reshape(b, -1)[:, :t]
+    return _replicated(model, out)
 
 
 def _windows(ids: list[int], bos: int, window: int, stride: int):
@@ -104,17 +126,27 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
     model = _model(params)
     jobs = [(n, w) for n, row in enumerate(rows) if row for w in _windows(row, bos, window, stride)]
     width = _bucket(max(len(w[0]) for _, w in jobs), window)  # few distinct shapes, few compilations
+    # Windows a call: a power of two (the mesh's `data` degree divides it), no more than the windows
+    # there are, and fewer for wide windows, so a call's activations stay near TOKENS tokens' worth.
+    batch = _batch_size(params, min(len(jobs), BATCH, max(1, TOKENS // width)))
+    piece = _slice_len(batch, width, params.config.vocab_size)
     pending = []  # dispatched batches: the host prepares the next while the device runs one
-    for i in range(0, len(jobs), BATCH):
-        chunk = jobs[i:i + BATCH]
-        tokens = np.zeros((BATCH, width), np.int32)
-        for b, (_, (inp, _, _)) in enumerate(chunk):
-            tokens[b, :len(inp)] = inp
-        targets = np.concatenate([tokens[:, 1:], np.zeros((BATCH, 1), np.int32)], axis=1)
-        pending.append((chunk, _logprobs(params.weights, tokens, targets, model=model)))
+    try:
+        for i in range(0, len(jobs), batch):
+            chunk = jobs[i:i + batch]
+            tokens = np.zeros((batch, width), np.int32)
+            for b, (_, (inp, _, _)) in enumerate(chunk):
+                tokens[b, :len(inp)] = inp
+            targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+            pending.append((chunk, _logprobs(params.weights, tokens, targets, model=model, piece=piece)))
+        pending = [(chunk, np.asarray(lp)) for chunk, lp in pending]
+    except jax.errors.JaxRuntimeError as e:
+        if not dispatch.out_of_memory(e):
+            raise
+        raise MemoryError(f"scoring ran out of device memory: a call scores {batch} windows of {width} tokens "
+                          f"at once; pass a smaller window= (now {window}) to score fewer tokens a call") from e
     scores = [[] for _ in rows]
     for chunk, lp in pending:
-        lp = np.asarray(lp)
         for b, (n, (_, first, count)) in enumerate(chunk):
             scores[n].append(lp[b, first:first + count])
     logprobs = [np.concatenate(s) if s else np.zeros(0, np.float32) for s in scores]

@@ -1,12 +1,13 @@
 """perplexity: every token scored once, with the context its window promises, and bad input refused."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import llmjax
 
-from conftest import hf_config, save_hf_model
+from conftest import hf_config, needs_devices, save_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,58 @@ def test_a_tokenizer_larger_than_the_model_is_named_not_scored(tmp_path, sp_dir)
     for call in (lambda: llmjax.perplexity(small, text), lambda: llmjax.generate(small, text, max_new_tokens=2)):
         with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 500\).*tokenizer \(600 pieces\)"):
             call()
+
+
+def test_calls_hold_the_windows_there_are_and_the_head_runs_in_slices(params, monkeypatch):
+    """One short text is one window: a call of one row, not of eight (seven were padding). Wide windows
+    take fewer rows a call (TOKENS), and the head turns the hidden states into logits a slice of
+    positions at a time (LOGITS), so a 128k-token window never holds all its logits at once; a slice
+    that does not divide the window, and one of a single position, score as the whole head does."""
+    from llmjax import scoring
+
+    shapes, real = [], scoring._logprobs
+    monkeypatch.setattr(scoring, "_logprobs", lambda *a, **k: shapes.append((a[1].shape, k["piece"])) or real(*a, **k))
+    rng = np.random.default_rng(8)
+    bos = params.tokenizer.bos_id
+    texts = [[bos] + rng.integers(3, 600, n).tolist() for n in (9, 40, 63)]
+    whole = [llmjax.perplexity(params, ids, window=64) for ids in texts]
+    assert shapes == [((1, 16), 16), ((1, 64), 64), ((1, 64), 64)]
+    in_windows = llmjax.perplexity(params, texts[2], window=40, stride=7)  # 5 windows of 40: 5 rows, a call of 8
+    for ids, want in zip(texts, whole):
+        assert want.logprobs[0] == pytest.approx([_logprob_after(params, ids[:k], ids[k]) for k in range(1, len(ids))],
+                                                 abs=2e-5)
+    monkeypatch.setattr(scoring, "TOKENS", 64)  # one window of 64 a call
+    monkeypatch.setattr(scoring, "LOGITS", 600 * 7)  # 7 positions' logits: slices of 4
+    sliced = llmjax.perplexity(params, texts[2], window=64)
+    windows = llmjax.perplexity(params, texts[2], window=40, stride=7)  # 5 windows, 40 wide, 1 a call
+    assert shapes[4:] == [((1, 64), 4)] + [((1, 40), 4)] * 5  # 40 = 10 slices of 4; 64 = 16
+    np.testing.assert_allclose(sliced.logprobs[0], whole[2].logprobs[0], atol=1e-6)
+    monkeypatch.setattr(scoring, "LOGITS", 1)
+    np.testing.assert_allclose(llmjax.perplexity(params, texts[1], window=64).logprobs[0], whole[1].logprobs[0],
+                               atol=1e-6)
+    assert shapes[-1] == ((1, 64), 1)
+    assert shapes[3] == ((8, 40), 40) and windows.tokens == in_windows.tokens == 63
+    np.testing.assert_allclose(windows.logprobs[0], in_windows.logprobs[0], atol=1e-6)
+
+
+def test_running_out_of_device_memory_names_the_window(params, monkeypatch):
+    from llmjax import scoring
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68862607360 bytes")
+    monkeypatch.setattr(scoring, "_logprobs", exhausted)
+    with pytest.raises(MemoryError, match=r"a call scores 1 windows of 64 tokens at once; pass a smaller "
+                                          r"window= \(now 64\)"):
+        llmjax.perplexity(params, [1] + list(range(3, 50)))
+
+
+@needs_devices(8)
+def test_a_mesh_scores_as_one_device(params):
+    from llmjax.sharding import make_mesh
+
+    texts = ["import os\n" * 3, "x = [i * i for i in range(10)]\n" * 4, "def f():\n    pass\n"]
+    want = llmjax.perplexity(params, texts, window=16, stride=5)
+    for shape in (dict(tensor=2, data=4), dict(stage=2, tensor=2, data=2)):
+        got = llmjax.perplexity(llmjax.shard(params, make_mesh(**shape)), texts, window=16, stride=5)
+        for a, b in zip(got.logprobs, want.logprobs):
+            np.testing.assert_allclose(a, b, atol=2e-5)

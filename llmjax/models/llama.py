@@ -484,13 +484,15 @@ class Llama(nn.Module):
     settings: tuple = ()
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None):
+    def __call__(self, tokens, positions, cache: kv.KVCache | None = None, logits_at=None, with_head=True):
+        """`(float32 logits, cache)`; with `with_head=False`, `(final-normed hidden states [B, T, D],
+        cache)`, which `project` turns into logits a slice at a time."""
         embed = Embed(self.config.embedding_rows, self.config.hidden_size, self.dtype, self.mesh, name="embed")
         x = embed(tokens)
         with float_products(x.dtype):
-            return self._layers_and_head(embed, x, positions, cache, logits_at)
+            return self._layers_and_head(embed, x, positions, cache, logits_at, with_head)
 
-    def _layers_and_head(self, embed, x, positions, cache, logits_at):
+    def _layers_and_head(self, embed, x, positions, cache, logits_at, with_head):
         c = self.config
         if pipeline.stages(self.mesh) > 1:
             if self.is_initializing():
@@ -512,6 +514,8 @@ class Llama(nn.Module):
         if logits_at is not None:
             picks = logits_at if logits_at.ndim == 2 else logits_at[:, None]  # [B, M]
             x = jnp.take_along_axis(x, picks[:, :, None], axis=1)  # [B, M, D]
+        if not with_head:
+            return x, new_cache
         with jax.named_scope("lm_head"):
             if c.tie_word_embeddings:
                 logits = embed.attend(x)
@@ -566,6 +570,12 @@ def head(config: LlamaConfig, weights: dict, x: jax.Array, mesh: Any = None,
     `Llama` computes them (the pipelined decode applies them to each microbatch leaving the last stage,
     on the model's `mesh`, with its `quant` scheme: a quantized LM head stays quantized)."""
     x = RMSNorm(config.rms_norm_eps, mesh=mesh).apply({"params": weights["final_norm"]}, x)
+    return project(config, weights, x, mesh, quant)
+
+
+def project(config: LlamaConfig, weights: dict, x: jax.Array, mesh: Any = None,
+            quant: QuantScheme | None = None) -> jax.Array:
+    """The LM head alone, on final-normed hidden states `[B, T, D]` -> float32 logits `[B, T, vocab]`."""
     with jax.named_scope("lm_head"), float_products(x.dtype):
         if config.tie_word_embeddings:
             logits = Embed(config.embedding_rows, config.hidden_size).apply(
