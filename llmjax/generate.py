@@ -325,11 +325,12 @@ def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> int:
     max_new_tokens = int(max_new_tokens)
     context = params.config.max_position_embeddings
     longest = max(len(r) for r in rows)
+    which = "a prompt" if len(rows) == 1 else f"prompt {[len(r) for r in rows].index(longest)}"
     if longest >= context:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's context of {context} "
+        raise ValueError(f"{which} of {longest} tokens leaves no room in the model's context of {context} "
                          "tokens; shorten it (llmjax never truncates a prompt)")
     if longest + max_new_tokens > context:
-        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+        raise ValueError(f"{which} of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {context} tokens; lower max_new_tokens to at most "
                          f"{context - longest} or shorten the prompt")
     return max_new_tokens
