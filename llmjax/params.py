@@ -75,7 +75,10 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     if dtype is None and on_cpu(mesh):
         dtype = default_dtype(mesh)
     if dtype is not None:
-        dtype = float_dtype_name(dtype)
+        dtype = float_dtype_name(dtype, "(or None: as stored on a GPU, float32 on a CPU); loading never "
+                                 "quantizes: quantize a checkpoint once with `llmjax convert --quant`"
+                                 if str(dtype).startswith("int") else
+                                 "(or None: as stored on a GPU, float32 on a CPU)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "

@@ -124,6 +124,9 @@ def test_quantized_model_matches_the_model_it_dequantizes_to(float_params, schem
     assert np.abs(_logits(float_params) - want).max() > 1e-3  # quantization did change the model
     if scheme == "int4-g32":
         assert llmjax.generate(q, PROMPTS, max_new_tokens=8) == llmjax.generate(d, PROMPTS, max_new_tokens=8)
+    # In another dtype, every weight is in it (the embedding, norms and biases were left as stored).
+    half = dequantize_params(q, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(half.weights)} == {jnp.dtype("bfloat16")} and half.dtype == "bfloat16"
 
 
 @needs_devices(8)
@@ -152,6 +155,10 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
     (lambda p: quantize_params("tiny-stdlib", "int8"), "params must be llmjax Params"),
     (lambda p: dequantize_params(quantize_params(p, "int8"), "int8"), "dtype 'int8' is not supported; choose one"),
     (lambda p: dequantize_params(quantize_params(p, "int8"), "foo"), "dtype 'foo' is not supported; choose one"),
+    (lambda p: quantize_params(llmjax.init_random(dataclasses.replace(p.config, tie_word_embeddings=True),
+                                                  dtype="float32"), QuantScheme(4, 32, lm_head=True)),
+     "lm_head=True: this model ties its LM head to the embedding table.*leave lm_head off"),
+    (lambda p: llmjax.load("tiny-stdlib", dtype="int4-g128"), "loading never quantizes.*llmjax convert --quant"),
 ])
 def test_quantize_params_names_bad_input(float_params, call, match):
     with pytest.raises(ValueError, match=match):
@@ -235,6 +242,39 @@ def test_random_quantized_weights_are_made_in_their_shardings():
     assert p.quant.name == "int4-g32" and down.values.dtype == jnp.uint32
     assert down.values.sharding.spec == P(None, "tensor") and down.values.addressable_shards[0].data.shape == (128, 8)
     assert np.isfinite(np.asarray(llmjax.logits(p, [1, 5, 9]))).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_departures_name_each_projection_whose_group_is_not_the_schemes(seed, tmp_path, capsys):
+    """`departures` says what the model does: random widths, against the groups `abstract_params` gives
+    each projection; `convert --quant` prints them (the demo model's down projection takes groups of 32)."""
+    from llmjax.quant.tree import departures
+
+    rng = np.random.default_rng(seed)
+    heads = int(rng.choice([2, 3, 4]))
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_heads=heads, num_kv_heads=1,
+                                 head_dim=int(rng.choice([16, 24, 32, 48, 64])), hidden_size=int(rng.choice([64, 96, 128, 160])),
+                                 intermediate_size=int(rng.choice([100, 192, 256, 288, 384])))
+    for name in ("int4-g128", "int4-g64", "int4-g32", "int8"):
+        scheme = QuantScheme.parse(name, lm_head=True)
+        abstract = llama.abstract_params(config, quant=scheme)
+        kernels = {"q/k/v": abstract["layer_0"]["attn"]["qkv"], "o": abstract["layer_0"]["attn"]["o"],
+                   "gate/up": abstract["layer_0"]["mlp"]["gate_up"], "down": abstract["layer_0"]["mlp"]["down"],
+                   "lm_head": abstract["lm_head"]}
+        want = []
+        for part, kernel in ((k, v["kernel"]) for k, v in kernels.items()):
+            if not isinstance(kernel, QuantizedWeight):
+                want.append((part, "stays in floating point"))
+            elif kernel.bits == 4 and kernel.group_size != scheme.group_size:
+                want.append((part, f"takes int4 groups of {kernel.group_size},"))
+        got = departures(config, scheme)
+        assert len(got) == len(want), (name, got, want)
+        assert all(line.startswith(f"{part} (input width ") and text in line for line, (part, text) in zip(got, want))
+    if seed == 0:
+        capsys.readouterr()
+        assert cli.main(["convert", "tiny-stdlib", str(tmp_path / "q"), "--quant", "int4-g128"]) == 0
+        assert ("int4-g128: down (input width 672) takes int4 groups of 32, the largest that divides it"
+                in capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections import defaultdict
 from typing import Any, Iterator
@@ -30,7 +31,7 @@ from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.files import check_folder, not_permitted, read_json, resolve
 from llmjax.convert.names import Entry, is_ignorable, name_map
-from llmjax.quant.tree import quantize_tree
+from llmjax.quant.tree import departures, quantize_tree
 from llmjax.quant.weights import QuantScheme
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -384,6 +385,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
                     raise PermissionError(not_permitted(side)) from None
         groups = _finite_groups(iter_weight_groups(source, entries, resolved, progress), hf_dir, dtype)
         if quant is not None:
+            for line in departures(config, quant) if progress else ():
+                print(f"{quant.name}: {line}", file=sys.stderr)
             groups = _quantized(groups, config, resolved, quant)
         keys = checkpoint.write_weights(tmp, groups)
         checkpoint.write_manifest(tmp, keys, resolved, quant)

@@ -71,6 +71,24 @@ def cast_floats(tree, dtype):
     return jax.tree.map(cast, tree, is_leaf=is_quantized)
 
 
+def departures(config: LlamaConfig, scheme: QuantScheme) -> list[str]:
+    """Where `scheme` quantizes `config`'s projections otherwise than its name says: an int4 group that
+    does not divide a projection's input width gives way to the largest smaller one that does, and
+    where none does, the projection stays in floating point. Empty for Llama's own widths."""
+    widths = {"q/k/v": config.hidden_size, "o": config.num_heads * config.head_dim,
+              "gate/up": config.hidden_size, "down": config.intermediate_size}
+    if scheme.lm_head:
+        widths["lm_head"] = config.hidden_size
+    out = []
+    for name, width in widths.items():
+        group = scheme.group_for(width)
+        if not scheme.quantizes(width):
+            out.append(f"{name} (input width {width}) stays in floating point: no int4 group divides it")
+        elif scheme.bits == 4 and group != scheme.group_size:
+            out.append(f"{name} (input width {width}) takes int4 groups of {group}, the largest that divides it")
+    return out
+
+
 def _cut_groups(config: LlamaConfig, scheme: QuantScheme, tensor: int) -> list[tuple[str, int, int]]:
     """(projection, input width, group) of each int4 product whose groups `tensor` devices would cut
     (o and down split their input, query heads and MLP width, over `tensor`)."""
@@ -129,13 +147,17 @@ def quantize_params(params, scheme: QuantScheme | str):
         raise ValueError(f"these params are already quantized ({params.quant.name})")
     if params.mesh is not None:
         raise ValueError("quantize params before sharding them (llmjax.shard), not after")
+    if scheme.lm_head and params.config.tie_word_embeddings:
+        raise ValueError("lm_head=True: this model ties its LM head to the embedding table, which stays in "
+                         "floating point; leave lm_head off")
     like = llama.abstract_params(params.config, jnp.dtype(params.dtype), quant=scheme)
     return dataclasses.replace(params, weights=quantize_tree(params.weights, like), quant=scheme)
 
 
 def dequantize_params(params, dtype=None):
-    """The float model a quantized one stands for (each kernel dequantized; `dtype` defaults to that of
-    the unquantized weights): the reference the quantized model's output is checked against."""
+    """The float model a quantized one stands for, every weight in `dtype` (each kernel dequantized, the
+    rest cast; `dtype` defaults to that of the unquantized weights): the reference the quantized
+    model's output is checked against."""
     from llmjax.models import llama
     from llmjax.params import check_params, float_dtype_name
 
@@ -145,6 +167,6 @@ def dequantize_params(params, dtype=None):
     dtype = jnp.dtype(params.dtype if dtype is None else float_dtype_name(dtype, "(or None for the unquantized "
                                                                           "weights' dtype)"))
     like = llama.abstract_params(params.config, dtype)
-    weights = jax.tree.map(jnp.asarray, dequantize_tree(params.weights, like, dtype))
+    weights = jax.tree.map(jnp.asarray, cast_floats(dequantize_tree(params.weights, like, dtype), dtype))
     return dataclasses.replace(params, weights=weights, quant=None)
 
