@@ -33,7 +33,7 @@ from llmjax.cache import KVCache
 from llmjax.kernels import allreduce, dispatch
 from llmjax.models import llama
 from llmjax.models.llama import Llama
-from llmjax.params import Params, check_params
+from llmjax.params import Params, check_params, on_cpu
 from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import pipeline
 from llmjax.sharding.rules import cache_sharding
@@ -677,9 +677,10 @@ def logits(params: Params, token_ids) -> jax.Array:
         raise ValueError(f"{length} tokens are longer than the model's context of {context} tokens")
     # Padding at the end leaves earlier positions unchanged (attention is causal), so the length is
     # bucketed, and the batch rounded as `generate` rounds it, to bound the number of compilations.
-    # The padding is cut off on the host: slicing on the device would compile a program per shape.
     tokens = _pad(rows + [rows[0]] * (_batch_size(params, len(rows)) - len(rows)), _bucket(length, context))
     out = _forward(params.weights, jnp.asarray(tokens), model=_model(params))
     if out.shape[:2] == (len(rows), length):
         return out
-    return jax.device_put(np.asarray(out.addressable_data(0))[:len(rows), :length], out.sharding)
+    if on_cpu(params.mesh):  # cut on the host, as slicing on the device compiles (and keeps) a program per shape
+        return jax.device_put(np.asarray(out.addressable_data(0))[:len(rows), :length], out.sharding)
+    return out[:len(rows), :length]  # on a GPU that small program costs less than two copies over PCIe
