@@ -56,6 +56,7 @@ decoded text, as in `generate`.
 from __future__ import annotations
 
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -78,7 +79,7 @@ from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _cut_at_stop, _Detokenizer,
                              _is_int, _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, check_params, shard
-from llmjax.sampling import Sampling, check_seed, sample, seed_key
+from llmjax.sampling import Sampling, check_seed, sample
 from llmjax.sharding import mesh as meshes, pipeline
 
 PAD_ID = -1  # an output slot after a row stopped
@@ -99,6 +100,9 @@ class _Text:
 
     def __init__(self, tokenizer, prompt: list[int], stops: list[str], eos: set[int]):
         self._detok, self._eos = _Detokenizer(tokenizer, prompt, stops), eos
+        # Held while pushing and taking: the stepping thread pushes a request with stop strings
+        # (`Engine._check_end`) while the request's reader may push it from another thread.
+        self.lock = threading.Lock()
         self.fed = 0  # tokens pushed into the detokenizer
         self.pieces: list[str] = []
         self._flushed, self._taken = False, 0
@@ -151,6 +155,7 @@ class Request:
     _admitted: bool = False  # running: it holds a seat (and pages)
     _pending: int = 0  # tokens the call in flight will give it (counted as its own: see `Engine.overlap`)
     _pending_row: int = 0  # its decode row in that call
+    _cancelled: bool = False  # `cancel` asked for (it finishes "cancelled" once carried out)
     _engine: object = dataclasses.field(default=None, repr=False)
     _key: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _text: _Text | None = dataclasses.field(default=None, repr=False)
@@ -368,8 +373,28 @@ _FEEDS: dict[tuple, jax.stages.Compiled] = {}  # `_feed` compiled, by (tokens' s
 
 
 def _key_data(seed: int, index: int) -> np.ndarray:
-    """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(seed_key(seed), index)))
+    """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold
+    (`seed_key`'s, then `index` folded in). One compiled call on a CPU device where there is one: as
+    eager operations on a GPU, a sampled `add_request` spent ~0.3 ms here."""
+    seed, words = int(seed), np.uint32
+    host = _host_device()
+    with contextlib.nullcontext() if host is None else jax.default_device(host):  # (device_put: 0.1 ms)
+        return np.asarray(_folded_key(words(seed & 0xFFFFFFFF), words((seed >> 32) & 0xFFFFFFFF), words(index)))
+
+
+@jax.jit
+def _folded_key(low, high, index):
+    key = jax.random.key(low)
+    data = jnp.where(high != 0, jax.random.key_data(jax.random.fold_in(key, high)), jax.random.key_data(key))
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), index))
+
+
+@functools.cache
+def _host_device():
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # a jax without its CPU backend
+        return None
 
 
 @functools.cache
@@ -495,6 +520,12 @@ class Engine:
         self._landing: _Flight | None = None  # the call `_land` is reading (kept if an interrupt stops it)
         self._failed: str | None = None  # why a device call failed, after which the engine cannot go on
         self._stepping = threading.Lock()  # held by the thread in `step`
+        # Requests added and cancelled while another thread steps wait here for that step to end
+        # (`_post`): nothing but the stepping thread touches the queues, pages and calls meanwhile.
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._cancels: collections.deque[Request] = collections.deque()
+        self._stepped = threading.Condition()  # notified, and `_steps` counted, as each step ends
+        self._steps = 0
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -652,8 +683,45 @@ class Engine:
             request._key = _key_data(request.seed, index)
         if self.params.tokenizer is not None:
             request._text = _Text(self.params.tokenizer, ids, stops, self._eos_set)
-        self._waiting.append(request)
+        self._post(self._inbox, request)
         return request
+
+    def _post(self, box: collections.deque, request: Request) -> None:
+        """Queues an add or a cancel, and carries it out now unless another thread is stepping; that
+        thread then carries it out as its step ends (`_unlock`)."""
+        box.append(request)
+        if self._stepping.acquire(blocking=False):
+            self._unlock()
+
+    def _read_mail(self) -> None:
+        """Carries out the adds and cancels posted (the caller holds `_stepping`)."""
+        if not (self._inbox or self._cancels):
+            return
+        with _uninterrupted():  # (a Ctrl-C between the insort and the popleft would add a request twice)
+            while self._inbox:
+                bisect.insort(self._waiting, self._inbox[0], key=lambda r: r.id)  # (threads may post out of order)
+                self._inbox.popleft()  # after the insort: `pending` never misses the request
+            while self._cancels:
+                request = self._cancels.popleft()
+                if not request.finished:  # (it may have ended in the step that ran meanwhile)
+                    if request._admitted:
+                        self._release(request)
+                    else:
+                        self._waiting.remove(request)
+                    self._finish(request, "cancelled")
+
+    def _unlock(self) -> None:
+        """Reads the mail and releases `_stepping`; mail posted while it was held and found it held
+        is read by whichever thread holds it next, or here, after the release, by this one."""
+        try:
+            self._read_mail()
+        finally:
+            self._stepping.release()
+        while (self._inbox or self._cancels) and self._stepping.acquire(blocking=False):
+            try:
+                self._read_mail()
+            finally:
+                self._stepping.release()
 
     def _check_fits(self, prompt_len: int, max_new: int) -> None:
         total = prompt_len + max_new
@@ -674,24 +742,23 @@ class Engine:
                              "kv_memory, or lower max_new_tokens or the prompt's length")
 
     def cancel(self, request: Request) -> bool:
-        """Stops a request and frees its pages; False if it had already finished."""
+        """Stops a request and frees its pages; False if it had already finished (or was cancelled).
+        Called while another thread steps, it takes effect as that step ends, unless the request
+        finished in that step."""
         if not isinstance(request, Request):
             raise ValueError(f"cancel takes a Request handle from add_request, got {type(request).__name__}")
         if request._engine is not self:
             raise ValueError(f"request {request.id} does not belong to this engine")
-        if request.finished:
+        if request.finished or request._cancelled:
             return False
-        if request._admitted:
-            self._release(request)
-        else:
-            self._waiting.remove(request)
-        self._finish(request, "cancelled")
+        request._cancelled = True
+        self._post(self._cancels, request)
         return True
 
     @property
     def pending(self) -> int:
-        """Requests not finished: waiting or running."""
-        return len(self._waiting) + len(self._running)
+        """Requests not finished: waiting (or added while another thread steps) or running."""
+        return len(self._inbox) + len(self._waiting) + len(self._running)
 
     def stream(self, request: Request) -> Iterator[str]:
         """Text pieces of `request` as they are produced; steps the engine (every running request
@@ -703,16 +770,19 @@ class Engine:
             raise ValueError("stream takes a Request handle from this engine's add_request")
         while True:
             done = request.finished  # read first: once finished, the tokens pushed are all there are
-            request._text.push(request.token_ids, done)
-            piece = request._text.take()
+            with request._text.lock:
+                request._text.push(request.token_ids, done)
+                piece = request._text.take()
             if piece:
                 yield piece
             if done:
                 return
             if not request.finished:  # (while this generator waited, another may have stepped it to its end)
-                calls = self.stats.calls
-                self.step()
-                if self.stats.calls == calls and not request.finished:
+                calls, steps = self.stats.calls, self._steps
+                if self._try_step() is None:  # another thread is stepping: its step may bring tokens
+                    with self._stepped:
+                        self._stepped.wait_for(lambda: self._steps != steps)
+                elif self.stats.calls == calls and not request.finished:
                     raise RuntimeError("the engine has unfinished requests but scheduled nothing")
 
     def text(self, request: Request) -> str:
@@ -723,8 +793,9 @@ class Engine:
             raise ValueError("these params have no tokenizer; read request.token_ids instead")
         if request.finished and not request.stops:  # as generate renders it, in one decode
             return _continuation(self.params.tokenizer, request.prompt_ids, request.token_ids, self._eos_set)
-        request._text.push(request.token_ids, request.finished)
-        return "".join(request._text.pieces)
+        with request._text.lock:
+            request._text.push(request.token_ids, request.finished)
+            return "".join(request._text.pieces)
 
     # ------------------------------------------------------------ scheduling
 
@@ -867,14 +938,26 @@ class Engine:
         `overlap`, the next call is on its way to the device before this one's tokens are read. A
         call out of device memory raises MemoryError (its message names the sizes to lower), and the
         engine refuses further steps. One thread steps an engine at a time (`stream` and
-        `LLM.generate` step it too): a step begun while another runs raises RuntimeError."""
-        if not self._stepping.acquire(blocking=False):
+        `LLM.generate` step it too): a step begun while another runs raises RuntimeError (`stream`
+        waits for that step instead). `add_request` and `cancel` may come from any thread."""
+        done = self._try_step()
+        if done is None:
             raise RuntimeError("this Engine is stepping in another thread; step it from one thread at a time "
-                               "(engine.stream and LLM.generate step it too), or give each thread its own Engine")
+                               "(LLM.generate steps it too), or give each thread its own Engine")
+        return done
+
+    def _try_step(self) -> list[Request] | None:
+        """`step`, or None if another thread is stepping."""
+        if not self._stepping.acquire(blocking=False):
+            return None
         try:
+            self._read_mail()
             return self._step()
         finally:
-            self._stepping.release()
+            self._unlock()
+            with self._stepped:
+                self._steps += 1
+                self._stepped.notify_all()
 
     def _step(self) -> list[Request]:
         if self._failed is not None:
@@ -1086,20 +1169,21 @@ class Engine:
             reason = "eos"
         elif len(request.token_ids) >= request.max_new_tokens:
             reason = "length"
-        if request.stops:
-            request._text.push(request.token_ids, finished=False)
-            if reason is not None and not request._text.stopped:
-                # Text held back until the end (a longer stop that might still have come, a byte run)
-                # may hold a stop: the end decodes it all.
-                request._text.push(request.token_ids, finished=True)
-            if request._text.stopped:
-                del request.token_ids[self._stop_end(request):]  # tokens past the stop string are not its own
-                reason = "stop"
-        if reason is not None:  # `_land`, the only caller, holds a Ctrl-C back: released means finished
-            self._release(request)
-            self._finish(request, reason)
+        with request._text.lock if request.stops else contextlib.nullcontext():
             if request.stops:
-                request._text.push(request.token_ids, finished=True)
+                request._text.push(request.token_ids, finished=False)
+                if reason is not None and not request._text.stopped:
+                    # Text held back until the end (a longer stop that might still have come, a byte
+                    # run) may hold a stop: the end decodes it all.
+                    request._text.push(request.token_ids, finished=True)
+                if request._text.stopped:
+                    del request.token_ids[self._stop_end(request):]  # tokens past the stop string are not its own
+                    reason = "stop"
+            if reason is not None:  # `_land`, the only caller, holds a Ctrl-C back: released means finished
+                self._release(request)
+                self._finish(request, reason)
+                if request.stops:
+                    request._text.push(request.token_ids, finished=True)
 
     def _stop_end(self, request: Request) -> int:
         """How many of a stopped request's tokens its text needs: up to the one that completed the

@@ -785,6 +785,82 @@ def test_a_request_is_not_copied_and_an_engine_steps_in_one_thread_at_a_time(par
     assert request.token_ids == llmjax.generate(params, [1, 5, 9], max_new_tokens=4)
 
 
+def test_adds_and_cancels_while_another_thread_steps_wait_for_its_step_to_end(params):
+    """While a step runs, add_request and cancel from other threads touch no queue or page: they take
+    effect as the step ends. A cancel of a request that finishes in that step keeps its reason."""
+    engine = _engine(params)
+    a = engine.add_request([1, 5, 9], max_new_tokens=12)
+    engine.step()
+    assert a._admitted and not a.finished
+    engine._stepping.acquire()  # as if another thread were in step()
+    b = engine.add_request([1, 7, 7, 3], max_new_tokens=5)
+    assert engine.cancel(a) and not engine.cancel(a)  # asked once
+    assert not a.finished and a._admitted and b not in engine._waiting and engine.pending == 2
+    engine._unlock()  # the step ends
+    assert a.finish_reason == "cancelled" and not a._pages and b in engine._waiting
+    _drain(engine)
+    assert b.token_ids == llmjax.generate(params, [1, 7, 7, 3], max_new_tokens=5)
+    c = engine.add_request([1, 4], max_new_tokens=2)
+    engine._stepping.acquire()
+    assert engine.cancel(c)
+    while not c.finished:  # the stepping thread's step finishes c
+        engine._read_mail()
+        engine._step()
+    engine._unlock()
+    assert c.finish_reason == "length" and engine.pending == 0 and engine.free_pages == engine.num_pages
+
+
+def test_requests_added_cancelled_and_streamed_from_many_threads_are_their_own(params, monkeypatch):
+    """A server's threads: each adds its request and reads its stream (one steps, the others wait for
+    its step), one cancels another's request mid-admission; every text is generate's, pages come back."""
+    import threading
+
+    from llmjax import engine as engine_module
+
+    engine = _engine(params)
+    rng = np.random.default_rng(12)
+    words = ["def", "class", "return", "import", "for", "while"]
+    prompts = [" ".join(rng.choice(words, 4)) for _ in range(8)]
+    stops = [None, "\n", None, "e", None, None, "(", None]
+    texts, errors = {}, []
+
+    def client(i):
+        try:
+            request = engine.add_request(prompts[i], max_new_tokens=24, stop=stops[i])
+            texts[i] = "".join(engine.stream(request))
+        except BaseException as e:  # (pytest sees no thread's exception)
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [texts[i] for i in range(8)] == [llmjax.generate(params, p, max_new_tokens=24, stop=s)
+                                           for p, s in zip(prompts, stops)]
+    assert engine.pending == 0 and engine.free_pages == engine.num_pages
+
+    # A cancel from another thread while the step admits the request (it once left the engine broken).
+    admitting, piece = threading.Event(), engine_module.Engine._piece
+
+    def slow_piece(self, request, rows):
+        admitting.set()
+        time.sleep(0.05)
+        return piece(self, request, rows)
+    monkeypatch.setattr(engine_module.Engine, "_piece", slow_piece)
+    a = engine.add_request([1, 5, 6, 7], max_new_tokens=30)  # more than a call gives it
+    b = engine.add_request([1, 8, 9, 10], max_new_tokens=3)
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    admitting.wait()
+    assert engine.cancel(a)
+    stepper.join()
+    monkeypatch.undo()
+    _drain(engine)
+    assert a.finish_reason == "cancelled" and b.token_ids == llmjax.generate(params, [1, 8, 9, 10], max_new_tokens=3)
+    assert engine.pending == 0 and engine.free_pages == engine.num_pages
+
+
 def _drain(engine, limit: int = 50) -> None:
     for _ in range(limit):  # bounded: a lost call once left requests waiting for tokens forever
         if not engine.pending:

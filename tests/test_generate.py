@@ -65,6 +65,12 @@ def test_seeds_differ_in_their_high_bits_and_a_huge_top_k_keeps_the_vocabulary(p
     llm = llmjax.LLM(p, max_slots=4, page_size=8, prefill_tokens=64, prefill_row=16)
     assert llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=0, top_k=2**40, progress=False) == base
     assert llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=2**32, progress=False) == draw(2**32)
+    # The engine's request keys (one compiled call on the host) are generate's (seed, index) keys.
+    from llmjax.engine import _key_data
+    for seed in (0, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, -1, -2**31, -2**63, 2**63 - 1):
+        for index in (0, 1, 999, 2**32 - 1):
+            want = jax.random.key_data(jax.random.fold_in(gen.seed_key(seed), index))
+            assert _key_data(seed, index).tolist() == want.tolist(), (seed, index)
 
 
 def test_init_random_takes_whole_64_bit_seeds():
