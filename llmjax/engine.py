@@ -524,8 +524,8 @@ class Engine:
         # (`_post`): nothing but the stepping thread touches the queues, pages and calls meanwhile.
         self._inbox: collections.deque[Request] = collections.deque()
         self._cancels: collections.deque[Request] = collections.deque()
-        self._stepped = threading.Condition()  # notified, and `_steps` counted, as each step ends
-        self._steps = 0
+        self._released = threading.Condition()  # notified, and `_releases` counted, as `_stepping` is released
+        self._releases = 0
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -712,16 +712,20 @@ class Engine:
 
     def _unlock(self) -> None:
         """Reads the mail and releases `_stepping`; mail posted while it was held and found it held
-        is read by whichever thread holds it next, or here, after the release, by this one."""
+        is read by whichever thread holds it next, or here, after the release, by this one. Readers
+        of `stream` waiting for the engine are woken."""
         try:
             self._read_mail()
         finally:
             self._stepping.release()
-        while (self._inbox or self._cancels) and self._stepping.acquire(blocking=False):
-            try:
-                self._read_mail()
-            finally:
-                self._stepping.release()
+            while (self._inbox or self._cancels) and self._stepping.acquire(blocking=False):
+                try:
+                    self._read_mail()
+                finally:
+                    self._stepping.release()
+            with self._released:
+                self._releases += 1
+                self._released.notify_all()
 
     def _check_fits(self, prompt_len: int, max_new: int) -> None:
         total = prompt_len + max_new
@@ -778,10 +782,10 @@ class Engine:
             if done:
                 return
             if not request.finished:  # (while this generator waited, another may have stepped it to its end)
-                calls, steps = self.stats.calls, self._steps
-                if self._try_step() is None:  # another thread is stepping: its step may bring tokens
-                    with self._stepped:
-                        self._stepped.wait_for(lambda: self._steps != steps)
+                calls, releases = self.stats.calls, self._releases
+                if self._try_step() is None:  # another thread holds the engine: its step may bring tokens
+                    with self._released:
+                        self._released.wait_for(lambda: self._releases != releases)
                 elif self.stats.calls == calls and not request.finished:
                     raise RuntimeError("the engine has unfinished requests but scheduled nothing")
 
@@ -955,9 +959,6 @@ class Engine:
             return self._step()
         finally:
             self._unlock()
-            with self._stepped:
-                self._steps += 1
-                self._stepped.notify_all()
 
     def _step(self) -> list[Request]:
         if self._failed is not None:

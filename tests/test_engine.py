@@ -804,7 +804,6 @@ def test_adds_and_cancels_while_another_thread_steps_wait_for_its_step_to_end(pa
     engine._stepping.acquire()
     assert engine.cancel(c)
     while not c.finished:  # the stepping thread's step finishes c
-        engine._read_mail()
         engine._step()
     engine._unlock()
     assert c.finish_reason == "length" and engine.pending == 0 and engine.free_pages == engine.num_pages
@@ -839,6 +838,16 @@ def test_requests_added_cancelled_and_streamed_from_many_threads_are_their_own(p
     assert [texts[i] for i in range(8)] == [llmjax.generate(params, p, max_new_tokens=24, stop=s)
                                            for p, s in zip(prompts, stops)]
     assert engine.pending == 0 and engine.free_pages == engine.num_pages
+
+    # A reader that found the engine held by an add (not a step) goes on once it is let go.
+    request = engine.add_request(prompts[0], max_new_tokens=24)
+    engine._stepping.acquire()  # as `_post` holds it for a moment
+    reader = threading.Thread(target=lambda: texts.update(late="".join(engine.stream(request))))
+    reader.start()
+    time.sleep(0.2)
+    engine._unlock()
+    reader.join(timeout=60)
+    assert not reader.is_alive() and texts["late"] == texts[0]
 
     # A cancel from another thread while the step admits the request (it once left the engine broken).
     admitting, piece = threading.Event(), engine_module.Engine._piece
