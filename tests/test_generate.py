@@ -237,14 +237,17 @@ def test_logits_shapes_and_padding_invariance(params):
 
 
 def test_logits_of_other_lengths_and_batches_in_a_warm_bucket_compile_nothing(params, caplog):
-    """The padding is cut off on the host: cutting it on the device compiled a program for every
-    length, and each one stayed in memory (a user scoring texts of many lengths ran out)."""
+    """On a CPU the padding is cut off on the host: cutting it on the device compiled a program for
+    every length, and each one stayed in memory (a user scoring texts of many lengths ran out)."""
     ids = np.random.default_rng(4).integers(3, 600, 32).tolist()
     whole = np.asarray(llmjax.logits(params, [ids] * 4))  # the 32-token bucket, the batch of 4
     assert whole.shape == (4, 32, 600)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         cut = {(n, b): llmjax.logits(params, [ids[:n]] * b) for n in (17, 23, 31) for b in (3, 4)}
-    assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert [m for m in compiled if "slice" not in m] == []  # never the model again
+    if jax.default_backend() == "cpu":  # and on a CPU nothing (a GPU compiles a slice per shape)
+        assert compiled == []
     for (n, b), out in cut.items():
         assert out.shape == (b, n, 600) and isinstance(out, jax.Array)
         np.testing.assert_allclose(np.asarray(out), whole[:b, :n], rtol=1e-5, atol=1e-5)
