@@ -299,7 +299,7 @@ def _token_rows(params: Params, kind: str, prompts: list) -> list[list[int]]:
     rows = [_encode(params, p) for p in prompts] if from_text else prompts
     for n, row in enumerate(rows):
         if not row:
-            raise ValueError(f"prompt {n} is empty (no tokens); give at least one token")
+            raise ValueError(f"prompt{'' if len(rows) == 1 else f' {n}'} is empty (no tokens); give at least one token")
     check_vocabulary(params, rows, from_text)
     return [list(map(int, row)) for row in rows]
 
@@ -311,7 +311,8 @@ def check_vocabulary(params: Params, rows: list[list[int]], from_text: bool) -> 
     for n, row in enumerate(rows):
         if row and (min(row) < 0 or max(row) >= vocab):
             bad = [t for t in row if not 0 <= t < vocab]
-            where = f"text {n} encodes to" if from_text else f"prompt {n} has"
+            which = "" if len(rows) == 1 else f" {n}"
+            where = f"the text{which} encodes to" if from_text else f"prompt{which} has"
             fix = (f"; the tokenizer ({params.tokenizer.vocab_size} pieces) is not this model's: load the "
                    "tokenizer saved with the model" if from_text else "")
             raise ValueError(f"{where} token ids outside the vocabulary [0, {vocab}): {bad[:5]}{fix}")
