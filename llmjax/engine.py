@@ -690,18 +690,27 @@ class Engine:
         """Queues an add or a cancel, and carries it out now unless another thread is stepping; that
         thread then carries it out as its step ends (`_unlock`)."""
         box.append(request)
-        if self._stepping.acquire(blocking=False):
-            self._unlock()
+        acquired = False
+        try:  # (the acquire under a Ctrl-C hold, inside the `try`: a Ctrl-C never leaves the lock held)
+            with _uninterrupted():
+                acquired = self._stepping.acquire(blocking=False)
+        finally:
+            if acquired:
+                self._unlock()
 
     def _read_mail(self) -> None:
-        """Carries out the adds and cancels posted (the caller holds `_stepping`)."""
-        if not (self._inbox or self._cancels):
+        """Carries out the adds and cancels posted (the caller holds `_stepping`): the cancels counted
+        first, then the adds, so every cancel read has its request's add among the adds read (a cancel
+        is posted after its add), and a reader does no more than what was posted when it began."""
+        cancels = len(self._cancels)
+        adds = len(self._inbox)
+        if not (cancels or adds):
             return
         with _uninterrupted():  # (a Ctrl-C between the insort and the popleft would add a request twice)
-            while self._inbox:
+            for _ in range(adds):
                 bisect.insort(self._waiting, self._inbox[0], key=lambda r: r.id)  # (threads may post out of order)
                 self._inbox.popleft()  # after the insort: `pending` never misses the request
-            while self._cancels:
+            for _ in range(cancels):
                 request = self._cancels.popleft()
                 if not request.finished:  # (it may have ended in the step that ran meanwhile)
                     if request._admitted:
@@ -715,14 +724,22 @@ class Engine:
         is read by whichever thread holds it next, or here, after the release, by this one. Readers
         of `stream` waiting for the engine are woken."""
         try:
-            self._read_mail()
-        finally:
-            self._stepping.release()
-            while (self._inbox or self._cancels) and self._stepping.acquire(blocking=False):
+            try:
+                self._read_mail()
+            finally:
+                self._stepping.release()
+            while self._inbox or self._cancels:
+                acquired = False
                 try:
+                    with _uninterrupted():
+                        acquired = self._stepping.acquire(blocking=False)
+                    if not acquired:
+                        break
                     self._read_mail()
                 finally:
-                    self._stepping.release()
+                    if acquired:
+                        self._stepping.release()
+        finally:
             with self._released:
                 self._releases += 1
                 self._released.notify_all()
@@ -761,7 +778,8 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        """Requests not finished: waiting (or added while another thread steps) or running."""
+        """Requests not finished: waiting (or added while another thread steps) or running. Exact in
+        the thread that steps; read in another while a step runs, it may be off by one for a moment."""
         return len(self._inbox) + len(self._waiting) + len(self._running)
 
     def stream(self, request: Request) -> Iterator[str]:
@@ -952,13 +970,17 @@ class Engine:
 
     def _try_step(self) -> list[Request] | None:
         """`step`, or None if another thread is stepping."""
-        if not self._stepping.acquire(blocking=False):
-            return None
+        acquired = False
         try:
+            with _uninterrupted():
+                acquired = self._stepping.acquire(blocking=False)
+            if not acquired:
+                return None
             self._read_mail()
             return self._step()
         finally:
-            self._unlock()
+            if acquired:
+                self._unlock()
 
     def _step(self) -> list[Request]:
         if self._failed is not None:

@@ -809,6 +809,33 @@ def test_adds_and_cancels_while_another_thread_steps_wait_for_its_step_to_end(pa
     assert c.finish_reason == "length" and engine.pending == 0 and engine.free_pages == engine.num_pages
 
 
+def test_an_add_and_its_cancel_posted_while_the_step_reads_its_mail_are_both_carried_out(params):
+    """Another thread adds and cancels a request just after the stepping thread has read the adds
+    (and found no more): the cancel met a request still in the inbox, the step raised, and the
+    request ran to its end. Now the adds are counted after the cancels, and both are carried out."""
+    engine = _engine(params)
+    posted, fired = [], []
+
+    class Inbox(collections.deque):
+        def __len__(self):
+            count = super().__len__()
+            if count == 0 and not fired:  # the first look that finds it empty: another thread runs here
+                fired.append(True)
+                posted.append(engine.add_request([1, 5, 9], max_new_tokens=4))
+                assert engine.cancel(posted[0])
+            return count
+    engine._stepping.acquire()  # a step runs
+    a = engine.add_request([1, 4, 4], max_new_tokens=6)  # waits in the inbox
+    engine._inbox = Inbox(engine._inbox)
+    engine._unlock()  # the step ends and reads its mail
+    (r,) = posted
+    assert r.finish_reason == "cancelled" and r not in engine._waiting and a in engine._waiting
+    assert not engine._inbox and not engine._cancels and not engine.cancel(r)
+    _drain(engine)
+    assert a.token_ids == llmjax.generate(params, [1, 4, 4], max_new_tokens=6)
+    assert engine.pending == 0 and engine.free_pages == engine.num_pages
+
+
 def test_requests_added_cancelled_and_streamed_from_many_threads_are_their_own(params, monkeypatch):
     """A server's threads: each adds its request and reads its stream (one steps, the others wait for
     its step), one cancels another's request mid-admission; every text is generate's, pages come back."""

@@ -251,6 +251,9 @@ def test_logits_of_other_lengths_and_batches_in_a_warm_bucket_compile_nothing(pa
     for (n, b), out in cut.items():
         assert out.shape == (b, n, 600) and isinstance(out, jax.Array)
         np.testing.assert_allclose(np.asarray(out), whole[:b, :n], rtol=1e-5, atol=1e-5)
+    many = np.asarray(llmjax.logits(params, [ids[:20]] * 9))  # 16 rows computed (a multiple of 8 past 8)
+    assert many.shape == (9, 20, 600)
+    np.testing.assert_allclose(many, np.broadcast_to(whole[:1, :20], many.shape), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("call, match", [
