@@ -520,6 +520,7 @@ class Engine:
         self._landing: _Flight | None = None  # the call `_land` is reading (kept if an interrupt stops it)
         self._failed: str | None = None  # why a device call failed, after which the engine cannot go on
         self._stepping = threading.Lock()  # held by the thread in `step`
+        self._owner: int | None = None  # the thread holding `_stepping` (`_acquire`)
         # Requests added and cancelled while another thread steps wait here for that step to end
         # (`_post`): nothing but the stepping thread touches the queues, pages and calls meanwhile.
         self._inbox: collections.deque[Request] = collections.deque()
@@ -691,12 +692,27 @@ class Engine:
         thread then carries it out as its step ends (`_unlock`)."""
         box.append(request)
         acquired = False
-        try:  # (the acquire under a Ctrl-C hold, inside the `try`: a Ctrl-C never leaves the lock held)
+        try:
             with _uninterrupted():
-                acquired = self._stepping.acquire(blocking=False)
+                acquired = self._acquire()
         finally:
             if acquired:
                 self._unlock()
+
+    def _acquire(self) -> bool:
+        """Takes `_stepping` if it is free (call it under `_uninterrupted()`, inside the `try` whose
+        `finally` unlocks), or if this thread holds it already: a Ctrl-C landed where Python cannot
+        hold it back (between a step's end and the lock's release), and the thread's next call takes
+        the lock up again rather than finding the engine locked for good. (The engine calls no code
+        of its user while it holds the lock, so a thread never meets its own step here.)"""
+        if self._stepping.acquire(blocking=False):
+            self._owner = threading.get_ident()
+            return True
+        return self._owner == threading.get_ident()
+
+    def _let_go(self) -> None:
+        self._owner = None  # (no Ctrl-C is raised between these two statements)
+        self._stepping.release()
 
     def _read_mail(self) -> None:
         """Carries out the adds and cancels posted (the caller holds `_stepping`): the cancels counted
@@ -727,18 +743,18 @@ class Engine:
             try:
                 self._read_mail()
             finally:
-                self._stepping.release()
+                self._let_go()
             while self._inbox or self._cancels:
                 acquired = False
                 try:
                     with _uninterrupted():
-                        acquired = self._stepping.acquire(blocking=False)
+                        acquired = self._acquire()
                     if not acquired:
                         break
                     self._read_mail()
                 finally:
                     if acquired:
-                        self._stepping.release()
+                        self._let_go()
         finally:
             with self._released:
                 self._releases += 1
@@ -973,7 +989,7 @@ class Engine:
         acquired = False
         try:
             with _uninterrupted():
-                acquired = self._stepping.acquire(blocking=False)
+                acquired = self._acquire()
             if not acquired:
                 return None
             self._read_mail()

@@ -836,6 +836,26 @@ def test_an_add_and_its_cancel_posted_while_the_step_reads_its_mail_are_both_car
     assert engine.pending == 0 and engine.free_pages == engine.num_pages
 
 
+def test_a_thread_whose_release_a_ctrl_c_cut_short_takes_the_engine_up_again(params):
+    """A Ctrl-C can land where Python cannot hold it back, between a step's end and the lock's
+    release: the lock stays held by the thread. That thread's next call takes it up again (before,
+    every later step said another thread was stepping); other threads still find it held."""
+    import threading
+
+    engine = _engine(params)
+    assert engine._acquire()  # a step whose release never ran
+    request = engine.add_request([1, 5, 9], max_new_tokens=4)  # carried out at once: the lock taken up
+    assert request in engine._waiting and not engine._stepping.locked()
+    assert engine._acquire()
+    errors = []
+    other = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, engine.step)))
+    other.start()
+    other.join()
+    assert "stepping in another thread" in str(errors[0].value)
+    _drain(engine)
+    assert not engine._stepping.locked() and request.token_ids == llmjax.generate(params, [1, 5, 9], max_new_tokens=4)
+
+
 def test_requests_added_cancelled_and_streamed_from_many_threads_are_their_own(params, monkeypatch):
     """A server's threads: each adds its request and reads its stream (one steps, the others wait for
     its step), one cancels another's request mid-admission; every text is generate's, pages come back."""
