@@ -1208,8 +1208,8 @@ class Engine:
             reason = "eos"
         elif len(request.token_ids) >= request.max_new_tokens:
             reason = "length"
-        with request._text.lock if request.stops else contextlib.nullcontext():
-            if request.stops:
+        if request.stops:
+            with request._text.lock:  # (the request's reader may push it in another thread)
                 request._text.push(request.token_ids, finished=False)
                 if reason is not None and not request._text.stopped:
                     # Text held back until the end (a longer stop that might still have come, a byte
@@ -1218,10 +1218,11 @@ class Engine:
                 if request._text.stopped:
                     del request.token_ids[self._stop_end(request):]  # tokens past the stop string are not its own
                     reason = "stop"
-            if reason is not None:  # `_land`, the only caller, holds a Ctrl-C back: released means finished
-                self._release(request)
-                self._finish(request, reason)
-                if request.stops:
+        if reason is not None:  # `_land`, the only caller, holds a Ctrl-C back: released means finished
+            self._release(request)
+            self._finish(request, reason)
+            if request.stops:
+                with request._text.lock:
                     request._text.push(request.token_ids, finished=True)
 
     def _stop_end(self, request: Request) -> int:

@@ -679,8 +679,8 @@ def logits(params: Params, token_ids) -> jax.Array:
     # Padding at the end leaves earlier positions unchanged (attention is causal), so the length is
     # bucketed, and the batch rounded up (to a power of two, and past 8 to a multiple of 8: never
     # near twice the rows' memory), to bound the number of compilations.
-    batch = _batch_size(params, len(rows)) if len(rows) <= 8 else max(-(-len(rows) // 8) * 8, _batch_size(params, 1))
-    tokens = _pad(rows + [rows[0]] * (batch - len(rows)), _bucket(length, context))  # (past 8 rows, a multiple of 8)
+    batch = _batch_size(params, min(len(rows), 8)) * -(-len(rows) // 8)
+    tokens = _pad(rows + [rows[0]] * (batch - len(rows)), _bucket(length, context))
     out = _forward(params.weights, jnp.asarray(tokens), model=_model(params))
     if out.shape[:2] == (len(rows), length):
         return out

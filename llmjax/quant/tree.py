@@ -75,8 +75,8 @@ def departures(config: LlamaConfig, scheme: QuantScheme) -> list[str]:
     """Where `scheme` quantizes `config`'s projections otherwise than its name says: an int4 group that
     does not divide a projection's input width gives way to the largest smaller one that does, and
     where none does, the projection stays in floating point. Empty for Llama's own widths."""
-    widths = {"q/k/v": config.hidden_size, "o": config.num_heads * config.head_dim,
-              "gate/up": config.hidden_size, "down": config.intermediate_size}
+    split = _split_widths(config)
+    widths = {"q/k/v": config.hidden_size, "o": split["o"], "gate/up": config.hidden_size, "down": split["down"]}
     if scheme.lm_head:
         widths["lm_head"] = config.hidden_size
     out = []
@@ -89,11 +89,16 @@ def departures(config: LlamaConfig, scheme: QuantScheme) -> list[str]:
     return out
 
 
+def _split_widths(config: LlamaConfig) -> dict[str, int]:
+    """The input widths of the projections whose input a tensor-parallel mesh splits: o (the query
+    heads) and down (the MLP width)."""
+    return {"o": config.num_heads * config.head_dim, "down": config.intermediate_size}
+
+
 def _cut_groups(config: LlamaConfig, scheme: QuantScheme, tensor: int) -> list[tuple[str, int, int]]:
-    """(projection, input width, group) of each int4 product whose groups `tensor` devices would cut
-    (o and down split their input, query heads and MLP width, over `tensor`)."""
+    """(projection, input width, group) of each int4 product whose groups `tensor` devices would cut."""
     cuts = []
-    for name, width in (("o", config.num_heads * config.head_dim), ("down", config.intermediate_size)):
+    for name, width in _split_widths(config).items():
         group = scheme.group_for(width)
         if scheme.bits == 4 and group is not None and (width // tensor) % group:
             cuts.append((name, width, group))
