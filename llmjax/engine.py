@@ -79,7 +79,7 @@ from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _cut_at_stop, _Detokenizer,
                              _is_int, _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, check_params, shard
-from llmjax.sampling import Sampling, check_seed, sample
+from llmjax.sampling import Sampling, check_seed, sample, seed_words, words_key
 from llmjax.sharding import mesh as meshes, pipeline
 
 PAD_ID = -1  # an output slot after a row stopped
@@ -376,17 +376,14 @@ def _key_data(seed: int, index: int) -> np.ndarray:
     """The key data of (seed, index): `generate`'s key for prompt `index`, before the token's fold
     (`seed_key`'s, then `index` folded in). One compiled call on a CPU device where there is one: as
     eager operations on a GPU, a sampled `add_request` spent ~0.3 ms here."""
-    seed, words = int(seed), np.uint32
     host = _host_device()
     with contextlib.nullcontext() if host is None else jax.default_device(host):  # (device_put: 0.1 ms)
-        return np.asarray(_folded_key(words(seed & 0xFFFFFFFF), words((seed >> 32) & 0xFFFFFFFF), words(index)))
+        return np.asarray(_folded_key(*seed_words(seed), np.uint32(index)))
 
 
 @jax.jit
 def _folded_key(low, high, index):
-    key = jax.random.key(low)
-    data = jnp.where(high != 0, jax.random.key_data(jax.random.fold_in(key, high)), jax.random.key_data(key))
-    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), index))
+    return jax.random.key_data(jax.random.fold_in(words_key(low, high), index))
 
 
 @functools.cache
