@@ -688,13 +688,21 @@ class Engine:
         """Queues an add or a cancel, and carries it out now unless another thread is stepping; that
         thread then carries it out as its step ends (`_unlock`)."""
         box.append(request)
+        with self._holding(self._unlock):
+            pass
+
+    @contextlib.contextmanager
+    def _holding(self, release):
+        """Yields whether this thread took `_stepping` (`_acquire`); if it did, `release` (`_unlock`
+        or `_let_go`) runs as the block ends, however it ends."""
         acquired = False
         try:
             with _uninterrupted():
                 acquired = self._acquire()
+            yield acquired
         finally:
             if acquired:
-                self._unlock()
+                release()
 
     def _acquire(self) -> bool:
         """Takes `_stepping` if it is free (call it under `_uninterrupted()`, inside the `try` whose
@@ -728,8 +736,9 @@ class Engine:
                 if not request.finished:  # (it may have ended in the step that ran meanwhile)
                     if request._admitted:
                         self._release(request)
-                    else:
-                        self._waiting.remove(request)
+                    else:  # found by its id (`_waiting` is in id order): `list.remove` took ~1.4 ms at 50k waiting
+                        at = bisect.bisect_left(self._waiting, request.id, key=lambda r: r.id)
+                        del self._waiting[at if self._waiting[at] is request else self._waiting.index(request)]
                     self._finish(request, "cancelled")
 
     def _unlock(self) -> None:
@@ -742,16 +751,10 @@ class Engine:
             finally:
                 self._let_go()
             while self._inbox or self._cancels:
-                acquired = False
-                try:
-                    with _uninterrupted():
-                        acquired = self._acquire()
+                with self._holding(self._let_go) as acquired:
                     if not acquired:
                         break
                     self._read_mail()
-                finally:
-                    if acquired:
-                        self._let_go()
         finally:
             with self._released:
                 self._releases += 1
@@ -983,17 +986,11 @@ class Engine:
 
     def _try_step(self) -> list[Request] | None:
         """`step`, or None if another thread is stepping."""
-        acquired = False
-        try:
-            with _uninterrupted():
-                acquired = self._acquire()
+        with self._holding(self._unlock) as acquired:
             if not acquired:
                 return None
             self._read_mail()
             return self._step()
-        finally:
-            if acquired:
-                self._unlock()
 
     def _step(self) -> list[Request]:
         if self._failed is not None:
