@@ -247,6 +247,9 @@ class _SentencePieceBackend:
         self._add_eos = cfg.get("add_eos_token", False)
         prefix = cfg.get("add_prefix_space")
         self._prefix = True if prefix is None else bool(prefix)
+        # transformers' `legacy` mode (only an explicit true): the text after each special token gets
+        # the whitespace marker too, as sentencepiece gives every piece of text it encodes.
+        self._legacy = cfg.get("legacy") is True
         self._specials = self._special_tokens(cfg)
         self._special_ids = {i: t for t, i in self._specials.items()}
         # Added tokens marked "special": false keep their text when special tokens are skipped.
@@ -283,8 +286,10 @@ class _SentencePieceBackend:
                 ids.append(self._specials[chunk])
             elif chunk:
                 # The start of the text gets the whitespace marker unless it begins with a space
-                # (or the tokenizer's config sets add_prefix_space to false).
-                prefix = " " if self._prefix and n == 0 and not chunk.startswith(" ") else ""
+                # (or the tokenizer's config sets add_prefix_space to false); with `legacy`, so
+                # does the text after each special token.
+                first = n == 0 or self._legacy
+                prefix = " " if self._prefix and first and not chunk.startswith(" ") else ""
                 ids += self._sp_bare.encode(prefix + chunk)
         if add_special_tokens:
             bos, eos = self._sp.bos_id(), self._sp.eos_id()

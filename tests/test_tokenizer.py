@@ -64,6 +64,22 @@ def test_sentencepiece_without_prefix_space(sp_dir, tmp_path):
     assert ours.encode("x\ndef f(x):", add_special_tokens=False)[-len(line):] == line
 
 
+@pytest.mark.parametrize("legacy", [True, False, None])
+def test_sentencepiece_legacy_marks_the_text_after_special_tokens(sp_dir, tmp_path, legacy):
+    # `"legacy": true` (in many Llama 2 derivatives' tokenizer_config.json): transformers gives the text
+    # after each special token the whitespace marker too ("<s>[INST]" -> "<s>", "▁[", ...).
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, legacy=legacy)))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(str(tmp_path))
+    _assert_same(ours, theirs)
+    for text in ("<s>[INST] hi [/INST]", "a</s>b", "a</s> b", "<s>\nx"):
+        assert ours.encode(text) == theirs.encode(text), text
+    after = ours.encode("</s>b", add_special_tokens=False)[1:]
+    assert (after == ours.encode("b", add_special_tokens=False)) == (legacy is True)
+
+
 def test_sentencepiece_with_added_tokens_past_its_pieces(sp_dir, tmp_path):
     """Chat markers added in tokenizer_config.json take ids past the model's 600 pieces; one added
     token is not special, so skipping special tokens keeps its text. As transformers."""
