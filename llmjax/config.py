@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-from llmjax.files import read_json
+from llmjax.files import hub_cache_hint, read_json
 
 ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # The fields of each type that `to_hf` writes (the others keep their defaults).
@@ -125,11 +125,11 @@ class LlamaConfig:
 def _read_json_config(path_or_dict) -> dict[str, Any]:
     if isinstance(path_or_dict, dict):
         return path_or_dict
-    path = os.fspath(path_or_dict)
+    path, hint = os.fspath(path_or_dict), ""
     if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
+        path, hint = os.path.join(path, "config.json"), hub_cache_hint(path)  # models--org--name: its snapshot
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json at {path}: point at a Hugging Face model folder")
+        raise FileNotFoundError(f"no config.json at {path}: point at a Hugging Face model folder{hint}")
     return read_json(path)
 
 

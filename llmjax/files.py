@@ -48,6 +48,32 @@ def read_json(path: str | os.PathLike, *, optional: bool = False) -> dict[str, A
     return value
 
 
+def hub_cache_hint(folder: str) -> str:
+    """For a folder of the Hugging Face hub cache that is not a model folder itself (`models--org--name`
+    or its `snapshots`): the sentence naming the snapshot folder to pass instead; else ''."""
+    folder = os.path.abspath(folder)
+    snapshots = os.path.join(folder, "snapshots")
+    if os.path.basename(folder) == "snapshots":
+        snapshots, folder = folder, os.path.dirname(folder)
+    if not os.path.isdir(snapshots):
+        return ""
+    try:
+        names = sorted(n for n in os.listdir(snapshots) if os.path.isfile(os.path.join(snapshots, n, "config.json")))
+    except OSError:
+        return ""
+    if not names:
+        return f"; {folder} is a Hugging Face hub cache folder, but none of its snapshots holds config.json"
+    try:
+        with open(os.path.join(folder, "refs", "main"), encoding="utf-8") as f:
+            main = f.read().strip()
+    except OSError:
+        main = None
+    pick = main if main in names else names[-1]
+    more = f" (it holds {len(names)} snapshots: {', '.join(names)})" if len(names) > 1 else ""
+    return (f"; {folder} is a Hugging Face hub cache folder: pass its snapshot folder, "
+            f"{os.path.join(snapshots, pick)}{more}")
+
+
 def check_folder(path: str, kind: str) -> None:
     """Refuses a file given where a folder goes (naming the folder that holds it: `kind`, "model
     folder" say) and a folder this user may not read."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -435,3 +436,33 @@ def test_a_file_given_for_the_folder_is_named(tmp_path, hf_dir):
     for name in ("model.safetensors", "config.json"):
         message = _convert_error(hf_dir / name, tmp_path / "out")
         assert f"{name} is a file; pass the Hugging Face model folder that holds it ({hf_dir})" in message
+
+
+def _hub_cache(hf_dir, root, commits):
+    """`hf_dir` as the Hugging Face hub cache keeps it: `snapshots/<commit>/` of relative links into `blobs`."""
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commits[-1])
+    for commit in commits:
+        snapshot = root / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for name in os.listdir(hf_dir):
+            blob = root / "blobs" / f"{commit[:8]}-{name}"
+            blob.write_bytes((hf_dir / name).read_bytes())
+            os.symlink(os.path.join("..", "..", "blobs", blob.name), snapshot / name)
+    return root / "snapshots" / commits[-1]
+
+
+def test_a_hub_cache_snapshot_loads_and_its_model_folder_names_the_snapshot(tmp_path, hf_dir, reference):
+    root = tmp_path / "models--org--tiny"
+    snapshot = _hub_cache(hf_dir, root, ["0" * 40, "f" * 40])
+    np.testing.assert_allclose(np.asarray(llmjax.logits(llmjax.load(snapshot), TOKENS)), reference, atol=1e-6)
+    hf.convert(str(snapshot), str(tmp_path / "out"), progress=False)
+    assert not os.path.islink(tmp_path / "out" / "config.json")
+    np.testing.assert_allclose(np.asarray(llmjax.logits(llmjax.load(tmp_path / "out"), TOKENS)), reference, atol=1e-6)
+    # the cache's model folder, or its snapshots: the error names the snapshot refs/main points at
+    for wrong in (root, root / "snapshots"):
+        hint = f"{root} is a Hugging Face hub cache folder: pass its snapshot folder, {snapshot} (it holds 2 snapshots"
+        assert hint in _convert_error(wrong, tmp_path / "out2")
+        with pytest.raises(FileNotFoundError, match=re.escape(hint)):
+            llmjax.load(wrong)
