@@ -92,6 +92,30 @@ def test_an_index_that_does_not_match_its_shards_is_named(tmp_path, hf_dir):
     assert "the file 7, not a file name" in _convert_error(tmp_path / "sh", tmp_path / "out2")
 
 
+def test_two_copies_of_the_weights_are_refused_not_one_picked(tmp_path, hf_dir):
+    import transformers
+
+    sharded = tmp_path / "sh"
+    transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="150KB")
+    # save_pretrained leaves an earlier save's model.safetensors beside the new shards; transformers
+    # then reads that file and ignores the index
+    shutil.copy(hf_dir / "model.safetensors", sharded / "model.safetensors")
+    message = _convert_error(sharded, tmp_path / "out")
+    assert "holds both model.safetensors and model.safetensors.index.json" in message
+    with pytest.raises(ValueError, match="holds both model.safetensors and"):
+        llmjax.load(sharded)
+    # an index that lists model.safetensors itself is one copy
+    index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in load_file(hf_dir / "model.safetensors")}}
+    single = tmp_path / "single"
+    shutil.copytree(hf_dir, single)
+    (single / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf.convert(str(single), str(tmp_path / "out"), progress=False)
+    # no index: a tensor in two files
+    os.remove(sharded / "model.safetensors.index.json")
+    message = _convert_error(sharded, tmp_path / "out2")
+    assert "is in both model-0000" in message and "and model.safetensors, and no model.safetensors.index.json" in message
+
+
 def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, hf_dir):
     msg = _convert_error(_copy_with(hf_dir, tmp_path / "e", lambda t: t.pop("model.embed_tokens.weight")),
                          tmp_path / "o0")

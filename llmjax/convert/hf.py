@@ -90,7 +90,15 @@ def _tensor_files(folder: str) -> dict[str, str]:
     check_folder(folder, "Hugging Face model folder")
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
-        return _files_from_index(folder, index)
+        files = _files_from_index(folder, index)
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(single) and single not in files.values():
+            # transformers reads model.safetensors and ignores the index; one of them is stale
+            raise ValueError(f"{folder} holds both model.safetensors and {INDEX}, whose shards "
+                             f"({', '.join(sorted({os.path.basename(f) for f in files.values()})[:3])}, ...) "
+                             "are other files: two copies of the weights, one likely stale (transformers "
+                             "reads model.safetensors); remove the one that is not the model you mean")
+        return files
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         pickles = pickled_files(folder)
@@ -102,7 +110,12 @@ def _tensor_files(folder: str) -> dict[str, str]:
     names: dict[str, str] = {}
     for path in files:
         with _safe_open(path) as f:
-            names.update({k: path for k in f.keys()})
+            for k in f.keys():
+                if k in names:  # which copy is meant? (a stale file beside the model's own)
+                    raise ValueError(f"{folder}: tensor {k!r} is in both {os.path.basename(names[k])} and "
+                                     f"{os.path.basename(path)}, and no {INDEX} says which to read; remove "
+                                     "the file that does not belong to the model")
+                names[k] = path
     return names
 
 
