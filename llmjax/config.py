@@ -152,7 +152,7 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
             "which llmjax does not read; convert the model's float release (bfloat16, float16 or float32) "
             "instead, with `llmjax convert --quant int4-g128` (or int8) to quantize it")
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # (transformers' name for the same function)
         raise ValueError(f"config.json: hidden_act={act!r} is not supported; Llama uses 'silu'")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads"):

@@ -68,6 +68,10 @@ def test_refuses_what_it_does_not_implement(change, field):
         LlamaConfig.from_hf({**CLASSIC, **change})
 
 
+def test_swish_is_silu():
+    assert LlamaConfig.from_hf({**CLASSIC, "hidden_act": "swish"}) == LlamaConfig.from_hf(CLASSIC)
+
+
 def test_refuses_unknown_rope_in_transformers5_spelling():
     bad = dict({k: v for k, v in CLASSIC.items() if k != "rope_scaling"},
                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})

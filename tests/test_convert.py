@@ -72,6 +72,10 @@ def test_missing_shard_is_named(tmp_path, hf_dir):
 
     transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(tmp_path / "sh", max_shard_size="150KB")
     shard = sorted(n for n in os.listdir(tmp_path / "sh") if n.endswith(".safetensors"))[-1]
+    data = (tmp_path / "sh" / shard).read_bytes()
+    (tmp_path / "sh" / shard).write_bytes(data[: len(data) // 2])  # a damaged shard is named as such
+    message = _convert_error(tmp_path / "sh", tmp_path / "out")
+    assert f"{shard}: corrupt or unreadable safetensors file" in message and "index" not in message
     os.remove(tmp_path / "sh" / shard)
     assert shard in _convert_error(tmp_path / "sh", tmp_path / "out")
 
@@ -490,3 +494,7 @@ def test_a_hub_cache_snapshot_loads_and_its_model_folder_names_the_snapshot(tmp_
         assert hint in _convert_error(wrong, tmp_path / "out2")
         with pytest.raises(FileNotFoundError, match=re.escape(hint)):
             llmjax.load(wrong)
+    # a link whose blob is gone (a download cut short, a cache pruned)
+    os.remove(os.path.realpath(snapshot / "model.safetensors"))
+    message = _convert_error(snapshot, tmp_path / "out3")
+    assert f"model.safetensors is a link to {os.path.join('..', '..', 'blobs')}" in message and "which does not exist" in message

@@ -63,8 +63,9 @@ class SafetensorsFolder:
         return self._handles[path]
 
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        handle = self._open(self.files[name])  # (a damaged file: `_safe_open` names it)
         try:
-            sl = self._open(self.files[name]).get_slice(name)
+            sl = handle.get_slice(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); if the folder's {INDEX} "
                              "puts it in this file, the index does not match the shards: download them again") from e
@@ -124,6 +125,9 @@ def _safe_open(path: str):
     not read as missing, and a damaged one in its own terms."""
     if os.path.isfile(path) and not os.access(path, os.R_OK):
         raise PermissionError(not_permitted(path))
+    if os.path.islink(path) and not os.path.exists(path):  # the hub cache's links into blobs/
+        raise FileNotFoundError(f"{path} is a link to {os.readlink(path)}, which does not exist (a download cut "
+                                "short, or a cache cleaned since): download the model again")
     try:
         return safe_open(path, framework="numpy")
     except (SafetensorError, OSError, ValueError) as e:
