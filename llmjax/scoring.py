@@ -86,11 +86,21 @@ def _windows(ids: list[int], bos: int, window: int, stride: int):
     return out
 
 
+def _text_ids(tok, text: str) -> list[int]:
+    """The ids of `text` without a BOS first: a text that begins with the BOS token (a chat template
+    writes it) has it read as BOS, as `generate` reads such a prompt, not scored as a second one."""
+    ids = tok.encode(text, add_special_tokens=False)
+    if tok.bos_token is not None and text.startswith(tok.bos_token) and ids[:1] == [tok.bos_id]:
+        return ids[1:]
+    return ids
+
+
 def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, window: int | None = None,
                stride: int | None = None) -> Perplexity:
     """Perplexity of the model on a text, a list of texts, or a list of token ids.
 
-    Text is encoded with BOS first (as `generate` encodes a prompt); every token after BOS is scored.
+    Text is encoded with BOS first (as `generate` encodes a prompt: a text that already begins with
+    the BOS token, as a chat template writes it, gets no second one); every token after BOS is scored.
     `window` (default: the model's context) is the most tokens the model sees at once, BOS included;
     `stride` (default: half the window) is how many new tokens each later window scores.
     """
@@ -112,7 +122,7 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
         if tok is None or tok.bos_id is None:
             raise ValueError("scoring text needs a tokenizer with a BOS token; these params have none, "
                              "so pass token ids (BOS first) instead")
-        bos, rows = tok.bos_id, [tok.encode(t, add_special_tokens=False) for t in text]
+        bos, rows = tok.bos_id, [_text_ids(tok, t) for t in text]
         check_vocabulary(params, [[bos, *r] for r in rows], from_text=True)
     elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and all(map(_is_int, text)):
         (row,) = _token_rows(params, "ids", [list(text)])

@@ -162,3 +162,17 @@ def test_a_mesh_scores_as_one_device(params):
         got = llmjax.perplexity(llmjax.shard(params, make_mesh(**shape)), texts, window=16, stride=5)
         for a, b in zip(got.logprobs, want.logprobs):
             np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_a_text_that_begins_with_bos_is_not_given_a_second_one(params):
+    # A chat template writes BOS into the text; generate reads it as the prompt's BOS, and so does
+    # perplexity: it was scoring the written BOS after the BOS it added.
+    tok = params.tokenizer
+    text = tok.bos_token + "def add(a, b):\n    return a + b\n"
+    ids = tok.encode(text, add_special_tokens=False)  # what generate reads: BOS, then the text's tokens
+    assert ids[0] == tok.bos_id and tok.bos_id not in ids[1:]
+    result = llmjax.perplexity(params, text)
+    assert result.ids == [ids[1:]] and result.tokens == len(ids) - 1
+    np.testing.assert_allclose(result.logprobs[0], llmjax.perplexity(params, ids).logprobs[0], atol=1e-6)
+    both = llmjax.perplexity(params, [text, "x = 1\n"])
+    np.testing.assert_allclose(both.logprobs[0], result.logprobs[0], atol=1e-6)
