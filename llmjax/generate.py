@@ -506,6 +506,11 @@ class Stream:
             self._stopped = e
             raise
 
+    def close(self) -> None:
+        """Ends the stream early, as a generator's `close` does (a server's client went away): no more
+        tokens are computed, `stats` counts those made, and iterating on gives nothing more."""
+        self._pieces.close()
+
     def __repr__(self) -> str:
         return f"<llmjax Stream: prompt of {len(self._row)} tokens, up to {self._max_new} new>"
 

@@ -115,6 +115,23 @@ def test_a_stream_stopped_part_way_says_so_when_read_again(params):
     assert repr(stream) == f"<llmjax Stream: prompt of {stream.stats.prompt_tokens} tokens, up to 8 new>"
 
 
+def test_a_stream_closes_as_a_generator_does(params):
+    """`close()` (a server whose client went away, `contextlib.closing`) ends the stream: no more
+    tokens, stats counting those made, and reading on gives nothing; the next stream is whole."""
+    import contextlib
+
+    p = _no_eos(params)
+    whole = "".join(llmjax.stream(p, "def f", max_new_tokens=12))
+    with contextlib.closing(llmjax.stream(p, "def f", max_new_tokens=12)) as stream:
+        first = next(stream)
+    assert whole.startswith(first) and 1 <= stream.stats.new_tokens < 12
+    assert list(stream) == []
+    unread = llmjax.stream(p, "def f", max_new_tokens=12)
+    unread.close()
+    assert list(unread) == [] and unread.stats.new_tokens == 0
+    assert "".join(llmjax.stream(p, "def f", max_new_tokens=12)) == whole
+
+
 def test_stream_yields_what_generate_returns(params):
     p = _no_eos(params)
     pieces = list(llmjax.stream(p, "for i in range(", max_new_tokens=20))
