@@ -1377,7 +1377,10 @@ class LLM:
             if len(max_new_tokens) != count:
                 raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {count} prompts; "
                                  "give one number, or one per prompt")
-            return list(max_new_tokens)
+            # An array's entries as Python numbers: a jax array's are 0-d arrays, which no check takes.
+            if isinstance(max_new_tokens, (list, tuple)):
+                return list(max_new_tokens)
+            return np.asarray(max_new_tokens).tolist()
         return [max_new_tokens] * count
 
     def _run(self, requests: list[Request], progress: bool) -> None:

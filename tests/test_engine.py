@@ -645,6 +645,15 @@ def test_bad_input_is_refused_with_a_reason(params, call, match):
         call(params)
 
 
+def test_budgets_one_per_prompt_come_as_a_list_or_any_integer_array(params):
+    llm, prompts = LLM(params, **SMALL), [[1, 5, 9], [1, 7]]
+    want = _reference(params, prompts, [3, 5])
+    for budgets in ([3, 5], (3, 5), np.array([3, 5], np.int16), jnp.array([3, 5])):
+        assert llm.generate(prompts, max_new_tokens=budgets, progress=False) == want
+    with pytest.raises(ValueError, match="prompt 0: max_new_tokens must be an integer"):
+        llm.generate(prompts, max_new_tokens=jnp.array([3.0, 5.0]), progress=False)
+
+
 def test_a_call_out_of_memory_names_the_sizes_and_stops_the_engine(params):
     """A call whose prompt chunk cannot be allocated (2**30 tokens of activations) raises MemoryError
     naming the options that size it, not XLA's RESOURCE_EXHAUSTED; the engine then refuses to go on."""
