@@ -75,6 +75,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.vocab_size
 
+    def __repr__(self) -> str:
+        kind = "sentencepiece" if isinstance(self._backend, _SentencePieceBackend) else "tokenizers"
+        chat = "a chat template" if self.chat_template else "no chat template"
+        return f"Tokenizer({kind}, {self.vocab_size} pieces, bos {self.bos_token!r}, eos {self.eos_token!r}, {chat})"
+
     @functools.cached_property
     def unstable_bytes(self) -> frozenset[int]:
         """Ids of byte tokens (`<0xNN>`) whose run decodes as a whole: `tokenizers`' ByteFallback

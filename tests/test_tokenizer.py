@@ -202,3 +202,12 @@ def test_decode_refuses_what_is_not_a_token_id(which, sp_dir, json_dir):
     for bad in ("abc", 5, None, np.array([[5, 6]]), np.array([1.0])):
         with pytest.raises(TypeError, match="decode takes"):
             ours.decode(bad)
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
+def test_a_tokenizer_prints_what_it_is(which, sp_dir, json_dir):
+    ours = Tokenizer.from_dir(str(sp_dir if which == "sp" else json_dir))
+    kind = "sentencepiece" if which == "sp" else "tokenizers"
+    assert repr(ours) == (f"Tokenizer({kind}, {ours.vocab_size} pieces, bos {ours.bos_token!r}, "
+                          f"eos {ours.eos_token!r}, {'a' if ours.chat_template else 'no'} chat template)")
+    assert "<s>" in repr(ours) or "<|begin_of_text|>" in repr(ours)
