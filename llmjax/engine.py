@@ -977,11 +977,11 @@ class Engine:
         call out of device memory raises MemoryError (its message names the sizes to lower), and the
         engine refuses further steps. One thread steps an engine at a time (`stream` and
         `LLM.generate` step it too): a step begun while another runs raises RuntimeError (`stream`
-        waits for that step instead). `add_request` and `cancel` may come from any thread."""
+        and `LLM.generate` wait for that step instead). `add_request` and `cancel` may come from any thread."""
         done = self._try_step()
         if done is None:
             raise RuntimeError("this Engine is stepping in another thread; step it from one thread at a time "
-                               "(LLM.generate steps it too), or give each thread its own Engine")
+                               "(stream and LLM.generate wait for another thread's step), or give each thread its own Engine")
         return done
 
     def _try_step(self) -> list[Request] | None:
@@ -1386,17 +1386,22 @@ class LLM:
     def _run(self, requests: list[Request], progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        pending = set(id(r) for r in requests)
+        engine, pending = self.engine, {id(r): r for r in requests}
         try:
             with tqdm(total=len(requests), unit="req", disable=not progress, desc="generate") as bar:
                 while pending:
-                    calls = self.engine.stats.calls
-                    advanced = self.engine.step()
-                    if self.engine.stats.calls == calls:
-                        raise RuntimeError("the engine has unfinished requests but scheduled nothing")
+                    calls, releases = engine.stats.calls, engine._releases
+                    advanced = engine._try_step()
+                    if advanced is None:  # another thread steps the engine (its own LLM.generate, a
+                        with engine._released:  # stream): its step advances these requests too
+                            engine._released.wait_for(lambda: engine._releases != releases)
+                        advanced = list(pending.values())
+                    elif engine.stats.calls == calls:  # no call: another thread cancelled them, or stuck
+                        advanced = list(pending.values())
+                        if not any(r.finished for r in advanced):
+                            raise RuntimeError("the engine has unfinished requests but scheduled nothing")
                     for request in advanced:
-                        if request.finished and id(request) in pending:
-                            pending.discard(id(request))
+                        if request.finished and pending.pop(id(request), None) is not None:
                             bar.update(1)
         except BaseException:  # an interrupt (Ctrl-C in a notebook) or an error: the next call
             for request in requests:  # must not serve this one's leftovers first

@@ -794,6 +794,49 @@ def test_a_request_is_not_copied_and_an_engine_steps_in_one_thread_at_a_time(par
     assert request.token_ids == llmjax.generate(params, [1, 5, 9], max_new_tokens=4)
 
 
+def test_llm_generate_from_several_threads_shares_the_engine(params):
+    """Threads calling one LLM's generate at once (a server's pool): a call that finds the engine
+    stepped by another waits for that step, whose call advances its requests too; each call gets
+    what it gets alone. A call whose requests another thread cancels returns, not raises."""
+    import threading
+
+    llm = llmjax.LLM(params, **SMALL)
+    rng = np.random.default_rng(3)
+    jobs = [(_prompts(rng, int(rng.integers(1, 4)), 20), int(rng.integers(2, 12))) for _ in range(6)]
+    alone = [llm.generate(p, max_new_tokens=n, progress=False) for p, n in jobs]
+    got, errors = [None] * len(jobs), []
+
+    def call(i):
+        try:
+            got[i] = llm.generate(jobs[i][0], max_new_tokens=jobs[i][1], progress=False)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == alone
+    assert llm.engine.pending == 0 and llm.engine.free_pages == llm.engine.num_pages
+    # another thread cancels every request of a call while it runs: the call ends, with what it has
+    engine, started = llm.engine, threading.Event()
+    original = engine._try_step
+
+    def step_then_cancel():
+        started.set()
+        for request in list(engine._running) + list(engine._waiting):
+            engine.cancel(request)
+        return original()
+
+    engine._try_step = step_then_cancel
+    try:
+        out = llm.generate(jobs[0][0], max_new_tokens=30, progress=False)
+    finally:
+        del engine._try_step
+    assert started.is_set() and len(out) == len(jobs[0][0]) and engine.pending == 0
+
+
 def test_adds_and_cancels_while_another_thread_steps_wait_for_its_step_to_end(params):
     """While a step runs, add_request and cancel from other threads touch no queue or page: they take
     effect as the step ends. A cancel of a request that finishes in that step keeps its reason."""
