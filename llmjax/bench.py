@@ -393,9 +393,9 @@ def parse_sweep(spec: str) -> tuple[str, list[int]]:
 
 
 def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b", dtype: str = "bfloat16",
-          seed: int = 0, mesh=None, quant_lm_head: bool = False, **kwargs) -> list[BenchResult]:
+          seed: int = 0, mesh=None, quant_lm_head: bool = False, log=None, **kwargs) -> list[BenchResult]:
     """One bench per value of `key`; the random weights are made and the bandwidth measured once. Every
-    value is checked before any runs."""
+    value is checked before any runs. `log` gets each report as it is measured (default: printed)."""
     defaults = inspect.signature(bench).parameters
     for v in values:
         shape = {name: kwargs.get(name, defaults[name].default)
@@ -406,7 +406,10 @@ def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b"
     results = []
     for v in values:
         results.append(bench(**{**kwargs, **shared, key: v}))
-        print(results[-1].report(), end="\n\n", flush=True)
+        if log is None:
+            print(results[-1].report(), end="\n\n", flush=True)
+        else:
+            log(results[-1].report())
     return results
 
 

@@ -108,13 +108,19 @@ def _command_line_text(flag: str, text: str) -> str:
     return text
 
 
+def _need_stdout(what: str) -> None:
+    """Refuses a run started with standard output closed (`>&-`), whose `what` would go nowhere (print
+    to a closed stdout is silently nothing, and the command would exit 0)."""
+    if sys.stdout is None:
+        raise ValueError(f"standard output is closed, so {what} would be lost; run with stdout open "
+                         "(redirect it to a file to keep it)")
+
+
 def _generate(args) -> None:
     import llmjax
     from llmjax.kernels import dispatch
 
-    if sys.stdout is None:  # started with standard output closed: the text would go nowhere
-        raise ValueError("standard output is closed, so the generated text would be lost; run with stdout open "
-                         "(redirect it to a file to keep it)")
+    _need_stdout("the generated text")  # started with standard output closed: the text would go nowhere
     dispatch.refuse_x64()  # before the prompt is echoed
     _command_line_text("--prompt", args.prompt)
     for stop in args.stop or ():
@@ -142,6 +148,7 @@ def _generate(args) -> None:
 def _perplexity(args) -> None:
     import llmjax
 
+    _need_stdout("the perplexity")
     texts = []
     for path in args.text:
         with open(path, encoding="utf-8", newline="") as f:  # the file's own line endings, \r\n included
@@ -159,10 +166,63 @@ def _perplexity(args) -> None:
           "bits/byte)")
 
 
+def _plot_path(args) -> str | None:
+    """The file the run draws its plot into: --plot, or a default name in the working folder (None for
+    a run that draws none)."""
+    if args.throughput:
+        drawn = not args.no_mix and args.serving_requests > 0
+        return (args.plot or f"serving-{args.model}-{args.dtype}.png") if drawn else None
+    if args.sweep:
+        return args.plot or f"bench-{args.model}-{args.dtype}-{_sweep_key(args.sweep)}.png"
+    return None
+
+
+def _sweep_key(spec: str) -> str:
+    from llmjax import bench
+
+    return bench.parse_sweep(spec)[0]
+
+
+# `bench` flags that only one of its two modes reads (dest, as argparse names it): given to the other,
+# they would be accepted and silently ignored.
+_DECODE_ONLY = ("batch", "repeats", "sweep")
+_THROUGHPUT_ONLY = ("requests", "no_mix", "serving_requests", "rates", "hf_requests", "hf_batch", "max_slots",
+                    "page_size", "decode_steps", "prefill_tokens", "prefill_row", "kv_memory", "kv_dtype",
+                    "no_overlap")
+
+
+def _check_modes(args) -> None:
+    """Refuses a `bench` flag that the run would ignore: a decode-bench flag with --throughput, a
+    --throughput flag without it, and serving settings that --no-mix or --serving-requests 0 skip."""
+    defaults = vars(_parser().parse_args(["bench"]))
+    given = [d for d in (_DECODE_ONLY if args.throughput else _THROUGHPUT_ONLY) if getattr(args, d) != defaults[d]]
+    if given:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        if args.throughput:
+            raise ValueError(f"{flags} {'is' if len(given) == 1 else 'are'} for the decode bench, which "
+                             "--throughput replaces; leave it out, or drop --throughput")
+        raise ValueError(f"{flags} {'is' if len(given) == 1 else 'are'} for --throughput; add --throughput, "
+                         "or leave it out")
+    if args.throughput and args.rates and (args.no_mix or not args.serving_requests):
+        raise ValueError("--rates sets the serving curve's arrival rates, which --no-mix or --serving-requests 0 "
+                         "leaves out; drop one of them, or leave --rates out")
+    if args.throughput and args.no_mix and args.serving_requests != defaults["serving_requests"]:
+        raise ValueError("--serving-requests is for the serving curve, which --no-mix leaves out; drop one of them")
+    hf = [f"--{d.replace('_', '-')}" for d in ("hf_requests", "hf_batch") if getattr(args, d) != defaults[d]]
+    if hf and not args.compare_hf:
+        raise ValueError(f"{', '.join(hf)} {'sets' if len(hf) == 1 else 'set'} what --compare-hf gives transformers; "
+                         "add --compare-hf, or leave it out")
+
+
 def _check_outputs(args) -> None:
-    """`--json` and `--plot` checked before the work, not after it: a file path in a folder this user
-    may write, a plot format matplotlib draws, and a plot the run draws."""
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    """`--json` and `--plot` (or the plot's default file, in the working folder) checked before the
+    work, not after it: a file path in a folder this user may write, a plot format matplotlib draws,
+    and a plot the run draws."""
+    plot = _plot_path(args)
+    outputs = [("--json", args.json), ("--plot", args.plot)]
+    if args.plot is None and plot is not None:
+        outputs.append(("the plot's default file (set another with --plot)", plot))
+    for flag, path in outputs:
         if path is None:
             continue
         if not path.strip():
@@ -193,9 +253,12 @@ def _check_outputs(args) -> None:
 def _bench(args) -> None:
     from llmjax import bench
 
+    if args.json is None:
+        _need_stdout("the results (and no --json keeps them)")
     if args.int4_kernel:
         from llmjax.kernels import int4_matmul
         int4_matmul.set_one_row_kind(args.int4_kernel)
+    _check_modes(args)
     _check_outputs(args)
     if args.throughput:
         if args.quant_lm_head:
@@ -216,16 +279,18 @@ def _bench(args) -> None:
                    quant_lm_head=args.quant_lm_head)
     if args.sweep:
         key, values = bench.parse_sweep(args.sweep)
-        results = bench.sweep(key, values, **options)
-        path = args.plot or f"bench-{args.model}-{args.dtype}-{key}.png"
+        results = bench.sweep(key, values, **options, log=lambda report: _out(report, end="\n\n"))
+    else:
+        results = [bench.bench(**options)]
+    if args.json:  # before the report and the plot: a reader gone from stdout, or a plot that fails, keeps it
+        bench.save_json(results, args.json)
+        print(f"results: {args.json}", file=sys.stderr)
+    if args.sweep:
+        path = _plot_path(args)
         bench.plot(results, key, path)
         print(f"plot: {path}", file=sys.stderr)
     else:
-        results = [bench.bench(**options)]
         _out(results[0].report())
-    if args.json:
-        bench.save_json(results, args.json)
-        print(f"results: {args.json}", file=sys.stderr)
 
 
 def _throughput(args) -> None:
@@ -249,14 +314,14 @@ def _throughput(args) -> None:
         max_slots=args.max_slots, page_size=args.page_size, decode_steps=args.decode_steps,
         prefill_tokens=args.prefill_tokens, prefill_row=args.prefill_row, kv_memory=kv_memory,
         kv_dtype=args.kv_dtype, overlap=not args.no_overlap, log=lambda line: print(line, file=sys.stderr, flush=True))
-    _out(result.report())
-    if result.serving:
-        path = args.plot or f"serving-{args.model}-{args.dtype}.png"
-        throughput.plot_serving(result, path)
-        print(f"serving curve: {path}", file=sys.stderr)
-    if args.json:
+    if args.json:  # before the report and the plot: a reader gone from stdout, or a plot that fails, keeps it
         throughput.save_json(result, args.json)
         print(f"results: {args.json}", file=sys.stderr)
+    _out(result.report())
+    if result.serving:
+        path = _plot_path(args)
+        throughput.plot_serving(result, path)
+        print(f"serving curve: {path}", file=sys.stderr)
 
 
 def _add_throughput_flags(b) -> None:

@@ -2,6 +2,7 @@
 JSON and a sweep plot, transformers is timed alongside, and bad options are refused."""
 
 import dataclasses
+import inspect
 import json
 
 import jax
@@ -175,7 +176,16 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--throughput", "--no-mix", "--plot", "x.png"], "which --no-mix or --serving-requests 0 leaves out"),
     (["--prompt-len", "300"], "a prompt of 300 tokens leaves 0 of the model's context of 256 tokens"),
     (["--sweep", "prompt_len=8,255"], "a prompt of 255 tokens leaves 1 of the model's context"),
-    (["--sweep", "batch=2,0", "--gen-len", "8"], "batch must be an integer >= 1, got 0")])
+    (["--sweep", "batch=2,0", "--gen-len", "8"], "batch must be an integer >= 1, got 0"),
+    # a flag the chosen mode would ignore is refused, not accepted and dropped
+    (["--throughput", "--sweep", "batch=1,2"], "--sweep is for the decode bench, which --throughput replaces"),
+    (["--throughput", "--batch", "4", "--repeats", "9"], "--batch, --repeats are for the decode bench"),
+    (["--requests", "8"], "--requests is for --throughput; add --throughput"),
+    (["--max-slots", "4", "--no-overlap", "--kv-dtype", "float32"], "--max-slots, --kv-dtype, --no-overlap are for"),
+    (["--throughput", "--no-mix", "--rates", "1,2"], "--rates sets the serving curve's arrival rates"),
+    (["--throughput", "--serving-requests", "0", "--rates", "1"], "--rates sets the serving curve's"),
+    (["--throughput", "--no-mix", "--serving-requests", "9"], "which --no-mix leaves out"),
+    (["--throughput", "--hf-batch", "8"], "--hf-batch sets what --compare-hf gives transformers")])
 def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
     assert cli.main(["bench", "--model", "tiny", *argv]) == 2
     assert match in capsys.readouterr().err
@@ -187,3 +197,64 @@ def test_a_sweep_checks_every_value_before_it_runs_one(monkeypatch):
                           ("prompt_len=8,300", "prompt_len 300 \\+ gen_len 16 exceeds")):
         with pytest.raises(ValueError, match=match):
             bench.sweep(*bench.parse_sweep(values), model="tiny", gen_len=16)
+
+
+def test_the_default_plot_file_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
+    """Without --plot, a sweep draws into bench-MODEL-DTYPE-KEY.png in the working folder (and
+    --throughput into serving-MODEL-DTYPE.png): a path there that cannot be written is refused before
+    the run, not after it, with the --json results lost."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "random_params", lambda *a, **kw: pytest.fail("weights made before the check"))
+    (tmp_path / "bench-tiny-bfloat16-batch.png").mkdir()
+    (tmp_path / "serving-tiny-bfloat16.png").mkdir()
+    for argv in (["--sweep", "batch=1,2"], ["--throughput"]):
+        assert cli.main(["bench", "--model", "tiny", *argv, "--json", str(tmp_path / "r.json")]) == 2
+        assert "the plot's default file (set another with --plot)" in capsys.readouterr().err
+
+
+def _canned(**changes):
+    fields = {f.name: 1 for f in dataclasses.fields(bench.BenchResult)}
+    fields.update(model="tiny", dtype="bfloat16", device="cpu", jax_version=jax.__version__, peak_memory_gib=None,
+                  hf_tok_s=None, hf_setup=None, hf_error=None, quant_lm_head=False)
+    return bench.BenchResult(**{**fields, **changes})
+
+
+def test_a_sweep_into_a_closed_pipe_stops_quietly_and_keeps_its_json(tmp_path, monkeypatch, capsys):
+    """`llmjax bench --sweep ... --json r.json | head -1`: the reader goes away while the sweep prints its
+    reports; the command ends as SIGPIPE would (141), not with 'error: Broken pipe', and the JSON
+    (written before the reports and the plot of a single run) is kept."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    monkeypatch.setattr(bench, "random_params", lambda *a, **kw: None)
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda *a, **kw: 1e9)
+    def canned_bench(**kw):
+        return _canned(batch=kw["batch"])
+    canned_bench.__signature__ = inspect.signature(bench.bench)  # sweep reads the defaults from it
+    monkeypatch.setattr(bench, "bench", canned_bench)
+    with open(tmp_path / "sink", "w") as sink:
+        monkeypatch.setattr("sys.stdout", Gone())
+        assert cli.main(["bench", "--model", "tiny", "--gen-len", "8", "--sweep", "batch=1,2",
+                         "--plot", str(tmp_path / "p.png")]) == 141
+        assert cli.main(["bench", "--model", "tiny", "--gen-len", "8", "--json", str(tmp_path / "one.json")]) == 141
+    assert "error" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "one.json").read_text())["model"] == "tiny"
+
+
+def test_a_closed_stdout_is_refused_where_the_results_would_be_lost(tmp_path, monkeypatch, capsys):
+    """`llmjax perplexity ... >&-` (and bench without --json) printed into nothing and exited 0."""
+    monkeypatch.setattr("sys.stdout", None)
+    monkeypatch.setattr(bench, "random_params", lambda *a, **kw: pytest.fail("weights made before the check"))
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x\n")
+    assert cli.main(["perplexity", "--text", str(tmp_path / "t.txt")]) == 2
+    assert "standard output is closed, so the perplexity would be lost" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", "tiny"]) == 2
+    assert "standard output is closed, so the results (and no --json keeps them) would be lost" in \
+        capsys.readouterr().err
