@@ -30,22 +30,28 @@ def _convert(args) -> None:
 
     # SIGTERM (a job killed) unwinds like Ctrl-C while converting, so the partial output folder is removed.
     # Python runs the handler wherever the main thread is; where that is a finalizer or a callback that
-    # swallows exceptions, the conversion goes on: the flag then removes the finished output instead.
+    # swallows exceptions (jax's garbage-collection callback swallows a Ctrl-C), the conversion goes on:
+    # the flag then removes the finished output instead.
     stopped = []
 
-    def stop(*_):
-        stopped.append(True)
-        sys.exit(128 + signal.SIGTERM)
+    def stop(number, frame):
+        stopped.append(number)
+        if number == signal.SIGINT:
+            raise KeyboardInterrupt
+        sys.exit(128 + number)
 
-    before = signal.signal(signal.SIGTERM, stop)
+    before = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                       progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
         if stopped:
             shutil.rmtree(out)
-            sys.exit(128 + signal.SIGTERM)
+            if stopped[0] == signal.SIGINT:
+                raise KeyboardInterrupt
+            sys.exit(128 + stopped[0])
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for number, handler in before.items():
+            signal.signal(number, handler)
     print(f"wrote {out}", file=sys.stderr)
 
 

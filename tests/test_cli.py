@@ -153,7 +153,7 @@ read = hf.SafetensorsFolder.read
 def slow_read(self, name):
     try:
         time.sleep(0.3)
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):
         if SWALLOW:  # as a finalizer or a library's callback would, where the handler happened to run
             pass
         else:
@@ -165,9 +165,11 @@ sys.exit(cli.main(["convert", sys.argv[1], sys.argv[2], "--quiet"]))
 
 
 @pytest.mark.parametrize("swallowed", [False, True], ids=["unwinds", "exit-swallowed"])
-def test_a_conversion_stopped_by_sigterm_leaves_nothing(example_model, tmp_path, swallowed):
-    """A SIGTERM unwinds the conversion; where the handler's exit is swallowed (it runs wherever the
-    main thread is), the conversion goes on and its output is removed at the end."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_conversion_stopped_by_a_signal_leaves_nothing(example_model, tmp_path, swallowed, stop):
+    """A SIGTERM or a Ctrl-C unwinds the conversion; where the handler's exit is swallowed (it runs
+    wherever the main thread is: jax's garbage-collection callback swallows a Ctrl-C), the conversion
+    goes on and its output is removed at the end."""
     import glob
     import signal
     import time
@@ -180,8 +182,8 @@ def test_a_conversion_stopped_by_sigterm_leaves_nothing(example_model, tmp_path,
     while not glob.glob(partial) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert glob.glob(partial), proc.stderr.read() if proc.poll() is not None else "no partial folder appeared"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    proc.send_signal(getattr(signal, stop))
+    assert proc.wait(60) == (128 + signal.SIGTERM if stop == "SIGTERM" else 130)
     assert not glob.glob(partial) and not (tmp_path / "out").exists()
 
 

@@ -458,6 +458,11 @@ def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, mon
     nested = read_only / "a" / "b" / "out"  # the folders between are made first; the first mkdir is refused
     with pytest.raises(PermissionError, match=f"cannot write {nested}: this user may not write in {read_only};"):
         hf.convert(str(hf_dir), str(nested), progress=False)
+    # a file system that takes no new folder (read-only, /proc): the output is named, not the temporary folder
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system", path)))
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'out'}: making a folder in {tmp_path} failed "
+                                      r"\(Read-only file system\); choose an output folder on a writable"):
+        hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
 
 
 def test_a_file_given_for_the_folder_is_named(tmp_path, hf_dir):

@@ -390,6 +390,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         where = os.path.dirname(e.filename) if e.filename else parent  # the folder that refused the mkdir
         raise PermissionError(f"cannot write {out_dir}: this user may not write in {where}; choose an output "
                               "folder this user may write, or fix its permissions") from None
+    except OSError as e:  # a folder that takes no new entries (/proc, a read-only mount): not the temporary name
+        raise OSError(f"cannot write {out_dir}: making a folder in {parent} failed ({e.strerror}); choose an "
+                      "output folder on a writable file system") from None
     try:
         for name in SIDE_FILES:
             side = os.path.join(hf_dir, name)
