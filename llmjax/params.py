@@ -217,6 +217,26 @@ def check_params(params) -> None:
                 if isinstance(params, (str, os.PathLike)) else "")
         raise ValueError(f"params must be llmjax Params (from llmjax.load or llmjax.init_random), got "
                          f"{type(params).__name__}{hint}")
+    _check_placement(params)
+
+
+def _check_placement(params: Params) -> None:
+    """Refuses params whose weights left the devices of their mesh: `jax.device_put` (or a
+    `dataclasses.replace` of the mesh) moves the weights but keeps the Params' mesh, which every
+    program on them places its cache and activations on, and XLA's refusal names neither."""
+    if params.mesh is None:
+        return
+    leaves = [w for w in jax.tree.leaves(params.weights) if isinstance(w, jax.Array)
+              and not isinstance(w, jax.core.Tracer)]
+    want = set(params.mesh.devices.flat)
+    for w in leaves[:1] + leaves[-1:]:  # the embedding and the last group: moved together or not at all
+        have = w.sharding.device_set
+        if have != want:
+            raise ValueError(
+                f"these params' mesh spans devices {sorted(d.id for d in want)}, but their weights lie on devices "
+                f"{sorted(d.id for d in have)} (moved by jax.device_put, which keeps the mesh the params were "
+                "sharded over); to run on other devices, llmjax.shard unsharded params onto a mesh of them (or "
+                "llmjax.load / init_random with mesh=)")
 
 
 def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
