@@ -126,6 +126,31 @@ def test_impossible_meshes_are_refused():
         fit_config(dataclasses.replace(three_kv, intermediate_size=204), make_mesh(tensor=4, data=2))
 
 
+def test_make_mesh_reads_device_arrays_and_refuses_bad_device_lists():
+    devices = jax.devices()
+    grid = np.asarray(devices, dtype=object).reshape(2, 4)  # another mesh's devices: every one, in order
+    assert list(make_mesh(tensor=4, data=2, devices=grid).devices.flat) == devices
+    assert list(make_mesh(tensor=2, data=4, devices=make_mesh(tensor=8).devices).devices.flat) == devices
+    with pytest.raises(ValueError, match="more than once"):
+        make_mesh(tensor=2, data=2, devices=devices[:2] * 2)
+    with pytest.raises(ValueError, match="empty"):
+        make_mesh(devices=[])
+    with pytest.raises(ValueError, match=r"one device .*pass \[device\]"):
+        make_mesh(devices=devices[0])
+
+
+def test_params_moved_off_their_mesh_are_refused_by_name():
+    """jax.device_put moves the weights but keeps the Params' mesh: every entry says so, not XLA."""
+    params = llmjax.shard(llmjax.init_random("tiny", dtype="float32"), _mesh(tensor=2, data=1))
+    for moved in (jax.device_put(params, jax.devices()[0]),
+                  jax.device_put(params, NamedSharding(make_mesh(tensor=2, devices=jax.devices()[4:6]), P()))):
+        for run in (lambda p: llmjax.generate(p, [1, 2, 3], max_new_tokens=2), lambda p: llmjax.logits(p, [1, 2]),
+                    lambda p: llmjax.perplexity(p, [1, 2, 3]), lambda p: llmjax.Engine(p)):
+            with pytest.raises(ValueError, match="moved by jax.device_put"):
+                run(moved)
+    assert llmjax.generate(jax.tree.map(lambda w: w, params), [1, 2, 3], max_new_tokens=2)  # in place: fine
+
+
 def test_cli_generate_on_a_mesh_prints_the_single_device_text(capsys):
     from llmjax import cli
 

@@ -8,6 +8,7 @@ The mesh spans `jax.devices()`: the local devices, or every process's devices af
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import numbers
 
@@ -21,12 +22,24 @@ AXES = ("data", "stage", "tensor")
 
 
 def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A mesh of `data * stage * tensor` devices (all of `jax.devices()` unless `devices` is given)."""
+    """A mesh of `data * stage * tensor` devices (all of `jax.devices()` unless `devices` is given: a
+    sequence of distinct devices, or an array of them such as another mesh's `devices`, read in order)."""
     for name, value in (("tensor", tensor), ("stage", stage), ("data", data)):
         if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     tensor, stage, data = int(tensor), int(stage), int(data)
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = jax.devices()
+    elif isinstance(devices, jax.Device):
+        raise ValueError(f"devices must be a sequence of devices, got one device ({devices}); pass [device]")
+    # a mesh's `devices` array (any shape) or a list: the devices in order
+    devices = list(devices.flat) if isinstance(devices, np.ndarray) else list(devices)
+    if not devices:
+        raise ValueError("devices is empty; pass the devices the mesh spans (by default all of jax.devices())")
+    counts = collections.Counter(devices)
+    if len(counts) != len(devices):
+        repeated = sorted(str(d) for d, n in counts.items() if n > 1)
+        raise ValueError(f"devices lists {', '.join(repeated)} more than once; a mesh holds each device once")
     if tensor * stage * data != len(devices):
         raise ValueError(f"data * stage * tensor = {data} * {stage} * {tensor} = {tensor * stage * data}, "
                          f"but there are {len(devices)} devices; choose degrees whose product is "
