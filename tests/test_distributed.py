@@ -76,7 +76,9 @@ def test_two_processes_generate_what_one_does(tmp_path):
     (dict(coordinator_address="127.0.0.1:1"), "together"),
     (dict(coordinator_address="x", num_processes=2, process_id=0), "host:port"),
     (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2), "process_id"),
-    (dict(coordinator_address="127.0.0.1:1", num_processes=0, process_id=0), "num_processes")])
+    (dict(coordinator_address="127.0.0.1:1", num_processes=0, process_id=0), "num_processes"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=True, process_id=0), "num_processes"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=False), "process_id")])
 def test_initialize_refuses_incomplete_or_bad_arguments(kwargs, match):
     import llmjax.distributed
 
