@@ -524,6 +524,7 @@ class Engine:
         self._cancels: collections.deque[Request] = collections.deque()
         self._released = threading.Condition()  # notified, and `_releases` counted, as `_stepping` is released
         self._releases = 0
+        self._finishes = 0  # requests finished (`_finish`), however: `LLM._run` tells by it what its step did not
         self.stats = EngineStats()
         self._warmed: frozenset[tuple] = frozenset()  # variants `warmup` compiled
         self.row_buckets = _row_buckets(self.max_slots, min(MIN_ROWS, self.max_slots))
@@ -844,6 +845,7 @@ class Engine:
         request._pages = []
 
     def _finish(self, request: Request, reason: str) -> None:
+        self._finishes += 1
         request.finish_reason = reason
         request.finish_time = time.perf_counter()
 
@@ -1390,7 +1392,7 @@ class LLM:
         try:
             with tqdm(total=len(requests), unit="req", disable=not progress, desc="generate") as bar:
                 while pending:
-                    calls, releases = engine.stats.calls, engine._releases
+                    calls, releases, finishes = engine.stats.calls, engine._releases, engine._finishes
                     advanced = engine._try_step()
                     if advanced is None:  # another thread steps the engine (its own LLM.generate, a
                         with engine._released:  # stream): its step advances these requests too
@@ -1400,6 +1402,11 @@ class LLM:
                         advanced = list(pending.values())
                         if not any(r.finished for r in advanced):
                             raise RuntimeError("the engine has unfinished requests but scheduled nothing")
+                    elif engine._finishes - finishes != sum(r.finished for r in advanced):
+                        # requests finished outside this step's call (cancelled by another thread, or in
+                        # another thread's step just before this one): the engine may stay busy with
+                        # other threads' requests, so look at all of these
+                        advanced = list(pending.values())
                     for request in advanced:
                         if request.finished and pending.pop(id(request), None) is not None:
                             bar.update(1)

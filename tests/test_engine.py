@@ -837,6 +837,33 @@ def test_llm_generate_from_several_threads_shares_the_engine(params):
     assert started.is_set() and len(out) == len(jobs[0][0]) and engine.pending == 0
 
 
+def test_llm_generate_whose_requests_are_cancelled_returns_while_the_engine_stays_busy(params):
+    """Another thread cancels a call's requests while the engine has other work (another user's long
+    request): the call returns at its next step, rather than stepping on for the others until the
+    engine runs dry (a busy server's would never return)."""
+    llm = llmjax.LLM(params, **SMALL)
+    engine = llm.engine
+    other = engine.add_request([1, 5, 9], max_new_tokens=80)
+    original, steps = engine._try_step, []
+
+    def cancel_on_the_second_step():
+        steps.append(1)
+        if len(steps) == 2:
+            for request in list(engine._running) + list(engine._waiting):
+                if request is not other:
+                    engine.cancel(request)
+        return original()
+
+    engine._try_step = cancel_on_the_second_step
+    try:
+        out = llm.generate([[1, 7, 8], [1, 3]], max_new_tokens=60, progress=False)
+    finally:
+        del engine._try_step
+    assert len(steps) == 2 and len(out) == 2 and not other.finished
+    engine.cancel(other)
+    assert engine.pending == 0 and engine.free_pages == engine.num_pages
+
+
 def test_adds_and_cancels_while_another_thread_steps_wait_for_its_step_to_end(params):
     """While a step runs, add_request and cancel from other threads touch no queue or page: they take
     effect as the step ends. A cancel of a request that finishes in that step keeps its reason."""
