@@ -285,7 +285,16 @@ def _bench(args) -> None:
                    quant_lm_head=args.quant_lm_head)
     if args.sweep:
         key, values = bench.parse_sweep(args.sweep)
-        results = bench.sweep(key, values, **options, log=lambda report: _out(report, end="\n\n"))
+        gone = []
+
+        def log(report: str) -> None:  # a reader gone part way: the sweep goes on for --json and the plot
+            if not gone:
+                try:
+                    _out(report, end="\n\n")
+                except _OutputGone:
+                    gone.append(True)
+
+        results = bench.sweep(key, values, **options, log=log)
     else:
         results = [bench.bench(**options)]
     if args.json:  # before the report and the plot: a reader gone from stdout, or a plot that fails, keeps it
@@ -295,6 +304,8 @@ def _bench(args) -> None:
         path = _plot_path(args)
         bench.plot(results, key, path)
         print(f"plot: {path}", file=sys.stderr)
+        if gone:
+            raise _OutputGone
     else:
         _out(results[0].report())
 

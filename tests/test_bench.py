@@ -242,10 +242,13 @@ def test_a_sweep_into_a_closed_pipe_stops_quietly_and_keeps_its_json(tmp_path, m
     with open(tmp_path / "sink", "w") as sink:
         monkeypatch.setattr("sys.stdout", Gone())
         assert cli.main(["bench", "--model", "tiny", "--gen-len", "8", "--sweep", "batch=1,2",
-                         "--plot", str(tmp_path / "p.png")]) == 141
+                         "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "sweep.json")]) == 141
         assert cli.main(["bench", "--model", "tiny", "--gen-len", "8", "--json", str(tmp_path / "one.json")]) == 141
     assert "error" not in capsys.readouterr().err
     assert json.loads((tmp_path / "one.json").read_text())["model"] == "tiny"
+    # the sweep's reader left at its first report: the sweep went on, and its JSON and plot hold every value
+    assert [r["batch"] for r in json.loads((tmp_path / "sweep.json").read_text())] == [1, 2]
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_a_closed_stdout_is_refused_where_the_results_would_be_lost(tmp_path, monkeypatch, capsys):
