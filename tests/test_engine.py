@@ -674,7 +674,7 @@ def test_an_interrupted_generate_leaves_nothing_queued(params, monkeypatch):
     """Ctrl-C (or any error) inside LLM.generate cancels its unfinished requests: the next call
     serves only its own prompts."""
     llm = LLM(params, **SMALL, overlap=np.True_)
-    step, calls = llm.engine.step, []
+    step, calls = llm.engine._try_step, []  # (what LLM.generate steps with)
 
     def interrupted():
         calls.append(1)
@@ -682,11 +682,11 @@ def test_an_interrupted_generate_leaves_nothing_queued(params, monkeypatch):
             raise KeyboardInterrupt
         return step()
 
-    monkeypatch.setattr(llm.engine, "step", interrupted)
+    monkeypatch.setattr(llm.engine, "_try_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([[1, 5 + i, 9] for i in range(20)], max_new_tokens=12, progress=False)
-    assert llm.engine.pending == 0 and llm.engine.free_pages == llm.engine.num_pages
-    monkeypatch.setattr(llm.engine, "step", step)
+    assert len(calls) == 3 and llm.engine.pending == 0 and llm.engine.free_pages == llm.engine.num_pages
+    monkeypatch.setattr(llm.engine, "_try_step", step)
     before = llm.engine.stats.calls
     assert llm.generate([[1, 5, 9]], max_new_tokens=3, progress=False) == llmjax.generate(
         params, [[1, 5, 9]], max_new_tokens=3)
