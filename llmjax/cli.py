@@ -45,6 +45,7 @@ def _convert(args) -> None:
         out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                       progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
         if stopped:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would leave the folder half removed
             shutil.rmtree(out)
             if stopped[0] == signal.SIGINT:
                 raise KeyboardInterrupt

@@ -50,7 +50,7 @@ def read_json(path: str | os.PathLike, *, optional: bool = False) -> dict[str, A
 
 def hub_cache_hint(folder: str) -> str:
     """For a folder of the Hugging Face hub cache that is not a model folder itself (`models--org--name`
-    or its `snapshots`): the sentence naming the snapshot folder to pass instead; else ''."""
+    or its `snapshots`): the sentence naming the snapshot folder to pass instead (`refs/main`'s, else the newest); else ''."""
     folder = os.path.abspath(folder)
     snapshots = os.path.join(folder, "snapshots")
     if os.path.basename(folder) == "snapshots":
@@ -68,7 +68,8 @@ def hub_cache_hint(folder: str) -> str:
             main = f.read().strip()
     except OSError:
         main = None
-    pick = main if main in names else names[-1]
+    newest = max(names, key=lambda n: os.stat(os.path.join(snapshots, n, "config.json")).st_mtime)
+    pick = main if main in names else newest
     more = f" (it holds {len(names)} snapshots: {', '.join(names)})" if len(names) > 1 else ""
     return (f"; {folder} is a Hugging Face hub cache folder: pass its snapshot folder, "
             f"{os.path.join(snapshots, pick)}{more}")

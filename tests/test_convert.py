@@ -96,20 +96,33 @@ def test_an_index_that_does_not_match_its_shards_is_named(tmp_path, hf_dir):
     assert "the file 7, not a file name" in _convert_error(tmp_path / "sh", tmp_path / "out2")
 
 
-def test_two_copies_of_the_weights_are_refused_not_one_picked(tmp_path, hf_dir):
+def test_two_copies_of_the_weights_read_as_transformers_reads_them(tmp_path, hf_dir):
+    """model.safetensors beside an index of other shards: transformers reads the file and ignores the
+    index, and so does llmjax (with a warning); with no index, a tensor in two files is refused."""
+    import torch
     import transformers
 
     sharded = tmp_path / "sh"
     transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="150KB")
-    # save_pretrained leaves an earlier save's model.safetensors beside the new shards; transformers
-    # then reads that file and ignores the index
-    shutil.copy(hf_dir / "model.safetensors", sharded / "model.safetensors")
-    message = _convert_error(sharded, tmp_path / "out")
-    assert "holds both model.safetensors and model.safetensors.index.json" in message
-    with pytest.raises(ValueError, match="holds both model.safetensors and"):
-        llmjax.load(sharded)
+    # another model's weights in model.safetensors beside the shards (a stale save, say)
+    tensors = load_file(hf_dir / "model.safetensors")
+    save_file({k: (v * 1.5 if k.endswith("norm.weight") else v) for k, v in tensors.items()},
+              sharded / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        theirs = transformers.LlamaForCausalLM.from_pretrained(sharded, dtype=torch.float32)(
+            torch.tensor([TOKENS])).logits[0].numpy()
+    with pytest.warns(UserWarning, match="holds both model.safetensors and model.safetensors.index.json .*"
+                                         "reading model.safetensors, as transformers does"):
+        params = llmjax.load(sharded, dtype="float32")
+    ours = np.asarray(llmjax.logits(params, TOKENS))[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert np.abs(ours - np.asarray(llmjax.logits(llmjax.load(hf_dir, dtype="float32"), TOKENS))[0]).max() > 0.1
+    with pytest.warns(UserWarning, match="reading model.safetensors"):
+        hf.convert(str(sharded), str(tmp_path / "conv"), progress=False)
+    np.testing.assert_allclose(np.asarray(llmjax.logits(llmjax.load(tmp_path / "conv", dtype="float32"), TOKENS))[0],
+                               theirs, atol=1e-5)
     # an index that lists model.safetensors itself is one copy
-    index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in load_file(hf_dir / "model.safetensors")}}
+    index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in tensors}}
     single = tmp_path / "single"
     shutil.copytree(hf_dir, single)
     (single / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -460,8 +473,8 @@ def test_unreadable_files_are_named_as_such_not_as_damaged(tmp_path, hf_dir, mon
         hf.convert(str(hf_dir), str(nested), progress=False)
     # a file system that takes no new folder (read-only, /proc): the output is named, not the temporary folder
     monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system", path)))
-    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'out'}: making a folder in {tmp_path} failed "
-                                      r"\(Read-only file system\); choose an output folder on a writable"):
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'out'}: making the folder \.out\.partial-\w+ in "
+                                      rf"{tmp_path} \(where .*\) failed \(Read-only file system\); choose another"):
         hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
 
 
@@ -499,6 +512,10 @@ def test_a_hub_cache_snapshot_loads_and_its_model_folder_names_the_snapshot(tmp_
         assert hint in _convert_error(wrong, tmp_path / "out2")
         with pytest.raises(FileNotFoundError, match=re.escape(hint)):
             llmjax.load(wrong)
+    # no refs/main: the snapshot whose config.json is newest (here the first by name)
+    os.remove(root / "refs" / "main")
+    os.utime(os.path.realpath(root / "snapshots" / ("f" * 40) / "config.json"), (2e9, 2e9))
+    assert f"pass its snapshot folder, {root / 'snapshots' / ('f' * 40)} (it holds" in _convert_error(root, tmp_path / "out2")
     # a link whose blob is gone (a download cut short, a cache pruned)
     os.remove(os.path.realpath(snapshot / "model.safetensors"))
     message = _convert_error(snapshot, tmp_path / "out3")

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -94,11 +95,14 @@ def _tensor_files(folder: str) -> dict[str, str]:
         files = _files_from_index(folder, index)
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(single) and single not in files.values():
-            # transformers reads model.safetensors and ignores the index; one of them is stale
-            raise ValueError(f"{folder} holds both model.safetensors and {INDEX}, whose shards "
-                             f"({', '.join(sorted({os.path.basename(f) for f in files.values()})[:3])}, ...) "
-                             "are other files: two copies of the weights, one likely stale (transformers "
-                             "reads model.safetensors); remove the one that is not the model you mean")
+            # two copies of the weights (a repository that ships both, or a stale save): transformers
+            # reads model.safetensors and ignores the index, and so does llmjax, to load the same model
+            shards = sorted({os.path.basename(f) for f in files.values()})
+            warnings.warn(f"{folder} holds both model.safetensors and {INDEX} (shards {', '.join(shards[:3])}"
+                          f"{', ...' if len(shards) > 3 else ''}): reading model.safetensors, as transformers does; "
+                          "remove the copy that is not the model you mean", stacklevel=4)
+            with _safe_open(single) as f:
+                return {k: single for k in f.keys()}
         return files
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
@@ -391,8 +395,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         raise PermissionError(f"cannot write {out_dir}: this user may not write in {where}; choose an output "
                               "folder this user may write, or fix its permissions") from None
     except OSError as e:  # a folder that takes no new entries (/proc, a read-only mount): not the temporary name
-        raise OSError(f"cannot write {out_dir}: making a folder in {parent} failed ({e.strerror}); choose an "
-                      "output folder on a writable file system") from None
+        raise OSError(f"cannot write {out_dir}: making the folder {os.path.basename(tmp)} in {parent} (where the "
+                      f"conversion is written before it takes its name) failed ({e.strerror}); choose another "
+                      "output folder") from None
     try:
         for name in SIDE_FILES:
             side = os.path.join(hf_dir, name)
