@@ -136,7 +136,8 @@ def _generate(args) -> None:
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     prompt = args.prompt
     if args.chat:
-        prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        # The template's ids as transformers gives them: BOS only where the template writes it.
+        prompt = params.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
     stream = llmjax.stream(params, prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            min_p=args.min_p, seed=args.seed, stop=args.stop or None)

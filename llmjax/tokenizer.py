@@ -14,9 +14,11 @@ import functools
 import json
 import os
 import re
+import traceback
 from typing import Any, Sequence
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import numpy as np
 
@@ -63,12 +65,14 @@ class Tokenizer:
     """`encode(text) -> ids`, `decode(ids) -> text`, `apply_chat_template(messages) -> text`."""
 
     def __init__(self, backend, *, bos_token: str | None, eos_token: str | None,
-                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
+                 chat_templates: dict[str, str] | None = None):
         self._backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_id = backend.token_to_id(eos_token) if eos_token else None
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # the default template
+        self.chat_templates = dict(chat_templates or {})  # the others, by name ("tool_use", "rag", ...)
         self._special_tokens = special_tokens or {}
 
     @property
@@ -77,7 +81,7 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         kind = "sentencepiece" if isinstance(self._backend, _SentencePieceBackend) else "tokenizers"
-        chat = "a chat template" if self.chat_template else "no chat template"
+        chat = "a chat template" if self.chat_template or self.chat_templates else "no chat template"
         return f"Tokenizer({kind}, {self.vocab_size} pieces, bos {self.bos_token!r}, eos {self.eos_token!r}, {chat})"
 
     @functools.cached_property
@@ -103,25 +107,76 @@ class Tokenizer:
         """The text of a list (or 1-D integer array) of token ids."""
         return self._backend.decode(_token_ids(ids), skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
-        """Renders a conversation with the checkpoint's chat template; returns the prompt text.
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool | None = None, *,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            chat_template: str | None = None, continue_final_message: bool | str = False,
+                            tokenize: bool = False, **kwargs) -> str | list[int]:
+        """Renders a conversation with the checkpoint's chat template; returns the prompt text (or,
+        with `tokenize=True`, its token ids, encoded without adding BOS/EOS, as transformers does).
+
+        As `transformers`' `apply_chat_template(..., tokenize=False)`: `tools` and `documents` are
+        passed to the template (None when not given), keys whose value is None are dropped from the
+        messages, `chat_template` names one of the checkpoint's named templates (`tools` picks the
+        one named "tool_use") or is a template itself, and `continue_final_message` leaves the last
+        message open for the model to continue. Unlike transformers, `add_generation_prompt`
+        defaults to True (to False with `continue_final_message`).
 
         The text begins with the BOS token where the template writes it; `llmjax.generate` then adds
-        no second BOS.
+        no second BOS (where the template writes none, `generate` adds one to the text; the ids of
+        `tokenize=True` have none, as transformers').
         """
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (no 'chat_template' in "
-                             "tokenizer_config.json or chat_template.json, and no chat_template.jinja); format "
-                             "the prompt yourself (from the command line: leave out --chat)")
+        source = self._template(chat_template, tools)
+        messages = _chat_messages(messages)
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt do not go together: the first "
+                             "leaves the last message open, the second starts a new assistant message (pass "
+                             "add_generation_prompt=False)")
+        if tools is not None:
+            for n, tool in enumerate(tools):
+                if not isinstance(tool, dict):
+                    raise TypeError(f"tools[{n}] is a {type(tool).__name__}; give each tool as a JSON schema "
+                                    "(a dict), e.g. transformers.utils.get_json_schema(function)")
         try:
-            template = _jinja_env().from_string(self.chat_template)
+            template = _jinja_env().from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the checkpoint's chat template does not parse (line {e.lineno}: {e.message}); "
                              "fix it where the checkpoint keeps it (chat_template.jinja, chat_template.json or "
                              "tokenizer_config.json)") from None
+        continued = None
+        if continue_final_message:
+            messages, continued = _mark_final_message(messages, continue_final_message, source)
         variables = {**self._special_tokens, **kwargs}  # the caller may override e.g. bos_token
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            text = template.render(messages=messages, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except (jinja2.UndefinedError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
+            # An error in the template's own logic (raise_exception's TemplateError passes as it is).
+            line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                         if f.filename == "<template>"), None)
+            where = f" at line {line}" if line is not None else ""
+            raise ValueError(f"the chat template failed{where} ({type(e).__name__}: {e}); check the messages "
+                             "(each a dict with 'role' and 'content') and the template's variables") from e
+        if continued is not None:
+            text = _cut_after_final_message(text, continued)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _template(self, name: str | None, tools) -> str:
+        """The template source to render, chosen as transformers' `get_chat_template` chooses."""
+        named = {**self.chat_templates, **({"default": self.chat_template} if self.chat_template else {})}
+        if name is not None:
+            return named.get(name, name)  # a template's name, or a template itself
+        if tools is not None and "tool_use" in named:
+            return named["tool_use"]
+        if "default" in named:
+            return named["default"]
+        if named:
+            raise ValueError(f"this tokenizer has several chat templates and none named 'default'; pick one with "
+                             f"chat_template=NAME (one of {sorted(named)})")
+        raise ValueError("this tokenizer has no chat template (no 'chat_template' in "
+                         "tokenizer_config.json or chat_template.json, and no chat_template.jinja); format "
+                         "the prompt yourself (from the command line: leave out --chat)")
 
     @classmethod
     def from_dir(cls, folder: str) -> "Tokenizer | None":
@@ -134,26 +189,109 @@ class Tokenizer:
         else:
             return None
         special = {name: _token_str(cfg.get(name)) for name in
-                   ("bos_token", "eos_token", "unk_token", "pad_token")}
+                   ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
+        if isinstance(backend, _SentencePieceBackend):  # Llama's tokenizer: <s>, </s>, <unk> where the config names none
+            for name, piece in backend.default_special_tokens().items():
+                if name not in cfg:
+                    special[name] = piece
         special = {k: v for k, v in special.items() if v is not None}
         return cls(backend, bos_token=special.get("bos_token"), eos_token=special.get("eos_token"),
-                   chat_template=_chat_template(folder, cfg), special_tokens=special)
+                   special_tokens=special, **_chat_templates(folder, cfg))
 
 
 def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _chat_template(folder: str, cfg: dict) -> str | None:
+def _chat_templates(folder: str, cfg: dict) -> dict:
+    """The default template and the named others, from where transformers reads them: chat_template.jinja
+    and additional_chat_templates/NAME.jinja before tokenizer_config.json's `chat_template` (a string or a
+    list of {name, template}); chat_template.json last (transformers' processors read it)."""
+    named = {}
     path = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
-            return f.read()
-    template = cfg.get("chat_template") or read_json(
-        os.path.join(folder, "chat_template.json"), optional=True).get("chat_template")
-    if isinstance(template, list):  # named templates: the one called "default"
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
-    return template
+            named["default"] = f.read()
+    extra = os.path.join(folder, "additional_chat_templates")
+    if os.path.isdir(extra):
+        for name in sorted(os.listdir(extra)):
+            if name.endswith(".jinja") and os.path.isfile(os.path.join(extra, name)):
+                with open(os.path.join(extra, name), encoding="utf-8") as f:
+                    named[name.removesuffix(".jinja")] = f.read()
+    if not named:
+        template = cfg.get("chat_template") or read_json(
+            os.path.join(folder, "chat_template.json"), optional=True).get("chat_template")
+        if isinstance(template, list):  # named templates
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        elif template:
+            named["default"] = template
+    default = named.pop("default", None)
+    return {"chat_template": default, "chat_templates": named}
+
+
+# Names a message's reasoning goes under; templates read the first (transformers fills it from the others).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _chat_messages(messages) -> list[dict]:
+    """The messages as transformers hands them to the template: a list of dicts, keys whose value is None
+    left out, reasoning under `reasoning_content` and `thinking` too. Refuses what is not a conversation."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of dicts ({{'role': ..., 'content': ...}}), got "
+                        f"{type(messages).__name__} {messages!r:.80}")
+    if not messages:
+        raise ValueError("the conversation is empty; give at least one message")
+    out = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"message {n} is a {type(message).__name__} ({message!r:.80}), not a dict with 'role' "
+                            "and 'content' (one conversation at a time: a list of dicts)")
+        if message.get("role") is None:
+            raise ValueError(f"message {n} has no 'role' (its keys: {sorted(map(str, message))}); give each message "
+                             "a role such as 'system', 'user' or 'assistant'")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _mark_final_message(messages: list[dict], field: bool | str, source: str):
+    """transformers' `continue_final_message`: a tag after the last message's text, where the text is cut."""
+    field = field if isinstance(field, str) else "content"
+    last = dict(messages[-1])
+    final = last.get(field)
+    if final is None:
+        raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
+    fields = [field]
+    if field in _REASONING_FIELDS:
+        fields = [f for f in _REASONING_FIELDS if last.get(f) == final]
+    if not any(f in source for f in fields):
+        raise ValueError(f"continue_final_message: the chat template does not read {field!r}")
+    if isinstance(final, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, dict) else b for b in final]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and "text" in block:
+                final = block["text"]
+                block["text"] = block["text"] + _CONTINUE_TAG
+                break
+        else:
+            raise ValueError("continue_final_message: the final message has no text part to continue")
+        last[field] = blocks
+    else:
+        for f in fields:
+            last[f] = last[f] + _CONTINUE_TAG
+    return messages[:-1] + [last], final
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise ValueError("continue_final_message: the final message does not appear in the rendered chat (the "
+                         "template changes or drops it), so the text cannot end inside it")
+    at = text.rindex(_CONTINUE_TAG.strip())
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 def _raise_exception(message):
@@ -164,12 +302,54 @@ def _strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja2's own tojson escapes HTML characters; transformers' takes json.dumps' options
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """transformers' namespace: no underscore-prefixed attributes (no way to CPython's internals)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}")
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@functools.lru_cache(maxsize=1)
 def _jinja_env() -> jinja2.Environment:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _Namespace
     return env
 
 
@@ -276,6 +456,11 @@ class _SentencePieceBackend:
     @property
     def vocab_size(self) -> int:
         return self._size
+
+    def default_special_tokens(self) -> dict[str, str]:
+        sp = self._sp
+        ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
+        return {name: sp.id_to_piece(i) for name, i in ids.items() if i >= 0}
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._specials:

@@ -211,6 +211,27 @@ def test_chat_errors_are_one_line(example_model, tmp_path, capsys):
     assert cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--chat"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "llmjax generate: error: only system messages"
+    # An error in the template's own logic is one line too, with the template's line.
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m['content'] + 1 }}{% endfor %}")
+    assert cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--chat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmjax generate: error: the chat template failed at line 2 (TypeError: ") and "\n" not in err
+
+
+def test_chat_prompt_is_the_templates_ids(example_model, tmp_path, capsys):
+    """--chat encodes the rendered template as transformers' apply_chat_template(tokenize=True) does:
+    no BOS added where the template writes none."""
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "m"
+    shutil.copytree(example_model, folder)
+    (folder / "chat_template.jinja").write_text("[INST] {{ messages[0]['content'] }} [/INST]")
+    assert cli_main(["generate", "--model", str(folder), "--prompt", "hi", "--chat", "--max-new-tokens", "1"]) == 0
+    want = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert f"[prefill] {len(want)} tokens" in capsys.readouterr().err
 
 
 def test_the_quantizations_the_help_offers_are_the_ones_accepted(capsys):

@@ -211,3 +211,107 @@ def test_a_tokenizer_prints_what_it_is(which, sp_dir, json_dir):
     assert repr(ours) == (f"Tokenizer({kind}, {ours.vocab_size} pieces, bos {ours.bos_token!r}, "
                           f"eos {ours.eos_token!r}, {'a' if ours.chat_template else 'no'} chat template)")
     assert "<s>" in repr(ours) or "<|begin_of_text|>" in repr(ours)
+
+
+def _folder_with_template(json_dir, tmp_path, template, name="t", **files):
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(json_dir / "tokenizer.json", folder)
+    cfg = json.loads((json_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    if template is not None:
+        cfg["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for path, text in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text)
+    return folder
+
+
+def _both(folder, messages, **kwargs):
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = Tokenizer.from_dir(str(folder))
+    kwargs.setdefault("add_generation_prompt", False)
+    expected = theirs.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert ours.apply_chat_template(messages, **kwargs) == expected
+    ids = theirs.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+    assert ours.apply_chat_template(messages, tokenize=True, **kwargs) == ids
+    return expected
+
+
+@pytest.mark.parametrize("template, kwargs", [
+    # tojson's options (transformers' filter takes json.dumps' arguments)
+    ("{{ {'b': 1, 'a': 'é'} | tojson(sort_keys=True) }}{{ messages[0] | tojson(indent=2) }}", {}),
+    ("{{ {'b': 1} | tojson(separators=(',', ':')) }}{{ 'é' | tojson(ensure_ascii=True) }}", {}),
+    # tools and documents are None when not given: `is not none` is false
+    ("{% if tools is not none %}TOOLS{% endif %}{% if documents is none %}NODOCS{% endif %}", {}),
+    ("{% if tools is not none %}{{ tools | length }}{% endif %}", {"tools": [{"name": "f"}]}),
+    # {% generation %} (assistant masks) renders its body
+    ("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}", {}),
+    # keys whose value is None are dropped; reasoning is copied under reasoning_content and thinking
+    ("{% for m in messages %}{{ m['content'] }}{% if 'name' in m %}!{% endif %}{{ m.reasoning_content }}"
+     "{{ m.thinking }};{% endfor %}", {}),
+    # continue_final_message leaves the last message open
+    ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}",
+     {"continue_final_message": True}),
+])
+def test_chat_template_features_match_transformers(json_dir, tmp_path, template, kwargs):
+    messages = [{"role": "user", "content": "hi", "name": None},
+                {"role": "assistant", "content": "The answer is ", "reasoning": "hmm"}]
+    _both(_folder_with_template(json_dir, tmp_path, template), messages, **kwargs)
+
+
+def test_named_chat_templates_match_transformers(json_dir, tmp_path):
+    named = [{"name": "default", "template": "D{{ messages | length }}"},
+             {"name": "tool_use", "template": "T{{ tools | length }}"}, {"name": "rag", "template": "R"}]
+    folder = _folder_with_template(json_dir, tmp_path, named)
+    messages = [{"role": "user", "content": "hi"}]
+    assert _both(folder, messages) == "D1"
+    assert _both(folder, messages, tools=[{"name": "f"}]) == "T1"
+    assert _both(folder, messages, chat_template="rag") == "R"
+    assert _both(folder, messages, chat_template="L{{ messages[0].role }}") == "Luser"
+    files = {"chat_template.jinja": "J", "additional_chat_templates/tool_use.jinja": "TJ"}
+    folder = _folder_with_template(json_dir, tmp_path, "CONFIG", name="files", **files)
+    assert _both(folder, messages) == "J" and _both(folder, messages, tools=[{"name": "f"}]) == "TJ"
+    folder = _folder_with_template(json_dir, tmp_path, named[1:], name="nodefault")
+    with pytest.raises(ValueError, match=r"none named 'default'.*\['rag', 'tool_use'\]"):
+        Tokenizer.from_dir(str(folder)).apply_chat_template(messages)
+
+
+def test_chat_template_bad_input_is_refused_clearly(json_dir, tmp_path):
+    tok = Tokenizer.from_dir(str(_folder_with_template(
+        json_dir, tmp_path, "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}{{ x + 1 }}")))
+    for bad, error, match in [([], ValueError, "conversation is empty"), ("hi", TypeError, "list of dicts"),
+                              ({"role": "user", "content": "hi"}, TypeError, "list of dicts"),
+                              (["hi"], TypeError, "message 0 is a str"),
+                              ([[{"role": "user", "content": "hi"}]], TypeError, "message 0 is a list"),
+                              ([{"content": "hi"}], ValueError, "message 0 has no 'role'")]:
+        with pytest.raises(error, match=match):
+            tok.apply_chat_template(bad)
+    with pytest.raises(ValueError, match=r"chat template failed at line 1 \(UndefinedError: 'x' is undefined"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="do not go together"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], True, continue_final_message=True)
+    with pytest.raises(TypeError, match="tools.0. is a builtin_function_or_method; give each tool as a JSON schema"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[print])
+    import jinja2
+
+    tok.chat_template = "{% set ns = namespace(_x=1) %}"
+    with pytest.raises(jinja2.exceptions.SecurityError, match="underscore"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_without_bos_tokenizes_as_transformers(sp_dir, tmp_path):
+    """tokenize=True encodes the text without adding BOS, as transformers: a template that writes no BOS
+    gets none; and a tokenizer_config.json that names no special tokens gets Llama's <s>, </s>, <unk>."""
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "unk_token"):
+        del cfg[key]
+    cfg["chat_template"] = "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _both(tmp_path, CHAT)
+    cfg["chat_template"] = "[INST] {{ messages[0]['content'] }} [/INST]"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert Tokenizer.from_dir(str(tmp_path)).apply_chat_template(CHAT, tokenize=True)[0] != 1
+    _both(tmp_path, CHAT)
