@@ -340,10 +340,15 @@ def test_outputs_that_would_lose_data_or_cannot_be_written_are_refused(tmp_path,
 def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_dir):
     bf16 = _copy_with(hf_dir, tmp_path / "bf16", lambda t: t.update(
         {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+    (bf16 / "additional_chat_templates").mkdir()  # named chat templates travel with the tokenizer
+    (bf16 / "additional_chat_templates" / "tool_use.jinja").write_text("T{{ tools | length }}")
     out = hf.convert(str(bf16), str(tmp_path / "out"), progress=False)
     for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-                 "llmjax.json"):
+                 "llmjax.json", "additional_chat_templates/tool_use.jinja"):
         assert os.path.isfile(os.path.join(out, name)), name
+    tokenizer = llmjax.load(out).tokenizer
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=[{}, {}]) == "T2"
+    hf.convert(str(bf16), str(out), progress=False, overwrite=True)  # an earlier conversion: replaced
     assert checkpoint.read_manifest(out)["dtype"] == "bfloat16"
     params = llmjax.load(out)
     assert params.dtype == np.dtype(default_dtype()) and params.tokenizer is not None  # a CPU widens

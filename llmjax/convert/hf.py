@@ -43,6 +43,7 @@ PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "chat_template.json")
+SIDE_FOLDERS = ("additional_chat_templates",)  # named chat templates, NAME.jinja
 
 HOW_TO_GET_SAFETENSORS = (
     "llmjax never unpickles checkpoints (unpickling runs arbitrary code). Get the safetensors "
@@ -346,7 +347,7 @@ def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
         raise FileExistsError(f"{out_dir} already exists; choose another output folder, or pass "
                               "--overwrite (overwrite=True) to replace an earlier conversion there")
     if os.path.exists(out_dir):
-        others = sorted(set(os.listdir(out_dir)) - {checkpoint.MANIFEST, checkpoint.WEIGHTS_DIR, *SIDE_FILES})
+        others = sorted(set(os.listdir(out_dir)) - {checkpoint.MANIFEST, checkpoint.WEIGHTS_DIR, *SIDE_FILES, *SIDE_FOLDERS})
         if others or (os.listdir(out_dir) and not checkpoint.is_checkpoint(out_dir)):
             what = (f"it holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which convert "
                     "does not write" if others else f"it is not an llmjax checkpoint (no {checkpoint.MANIFEST})")
@@ -408,6 +409,10 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
                     if e.filename != side:  # writing the copy, not reading the original
                         raise
                     raise PermissionError(not_permitted(side)) from None
+        for name in SIDE_FOLDERS:
+            side = os.path.join(hf_dir, name)
+            if os.path.isdir(side):  # (copytree follows the hub cache's links: files, not links, are written)
+                shutil.copytree(side, os.path.join(tmp, name))
         groups = _finite_groups(iter_weight_groups(source, entries, resolved, progress), hf_dir, dtype)
         if quant is not None:
             for line in departures(config, quant) if progress else ():
