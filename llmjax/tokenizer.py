@@ -188,11 +188,20 @@ class Tokenizer:
             backend = _SentencePieceBackend(os.path.join(folder, "tokenizer.model"), cfg)
         else:
             return None
-        special = {name: _token_str(cfg.get(name)) for name in
-                   ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
+        names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        special = {name: _token_str(cfg.get(name)) for name in names}
+        named = {name for name in names if name in cfg}
+        if "added_tokens_decoder" not in cfg:
+            # transformers' legacy path (a config without added_tokens_decoder): special_tokens_map.json's
+            # tokens take the place of the config's
+            legacy = read_json(os.path.join(folder, "special_tokens_map.json"), optional=True)
+            for name in names:
+                if name in legacy:
+                    special[name] = _token_str(legacy[name])
+                    named.add(name)
         if isinstance(backend, _SentencePieceBackend):  # Llama's tokenizer: <s>, </s>, <unk> where the config names none
             for name, piece in backend.default_special_tokens().items():
-                if name not in cfg:
+                if name not in named:
                     special[name] = piece
         special = {k: v for k, v in special.items() if v is not None}
         return cls(backend, bos_token=special.get("bos_token"), eos_token=special.get("eos_token"),

@@ -315,3 +315,31 @@ def test_chat_template_without_bos_tokenizes_as_transformers(sp_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert Tokenizer.from_dir(str(tmp_path)).apply_chat_template(CHAT, tokenize=True)[0] != 1
     _both(tmp_path, CHAT)
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
+@pytest.mark.parametrize("decoder", [False, True])
+def test_special_tokens_map_json_as_transformers_reads_it(which, decoder, sp_dir, json_dir, tmp_path):
+    """A config without added_tokens_decoder (transformers' legacy path) takes its special tokens from
+    special_tokens_map.json, over the config's own; with added_tokens_decoder that file is not read.
+    A chat template's {{ bos_token }} renders as transformers renders it."""
+    source = sp_dir if which == "sp" else json_dir
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, tmp_path)
+    bos, eos = ("<s>", "</s>") if which == "sp" else ("<|begin_of_text|>", "<|end_of_text|>")
+    cfg = json.loads((source / "tokenizer_config.json").read_text())
+    cfg.update(bos_token=eos, chat_template="{{ bos_token }}[{{ pad_token }}]{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    if decoder:
+        cfg["added_tokens_decoder"] = {}
+    else:
+        cfg.pop("eos_token")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": {"content": bos, "lstrip": False}, "eos_token": eos, "pad_token": bos}))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(str(tmp_path))
+    assert (ours.bos_token, ours.bos_id, ours.eos_token, ours.eos_id) == (
+        theirs.bos_token, theirs.bos_token_id, theirs.eos_token, theirs.eos_token_id)
+    text = _both(tmp_path, CHAT[1:2])
+    assert text.startswith(eos if decoder else f"{bos}[{bos}]")
