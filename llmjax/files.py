@@ -68,7 +68,9 @@ def hub_cache_hint(folder: str) -> str:
             main = f.read().strip()
     except OSError:
         main = None
-    newest = max(names, key=lambda n: os.stat(os.path.join(snapshots, n, "config.json")).st_mtime)
+    # The link's own time (when the snapshot took the file), not its blob's: snapshots share one blob for a
+    # file that did not change between them, so the blob's time would tie them (then the first by name).
+    newest = max(names, key=lambda n: os.lstat(os.path.join(snapshots, n, "config.json")).st_mtime)
     pick = main if main in names else newest
     more = f" (it holds {len(names)} snapshots: {', '.join(names)})" if len(names) > 1 else ""
     return (f"; {folder} is a Hugging Face hub cache folder: pass its snapshot folder, "

@@ -517,9 +517,15 @@ def test_a_hub_cache_snapshot_loads_and_its_model_folder_names_the_snapshot(tmp_
         assert hint in _convert_error(wrong, tmp_path / "out2")
         with pytest.raises(FileNotFoundError, match=re.escape(hint)):
             llmjax.load(wrong)
-    # no refs/main: the snapshot whose config.json is newest (here the first by name)
+    # no refs/main: the snapshot that took its config.json last, by the link's own time (the cache's
+    # snapshots share one blob for a file that did not change; its time ties them)
     os.remove(root / "refs" / "main")
-    os.utime(os.path.realpath(root / "snapshots" / ("f" * 40) / "config.json"), (2e9, 2e9))
+    shared = os.path.realpath(root / "snapshots" / ("0" * 40) / "config.json")
+    for commit, when in (("0" * 40, 1.5e9), ("f" * 40, 2e9)):
+        link = root / "snapshots" / commit / "config.json"
+        os.remove(link)
+        os.symlink(os.path.relpath(shared, link.parent), link)
+        os.utime(link, (when, when), follow_symlinks=False)
     assert f"pass its snapshot folder, {root / 'snapshots' / ('f' * 40)} (it holds" in _convert_error(root, tmp_path / "out2")
     # a link whose blob is gone (a download cut short, a cache pruned)
     os.remove(os.path.realpath(snapshot / "model.safetensors"))
