@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import signal
 import sys
 
 import jinja2
 
-from llmjax.files import DEFAULT_MODEL, resolve
+from llmjax.files import DEFAULT_MODEL, remove_tree, resolve
 from llmjax.quant.weights import SCHEMES
 from llmjax.throughput import BENCH_ENGINE
 
@@ -45,8 +44,7 @@ def _convert(args) -> None:
         out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                       progress=not args.quiet, quant=args.quant, quant_lm_head=args.quant_lm_head)
         if stopped:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would leave the folder half removed
-            shutil.rmtree(out)
+            remove_tree(out)  # (a second Ctrl-C waits for it)
             if stopped[0] == signal.SIGINT:
                 raise KeyboardInterrupt
             sys.exit(128 + stopped[0])

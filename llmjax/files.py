@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import threading
 from typing import Any
 
 
@@ -90,3 +93,17 @@ def not_permitted(path: str) -> str:
     """The message for a file or folder this process may not read (not a damaged one)."""
     return (f"{path}: permission denied; this user may not read it: fix its permissions (chmod, chown) "
             "or run as a user who can")
+
+
+def remove_tree(path: str) -> None:
+    """`shutil.rmtree(path)`, errors ignored, with Ctrl-C ignored until it is done (in the main
+    thread, which alone receives it): a cleanup that a second Ctrl-C cut short would leave a half
+    removed folder behind."""
+    if threading.current_thread() is not threading.main_thread():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)

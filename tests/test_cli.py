@@ -187,6 +187,27 @@ def test_a_conversion_stopped_by_a_signal_leaves_nothing(example_model, tmp_path
     assert not glob.glob(partial) and not (tmp_path / "out").exists()
 
 
+def test_a_second_ctrl_c_does_not_cut_a_cleanup_short(tmp_path, monkeypatch):
+    """`files.remove_tree`, which removes a stopped conversion's folders: a Ctrl-C during it is ignored
+    (it would leave a half removed folder), and Ctrl-C is Python's again afterwards."""
+    import shutil
+    import signal
+
+    from llmjax import files
+
+    folder = tmp_path / "partial"
+    (folder / "a" / "b").mkdir(parents=True)
+    real = shutil.rmtree
+
+    def interrupted(path, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, part way
+        real(path, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    files.remove_tree(str(folder))
+    assert not folder.exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_example_folder_round_trips_through_conversion(example_model):
     params = llmjax.load(example_model)
     assert json.loads((example_model / "config.json").read_text())["num_hidden_layers"] == 2

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
-from llmjax.files import check_folder, not_permitted, read_json, resolve
+from llmjax.files import check_folder, not_permitted, read_json, remove_tree, resolve
 from llmjax.convert.names import Entry, is_ignorable, name_map
 from llmjax.quant.tree import departures, quantize_tree
 from llmjax.quant.weights import QuantScheme
@@ -429,8 +429,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     except BaseException:
         if aside is not None and os.path.exists(aside) and not os.path.exists(out_dir):
             os.rename(aside, out_dir)  # the earlier conversion back in its place
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)  # (a second Ctrl-C waits for it)
         raise
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        remove_tree(aside)
     return out_dir
