@@ -61,6 +61,11 @@ def train_sentencepiece(text: str, folder: str | os.PathLike, vocab_size: int,
     return Tokenizer.from_dir(folder)
 
 
+class ChatTemplateError(ValueError, jinja2.TemplateError):
+    """An error in a chat template's own logic (an undefined variable, a wrong type): a ValueError, as
+    llmjax reports bad input, and a `jinja2.TemplateError`, as transformers raises it."""
+
+
 class Tokenizer:
     """`encode(text) -> ids`, `decode(ids) -> text`, `apply_chat_template(messages) -> text`."""
 
@@ -156,7 +161,7 @@ class Tokenizer:
             line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
                          if f.filename == "<template>"), None)
             where = f" at line {line}" if line is not None else ""
-            raise ValueError(f"the chat template failed{where} ({type(e).__name__}: {e}); check the messages "
+            raise ChatTemplateError(f"the chat template failed{where} ({type(e).__name__}: {e}); check the messages "
                              "(each a dict with 'role' and 'content') and the template's variables") from e
         if continued is not None:
             text = _cut_after_final_message(text, continued)

@@ -290,6 +290,10 @@ def test_chat_template_bad_input_is_refused_clearly(json_dir, tmp_path):
             tok.apply_chat_template(bad)
     with pytest.raises(ValueError, match=r"chat template failed at line 1 \(UndefinedError: 'x' is undefined"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    import jinja2
+
+    with pytest.raises(jinja2.TemplateError):  # as transformers raises it, for code written against it
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="do not go together"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], True, continue_final_message=True)
     with pytest.raises(TypeError, match="tools.0. is a builtin_function_or_method; give each tool as a JSON schema"):
