@@ -183,7 +183,7 @@ def test_a_conversion_stopped_by_a_signal_leaves_nothing(example_model, tmp_path
         time.sleep(0.1)
     assert glob.glob(partial), proc.stderr.read() if proc.poll() is not None else "no partial folder appeared"
     proc.send_signal(getattr(signal, stop))
-    assert proc.wait(60) == (128 + signal.SIGTERM if stop == "SIGTERM" else 130)
+    assert proc.wait(180) == (128 + signal.SIGTERM if stop == "SIGTERM" else 130)  # (a loaded CI machine: slow)
     assert not glob.glob(partial) and not (tmp_path / "out").exists()
 
 
