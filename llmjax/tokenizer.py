@@ -144,7 +144,7 @@ class Tokenizer:
                     raise TypeError(f"tools[{n}] is a {type(tool).__name__}; give each tool as a JSON schema "
                                     "(a dict), e.g. transformers.utils.get_json_schema(function)")
         try:
-            template = _jinja_env().from_string(source)
+            template = _compiled(source)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the checkpoint's chat template does not parse (line {e.lineno}: {e.message}); "
                              "fix it where the checkpoint keeps it (chat_template.jinja, chat_template.json or "
@@ -161,8 +161,9 @@ class Tokenizer:
             line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
                          if f.filename == "<template>"), None)
             where = f" at line {line}" if line is not None else ""
-            raise ChatTemplateError(f"the chat template failed{where} ({type(e).__name__}: {e}); check the messages "
-                             "(each a dict with 'role' and 'content') and the template's variables") from e
+            raise ChatTemplateError(f"the chat template failed{where} ({type(e).__name__}: {e}); check the "
+                                    "messages (each a dict with 'role' and 'content') and the template's "
+                                    "variables") from e
         if continued is not None:
             text = _cut_after_final_message(text, continued)
         return self.encode(text, add_special_tokens=False) if tokenize else text
@@ -354,6 +355,13 @@ class _Generation(jinja2.ext.Extension):
 
     def _body(self, caller):
         return caller()
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str) -> jinja2.Template:
+    """A chat template compiled once (a Llama 3.1 template: ~11 ms to compile, ~0.02 ms to render, so a
+    server rendering one per request would spend nearly all of it compiling the same source)."""
+    return _jinja_env().from_string(source)
 
 
 @functools.lru_cache(maxsize=1)

@@ -52,12 +52,16 @@ def test_sentencepiece_add_eos_token(sp_dir, tmp_path):
     assert ours.encode("hi")[-1] == 2 and ours.encode("hi")[0] != 1
 
 
-def test_sentencepiece_without_prefix_space(sp_dir, tmp_path):
-    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+def _sp_with(sp_dir, folder, **config):
+    """The sentencepiece fixture with `config` over its tokenizer_config.json: (ours, transformers')."""
+    shutil.copy(sp_dir / "tokenizer.model", folder)
     cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, add_prefix_space=False)))
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    ours = Tokenizer.from_dir(str(tmp_path))
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(cfg, **config)))
+    return Tokenizer.from_dir(str(folder)), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_sentencepiece_without_prefix_space(sp_dir, tmp_path):
+    ours, theirs = _sp_with(sp_dir, tmp_path, add_prefix_space=False)
     _assert_same(ours, theirs)
     # A line encodes the same at the start of the text as after a newline.
     line = ours.encode("def f(x):", add_special_tokens=False)
@@ -68,11 +72,7 @@ def test_sentencepiece_without_prefix_space(sp_dir, tmp_path):
 def test_sentencepiece_legacy_marks_the_text_after_special_tokens(sp_dir, tmp_path, legacy):
     # `"legacy": true` (in many Llama 2 derivatives' tokenizer_config.json): transformers gives the text
     # after each special token the whitespace marker too ("<s>[INST]" -> "<s>", "▁[", ...).
-    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
-    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, legacy=legacy)))
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    ours = Tokenizer.from_dir(str(tmp_path))
+    ours, theirs = _sp_with(sp_dir, tmp_path, legacy=legacy)
     _assert_same(ours, theirs)
     for text in ("<s>[INST] hi [/INST]", "a</s>b", "a</s> b", "<s>\nx"):
         assert ours.encode(text) == theirs.encode(text), text
@@ -347,3 +347,13 @@ def test_special_tokens_map_json_as_transformers_reads_it(which, decoder, sp_dir
         theirs.bos_token, theirs.bos_token_id, theirs.eos_token, theirs.eos_token_id)
     text = _both(tmp_path, CHAT[1:2])
     assert text.startswith(eos if decoder else f"{bos}[{bos}]")
+
+
+def test_a_chat_template_is_compiled_once(json_dir, tmp_path):
+    from llmjax import tokenizer
+
+    tok = Tokenizer.from_dir(str(_folder_with_template(json_dir, tmp_path, "{{ messages[0]['content'] }}!")))
+    tokenizer._compiled.cache_clear()
+    for text in ("a", "b", "c"):
+        assert tok.apply_chat_template([{"role": "user", "content": text}]) == f"{text}!"
+    assert tokenizer._compiled.cache_info().misses == 1 and tokenizer._compiled.cache_info().hits == 2
