@@ -15,15 +15,9 @@ same calls with the same arguments; each gets the same results.
 
 from __future__ import annotations
 
-import numbers
-
 import jax
-import numpy as np
 
-
-def _is_int(value) -> bool:
-    """An integer (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+from llmjax.sharding.mesh import is_integer
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -35,9 +29,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError("give coordinator_address, num_processes and process_id together (or none, to "
                          "let jax read them from the cluster environment)")
     if num_processes is not None:
-        if not _is_int(num_processes) or num_processes < 1:
+        if not is_integer(num_processes) or num_processes < 1:
             raise ValueError(f"num_processes must be an integer >= 1, got {num_processes!r}")
-        if not _is_int(process_id) or not 0 <= process_id < num_processes:
+        if not is_integer(process_id) or not 0 <= process_id < num_processes:
             raise ValueError(f"process_id must be an integer in [0, {num_processes}), got {process_id!r}")
         num_processes, process_id = int(num_processes), int(process_id)
         if not isinstance(coordinator_address, str) or ":" not in coordinator_address:

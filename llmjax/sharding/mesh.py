@@ -21,11 +21,16 @@ from llmjax.sharding import pipeline
 AXES = ("data", "stage", "tensor")
 
 
+def is_integer(value) -> bool:
+    """An integer, numpy's too, and not a bool: what a degree or a process count may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def make_mesh(tensor: int = 1, stage: int = 1, data: int = 1, devices=None) -> jax.sharding.Mesh:
     """A mesh of `data * stage * tensor` devices (all of `jax.devices()` unless `devices` is given: a
     sequence of distinct devices, or an array of them such as another mesh's `devices`, read in order)."""
     for name, value in (("tensor", tensor), ("stage", stage), ("data", data)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     tensor, stage, data = int(tensor), int(stage), int(data)
     if devices is None:
