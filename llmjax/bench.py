@@ -392,6 +392,10 @@ def parse_sweep(spec: str) -> tuple[str, list[int]]:
         raise ValueError(f"--sweep values must be integers, got {values!r}") from None
 
 
+def _print_report(report: str) -> None:
+    print(report, end="\n\n", flush=True)
+
+
 def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b", dtype: str = "bfloat16",
           seed: int = 0, mesh=None, quant_lm_head: bool = False, log=None, **kwargs) -> list[BenchResult]:
     """One bench per value of `key`; the random weights are made and the bandwidth measured once. Every
@@ -406,10 +410,7 @@ def sweep(key: str, values: list[int], *, model: str | LlamaConfig = "llama2-7b"
     results = []
     for v in values:
         results.append(bench(**{**kwargs, **shared, key: v}))
-        if log is None:
-            print(results[-1].report(), end="\n\n", flush=True)
-        else:
-            log(results[-1].report())
+        (log or _print_report)(results[-1].report())
     return results
 
 

@@ -201,9 +201,10 @@ def _check_modes(args) -> None:
     """Refuses a `bench` flag that the run would ignore: a decode-bench flag with --throughput, a
     --throughput flag without it, and serving settings that --no-mix or --serving-requests 0 skip."""
     defaults = vars(_parser().parse_args(["bench"]))
+    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
     given = [d for d in (_DECODE_ONLY if args.throughput else _THROUGHPUT_ONLY) if getattr(args, d) != defaults[d]]
     if given:
-        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        flags = ", ".join(map(flag, given))
         if args.throughput:
             raise ValueError(f"{flags} {'is' if len(given) == 1 else 'are'} for the decode bench, which "
                              "--throughput replaces; leave it out, or drop --throughput")
@@ -214,7 +215,7 @@ def _check_modes(args) -> None:
                          "leaves out; drop one of them, or leave --rates out")
     if args.throughput and args.no_mix and args.serving_requests != defaults["serving_requests"]:
         raise ValueError("--serving-requests is for the serving curve, which --no-mix leaves out; drop one of them")
-    hf = [f"--{d.replace('_', '-')}" for d in ("hf_requests", "hf_batch") if getattr(args, d) != defaults[d]]
+    hf = [flag(d) for d in ("hf_requests", "hf_batch") if getattr(args, d) != defaults[d]]
     if hf and not args.compare_hf:
         raise ValueError(f"{', '.join(hf)} {'sets' if len(hf) == 1 else 'set'} what --compare-hf gives transformers; "
                          "add --compare-hf, or leave it out")

@@ -226,10 +226,11 @@ def _check_placement(params: Params) -> None:
     program on them places its cache and activations on, and XLA's refusal names neither."""
     if params.mesh is None:
         return
-    leaves = [w for w in jax.tree.leaves(params.weights) if isinstance(w, jax.Array)
-              and not isinstance(w, jax.core.Tracer)]
+    leaves = jax.tree.leaves(params.weights)
     want = set(params.mesh.devices.flat)
-    for w in leaves[:1] + leaves[-1:]:  # the embedding and the last group: moved together or not at all
+    for w in (leaves[0], leaves[-1]):  # the embedding and the last group: moved together or not at all
+        if not isinstance(w, jax.Array) or isinstance(w, jax.core.Tracer):  # (inside a trace: no placement)
+            continue
         have = w.sharding.device_set
         if have != want:
             raise ValueError(
