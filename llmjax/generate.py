@@ -384,6 +384,12 @@ def _cache_len(params: Params, prompt_bucket: int, max_new_tokens: int) -> int:
     return min(prompt_bucket + _bucket(max_new_tokens), params.config.max_position_embeddings)
 
 
+def _kv_bytes(params: Params, rows: int, cache_len: int) -> int:
+    """The bytes of a cache of `rows` rows of `cache_len` tokens, over all devices."""
+    c = params.config
+    return 2 * c.num_layers * rows * cache_len * c.num_kv_heads * c.head_dim * jnp.dtype(params.dtype).itemsize
+
+
 # ---------------------------------------------------------------- host side: public API
 
 
@@ -438,10 +444,9 @@ def _generate_batch(params, rows, max_new_tokens, sampling: Sampling, seed: int,
     except jax.errors.JaxRuntimeError as e:
         if not dispatch.out_of_memory(e):
             raise
-        c = params.config
-        kv = 2 * c.num_layers * batch * cache_len * c.num_kv_heads * c.head_dim * jnp.dtype(params.dtype).itemsize
         raise MemoryError(f"generating {len(rows)} prompts at once ran out of device memory: the call holds "
-                          f"{batch} rows with room for {cache_len} tokens each ({kv} bytes of keys and values "
+                          f"{batch} rows with room for {cache_len} tokens each "
+                          f"({_kv_bytes(params, batch, cache_len)} bytes of keys and values "
                           f"over all devices, beside the weights); pass fewer prompts per call or a smaller "
                           "max_new_tokens, or use llmjax.LLM(params).generate, whose paged cache takes the "
                           "prompts as memory allows") from e
@@ -532,7 +537,16 @@ class Stream:
         t0 = time.perf_counter()
         start, step, args = self._compile(_bucket(len(self._row), self._params.config.max_position_embeddings))
         t1 = time.perf_counter()
-        token, cache = start(*args)
+        try:
+            token, cache = start(*args)
+        except jax.errors.JaxRuntimeError as e:
+            if not dispatch.out_of_memory(e):
+                raise
+            room = _cache_len(self._params, args[1].shape[1], self._max_new)
+            raise MemoryError(f"streaming ran out of device memory: the cache has room for {room} tokens "
+                              f"({_kv_bytes(self._params, 1, room)} bytes of keys and values, beside the "
+                              f"weights) for a prompt of {len(self._row)} tokens and max_new_tokens="
+                              f"{self._max_new}; pass a smaller max_new_tokens or a shorter prompt") from e
         ids = [int(token[0])]
         t2 = time.perf_counter()
         self.stats.compile_s, self.stats.prefill_s = t1 - t0, t2 - t1
@@ -686,7 +700,16 @@ def logits(params: Params, token_ids) -> jax.Array:
     # near twice the rows' memory), to bound the number of compilations.
     batch = _batch_size(params, min(len(rows), 8)) * -(-len(rows) // 8)
     tokens = _pad(rows + [rows[0]] * (batch - len(rows)), _bucket(length, context))
-    out = _forward(params.weights, jnp.asarray(tokens), model=_model(params))
+    try:
+        out = _forward(params.weights, jnp.asarray(tokens), model=_model(params))
+    except jax.errors.JaxRuntimeError as e:
+        if not dispatch.out_of_memory(e):
+            raise
+        size = 4 * len(tokens) * len(tokens[0]) * params.config.vocab_size
+        raise MemoryError(f"logits of {len(rows)} rows of {length} tokens ran out of device memory: the call "
+                          f"computes {len(tokens)} rows of {len(tokens[0])} positions (padded), and their float32 "
+                          f"logits alone take {size} bytes; pass fewer rows or shorter ones per call, or use "
+                          "llmjax.perplexity, which scores long texts in windows") from e
     if out.shape[:2] == (len(rows), length):
         return out
     if on_cpu(params.mesh):  # cut on the host, as slicing on the device compiles (and keeps) a program per shape

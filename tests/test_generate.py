@@ -347,6 +347,28 @@ def test_a_batch_whose_cache_cannot_fit_names_the_fixes():
         llmjax.generate(params, [[1, 2]] * 64, max_new_tokens=32000)
 
 
+def _exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68862607360 bytes")
+
+
+def test_logits_and_stream_out_of_memory_name_the_fixes(monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED from `logits` and `stream` becomes a MemoryError that names the sizes and
+    what to lower, as `generate`'s does."""
+    gen = importlib.import_module("llmjax.generate")
+
+    params = llmjax.load("tiny-stdlib")
+    with monkeypatch.context() as m:
+        m.setattr(gen, "_forward", _exhausted)
+        with pytest.raises(MemoryError, match=r"logits of 3 rows of 5 tokens ran out of device memory: the call "
+                                              r"computes 4 rows of \d+ positions.*pass fewer rows"):
+            llmjax.logits(params, [[1, 2, 3, 4, 5]] * 3)
+    compile_stream = gen.Stream._compile
+    monkeypatch.setattr(gen.Stream, "_compile", lambda self, bucket: (_exhausted, *compile_stream(self, bucket)[1:]))
+    with pytest.raises(MemoryError, match=r"streaming ran out of device memory: the cache has room for \d+ tokens "
+                                          r"\(\d+ bytes.*a prompt of 3 tokens and max_new_tokens=9; pass a smaller"):
+        next(iter(llmjax.stream(params, [1, 2, 3], max_new_tokens=9)))
+
+
 def test_random_params_need_no_files():
     p = llmjax.init_random("tiny", dtype="float32", seed=1)
     assert "tiny" not in repr(p) and "no tokenizer" in repr(p)
