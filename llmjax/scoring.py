@@ -102,7 +102,9 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
     Text is encoded with BOS first (as `generate` encodes a prompt: a text that already begins with
     the BOS token, as a chat template writes it, gets no second one); every token after BOS is scored.
     `window` (default: the model's context) is the most tokens the model sees at once, BOS included;
-    `stride` (default: half the window) is how many new tokens each later window scores.
+    `stride` (default: half the window) is how many new tokens each later window scores; each later
+    window begins with BOS too, then `window - stride - 1` tokens of context (Hugging Face's "perplexity
+    of fixed-length models" recipe starts later windows mid-text instead, so its numbers differ).
     """
     check_params(params)
     config, tok = params.config, params.tokenizer
@@ -112,7 +114,9 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
                          f"model's context), got {window!r}")
     stride = max(1, window // 2) if stride is None else stride
     if not _is_int(stride) or not 1 <= stride <= window - 1:
-        raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}")
+        raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}: every "
+                         "window begins with BOS, so it scores at most window - 1 new tokens (the Hugging Face "
+                         "recipe's stride == window, windows that do not overlap, is stride=window - 1 here)")
     window, stride = int(window), int(stride)
     if isinstance(text, str):
         text = [text]
