@@ -94,3 +94,23 @@ def test_load_reads_a_hugging_face_folder_directly(tmp_path):
     params = llmjax.load(tmp_path / "hf")
     ours = np.asarray(llmjax.logits(params, PROMPT[:9]))[0]
     assert _relative_error(ours, _hf_logits(model, PROMPT[:9])) < 1e-4
+
+
+@pytest.mark.parametrize("window,stride", [(12, 5), (12, 11), (6, 1), (64, 32)])
+def test_perplexity_windows_match_transformers(tmp_path, window, stride):
+    # Each window, computed with transformers: BOS, then the window - 1 tokens that end at its last
+    # scored token; its last `stride` (fewer at the end) predictions are the tokens it scores.
+    model = save_hf_model(tmp_path / "hf", hf_config(num_hidden_layers=1))
+    params = llmjax.load(tmp_path / "hf")
+    ids = PROMPT[1:] * 3  # 48 tokens: windows of 12 leave a last stride short
+    want, end = [], 0
+    while end < len(ids):
+        last = min(len(ids), window - 1 if end == 0 else end + stride)
+        row = [1] + ids[max(0, last - (window - 1)):last]
+        logprobs = torch.log_softmax(torch.tensor(_hf_logits(model, row), dtype=torch.float64), -1).numpy()
+        want += [logprobs[len(row) - 1 - last + k, ids[k]] for k in range(end, last)]
+        end = last
+    result = llmjax.perplexity(params, [1] + ids, window=window, stride=stride)
+    assert result.ids == [ids]
+    np.testing.assert_allclose(result.logprobs[0], want, atol=1e-5)
+    assert result.nll == pytest.approx(-np.mean(want), abs=1e-6)
