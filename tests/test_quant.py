@@ -277,6 +277,21 @@ def test_departures_name_each_projection_whose_group_is_not_the_schemes(seed, tm
                 in capsys.readouterr().err)
 
 
+def test_departures_takes_a_schemes_name_as_quantize_params_does():
+    """The README's `llmjax.quant.tree.departures(config, scheme)` with a name, as `quantize_params` takes."""
+    from llmjax.quant.tree import departures
+
+    config = llmjax.load("tiny-stdlib").config
+    for name in ("int4-g128", "int4-g64-asym", "int8"):
+        assert departures(config, name) == departures(config, QuantScheme.parse(name))
+    assert departures(config, "int4-g128") == ["down (input width 672) takes int4 groups of 32, the largest "
+                                               "that divides it"]
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        departures(config, "int4")
+    with pytest.raises(ValueError, match="scheme must be a QuantScheme or one of its names"):
+        departures(config, 4)
+
+
 @pytest.fixture(scope="module")
 def int4_checkpoint(folder, tmp_path_factory):
     """`folder` converted with `--quant int4-g32`."""
