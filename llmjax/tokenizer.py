@@ -156,8 +156,10 @@ class Tokenizer:
         try:
             text = template.render(messages=messages, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt, **variables)
+        except ChatTemplateError:
+            raise  # the template's own refusal (raise_exception), its message as it wrote it
         except (jinja2.UndefinedError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
-            # An error in the template's own logic (raise_exception's TemplateError passes as it is).
+            # An error in the template's own logic.
             line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
                          if f.filename == "<template>"), None)
             where = f" at line {line}" if line is not None else ""
@@ -310,7 +312,9 @@ def _cut_after_final_message(text: str, final: str) -> str:
 
 
 def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
+    """A template's refusal of the conversation (Llama 2's "roles must alternate"): a ChatTemplateError,
+    so it is the ValueError llmjax raises for bad input and the TemplateError transformers raises."""
+    raise ChatTemplateError(message)
 
 
 def _strftime_now(fmt):

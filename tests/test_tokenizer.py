@@ -163,6 +163,9 @@ def test_chat_template_from_jinja_file_and_errors(sp_dir, tmp_path):
 
     with pytest.raises(jinja2.TemplateError, match="alternate"):
         tok.apply_chat_template([CHAT[1], CHAT[1]])
+    # The template's refusal is also the ValueError llmjax raises for bad input, its message unchanged.
+    with pytest.raises(ValueError, match="^Conversation roles must alternate user/assistant/user/assistant/...$"):
+        tok.apply_chat_template([CHAT[1], CHAT[1]])
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor
     with pytest.raises(ValueError, match="chat template does not parse.*chat_template.jinja"):
         Tokenizer.from_dir(str(tmp_path)).apply_chat_template(CHAT)
