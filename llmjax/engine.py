@@ -66,6 +66,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from typing import Iterator, Sequence
 
 import jax
@@ -156,7 +157,10 @@ class Request:
     _pending: int = 0  # tokens the call in flight will give it (counted as its own: see `Engine.overlap`)
     _pending_row: int = 0  # its decode row in that call
     _cancelled: bool = False  # `cancel` asked for (it finishes "cancelled" once carried out)
-    _engine: object = dataclasses.field(default=None, repr=False)
+    # A weak reference: the engine holds its running requests, and a strong one back would make a cycle
+    # that keeps a dropped engine's page pool (most of a GPU's memory) alive until Python's cyclic
+    # collector happens to run, which a new Engine sizing its pool by the memory free would not wait for.
+    _engine: weakref.ref | None = dataclasses.field(default=None, repr=False)
     _key: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _text: _Text | None = dataclasses.field(default=None, repr=False)
 
@@ -168,7 +172,7 @@ class Request:
         return (f"Request(id={self.id}, prompt of {len(self.prompt_ids)} tokens, {len(self.token_ids)} of "
                 f"{self.max_new_tokens} new tokens, finish_reason={self.finish_reason!r})")
 
-    def __getstate__(self):  # pickle and copy.deepcopy: a handle would drag its engine, weights and pool along
+    def __getstate__(self):  # pickle and copy.deepcopy: a copy would be a handle into no engine's queues and pool
         raise TypeError("a Request is a handle into its Engine and is not copied or pickled; keep what you need "
                         "from it (request.token_ids, engine.text(request), request.finish_reason)")
 
@@ -677,7 +681,7 @@ class Engine:
     def _queue(self, ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int, stops: list[str],
                index: int) -> Request:
         request = Request(next(self._ids), ids, max_new_tokens, sampling, int(seed), index, stops,
-                          arrival_time=time.perf_counter(), _engine=self)
+                          arrival_time=time.perf_counter(), _engine=weakref.ref(self))
         if not sampling.greedy:
             request._key = _key_data(request.seed, index)
         if self.params.tokenizer is not None:
@@ -785,7 +789,7 @@ class Engine:
         finished in that step."""
         if not isinstance(request, Request):
             raise ValueError(f"cancel takes a Request handle from add_request, got {type(request).__name__}")
-        if request._engine is not self:
+        if request._engine() is not self:
             raise ValueError(f"request {request.id} does not belong to this engine")
         if request.finished or request._cancelled:
             return False
@@ -805,7 +809,7 @@ class Engine:
         if self.params.tokenizer is None:
             raise ValueError("stream yields text and these params have no tokenizer; read "
                              "request.token_ids instead")
-        if not isinstance(request, Request) or request._engine is not self:
+        if not isinstance(request, Request) or request._engine() is not self:
             raise ValueError("stream takes a Request handle from this engine's add_request")
         while True:
             done = request.finished  # read first: once finished, the tokens pushed are all there are
@@ -826,7 +830,7 @@ class Engine:
 
     def text(self, request: Request) -> str:
         """The request's continuation so far (its whole text once finished), cut before a stop string."""
-        if not isinstance(request, Request) or request._engine is not self:
+        if not isinstance(request, Request) or request._engine() is not self:
             raise ValueError("text takes a Request handle from this engine's add_request")
         if self.params.tokenizer is None:
             raise ValueError("these params have no tokenizer; read request.token_ids instead")

@@ -794,6 +794,33 @@ def test_a_request_is_not_copied_and_an_engine_steps_in_one_thread_at_a_time(par
     assert request.token_ids == llmjax.generate(params, [1, 5, 9], max_new_tokens=4)
 
 
+def test_a_dropped_engine_with_requests_running_is_freed_at_once(params):
+    """An engine dropped with requests still running (a stream left midway, handles kept) goes, page pool
+    and all, as its last reference does, without waiting for Python's cyclic collector: a new Engine
+    sizes its pool by the device memory free then. Its handles keep what they had."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        engine = _engine(params)
+        handles = [engine.add_request("def f(x):", max_new_tokens=20, stop="zzz"),
+                   engine.add_request([1, 5, 9], max_new_tokens=20)]
+        stream = engine.stream(handles[0])
+        next(stream)
+        engine.step()
+        assert engine.pending == 2 and engine._flight is not None
+        gone = weakref.ref(engine)
+        del engine, stream
+        assert gone() is None
+        assert not any(h.finished for h in handles) and all(h.token_ids for h in handles)
+        with pytest.raises(ValueError, match="does not belong to this engine"):
+            _engine(params).cancel(handles[1])
+    finally:
+        gc.enable()
+
+
 def test_llm_generate_from_several_threads_shares_the_engine(params):
     """Threads calling one LLM's generate at once (a server's pool): a call that finds the engine
     stepped by another waits for that step, whose call advances its requests too; each call gets
