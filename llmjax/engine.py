@@ -172,6 +172,10 @@ class Request:
         return (f"Request(id={self.id}, prompt of {len(self.prompt_ids)} tokens, {len(self.token_ids)} of "
                 f"{self.max_new_tokens} new tokens, finish_reason={self.finish_reason!r})")
 
+    def _of(self, engine) -> bool:
+        """Whether this handle came from `engine`'s add_request."""
+        return self._engine is not None and self._engine() is engine
+
     def __getstate__(self):  # pickle and copy.deepcopy: a copy would be a handle into no engine's queues and pool
         raise TypeError("a Request is a handle into its Engine and is not copied or pickled; keep what you need "
                         "from it (request.token_ids, engine.text(request), request.finish_reason)")
@@ -789,7 +793,7 @@ class Engine:
         finished in that step."""
         if not isinstance(request, Request):
             raise ValueError(f"cancel takes a Request handle from add_request, got {type(request).__name__}")
-        if request._engine() is not self:
+        if not request._of(self):
             raise ValueError(f"request {request.id} does not belong to this engine")
         if request.finished or request._cancelled:
             return False
@@ -809,7 +813,7 @@ class Engine:
         if self.params.tokenizer is None:
             raise ValueError("stream yields text and these params have no tokenizer; read "
                              "request.token_ids instead")
-        if not isinstance(request, Request) or request._engine() is not self:
+        if not isinstance(request, Request) or not request._of(self):
             raise ValueError("stream takes a Request handle from this engine's add_request")
         while True:
             done = request.finished  # read first: once finished, the tokens pushed are all there are
@@ -830,7 +834,7 @@ class Engine:
 
     def text(self, request: Request) -> str:
         """The request's continuation so far (its whole text once finished), cut before a stop string."""
-        if not isinstance(request, Request) or request._engine() is not self:
+        if not isinstance(request, Request) or not request._of(self):
             raise ValueError("text takes a Request handle from this engine's add_request")
         if self.params.tokenizer is None:
             raise ValueError("these params have no tokenizer; read request.token_ids instead")
