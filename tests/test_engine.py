@@ -19,7 +19,7 @@ import pytest
 
 import llmjax
 from llmjax.config import LlamaConfig
-from llmjax.engine import Engine, LLM
+from llmjax.engine import Engine, LLM, Request
 from llmjax.tokenizer import Tokenizer
 
 from conftest import SP_VOCAB, needs_devices
@@ -817,6 +817,9 @@ def test_a_dropped_engine_with_requests_running_is_freed_at_once(params):
         assert not any(h.finished for h in handles) and all(h.token_ids for h in handles)
         with pytest.raises(ValueError, match="does not belong to this engine"):
             _engine(params).cancel(handles[1])
+        made_by_hand = Request(7, [1, 2], 3, handles[1].sampling, 0, 0, [])
+        with pytest.raises(ValueError, match="request 7 does not belong to this engine"):
+            _engine(params).cancel(made_by_hand)
     finally:
         gc.enable()
 
