@@ -17,7 +17,7 @@ import llmjax
 from llmjax import bench, cli
 from llmjax.models import llama
 from llmjax.quant import (QuantizedWeight, QuantScheme, dequantize_int4, dequantize_int8, dequantize_params,
-                          quantize_int4, quantize_int8, quantize_params)
+                          quantize, quantize_int4, quantize_int8, quantize_params)
 from llmjax.quant.weights import pack_int4, unpack_int4
 from llmjax.sharding import make_mesh
 
@@ -86,6 +86,19 @@ def test_schemes_and_group_fallback():
     s = QuantScheme.parse("int4-g128")
     assert s.group_for(4096) == 128 and s.group_for(672) == 32 and s.group_for(192) == 64
     assert not s.quantizes(200) and QuantScheme.parse("int8").quantizes(200)
+    # a float, a bool for a number or a string for a flag is refused, not read as the nearest scheme
+    for kwargs, match in ((dict(bits=4.0, group_size=128), "bits must be an int, got 4.0"),
+                          (dict(bits=4, group_size=128.0), "group_size must be an int, got 128.0"),
+                          (dict(bits=4, group_size=128, symmetric="no"), "symmetric must be True or False"),
+                          (dict(bits=8, lm_head=1), "lm_head must be True or False, got 1")):
+        with pytest.raises(ValueError, match=match):
+            QuantScheme(**kwargs)
+    # quantize takes a scheme's name as quantize_params does, and refuses anything else by name
+    w = jax.random.normal(jax.random.key(0), (4, 64))
+    assert np.array_equal(quantize(w, "int4-g128").values, quantize(w, s).values)
+    assert quantize(w, "int8").bits == 8
+    with pytest.raises(ValueError, match="scheme must be a QuantScheme or one of its names.*got 8"):
+        quantize(w, 8)
     # the demo model's down projection (width 672) gets group 32; its other projections group 128
     demo = llmjax.LlamaConfig.from_hf(llmjax.files.resolve("tiny-stdlib"))  # wherever pytest runs from
     layer = llama.abstract_params(demo, quant=s)["layer_0"]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import LlamaConfig
-from llmjax.quant.weights import (GROUP_SIZES, SCHEMES, QuantizedWeight, QuantScheme, dequantize, is_quantized,
+from llmjax.quant.weights import (GROUP_SIZES, QuantizedWeight, QuantScheme, dequantize, is_quantized,
                                   quantize_int4, quantize_int8)
 
 STORAGE_FIELDS = ("values", "scales", "zeros")
@@ -76,7 +76,7 @@ def departures(config: LlamaConfig, scheme: QuantScheme | str) -> list[str]:
     otherwise than its name says: an int4 group that does not divide a projection's input width gives
     way to the largest smaller one that does, and where none does, the projection stays in floating
     point. Empty for Llama's own widths."""
-    scheme = _as_scheme(scheme)
+    scheme = QuantScheme.coerce(scheme)
     split = _split_widths(config)
     widths = {"q/k/v": config.hidden_size, "o": split["o"], "gate/up": config.hidden_size, "down": split["down"]}
     if scheme.lm_head:
@@ -137,15 +137,6 @@ def parse_dtype(dtype: str) -> tuple[str, QuantScheme | None]:
     return dtype, None
 
 
-def _as_scheme(scheme: QuantScheme | str) -> QuantScheme:
-    if isinstance(scheme, str):
-        return QuantScheme.parse(scheme)
-    if not isinstance(scheme, QuantScheme):
-        raise ValueError(f"scheme must be a QuantScheme or one of its names ({', '.join(SCHEMES)}; int4 also "
-                         f"takes -asym), got {scheme!r}")
-    return scheme
-
-
 def quantize_params(params, scheme: QuantScheme | str):
     """The same model with its projections quantized by `scheme` (a `QuantScheme` or a name such as
     `"int4-g128"`), in memory: for checks and experiments. Checkpoints are quantized once, by
@@ -154,7 +145,7 @@ def quantize_params(params, scheme: QuantScheme | str):
     from llmjax.params import check_params
 
     check_params(params)
-    scheme = _as_scheme(scheme)
+    scheme = QuantScheme.coerce(scheme)
     if params.quant is not None:
         raise ValueError(f"these params are already quantized ({params.quant.name})")
     if params.mesh is not None:

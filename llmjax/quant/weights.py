@@ -61,6 +61,15 @@ class QuantScheme:
     lm_head: bool = False
 
     def __post_init__(self):
+        # exact types: 4.0 or 128.0 would pass the comparisons below and fail later (a float group in a
+        # reshape, a name "int4-g128.0"), and "no" would read as True
+        for name in ("bits", "group_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name in ("symmetric", "lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bits == 4:
             if self.group_size not in GROUP_SIZES:
                 raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size!r}")
@@ -87,6 +96,16 @@ class QuantScheme:
                 return cls(4, g, symmetric=not asym, lm_head=lm_head)
         raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)} (int4 also "
                          "takes -asym for zero points, e.g. int4-g128-asym)")
+
+    @classmethod
+    def coerce(cls, scheme: "QuantScheme | str") -> "QuantScheme":
+        """`scheme` as a `QuantScheme`: one already, or a name `parse` takes."""
+        if isinstance(scheme, str):
+            return cls.parse(scheme)
+        if not isinstance(scheme, cls):
+            raise ValueError(f"a quantization scheme must be a QuantScheme or one of its names ({', '.join(SCHEMES)}; "
+                             f"int4 also takes -asym), got {scheme!r}")
+        return scheme
 
     def group_for(self, width: int) -> int | None:
         """The int4 group of a weight of input width `width`: the scheme's group when it divides
@@ -267,8 +286,10 @@ def dequantize_int8(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 # ------------------------------------------------------------------ either
 
 
-def quantize(w, scheme: QuantScheme, num_out_dims: int = 1) -> QuantizedWeight:
-    """Quantizes a kernel `[*out, *in]` (the first `num_out_dims` axes are outputs) by `scheme`."""
+def quantize(w, scheme: QuantScheme | str, num_out_dims: int = 1) -> QuantizedWeight:
+    """Quantizes a kernel `[*out, *in]` (the first `num_out_dims` axes are outputs) by `scheme` (a
+    `QuantScheme` or its name, such as `"int4-g128"`)."""
+    scheme = QuantScheme.coerce(scheme)
     if scheme.bits == 8:
         return quantize_int8(w, num_out_dims=num_out_dims)
     k = math.prod(np.shape(w)[num_out_dims:])
