@@ -16,6 +16,7 @@ from llmjax import checkpoint
 from llmjax.cli import main as cli_main
 from llmjax.convert import hf
 from llmjax.params import default_dtype
+from llmjax.quant import QuantScheme
 from llmjax.sharding import make_mesh
 
 from conftest import hf_config, needs_devices, save_hf_model
@@ -299,7 +300,8 @@ def test_overwrite_never_deletes_the_users_other_files(tmp_path, hf_dir, monkeyp
 def test_outputs_that_would_lose_data_or_cannot_be_written_are_refused(tmp_path, hf_dir):
     """The input folder itself, or a folder holding it, is never the output (--overwrite would delete
     the checkpoint being read); a file, or a path under one, is named; an llmjax checkpoint is not
-    converted again; a tied LM head cannot be quantized."""
+    converted again; a tied LM head cannot be quantized, however asked; a quantization that is no scheme is
+    named before any work."""
     (tmp_path / "models").mkdir()
     src = _copy_with(hf_dir, tmp_path / "models" / "src", lambda t: None)
     for out in (src, tmp_path / "models", tmp_path):
@@ -335,6 +337,11 @@ def test_outputs_that_would_lose_data_or_cannot_be_written_are_refused(tmp_path,
     (tied / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
     with pytest.raises(ValueError, match="ties its LM head"):
         hf.convert(str(tied), str(tmp_path / "q"), quant="int8", quant_lm_head=True, progress=False)
+    with pytest.raises(ValueError, match="ties its LM head"):  # a scheme that asks for the head itself
+        hf.convert(str(tied), str(tmp_path / "q"), quant=QuantScheme(8, lm_head=True), progress=False)
+    with pytest.raises(ValueError, match="scheme must be a QuantScheme or one of its names.*got 4"):
+        hf.convert(str(hf_dir), str(tmp_path / "q"), quant=4, progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 def test_auto_dtype_keeps_the_stored_one_and_side_files_are_copied(tmp_path, hf_dir):

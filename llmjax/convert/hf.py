@@ -366,10 +366,10 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     projections (q/k/v, o, gate/up, down; also an untied LM head with `quant_lm_head`) as they stream
     through; `dtype` then applies to the other weights (embedding, norms, biases).
     """
-    if isinstance(quant, str):
-        quant = QuantScheme.parse(quant, lm_head=quant_lm_head)
-    elif quant_lm_head and quant is not None:
-        quant = dataclasses.replace(quant, lm_head=True)
+    if quant is not None:
+        quant = QuantScheme.coerce(quant)
+        if quant_lm_head:
+            quant = dataclasses.replace(quant, lm_head=True)
     elif quant_lm_head:
         raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
     hf_dir = resolve(hf_dir)
@@ -378,7 +378,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         raise ValueError(f"{hf_dir} is already an llmjax checkpoint; load it directly (llmjax.load, or "
                          "--model with the CLI) rather than converting it again")
     config = LlamaConfig.from_hf(hf_dir)  # refuses unsupported architectures before any work
-    if quant_lm_head and config.tie_word_embeddings:
+    if quant is not None and quant.lm_head and config.tie_word_embeddings:  # a QuantScheme's own lm_head too
         raise ValueError("quant_lm_head (--quant-lm-head): this model ties its LM head to the embedding "
                          "table, which stays in floating point; leave it off")
     source = SafetensorsFolder(hf_dir)
