@@ -1148,7 +1148,7 @@ class Engine:
         tables = np.zeros((num_rows, width), np.int32)
         keys = np.zeros((num_rows, _key_words()), np.uint32)
         knobs = {"temperature": np.zeros(num_rows, np.float32), "top_k": np.zeros(num_rows, np.int32),
-                 "top_p": np.ones(num_rows, np.float32), "min_p": np.zeros(num_rows, np.float32)}
+                 "top_p_cut": np.zeros(num_rows, np.float32), "min_p": np.zeros(num_rows, np.float32)}
         last[:d] = [0 if r._pending else (r.token_ids or r.prompt_ids)[-1] for r in decode]
         active[:d] = True
         positions[:n] = [r._sequence_len - 1 for r in rows]
@@ -1162,7 +1162,7 @@ class Engine:
         samplings = [r.sampling for r in rows]
         knobs["temperature"][:n] = [s.temperature for s in samplings]
         knobs["top_k"][:n] = [s.top_k or 0 for s in samplings]
-        knobs["top_p"][:n] = [1.0 if s.top_p is None else s.top_p for s in samplings]
+        knobs["top_p_cut"][:n] = [s.top_p_cut for s in samplings]
         knobs["min_p"][:n] = [s.min_p or 0.0 for s in samplings]
         return _Rows(last, positions, active, generated, budget, tables, keys, knobs)
 
@@ -1296,7 +1296,7 @@ class Engine:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
         r, i32 = (num_rows,), jnp.int32
-        knobs = {"temperature": spec(r, jnp.float32), "top_k": spec(r, i32), "top_p": spec(r, jnp.float32),
+        knobs = {"temperature": spec(r, jnp.float32), "top_k": spec(r, i32), "top_p_cut": spec(r, jnp.float32),
                  "min_p": spec(r, jnp.float32)}
         rows = _Rows(spec(r, i32), spec(r, i32), spec(r, bool), spec(r, i32), spec(r, i32),
                      spec((num_rows, width), i32), spec((num_rows, _key_words()), jnp.uint32), knobs)

@@ -87,15 +87,23 @@ class Sampling:
         return self.temperature == 0
 
     @property
+    def top_p_cut(self) -> float:
+        """Top-p's threshold, the mass the tokens after the kept prefix may hold: 1 - top_p in float64,
+        rounded to float32 where the comparison happens, as transformers computes it (float32's
+        1 - float32(top_p) differs in the last bits: 0.1000000238 for 0.9, not 0.1000000015, and a
+        tail between the two was cut here and kept there). 0 keeps every token."""
+        return 0.0 if self.top_p is None else 1 - self.top_p
+
+    @property
     def filters(self) -> bool:
         return not self.greedy and any(x is not None for x in (self.top_k, self.top_p, self.min_p))
 
     def arrays(self, batch: int) -> dict[str, jax.Array]:
-        """The knobs as `[batch]` arrays; 0 disables top-k, 1 top-p, 0 min-p."""
+        """The knobs as `[batch]` arrays; 0 disables top-k, top-p (its cut) and min-p."""
         full = lambda v, dtype: jnp.full((batch,), v, dtype)  # noqa: E731
         return {"temperature": full(self.temperature, jnp.float32),
                 "top_k": full(self.top_k or 0, jnp.int32),
-                "top_p": full(1.0 if self.top_p is None else self.top_p, jnp.float32),
+                "top_p_cut": full(self.top_p_cut, jnp.float32),
                 "min_p": full(self.min_p or 0.0, jnp.float32)}
 
 
@@ -103,8 +111,9 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Masks `[B, V]` (temperature-scaled) logits to -inf outside top-k, top-p and min-p.
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p_cut: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Masks `[B, V]` (temperature-scaled) logits to -inf outside top-k, top-p (`Sampling.top_p_cut`)
+    and min-p.
 
     As in transformers, top-k keeps every token tied with the k-th, while top-p cuts by rank in the
     sorted order: tokens tied at its cut-off are kept only as far as the prefix reaches top_p (as
@@ -119,11 +128,11 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [B, 1]
     ordered = jnp.where(ordered < kth, neg_inf, ordered)
     # Keep the smallest prefix whose probability reaches top_p: a token stays when the mass from it to
-    # the end of the order exceeds 1 - top_p, summed from the smallest up (as transformers sums, and
-    # exact in the tail that a top_p near 1 cuts). top_p = 1 keeps everything.
+    # the end of the order exceeds the cut, 1 - top_p, summed from the smallest up (as transformers
+    # sums, and exact in the tail that a top_p near 1 cuts). A cut of 0 (top_p = 1) keeps everything.
     probs = jax.nn.softmax(ordered, axis=-1)
     tail = jnp.flip(jnp.cumsum(jnp.flip(probs, axis=-1), axis=-1), axis=-1)
-    keep_sorted = (tail > 1 - top_p[:, None]) | (top_p[:, None] >= 1)
+    keep_sorted = (tail > top_p_cut[:, None]) | (top_p_cut[:, None] <= 0)
     keep_sorted = keep_sorted.at[:, 0].set(True) & jnp.isfinite(ordered)
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(batch)[:, None], order].set(keep_sorted)
     logits = jnp.where(keep, logits, neg_inf)
@@ -140,6 +149,6 @@ def sample(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array], *, g
     temperature = knobs["temperature"]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     if filters:
-        scaled = filter_logits(scaled, knobs["top_k"], knobs["top_p"], knobs["min_p"])
+        scaled = filter_logits(scaled, knobs["top_k"], knobs["top_p_cut"], knobs["min_p"])
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, best)

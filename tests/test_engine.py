@@ -1072,7 +1072,7 @@ def test_engine_step_lowers_for_gpu(platform, device_kind):
     rows, width, chunk_rows, row_len = 4, 3, 2, 8
     i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
     knobs = {"temperature": jax.ShapeDtypeStruct((rows,), jnp.float32), "top_k": i32((rows,)),
-             "top_p": jax.ShapeDtypeStruct((rows,), jnp.float32), "min_p": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+             "top_p_cut": jax.ShapeDtypeStruct((rows,), jnp.float32), "min_p": jax.ShapeDtypeStruct((rows,), jnp.float32)}
     decode = engine._Rows(i32((rows,)), i32((rows,)), jax.ShapeDtypeStruct((rows,), jnp.bool_), i32((rows,)),
                           i32((rows,)), i32((rows, width)), jax.ShapeDtypeStruct((rows, 2), jnp.uint32), knobs)
     chunk = engine._Chunk(i32((chunk_rows, row_len)), i32((chunk_rows, row_len)),

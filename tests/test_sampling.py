@@ -13,9 +13,7 @@ LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))[None, :]
 
 
 def _kept(top_k=0, top_p=1.0, min_p=0.0):
-    out = filter_logits(LOGITS, jnp.array([top_k]), jnp.array([top_p], jnp.float32),
-                        jnp.array([min_p], jnp.float32))
-    return set(np.flatnonzero(np.isfinite(np.asarray(out[0]))).tolist())
+    return set(np.flatnonzero(_our_kept(LOGITS, top_k, top_p, min_p)[0]).tolist())
 
 
 @pytest.mark.parametrize("top_k, kept", [(1, {1}), (2, {1, 3}), (3, {1, 3, 4}), (5, set(range(5))),
@@ -90,8 +88,7 @@ def test_out_of_range_knobs_raise(kwargs, match):
 
 def test_top_p_one_keeps_a_long_tail_exactly():
     logits = jnp.concatenate([jnp.array([[20.0]]), jnp.full((1, 32000), -10.0)], axis=-1)
-    out = filter_logits(logits, jnp.array([0]), jnp.array([1.0], jnp.float32), jnp.array([0.0], jnp.float32))
-    assert int(np.isfinite(np.asarray(out)).sum()) == 32001
+    assert _our_kept(logits, top_p=1.0).sum() == 32001
 
 
 def _hf_kept(logits, top_k=0, top_p=1.0, min_p=0.0):
@@ -110,10 +107,10 @@ def _hf_kept(logits, top_k=0, top_p=1.0, min_p=0.0):
 
 
 def _our_kept(logits, top_k=0, top_p=1.0, min_p=0.0):
-    b = logits.shape[0]
-    out = filter_logits(logits, jnp.full((b,), top_k), jnp.full((b,), top_p, jnp.float32),
-                        jnp.full((b,), min_p, jnp.float32))
-    return np.isfinite(np.asarray(out))
+    """What `filter_logits` keeps with the knobs `Sampling.arrays` gives it."""
+    knobs = Sampling(1.0, top_k or None, top_p, min_p).arrays(logits.shape[0])
+    del knobs["temperature"]
+    return np.isfinite(np.asarray(filter_logits(logits, **knobs)))
 
 
 @pytest.mark.parametrize("seed, knobs", list(enumerate([
@@ -135,6 +132,18 @@ def test_top_p_cuts_where_transformers_cuts_on_long_tails_and_ties(top_p):
                            rng.integers(-3, 4, (3, 64))]).astype(np.float32)
     np.testing.assert_array_equal(_our_kept(jnp.asarray(tied), top_p=top_p).sum(-1),
                                   _hf_kept(tied, top_p=top_p).sum(-1))
+
+
+@pytest.mark.parametrize("top_p", [0.6, 0.8, 0.9, 0.99])
+def test_top_p_cuts_at_transformers_threshold_to_the_last_bit(top_p):
+    """Two-token rows whose smaller probability sweeps float32's values around 1 - top_p: the cut is
+    transformers' float32(1 - top_p), not 1 - float32(top_p), which differs in its last bits (for 0.9,
+    rows that transformers keeps whole were cut to one token)."""
+    small = (np.log((1 - top_p) / top_p) + np.arange(-1000, 1000) * 4e-9).astype(np.float32)
+    rows = jnp.stack([jnp.asarray(small), jnp.zeros_like(small)], axis=-1)
+    ours, hf = _our_kept(rows, top_p=top_p), _hf_kept(rows, top_p=top_p)
+    assert ours[:, 0].any() and not ours[:, 0].all()  # the sweep crosses the cut
+    np.testing.assert_array_equal(ours, hf)
 
 
 def test_ties_top_k_keeps_all_tied_top_p_cuts_by_rank():
