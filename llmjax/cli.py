@@ -121,6 +121,19 @@ def _need_stdout(what: str) -> None:
                          "(redirect it to a file to keep it)")
 
 
+def _check_sampling_flags(args) -> None:
+    """Refuses a sampling flag out of range by its name, before the model loads (minutes, for a large
+    one, before `stream` would refuse it)."""
+    from llmjax.sampling import Sampling, check_seed
+
+    for dest in ("temperature", "top_k", "top_p", "min_p", "seed"):
+        value = getattr(args, dest)
+        try:
+            check_seed(value) if dest == "seed" else Sampling(**{dest: value})
+        except ValueError as e:
+            raise ValueError(f"--{dest.replace('_', '-')} {value}: {e}") from None
+
+
 def _generate(args) -> None:
     import llmjax
     from llmjax.kernels import dispatch
@@ -130,6 +143,7 @@ def _generate(args) -> None:
     _command_line_text("--prompt", args.prompt)
     for stop in args.stop or ():
         _command_line_text("--stop", stop)
+    _check_sampling_flags(args)
     _check_tokenizer(args.model)
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     prompt = args.prompt

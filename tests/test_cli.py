@@ -70,9 +70,18 @@ def test_convert_then_generate_from_the_command_line(example_model, tmp_path):
 def test_generate_errors_are_one_line(example_model, capsys):
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--top-p", "1.5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("llmjax generate: error: top_p") and "\n" not in err
+    assert err.startswith("llmjax generate: error: --top-p 1.5: top_p must be") and "\n" not in err
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "x " * 300]) == 2
     assert "context of 256 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--temperature", "nan"), ("--top-k", "0"),
+                                         ("--top-p", "0"), ("--min-p", "2"), ("--seed", str(2**63))])
+def test_generate_refuses_a_sampling_flag_by_name_before_loading_the_model(flag, value, capsys, monkeypatch):
+    monkeypatch.setattr(llmjax, "load", lambda *a, **k: pytest.fail("loaded the model before checking " + flag))
+    assert cli_main(["generate", "--prompt", "x", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"llmjax generate: error: {flag} {value}") and "must be" in err and "\n" not in err
 
 
 def test_generate_refuses_what_would_lose_or_garble_text(example_model, capsys, monkeypatch):
