@@ -378,9 +378,10 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         raise ValueError(f"{hf_dir} is already an llmjax checkpoint; load it directly (llmjax.load, or "
                          "--model with the CLI) rather than converting it again")
     config = LlamaConfig.from_hf(hf_dir)  # refuses unsupported architectures before any work
-    if quant is not None and quant.lm_head and config.tie_word_embeddings:  # a QuantScheme's own lm_head too
-        raise ValueError("quant_lm_head (--quant-lm-head): this model ties its LM head to the embedding "
-                         "table, which stays in floating point; leave it off")
+    if quant is not None and quant.lm_head and config.tie_word_embeddings:
+        asked = "quant_lm_head (--quant-lm-head)" if quant_lm_head else f"the QuantScheme's lm_head=True ({quant!r})"
+        raise ValueError(f"{asked}: this model ties its LM head to the embedding table, which stays in "
+                         "floating point; leave it off")
     source = SafetensorsFolder(hf_dir)
     entries = check_tensors(source, config)
     resolved = resolve_dtype(dtype, source)
