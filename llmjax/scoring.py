@@ -114,9 +114,10 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
                          f"model's context), got {window!r}")
     stride = max(1, window // 2) if stride is None else stride
     if not _is_int(stride) or not 1 <= stride <= window - 1:
-        raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}: every "
-                         "window begins with BOS, so it scores at most window - 1 new tokens (the Hugging Face "
-                         "recipe's stride == window, windows that do not overlap, is stride=window - 1 here)")
+        why = ("" if not _is_int(stride) or stride < 1 else ": every window begins with BOS, so it scores at "
+               "most window - 1 new tokens (the Hugging Face recipe's stride == window, windows that do not "
+               "overlap, is stride=window - 1 here)")
+        raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}{why}")
     window, stride = int(window), int(stride)
     if isinstance(text, str):
         text = [text]

@@ -80,7 +80,8 @@ def test_texts_are_scored_apart_and_pooled(params):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(window=1), "window"), (dict(window=65), "window"),
     (dict(window=8, stride=8), r"stride must be .* got 8: every window begins with BOS"),
-    (dict(stride=0), "stride"), (dict(window=8.0), "window")])
+    (dict(window=8, stride=0), r"stride must be .* got 0$"), (dict(window=8, stride=2.5), r"got 2.5$"),
+    (dict(window=8.0), "window")])
 def test_bad_window_and_stride_are_refused(params, kwargs, match):
     with pytest.raises(ValueError, match=match):
         llmjax.perplexity(params, "x = 1", **kwargs)
