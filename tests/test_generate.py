@@ -230,20 +230,21 @@ def test_seeds_reproduce_and_differ(params):
 
 
 def test_first_tokens_follow_transformers_warped_distribution(params):
-    """Prompt i of a list draws from its own key (seed, i), so 256 copies of a prompt are 256 draws of
+    """Prompt i of a list draws from its own key (seed, i), so 2048 copies of a prompt are 2048 draws of
     its first token: they follow the distribution transformers' warpers make of the prompt's logits
     (an LM head scaled up spreads them over 12, so temperature and top-p change it). Sampling noise
-    is about 0.07 in total variation; a draw with temperature 1 instead of 1.5 would be 0.16 away."""
+    is about 0.025 in total variation (0.018-0.031 over ten seeds); a draw with temperature 1 or 2
+    instead of 1.5 is 0.16 or 0.10 away (measured: at least 0.14 and 0.09)."""
     from test_sampling import warped_probs
 
     p = _no_eos(params)
     p = dataclasses.replace(p, weights=dict(p.weights, lm_head={"kernel": p.weights["lm_head"]["kernel"] * 8}))
     knobs = dict(temperature=1.5, top_k=12, top_p=0.9)
     want = warped_probs(np.asarray(llmjax.logits(p, [1, 5, 9]))[0, -1], **knobs)
-    drawn = [ids[0] for ids in llmjax.generate(p, [[1, 5, 9]] * 256, max_new_tokens=1, seed=0, **knobs)]
+    drawn = [ids[0] for ids in llmjax.generate(p, [[1, 5, 9]] * 2048, max_new_tokens=1, seed=0, **knobs)]
     got = np.bincount(drawn, minlength=want.size) / len(drawn)
     assert got[want == 0].sum() == 0 and 4 < np.count_nonzero(want) < 12
-    assert 0.5 * np.abs(got - want).sum() < 0.12
+    assert 0.5 * np.abs(got - want).sum() < 0.05
 
 
 def test_more_prompts_than_one_batch(params, monkeypatch):
