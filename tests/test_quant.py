@@ -93,6 +93,9 @@ def test_schemes_and_group_fallback():
                           (dict(bits=8, lm_head=1), "lm_head must be True or False, got 1")):
         with pytest.raises(ValueError, match=match):
             QuantScheme(**kwargs)
+    # numpy's integers and bools are Python's, so the scheme equals the parsed one and its manifest writes
+    numpy_scheme = QuantScheme(np.int64(4), np.int32(128), symmetric=np.bool_(True))
+    assert numpy_scheme == s and json.loads(json.dumps(numpy_scheme.to_json())) == s.to_json()
     # quantize takes a scheme's name as quantize_params does, and refuses anything else by name
     w = jax.random.normal(jax.random.key(0), (4, 64))
     assert np.array_equal(quantize(w, "int4-g128").values, quantize(w, s).values)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -62,14 +63,17 @@ class QuantScheme:
 
     def __post_init__(self):
         # exact types: 4.0 or 128.0 would pass the comparisons below and fail later (a float group in a
-        # reshape, a name "int4-g128.0"), and "no" would read as True
+        # reshape, a name "int4-g128.0"), and "no" would read as True. numpy's integers and bools become
+        # Python's, as a manifest's JSON needs them.
         for name in ("bits", "group_size"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, None if value is None else int(value))
         for name in ("symmetric", "lm_head"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if self.bits == 4:
             if self.group_size not in GROUP_SIZES:
                 raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size!r}")
