@@ -242,9 +242,17 @@ def _both(folder, messages, **kwargs):
     return expected
 
 
+# transformers 5.17 (the GPU machine's) kept a message's keys whose value is None and did not copy
+# `reasoning` to `reasoning_content` and `thinking`; llmjax renders as 5.24 does.
+_NEWER_TRANSFORMERS = pytest.mark.skipif(
+    tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 24),
+    reason="renders messages' None keys and reasoning as transformers 5.24 does")
+
+
 @pytest.mark.parametrize("template, kwargs", [
     # tojson's options (transformers' filter takes json.dumps' arguments)
-    ("{{ {'b': 1, 'a': 'é'} | tojson(sort_keys=True) }}{{ messages[0] | tojson(indent=2) }}", {}),
+    pytest.param("{{ {'b': 1, 'a': 'é'} | tojson(sort_keys=True) }}{{ messages[0] | tojson(indent=2) }}", {},
+                 marks=_NEWER_TRANSFORMERS),
     ("{{ {'b': 1} | tojson(separators=(',', ':')) }}{{ 'é' | tojson(ensure_ascii=True) }}", {}),
     # tools and documents are None when not given: `is not none` is false
     ("{% if tools is not none %}TOOLS{% endif %}{% if documents is none %}NODOCS{% endif %}", {}),
@@ -252,8 +260,8 @@ def _both(folder, messages, **kwargs):
     # {% generation %} (assistant masks) renders its body
     ("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}", {}),
     # keys whose value is None are dropped; reasoning is copied under reasoning_content and thinking
-    ("{% for m in messages %}{{ m['content'] }}{% if 'name' in m %}!{% endif %}{{ m.reasoning_content }}"
-     "{{ m.thinking }};{% endfor %}", {}),
+    pytest.param("{% for m in messages %}{{ m['content'] }}{% if 'name' in m %}!{% endif %}"
+                 "{{ m.reasoning_content }}{{ m.thinking }};{% endfor %}", {}, marks=_NEWER_TRANSFORMERS),
     # continue_final_message leaves the last message open
     ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}",
      {"continue_final_message": True}),
