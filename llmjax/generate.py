@@ -535,14 +535,15 @@ class Stream:
 
     def _run(self) -> Iterator[str]:
         t0 = time.perf_counter()
-        start, step, args = self._compile(_bucket(len(self._row), self._params.config.max_position_embeddings))
-        t1 = time.perf_counter()
-        try:
+        bucket = _bucket(len(self._row), self._params.config.max_position_embeddings)
+        try:  # compiling may run out of memory too (XLA sizes some buffers then)
+            start, step, args = self._compile(bucket)
+            t1 = time.perf_counter()
             token, cache = start(*args)
         except jax.errors.JaxRuntimeError as e:
             if not dispatch.out_of_memory(e):
                 raise
-            room = _cache_len(self._params, args[1].shape[1], self._max_new)
+            room = _cache_len(self._params, bucket, self._max_new)
             raise MemoryError(f"streaming ran out of device memory: the cache has room for {room} tokens "
                               f"({_kv_bytes(self._params, 1, room)} bytes of keys and values, beside the "
                               f"weights) for a prompt of {len(self._row)} tokens and max_new_tokens="
