@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import json
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -366,3 +367,18 @@ def test_demo_model_at_int4_g128_stays_within_5_percent_of_bf16_perplexity():
     q = quantize_params(llmjax.load("tiny-stdlib"), "int4-g128")
     ratio = llmjax.perplexity(q, texts).perplexity / RECORDED_PERPLEXITY
     assert 1.0 < ratio < 1.05, ratio
+
+
+def test_quantize_params_warns_of_projections_left_in_floating_point():
+    """`convert` prints which projections no int4 group divides; `quantize_params` warns of them, as its
+    scheme's name says nothing of it (hidden 48: q/k/v, o and gate/up stay in floating point)."""
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), hidden_size=48, num_heads=3, num_kv_heads=1,
+                                 head_dim=16, intermediate_size=128)
+    params = llmjax.init_random(config, dtype="float32")
+    with pytest.warns(UserWarning, match=r"quantize_params\('int4-g128'\): q/k/v \(input width 48\) stays in "
+                                         r"floating point.*gate/up"):
+        quantized = quantize_params(params, "int4-g128")
+    assert isinstance(quantized.weights["layer_0"]["mlp"]["down"]["kernel"], QuantizedWeight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_params(params, "int8")  # every width takes int8

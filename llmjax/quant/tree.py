@@ -9,6 +9,7 @@ walk a float tree beside that abstract one.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,9 @@ def quantize_params(params, scheme: QuantScheme | str):
     if scheme.lm_head and params.config.tie_word_embeddings:
         raise ValueError("lm_head=True: this model ties its LM head to the embedding table, which stays in "
                          "floating point; leave lm_head off")
+    kept = [line for line in departures(params.config, scheme) if "stays in floating point" in line]
+    if kept:  # `convert` prints these; in memory, a warning says what the scheme's name does not
+        warnings.warn(f"quantize_params({scheme.name!r}): " + "; ".join(kept), stacklevel=2)
     like = llama.abstract_params(params.config, jnp.dtype(params.dtype), quant=scheme)
     return dataclasses.replace(params, weights=quantize_tree(params.weights, like), quant=scheme)
 
