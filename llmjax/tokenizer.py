@@ -191,7 +191,7 @@ class Tokenizer:
         """The tokenizer of a model folder, or None when it holds no tokenizer file."""
         cfg = read_json(os.path.join(folder, "tokenizer_config.json"), optional=True)
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            backend = _HFTokenizersBackend(os.path.join(folder, "tokenizer.json"))
+            backend = _HFTokenizersBackend(os.path.join(folder, "tokenizer.json"), cfg)
         elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
             backend = _SentencePieceBackend(os.path.join(folder, "tokenizer.model"), cfg)
         else:
@@ -380,7 +380,7 @@ def _jinja_env() -> jinja2.Environment:
 
 
 class _HFTokenizersBackend:
-    def __init__(self, path: str):
+    def __init__(self, path: str, cfg: dict | None = None):
         import tokenizers
 
         if not os.access(path, os.R_OK):
@@ -390,6 +390,28 @@ class _HFTokenizersBackend:
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise ValueError(f"{path}: cannot read tokenizer ({e}); restore it from the model's "
                              "release") from e
+        cfg = cfg or {}
+        if cfg.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast") and \
+                isinstance(self._tok.model, tokenizers.models.BPE):
+            self._as_llama_tokenizer(cfg)
+
+    def _as_llama_tokenizer(self, cfg: dict) -> None:
+        """transformers' LlamaTokenizer takes only the vocabulary, merges and added tokens from a
+        tokenizer.json and builds the rest itself, as for a `tokenizer.model`: no normalizer (a
+        sentencepiece conversion's prepends a marker to every run of text, after each special token
+        and before a leading space too), a Metaspace marker at the text's start only (every run's with
+        `"legacy": true`, none with `"add_prefix_space": false`). BOS/EOS stay the file's post-processor's:
+        transformers ignores the config's add_bos_token/add_eos_token beside a tokenizer.json."""
+        from tokenizers import decoders, pre_tokenizers
+
+        prefix = cfg.get("add_prefix_space")
+        prefix = True if prefix is None else bool(prefix)
+        scheme = ("always" if cfg.get("legacy") is True else "first") if prefix else "never"
+        self._tok.normalizer = None
+        self._tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        self._tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+        self._tok.model.byte_fallback, self._tok.model.fuse_unk = True, True
 
     @property
     def vocab_size(self) -> int:

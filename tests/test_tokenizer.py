@@ -133,6 +133,38 @@ def json_dir(tmp_path_factory):
     return folder
 
 
+def _llama2_tokenizer_json(sp_dir, folder, **config):
+    """A sentencepiece-converted tokenizer.json as Llama 2 and its derivatives ship it (a normalizer that
+    prepends the marker to every run of text) beside a LlamaTokenizer config: (ours, transformers')."""
+    transformers.AutoTokenizer.from_pretrained(sp_dir).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    spec["pre_tokenizer"] = None
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {k: v for k, v in dict(cfg, **config).items() if v is not None}))
+    return Tokenizer.from_dir(str(folder)), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("config", [{}, {"legacy": True}, {"legacy": False}, {"add_prefix_space": False},
+                                    {"tokenizer_class": "LlamaTokenizerFast"}])
+def test_llama2_tokenizer_json_matches_autotokenizer(sp_dir, tmp_path, config):
+    # transformers' LlamaTokenizer keeps only a tokenizer.json's vocabulary, merges and added tokens and
+    # builds its own pre-tokenizer and decoder: " a" is "▁a" (the file's normalizer makes "▁▁a"), and
+    # the text after a special token gets no marker unless the config says "legacy": true.
+    ours, theirs = _llama2_tokenizer_json(sp_dir, tmp_path, **config)
+    _assert_same(ours, theirs)
+    for text in (" a", "  a", "<s> x", "a</s>b", "<s>[INST] hi [/INST]", "x\n y"):
+        assert ours.encode(text) == theirs.encode(text), text
+    assert ours.encode("hi")[0] == ours.bos_id == theirs.bos_token_id == 1
+
+
 def test_tokenizer_json_matches_autotokenizer(json_dir):
     theirs = transformers.AutoTokenizer.from_pretrained(json_dir)
     ours = Tokenizer.from_dir(str(json_dir))
