@@ -386,13 +386,16 @@ class _HFTokenizersBackend:
         if not os.access(path, os.R_OK):
             raise PermissionError(not_permitted(path))
         try:
-            self._tok = tokenizers.Tokenizer.from_file(path)
+            with open(path, encoding="utf-8") as f:
+                spec = f.read()
+            self._tok = tokenizers.Tokenizer.from_str(spec)
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise ValueError(f"{path}: cannot read tokenizer ({e}); restore it from the model's "
                              "release") from e
-        cfg = cfg or {}
-        if cfg.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast") and \
-                isinstance(self._tok.model, tokenizers.models.BPE):
+        # A byte-level file (Llama 3's, which some releases label LlamaTokenizer) runs as it is, as
+        # transformers runs it.
+        if (cfg or {}).get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast") and \
+                '"ByteLevel"' not in spec and isinstance(self._tok.model, tokenizers.models.BPE):
             self._as_llama_tokenizer(cfg)
 
     def _as_llama_tokenizer(self, cfg: dict) -> None:

@@ -165,6 +165,17 @@ def test_llama2_tokenizer_json_matches_autotokenizer(sp_dir, tmp_path, config):
     assert ours.encode("hi")[0] == ours.bos_id == theirs.bos_token_id == 1
 
 
+def test_byte_level_tokenizer_json_labelled_llama_runs_as_it_is(json_dir, tmp_path):
+    # Some Llama 3 releases name LlamaTokenizer in tokenizer_config.json; transformers runs their
+    # byte-level tokenizer.json as it is (a Metaspace pre-tokenizer would make " " the "Ġ" piece).
+    shutil.copy(json_dir / "tokenizer.json", tmp_path)
+    cfg = json.loads((json_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, tokenizer_class="LlamaTokenizer")))
+    ours, theirs = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    _assert_same(ours, theirs)
+    assert ours.encode(" hi  there") == Tokenizer.from_dir(str(json_dir)).encode(" hi  there")
+
+
 def test_tokenizer_json_matches_autotokenizer(json_dir):
     theirs = transformers.AutoTokenizer.from_pretrained(json_dir)
     ours = Tokenizer.from_dir(str(json_dir))
