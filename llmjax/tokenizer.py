@@ -414,7 +414,12 @@ class _HFTokenizersBackend:
         self._tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
         steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
         self._tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
-        self._tok.model.byte_fallback, self._tok.model.fuse_unk = True, True
+        # Its BPE model holds the file's vocabulary and merges with transformers' settings, not the file's:
+        # no unknown token (a character with no byte token is dropped), no dropout, no subword affixes.
+        model = self._tok.model
+        model.byte_fallback, model.fuse_unk, model.unk_token, model.dropout = True, True, None, None
+        model.continuing_subword_prefix = model.end_of_word_suffix = None
+        model.ignore_merges = False
 
     @property
     def vocab_size(self) -> int:

@@ -165,6 +165,23 @@ def test_llama2_tokenizer_json_matches_autotokenizer(sp_dir, tmp_path, config):
     assert ours.encode("hi")[0] == ours.bos_id == theirs.bos_token_id == 1
 
 
+def test_llama_tokenizer_json_model_settings_are_transformers_own(sp_dir, tmp_path):
+    # LlamaTokenizer builds its BPE model from the file's vocabulary and merges alone: no unknown token
+    # (a character with no byte token is dropped, not <unk>), no dropout (the file's would make encoding
+    # random), merges always applied.
+    ours, _ = _llama2_tokenizer_json(sp_dir, tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["model"].update(unk_token="<unk>", dropout=0.5, ignore_merges=True)
+    for piece in [f"<0x{b:02X}>" for b in range(0x80, 0x100)]:  # no byte pieces for non-ASCII characters
+        del spec["model"]["vocab"][piece]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    ours, theirs = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    _assert_same(ours, theirs)
+    text = "😀 the json module, " * 3
+    assert [ours.encode(text) for _ in range(5)] == [theirs.encode(text)] * 5
+    assert 0 not in ours.encode(text)
+
+
 def test_byte_level_tokenizer_json_labelled_llama_runs_as_it_is(json_dir, tmp_path):
     # Some Llama 3 releases name LlamaTokenizer in tokenizer_config.json; transformers runs their
     # byte-level tokenizer.json as it is (a Metaspace pre-tokenizer would make " " the "Ġ" piece).
