@@ -191,7 +191,10 @@ class Tokenizer:
         """The tokenizer of a model folder, or None when it holds no tokenizer file."""
         cfg = read_json(os.path.join(folder, "tokenizer_config.json"), optional=True)
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            backend = _HFTokenizersBackend(os.path.join(folder, "tokenizer.json"), cfg)
+            # transformers takes config.json's tokenizer_class where tokenizer_config.json names none
+            label = cfg.get("tokenizer_class") or read_json(os.path.join(folder, "config.json"),
+                                                            optional=True).get("tokenizer_class")
+            backend = _HFTokenizersBackend(os.path.join(folder, "tokenizer.json"), dict(cfg, tokenizer_class=label))
         elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
             backend = _SentencePieceBackend(os.path.join(folder, "tokenizer.model"), cfg)
         else:

@@ -182,6 +182,19 @@ def test_llama_tokenizer_json_model_settings_are_transformers_own(sp_dir, tmp_pa
     assert 0 not in ours.encode(text)
 
 
+def test_llama_label_in_config_json_counts_as_in_tokenizer_config(sp_dir, tmp_path):
+    # transformers reads tokenizer_class from config.json where tokenizer_config.json has none.
+    _llama2_tokenizer_json(sp_dir, tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["tokenizer_class"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "tokenizer_class": "LlamaTokenizer"}))
+    ours, theirs = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(theirs).__name__ == "LlamaTokenizer"
+    _assert_same(ours, theirs)
+    assert ours.encode(" a", add_special_tokens=False) == theirs.encode(" a", add_special_tokens=False)
+
+
 def test_byte_level_tokenizer_json_labelled_llama_runs_as_it_is(json_dir, tmp_path):
     # Some Llama 3 releases name LlamaTokenizer in tokenizer_config.json; transformers runs their
     # byte-level tokenizer.json as it is (a Metaspace pre-tokenizer would make " " the "Ġ" piece).
