@@ -20,6 +20,14 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
 
 
+# llmjax follows transformers 5.24 where 5.17 (the GPU machine's) differs: 5.17 kept a message's keys
+# whose value is None and did not copy `reasoning` to `reasoning_content` and `thinking`, and rebuilt a
+# byte-level tokenizer.json labelled LlamaTokenizer as a sentencepiece one.
+_NEWER_TRANSFORMERS = pytest.mark.skipif(
+    tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 24),
+    reason="llmjax follows transformers 5.24 here")
+
+
 def _assert_same(ours: Tokenizer, theirs):
     for text in TEXTS:
         for special in (True, False):
@@ -195,6 +203,7 @@ def test_llama_label_in_config_json_counts_as_in_tokenizer_config(sp_dir, tmp_pa
     assert ours.encode(" a", add_special_tokens=False) == theirs.encode(" a", add_special_tokens=False)
 
 
+@_NEWER_TRANSFORMERS
 def test_byte_level_tokenizer_json_labelled_llama_runs_as_it_is(json_dir, tmp_path):
     # Some Llama 3 releases name LlamaTokenizer in tokenizer_config.json; transformers runs their
     # byte-level tokenizer.json as it is (a Metaspace pre-tokenizer would make " " the "Ġ" piece).
@@ -313,13 +322,6 @@ def _both(folder, messages, **kwargs):
     ids = theirs.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
     assert ours.apply_chat_template(messages, tokenize=True, **kwargs) == ids
     return expected
-
-
-# transformers 5.17 (the GPU machine's) kept a message's keys whose value is None and did not copy
-# `reasoning` to `reasoning_content` and `thinking`; llmjax renders as 5.24 does.
-_NEWER_TRANSFORMERS = pytest.mark.skipif(
-    tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 24),
-    reason="renders messages' None keys and reasoning as transformers 5.24 does")
 
 
 @pytest.mark.parametrize("template, kwargs", [
