@@ -65,8 +65,11 @@ def write_manifest(root: str, keys: list[str], dtype: str, quant=None) -> None:
 def read_manifest(root: str) -> dict[str, Any]:
     path = os.path.join(root, MANIFEST)
     manifest = read_json(path)
+    groups = manifest.get("groups")
     if (manifest.get("format") != FORMAT or manifest.get("version") != VERSION
-            or not isinstance(manifest.get("groups"), list) or "dtype" not in manifest):
+            or isinstance(manifest.get("version"), bool) or not isinstance(groups, list)
+            or not all(isinstance(g, str) for g in groups) or len(set(groups)) != len(groups)
+            or "dtype" not in manifest):
         raise ValueError(f"{path}: not an llmjax checkpoint of version {VERSION} ({manifest!r}); "
                          "convert the model again with this version of `llmjax convert`")
     if manifest["dtype"] not in STORED_DTYPES:

@@ -86,7 +86,9 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     check_folder(path, "model folder")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     tokenizer = Tokenizer.from_dir(path)
-    is_ckpt = checkpoint.is_checkpoint(path)
+    # a manifest that is there but no file (a folder, a broken link) is named by reading it, not taken
+    # for a Hugging Face folder without weights
+    is_ckpt = os.path.lexists(os.path.join(path, checkpoint.MANIFEST))
     if not is_ckpt and not (glob.glob(os.path.join(path, "*.safetensors")) or os.path.isfile(
             os.path.join(path, "model.safetensors.index.json"))):
         pickles = pickled_files(path)

@@ -538,3 +538,19 @@ def test_a_hub_cache_snapshot_loads_and_its_model_folder_names_the_snapshot(tmp_
     os.remove(os.path.realpath(snapshot / "model.safetensors"))
     message = _convert_error(snapshot, tmp_path / "out3")
     assert f"model.safetensors is a link to {os.path.join('..', '..', 'blobs')}" in message and "which does not exist" in message
+
+
+def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    manifest_path = os.path.join(out, "llmjax.json")
+    manifest = json.loads(open(manifest_path).read())
+    for edit in ({"groups": [1, "x", None]}, {"groups": [{"a": 1}]}, {"groups": manifest["groups"] + ["embed"]},
+                 {"version": True}):
+        with open(manifest_path, "w") as f:
+            json.dump({**manifest, **edit}, f)
+        with pytest.raises(ValueError, match=r"llmjax.json: not an llmjax checkpoint of version 1"):
+            llmjax.load(out)
+    os.remove(manifest_path)
+    os.mkdir(manifest_path)  # a manifest that is no file is named, not taken for a folder with no weights
+    with pytest.raises(ValueError, match=r"llmjax.json is not valid JSON \(.*Is a directory"):
+        llmjax.load(out)
