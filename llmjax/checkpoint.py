@@ -99,6 +99,7 @@ def restore_weights(root: str, target: dict) -> dict:
     weights = {}
     for key, group_target in target.items():
         path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
+        check_stored(checkpointer, path, key, to_storage(group_target))
         try:
             weights[key] = from_storage(checkpointer.restore(path, to_storage(group_target)), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
@@ -107,6 +108,40 @@ def restore_weights(root: str, target: dict) -> dict:
                              "the checkpoint is damaged or does not match its config.json; convert the "
                              "model again") from e
     return weights
+
+
+def check_stored(checkpointer, path: str, key: str, target: dict) -> None:
+    """Refuses a group whose stored tensors are not the ones `target` (its storage tree) asks for:
+    missing, unknown, or of another shape or dtype, by name. Orbax would refuse a shape with a hint to
+    turn its check off, and cast another dtype without a word (a manifest edited to float16 over
+    bfloat16 weights). A group whose metadata cannot be read (none at all: a damaged or missing
+    group) is left to the restore to report."""
+    try:
+        stored = checkpointer.metadata(path)
+        stored = getattr(stored, "item_metadata", stored)
+        stored = dict(_named(getattr(stored, "tree", stored)))
+    except Exception:
+        return
+    if not stored:
+        return
+    wanted = dict(_named(target))
+    problems = [f"missing {name}" for name in wanted if name not in stored]
+    problems += [f"unknown {name}" for name in stored if name not in wanted]
+    for name, want in wanted.items():
+        have = stored.get(name)
+        if have is not None and (tuple(have.shape), str(have.dtype)) != (tuple(want.shape), str(want.dtype)):
+            problems.append(f"{name} is {str(have.dtype)}{list(have.shape)} where {str(want.dtype)}"
+                            f"{list(want.shape)} is expected")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"{path}: weight group {key!r} does not match the checkpoint's config.json and "
+                         f"{MANIFEST} ({shown}); restore the files written with it, or convert the model again")
+
+
+def _named(tree) -> list:
+    """`(a/b/c, leaf)` for each leaf of a nested dict."""
+    return [("/".join(str(getattr(k, "key", k)) for k in keys), leaf)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def default_target(abstract: dict, sharding: jax.sharding.Sharding | None = None) -> dict:

@@ -540,6 +540,55 @@ def test_a_hub_cache_snapshot_loads_and_its_model_folder_names_the_snapshot(tmp_
     assert f"model.safetensors is a link to {os.path.join('..', '..', 'blobs')}" in message and "which does not exist" in message
 
 
+def _weights_file(out, group):
+    """The largest data file of a weight group (where its tensors' bytes lie)."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(out, "weights", group)) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_checkpoint_whose_tensors_do_not_match_its_files_is_refused_by_name(tmp_path, hf_dir):
+    """A manifest or config.json edited over the stored tensors names each tensor, its stored and its
+    expected shape and dtype: orbax cast another dtype without a word, and refused another shape with
+    a hint to turn its check off."""
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    config_path, manifest_path = os.path.join(out, "config.json"), os.path.join(out, "llmjax.json")
+    original, manifest = open(config_path).read(), json.loads(open(manifest_path).read())
+    stored = manifest["dtype"]
+    other = "float16" if stored != "float16" else "bfloat16"
+    with open(manifest_path, "w") as f:
+        json.dump({**manifest, "dtype": other}, f)
+    with pytest.raises(ValueError, match=rf"weights/embed: weight group 'embed' does not match .*embedding is "
+                                         rf"{stored}\[1003, 96\] where {other}\[1003, 96\] is expected.*convert"):
+        llmjax.load(out)
+    with open(manifest_path, "w") as f:
+        json.dump({**manifest, "quant": QuantScheme.coerce("int8").to_json()}, f)
+    with pytest.raises(ValueError, match=r"weight group 'layer_0' does not match .*missing attn/o/kernel/scales"):
+        llmjax.load(out)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with open(config_path, "w") as f:
+        json.dump({**json.loads(original), "intermediate_size": 68}, f)
+    with pytest.raises(ValueError, match=rf"'layer_0' does not match .*mlp/down/kernel is {stored}\[96, 136\] "
+                                         rf"where {stored}\[96, 68\] is expected") as error:
+        llmjax.load(out)
+    assert "strict" not in str(error.value)
+    with open(config_path, "w") as f:
+        json.dump({**json.loads(original), "attention_bias": True}, f)
+    with pytest.raises(ValueError, match="'layer_0' does not match .*missing attn/o/bias; missing attn/qkv/bias"):
+        llmjax.load(out)
+
+
+def test_a_quantized_checkpoint_read_as_float_is_refused_by_name(tmp_path, hf_dir):
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False, quant="int8")
+    manifest_path = os.path.join(out, "llmjax.json")
+    manifest = json.loads(open(manifest_path).read())
+    with open(manifest_path, "w") as f:
+        json.dump({k: v for k, v in manifest.items() if k != "quant"}, f)
+    with pytest.raises(ValueError, match=r"'layer_0' does not match .*missing attn/o/kernel; .*unknown "
+                                         r"attn/o/kernel/scales"):
+        llmjax.load(out)
+
+
 def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     manifest_path = os.path.join(out, "llmjax.json")
