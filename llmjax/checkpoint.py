@@ -103,8 +103,9 @@ def restore_weights(root: str, target: dict) -> dict:
         try:
             weights[key] = from_storage(checkpointer.restore(path, to_storage(group_target)), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
-            detail = " ".join(str(e).split())[:300]  # orbax's messages span lines (TensorStore reprs)
-            raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(e).__name__}: {detail}); "
+            cause = _innermost(e)  # orbax wraps TensorStore's error (which names the tensor) in a spec dump
+            detail = " ".join(str(cause).split())[:300]  # orbax's messages span lines (TensorStore reprs)
+            raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(cause).__name__}: {detail}); "
                              "the checkpoint is damaged or does not match its config.json; convert the "
                              "model again") from e
     return weights
@@ -142,6 +143,15 @@ def _named(tree) -> list:
     """`(a/b/c, leaf)` for each leaf of a nested dict."""
     return [("/".join(str(getattr(k, "key", k)) for k in keys), leaf)
             for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of `error`'s chain of causes."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    return error
 
 
 def default_target(abstract: dict, sharding: jax.sharding.Sharding | None = None) -> dict:

@@ -589,6 +589,19 @@ def test_a_quantized_checkpoint_read_as_float_is_refused_by_name(tmp_path, hf_di
         llmjax.load(out)
 
 
+@pytest.mark.parametrize("fraction", [0, 0.01, 0.5, 0.99])
+def test_truncated_weights_name_the_tensor(tmp_path, hf_dir, fraction):
+    """The error names the tensor and the damage (TensorStore's own message), not orbax's wrapper,
+    whose first 300 characters were a dump of the TensorStore spec."""
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    path = _weights_file(out, "layer_0")
+    os.truncate(path, int(os.path.getsize(path) * fraction))
+    with pytest.raises(ValueError, match=r"weights/layer_0: cannot restore weight group 'layer_0' \(ValueError: "
+                                         r"\w+: Error reading \"[\w.]+/[\d.]+\".*convert the model again") as error:
+        llmjax.load(out)
+    assert "TensorStore(" not in str(error.value)
+
+
 def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     manifest_path = os.path.join(out, "llmjax.json")
