@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -96,6 +97,7 @@ def restore_weights(root: str, target: dict) -> dict:
     """Restores every group of `target` (a tree of `jax.ShapeDtypeStruct` with shardings; quantized
     kernels as `QuantizedWeight`s of them), groups that `check_groups` found on disk."""
     checkpointer = ocp.StandardCheckpointer()
+    handled = sys.exc_info()[1]  # a caller's own exception (load called in an except block): no cause of ours
     weights = {}
     for key, group_target in target.items():
         path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
@@ -103,7 +105,7 @@ def restore_weights(root: str, target: dict) -> dict:
         try:
             weights[key] = from_storage(checkpointer.restore(path, to_storage(group_target)), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
-            cause = _innermost(e)  # orbax wraps TensorStore's error (which names the tensor) in a spec dump
+            cause = _innermost(e, handled)  # orbax wraps TensorStore's error (naming the tensor) in a spec dump
             detail = " ".join(str(cause).split())[:300]  # orbax's messages span lines (TensorStore reprs)
             raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(cause).__name__}: {detail}); "
                              "the checkpoint is damaged or does not match its config.json; convert the "
@@ -145,13 +147,17 @@ def _named(tree) -> list:
             for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _innermost(error: BaseException) -> BaseException:
-    """The exception at the bottom of `error`'s chain of causes."""
+def _innermost(error: BaseException, handled: BaseException | None = None) -> BaseException:
+    """The exception at the bottom of `error`'s chain of causes, following a context only where Python
+    would show it (not after `raise ... from None`), and stopping at `handled` (the exception the caller
+    was handling, which every exception raised meanwhile takes as its context) and at an interrupt."""
     seen = {id(error)}
-    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
-        error = error.__cause__ or error.__context__
+    while True:
+        below = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+        if below is None or below is handled or id(below) in seen or not isinstance(below, Exception):
+            return error
+        error = below
         seen.add(id(error))
-    return error
 
 
 def default_target(abstract: dict, sharding: jax.sharding.Sharding | None = None) -> dict:

@@ -602,6 +602,41 @@ def test_truncated_weights_name_the_tensor(tmp_path, hf_dir, fraction):
     assert "TensorStore(" not in str(error.value)
 
 
+def test_a_damaged_group_is_named_when_loaded_while_handling_another_error(tmp_path, hf_dir):
+    """The caller's own exception (load in an except block) is the context of every exception raised
+    meanwhile: the error names the damage, not the caller's exception."""
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    group = os.path.join(out, "weights", "layer_0")
+    shutil.rmtree(group)
+    os.mkdir(group)
+    try:
+        raise KeyError("the caller's own")
+    except KeyError:
+        with pytest.raises(ValueError, match=r"cannot restore weight group 'layer_0' \(FileNotFoundError: .*"
+                                             r"weights/layer_0/") as error:
+            llmjax.load(out)
+    assert "the caller's own" not in str(error.value)
+
+
+def test_the_innermost_cause_is_one_python_would_show():
+    def chain(inner, outer_from_none=False):
+        try:
+            raise inner
+        except BaseException:
+            try:
+                if outer_from_none:
+                    raise ValueError("the wrapper's message") from None
+                raise ValueError("the wrapper's message")
+            except ValueError as e:
+                return e
+    assert str(checkpoint._innermost(chain(OSError("the damage")))) == "the damage"
+    assert str(checkpoint._innermost(chain(OSError("hidden"), outer_from_none=True))) == "the wrapper's message"
+    assert str(checkpoint._innermost(chain(KeyboardInterrupt()))) == "the wrapper's message"
+    cycle = chain(OSError("the damage"))
+    cycle.__context__.__context__ = cycle
+    assert str(checkpoint._innermost(cycle)) == "the damage"
+
+
 def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     manifest_path = os.path.join(out, "llmjax.json")
