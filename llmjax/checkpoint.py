@@ -65,7 +65,7 @@ def write_manifest(root: str, keys: list[str], dtype: str, quant=None) -> None:
 
 def read_manifest(root: str) -> dict[str, Any]:
     path = os.path.join(root, MANIFEST)
-    manifest = read_json(path)
+    manifest = read_json(path, fix="convert the model again with `llmjax convert`")
     groups = manifest.get("groups")
     if (manifest.get("format") != FORMAT or manifest.get("version") != VERSION
             or isinstance(manifest.get("version"), bool) or not isinstance(groups, list)

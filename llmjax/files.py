@@ -31,8 +31,10 @@ def resolve(path: str | os.PathLike) -> str:
     return path
 
 
-def read_json(path: str | os.PathLike, *, optional: bool = False) -> dict[str, Any]:
-    """The JSON object in `path`; `{}` for a missing file when `optional`."""
+def read_json(path: str | os.PathLike, *, optional: bool = False,
+              fix: str = "restore it from the model's release") -> dict[str, Any]:
+    """The JSON object in `path`; `{}` for a missing file when `optional`. `fix`: what an error tells
+    the user to do (a file llmjax writes is not restored from a release but written again)."""
     path = os.fspath(path)
     if optional and not os.path.isfile(path):
         return {}
@@ -40,14 +42,14 @@ def read_json(path: str | os.PathLike, *, optional: bool = False) -> dict[str, A
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing; restore it from the model's release") from None
+        what = f"is a link to {os.readlink(path)}, which does not exist" if os.path.islink(path) else "is missing"
+        raise FileNotFoundError(f"{path} {what}; {fix}") from None
     except PermissionError:
         raise PermissionError(not_permitted(path)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the model's release") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from e
     if not isinstance(value, dict):
-        raise ValueError(f"{path} holds {type(value).__name__}, not a JSON object; restore it from the "
-                         "model's release")
+        raise ValueError(f"{path} holds {type(value).__name__}, not a JSON object; {fix}")
     return value
 
 

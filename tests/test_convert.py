@@ -649,5 +649,11 @@ def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
             llmjax.load(out)
     os.remove(manifest_path)
     os.mkdir(manifest_path)  # a manifest that is no file is named, not taken for a folder with no weights
-    with pytest.raises(ValueError, match=r"llmjax.json is not valid JSON \(.*Is a directory"):
+    with pytest.raises(ValueError, match=r"llmjax.json is not valid JSON \(.*Is a directory.*\); convert the model "
+                                         r"again with `llmjax convert`"):
+        llmjax.load(out)
+    os.rmdir(manifest_path)
+    os.symlink(os.path.join("..", "gone.json"), manifest_path)  # a link whose file is gone is named as one
+    with pytest.raises(FileNotFoundError, match=r"llmjax.json is a link to \.\./gone.json, which does not exist; "
+                                                r"convert the model again"):
         llmjax.load(out)
