@@ -589,10 +589,12 @@ def test_a_quantized_checkpoint_read_as_float_is_refused_by_name(tmp_path, hf_di
         llmjax.load(out)
 
 
-@pytest.mark.parametrize("fraction", [0, 0.01, 0.5, 0.99])
+@pytest.mark.parametrize("fraction", [0, 0.01, 0.5, 0.9])
 def test_truncated_weights_name_the_tensor(tmp_path, hf_dir, fraction):
     """The error names the tensor and the damage (TensorStore's own message), not orbax's wrapper,
-    whose first 300 characters were a dump of the TensorStore spec."""
+    whose first 300 characters were a dump of the TensorStore spec. The cut takes at least a tenth of
+    the file: a data file's last few hundred bytes may be a b-tree node the merged checkpoint no longer
+    reads (written on many cores, one in about 40 such files loaded whole at 99%)."""
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     path = _weights_file(out, "layer_0")
     os.truncate(path, int(os.path.getsize(path) * fraction))
