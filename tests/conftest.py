@@ -10,8 +10,13 @@ library source, which every machine has.
 """
 
 import os
+import signal
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A process started in the background by a shell without job control (`cmd &`, nohup) inherits SIGINT
+# ignored, and Python then leaves it so; the tests of what a Ctrl-C does need Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 
