@@ -32,12 +32,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from llmjax.sharding.mesh import is_integer
 
 GROUP_SIZES = (128, 64, 32)
 NIBBLES = 8  # int4 codes per uint32 word
@@ -67,7 +68,7 @@ class QuantScheme:
         # Python's, as a manifest's JSON needs them.
         for name in ("bits", "group_size"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)):
+            if value is not None and not is_integer(value):
                 raise ValueError(f"{name} must be an int, got {value!r}")
             object.__setattr__(self, name, None if value is None else int(value))
         for name in ("symmetric", "lm_head"):
