@@ -382,6 +382,13 @@ def _jinja_env() -> jinja2.Environment:
     return env
 
 
+def _prefix_settings(cfg: dict) -> tuple[bool, bool]:
+    """A Llama tokenizer config's whitespace marker settings, as transformers reads them:
+    `add_prefix_space` (unset: True) and `legacy` (only an explicit true)."""
+    prefix = cfg.get("add_prefix_space")
+    return (True if prefix is None else bool(prefix)), cfg.get("legacy") is True
+
+
 class _HFTokenizersBackend:
     def __init__(self, path: str, cfg: dict | None = None):
         import tokenizers
@@ -410,9 +417,8 @@ class _HFTokenizersBackend:
         transformers ignores the config's add_bos_token/add_eos_token beside a tokenizer.json."""
         from tokenizers import decoders, pre_tokenizers
 
-        prefix = cfg.get("add_prefix_space")
-        prefix = True if prefix is None else bool(prefix)
-        scheme = ("always" if cfg.get("legacy") is True else "first") if prefix else "never"
+        prefix, legacy = _prefix_settings(cfg)
+        scheme = ("always" if legacy else "first") if prefix else "never"
         self._tok.normalizer = None
         self._tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
         steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -489,11 +495,9 @@ class _SentencePieceBackend:
                              "release") from e
         self._add_bos = cfg.get("add_bos_token", True)
         self._add_eos = cfg.get("add_eos_token", False)
-        prefix = cfg.get("add_prefix_space")
-        self._prefix = True if prefix is None else bool(prefix)
-        # transformers' `legacy` mode (only an explicit true): the text after each special token gets
-        # the whitespace marker too, as sentencepiece gives every piece of text it encodes.
-        self._legacy = cfg.get("legacy") is True
+        # transformers' `legacy` mode: the text after each special token gets the whitespace marker too,
+        # as sentencepiece gives every piece of text it encodes.
+        self._prefix, self._legacy = _prefix_settings(cfg)
         self._specials = self._special_tokens(cfg)
         self._special_ids = {i: t for t, i in self._specials.items()}
         # Added tokens marked "special": false keep their text when special tokens are skipped.
