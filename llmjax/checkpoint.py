@@ -101,9 +101,10 @@ def restore_weights(root: str, target: dict) -> dict:
     weights = {}
     for key, group_target in target.items():
         path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
-        check_stored(checkpointer, path, key, to_storage(group_target))
+        storage = to_storage(group_target)
+        check_stored(checkpointer, path, key, storage)
         try:
-            weights[key] = from_storage(checkpointer.restore(path, to_storage(group_target)), group_target)
+            weights[key] = from_storage(checkpointer.restore(path, storage), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
             cause = _innermost(e, handled)  # orbax wraps TensorStore's error (naming the tensor) in a spec dump
             detail = " ".join(str(cause).split())[:300]  # orbax's messages span lines (TensorStore reprs)
