@@ -78,7 +78,7 @@ from llmjax import cache as kv
 from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _cut_at_stop, _Detokenizer,
-                             _is_int, _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
+                             _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, check_params, shard
 from llmjax.sampling import Sampling, check_seed, sample, seed_words, words_key
 from llmjax.sharding import mesh as meshes, pipeline
@@ -411,7 +411,7 @@ def _key_words() -> int:
 
 
 def _positive(name: str, value) -> int:
-    if not _is_int(value) or value < 1:
+    if not meshes.is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if value >= 2**31:  # sizes of arrays and indices, in JAX's 32-bit integers
         raise ValueError(f"{name} must be below 2**31, got {value!r}")
@@ -500,7 +500,7 @@ class Engine:
             raise ValueError(f"decode_steps x max_slots must be below 2**31, got {self.decode_steps} x "
                              f"{self.max_slots}")
         self.prefill_row = _positive("prefill_row", prefill_row)
-        if not _is_int(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
+        if not meshes.is_integer(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
             raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({prefill_row}), "
                              f"got {prefill_tokens!r}")
         _positive("prefill_tokens", prefill_tokens)
@@ -611,7 +611,7 @@ class Engine:
         else:
             if isinstance(kv_memory, float) and kv_memory.is_integer():  # 0.5 * 2**30 and the like
                 kv_memory = int(kv_memory)
-            if not _is_int(kv_memory) or kv_memory < 1:
+            if not meshes.is_integer(kv_memory) or kv_memory < 1:
                 raise ValueError(f"kv_memory must be a whole number of bytes >= 1, got {kv_memory!r}")
             pages = min(wanted, kv_memory // self.page_bytes)  # no more than the slots can ever use
         if pages >= 2**31:  # block tables hold page ids as 32-bit integers

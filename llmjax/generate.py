@@ -36,6 +36,7 @@ from llmjax.models.llama import Llama
 from llmjax.params import Params, check_params, on_cpu
 from llmjax.sampling import Sampling, check_seed, sample, seed_key
 from llmjax.sharding import pipeline
+from llmjax.sharding.mesh import is_integer
 from llmjax.sharding.rules import cache_sharding
 
 MIN_BUCKET = 16
@@ -240,17 +241,13 @@ def _replicated(model, x):
 # ---------------------------------------------------------------- host side: prompts
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 # The exact types a token id list usually holds: checked with one `set(map(type, ...))`, in C, rather
-# than `_is_int` per token (a 1000-prompt batch spent ~40 ms there); anything else takes `_is_int`.
+# than `is_integer` per token (a 1000-prompt batch spent ~40 ms there); anything else takes `is_integer`.
 _INT_TYPES = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64})
 
 
 def _all_ints(values) -> bool:
-    return set(map(type, values)) <= _INT_TYPES or all(_is_int(t) for t in values)
+    return set(map(type, values)) <= _INT_TYPES or all(is_integer(t) for t in values)
 
 
 def _parse_prompt(prompt) -> tuple[str, list]:
@@ -321,7 +318,7 @@ def check_vocabulary(params: Params, rows: list[list[int]], from_text: bool) -> 
 def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> int:
     """`max_new_tokens` as a Python int, once it fits the model's context after the longest row (a numpy
     integer would wrap or overflow in the sum, and pass a check it fails)."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
     context = params.config.max_position_embeddings

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.sharding.mesh import is_integer
+
 
 def check_seed(seed) -> None:
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+    if not is_integer(seed) or not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must be a signed 64-bit integer, in [-2**63, 2**63), got {seed!r}")
 
 
@@ -67,7 +69,7 @@ class Sampling:
             raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy; larger "
                              f"ones sample uniformly in all but name), got {t!r}")
         k = self.top_k
-        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1):
+        if k is not None and (not is_integer(k) or k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")
         p = self.top_p
         if p is not None and (not _is_real(p) or not 0 < p <= 1):

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.generate import _batch_size, _bucket, _is_int, _model, _positions, _replicated, _token_rows, \
+from llmjax.generate import _batch_size, _bucket, _model, _positions, _replicated, _token_rows, \
     check_vocabulary
 from llmjax.kernels import dispatch
 from llmjax.models import llama
 from llmjax.params import Params, check_params
+from llmjax.sharding.mesh import is_integer
 
 BATCH = 8  # the most windows a compiled call scores
 TOKENS = 32768  # ... and the most tokens: past that, fewer windows a call (one, at the least)
@@ -109,12 +110,12 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
     check_params(params)
     config, tok = params.config, params.tokenizer
     window = config.max_position_embeddings if window is None else window
-    if not _is_int(window) or not 2 <= window <= config.max_position_embeddings:
+    if not is_integer(window) or not 2 <= window <= config.max_position_embeddings:
         raise ValueError(f"window must be an integer in [2, {config.max_position_embeddings}] (the "
                          f"model's context), got {window!r}")
     stride = max(1, window // 2) if stride is None else stride
-    if not _is_int(stride) or not 1 <= stride <= window - 1:
-        why = ("" if not _is_int(stride) or stride < 1 else ": every window begins with BOS, so it scores at "
+    if not is_integer(stride) or not 1 <= stride <= window - 1:
+        why = ("" if not is_integer(stride) or stride < 1 else ": every window begins with BOS, so it scores at "
                "most window - 1 new tokens (the Hugging Face recipe's stride == window, windows that do not "
                "overlap, is stride=window - 1 here)")
         raise ValueError(f"stride must be an integer in [1, window - 1 = {window - 1}], got {stride!r}{why}")
@@ -129,7 +130,7 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
                              "so pass token ids (BOS first) instead")
         bos, rows = tok.bos_id, [_text_ids(tok, t) for t in text]
         check_vocabulary(params, [[bos, *r] for r in rows], from_text=True)
-    elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and all(map(_is_int, text)):
+    elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and all(map(is_integer, text)):
         (row,) = _token_rows(params, "ids", [list(text)])
         bos, rows = row[0], [row[1:]]
     else:
