@@ -374,6 +374,26 @@ def test_rotary_buffers_and_tied_head_copies_are_skipped(tmp_path, hf_dir, refer
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "out"), TOKENS)), reference)
 
 
+def test_a_tied_head_is_read_only_when_it_copies_the_embedding(tmp_path, hf_dir):
+    """tie_word_embeddings true beside an lm_head.weight: a copy of the embedding is skipped; other values
+    are refused, since transformers 5 then reads the head (untied) and earlier versions the embedding."""
+    def tied(name, head):
+        src = _copy_with(hf_dir, tmp_path / name, lambda t: t.update({"lm_head.weight": head(t)}))
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+        return src
+
+    embed = lambda t: t["model.embed_tokens.weight"].copy()
+    without = _copy_with(hf_dir, tmp_path / "none", lambda t: t.pop("lm_head.weight"))
+    config = json.loads((without / "config.json").read_text())
+    (without / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    want = np.asarray(llmjax.logits(llmjax.load(without), TOKENS))
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tied("copy", embed)), TOKENS)), want)
+    message = _convert_error(tied("other", lambda t: embed(t) * 0.5), tmp_path / "out")
+    assert ("config.json sets tie_word_embeddings true, but lm_head.weight is not a copy of "
+            "model.embed_tokens.weight" in message and "set tie_word_embeddings to false" in message)
+
+
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

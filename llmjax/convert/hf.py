@@ -175,7 +175,22 @@ def check_tensors(source: SafetensorsFolder, config: LlamaConfig) -> list[Entry]
         if dtype not in _STORED:
             raise ValueError(f"{source.files[e.hf_name]}: tensor {e.hf_name!r} is stored as {dtype}; "
                              f"llmjax reads float32, float16 and bfloat16 checkpoints")
+    _check_tied_head(source, config)
     return entries
+
+
+def _check_tied_head(source: SafetensorsFolder, config: LlamaConfig) -> None:
+    """A tied model's `lm_head.weight` must be a copy of the embedding: llmjax reads the embedding, but
+    transformers (from 5.0) unties the two where they differ and reads the head, so the same folder
+    would compute other logits in each."""
+    if not config.tie_word_embeddings or "lm_head.weight" not in source.files:
+        return
+    head, embed = source.read("lm_head.weight"), source.read("model.embed_tokens.weight")
+    if not np.array_equal(head, embed, equal_nan=True):
+        raise ValueError(f"{source.folder}: config.json sets tie_word_embeddings true, but lm_head.weight is not a "
+                         "copy of model.embed_tokens.weight (transformers 5 then reads lm_head.weight, earlier "
+                         "versions the embedding); set tie_word_embeddings to false in config.json to use "
+                         "lm_head.weight, or remove lm_head.weight from the checkpoint to tie them")
 
 
 def resolve_dtype(dtype: str, source: SafetensorsFolder) -> str:
