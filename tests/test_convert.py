@@ -89,9 +89,28 @@ def test_an_index_that_does_not_match_its_shards_is_named(tmp_path, hf_dir):
     index = json.loads(index_path.read_text())
     shards = sorted(set(index["weight_map"].values()))
     name = next(n for n, f in index["weight_map"].items() if f == shards[-1])
+    right = index["weight_map"][name]
     index["weight_map"][name] = shards[0]  # a tensor said to be in a shard that lacks it
     index_path.write_text(json.dumps(index))
-    assert f"cannot read tensor {name!r}" in _convert_error(tmp_path / "sh", tmp_path / "out")
+    assert (f"index.json does not match its shards (1 tensor(s), first {name!r}): it is in {shards[-1]}, but the "
+            f"index puts it in {shards[0]}; download") in _convert_error(tmp_path / "sh", tmp_path / "out")
+    # transformers reads every tensor of the listed shards: one the index leaves out, or puts in no shard
+    index["weight_map"].pop(name)
+    index_path.write_text(json.dumps(index))
+    assert f"{name!r}): it is in {shards[-1]}, but the index does not list it" in _convert_error(
+        tmp_path / "sh", tmp_path / "out")
+    index["weight_map"].update({name: right, "model.layers.0.mlp.down_proj.bias": shards[0]})
+    index_path.write_text(json.dumps(index))
+    assert ("'model.layers.0.mlp.down_proj.bias'): it is in none of its shards, but the index puts it in "
+            f"{shards[0]}") in _convert_error(tmp_path / "sh", tmp_path / "out")
+    # a tensor in two shards: transformers reads the later one, whatever the index says
+    del index["weight_map"]["model.layers.0.mlp.down_proj.bias"]
+    index_path.write_text(json.dumps(index))
+    first = load_file(tmp_path / "sh" / shards[0])
+    save_file({**first, name: load_file(tmp_path / "sh" / right)[name] * 2}, tmp_path / "sh" / shards[0],
+              metadata={"format": "pt"})
+    assert (f"tensor {name!r} is in both {shards[0]} and {right} (the model.safetensors.index.json puts it in "
+            f"{right}); the shards come from different saves") in _convert_error(tmp_path / "sh", tmp_path / "out")
     index["weight_map"][name] = 7
     index_path.write_text(json.dumps(index))
     assert "the file 7, not a file name" in _convert_error(tmp_path / "sh", tmp_path / "out2")
@@ -122,6 +141,14 @@ def test_two_copies_of_the_weights_read_as_transformers_reads_them(tmp_path, hf_
         hf.convert(str(sharded), str(tmp_path / "conv"), progress=False)
     np.testing.assert_allclose(np.asarray(llmjax.logits(llmjax.load(tmp_path / "conv", dtype="float32"), TOKENS))[0],
                                theirs, atol=1e-5)
+    # the index is not read then, nor are its shards, as transformers reads none of them
+    first = sorted(sharded.glob("model-*.safetensors"))[0]
+    tensors_of_first = first.read_bytes()
+    first.unlink()
+    with pytest.warns(UserWarning, match="reading model.safetensors"):
+        np.testing.assert_allclose(np.asarray(llmjax.logits(llmjax.load(sharded, dtype="float32"), TOKENS))[0],
+                                   theirs, atol=1e-5)
+    first.write_bytes(tensors_of_first)
     # an index that lists model.safetensors itself is one copy
     index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in tensors}}
     single = tmp_path / "single"

@@ -93,18 +93,18 @@ def _tensor_files(folder: str) -> dict[str, str]:
     check_folder(folder, "Hugging Face model folder")
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
-        files = _files_from_index(folder, index)
+        weight_map = _weight_map(index)
         single = os.path.join(folder, "model.safetensors")
-        if os.path.isfile(single) and single not in files.values():
+        if os.path.isfile(single) and single not in {os.path.join(folder, fn) for fn in weight_map.values()}:
             # two copies of the weights (a repository that ships both, or a stale save): transformers
             # reads model.safetensors and ignores the index, and so does llmjax, to load the same model
-            shards = sorted({os.path.basename(f) for f in files.values()})
+            shards = sorted(set(weight_map.values()))
             warnings.warn(f"{folder} holds both model.safetensors and {INDEX} (shards {', '.join(shards[:3])}"
                           f"{', ...' if len(shards) > 3 else ''}): reading model.safetensors, as transformers does; "
                           "remove the copy that is not the model you mean", stacklevel=4)
             with _safe_open(single) as f:
                 return {k: single for k in f.keys()}
-        return files
+        return _files_from_index(folder, weight_map)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         pickles = pickled_files(folder)
@@ -139,7 +139,7 @@ def _safe_open(path: str):
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); download it again") from e
 
 
-def _files_from_index(folder: str, index: str) -> dict[str, str]:
+def _weight_map(index: str) -> dict[str, str]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no 'weight_map'; download it again")
@@ -147,10 +147,33 @@ def _files_from_index(folder: str, index: str) -> dict[str, str]:
     if bad:
         raise ValueError(f"{index}: weight_map gives {bad[0]!r} the file {weight_map[bad[0]]!r}, not a file name "
                          "in the folder; download the index again")
+    return weight_map
+
+
+def _files_from_index(folder: str, weight_map: dict[str, str]) -> dict[str, str]:
     missing = sorted({fn for fn in weight_map.values() if not os.path.isfile(os.path.join(folder, fn))})
     if missing:
         raise FileNotFoundError(f"{folder}: {INDEX} lists shards that are missing: {', '.join(missing)}; "
                                 "download them")
+    # transformers reads every tensor of the shards the index lists, wherever the index puts it: a
+    # tensor in two shards, or in another shard than the index says, would load other weights there
+    found: dict[str, str] = {}
+    for fn in sorted(set(weight_map.values())):
+        with _safe_open(os.path.join(folder, fn)) as f:
+            for k in f.keys():
+                if k in found:
+                    said = f"puts it in {weight_map[k]}" if k in weight_map else "does not list it"
+                    raise ValueError(f"{folder}: tensor {k!r} is in both {found[k]} and {fn} (the {INDEX} {said}); "
+                                     "the shards come from different saves: download them again")
+                found[k] = fn
+    wrong = sorted(set(weight_map.items()) ^ set(found.items()))
+    if wrong:
+        names = sorted({name for name, _ in wrong})
+        name = names[0]
+        where = f"is in {found[name]}" if name in found else "is in none of its shards"
+        said = f"puts it in {weight_map[name]}" if name in weight_map else "does not list it"
+        raise ValueError(f"{folder}: {INDEX} does not match its shards ({len(names)} tensor(s), first {name!r}): it "
+                         f"{where}, but the index {said}; download the index and the shards again")
     return {name: os.path.join(folder, fn) for name, fn in weight_map.items()}
 
 
