@@ -154,6 +154,13 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # (transformers' name for the same function)
         raise ValueError(f"config.json: hidden_act={act!r} is not supported; Llama uses 'silu'")
+    window, context = _int(hf, "sliding_window"), _int(hf, "max_position_embeddings", 2048)
+    if window is not None and window < context:  # (a Mistral model relabelled Llama, say)
+        raise ValueError(
+            f"config.json: sliding_window={window} limits attention to the last {window} tokens, which llmjax does "
+            f"not implement: its Llama attends to the whole context (max_position_embeddings={context}), as "
+            "transformers' LlamaForCausalLM does in a forward pass, though it windows its cache when it generates. "
+            "Remove sliding_window (or set it to null) to attend to the whole context")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads"):
         if field not in hf:

@@ -68,6 +68,18 @@ def test_refuses_what_it_does_not_implement(change, field):
         LlamaConfig.from_hf({**CLASSIC, **change})
 
 
+def test_a_sliding_window_within_the_context_is_refused():
+    """transformers' Llama attends to the whole prompt but keeps only the window in its generation cache
+    when `sliding_window` is set; llmjax attends to everything, so a window it could reach is refused."""
+    with pytest.raises(ValueError, match="sliding_window=4096 limits attention to the last 4096 tokens, which llmjax "
+                                         r"does not implement.*\(max_position_embeddings=131072\).*Remove sliding_window"):
+        LlamaConfig.from_hf({**CLASSIC, "sliding_window": 4096})
+    with pytest.raises(ValueError, match="sliding_window must be an integer >= 1"):
+        LlamaConfig.from_hf({**CLASSIC, "sliding_window": "4096"})
+    for harmless in (None, 131072, 200000):  # never reached: llmjax runs no longer than the context
+        assert LlamaConfig.from_hf({**CLASSIC, "sliding_window": harmless}) == LlamaConfig.from_hf(CLASSIC)
+
+
 def test_swish_is_silu():
     assert LlamaConfig.from_hf({**CLASSIC, "hidden_act": "swish"}) == LlamaConfig.from_hf(CLASSIC)
 
