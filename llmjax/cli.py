@@ -476,7 +476,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_process(status: int) -> None:
+    """Ends the process now, without Python's teardown: a Ctrl-C during an XLA compile interrupts only
+    the wait for it, jaxlib's thread goes on compiling, and tearing the backend down under that thread
+    crashes the process (a segmentation fault, exit status 139, in place of 130)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed, gone, or None
+            pass
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command in `argv` (the process's own command line when None) and returns its exit status;
+    the process's own run ends at once on a Ctrl-C (`_end_process`)."""
     args = _parser().parse_args(argv)
     try:
         args.run(args)
@@ -487,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if argv is None:  # the console script, or python -m llmjax.cli
+            _end_process(130)
         return 130
     return 0
 

@@ -126,6 +126,30 @@ def test_generate_into_a_closed_pipe_stops_quietly(example_model):
     assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err
 
 
+INTERRUPTED_COMPILE = """
+import os, signal, sys, threading
+from jax._src import compiler
+from llmjax import cli
+real = compiler.backend_compile_and_load
+def compile_and_load(backend, module, *args, **kwargs):  # a Ctrl-C 0.2 s into the first program's compile
+    if "first_tokens" in str(module.operation.attributes["sym_name"]):
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return real(backend, module, *args, **kwargs)
+compiler.backend_compile_and_load = compile_and_load
+sys.argv = ["llmjax", "generate", "--prompt", "def f(x):", "--max-new-tokens", "4"]
+sys.exit(cli.main())
+"""
+
+
+def test_a_ctrl_c_during_a_compile_ends_the_command_with_130():
+    """A Ctrl-C interrupts the wait for an XLA compile, not the compile: the process then ends without
+    Python's teardown, which crashed under jaxlib's compiling thread (a segmentation fault, 139)."""
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_COMPILE], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout == "def f(x):" and "Traceback" not in proc.stderr
+
+
 def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, capsys):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe not utf-8")
     assert cli_main(["perplexity", "--model", str(example_model), "--text", str(tmp_path / "bin.txt")]) == 2
