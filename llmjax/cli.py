@@ -134,6 +134,13 @@ def _check_sampling_flags(args) -> None:
             raise ValueError(f"--{dest.replace('_', '-')} {value}: {e}") from None
 
 
+def _check_least(flag: str, value: int | None, least: int) -> None:
+    """Refuses a count below `least` by its flag, before the model loads (`stream` and `perplexity`
+    check it only after, by their argument's name)."""
+    if value is not None and value < least:
+        raise ValueError(f"{flag} takes an integer >= {least}, got {value}")
+
+
 def _generate(args) -> None:
     import llmjax
     from llmjax.kernels import dispatch
@@ -144,6 +151,7 @@ def _generate(args) -> None:
     for stop in args.stop or ():
         _command_line_text("--stop", stop)
     _check_sampling_flags(args)
+    _check_least("--max-new-tokens", args.max_new_tokens, 1)
     _check_tokenizer(args.model)
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     prompt = args.prompt
@@ -169,6 +177,8 @@ def _perplexity(args) -> None:
     import llmjax
 
     _need_stdout("the perplexity")
+    _check_least("--window", args.window, 2)  # BOS and a token to score
+    _check_least("--stride", args.stride, 1)
     texts = []
     for path in args.text:
         with open(path, encoding="utf-8", newline="") as f:  # the file's own line endings, \r\n included

@@ -84,6 +84,19 @@ def test_generate_refuses_a_sampling_flag_by_name_before_loading_the_model(flag,
     assert err.startswith(f"llmjax generate: error: {flag} {value}") and "must be" in err and "\n" not in err
 
 
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x", "--max-new-tokens", "0"],
+                                     ["generate", "--prompt", "x", "--max-new-tokens", "-5"],
+                                     ["perplexity", "--text", "README.md", "--window", "1"],
+                                     ["perplexity", "--text", "README.md", "--stride", "0"]])
+def test_a_count_out_of_range_is_refused_by_its_flag_before_loading_the_model(command, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(llmjax, "load", lambda *a, **k: pytest.fail("loaded the model before checking " + command[-2]))
+    assert cli_main(command) == 2
+    err = capsys.readouterr().err.strip()
+    least = 2 if command[-2] == "--window" else 1
+    assert err == f"llmjax {command[0]}: error: {command[-2]} takes an integer >= {least}, got {command[-1]}"
+
 def test_generate_refuses_what_would_lose_or_garble_text(example_model, capsys, monkeypatch):
     """A prompt or stop string that is not UTF-8 (Python keeps its bytes as lone surrogates) is named as
     such; a closed stdout is refused before any work rather than losing the text; a device call out of
