@@ -181,12 +181,16 @@ def _perplexity(args) -> None:
     _check_least("--stride", args.stride, 1)
     texts = []
     for path in args.text:
-        with open(path, encoding="utf-8", newline="") as f:  # the file's own line endings, \r\n included
-            try:
+        try:
+            with open(path, encoding="utf-8", newline="") as f:  # the file's own line endings, \r\n included
                 texts.append(f.read())
-            except UnicodeDecodeError as e:
-                raise ValueError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a "
-                                 "UTF-8 text file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a "
+                             "UTF-8 text file") from None
+        except OSError as e:
+            raise ValueError(f"--text {path}: {e.strerror or e}; give a UTF-8 text file") from None
+        if not texts[-1]:  # it would count as a file scored, with no token in the result
+            raise ValueError(f"--text {path} is empty, so it has nothing to score; leave it out")
     _check_tokenizer(args.model)
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)

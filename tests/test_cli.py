@@ -167,6 +167,14 @@ def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, cap
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe not utf-8")
     assert cli_main(["perplexity", "--model", str(example_model), "--text", str(tmp_path / "bin.txt")]) == 2
     assert f"--text {tmp_path / 'bin.txt'} is not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "good.txt").write_text("def f(x):\n    return x\n")
+    for path, problem in ((tmp_path / "empty.txt", " is empty, so it has nothing to score; leave it out"),
+                          (tmp_path / "missing.txt", ": No such file or directory; give a UTF-8 text file"),
+                          (tmp_path, ": Is a directory; give a UTF-8 text file")):
+        assert cli_main(["perplexity", "--model", str(example_model), "--text", str(tmp_path / "good.txt"),
+                         "--text", str(path)]) == 2
+        assert capsys.readouterr().err == f"llmjax perplexity: error: --text {path}{problem}\n"
     assert cli_main(["generate", "--model", str(example_model), "--prompt", "x", "--max-new-tokens", "1"]) == 0
     err = capsys.readouterr().err
     assert "[decode] 1 tokens |" in err and "nan" not in err  # one token: no decode step to time
@@ -181,7 +189,6 @@ def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, cap
     for name in os.listdir(example_model):
         if not name.startswith("tokenizer"):
             (bare / name).write_bytes((example_model / name).read_bytes())
-    (tmp_path / "good.txt").write_text("def f(x):\n    return x\n")
     for command in (["generate", "--prompt", "x"], ["perplexity", "--text", str(tmp_path / "good.txt")]):
         assert cli_main([command[0], "--model", str(bare), *command[1:]]) == 2
         assert "has no tokenizer (tokenizer.model or tokenizer.json), and the command line works on text" in \
