@@ -227,7 +227,8 @@ _THROUGHPUT_ONLY = ("requests", "no_mix", "serving_requests", "rates", "hf_reque
 
 def _check_modes(args) -> None:
     """Refuses a `bench` flag that the run would ignore: a decode-bench flag with --throughput, a
-    --throughput flag without it, and serving settings that --no-mix or --serving-requests 0 skip."""
+    --throughput flag without it, serving settings that --no-mix or --serving-requests 0 skip, and the
+    setting --sweep sweeps."""
     defaults = vars(_parser().parse_args(["bench"]))
     flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
     given = [d for d in (_DECODE_ONLY if args.throughput else _THROUGHPUT_ONLY) if getattr(args, d) != defaults[d]]
@@ -243,6 +244,10 @@ def _check_modes(args) -> None:
                          "leaves out; drop one of them, or leave --rates out")
     if args.throughput and args.no_mix and args.serving_requests != defaults["serving_requests"]:
         raise ValueError("--serving-requests is for the serving curve, which --no-mix leaves out; drop one of them")
+    key = _sweep_key(args.sweep) if args.sweep and not args.throughput else None
+    if key and getattr(args, key) != defaults[key]:
+        raise ValueError(f"{flag(key)} {getattr(args, key)} and --sweep {args.sweep} both set {key}, and the sweep's "
+                         f"values would win; leave {flag(key)} out, or drop --sweep")
     hf = [flag(d) for d in ("hf_requests", "hf_batch") if getattr(args, d) != defaults[d]]
     if hf and not args.compare_hf:
         raise ValueError(f"{', '.join(hf)} {'sets' if len(hf) == 1 else 'set'} what --compare-hf gives transformers; "

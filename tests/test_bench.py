@@ -185,7 +185,9 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--throughput", "--no-mix", "--rates", "1,2"], "--rates sets the serving curve's arrival rates"),
     (["--throughput", "--serving-requests", "0", "--rates", "1"], "--rates sets the serving curve's"),
     (["--throughput", "--no-mix", "--serving-requests", "9"], "which --no-mix leaves out"),
-    (["--throughput", "--hf-batch", "8"], "--hf-batch sets what --compare-hf gives transformers")])
+    (["--throughput", "--hf-batch", "8"], "--hf-batch sets what --compare-hf gives transformers"),
+    (["--batch", "8", "--sweep", "batch=1,2"], "--batch 8 and --sweep batch=1,2 both set batch, and the sweep's"),
+    (["--gen-len", "16", "--sweep", "gen_len=4,8"], "--gen-len 16 and --sweep gen_len=4,8 both set gen_len")])
 def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
     assert cli.main(["bench", "--model", "tiny", *argv]) == 2
     assert match in capsys.readouterr().err
