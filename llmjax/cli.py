@@ -123,7 +123,7 @@ def _need_stdout(what: str) -> None:
 
 def _check_sampling_flags(args) -> None:
     """Refuses a sampling flag out of range by its name, before the model loads (minutes, for a large
-    one, before `stream` would refuse it)."""
+    one, before `stream` would refuse it), and one that greedy decoding would ignore."""
     from llmjax.sampling import Sampling, check_seed
 
     for dest in ("temperature", "top_k", "top_p", "min_p", "seed"):
@@ -132,6 +132,12 @@ def _check_sampling_flags(args) -> None:
             check_seed(value) if dest == "seed" else Sampling(**{dest: value})
         except ValueError as e:
             raise ValueError(f"--{dest.replace('_', '-')} {value}: {e}") from None
+    given = [f"--{d.replace('_', '-')}" for d in ("top_k", "top_p", "min_p", "seed")
+             if getattr(args, d) != (0 if d == "seed" else None)]
+    if args.temperature == 0 and given:  # greedy takes the likeliest token, which every filter keeps
+        it = "it" if len(given) == 1 else "them"
+        raise ValueError(f"{', '.join(given)} {'shapes' if len(given) == 1 else 'shape'} sampling, and --temperature 0 "
+                         f"(the default) is greedy, which ignores {it}; add --temperature (such as 0.8), or leave {it} out")
 
 
 def _check_least(flag: str, value: int | None, least: int) -> None:

@@ -97,6 +97,16 @@ def test_a_count_out_of_range_is_refused_by_its_flag_before_loading_the_model(co
     least = 2 if command[-2] == "--window" else 1
     assert err == f"llmjax {command[0]}: error: {command[-2]} takes an integer >= {least}, got {command[-1]}"
 
+
+def test_generate_refuses_sampling_flags_that_greedy_decoding_ignores(capsys, monkeypatch):
+    monkeypatch.setattr(llmjax, "load", lambda *a, **k: pytest.fail("loaded the model before checking the flags"))
+    assert cli_main(["generate", "--prompt", "x", "--top-p", "0.9"]) == 2
+    assert capsys.readouterr().err == ("llmjax generate: error: --top-p shapes sampling, and --temperature 0 (the "
+                                       "default) is greedy, which ignores it; add --temperature (such as 0.8), "
+                                       "or leave it out\n")
+    assert cli_main(["generate", "--prompt", "x", "--top-k", "5", "--seed", "3", "--temperature", "0"]) == 2
+    assert "error: --top-k, --seed shape sampling, and --temperature 0" in capsys.readouterr().err
+
 def test_generate_refuses_what_would_lose_or_garble_text(example_model, capsys, monkeypatch):
     """A prompt or stop string that is not UTF-8 (Python keeps its bytes as lone surrogates) is named as
     such; a closed stdout is refused before any work rather than losing the text; a device call out of
