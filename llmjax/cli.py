@@ -516,6 +516,8 @@ def _end_process(status: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command in `argv` (the process's own command line when None) and returns its exit status;
     the process's own run ends at once on a Ctrl-C (`_end_process`)."""
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): print(file=None) would write into stdout's text
+        sys.stderr = open(os.devnull, "w")
     args = _parser().parse_args(argv)
     try:
         args.run(args)

@@ -173,6 +173,16 @@ def test_a_ctrl_c_during_a_compile_ends_the_command_with_130():
     assert proc.stdout == "def f(x):" and "Traceback" not in proc.stderr
 
 
+def test_generate_with_stderr_closed_writes_only_the_text_to_stdout():
+    """`2>&-`: Python's stderr is None, and print(file=None) writes to stdout; the speed line would end
+    up in the generated text."""
+    proc = subprocess.run(["sh", "-c", 'exec "$0" "$@" 2>&-', sys.executable, "-m", "llmjax.cli", "generate",
+                           "--prompt", "def f(x):", "--max-new-tokens", "2"], stdout=subprocess.PIPE, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0
+    assert proc.stdout.decode().startswith("def f(x):") and "[prefill]" not in proc.stdout.decode()
+
+
 def test_perplexity_and_generate_name_what_is_wrong(example_model, tmp_path, capsys):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe not utf-8")
     assert cli_main(["perplexity", "--model", str(example_model), "--text", str(tmp_path / "bin.txt")]) == 2
