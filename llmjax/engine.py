@@ -64,6 +64,7 @@ import functools
 import itertools
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -1397,6 +1398,8 @@ class LLM:
         from tqdm.auto import tqdm
 
         engine, pending = self.engine, {id(r): r for r in requests}
+        # No stderr (pythonw, some services): tqdm would write its bar to None and raise AttributeError.
+        progress = progress and sys.stderr is not None
         try:
             with tqdm(total=len(requests), unit="req", disable=not progress, desc="generate") as bar:
                 while pending:

@@ -824,6 +824,22 @@ def test_a_dropped_engine_with_requests_running_is_freed_at_once(params):
         gc.enable()
 
 
+def test_llm_generates_with_its_bar_on_a_stderr_that_is_no_terminal_and_without_one_on_none(params, monkeypatch, capsys):
+    """The progress bar goes to stderr, as lines when it is not a terminal; a process without stderr
+    (pythonw, some services: sys.stderr is None) gets its outputs without a bar, not tqdm's
+    AttributeError after the work."""
+    import sys
+
+    prompts = [[1, 5, 9], [1, 7]]
+    want = _reference(params, prompts, [3, 3])
+    llm = LLM(params, **SMALL)
+    assert llm.generate(prompts, max_new_tokens=3) == want
+    assert "2/2" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stderr", None)
+    assert llm.generate(prompts, max_new_tokens=3) == want
+    assert llm.engine.pending == 0
+
+
 def test_llm_generate_from_several_threads_shares_the_engine(params):
     """Threads calling one LLM's generate at once (a server's pool): a call that finds the engine
     stepped by another waits for that step, whose call advances its requests too; each call gets
