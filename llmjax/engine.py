@@ -98,7 +98,7 @@ CHUNK_FILL = 0.75  # a call runs the chunk size above its prompt work when the w
 
 class _Text:
     """A request's text, decoded as its tokens come: the pieces `_Detokenizer` releases (text that
-    cannot change any more, held back before a possible stop string), and how many were handed out."""
+    cannot change any more, held back before a possible stop string). Each stream keeps its own place."""
 
     def __init__(self, tokenizer, prompt: list[int], stops: list[str], eos: set[int]):
         self._detok, self._eos = _Detokenizer(tokenizer, prompt, stops), eos
@@ -107,7 +107,7 @@ class _Text:
         self.lock = threading.Lock()
         self.fed = 0  # tokens pushed into the detokenizer
         self.pieces: list[str] = []
-        self._flushed, self._taken = False, 0
+        self._flushed = False
 
     @property
     def stopped(self) -> bool:
@@ -126,11 +126,6 @@ class _Text:
     def _keep(self, piece: str) -> None:
         if piece:
             self.pieces.append(piece)
-
-    def take(self) -> str:
-        """The pieces not handed out yet, joined."""
-        start, self._taken = self._taken, len(self.pieces)
-        return "".join(self.pieces[start:])
 
 
 @dataclasses.dataclass(eq=False)
@@ -810,17 +805,19 @@ class Engine:
 
     def stream(self, request: Request) -> Iterator[str]:
         """Text pieces of `request` as they are produced; steps the engine (every running request
-        advances) whenever the request has nothing new to give."""
+        advances) whenever the request has nothing new to give. Each stream gives the whole text from
+        its start: several may read one request (and one begun late first gives the text so far)."""
         if self.params.tokenizer is None:
             raise ValueError("stream yields text and these params have no tokenizer; read "
                              "request.token_ids instead")
         if not isinstance(request, Request) or not request._of(self):
             raise ValueError("stream takes a Request handle from this engine's add_request")
+        taken = 0  # this stream's pieces handed out
         while True:
             done = request.finished  # read first: once finished, the tokens pushed are all there are
             with request._text.lock:
                 request._text.push(request.token_ids, done)
-                piece = request._text.take()
+                piece, taken = "".join(request._text.pieces[taken:]), len(request._text.pieces)
             if piece:
                 yield piece
             if done:

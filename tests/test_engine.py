@@ -9,6 +9,7 @@ batching scheme can promise equal tokens there.
 import collections
 import dataclasses
 import importlib
+import itertools
 import time
 import types
 
@@ -317,6 +318,23 @@ def test_streams_taken_in_turn_each_give_the_whole_text(params):
     other = Engine(no_eos, **SMALL).add_request("x", max_new_tokens=3)
     with pytest.raises(ValueError, match="this engine's add_request"):
         next(engine.stream(other))  # it would wait forever on an engine that never runs it
+
+
+def test_two_streams_of_one_request_each_give_its_whole_text(params):
+    """Two clients of one request (a server that serves a repeated prompt once), read in turn, one
+    begun after the other has taken pieces, and a stream taken up again after leaving one: each gives
+    the whole text (they once shared one cursor, each piece going to whichever read it first)."""
+    no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
+    want = llmjax.generate(no_eos, "def f(x):", max_new_tokens=16)
+    engine = Engine(no_eos, **{**SMALL, "decode_steps": 2})
+    handle = engine.add_request("def f(x):", max_new_tokens=16)
+    first = engine.stream(handle)
+    early = next(first) + next(first)
+    second = engine.stream(handle)
+    texts = [early, ""]
+    for a, b in itertools.zip_longest(first, second, fillvalue=""):
+        texts[0], texts[1] = texts[0] + a, texts[1] + b
+    assert texts == [want, want] and "".join(engine.stream(handle)) == want == engine.text(handle)
 
 
 def test_demo_model_gives_generates_text():
