@@ -131,8 +131,10 @@ class _Text:
 @dataclasses.dataclass(eq=False)
 class Request:
     """A handle on one request. `token_ids` grows as it is generated (EOS, if reached, kept at the
-    end, as `generate` returns ids); `finish_reason` is "eos", "length", "stop" or "cancelled" once
-    it is done. `Engine.text(request)` and `Engine.stream(request)` give its text."""
+    end, as `generate` returns ids; after a stop string, up to the token that completed it, while the
+    text ends before it); `finish_reason` is "eos", "length", "stop" or "cancelled" once it is done.
+    `Engine.text(request)` and `Engine.stream(request)` give its text. `arrival_time`,
+    `first_token_time` (when the host read it) and `finish_time` are `time.perf_counter()` readings."""
 
     id: int
     prompt_ids: list[int]
