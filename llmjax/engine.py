@@ -478,7 +478,7 @@ class Engine:
                  kv_memory: int | None = None, max_seq_len: int | None = None, prefill_tokens: int = 2048,
                  prefill_row: int = 64, decode_steps: int = 8, kv_dtype=None, overlap: bool = True):
         dispatch.refuse_x64()
-        check_params(params)
+        check_params(params, mesh)
         if mesh is not None:
             meshes.check_axes(mesh)
         if pipeline.stages(mesh if mesh is not None else params.mesh) > 1:
@@ -996,6 +996,7 @@ class Engine:
 
     def _try_step(self) -> list[Request] | None:
         """`step`, or None if another thread is stepping."""
+        dispatch.refuse_context_mesh(self.params.mesh)  # set after the engine was made
         with self._holding(self._unlock) as acquired:
             if not acquired:
                 return None

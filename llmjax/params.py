@@ -71,6 +71,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     a layer at a time: the model is never whole on one device. Weights holding a NaN or an infinity
     are refused, by name.
     """
+    dispatch.refuse_context_mesh(mesh)
     path = resolve(path)
     if dtype is None and on_cpu(mesh):
         dtype = default_dtype(mesh)
@@ -212,14 +213,17 @@ def _put(tree, shardings):
                                                                   dtype=w.dtype), tree, shardings)
 
 
-def check_params(params) -> None:
-    """Refuses anything but `Params`: a model's name or folder given where its loaded params go, say."""
+def check_params(params, mesh=None) -> None:
+    """Refuses anything but `Params`: a model's name or folder given where its loaded params go, say;
+    and a context mesh (`jax.set_mesh`) other than the one the call runs on (`mesh`, by default the
+    params')."""
     if not isinstance(params, Params):
         hint = (f"; load them first: params = llmjax.load({os.fspath(params)!r})"
                 if isinstance(params, (str, os.PathLike)) else "")
         raise ValueError(f"params must be llmjax Params (from llmjax.load or llmjax.init_random), got "
                          f"{type(params).__name__}{hint}")
     _check_placement(params)
+    dispatch.refuse_context_mesh(params.mesh if mesh is None else mesh)
 
 
 def _check_placement(params: Params) -> None:
@@ -244,7 +248,7 @@ def _check_placement(params: Params) -> None:
 
 def shard(params: Params, mesh: jax.sharding.Mesh) -> Params:
     """The same model sharded over `mesh` by llmjax's rules (a layer at a time, through the host)."""
-    check_params(params)
+    check_params(params, mesh)
     if params.mesh is not None:
         raise ValueError("these params are already sharded over a mesh; load or init them unsharded, "
                          "then shard them once")
@@ -313,6 +317,7 @@ def init_random(config: LlamaConfig | str, *, seed: int = 0, dtype: str | None =
                         f"llmjax.load(name).tokenizer for a bundled model's), got {tokenizer!r}")
     check_seed(seed)
     dispatch.refuse_x64()
+    dispatch.refuse_context_mesh(mesh)
     dtype, quant = parse_dtype(default_dtype(mesh) if dtype is None else dtype)
     dtype = float_dtype_name(dtype, "or a quantization such as 'int4-g128', 'int4-g32-asym' or 'int8'")
     if quant_lm_head:

@@ -254,3 +254,34 @@ def test_no_weight_moves_between_devices_in_generate(folder, data, tensor):
     gathered = _collectives(text, "all-gather") + _collectives(text, "all-to-all")
     assert max(gathered, default=0) < smallest_shard, gathered
     assert _collectives(text, "all-reduce"), "row-parallel products must be all-reduced"
+
+
+def test_a_context_mesh_other_than_the_params_is_refused_by_name():
+    """A mesh set with jax.set_mesh is every jit's context: with another mesh than the params' (or none
+    for params on one device), JAX failed deep inside (incompatible devices, a shard_map's mesh, an
+    Explicit axis's assert). Every entry point names it; under the params' own mesh they run as before."""
+    one = llmjax.init_random("tiny", dtype="float32")
+    mesh = _mesh(tensor=2, data=1)
+    sharded = llmjax.shard(one, mesh)
+    explicit = jax.make_mesh((1, 1, 2), ("data", "stage", "tensor"), devices=jax.devices()[:2],
+                             axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    for context in (explicit, make_mesh(tensor=2, data=4)):
+        with jax.set_mesh(context):
+            for params in (one, sharded):
+                for run in (lambda p: llmjax.generate(p, [1, 2, 3], max_new_tokens=2), lambda p: llmjax.logits(p, [1, 2]),
+                            lambda p: llmjax.stream(p, [1, 2, 3]), lambda p: llmjax.perplexity(p, [1, 2, 3]),
+                            lambda p: llmjax.Engine(p)):
+                    with pytest.raises(ValueError, match=r"jax.set_mesh.*call llmjax outside"):
+                        run(params)
+            for run in (lambda: llmjax.init_random("tiny"), lambda: llmjax.load("tiny-stdlib"),
+                        lambda: llmjax.shard(one, mesh)):
+                with pytest.raises(ValueError, match="jax.set_mesh"):
+                    run()
+    engine = llmjax.Engine(sharded, max_slots=2, prefill_tokens=16, prefill_row=16, max_seq_len=32)
+    engine.add_request([1, 2, 3], max_new_tokens=2)
+    with jax.set_mesh(explicit), pytest.raises(ValueError, match="jax.set_mesh"):
+        engine.step()  # set after the engine was made
+    want = np.asarray(llmjax.logits(one, [[1, 5, 9]]))
+    with jax.set_mesh(mesh):  # the params' own mesh
+        assert llmjax.shard(one, mesh).mesh == mesh
+        np.testing.assert_allclose(np.asarray(llmjax.logits(sharded, [[1, 5, 9]])), want, rtol=1e-5, atol=1e-5)

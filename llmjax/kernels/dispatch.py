@@ -87,6 +87,25 @@ def refuse_x64() -> None:
                          "call jax.config.update('jax_enable_x64', False) before calling llmjax")
 
 
+def refuse_context_mesh(mesh) -> None:
+    """llmjax places its programs on the params' own mesh (`mesh`; None: one device). A mesh set with
+    `jax.set_mesh` becomes the context of every jit, and where it is another, JAX refuses deep inside
+    (incompatible devices, a shard_map's mesh that does not match the context's, an Explicit axis's
+    sharding assert). Inside a trace the tracer's caller chose the context: nothing to check."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return
+    try:
+        context = jax.sharding.get_mesh()
+    except ValueError:  # inside jax.jit
+        return
+    if context.empty or context == mesh:
+        return
+    where = "one device" if mesh is None else f"their own mesh {dict(mesh.shape)}"
+    raise ValueError(f"a mesh {dict(context.shape)} is set with jax.set_mesh, but llmjax runs these params on "
+                     f"{where}; call llmjax outside `with jax.set_mesh(...)` (or after jax.set_mesh(None)), and "
+                     "place a model on a mesh with llmjax.load(path, mesh=mesh) or llmjax.shard(params, mesh)")
+
+
 def trace_settings() -> tuple:
     """Every `LLMJAX_*` environment variable and its value: what llmjax reads when it traces a program
     (the kernel modes, the all-reduce), for a cache of compiled programs to key on."""
