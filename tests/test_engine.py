@@ -379,6 +379,8 @@ def test_llm_on_a_mesh_gives_one_devices_tokens(params):
     llm = LLM(params, mesh=make_mesh(tensor=2, data=4), **SMALL)
     assert llm.engine.params.mesh is not None
     assert llm.generate(prompts, max_new_tokens=10, progress=False) == expected
+    knobs = dict(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=-5)  # rows split over `data` draw alike
+    assert llm.generate(prompts[:5], progress=False, **knobs) == llmjax.generate(params, prompts[:5], **knobs)
 
 
 @pytest.mark.slow

@@ -192,8 +192,8 @@ def test_a_vocabulary_the_tensor_degree_does_not_divide_is_padded(tmp_path):
     ids = jnp.asarray(gen._pad(PROMPTS, 8))
     want, tokens = np.asarray(llmjax.logits(alone, ids)), llmjax.generate(alone, PROMPTS, max_new_tokens=8)
     ckpt = llmjax.convert(folder, tmp_path / "ckpt", progress=False)
-    for tensor, source in ((2, folder), (8, folder), (4, ckpt)):
-        p = llmjax.load(source, mesh=_mesh(tensor, 8 // tensor))
+    for tensor, stage, source in ((2, 1, folder), (8, 1, folder), (4, 1, ckpt), (2, 2, folder)):
+        p = llmjax.load(source, mesh=make_mesh(tensor=tensor, stage=stage, data=8 // tensor // stage))
         assert p.config.vocab_size == 1003 and p.config.embedding_rows % tensor == 0
         assert p.weights["embed"]["embedding"].shape[0] == p.config.embedding_rows
         got = np.asarray(llmjax.logits(p, ids))
