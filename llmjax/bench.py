@@ -252,17 +252,19 @@ def bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bfloat16", ba
     # millisecond, so short runs are timed more often, until the timed calls take MIN_TIMED_S.
     # A busy machine (other processes on its cores) can stall one timing's runs: measure again, more
     # often, before calling decode unmeasurable.
+    # (`times`, not `repeats`: transformers' comparison runs the `repeats` asked for.)
+    times = repeats
     for attempt in range(MEASURES):
         if attempt:
-            repeats = min(MAX_REPEATS, 2 * repeats)
+            times = max(times, min(MAX_REPEATS, 2 * times))
         once = _timed(lambda: run(gen_len))
-        repeats = max(repeats, min(MAX_REPEATS, int(MIN_TIMED_S / once) + 1))
-        full, first = _interleaved_medians(lambda: run(gen_len), lambda: run(1), repeats)
+        times = max(times, min(MAX_REPEATS, int(MIN_TIMED_S / once) + 1))
+        full, first = _interleaved_medians(lambda: run(gen_len), lambda: run(1), times)
         if full > first:
             break
     else:
         raise ValueError(f"{gen_len} tokens took no measurably longer than one ({full * 1e3:.3f} ms against "
-                         f"{first * 1e3:.3f} ms, medians of {repeats} runs), so decode cannot be timed: use a "
+                         f"{first * 1e3:.3f} ms, medians of {times} runs), so decode cannot be timed: use a "
                          f"larger gen_len (--gen-len)")
     step_s = (full - first) / (gen_len - 1)
 

@@ -85,6 +85,23 @@ def test_a_short_run_is_timed_often_enough_and_an_untimeable_one_refused(monkeyp
     assert bench.bench("tiny", gen_len=12, repeats=1, bandwidth=1e11).decode_ms_per_step == pytest.approx(4 / 11)
 
 
+def test_measuring_decode_again_keeps_the_repeats_asked_for(monkeypatch):
+    """Decode's timings may be repeated more often than `repeats` (a short run, a measurement taken
+    again), never less often; transformers' comparison runs the `repeats` asked for, not decode's."""
+    calls, hf = [], []
+    monkeypatch.setattr(bench, "_interleaved_medians", lambda a, b, r: calls.append(r) or (2e-3, 2e-3))
+    with pytest.raises(ValueError, match=rf"medians of {bench.MAX_REPEATS + 50} runs"):
+        bench.bench("tiny", gen_len=12, repeats=bench.MAX_REPEATS + 50, bandwidth=1e11)
+    assert calls == [bench.MAX_REPEATS + 50] * bench.MEASURES
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "hf_tok_s", lambda config, dtype, prompts, gen_len, repeats: hf.append(repeats) or (1.0, "hf"))
+    calls.clear()
+    real = bench._interleaved_medians
+    monkeypatch.setattr(bench, "_interleaved_medians", lambda a, b, r: calls.append(r) or real(a, b, r))
+    bench.bench("tiny", gen_len=12, repeats=2, bandwidth=1e11, compare_hf=True)
+    assert calls[0] > 2 and hf == [2]
+
+
 def test_transformers_is_timed_in_the_same_run(result):
     assert result.hf_tok_s and result.hf_tok_s > 0 and result.hf_error is None
     assert "static cache" in result.hf_setup
