@@ -154,13 +154,15 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # (transformers' name for the same function)
         raise ValueError(f"config.json: hidden_act={act!r} is not supported; Llama uses 'silu'")
-    window, context = _int(hf, "sliding_window"), _int(hf, "max_position_embeddings", 2048)
-    if window is not None and window < context:  # (a Mistral model relabelled Llama, say)
-        raise ValueError(
-            f"config.json: sliding_window={window} limits attention to the last {window} tokens, which llmjax does "
-            f"not implement: its Llama attends to the whole context (max_position_embeddings={context}), as "
-            "transformers' LlamaForCausalLM does in a forward pass, though it windows its cache when it generates. "
-            "Remove sliding_window (or set it to null) to attend to the whole context")
+    context = _int(hf, "max_position_embeddings", 2048)
+    for field, window in _cache_windows(hf):
+        if window < context:  # (a Mistral model relabelled Llama, say)
+            raise ValueError(
+                f"config.json: {field}={window} limits attention to the last {window} tokens, which llmjax does "
+                f"not implement: its Llama attends to the whole context (max_position_embeddings={context}), as "
+                "transformers' LlamaForCausalLM does in a forward pass, though it windows its cache when it "
+                f"generates. Remove {field}{' and layer_types' if 'layer_types' in hf else ''} (or set it to null) to "
+                "attend to the whole context")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads"):
         if field not in hf:
@@ -188,6 +190,27 @@ def _from_hf_dict(hf: dict[str, Any]) -> LlamaConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
     )
+
+
+def _cache_windows(hf: dict[str, Any]) -> list[tuple[str, int]]:
+    """The windows transformers' Llama keeps in its generation cache, as (field, tokens): `layer_types`
+    chooses the layers' kinds where given (all "full_attention": no window, whatever sliding_window
+    says), else sliding_window, then attention_chunk_size."""
+    fields = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+    types = hf.get("layer_types")
+    if types is None:
+        names = [name for name in fields.values() if hf.get(name) is not None][:1]
+    else:
+        if not isinstance(types, list) or any(t not in ("full_attention", *fields) for t in types):
+            raise ValueError(f"config.json: layer_types={types!r} is not supported; llmjax's Llama runs "
+                             "'full_attention' layers")
+        names = sorted({fields[t] for t in types if t in fields})
+    windows = [(name, _int(hf, name)) for name in names]
+    missing = [name for name, window in windows if window is None]
+    if missing:
+        raise ValueError(f"config.json: layer_types names windowed layers, but {missing[0]} is not set; restore "
+                         "it from the model's release")
+    return windows
 
 
 def _int(block: dict, key: str, default=None, where: str = "") -> int | None:

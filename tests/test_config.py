@@ -80,6 +80,27 @@ def test_a_sliding_window_within_the_context_is_refused():
         assert LlamaConfig.from_hf({**CLASSIC, "sliding_window": harmless}) == LlamaConfig.from_hf(CLASSIC)
 
 
+def test_the_cache_window_is_read_as_transformers_reads_it():
+    """transformers' Llama windows its generation cache where `layer_types` says ("sliding_attention":
+    sliding_window, "chunked_attention": attention_chunk_size); without it, by sliding_window and then
+    attention_chunk_size. A window it ignores is no reason to refuse the model."""
+    full = ["full_attention"] * CLASSIC["num_hidden_layers"]
+    assert LlamaConfig.from_hf({**CLASSIC, "sliding_window": 4096, "layer_types": full}) == LlamaConfig.from_hf(CLASSIC)
+    for change, field in (({"attention_chunk_size": 8192}, "attention_chunk_size=8192"),
+                          ({"sliding_window": 4096, "layer_types": ["sliding_attention", *full[1:]]}, "sliding_window=4096"),
+                          ({"attention_chunk_size": 8192, "layer_types": ["chunked_attention"] * len(full)},
+                           "attention_chunk_size=8192")):
+        remove = field.split("=")[0] + (" and layer_types" if "layer_types" in change else "")
+        with pytest.raises(ValueError, match=f"{field} limits attention to the last.*Remove {remove} \\(or"):
+            LlamaConfig.from_hf({**CLASSIC, **change})
+    assert LlamaConfig.from_hf({**CLASSIC, "sliding_window": 200000, "attention_chunk_size": 8}) == \
+        LlamaConfig.from_hf(CLASSIC)  # sliding_window first: the chunk size is not read
+    with pytest.raises(ValueError, match="layer_types names windowed layers, but sliding_window is not set"):
+        LlamaConfig.from_hf({**CLASSIC, "layer_types": ["sliding_attention"] * len(full)})
+    with pytest.raises(ValueError, match="layer_types=.*'linear_attention'.* is not supported"):
+        LlamaConfig.from_hf({**CLASSIC, "layer_types": ["linear_attention"] * len(full)})
+
+
 def test_swish_is_silu():
     assert LlamaConfig.from_hf({**CLASSIC, "hidden_act": "swish"}) == LlamaConfig.from_hf(CLASSIC)
 
