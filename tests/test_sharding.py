@@ -256,13 +256,14 @@ def test_no_weight_moves_between_devices_in_generate(folder, data, tensor):
     assert _collectives(text, "all-reduce"), "row-parallel products must be all-reduced"
 
 
-def test_a_context_mesh_other_than_the_params_is_refused_by_name():
+def test_a_context_mesh_other_than_the_params_is_refused_by_name(tmp_path):
     """A mesh set with jax.set_mesh is every jit's context: with another mesh than the params' (or none
     for params on one device), JAX failed deep inside (incompatible devices, a shard_map's mesh, an
     Explicit axis's assert). Every entry point names it; under the params' own mesh they run as before."""
     one = llmjax.init_random("tiny", dtype="float32")
     mesh = _mesh(tensor=2, data=1)
     sharded = llmjax.shard(one, mesh)
+    out = tmp_path / "int8"  # convert quantizes on one device (without --quant it runs no device program)
     explicit = jax.make_mesh((1, 1, 2), ("data", "stage", "tensor"), devices=jax.devices()[:2],
                              axis_types=(jax.sharding.AxisType.Explicit,) * 3)
     for context in (explicit, make_mesh(tensor=2, data=4)):
@@ -274,9 +275,10 @@ def test_a_context_mesh_other_than_the_params_is_refused_by_name():
                     with pytest.raises(ValueError, match=r"jax.set_mesh.*call llmjax outside"):
                         run(params)
             for run in (lambda: llmjax.init_random("tiny"), lambda: llmjax.load("tiny-stdlib"),
-                        lambda: llmjax.shard(one, mesh)):
+                        lambda: llmjax.shard(one, mesh), lambda: llmjax.convert("tiny-stdlib", out, quant="int8")):
                 with pytest.raises(ValueError, match="jax.set_mesh"):
                     run()
+            assert not out.exists()
     engine = llmjax.Engine(sharded, max_slots=2, prefill_tokens=16, prefill_row=16, max_seq_len=32)
     engine.add_request([1, 2, 3], max_new_tokens=2)
     with jax.set_mesh(explicit), pytest.raises(ValueError, match="jax.set_mesh"):

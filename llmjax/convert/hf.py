@@ -31,6 +31,7 @@ from tqdm import tqdm
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.files import check_folder, not_permitted, read_json, remove_tree, resolve
+from llmjax.kernels import dispatch
 from llmjax.convert.names import Entry, is_ignorable, name_map
 from llmjax.quant.tree import departures, quantize_tree
 from llmjax.quant.weights import QuantScheme
@@ -408,6 +409,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         quant = QuantScheme.coerce(quant)
         if quant_lm_head:
             quant = dataclasses.replace(quant, lm_head=True)
+        dispatch.refuse_context_mesh(None)  # it quantizes on one device
     elif quant_lm_head:
         raise ValueError("quant_lm_head (--quant-lm-head) needs a quantization (--quant)")
     hf_dir = resolve(hf_dir)
