@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.generate import _batch_size, _bucket, _model, _positions, _replicated, _token_rows, \
+from llmjax.generate import _all_ints, _batch_size, _bucket, _model, _positions, _replicated, _token_rows, \
     check_vocabulary
 from llmjax.kernels import dispatch
 from llmjax.models import llama
@@ -130,7 +130,7 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
                              "so pass token ids (BOS first) instead")
         bos, rows = tok.bos_id, [_text_ids(tok, t) for t in text]
         check_vocabulary(params, [[bos, *r] for r in rows], from_text=True)
-    elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and all(map(is_integer, text)):
+    elif isinstance(text, (list, tuple, np.ndarray)) and len(text) >= 2 and _all_ints(text):
         (row,) = _token_rows(params, "ids", [list(text)])
         bos, rows = row[0], [row[1:]]
     else:
