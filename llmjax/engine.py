@@ -1195,6 +1195,8 @@ class Engine:
         pages cover them); `_land` takes back those a row did not produce."""
         s = self.stats
         s.busy_rows += len(rows)
+        # A decode row with no token yet feeds its prompt's last token (its prefill stopped one short).
+        s.prefill_tokens += sum(not request._produced for request in decode)
         for request, start, count in pieces:
             s.prefill_tokens += count
             request._computed = start + count

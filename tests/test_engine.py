@@ -489,6 +489,21 @@ def test_a_call_fills_the_chunk_size_its_prompt_work_fills_and_warmup_covers_eac
     assert [h.token_ids for h in handles] == _reference(params, [short, *prompts], [40, *budgets[1:]])
 
 
+def test_every_prompt_token_counts_once_as_prefill_when_a_chunk_stops_a_prompt_one_short(params):
+    """Two rows of 3 tokens a call: prompts of 3 and 4 tokens take one row each, so the second's last
+    prompt token waits for the next call, which feeds it as a decode row. It is still a prompt token
+    written into the pool: `stats.prefill_tokens` counts every prompt token once."""
+    engine = _engine(params, prefill_tokens=6, prefill_row=3, overlap=False)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    handles = [engine.add_request(p, max_new_tokens=3) for p in prompts]
+    engine.step()
+    assert engine.stats.prefill_tokens == 6 and handles[1]._decoding  # its last prompt token is left
+    while engine.pending:
+        engine.step()
+    assert [h.token_ids for h in handles] == _reference(params, prompts, [3, 3])
+    assert engine.stats.prefill_tokens == 7 and engine.free_pages == engine.num_pages
+
+
 @pytest.mark.parametrize("lengths, pages, target", [
     ([14], None, 8),  # 7 rows fill 7/8 of the 8-row size: it runs whole
     ([10], None, 1),  # 5 rows fill 5/8 of it: one row now, the rest later
