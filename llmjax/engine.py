@@ -500,13 +500,14 @@ class Engine:
         self.prefill_row = _positive("prefill_row", prefill_row)
         if not meshes.is_integer(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
             raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({prefill_row}), "
-                             f"got {prefill_tokens!r}")
+                             f"got {prefill_tokens!r}; pass a multiple, or a prefill_row that divides it")
         _positive("prefill_tokens", prefill_tokens)
         self.chunk_rows = prefill_tokens // prefill_row
         context = self.config.max_position_embeddings
         self.max_seq_len = context if max_seq_len is None else _positive("max_seq_len", max_seq_len)
         if self.max_seq_len > context:
-            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's context of {context} tokens")
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's context of {context} tokens; pass "
+                             f"max_seq_len={context} or less, or leave it out (the model's context)")
         self.max_pages = -(-self.max_seq_len // self.page_size)
         self._eos = jnp.asarray(self.config.eos_token_ids or (PAD_ID,), jnp.int32)
         self._eos_set = set(self.config.eos_token_ids)
@@ -607,7 +608,7 @@ class Engine:
                 kv_memory = HOST_POOL_BYTES
             pages = min(wanted, kv_memory // self.page_bytes)
         else:
-            if isinstance(kv_memory, float) and kv_memory.is_integer():  # 0.5 * 2**30 and the like
+            if isinstance(kv_memory, (float, np.floating)) and float(kv_memory).is_integer():  # 0.5 * 2**30
                 kv_memory = int(kv_memory)
             if not meshes.is_integer(kv_memory) or kv_memory < 1:
                 raise ValueError(f"kv_memory must be a whole number of bytes >= 1, got {kv_memory!r}")

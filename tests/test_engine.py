@@ -597,7 +597,8 @@ def test_a_refused_warmup_marks_nothing_warmed(params):
 
 
 def test_kv_memory_takes_a_whole_float_of_bytes(params):
-    assert _engine(params, kv_memory=float(16 * _page_bytes(params, 8))).num_pages == 16
+    for memory in (float(16 * _page_bytes(params, 8)), np.float32(16 * _page_bytes(params, 8))):
+        assert _engine(params, kv_memory=memory).num_pages == 16
 
 
 def test_kv_memory_past_what_the_slots_can_use_is_capped_and_a_pool_too_large_is_named(params):
@@ -626,10 +627,11 @@ def _finished(engine):
     (lambda p: _engine(p, max_slots=2**31 - 1), r"decode_steps x max_slots must be below 2\*\*31, got 4 x 2147483647"),
     (lambda p: _engine(p, prefill_row=2**31, prefill_tokens=2**31), r"prefill_row must be below 2\*\*31"),
     (lambda p: _engine(p, prefill_row=2**30, prefill_tokens=2**32), r"prefill_tokens must be below 2\*\*31"),
-    (lambda p: _engine(p, prefill_tokens=40), "multiple of prefill_row"),
-    (lambda p: _engine(p, max_seq_len=200), "exceeds the model's context of 96"),
+    (lambda p: _engine(p, prefill_tokens=40), "multiple of prefill_row .16., got 40; pass a multiple, or a prefill_row"),
+    (lambda p: _engine(p, max_seq_len=200), "exceeds the model's context of 96 tokens; pass max_seq_len=96 or less"),
     (lambda p: _engine(p, kv_memory=100), "would hold no page"),
     (lambda p: _engine(p, kv_memory=1.5), "a whole number of bytes"),
+    (lambda p: _engine(p, kv_memory=np.float32(1.5)), "a whole number of bytes"),
     (lambda p: _engine(p, kv_memory=2.0 ** 40 + 0.5), "a whole number of bytes"),
     (lambda p: _engine(p, kv_dtype="int8"), "kv_dtype must be one of"),
     (lambda p: _engine(p, kv_dtype="fp9"), "kv_dtype must be one of"),
