@@ -457,7 +457,8 @@ class Engine:
     kv_memory: bytes of each device's memory for the page pool; by default what the device has free
     after the weights, times 0.9, less the step's workspace (on a device that reports no memory,
     such as the CPU, 256 MiB); either way never more than `max_slots` sequences of `max_seq_len`
-    tokens. A pool the device cannot hold raises MemoryError.
+    tokens, each in whole pages (a page holds one sequence's tokens: a page_size past max_seq_len
+    leaves the rest of every page unused). A pool the device cannot hold raises MemoryError.
     max_seq_len: the longest prompt + new tokens a request may have (default: the model's context).
     prefill_tokens, prefill_row: prompt tokens per step and per chunk row. decode_steps: tokens
     each running request may produce per step, between the host's scheduling decisions. Sizes are
