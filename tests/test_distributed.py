@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -44,6 +45,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_workers(folder, logs) -> list:
+    """Each worker's (exit status, stdout, stderr). The coordinator's port is free when picked, but a
+    socket of another test running alongside may take it before rank 0 binds it: rank 0 then fails at
+    once, and the pair starts again on another port. A worker that fails ends the other, which would
+    wait minutes for it (and outlive the test)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    for attempt in range(3):
+        port, procs, files = _free_port(), [], []
+        for rank in range(2):
+            out, err = logs / f"{attempt}-{rank}.out", logs / f"{attempt}-{rank}.err"
+            with open(out, "w") as o, open(err, "w") as e:  # files, not pipes: nothing blocks on a full pipe
+                procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(rank), str(folder),
+                                               json.dumps(PROMPTS)], stdout=o, stderr=e, env=env))
+            files.append((out, err))
+        deadline = time.monotonic() + 300
+        try:
+            while (any(p.poll() is None for p in procs) and not any(p.returncode for p in procs)
+                   and time.monotonic() < deadline):
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results = [(p.returncode, out.read_text(), err.read_text()) for p, (out, err) in zip(procs, files)]
+        if "Failed to start RPC server" not in results[0][2]:
+            break
+    return results
+
+
 @pytest.mark.slow
 def test_two_processes_generate_what_one_does(tmp_path):
     folder = tmp_path / "model"
@@ -56,16 +88,10 @@ def test_two_processes_generate_what_one_does(tmp_path):
     config = llmjax.LlamaConfig.from_hf(folder)
     want_staged = llmjax.generate(llmjax.init_random(config, dtype="float32"), PROMPTS, max_new_tokens=10)
 
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(rank), str(folder),
-                               json.dumps(PROMPTS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for rank in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    for out, _ in outs:
+    results = _run_workers(folder, tmp_path)
+    for status, out, err in results:
+        assert status == 0, err[-3000:]
+    for _, out, _ in results:
         result = json.loads(out.split("RESULT ", 1)[1])
         assert result["tokens"] == want_tokens
         assert result["logits"] == pytest.approx(want_logits, abs=1e-5)
