@@ -222,17 +222,19 @@ SLOW_CONVERT = """
 import sys, time
 from llmjax import cli
 from llmjax.convert import hf
-read = hf.SafetensorsFolder.read
-def slow_read(self, name):
-    try:
-        time.sleep(0.3)
-    except (SystemExit, KeyboardInterrupt):
-        if SWALLOW:  # as a finalizer or a library's callback would, where the handler happened to run
-            pass
-        else:
-            raise
+read, held = hf.SafetensorsFolder.read, []
+def held_read(self, name):  # the first read waits for the test's signal, however late a busy machine sends it
+    if not held:
+        held.append(name)
+        try:
+            time.sleep(60)
+        except (SystemExit, KeyboardInterrupt):
+            if SWALLOW:  # as a finalizer or a library's callback would, where the handler happened to run
+                pass
+            else:
+                raise
     return read(self, name)
-hf.SafetensorsFolder.read = slow_read
+hf.SafetensorsFolder.read = held_read
 sys.exit(cli.main(["convert", sys.argv[1], sys.argv[2], "--quiet"]))
 """
 
@@ -256,7 +258,10 @@ def test_a_conversion_stopped_by_a_signal_leaves_nothing(example_model, tmp_path
         time.sleep(0.1)
     assert glob.glob(partial), proc.stderr.read() if proc.poll() is not None else "no partial folder appeared"
     proc.send_signal(getattr(signal, stop))
-    assert proc.wait(180) == (128 + signal.SIGTERM if stop == "SIGTERM" else 130)  # (a loaded CI machine: slow)
+    try:
+        assert proc.wait(180) == (128 + signal.SIGTERM if stop == "SIGTERM" else 130)  # (a loaded CI machine: slow)
+    finally:
+        proc.kill()
     assert not glob.glob(partial) and not (tmp_path / "out").exists()
 
 
