@@ -199,8 +199,18 @@ def _perplexity(args) -> None:
             raise ValueError(f"--text {path} is empty, so it has nothing to score; leave it out")
     _check_tokenizer(args.model)
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
+    # A file that opens with the BOS token written out has it read as BOS, as perplexity reads it, not
+    # scored: those bytes are not counted in bits/byte, and a file of nothing else has nothing to score.
+    tok, chars = params.tokenizer, 0
+    bos = tok.bos_token if tok.bos_token and tok.encode(tok.bos_token, add_special_tokens=False) == [tok.bos_id] \
+        else None
+    for path, text in zip(args.text, texts):
+        scored = text[len(bos):] if bos and text.startswith(bos) else text
+        if not scored:
+            raise ValueError(f"--text {path} holds only the BOS token {bos}, so it has nothing to score; leave "
+                             "it out")
+        chars += len(scored.encode("utf-8"))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)
-    chars = sum(len(t.encode("utf-8")) for t in texts)
     _out(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {len(texts)} file(s) "
           f"(nll {result.nll:.4f} nats/token, {result.nll * result.tokens / math.log(2) / chars:.4f} "
           "bits/byte)")

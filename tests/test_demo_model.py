@@ -122,6 +122,17 @@ def test_cli_perplexity(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"perplexity {want.perplexity:.4f} over {want.tokens} tokens of 1 file(s)" in out
     assert f"{bits:.4f} bits/byte" in out
+    written = tmp_path / "bos.py"  # BOS written first is read as BOS, as perplexity reads it: not scored, nor counted
+    written.write_text("<s>" + text)
+    assert cli.main(["perplexity", "--text", str(written), "--text", str(path), "--dtype", "float32"]) == 0
+    want = llmjax.perplexity(llmjax.load("tiny-stdlib", dtype="float32"), [text, text])
+    bits = want.nll * want.tokens / math.log(2) / (2 * len(text.encode()))
+    out = capsys.readouterr().out
+    assert f"perplexity {want.perplexity:.4f} over {want.tokens} tokens of 2 file(s)" in out
+    assert f"{bits:.4f} bits/byte" in out
+    written.write_text("<s>")
+    assert cli.main(["perplexity", "--text", str(path), "--text", str(written)]) == 2
+    assert f"--text {written} holds only the BOS token <s>, so it has nothing to score" in capsys.readouterr().err
     assert cli.main(["perplexity", "--text", str(tmp_path / "missing.py")]) == 2
     assert "missing.py" in capsys.readouterr().err
     assert cli.main(["perplexity", "--text", str(path), "--window", "1"]) == 2
