@@ -102,6 +102,9 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
 
     Text is encoded with BOS first (as `generate` encodes a prompt: a text that already begins with
     the BOS token, as a chat template writes it, gets no second one); every token after BOS is scored.
+    BOS comes first even where the tokenizer adds none (`add_bos_token` false), and `generate` then
+    feeds none: every window needs it. To score such a text as the model reads it, pass its token ids;
+    their first is read as BOS (context) and not scored.
     `window` (default: the model's context) is the most tokens the model sees at once, BOS included;
     `stride` (default: half the window) is how many new tokens each later window scores; each later
     window begins with BOS too, then `window - stride - 1` tokens of context (Hugging Face's "perplexity
@@ -137,7 +140,8 @@ def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, win
         raise ValueError("perplexity takes a str, a list of str, or a list of at least 2 token ids (the "
                          f"first one is read as BOS and not scored); got {text!r:.80}")
     if not any(rows):
-        raise ValueError("there are no tokens to score (the text is empty); give a non-empty text")
+        raise ValueError("there are no tokens to score: every text is empty or the BOS token alone; give a "
+                         "text with tokens after BOS")
 
     model = _model(params)
     jobs = [(n, w) for n, row in enumerate(rows) if row for w in _windows(row, bos, window, stride)]

@@ -99,6 +99,12 @@ def test_nothing_to_score_or_wrong_type_is_refused(params, text):
         llmjax.perplexity(params, text)
 
 
+@pytest.mark.parametrize("text", ["", ["", ""], "<s>", ["<s>", ""]])
+def test_no_token_after_bos_is_named(params, text):
+    with pytest.raises(ValueError, match="no tokens to score: every text is empty or the BOS token alone"):
+        llmjax.perplexity(params, text)
+
+
 def test_a_tokenizer_larger_than_the_model_is_named_not_scored(tmp_path, sp_dir):
     """Text whose ids fall past the model's vocabulary (a tokenizer of 600 pieces on a model of 500)
     is refused in perplexity as in generate; it scored NaN before."""
