@@ -71,6 +71,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     a layer at a time: the model is never whole on one device. Weights holding a NaN or an infinity
     are refused, by name.
     """
+    dispatch.refuse_x64()  # it traces the model to know the weights' shapes
     dispatch.refuse_context_mesh(mesh)
     path = resolve(path)
     if dtype is None and on_cpu(mesh):

@@ -472,7 +472,8 @@ def test_jax_enable_x64_is_refused_with_the_fix(params):
     jax.config.update("jax_enable_x64", True)
     try:
         for call in (lambda: llmjax.generate(params, [1, 5], max_new_tokens=2), lambda: llmjax.logits(params, [1, 5]),
-                     lambda: llmjax.init_random("tiny"), lambda: llmjax.Engine(params, max_slots=2)):
+                     lambda: llmjax.init_random("tiny"), lambda: llmjax.Engine(params, max_slots=2),
+                     lambda: llmjax.load("tiny-stdlib"), lambda: llmjax.perplexity(params, [1, 5])):
             with pytest.raises(ValueError, match=r"jax.config.update\('jax_enable_x64', False\)"):
                 call()
     finally:
