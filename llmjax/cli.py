@@ -462,17 +462,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a model on text files",
-                         description="Scores every token of each --text file (each file on its own, in "
-                                     "overlapping windows when longer than --window) and prints the "
-                                     "pooled perplexity.")
+                         description="Scores every token of each --text file after the BOS it is given "
+                                     "(each file on its own, in overlapping windows when longer than "
+                                     "--window) and prints the pooled perplexity, nats per token and bits "
+                                     "per byte.")
     ppl.add_argument("--model", default=DEFAULT_MODEL, help="llmjax checkpoint, Hugging Face folder or "
                      f"bundled model name (default: {DEFAULT_MODEL})")
     ppl.add_argument("--text", required=True, action="append", metavar="FILE",
                      help="UTF-8 text file to score (repeatable)")
-    ppl.add_argument("--window", type=int, default=None, help="tokens the model sees at once (default: "
-                     "its context)")
-    ppl.add_argument("--stride", type=int, default=None, help="new tokens scored per later window "
-                     "(default: half the window)")
+    ppl.add_argument("--window", type=int, default=None, help="tokens the model sees at once, BOS included "
+                     "(default: its context)")
+    ppl.add_argument("--stride", type=int, default=None, help="new tokens scored per later window, at most "
+                     "WINDOW - 1: each window begins with BOS (default: half the window)")
     ppl.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                      help="cast the weights (default: as stored on a GPU, float32 on a CPU)")
     _add_mesh_flags(ppl)

@@ -26,6 +26,12 @@ def test_help(command):
     assert out.returncode == 0 and "usage: llmjax" in out.stdout
 
 
+def test_perplexity_help_says_what_it_prints_and_the_stride_bound():
+    out = _run("perplexity", "--help")
+    text = " ".join(out.stdout.split())
+    assert "bits per byte" in text and "at most WINDOW - 1" in text and "BOS included" in text
+
+
 def test_console_script_is_installed():
     import importlib.metadata
     import sysconfig
