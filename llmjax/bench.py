@@ -224,7 +224,8 @@ def _check(model, dtype, batch, prompt_len, gen_len, repeats) -> LlamaConfig:
                          f"got {gen_len}")
     if prompt_len + gen_len > config.max_position_embeddings:
         raise ValueError(f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the model's context of "
-                         f"{config.max_position_embeddings} tokens")
+                         f"{config.max_position_embeddings} tokens; lower prompt_len (--prompt-len) or gen_len "
+                         f"(--gen-len)")
     return config
 
 

@@ -142,8 +142,11 @@ def throughput_bench(model: str | LlamaConfig = "llama2-7b", *, dtype: str = "bf
     mix_in, mix_out = mix_lengths(rng, requests, prompt_len), mix_lengths(rng, requests, gen_len)
     longest = max(prompt_len + gen_len, int(mix_in.max() + mix_out.max()) if mix else 0)
     if longest > config.max_position_embeddings:
-        raise ValueError(f"the longest request ({longest} tokens) exceeds the model's context of "
-                         f"{config.max_position_embeddings} tokens; lower prompt_len or gen_len")
+        mixed = f" (the mix draws lengths up to 2L - L/8 around prompt_len {prompt_len} and gen_len {gen_len})" \
+            if longest > prompt_len + gen_len else ""
+        raise ValueError(f"the longest request ({longest} tokens){mixed} exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens; lower prompt_len (--prompt-len) or gen_len "
+                         f"(--gen-len)" + (", or leave the mix out (mix=False, --no-mix)" if mixed else ""))
     params = random_params(config, dtype, seed, mesh)
     engine = Engine(params, max_slots=max_slots, page_size=page_size, kv_memory=kv_memory, max_seq_len=longest,
                     prefill_tokens=prefill_tokens, prefill_row=prefill_row, decode_steps=decode_steps,

@@ -184,7 +184,8 @@ def test_cli_json_and_sweep_plot(tmp_path, capsys):
     (["--dtype", "int3"], "int3"), (["--tensor", "3"], "devices"),
     pytest.param(["--stage", "8", "--gen-len", "16"], "stage=8 exceeds the model's 2 layers", marks=needs_devices(8)),
     (["--gen-len", "1"], "gen_len"), (["--batch", "0"], "batch"),
-    (["--prompt-len", "250", "--gen-len", "10"], "context"), (["--model", "llama9"], "llama9"),
+    (["--prompt-len", "250", "--gen-len", "10"], "context of 256 tokens; lower prompt_len (--prompt-len) or "
+     "gen_len (--gen-len)"), (["--model", "llama9"], "llama9"),
     (["--sweep", "heads=1,2"], "sweep"), (["--sweep", "batch=1,x"], "integers"),
     (["--quant-lm-head", "--gen-len", "16"], "quantizes nothing"),
     (["--quant-lm-head", "--dtype", "int4-g32", "--throughput"], "--throughput keeps the LM head"),

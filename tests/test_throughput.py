@@ -47,7 +47,12 @@ def test_mix_lengths_follow_the_documented_distribution():
 @pytest.mark.parametrize("argv, match", [
     (["--requests", "0"], "requests must be"), (["--rates", "1,x"], "--rates"),
     (["--rates", "0"], "rates must be > 0"),
-    (["--prompt-len", "200", "--gen-len", "100", "--no-mix"], "context of 256"),
+    (["--prompt-len", "200", "--gen-len", "100", "--no-mix"], "context of 256 tokens; lower prompt_len "
+     "(--prompt-len) or gen_len (--gen-len)"),
+    # the defaults' fixed requests fit tiny's 256 tokens, the mix's do not: the error says why and how
+    ([], "(480 tokens) (the mix draws lengths up to 2L - L/8 around prompt_len 128 and gen_len 128) exceeds "
+     "the model's context of 256 tokens; lower prompt_len (--prompt-len) or gen_len (--gen-len), or leave "
+     "the mix out (mix=False, --no-mix)"),
     (["--prefill-tokens", "20", "--requests", "2", "--prompt-len", "4", "--gen-len", "2", "--no-mix"],
      "multiple of prefill_row")])
 def test_bad_options_are_refused_with_the_reason(argv, match, capsys):
