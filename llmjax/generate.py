@@ -34,7 +34,7 @@ from llmjax.kernels import allreduce, dispatch
 from llmjax.models import llama
 from llmjax.models.llama import Llama
 from llmjax.params import Params, check_params, on_cpu
-from llmjax.sampling import Sampling, check_seed, sample, seed_key
+from llmjax.sampling import Sampling, check_seed, sample, scalar, seed_key
 from llmjax.sharding import pipeline
 from llmjax.sharding.mesh import is_integer
 from llmjax.sharding.rules import cache_sharding
@@ -318,6 +318,7 @@ def check_vocabulary(params: Params, rows: list[list[int]], from_text: bool) -> 
 def _check_budget(params: Params, rows: list[list[int]], max_new_tokens) -> int:
     """`max_new_tokens` as a Python int, once it fits the model's context after the longest row (a numpy
     integer would wrap or overflow in the sum, and pass a check it fails)."""
+    max_new_tokens = scalar(max_new_tokens)
     if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)

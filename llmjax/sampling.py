@@ -20,7 +20,16 @@ import numpy as np
 from llmjax.sharding.mesh import is_integer
 
 
+def scalar(value):
+    """The number a 0-d array holds (numpy's, jax's, torch's: `np.array(4)`, a `jnp.sum`), as a numpy
+    scalar, so it passes the checks a plain number passes; anything else unchanged."""
+    if isinstance(value, (numbers.Number, str)) or getattr(value, "ndim", None) != 0:
+        return value
+    return np.asarray(value)[()] if hasattr(value, "__array__") else value
+
+
 def check_seed(seed) -> None:
+    seed = scalar(seed)
     if not is_integer(seed) or not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must be a signed 64-bit integer, in [-2**63, 2**63), got {seed!r}")
 
@@ -64,17 +73,14 @@ class Sampling:
     min_p: float | None = None
 
     def __post_init__(self):
-        t = self.temperature
+        t, k, p, m = (scalar(x) for x in (self.temperature, self.top_k, self.top_p, self.min_p))
         if not _is_real(t) or not 0 <= t <= MAX_TEMPERATURE:
             raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy; larger "
                              f"ones sample uniformly in all but name), got {t!r}")
-        k = self.top_k
         if k is not None and (not is_integer(k) or k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {k!r}")
-        p = self.top_p
         if p is not None and (not _is_real(p) or not 0 < p <= 1):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {p!r}")
-        m = self.min_p
         if m is not None and (not _is_real(m) or not 0 <= m <= 1):
             raise ValueError(f"min_p must be None or a number in [0, 1], got {m!r}")
         # numpy scalars become Python numbers, so equal knobs hash and compare equal.

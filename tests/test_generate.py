@@ -51,6 +51,25 @@ def test_return_types_follow_the_prompt(params):
     assert np.array_equal(llmjax.logits(p, [jnp.array([1, 5]), np.array([1, 7])]), llmjax.logits(p, [[1, 5], [1, 7]]))
 
 
+
+def test_zero_dimensional_arrays_pass_as_the_numbers_they_hold(params):
+    """`np.array(5)`, a jax scalar out of a computation, a torch scalar: each is the number it holds,
+    for max_new_tokens, the sampling knobs and the seed, in generate and stream alike."""
+    import torch
+
+    p = _no_eos(params)
+    knobs = dict(max_new_tokens=5, temperature=0.7, top_k=50, top_p=0.9, min_p=0.01, seed=3)
+    want = llmjax.generate(p, [1, 5, 9], **knobs)
+    for wrap in (np.array, jnp.array, torch.tensor):
+        assert llmjax.generate(p, [1, 5, 9], **{k: wrap(v) for k, v in knobs.items()}) == want
+    text = llmjax.generate(p, "def f(x):", **knobs)
+    assert "".join(llmjax.stream(p, "def f(x):", **{k: jnp.array(v) for k, v in knobs.items()})) == text
+    # a 0-d bool is still no number, and an array of several is still refused
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        llmjax.generate(p, [1, 5, 9], max_new_tokens=np.array(True))
+    with pytest.raises(ValueError, match="seed must be"):
+        llmjax.generate(p, [1, 5, 9], seed=jnp.array([1, 2]))
+
 def test_seeds_differ_in_their_high_bits_and_a_huge_top_k_keeps_the_vocabulary(params):
     """A 64-bit seed is taken whole (jax.random.key alone keeps the low 32 bits); a top_k past
     int32 means the whole vocabulary (it wrapped to 1, or to 0, in the knobs' int32 arrays), in

@@ -208,3 +208,12 @@ def test_ties_top_k_keeps_all_tied_top_p_cuts_by_rank():
 def test_numpy_scalars_are_accepted_as_knobs():
     s = Sampling(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9))
     assert s == Sampling(temperature=0.5, top_k=5, top_p=0.9) and isinstance(s.top_k, int)
+
+
+def test_zero_dimensional_arrays_are_accepted_as_knobs():
+    s = Sampling(temperature=jnp.array(0.5), top_k=np.array(5), top_p=jnp.float32(0.875), min_p=np.array(0.25))
+    assert s == Sampling(temperature=0.5, top_k=5, top_p=0.875, min_p=0.25) and isinstance(s.top_k, int)
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(temperature=1.0, top_k=np.array(True))
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=jnp.array([0.5]))
