@@ -276,6 +276,10 @@ def _parse_prompt(prompt) -> tuple[str, list]:
     if all(isinstance(p, (list, tuple)) and _all_ints(p) or isinstance(p, np.ndarray) and p.ndim == 1
            and jnp.issubdtype(p.dtype, jnp.integer) for p in rows):
         return "ids_batch", [p.tolist() if isinstance(p, np.ndarray) else list(p) for p in rows]
+    if not any(isinstance(p, (str, list, tuple)) or np.ndim(p) > 0 for p in prompt):  # one row of scalars
+        n, bad = next((n, t) for n, t in enumerate(prompt) if not is_integer(t))
+        raise ValueError(f"token ids must be integers (not bools or floats), but item {n} of the prompt is {bad!r} "
+                         f"({type(bad).__name__}); pass ints, or a str to encode")
     raise ValueError("prompt must be a str, a list of str, a list of token ids or a list of such lists; "
                      "mixed or nested types are not accepted")
 
