@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -497,6 +498,9 @@ class Stream:
         self.stats = StreamStats(prompt_tokens=len(self._row))
         self._pieces = self._run()
         self._stopped: BaseException | None = None  # what ended the stream before its end
+        # A generator run from two threads at once raises in one ("already executing"), which would
+        # end the stream for both: threads that share a stream take its pieces in turn instead.
+        self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -505,18 +509,21 @@ class Stream:
         if self._stopped is not None:  # a finished generator would just stop: the rest would go unsaid
             raise RuntimeError(f"this stream stopped part way ({type(self._stopped).__name__}) and cannot go on; "
                                "start a new one with llmjax.stream(...)") from self._stopped
-        try:
-            return next(self._pieces)
-        except StopIteration:
-            raise
-        except BaseException as e:  # Ctrl-C, an error: the generator is spent
-            self._stopped = e
-            raise
+        with self._lock:
+            try:
+                return next(self._pieces)
+            except StopIteration:
+                raise
+            except BaseException as e:  # Ctrl-C, an error: the generator is spent
+                self._stopped = e
+                raise
 
     def close(self) -> None:
         """Ends the stream early, as a generator's `close` does (a server's client went away): no more
-        tokens are computed, `stats` counts those made, and iterating on gives nothing more."""
-        self._pieces.close()
+        tokens are computed, `stats` counts those made, and iterating on gives nothing more. From
+        another thread, it waits for the piece being computed."""
+        with self._lock:
+            self._pieces.close()
 
     def __repr__(self) -> str:
         return f"<llmjax Stream: prompt of {len(self._row)} tokens, up to {self._max_new} new>"

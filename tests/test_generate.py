@@ -4,6 +4,7 @@ import dataclasses
 import enum
 import importlib
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,26 @@ def test_a_stream_closes_as_a_generator_does(params):
     assert list(unread) == [] and unread.stats.new_tokens == 0
     assert "".join(llmjax.stream(p, "def f", max_new_tokens=12)) == whole
 
+
+
+def test_threads_sharing_a_stream_take_its_pieces_in_turn(params):
+    """A generator stepped from two threads at once raises in one of them; a stream serves each in turn."""
+    p = _no_eos(params)
+    want = list(llmjax.stream(p, "def f(x):", max_new_tokens=40))
+    shared, got, errors = llmjax.stream(p, "def f(x):", max_new_tokens=40), [], []
+
+    def drain():
+        try:
+            got.extend(shared)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=drain) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(got) == sorted(want) and len(want) > 3
 
 def test_stream_yields_what_generate_returns(params):
     p = _no_eos(params)
