@@ -81,7 +81,7 @@ from llmjax.models import llama
 from llmjax.generate import (LOOP_COMMAND_BUFFERS, _check_budget, _continuation, _cut_at_stop, _Detokenizer,
                              _model, _parse_prompt, _stop_strings, _token_rows, loop_graph)
 from llmjax.params import Params, check_params, shard
-from llmjax.sampling import Sampling, check_seed, sample, seed_words, words_key
+from llmjax.sampling import Sampling, check_seed, sample, scalar, seed_words, words_key
 from llmjax.sharding import mesh as meshes, pipeline
 
 PAD_ID = -1  # an output slot after a row stopped
@@ -409,6 +409,7 @@ def _key_words() -> int:
 
 
 def _positive(name: str, value) -> int:
+    value = scalar(value)  # a 0-d array passes as the number it holds, as in `generate`
     if not meshes.is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if value >= 2**31:  # sizes of arrays and indices, in JAX's 32-bit integers
@@ -499,6 +500,7 @@ class Engine:
             raise ValueError(f"decode_steps x max_slots must be below 2**31, got {self.decode_steps} x "
                              f"{self.max_slots}")
         self.prefill_row = _positive("prefill_row", prefill_row)
+        prefill_tokens = scalar(prefill_tokens)
         if not meshes.is_integer(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
             raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({prefill_row}), "
                              f"got {prefill_tokens!r}; pass a multiple, or a prefill_row that divides it")
@@ -609,6 +611,7 @@ class Engine:
                 kv_memory = HOST_POOL_BYTES
             pages = min(wanted, kv_memory // self.page_bytes)
         else:
+            kv_memory = scalar(kv_memory)
             if isinstance(kv_memory, (float, np.floating)) and float(kv_memory).is_integer():  # 0.5 * 2**30
                 kv_memory = int(kv_memory)
             if not meshes.is_integer(kv_memory) or kv_memory < 1:

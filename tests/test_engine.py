@@ -600,6 +600,19 @@ def test_a_refused_warmup_marks_nothing_warmed(params):
     assert engine._warmed == frozenset()  # a step would otherwise take variants nobody compiled
 
 
+def test_zero_dimensional_arrays_pass_as_the_sizes_they_hold(params):
+    """An engine's sizes given as 0-d arrays (a `jnp.sum`, `np.array(8)`) are taken as `generate` takes
+    its numbers; a 0-d bool or float stays refused."""
+    sizes = {name: np.array(value) for name, value in SMALL.items()}
+    engine = Engine(params, **sizes, max_seq_len=jnp.array(64), kv_memory=np.array(16 * _page_bytes(params, 8)))
+    assert (engine.max_slots, engine.page_size, engine.decode_steps, engine.max_seq_len) == (8, 8, 4, 64)
+    assert (engine.chunk_rows, engine.num_pages) == (3, 16)
+    assert engine.warmup(jnp.array(16), rows=[np.array(2)], threads=np.array(1)) > 0
+    for bad in (np.array(True), np.array(8.5)):
+        with pytest.raises(ValueError, match="max_slots must be an integer >= 1"):
+            _engine(params, max_slots=bad)
+
+
 def test_kv_memory_takes_a_whole_float_of_bytes(params):
     for memory in (float(16 * _page_bytes(params, 8)), np.float32(16 * _page_bytes(params, 8))):
         assert _engine(params, kv_memory=memory).num_pages == 16
