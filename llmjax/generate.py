@@ -404,7 +404,8 @@ def generate(params: Params, prompt, *, max_new_tokens: int = 256, temperature: 
     `prompt` is a str (returns a str), a list of str (a list of str; ragged lengths batched), a list
     of token ids (returns the new ids) or a list of such lists. Generation ends at an EOS token (kept
     at the end of returned ids, never in text), after `max_new_tokens`, or, for text, before the first
-    `stop` string.
+    `stop` string in the new text (the prompt is not searched: a stop string in it, or one that begins
+    in it, stops nothing).
     """
     check_params(params)
     sampling = Sampling(temperature, top_k, top_p, min_p)
