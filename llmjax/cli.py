@@ -446,15 +446,20 @@ def _parser() -> argparse.ArgumentParser:
                                      "prefill and decode speed to stderr.")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="llmjax checkpoint, Hugging Face folder or "
                      f"bundled model name (default: {DEFAULT_MODEL}, the bundled demo model)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the text to continue (with --chat, the user's message)")
     gen.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                      help="cast the weights (default: as stored on a GPU, float32 on a CPU)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128; "
+                     "EOS or a --stop string ends sooner)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--min-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (needs "
+                     "--temperature)")
+    gen.add_argument("--top-p", type=float, default=None, help="sample among the fewest likeliest tokens whose "
+                     "probabilities add up to P, in (0, 1] (needs --temperature)")
+    gen.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than MIN_P times the "
+                     "likeliest, in [0, 1] (needs --temperature)")
+    gen.add_argument("--seed", type=int, default=0, help="the sampling's random seed, a signed 64-bit integer "
+                     "(default 0; needs --temperature)")
     gen.add_argument("--stop", action="append", help="stop before this text (repeatable; taken as given: "
                      "a shell passes '\\n' as a backslash and an n, and bash's $'\\n' as a newline)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -490,7 +495,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bfloat16", metavar="{bfloat16,float16,float32}|" + QUANT_METAVAR,
                    help="weight format: a float dtype, or quantized projections (random codes made "
                    "directly in int4/int8, the other weights bfloat16)")
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
     b.add_argument("--prompt-len", type=int, default=None, help="default 8 (128 with --throughput)")
     b.add_argument("--gen-len", type=int, default=None, help="default 256, or less where the model's context "
                    "ends sooner (128 with --throughput)")

@@ -1,5 +1,6 @@
 """The `llmjax` command as a user runs it, and the example that makes a random model folder."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import llmjax
+from llmjax import cli
 from llmjax.cli import main as cli_main
 from llmjax.convert.hf import to_hf_tensors
 
@@ -30,6 +32,14 @@ def test_perplexity_help_says_what_it_prints_and_the_stride_bound():
     out = _run("perplexity", "--help")
     text = " ".join(out.stdout.split())
     assert "bits per byte" in text and "at most WINDOW - 1" in text and "BOS included" in text
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    parser = cli._parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"{name} {action.option_strings[-1]}" for name, command in commands.items()
+              for action in command._actions if action.option_strings and not action.help]
+    assert not silent, f"options without help: {silent}"
 
 
 def test_console_script_is_installed():
