@@ -449,6 +449,9 @@ class _HFTokenizersBackend:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+_WORD = re.compile(r"\w")
+
+
 def _token_ids(ids) -> list[int]:
     """`ids` as Python ints: any iterable of integers (Python's, numpy's, 0-d arrays such as
     `jnp.argmax(logits)`) or a 1-D integer array, each from 0 to 2**31 - 1. A float, a bool or a
@@ -505,8 +508,17 @@ class _SentencePieceBackend:
                       if isinstance(value, dict) and value.get("special") is False}
         # Added tokens may take ids past the model's pieces (chat markers added to a Llama-2 model).
         self._size = max([self._sp.get_piece_size(), *(i + 1 for i in self._special_ids)])
-        pattern = "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True))
-        self._split = re.compile(f"({pattern})") if pattern else None
+        # How each added token is found in the text, as its AddedToken flags tell `tokenizers` (which
+        # transformers runs a tokenizer.model with): `lstrip`/`rstrip` take the whitespace beside it into
+        # the token, `single_word` matches it only between non-word characters, and `normalized` tokens
+        # are looked for after the others, in the text between those.
+        added = {_token_str(v): v for v in (cfg.get("added_tokens_decoder") or {}).values() if isinstance(v, dict)}
+        self._strips = {t: (bool(f.get("lstrip")), bool(f.get("rstrip")), bool(f.get("single_word")))
+                        for t, f in added.items()}
+        normalized = {t for t, f in added.items() if f.get("normalized", not f.get("special", False))}
+        self._passes = [re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+                        for tokens in ([t for t in self._specials if t and t not in normalized],
+                                       [t for t in self._specials if t and t in normalized]) if tokens]
 
     def _special_tokens(self, cfg: dict) -> dict[str, int]:
         sp = self._sp
@@ -531,18 +543,46 @@ class _SentencePieceBackend:
         i = self._sp.piece_to_id(token)
         return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
 
+    def _split(self, text: str) -> list[tuple[int | None, int, str]]:
+        """The text as (added token's id or None, start, text) pieces, the added tokens found as
+        `tokenizers` finds them (leftmost, then longest)."""
+        pieces = [(None, 0, text)]
+        for pattern in self._passes:
+            out = []
+            for token, offset, chunk in pieces:
+                if token is not None:
+                    out.append((token, offset, chunk))
+                    continue
+                done = 0  # chunk[:done] is in out
+                for match in pattern.finditer(chunk):
+                    (start, stop), content = match.span(), match.group()
+                    lstrip, rstrip, single_word = self._strips.get(content, (False, False, False))
+                    if single_word and (_WORD.match(chunk, max(start - 1, 0), start) or _WORD.match(chunk, stop)):
+                        continue
+                    while lstrip and start > done and chunk[start - 1].isspace():
+                        start -= 1
+                    while rstrip and stop < len(chunk) and chunk[stop].isspace():
+                        stop += 1
+                    if done < start:
+                        out.append((None, offset + done, chunk[done:start]))
+                    out.append((self._specials[content], offset + start, chunk[start:stop]))
+                    done = stop
+                if done < len(chunk):
+                    out.append((None, offset + done, chunk[done:]))
+            pieces = out
+        return pieces
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        chunks = self._split.split(text) if self._split else [text]
         ids: list[int] = []
-        for n, chunk in enumerate(chunks):
-            if chunk in self._specials:
-                ids.append(self._specials[chunk])
+        for token, start, chunk in self._split(text):
+            if token is not None:
+                ids.append(token)
             elif chunk:
-                # The start of the text gets the whitespace marker unless it begins with a space
-                # (or the tokenizer's config sets add_prefix_space to false); with `legacy`, so
-                # does the text after each special token.
-                first = n == 0 or self._legacy
-                prefix = " " if self._prefix and first and not chunk.startswith(" ") else ""
+                # The start of the text gets the whitespace marker unless it begins with one (a space
+                # or U+2581), or the tokenizer's config sets add_prefix_space to false; with `legacy`,
+                # so does the text after each special token.
+                first = start == 0 or self._legacy
+                prefix = " " if self._prefix and first and not chunk.startswith((" ", "\u2581")) else ""
                 ids += self._sp_bare.encode(prefix + chunk)
         if add_special_tokens:
             bos, eos = self._sp.bos_id(), self._sp.eos_id()

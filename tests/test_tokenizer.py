@@ -113,6 +113,28 @@ def test_sentencepiece_with_added_tokens_past_its_pieces(sp_dir, tmp_path):
     assert gap.decode([300, 601, 602]) == gap.decode([300]) + "<tool>"
 
 
+def test_sentencepiece_added_token_flags_as_transformers(sp_dir, tmp_path):
+    """An added token's lstrip/rstrip take the whitespace beside it, single_word matches it only between
+    non-word characters, and a text starting with U+2581 gets no second marker: as transformers, which
+    ran them so while llmjax ignored the flags ("<|im_end|>\\n" gave the newline its own token)."""
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path)
+    cfg = json.loads((sp_dir / "tokenizer_config.json").read_text())
+    flags = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}
+    added = {"1": {"content": "<s>", "rstrip": True}, "2": {"content": "</s>", "lstrip": True},
+             "600": {"content": "<|im_end|>", "rstrip": True}, "601": {"content": "<tool>", "lstrip": True, "special": False},
+             "602": {"content": "[PAD]", "single_word": True}, "603": {"content": "Hello", "normalized": True, "special": False}}
+    cfg["added_tokens_decoder"] = {i: dict(flags, **f) for i, f in added.items()}
+    for legacy in (False, True):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, legacy=legacy)))
+        ours, theirs = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+        for text in ["<|im_end|>\n x", "a \t<tool>b", "a  <|im_end|>  <tool>  b", "x[PAD]", "é [PAD] y", "_[PAD]",
+                     "<s>  hi </s>", "HelloHello <tool>Hello", "\u2581x", " \u2581x", "\u2581", *TEXTS]:
+            for special in (True, False):
+                assert ours.encode(text, special) == theirs.encode(text, add_special_tokens=special), (text, legacy)
+    assert ours.encode("<|im_end|>\n x", False) == [600] + ours.encode("x", False)
+    assert ours.encode("a \t<tool>", False) == ours.encode("a", False) + [601]
+
+
 @pytest.fixture(scope="module")
 def json_dir(tmp_path_factory):
     """A byte-level BPE tokenizer.json (Llama 3's kind) built with the tokenizers library."""
