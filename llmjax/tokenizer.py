@@ -9,12 +9,14 @@ text, BOS/EOS added as `tokenizer_config.json` says). Chat templates are rendere
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
 import os
 import re
 import traceback
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import jinja2
@@ -143,6 +145,12 @@ class Tokenizer:
                 if not isinstance(tool, dict):
                     raise TypeError(f"tools[{n}] is a {type(tool).__name__}; give each tool as a JSON schema "
                                     "(a dict), e.g. transformers.utils.get_json_schema(function)")
+        if documents is not None:
+            for n, document in enumerate(documents):
+                if not isinstance(document, dict):
+                    raise TypeError(f"documents[{n}] is a {type(document).__name__}; give each document as a dict "
+                                    "such as {'title': ..., 'text': ...}")
+        tools, documents, kwargs = _plain(tools), _plain(documents), _plain(kwargs)
         try:
             template = _compiled(source)
         except jinja2.TemplateSyntaxError as e:
@@ -255,8 +263,9 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def _chat_messages(messages) -> list[dict]:
-    """The messages as transformers hands them to the template: a list of dicts, keys whose value is None
-    left out, reasoning under `reasoning_content` and `thinking` too. Refuses what is not a conversation."""
+    """The messages as transformers hands them to the template: a list of dicts of plain data (`_plain`: a
+    dataclass or a pydantic model is taken as a dict), keys whose value is None left out, reasoning under
+    `reasoning_content` and `thinking` too. Refuses what is not a conversation."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)):
         raise TypeError(f"messages must be a list of dicts ({{'role': ..., 'content': ...}}), got "
                         f"{type(messages).__name__} {messages!r:.80}")
@@ -264,9 +273,11 @@ def _chat_messages(messages) -> list[dict]:
         raise ValueError("the conversation is empty; give at least one message")
     out = []
     for n, message in enumerate(messages):
-        if not isinstance(message, dict):
+        plain = _plain(message)
+        if not isinstance(plain, dict):
             raise TypeError(f"message {n} is a {type(message).__name__} ({message!r:.80}), not a dict with 'role' "
                             "and 'content' (one conversation at a time: a list of dicts)")
+        message = plain
         if message.get("role") is None:
             raise ValueError(f"message {n} has no 'role' (its keys: {sorted(map(str, message))}); give each message "
                              "a role such as 'system', 'user' or 'assistant'")
@@ -276,6 +287,35 @@ def _chat_messages(messages) -> list[dict]:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
     return out
+
+
+def _plain(value):
+    """`value` as transformers hands it to a template: plain data (str, int, float, bool, None, and dicts,
+    lists and tuples of them; a numpy scalar as Python's, a dataclass or a pydantic model such as the
+    OpenAI SDK's messages as a dict), anything else as a placeholder naming its type ("<ndarray>"). An
+    `np.bool_(False)` is not `false` to a template, and the sandbox guards only underscore attributes, not
+    an object's own methods (an array's `tofile` writes a file)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # a subclass (an enum, np.str_) may carry methods of its own
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
 
 
 def _mark_final_message(messages: list[dict], field: bool | str, source: str):
