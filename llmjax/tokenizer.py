@@ -208,7 +208,7 @@ class Tokenizer:
         else:
             return None
         names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-        special = {name: _token_str(cfg.get(name)) for name in names}
+        raw = {name: cfg.get(name) for name in names}
         named = {name for name in names if name in cfg}
         if "added_tokens_decoder" not in cfg:
             # transformers' legacy path (a config without added_tokens_decoder): special_tokens_map.json's
@@ -216,13 +216,17 @@ class Tokenizer:
             legacy = read_json(os.path.join(folder, "special_tokens_map.json"), optional=True)
             for name in names:
                 if name in legacy:
-                    special[name] = _token_str(legacy[name])
+                    raw[name] = legacy[name]
                     named.add(name)
+        special = {name: _token_str(value) for name, value in raw.items()}
         if isinstance(backend, _SentencePieceBackend):  # Llama's tokenizer: <s>, </s>, <unk> where the config names none
             for name, piece in backend.default_special_tokens().items():
                 if name not in named:
                     special[name] = piece
         special = {k: v for k, v in special.items() if v is not None}
+        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        backend.add_config_tokens(cfg, [raw[name] for name in names if name in special] + extra)
         return cls(backend, bos_token=special.get("bos_token"), eos_token=special.get("eos_token"),
                    special_tokens=special, **_chat_templates(folder, cfg))
 
@@ -470,6 +474,37 @@ class _HFTokenizersBackend:
         model.continuing_subword_prefix = model.end_of_word_suffix = None
         model.ignore_merges = False
 
+    def add_config_tokens(self, cfg: dict, named: list) -> None:
+        """transformers adds to a tokenizer.json's added tokens those of tokenizer_config.json's
+        `added_tokens_decoder` that it lacks or holds with other flags (in id order, each at the next free
+        id, or at its piece's id where the vocabulary has it), and the special tokens the config names
+        (`bos_token`, ..., `extra_special_tokens`) that are not added tokens yet: so they are found in the
+        text, and skipped in decoding, as the file's own are."""
+        from tokenizers import AddedToken
+
+        flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+        have = {repr(t) for t in self._tok.get_added_tokens_decoder().values()}
+        tokens = []
+        for _, value in sorted((cfg.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0])):
+            if isinstance(value, dict) and isinstance(value.get("content"), str):
+                token = AddedToken(value["content"], **{k: bool(value[k]) for k in flags if k in value})
+                if repr(token) not in have:
+                    tokens.append(token)
+        known = {t.content for t in self._tok.get_added_tokens_decoder().values()} | {t.content for t in tokens}
+        for value in named:
+            if isinstance(value, dict) and isinstance(value.get("content"), str):
+                token = AddedToken(value["content"], **{k: bool(value[k]) for k in flags if k in value})
+                token.special = True
+            elif isinstance(value, str) and value:
+                token = AddedToken(value, special=True)
+            else:
+                continue
+            if token.content not in known:
+                tokens.append(token)
+                known.add(token.content)
+        if tokens:
+            self._tok.add_tokens(tokens)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -555,10 +590,31 @@ class _SentencePieceBackend:
         added = {_token_str(v): v for v in (cfg.get("added_tokens_decoder") or {}).values() if isinstance(v, dict)}
         self._strips = {t: (bool(f.get("lstrip")), bool(f.get("rstrip")), bool(f.get("single_word")))
                         for t, f in added.items()}
-        normalized = {t for t, f in added.items() if f.get("normalized", not f.get("special", False))}
+        self._normalized = {t for t, f in added.items() if f.get("normalized", not f.get("special", False))}
+        self._find_added_tokens()
+
+    def _find_added_tokens(self) -> None:
+        normalized = self._normalized
         self._passes = [re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
                         for tokens in ([t for t in self._specials if t and t not in normalized],
                                        [t for t in self._specials if t and t in normalized]) if tokens]
+
+    def add_config_tokens(self, cfg: dict, named: list) -> None:
+        """The special tokens the config names (`bos_token`, ..., `extra_special_tokens`) that are not added
+        tokens yet become special added tokens, as transformers makes them: at their piece's id where the
+        model has the piece, else at the next id past the others."""
+        for value in named:
+            content = _token_str(value)
+            if not isinstance(content, str) or not content or content in self._specials:
+                continue
+            i = self._sp.piece_to_id(content)
+            if self._sp.id_to_piece(i) != content:
+                i, self._size = self._size, self._size + 1
+            self._specials[content], self._special_ids[i] = i, content
+            if isinstance(value, dict):
+                self._strips[content] = (bool(value.get("lstrip")), bool(value.get("rstrip")),
+                                         bool(value.get("single_word")))
+        self._find_added_tokens()
 
     def _special_tokens(self, cfg: dict) -> dict[str, int]:
         sp = self._sp

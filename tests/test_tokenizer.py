@@ -245,6 +245,34 @@ def test_tokenizer_json_matches_autotokenizer(json_dir):
 
 
 @pytest.mark.parametrize("which", ["sp", "json"])
+def test_tokens_the_config_adds_are_found_as_transformers_finds_them(which, sp_dir, json_dir, tmp_path):
+    """Tokens tokenizer_config.json adds to the tokenizer file (an added token it lacks or holds with other
+    flags, an EOS or pad token named but not in it, extra_special_tokens) were encoded as plain text, and
+    EOS had no id; transformers adds them."""
+    source = sp_dir if which == "sp" else json_dir
+    shutil.copy(source / ("tokenizer.model" if which == "sp" else "tokenizer.json"), tmp_path)
+    cfg = json.loads((source / "tokenizer_config.json").read_text())
+    old = Tokenizer.from_dir(str(source))
+    bos, eos, size = cfg["bos_token"], cfg["eos_token"], old.vocab_size
+    flags = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}
+    cfg["added_tokens_decoder"] = {str(old.bos_id): dict(flags, content=bos, rstrip=True),
+                                   str(old.eos_id): dict(flags, content=eos), str(size): dict(flags, content="<|new|>", lstrip=True)}
+    cfg.update(eos_token="<|im_end|>", extra_special_tokens=["<x1>", "<x2>"],
+               pad_token={"__type": "AddedToken", **flags, "content": "<pad>", "rstrip": True})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, theirs = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.vocab_size == len(theirs) == size + 5
+    assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id) and ours.eos_id is not None
+    for text in [f"{bos}  hi", "a <|new|>b", "x<|im_end|>y", "<x1><x2> <pad>  z", *TEXTS]:
+        for special in (True, False):
+            ids = theirs.encode(text, add_special_tokens=special)
+            assert ours.encode(text, special) == ids, (text, special)
+            for skip in (True, False):
+                assert ours.decode(ids, skip) == theirs.decode(ids, skip_special_tokens=skip), (text, skip)
+    assert ours.encode("x<|im_end|>", False)[-1] == ours.eos_id
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
 def test_chat_template_matches_transformers(which, sp_dir, json_dir):
     folder = sp_dir if which == "sp" else json_dir
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
