@@ -451,6 +451,8 @@ class _HFTokenizersBackend:
         if (cfg or {}).get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast") and \
                 '"ByteLevel"' not in spec and isinstance(self._tok.model, tokenizers.models.BPE):
             self._as_llama_tokenizer(cfg)
+        # `"split_special_tokens": true`: special tokens written in the text are encoded as text, as transformers does
+        self._tok.encode_special_tokens = bool((cfg or {}).get("split_special_tokens"))
 
     def _as_llama_tokenizer(self, cfg: dict) -> None:
         """transformers' LlamaTokenizer takes only the vocabulary, merges and added tokens from a
@@ -591,13 +593,15 @@ class _SentencePieceBackend:
         self._strips = {t: (bool(f.get("lstrip")), bool(f.get("rstrip")), bool(f.get("single_word")))
                         for t, f in added.items()}
         self._normalized = {t for t, f in added.items() if f.get("normalized", not f.get("special", False))}
+        # `"split_special_tokens": true`: special tokens written in the text are encoded as text, as transformers does
+        self._split_special = bool(cfg.get("split_special_tokens"))
         self._find_added_tokens()
 
     def _find_added_tokens(self) -> None:
-        normalized = self._normalized
+        found = [t for t, i in self._specials.items() if t and (i in self._kept or not self._split_special)]
         self._passes = [re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
-                        for tokens in ([t for t in self._specials if t and t not in normalized],
-                                       [t for t in self._specials if t and t in normalized]) if tokens]
+                        for tokens in ([t for t in found if t not in self._normalized],
+                                       [t for t in found if t in self._normalized]) if tokens]
 
     def add_config_tokens(self, cfg: dict, named: list) -> None:
         """The special tokens the config names (`bos_token`, ..., `extra_special_tokens`) that are not added

@@ -273,6 +273,22 @@ def test_tokens_the_config_adds_are_found_as_transformers_finds_them(which, sp_d
 
 
 @pytest.mark.parametrize("which", ["sp", "json"])
+def test_split_special_tokens_encodes_them_as_text(which, sp_dir, json_dir, tmp_path):
+    """`"split_special_tokens": true` (special tokens in user text must not act as control tokens) was
+    ignored; as transformers, they are encoded as text, BOS is still added, and decoding is unchanged."""
+    source = sp_dir if which == "sp" else json_dir
+    shutil.copy(source / ("tokenizer.model" if which == "sp" else "tokenizer.json"), tmp_path)
+    cfg = json.loads((source / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, split_special_tokens=True)))
+    ours, theirs = Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    _assert_same(ours, theirs)
+    bos, eos = cfg["bos_token"], cfg["eos_token"]
+    for text in (f"{bos}hi{eos}", f"a {eos} b"):
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text) and ids[0] == ours.bos_id and ours.eos_id not in ids and ids.count(ours.bos_id) == 1
+
+
+@pytest.mark.parametrize("which", ["sp", "json"])
 def test_chat_template_matches_transformers(which, sp_dir, json_dir):
     folder = sp_dir if which == "sp" else json_dir
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
