@@ -132,6 +132,12 @@ class Tokenizer:
         no second BOS (where the template writes none, `generate` adds one to the text; the ids of
         `tokenize=True` have none, as transformers').
         """
+        asked = sorted(k for k in _TRANSFORMERS_OPTIONS if kwargs.get(k) not in (None, False))
+        if asked:
+            raise TypeError(f"apply_chat_template does not take transformers' {', '.join(asked)}: it returns the "
+                            "prompt's text, or with tokenize=True its ids as a list, neither masked, padded nor "
+                            "truncated; leave them out (for sanitize_control_tokens, remove special-token strings "
+                            "from untrusted text yourself)")
         source = self._template(chat_template, tools)
         messages = _chat_messages(messages)
         if add_generation_prompt is None:
@@ -261,6 +267,10 @@ def _chat_templates(folder: str, cfg: dict) -> dict:
     return {"chat_template": default, "chat_templates": named}
 
 
+# transformers' apply_chat_template options that change what it returns: llmjax would hand them to the template
+# as variables, and return what it always does.
+_TRANSFORMERS_OPTIONS = ("sanitize_control_tokens", "return_assistant_tokens_mask", "return_dict", "return_tensors",
+                         "padding", "truncation", "max_length", "tokenizer_kwargs")
 # Names a message's reasoning goes under; templates read the first (transformers fills it from the others).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "

@@ -481,6 +481,11 @@ def test_chat_template_bad_input_is_refused_clearly(json_dir, tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], True, continue_final_message=True)
     with pytest.raises(TypeError, match="tools.0. is a builtin_function_or_method; give each tool as a JSON schema"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[print])
+    # transformers' options that change what it returns are refused, not handed to the template and ignored
+    for option in ({"sanitize_control_tokens": True}, {"return_assistant_tokens_mask": True}, {"return_dict": True},
+                   {"truncation": True, "max_length": 5}, {"return_tensors": "np"}):
+        with pytest.raises(TypeError, match=f"does not take transformers' {'.*'.join(sorted(option))}"):
+            tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, **option)
     import jinja2
 
     tok.chat_template = "{% set ns = namespace(_x=1) %}"
