@@ -20,7 +20,7 @@ from llmjax.models import llama
 from llmjax.quant import (QuantizedWeight, QuantScheme, dequantize_int4, dequantize_int8, dequantize_params,
                           quantize, quantize_int4, quantize_int8, quantize_params)
 from llmjax.quant.weights import pack_int4, unpack_int4
-from llmjax.sharding import make_mesh
+from llmjax.sharding import make_mesh, rules
 
 from conftest import hf_config, needs_devices, save_hf_model
 
@@ -211,6 +211,7 @@ def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(fl
     `tensor` (a shard_map nested in the stage's) with tensor parallelism inside the stages."""
     q = quantize_params(float_params, "int4-g32")
     want, tokens = _logits(q), llmjax.generate(q, PROMPTS, max_new_tokens=8)
+    reference = _logits(dequantize_params(q))
     for data, tensor in ((4, 1), (2, 2)):
         p = llmjax.shard(q, make_mesh(stage=2, tensor=tensor, data=data))
         down = p.weights["stages"]["layer_0"]["mlp"]["down"]["kernel"]
@@ -218,6 +219,12 @@ def test_quantized_model_under_pipeline_stages_gives_the_single_device_result(fl
         np.testing.assert_allclose(_logits(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         assert llmjax.generate(p, PROMPTS, max_new_tokens=8) == tokens  # microbatched decode
         assert llmjax.generate(p, PROMPTS[1], max_new_tokens=8) == tokens[1]  # batch 1: the stages in turn
+        # the float reference dequantizes in the pipeline's layout, each weight where the rules put it
+        d = dequantize_params(p)
+        assert d.quant is None and d.mesh is p.mesh
+        for w, s in zip(jax.tree.leaves(d.weights), jax.tree.leaves(rules.weight_shardings(d.config, d.mesh))):
+            assert w.sharding == s
+        np.testing.assert_allclose(_logits(d), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 @needs_devices(8)

@@ -164,9 +164,11 @@ def quantize_params(params, scheme: QuantScheme | str):
 def dequantize_params(params, dtype=None):
     """The float model a quantized one stands for, every weight in `dtype` (each kernel dequantized, the
     rest cast; `dtype` defaults to that of the unquantized weights): the reference the quantized
-    model's output is checked against."""
+    model's output is checked against. Sharded params (pipeline stages too) stay on their mesh, each
+    float weight in the sharding llmjax's rules give it."""
     from llmjax.models import llama
     from llmjax.params import check_params, float_dtype_name
+    from llmjax.sharding import pipeline, rules
 
     check_params(params)
     if params.quant is None:
@@ -174,6 +176,12 @@ def dequantize_params(params, dtype=None):
     dtype = jnp.dtype(params.dtype if dtype is None else float_dtype_name(dtype, "(or None for the unquantized "
                                                                           "weights' dtype)"))
     like = llama.abstract_params(params.config, dtype)
+    num_stages = pipeline.stages(params.mesh)
+    if num_stages > 1:  # the pipeline's layout: each place's weights stacked over the stages
+        like = pipeline.group_layers(like, params.config, num_stages, lambda layers: jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((len(layers), *a.shape), a.dtype), layers[0]))
     weights = jax.tree.map(jnp.asarray, cast_floats(dequantize_tree(params.weights, like, dtype), dtype))
+    if params.mesh is not None:  # each weight where the float model's rules put it
+        weights = jax.device_put(weights, rules.weight_shardings(params.config, params.mesh))
     return dataclasses.replace(params, weights=weights, quant=None)
 
