@@ -99,7 +99,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
                                     f"; only pickled weights ({', '.join(pickles)}). " + HOW_TO_GET_SAFETENSORS
                                     if pickles else ""))
     manifest = checkpoint.read_manifest(path) if is_ckpt else None  # read once for the whole load
-    quant = _stored_quant(path, manifest) if is_ckpt else None
+    quant = _stored_quant(path, manifest, config) if is_ckpt else None
     if mesh is not None:
         return _check_finite(_load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant), path, dtype)
     if is_ckpt:
@@ -141,14 +141,21 @@ def _all_finite(weights: list, stacked: tuple) -> list:
             for w, per_stage in zip(weights, stacked)]
 
 
-def _stored_quant(path, manifest: dict) -> QuantScheme | None:
-    """The quantization scheme a checkpoint's manifest names, if any."""
+def _stored_quant(path, manifest: dict, config: LlamaConfig) -> QuantScheme | None:
+    """The quantization scheme a checkpoint's manifest names, if any. One that quantizes the LM head of
+    a model whose config.json ties it to the embedding (which stays in floating point) is refused, as
+    `convert` refuses to write it: the params would claim a quantized head they do not have."""
     stored = manifest.get("quant")
     try:
-        return None if stored is None else QuantScheme.from_json(stored)
+        quant = None if stored is None else QuantScheme.from_json(stored)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: its manifest names an unknown quantization {stored!r} ({e}); convert "
                          "the model again with this version of `llmjax convert`") from e
+    if quant is not None and quant.lm_head and config.tie_word_embeddings:
+        raise ValueError(f"{path}: its {checkpoint.MANIFEST} quantizes the LM head (lm_head true), but its config.json "
+                         "ties the LM head to the embedding table, which stays in floating point; restore the files "
+                         "written with it, or convert the model again")
+    return quant
 
 
 def _load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant) -> Params:

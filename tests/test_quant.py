@@ -176,6 +176,9 @@ def test_quantized_model_on_every_mesh_gives_the_single_device_result(float_para
                                                   dtype="float32"), QuantScheme(4, 32, lm_head=True)),
      "lm_head=True: this model ties its LM head to the embedding table.*leave lm_head off"),
     (lambda p: llmjax.load("tiny-stdlib", dtype="int4-g128"), "loading never quantizes.*llmjax convert --quant"),
+    (lambda p: quantize_params(quantize_params(p, "int4-g32"), "int8"),
+     r"already quantized \(int4-g32\); quantize the float model \(llmjax.load of its unquantized checkpoint\)"),
+    (lambda p: dequantize_params(p), "not quantized; dequantize_params takes quantized params"),
 ])
 def test_quantize_params_names_bad_input(float_params, call, match):
     with pytest.raises(ValueError, match=match):
@@ -342,6 +345,18 @@ def test_convert_quant_round_trips(int4_checkpoint, folder, float_params, tmp_pa
         assert cli.main(["convert", str(folder), str(tmp_path / "bad"), *argv, "--quiet"]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_manifest_quantizing_the_lm_head_of_a_tied_model_is_refused(tmp_path):
+    """`convert` will not quantize a tied head (it is the embedding, kept in floating point); a manifest
+    edited to say it did would load params claiming a quantized head they do not have."""
+    out = tmp_path / "int8"
+    assert cli.main(["convert", "tiny-stdlib", str(out), "--quant", "int8", "--quiet"]) == 0
+    manifest = json.loads((out / "llmjax.json").read_text())
+    (out / "llmjax.json").write_text(json.dumps({**manifest, "quant": {**manifest["quant"], "lm_head": True}}))
+    with pytest.raises(ValueError, match=r"llmjax.json quantizes the LM head \(lm_head true\), but its config.json "
+                                         r"ties the LM head.*convert the model again"):
+        llmjax.load(out)
 
 
 @needs_devices(8)

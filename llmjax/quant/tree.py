@@ -148,7 +148,8 @@ def quantize_params(params, scheme: QuantScheme | str):
     check_params(params)
     scheme = QuantScheme.coerce(scheme)
     if params.quant is not None:
-        raise ValueError(f"these params are already quantized ({params.quant.name})")
+        raise ValueError(f"these params are already quantized ({params.quant.name}); quantize the float model "
+                         "(llmjax.load of its unquantized checkpoint), not a quantized one")
     if params.mesh is not None:
         raise ValueError("quantize params before sharding them (llmjax.shard), not after")
     if scheme.lm_head and params.config.tie_word_embeddings:
@@ -172,7 +173,8 @@ def dequantize_params(params, dtype=None):
 
     check_params(params)
     if params.quant is None:
-        raise ValueError("these params are not quantized")
+        raise ValueError("these params are not quantized; dequantize_params takes quantized params (from "
+                         "quantize_params, or llmjax.load of a checkpoint converted with --quant)")
     dtype = jnp.dtype(params.dtype if dtype is None else float_dtype_name(dtype, "(or None for the unquantized "
                                                                           "weights' dtype)"))
     like = llama.abstract_params(params.config, dtype)
