@@ -67,6 +67,19 @@ def test_int4_asymmetric_and_int8_errors_are_bounded():
     assert np.all(err8 <= np.abs(w).max(-1) / 254 * SLACK)
 
 
+def test_quantize_refuses_axis_counts_outside_the_kernel_and_non_bool_flags():
+    w = np.asarray(jax.random.normal(jax.random.key(1), (8, 64)))
+    for n in (0, 2, 3, 1.0):  # 0: one row for the whole kernel; 2 and more: each weight its own scale
+        for call in (lambda: quantize(w, "int8", num_out_dims=n), lambda: quantize_int8(w, num_out_dims=n),
+                     lambda: quantize_int4(w, num_out_dims=n, group_size=32)):
+            with pytest.raises(ValueError, match=rf"num_out_dims must count the output axes of a kernel.*\(8, 64\).*"
+                                                 rf"from 1 to 1.*got {n}"):
+                call()
+    with pytest.raises(ValueError, match="symmetric must be True or False, got 'no'"):
+        quantize_int4(w, num_out_dims=1, group_size=32, symmetric="no")
+    assert quantize_int4(w, num_out_dims=1, group_size=32, symmetric=np.bool_(False)).zeros is not None
+
+
 def test_packing_round_trips_and_interleaves_within_groups():
     codes = jax.random.randint(jax.random.key(3), (5, 2, 256), 0, 16).astype(jnp.uint32)
     for group in (32, 64, 128):

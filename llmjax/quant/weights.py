@@ -180,8 +180,12 @@ def is_quantized(x) -> bool:
 
 
 def _rows(w, num_out_dims: int):
-    """`[*out, *in]` -> `[*out, K]` in float32."""
+    """`[*out, *in]` -> `[*out, K]` in float32. An axis count outside the kernel's would quantize
+    another grouping of its weights (0: the whole kernel as one row; all its axes: each weight alone)."""
     w = jnp.asarray(w, jnp.float32)
+    if not is_integer(num_out_dims) or not 1 <= num_out_dims < w.ndim:
+        raise ValueError(f"num_out_dims must count the output axes of a kernel [*out, *in] of shape {tuple(w.shape)}: "
+                         f"an int from 1 to {w.ndim - 1}, leaving at least one input axis; got {num_out_dims!r}")
     return w.reshape(*w.shape[:num_out_dims], -1)
 
 
@@ -217,6 +221,8 @@ def quantize_int4(w, *, num_out_dims: int, group_size: int, symmetric: bool = Tr
     Asymmetric: the min-max range over 15 steps and an integer zero point (the same search over
     shrunk ranges lowered the squared error there but raised the demo model's perplexity).
     """
+    if not isinstance(symmetric, (bool, np.bool_)):  # ("no" would read as True)
+        raise ValueError(f"symmetric must be True or False, got {symmetric!r}")
     rows = _rows(w, num_out_dims)
     *out, k = rows.shape
     if group_size not in GROUP_SIZES or k % group_size:
