@@ -26,13 +26,16 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    vocab = 1000
+    try:  # before anything is written: a bad preset leaves no folder behind
+        config = dataclasses.replace(llmjax.LlamaConfig.preset(args.preset), vocab_size=vocab,
+                                     bos_token_id=1, eos_token_ids=(2,))
+    except ValueError as e:
+        parser.error(str(e))
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = 1000
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     train_sentencepiece("".join((stdlib / f).read_text(encoding="utf-8") for f in STDLIB_FILES), out, vocab)
-    config = dataclasses.replace(llmjax.LlamaConfig.preset(args.preset), vocab_size=vocab,
-                                 bos_token_id=1, eos_token_ids=(2,))
     params = llmjax.init_random(config, seed=args.seed, dtype="float32")
     save_hf(params.weights, config, out, dtype="float32")
     print(f"wrote a random {params.num_params / 1e6:.2f}M-parameter Llama to {out}")

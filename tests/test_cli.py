@@ -64,6 +64,13 @@ def example_model(tmp_path_factory):
     return folder
 
 
+def test_the_example_refuses_a_bad_preset_before_it_writes_anything(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "random_model.py"), str(tmp_path / "hf"),
+                          "--preset", "llama9"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "unknown preset 'llama9'" in out.stderr
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.slow
 def test_convert_then_generate_from_the_command_line(example_model, tmp_path):
     out = _run("convert", str(example_model), str(tmp_path / "ckpt"))
