@@ -153,6 +153,7 @@ def _generate(args) -> None:
 
     _need_stdout("the generated text")  # started with standard output closed: the text would go nowhere
     dispatch.refuse_x64()  # before the prompt is echoed
+    dispatch.check_settings()  # a bad LLMJAX_* value, which tracing would find after the prompt is echoed
     _command_line_text("--prompt", args.prompt)
     for stop in args.stop or ():
         _command_line_text("--stop", stop)

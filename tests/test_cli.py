@@ -121,6 +121,15 @@ def test_a_count_out_of_range_is_refused_by_its_flag_before_loading_the_model(co
     assert err == f"llmjax {command[0]}: error: {command[-2]} takes an integer >= {least}, got {command[-1]}"
 
 
+def test_generate_refuses_a_bad_setting_before_it_echoes_the_prompt(capsys, monkeypatch):
+    monkeypatch.setenv("LLMJAX_ATTENTION", "fast")
+    monkeypatch.setattr(llmjax, "load", lambda *a, **k: pytest.fail("loaded the model before checking LLMJAX_*"))
+    assert cli_main(["generate", "--prompt", "x"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ("llmjax generate: error: LLMJAX_ATTENTION must be one of auto, off, "
+                                         "interpret, got 'fast'\n")
+
+
 def test_generate_refuses_sampling_flags_that_greedy_decoding_ignores(capsys, monkeypatch):
     monkeypatch.setattr(llmjax, "load", lambda *a, **k: pytest.fail("loaded the model before checking the flags"))
     assert cli_main(["generate", "--prompt", "x", "--top-p", "0.9"]) == 2
