@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import glob
 import os
+from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,17 @@ def _check_finite(params: Params, path: str, cast: str | None) -> Params:
     without a word."""
     named = [(names, w) for names, w in named_leaves(params.weights) if jnp.issubdtype(w.dtype, jnp.floating)]
     stacked = tuple(names[0] == "stages" for names, _ in named)  # [stage, ...]: one verdict per stage
-    finite = jax.device_get(_all_finite([w for _, w in named], stacked))
+    # One program per weight group (a layer; a place's layers stacked over the stages), every layer's the
+    # same compilation: XLA's CPU backend holds each checked weight's mask whole, so one program over the
+    # whole model took half of a bfloat16 model's bytes again.
+    groups = defaultdict(list)
+    for i, (names, _) in enumerate(named):
+        groups[tuple(names[:2] if stacked[i] else names[:1])].append(i)
+    finite = [None] * len(named)
+    for group, ok in zip(groups.values(), jax.device_get([
+            _all_finite([named[i][1] for i in group], tuple(stacked[i] for i in group)) for group in groups.values()])):
+        for i, verdict in zip(group, ok):
+            finite[i] = verdict
     bad = []
     layout = pipeline.stage_layout(params.config, pipeline.stages(params.mesh)) if any(stacked) else []
     for (names, _), ok, per_stage in zip(named, finite, stacked):
@@ -136,9 +147,13 @@ def _check_finite(params: Params, path: str, cast: str | None) -> Params:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _all_finite(weights: list, stacked: tuple) -> list:
-    # scalars only: replicated on every device, so every process of a multi-host mesh reads them
-    return [[jnp.isfinite(stage).all() for stage in w] if per_stage else jnp.isfinite(w).all()
-            for w, per_stage in zip(weights, stacked)]
+    # Scalars only: replicated on every device, so every process of a multi-host mesh reads them. A weight
+    # stacked over the stages is reduced on each stage's own devices before a stage's verdict is picked:
+    # slicing the weight by stage first gathered every stage's layers onto every device.
+    def per_stage(w):
+        ok = jnp.isfinite(w).all(axis=tuple(range(1, w.ndim)))
+        return [ok[s] for s in range(w.shape[0])]
+    return [per_stage(w) if stacked_w else jnp.isfinite(w).all() for w, stacked_w in zip(weights, stacked)]
 
 
 def _stored_quant(path, manifest: dict, config: LlamaConfig) -> QuantScheme | None:

@@ -1,5 +1,7 @@
 """Conversion: sharded checkpoints, dtypes, and every error path naming its tensor or file."""
 
+import collections
+import dataclasses
 import json
 import os
 import re
@@ -237,6 +239,28 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name_on_a_mesh(tmp_path,
     out = _converted_unchecked(_copy_with(hf_dir, tmp_path / "a", _poison), tmp_path / "out", monkeypatch)
     with pytest.raises(ValueError, match=LOAD_NAN):
         llmjax.load(out, mesh=make_mesh(**mesh))
+
+
+@pytest.mark.parametrize("mesh", [pytest.param(None, id="one-device"), *MESHES])
+def test_the_finite_check_holds_no_more_than_a_weight_group_at_once(monkeypatch, mesh):
+    """`load`'s NaN check once took half a bfloat16 model's bytes again on a CPU (one program over every
+    weight), and under pipeline stages gathered every stage's layers onto every device."""
+    from llmjax import params as params_module
+
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=8, num_heads=4)
+    params = llmjax.init_random(config, dtype="bfloat16", mesh=mesh and make_mesh(**mesh))
+    group_bytes = collections.Counter()  # a top-level group's (or a stage-stacked place's) bytes on one device
+    for names, w in hf.named_leaves(params.weights):
+        group_bytes[tuple(names[:2] if names[0] == "stages" else names[:1])] += w.addressable_shards[0].data.nbytes
+    checked, temps = params_module._all_finite, []
+
+    def measured(weights, stacked):
+        temps.append(checked.lower(weights, stacked).compile().memory_analysis().temp_size_in_bytes)
+        return checked(weights, stacked)
+
+    monkeypatch.setattr(params_module, "_all_finite", measured)
+    params_module._check_finite(params, "random", None)
+    assert temps and max(temps) <= max(group_bytes.values())
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
