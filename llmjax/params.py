@@ -21,8 +21,7 @@ import numpy as np
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
-                               iter_weight_groups, named_leaves, nonfinite_error, pickled_files, read_hf_weights,
-                               resolve_dtype)
+                               iter_weight_groups, named_leaves, nonfinite_error, pickled_files, resolve_dtype)
 from llmjax.files import BUNDLED, check_folder, read_json, resolve
 from llmjax.kernels import dispatch
 from llmjax.models import llama
@@ -103,15 +102,19 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     quant = _stored_quant(path, manifest, config) if is_ckpt else None
     if mesh is not None:
         return _check_finite(_load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant), path, dtype)
+    # A group at a time, each cast or placed before the next is read: the model is never there twice.
     if is_ckpt:
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
         checkpoint.check_groups(path, manifest, target)
-        weights = checkpoint.restore_weights(path, target)
-        if dtype is not None:
-            for key in list(weights):  # a group at a time: the model is never there twice
-                weights[key] = cast_floats(weights.pop(key), dtype)
+        weights = {}
+        for key in target:
+            group = checkpoint.restore_weights(path, {key: target[key]})[key]
+            weights[key] = group if dtype is None else cast_floats(group, dtype)
     else:
-        weights = jax.device_put(read_hf_weights(path, config, dtype or "auto")[0], jax.local_devices()[0])
+        source = SafetensorsFolder(path)
+        groups = iter_weight_groups(source, check_tensors(source, config), resolve_dtype(dtype or "auto", source),
+                                    progress=False)
+        weights = {key: jax.device_put(tree, jax.local_devices()[0]) for key, tree in groups}
     return _check_finite(Params(weights, config, tokenizer, quant=quant), path, dtype)
 
 

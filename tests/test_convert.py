@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import weakref
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -261,6 +263,54 @@ def test_the_finite_check_holds_no_more_than_a_weight_group_at_once(monkeypatch,
     monkeypatch.setattr(params_module, "_all_finite", measured)
     params_module._check_finite(params, "random", None)
     assert temps and max(temps) <= max(group_bytes.values())
+
+
+def _nbytes(tree) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def test_loading_a_hugging_face_folder_reads_a_group_only_once_the_last_is_placed(hf_dir, monkeypatch):
+    """The folder was read whole into host memory before any of it went to the device (two copies)."""
+    from llmjax import params as params_module
+
+    read, pending = params_module.iter_weight_groups, []
+
+    def watched(*args, **kwargs):
+        start, yielded = _nbytes(jax.live_arrays()), 0
+        for key, tree in read(*args, **kwargs):
+            pending.append(yielded - (_nbytes(jax.live_arrays()) - start))  # read, not yet on the device
+            yielded += _nbytes(tree)
+            yield key, tree
+
+    for module in (hf, params_module):
+        monkeypatch.setattr(module, "iter_weight_groups", watched)
+    params = llmjax.load(hf_dir)
+    groups = [_nbytes(tree) for tree in params.weights.values()]
+    assert len(pending) == len(groups) and max(pending) <= 0 < max(groups) < _nbytes(params.weights) / 2
+
+
+def test_loading_a_checkpoint_in_another_dtype_casts_each_group_as_it_is_read(tmp_path, hf_dir, monkeypatch):
+    """The checkpoint was restored whole in its stored dtype before any group was cast."""
+    from llmjax import params as params_module
+
+    out = hf.convert(str(hf_dir), str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    restore, cast, restored, held = checkpoint.restore_weights, params_module.cast_floats, [], []
+
+    def watched_restore(*args):
+        weights = restore(*args)
+        restored.extend(weakref.ref(leaf) for leaf in jax.tree.leaves(weights))
+        return weights
+
+    def watched_cast(tree, dtype):
+        held.append(sum(leaf().nbytes for leaf in restored if leaf() is not None))  # stored arrays alive
+        return cast(tree, dtype)
+
+    monkeypatch.setattr(checkpoint, "restore_weights", watched_restore)
+    monkeypatch.setattr(params_module, "cast_floats", watched_cast)
+    params = llmjax.load(out, dtype="float32")
+    assert params.dtype == jnp.float32
+    groups = [_nbytes(tree) // 2 for tree in params.weights.values()]  # each group's bytes in bfloat16
+    assert len(held) == len(groups) and max(held) <= max(groups) < _nbytes(params.weights) // 4
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
