@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -311,6 +312,33 @@ def test_loading_a_checkpoint_in_another_dtype_casts_each_group_as_it_is_read(tm
     assert params.dtype == jnp.float32
     groups = [_nbytes(tree) // 2 for tree in params.weights.values()]  # each group's bytes in bfloat16
     assert len(held) == len(groups) and max(held) <= max(groups) < _nbytes(params.weights) // 4
+
+
+def _resident_bytes_of(paths) -> int:
+    """This process's resident bytes of its mappings of `paths` (Linux's /proc/self/smaps)."""
+    total, counting = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: range, perms, offset, dev, inode[, path]
+                counting = len(fields) > 5 and os.path.realpath(fields[5]) in paths
+            elif counting and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_reading_a_folder_keeps_no_more_of_its_files_mapped_than_a_tensor(tmp_path):
+    """Tensors were read through a handle per file kept for the whole read, which maps the file: every
+    page read stayed in the process's memory (a 70B model's 140 GB) until the end."""
+    save_hf_model(tmp_path, hf_config(num_hidden_layers=8), max_shard_size="1MB")
+    source = hf.SafetensorsFolder(str(tmp_path))
+    entries = hf.check_tensors(source, llmjax.LlamaConfig.from_hf(tmp_path))
+    paths = {os.path.realpath(p) for p in source.files.values()}
+    resident = [_resident_bytes_of(paths) for _ in hf.iter_weight_groups(source, entries, "float32", progress=False)]
+    largest = max(math.prod(e.hf_shape) * 4 for e in entries)
+    # (what the headers' reads map stays: a constant, not growing with the tensors read)
+    assert len(paths) > 1 and len(resident) == 11 and max(resident) - min(resident) < largest < sum(os.path.getsize(p) for p in paths) / 2
 
 
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
