@@ -19,13 +19,15 @@ DEFAULT_MODEL = "tiny-stdlib"
 
 
 def resolve(path: str | os.PathLike) -> str:
-    """The folder `load` or `convert` reads: `path` itself, or a bundled model's folder when `path` is
-    its name and no such file or folder exists (a folder of that name in the working directory wins)."""
+    """The folder `load` or `convert` reads: `path` itself (`~` expanded, as a shell would: a quoted
+    `"~/models/x"` is never a folder named `~` in the working directory), or a bundled model's folder
+    when `path` is its name and no such file or folder exists (a folder of that name in the working
+    directory wins)."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         error = TypeError if not isinstance(path, (str, os.PathLike)) else ValueError
         raise error(f"the model path must be a folder's path or a bundled model's name (such as {BUNDLED[0]!r}), "
                     f"got {path!r}")
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if path in BUNDLED and not os.path.exists(path):
         return os.path.join(ASSETS, path)
     return path

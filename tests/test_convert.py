@@ -645,6 +645,18 @@ def test_a_file_given_for_the_folder_is_named(tmp_path, hf_dir):
         assert f"{name} is a file; pass the Hugging Face model folder that holds it ({hf_dir})" in message
 
 
+def test_a_home_relative_path_means_the_home_folder(tmp_path, hf_dir, reference, monkeypatch):
+    """`~` is the home folder, as in a shell (a quoted path, or one from a config file, is not
+    expanded by one): never a folder named `~` made in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert hf.convert(str(hf_dir), "~/out", progress=False) == str(tmp_path / "home" / "out")
+    assert os.listdir(tmp_path / "work") == [] and checkpoint.is_checkpoint(tmp_path / "home" / "out")
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load("~/out"), TOKENS)), reference)
+
+
 def _hub_cache(hf_dir, root, commits):
     """`hf_dir` as the Hugging Face hub cache keeps it: `snapshots/<commit>/` of relative links into `blobs`."""
     (root / "blobs").mkdir(parents=True)

@@ -366,7 +366,7 @@ def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir).strip():
         raise ValueError(f"the output folder must be a path, got {out_dir!r}; name the folder to write the "
                          "checkpoint into")
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))  # (`~` as for the input: `resolve`)
     if os.path.islink(out_dir):
         raise ValueError(f"the output folder {out_dir} is a symbolic link; give the folder it points to, or "
                          "another path")
