@@ -380,6 +380,24 @@ def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
 
 
+def test_an_output_made_while_converting_is_left_alone(tmp_path, hf_dir, reference, monkeypatch):
+    """Without --overwrite, a folder that took the output's name while the conversion ran (a second
+    conversion into it, started at the same time) is neither replaced nor moved aside."""
+    out, write_manifest = tmp_path / "out", checkpoint.write_manifest
+
+    def meanwhile(*args, **kwargs):
+        monkeypatch.setattr(checkpoint, "write_manifest", write_manifest)
+        hf.convert(str(hf_dir), str(out), progress=False)  # the other conversion, finished first
+        write_manifest(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "write_manifest", meanwhile)
+    with pytest.raises(FileExistsError, match=f"{out} appeared while this conversion ran.*--overwrite"):
+        hf.convert(str(hf_dir), str(out), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(out), TOKENS)), reference)
+    hf.convert(str(hf_dir), str(out), overwrite=True, progress=False)  # (asked to replace it, it does)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_an_overwrite_stopped_while_it_swaps_leaves_the_earlier_conversion(tmp_path, hf_dir, reference, monkeypatch):
     """The earlier conversion is moved aside, not deleted, until the new one is in place: stopped
     between the two moves, the earlier one is put back whole, and nothing else is left."""

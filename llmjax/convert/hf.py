@@ -467,6 +467,10 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         checkpoint.write_manifest(tmp, keys, resolved, quant)
         # An earlier conversion is moved aside, not deleted, until the new one is in its place: an
         # interrupt then leaves one whole checkpoint at out_dir, the old or the new.
+        if os.path.lexists(out_dir) and not overwrite:  # made meanwhile (another conversion into it, say)
+            raise FileExistsError(f"{out_dir} appeared while this conversion ran (another conversion into it, "
+                                  "or another program); it was left as it is: choose another output folder, or "
+                                  "pass --overwrite (overwrite=True) to replace it")
         if os.path.exists(out_dir):
             aside = os.path.join(parent, f".{os.path.basename(out_dir)}.replaced-{uuid.uuid4().hex[:12]}")
             os.rename(out_dir, aside)
