@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from llmjax.files import read_json
+from llmjax.files import read_json, signals_held
 from llmjax.quant.tree import from_storage, to_storage
 
 MANIFEST = "llmjax.json"
@@ -44,13 +44,16 @@ def write_weights(root: str, groups) -> list[str]:
     checkpointer = ocp.StandardCheckpointer()
     keys = []
     try:
-        for key, tree in groups:
-            checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree))
+        for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
+            with signals_held():
+                checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree))
             keys.append(key)
     finally:
         # Saves run in the background; on failure too, none may still be writing when the caller
-        # removes the partial folder.
-        checkpointer.close()
+        # removes the partial folder. Neither a save nor this wait is cut short by a signal (held till
+        # it is done): orbax's threads would go on writing into the removed folder.
+        with signals_held():
+            checkpointer.close()
     return keys
 
 

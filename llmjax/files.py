@@ -3,6 +3,7 @@ name the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,3 +112,28 @@ def remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, and SIGTERM or SIGHUP where Python handles them (the CLI's convert turns SIGTERM into an
+    exit), wait until the block is done, then take effect as they would have (in the main thread;
+    elsewhere nothing is held). For orbax's saves: cut short by the exception a handler raises, a
+    save leaves its writes going on in orbax's threads, which then write into the folder the cleanup
+    has just removed, and leave it behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    held = [s for s, handler in previous.items() if callable(handler)]  # (not SIG_DFL, SIG_IGN, or set outside Python)
+    for s in held:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s in held:
+            signal.signal(s, previous[s])
+        if caught:
+            signal.raise_signal(caught[0])
+

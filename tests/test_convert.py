@@ -370,6 +370,28 @@ def test_failure_midway_leaves_nothing(tmp_path, hf_dir, monkeypatch):
     assert len(reads) == 12
 
 
+def test_a_ctrl_c_during_a_save_waits_for_it(tmp_path, hf_dir, monkeypatch):
+    """A Ctrl-C (or the CLI's SIGTERM) that lands while orbax saves a weight group takes effect once
+    the save is done: cut short, the save's writes went on in orbax's threads, into the partial
+    folder after its removal, which they left behind with tracebacks on stderr."""
+    import signal
+
+    import orbax.checkpoint as ocp
+
+    save, saved = ocp.StandardCheckpointer.save, []
+
+    def interrupted(self, path, *args, **kwargs):
+        if not saved:
+            os.kill(os.getpid(), signal.SIGINT)  # lands in the first save
+        save(self, path, *args, **kwargs)
+        saved.append(os.path.basename(path))
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    assert saved == ["embed"] and os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
     out = tmp_path / "out"
     out.mkdir()
