@@ -21,7 +21,8 @@ import numpy as np
 from llmjax import checkpoint
 from llmjax.config import LlamaConfig
 from llmjax.convert.hf import (DTYPES, HOW_TO_GET_SAFETENSORS, SafetensorsFolder, check_tensors,
-                               iter_weight_groups, named_leaves, nonfinite_error, pickled_files, resolve_dtype)
+                               iter_weight_groups, leftovers_note, named_leaves, nonfinite_error, pickled_files,
+                               resolve_dtype)
 from llmjax.files import BUNDLED, check_folder, read_json, resolve
 from llmjax.kernels import dispatch
 from llmjax.models import llama
@@ -84,7 +85,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
-                                f"name ({', '.join(BUNDLED)})")
+                                f"name ({', '.join(BUNDLED)})" + (f". {leftovers_note(path)}; convert the model again"
+                                                                   if leftovers_note(path) else ""))
     check_folder(path, "model folder")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     tokenizer = Tokenizer.from_dir(path)

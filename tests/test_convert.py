@@ -392,6 +392,20 @@ def test_a_ctrl_c_during_a_save_waits_for_it(tmp_path, hf_dir, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_what_a_killed_conversion_left_is_named(tmp_path, hf_dir, reference):
+    """A conversion killed without a chance to clean up (kill -9) leaves its hidden partial folder, as
+    large as the model: the next conversion into the same folder, and a load of it, name it."""
+    left = tmp_path / ".out.partial-0123456789ab"
+    (left / "weights" / "embed").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{left} is left from a conversion into {tmp_path / 'out'} "
+                                                          "that was killed") + ".*remove it; convert the model again"):
+        llmjax.load(tmp_path / "out")
+    with pytest.warns(UserWarning, match=re.escape(str(left)) + ".*not a checkpoint: once no conversion into it runs"):
+        hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == [left.name, "out"]  # (it may be another conversion's, still running)
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "out"), TOKENS)), reference)
+
+
 def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):
     out = tmp_path / "out"
     out.mkdir()

@@ -400,6 +400,29 @@ def _checked_output(hf_dir: str, out_dir: str, overwrite: bool) -> str:
     return out_dir
 
 
+def leftovers(out_dir: str) -> list[str]:
+    """The folders a conversion into `out_dir` writes beside it and removes when it ends (`convert`):
+    those one killed without a chance to clean up (kill -9, a crash, a power cut) left, or one still
+    running writes."""
+    out_dir = os.path.abspath(out_dir)
+    name, parent = glob.escape(os.path.basename(out_dir)), glob.escape(os.path.dirname(out_dir))
+    return sorted(p for pattern in (f".{name}.partial-*", f".{name}.replaced-*")
+                  for p in glob.glob(os.path.join(parent, pattern)) if os.path.isdir(p))
+
+
+def leftovers_note(out_dir: str) -> str:
+    """The sentence naming `leftovers(out_dir)`, or ''."""
+    out_dir, found = os.path.abspath(out_dir), leftovers(out_dir)
+    if not found:
+        return ""
+    kept = (f" (a .replaced- one is an earlier conversion, whole: rename it to {os.path.basename(out_dir)} to keep it)"
+            if any(".replaced-" in p for p in found) else "")
+    return (f"{', '.join(found)} {'is' if len(found) == 1 else 'are'} left from a conversion into "
+            f"{out_dir} that was killed before it finished (kill -9, a crash, a power cut), or written by one "
+            f"still running; {'it is not' if len(found) == 1 else 'none is'} a checkpoint{kept}: once no conversion into "
+            f"it runs, remove {'it' if len(found) == 1 else 'them'}")
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
             progress: bool = True, quant: str | QuantScheme | None = None, quant_lm_head: bool = False) -> str:
     """Converts a Hugging Face Llama folder (or a bundled model, by name: `"tiny-stdlib"`) into an
@@ -430,6 +453,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     entries = check_tensors(source, config)
     resolved = resolve_dtype(dtype, source)
     out_dir = _checked_output(hf_dir, out_dir, overwrite)
+    if leftovers_note(out_dir):  # (each can hold a whole model's size of disk)
+        warnings.warn(leftovers_note(out_dir), stacklevel=2)
     parent = os.path.dirname(out_dir)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
     aside = None  # where an earlier conversion waits while the new one takes its place
