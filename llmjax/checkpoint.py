@@ -17,8 +17,11 @@ group size follow from the manifest's scheme and the model's declaration.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -43,18 +46,54 @@ def write_weights(root: str, groups) -> list[str]:
     """Saves each `(key, subtree)` of `groups` (an iterable) under `root/weights/key`; returns the keys."""
     checkpointer = ocp.StandardCheckpointer()
     keys = []
-    try:
-        for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
-            with signals_held():
-                checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree))
-            keys.append(key)
-    finally:
-        # Saves run in the background; on failure too, none may still be writing when the caller
-        # removes the partial folder. Neither a save nor this wait is cut short by a signal (held till
-        # it is done): orbax's threads would go on writing into the removed folder.
-        with signals_held():
-            checkpointer.close()
+    with _orbax_quiet():
+        try:
+            for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
+                with signals_held(), _write_errors(root):
+                    checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree))
+                keys.append(key)
+        finally:
+            # Saves run in the background; on failure too, none may still be writing when the caller
+            # removes the partial folder. Neither a save nor this wait is cut short by a signal (held
+            # till it is done): orbax's threads would go on writing into the removed folder.
+            with signals_held(), _write_errors(root):
+                checkpointer.close()
     return keys
+
+
+@contextlib.contextmanager
+def _write_errors(root: str):
+    """orbax's error for a write the system refused (TensorStore's text, with its `os_error_code`: a
+    full disk, a quota) as the OSError of that errno, naming `root`; other errors as they are."""
+    try:
+        yield
+    except Exception as e:
+        cause = _innermost(e)
+        code = cause.errno if isinstance(cause, OSError) else None
+        found = re.search(r"os_error_code='?(\d+)", str(cause))
+        code = code or (int(found.group(1)) if found else None)
+        if not code:
+            raise
+        error = OSError(f"writing the weights into {root} failed: {os.strerror(code)}")
+        error.errno = code
+        raise error from e
+
+
+class _OrbaxErrorsOff(logging.Filter):
+    def filter(self, record):
+        return "orbax" not in record.pathname
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """orbax logs a failed write (a full disk) from each of its threads, with tracebacks, before
+    raising it: `write_weights` raises it once, with what it means."""
+    logger, quiet = logging.getLogger("absl"), _OrbaxErrorsOff()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def write_manifest(root: str, keys: list[str], dtype: str, quant=None) -> None:

@@ -7,6 +7,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import weakref
 
 import jax
@@ -404,6 +406,25 @@ def test_what_a_killed_conversion_left_is_named(tmp_path, hf_dir, reference):
         hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     assert sorted(os.listdir(tmp_path)) == [left.name, "out"]  # (it may be another conversion's, still running)
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "out"), TOKENS)), reference)
+
+
+def test_a_full_disk_is_named_in_one_line_and_leaves_nothing(tmp_path, hf_dir):
+    """A write the system refuses (a full disk, a quota; here the file size limit, which any user may
+    lower) is named with the fix, once: orbax logged it from each of its threads with tracebacks,
+    then raised TensorStore's text naming the partial folder."""
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit fails with EFBIG)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+              "from llmjax import cli\n"
+              "sys.exit(cli.main(['convert', sys.argv[1], sys.argv[2], '--quiet']))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(hf_dir), str(tmp_path / "out")], capture_output=True,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"llmjax convert: error: cannot write {tmp_path / 'out'}: File too large (the disk holding {tmp_path} is full, "
+        "or this user's disk quota or file size limit is reached); what was written is removed: free space there, "
+        "or choose an output folder on another disk"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_existing_output_needs_overwrite(tmp_path, hf_dir, reference):

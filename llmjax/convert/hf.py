@@ -12,6 +12,7 @@ and scales, and loading it never quantizes again.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -500,10 +501,16 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
             aside = os.path.join(parent, f".{os.path.basename(out_dir)}.replaced-{uuid.uuid4().hex[:12]}")
             os.rename(out_dir, aside)
         os.rename(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         if aside is not None and os.path.exists(aside) and not os.path.exists(out_dir):
             os.rename(aside, out_dir)  # the earlier conversion back in its place
         remove_tree(tmp)  # (a second Ctrl-C waits for it)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            error = OSError(f"cannot write {out_dir}: {os.strerror(e.errno)} (the disk holding {parent} is full, or "
+                            "this user's disk quota or file size limit is reached); what was written is removed: "
+                            "free space there, or choose an output folder on another disk")
+            error.errno = e.errno
+            raise error from e
         raise
     if aside is not None:
         remove_tree(aside)
