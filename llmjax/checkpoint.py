@@ -3,7 +3,8 @@
 ```
 OUT/
   llmjax.json          format marker, weight dtype, the weight groups in order, the quantization
-                       scheme when the projections are quantized (`llmjax convert --quant`)
+                       scheme when the projections are quantized (`llmjax convert --quant`), and
+                       the conversion's id, which each group's orbax metadata repeats
   config.json          the source model's Hugging Face config (LlamaConfig.from_hf reads it)
   generation_config.json, tokenizer.model | tokenizer.json, tokenizer_config.json, ...
   weights/<group>/     one orbax checkpoint per top-level group: embed, layer_0 ... layer_{L-1},
@@ -12,7 +13,9 @@ OUT/
 One orbax item per group lets conversion write a layer at a time (memory bounded by the largest
 layer, not the model) and restore read each tensor straight into the sharding it is asked for. A
 quantized kernel is stored as a plain dict of its arrays (`values`, `scales`, `zeros`); its bits and
-group size follow from the manifest's scheme and the model's declaration.
+group size follow from the manifest's scheme and the model's declaration. The id makes a group
+that another conversion wrote (copied in, or read while an `--overwrite` swaps the folder) an error
+rather than weights of another model loaded without a word.
 """
 
 from __future__ import annotations
@@ -36,21 +39,24 @@ FORMAT = "llmjax-checkpoint"
 VERSION = 1
 STORED_DTYPES = ("float32", "float16", "bfloat16")  # the float weights' dtype a manifest names
 WEIGHTS_DIR = "weights"
+ID_KEY = "llmjax_checkpoint"  # each group's orbax custom metadata: the manifest's id
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def write_weights(root: str, groups) -> list[str]:
-    """Saves each `(key, subtree)` of `groups` (an iterable) under `root/weights/key`; returns the keys."""
+def write_weights(root: str, groups, checkpoint_id: str) -> list[str]:
+    """Saves each `(key, subtree)` of `groups` (an iterable) under `root/weights/key`, marked with
+    `checkpoint_id` (the manifest's `id`); returns the keys."""
     checkpointer = ocp.StandardCheckpointer()
     keys = []
     with _orbax_quiet():
         try:
             for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
                 with signals_held(), _write_errors(root):
-                    checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree))
+                    checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree),
+                                      custom_metadata={ID_KEY: checkpoint_id})
                 keys.append(key)
         finally:
             # Saves run in the background; on failure too, none may still be writing when the caller
@@ -96,9 +102,12 @@ def _orbax_quiet():
         logger.removeFilter(quiet)
 
 
-def write_manifest(root: str, keys: list[str], dtype: str, quant=None) -> None:
-    """`quant`: the `QuantScheme` of the projections, or None (all weights in `dtype`)."""
+def write_manifest(root: str, keys: list[str], dtype: str, quant=None, checkpoint_id: str | None = None) -> None:
+    """`quant`: the `QuantScheme` of the projections, or None (all weights in `dtype`); `checkpoint_id`:
+    the one `write_weights` marked the groups with."""
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "groups": keys}
+    if checkpoint_id is not None:
+        manifest["id"] = checkpoint_id
     if quant is not None:
         manifest["quant"] = quant.to_json()
     with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
@@ -112,7 +121,7 @@ def read_manifest(root: str) -> dict[str, Any]:
     if (manifest.get("format") != FORMAT or manifest.get("version") != VERSION
             or isinstance(manifest.get("version"), bool) or not isinstance(groups, list)
             or not all(isinstance(g, str) for g in groups) or len(set(groups)) != len(groups)
-            or "dtype" not in manifest):
+            or "dtype" not in manifest or not isinstance(manifest.get("id", ""), str)):
         raise ValueError(f"{path}: not an llmjax checkpoint of version {VERSION} ({manifest!r}); "
                          "convert the model again with this version of `llmjax convert`")
     if manifest["dtype"] not in STORED_DTYPES:
@@ -135,16 +144,17 @@ def check_groups(root: str, manifest: dict, keys) -> None:
                          + "); restore the config.json written with it, or convert the model again")
 
 
-def restore_weights(root: str, target: dict) -> dict:
+def restore_weights(root: str, target: dict, manifest: dict) -> dict:
     """Restores every group of `target` (a tree of `jax.ShapeDtypeStruct` with shardings; quantized
-    kernels as `QuantizedWeight`s of them), groups that `check_groups` found on disk."""
+    kernels as `QuantizedWeight`s of them), groups that `check_groups` found in `manifest`
+    (`read_manifest(root)`, read once per load: each group must carry its id)."""
     checkpointer = ocp.StandardCheckpointer()
     handled = sys.exc_info()[1]  # a caller's own exception (load called in an except block): no cause of ours
     weights = {}
     for key, group_target in target.items():
         path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
         storage = to_storage(group_target)
-        check_stored(checkpointer, path, key, storage)
+        check_stored(checkpointer, path, key, storage, manifest.get("id"))
         try:
             weights[key] = from_storage(checkpointer.restore(path, storage), group_target)
         except Exception as e:  # orbax raises many types; all mean the same to a user
@@ -156,20 +166,26 @@ def restore_weights(root: str, target: dict) -> dict:
     return weights
 
 
-def check_stored(checkpointer, path: str, key: str, target: dict) -> None:
-    """Refuses a group whose stored tensors are not the ones `target` (its storage tree) asks for:
-    missing, unknown, or of another shape or dtype, by name. Orbax would refuse a shape with a hint to
-    turn its check off, and cast another dtype without a word (a manifest edited to float16 over
-    bfloat16 weights). A group whose metadata cannot be read (none at all: a damaged or missing
-    group) is left to the restore to report."""
+def check_stored(checkpointer, path: str, key: str, target: dict, checkpoint_id: str | None = None) -> None:
+    """Refuses a group that another conversion wrote than the manifest's (`checkpoint_id`; None for a
+    checkpoint from before ids, whose groups have none), and one whose stored tensors are not the ones
+    `target` (its storage tree) asks for: missing, unknown, or of another shape or dtype, by name.
+    Orbax would refuse a shape with a hint to turn its check off, and cast another dtype without a
+    word (a manifest edited to float16 over bfloat16 weights). A group whose metadata cannot be read
+    (none at all: a damaged or missing group) is left to the restore to report."""
     try:
         stored = checkpointer.metadata(path)
+        written_by = (getattr(stored, "custom_metadata", None) or {}).get(ID_KEY)
         stored = getattr(stored, "item_metadata", stored)
         stored = dict(_named(getattr(stored, "tree", stored)))
     except Exception:
         return
     if not stored:
         return
+    if written_by != checkpoint_id:
+        raise ValueError(f"{path}: weight group {key!r} was written by another conversion than the checkpoint's "
+                         f"{MANIFEST} (a folder copied in from another checkpoint, or the checkpoint replaced while "
+                         "it was read); restore the files written with it, or convert the model again")
     wanted = dict(_named(target))
     problems = [f"missing {name}" for name in wanted if name not in stored]
     problems += [f"unknown {name}" for name in stored if name not in wanted]

@@ -109,8 +109,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
         checkpoint.check_groups(path, manifest, target)
         weights = {}
-        for key in target:
-            group = checkpoint.restore_weights(path, {key: target[key]})[key]
+        for key in target:  # a group at a time, cast as it is read: the model is never there twice
+            group = checkpoint.restore_weights(path, {key: target[key]}, manifest)[key]
             weights[key] = group if dtype is None else cast_floats(group, dtype)
     else:
         source = SafetensorsFolder(path)
@@ -192,10 +192,10 @@ def _load_sharded(path, manifest, config, tokenizer, dtype, mesh, quant) -> Para
             # orbax reads every tensor straight into its sharding
             targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    abstract, rules.weight_shardings(config, mesh, quant))
-            return Params(checkpoint.restore_weights(path, targets), config, tokenizer, mesh, quant)
+            return Params(checkpoint.restore_weights(path, targets, manifest), config, tokenizer, mesh, quant)
         host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         groups = ((key, jax.tree.map(np.asarray, checkpoint.restore_weights(
-            path, {key: checkpoint.default_target(abstract[key], host)})[key])) for key in abstract)
+            path, {key: checkpoint.default_target(abstract[key], host)}, manifest)[key])) for key in abstract)
     else:
         source = SafetensorsFolder(path)
         groups = iter_weight_groups(source, check_tensors(source, config), resolve_dtype("auto", source),

@@ -814,6 +814,32 @@ def test_a_checkpoint_whose_tensors_do_not_match_its_files_is_refused_by_name(tm
         llmjax.load(out)
 
 
+@needs_devices(8)
+def test_a_weight_group_from_another_conversion_is_refused(tmp_path, hf_dir, reference, monkeypatch):
+    """Each group carries its conversion's id, as the manifest does: a group copied in from another
+    checkpoint of the same shapes (or read while an --overwrite swaps the folder) is refused by name,
+    not loaded as weights of another model. A checkpoint from before ids loads as it did."""
+    import orbax.checkpoint as ocp
+
+    hf.convert(str(hf_dir), str(tmp_path / "a"), progress=False)
+    other = tmp_path / "other_hf"
+    save_hf_model(other, hf_config(num_hidden_layers=2), seed=1)
+    hf.convert(str(other), str(tmp_path / "b"), progress=False)
+    shutil.rmtree(tmp_path / "a" / "weights" / "layer_1")
+    shutil.copytree(tmp_path / "b" / "weights" / "layer_1", tmp_path / "a" / "weights" / "layer_1")
+    for mesh in (None, make_mesh(tensor=2, data=4), make_mesh(tensor=2, stage=2, data=2)):
+        with pytest.raises(ValueError, match=r"layer_1: weight group 'layer_1' was written by another conversion than "
+                                             r"the checkpoint's llmjax.json .*convert the model again"):
+            llmjax.load(tmp_path / "a", mesh=mesh)
+    save, write_manifest = ocp.StandardCheckpointer.save, checkpoint.write_manifest
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save",
+                        lambda self, path, item, custom_metadata=None, **kwargs: save(self, path, item, **kwargs))
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda *args: write_manifest(*args[:4]))
+    hf.convert(str(hf_dir), str(tmp_path / "old"), progress=False)  # as llmjax wrote it before ids
+    assert "id" not in json.loads((tmp_path / "old" / checkpoint.MANIFEST).read_text())
+    np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "old"), TOKENS)), reference)
+
+
 def test_a_quantized_checkpoint_read_as_float_is_refused_by_name(tmp_path, hf_dir):
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False, quant="int8")
     manifest_path = os.path.join(out, "llmjax.json")
