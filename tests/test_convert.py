@@ -178,6 +178,12 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path, hf_dir):
     msg = _convert_error(_copy_with(hf_dir, tmp_path / "b", lambda t: t.update(extra=np.zeros(3, np.float32))),
                          tmp_path / "o2")
     assert "'extra'" in msg and "unexpected" in msg
+    adapter = tmp_path / "with_adapter"
+    shutil.copytree(hf_dir, adapter)
+    save_file({"base_model.model.lora_A.weight": np.zeros((4, 96), np.float32)}, adapter / "adapter_model.safetensors")
+    msg = _convert_error(adapter, tmp_path / "o4")  # a file of other tensors beside the model's: named
+    assert ("with_adapter: adapter_model.safetensors holds none of the tensors config.json implies (only others, "
+            "first ['base_model.model.lora_A.weight']): not part of the model") in msg and "move it out" in msg
     msg = _convert_error(_copy_with(hf_dir, tmp_path / "c", lambda t: t.update({name: t[name][:, :-1].copy()})),
                          tmp_path / "o3")
     assert name in msg and "(136, 95)" in msg and "(136, 96)" in msg

@@ -192,6 +192,15 @@ def check_tensors(source: SafetensorsFolder, config: LlamaConfig) -> list[Entry]
         raise ValueError(f"{source.folder}: {len(missing)} tensor(s) that config.json implies are missing, "
                          f"first {missing[:5]}; the weights do not match config.json")
     unexpected = sorted(n for n in source.files if n not in expected and not is_ignorable(n, config))
+    # Without an index every *.safetensors file is read: one holding none of the model's tensors (an
+    # adapter saved beside it, say) is not part of the model, whatever config.json says.
+    strays = sorted({source.files[n] for n in unexpected} - {source.files[n] for n in expected})
+    if strays and not os.path.isfile(os.path.join(source.folder, INDEX)):
+        names = [os.path.basename(f) for f in strays]
+        raise ValueError(f"{source.folder}: {', '.join(names)} {'holds' if len(names) == 1 else 'hold'} none of the "
+                         f"tensors config.json implies (only others, first {unexpected[:3]}): not part of the model (an "
+                         "adapter, or another model's weights?); llmjax reads every *.safetensors file of a folder "
+                         f"without {INDEX}: move {'it' if len(names) == 1 else 'them'} out of the folder")
     if unexpected:
         raise ValueError(f"{source.folder}: unexpected tensor(s) {unexpected[:5]}; config.json does not "
                          "describe them (a different architecture, or attention_bias/mlp_bias/"
