@@ -95,6 +95,11 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
     is_ckpt = os.path.lexists(os.path.join(path, checkpoint.MANIFEST))
     if not is_ckpt and not (glob.glob(os.path.join(path, "*.safetensors")) or os.path.isfile(
             os.path.join(path, "model.safetensors.index.json"))):
+        if os.path.isdir(os.path.join(path, checkpoint.WEIGHTS_DIR)):
+            raise FileNotFoundError(f"{path} holds llmjax weights ({checkpoint.WEIGHTS_DIR}/) but no "
+                                    f"{checkpoint.MANIFEST}, which says how to read them (deleted, or left behind "
+                                    "in a copy); copy it back from the checkpoint this folder came from, or "
+                                    "convert the model again")
         pickles = pickled_files(path)
         raise FileNotFoundError(f"{path} holds config.json but no weights: neither an llmjax checkpoint "
                                 "(llmjax.json) nor *.safetensors" + (

@@ -908,6 +908,14 @@ def test_the_innermost_cause_is_one_python_would_show():
     assert str(checkpoint._innermost(cycle)) == "the damage"
 
 
+def test_a_checkpoint_without_its_manifest_is_named(tmp_path, hf_dir):
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    os.remove(os.path.join(out, checkpoint.MANIFEST))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{out} holds llmjax weights (weights/) but no llmjax.json") +
+                       ".*copy it back from the checkpoint this folder came from, or convert the model again"):
+        llmjax.load(out)
+
+
 def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
     manifest_path = os.path.join(out, "llmjax.json")
