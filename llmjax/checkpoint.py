@@ -92,8 +92,9 @@ class _OrbaxErrorsOff(logging.Filter):
 
 @contextlib.contextmanager
 def _orbax_quiet():
-    """orbax logs a failed write (a full disk) from each of its threads, with tracebacks, before
-    raising it: `write_weights` raises it once, with what it means."""
+    """orbax logs a failed write (a full disk) from each of its threads, with tracebacks, and a group
+    it cannot read, before raising it: `write_weights` and `restore_weights` raise it once, with what
+    it means."""
     logger, quiet = logging.getLogger("absl"), _OrbaxErrorsOff()
     logger.addFilter(quiet)
     try:
@@ -151,18 +152,19 @@ def restore_weights(root: str, target: dict, manifest: dict) -> dict:
     checkpointer = ocp.StandardCheckpointer()
     handled = sys.exc_info()[1]  # a caller's own exception (load called in an except block): no cause of ours
     weights = {}
-    for key, group_target in target.items():
-        path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
-        storage = to_storage(group_target)
-        check_stored(checkpointer, path, key, storage, manifest.get("id"))
-        try:
-            weights[key] = from_storage(checkpointer.restore(path, storage), group_target)
-        except Exception as e:  # orbax raises many types; all mean the same to a user
-            cause = _innermost(e, handled)  # orbax wraps TensorStore's error (naming the tensor) in a spec dump
-            detail = " ".join(str(cause).split())[:300]  # orbax's messages span lines (TensorStore reprs)
-            raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(cause).__name__}: {detail}); "
-                             "the checkpoint is damaged or does not match its config.json; convert the "
-                             "model again") from e
+    with _orbax_quiet():  # (its warnings on a damaged group come before the error below, which names it)
+        for key, group_target in target.items():
+            path = os.path.join(os.path.abspath(root), WEIGHTS_DIR, key)
+            storage = to_storage(group_target)
+            check_stored(checkpointer, path, key, storage, manifest.get("id"))
+            try:
+                weights[key] = from_storage(checkpointer.restore(path, storage), group_target)
+            except Exception as e:  # orbax raises many types; all mean the same to a user
+                cause = _innermost(e, handled)  # orbax wraps TensorStore's error (naming the tensor) in a spec dump
+                detail = " ".join(str(cause).split())[:300]  # orbax's messages span lines (TensorStore reprs)
+                raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(cause).__name__}: {detail}); "
+                                 "the checkpoint is damaged or does not match its config.json; convert the "
+                                 "model again") from e
     return weights
 
 
