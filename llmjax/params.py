@@ -114,7 +114,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
         target = checkpoint.default_target(llama.abstract_params(config, jnp.dtype(manifest["dtype"]), quant))
         checkpoint.check_groups(path, manifest, target)
         weights = {}
-        for key in target:  # a group at a time, cast as it is read: the model is never there twice
+        for key in target:
             group = checkpoint.restore_weights(path, {key: target[key]}, manifest)[key]
             weights[key] = group if dtype is None else cast_floats(group, dtype)
     else:
