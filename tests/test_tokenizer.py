@@ -415,33 +415,42 @@ def test_chat_template_features_match_transformers(json_dir, tmp_path, template,
 
 def test_chat_template_sees_plain_data_as_transformers(json_dir, tmp_path):
     """The template sees what transformers hands it: an np.bool_(False) is false (Qwen 3's
-    `enable_thinking is false` missed it), a numpy integer an integer, a dataclass or pydantic message
-    (the OpenAI SDK's) a dict, and any other object only a placeholder naming its type (its methods out
-    of the template's reach). Documents that are not dicts are refused."""
+    `enable_thinking is false` missed it), a numpy integer an integer, a dataclass message a dict, and
+    any other object only a placeholder naming its type (its methods out of the template's reach).
+    Documents that are not dicts are refused."""
     import dataclasses
-
-    import pydantic
 
     @dataclasses.dataclass
     class Message:
         role: str
         content: str
 
-    class Reply(pydantic.BaseModel):
-        role: str
-        content: str | None
-        tool_calls: list | None = None
-
-    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if 'tool_calls' in m %}!{% endif %}{% endfor %}"
-                "{% if think is false %}<think></think>{% endif %}{{ n is integer }}{{ extra }}")
-    folder = _folder_with_template(json_dir, tmp_path, template)
-    messages = [Message("user", "hi"), Reply(role="assistant", content="yo"), {"role": "user", "content": np.str_("x")}]
+    folder = _folder_with_template(json_dir, tmp_path, PLAIN_TEMPLATE)
+    messages = [Message("user", "hi"), {"role": "assistant", "content": "yo"}, {"role": "user", "content": np.str_("x")}]
     text = _both(folder, messages, think=np.bool_(False), n=np.int64(3), extra=[np.zeros(2), {1}, (np.float32(0.5),)])
     assert text == "<user>hi<assistant>yo<user>x<think></think>True['<ndarray>', '<set>', (0.5,)]"
     with pytest.raises(TypeError, match=r"documents\[1\] is a str; give each document as a dict"):
         Tokenizer.from_dir(str(folder)).apply_chat_template(messages, documents=[{"text": "a"}, "b"])
     with pytest.raises(TypeError, match="message 0 is a object"):
         Tokenizer.from_dir(str(folder)).apply_chat_template([object()])
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if 'tool_calls' in m %}!{% endif %}"
+                  "{% endfor %}{% if think is false %}<think></think>{% endif %}{{ n is integer }}{{ extra }}")
+
+
+def test_a_pydantic_message_is_a_dict_to_the_template_as_in_transformers(json_dir, tmp_path):
+    """A pydantic message (the OpenAI SDK's) is its dict, keys whose value is None left out."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Reply(pydantic.BaseModel):
+        role: str
+        content: str | None
+        tool_calls: list | None = None
+
+    folder = _folder_with_template(json_dir, tmp_path, PLAIN_TEMPLATE)
+    messages = [{"role": "user", "content": "hi"}, Reply(role="assistant", content="yo")]
+    assert _both(folder, messages, think=True, n=1.5, extra="") == "<user>hi<assistant>yoFalse"
 
 
 def test_named_chat_templates_match_transformers(json_dir, tmp_path):
