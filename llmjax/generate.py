@@ -507,10 +507,10 @@ class Stream:
         return self
 
     def __next__(self) -> str:
-        if self._stopped is not None:  # a finished generator would just stop: the rest would go unsaid
-            raise RuntimeError(f"this stream stopped part way ({type(self._stopped).__name__}) and cannot go on; "
-                               "start a new one with llmjax.stream(...)") from self._stopped
-        with self._lock:
+        with self._lock:  # (a thread that waited here while another's piece failed is told so too)
+            if self._stopped is not None:  # a finished generator would just stop: the rest would go unsaid
+                raise RuntimeError(f"this stream stopped part way ({type(self._stopped).__name__}) and cannot go "
+                                   "on; start a new one with llmjax.stream(...)") from self._stopped
             try:
                 return next(self._pieces)
             except StopIteration:

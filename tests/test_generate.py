@@ -172,6 +172,45 @@ def test_threads_sharing_a_stream_take_its_pieces_in_turn(params):
         t.join()
     assert errors == [] and sorted(got) == sorted(want) and len(want) > 3
 
+def test_a_thread_waiting_on_a_stream_that_fails_meanwhile_is_told_it_stopped(params):
+    """A thread that waits for its turn while another's piece fails gets the stream's error, not a
+    silent end of the stream (the rest of the text would go unsaid)."""
+    stream = llmjax.stream(_no_eos(params), "def f(x):", max_new_tokens=4)
+    waiting, results = threading.Event(), []
+
+    class Lock:  # the stream's lock, telling when the second thread waits on it
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if threading.current_thread() is not threading.main_thread():
+                waiting.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    def failing():  # run by the main thread, holding the lock
+        other.start()
+        assert waiting.wait(60)
+        raise MemoryError("out of memory")
+        yield  # noqa: unreachable (a generator)
+
+    def second():
+        try:
+            results.append(next(stream))
+        except BaseException as e:  # noqa: BLE001 (checked below)
+            results.append(e)
+
+    stream._lock, stream._pieces = Lock(stream._lock), failing()
+    other = threading.Thread(target=second)
+    with pytest.raises(MemoryError):
+        next(stream)
+    other.join(60)
+    assert len(results) == 1 and isinstance(results[0], RuntimeError), results
+    assert "stopped part way (MemoryError)" in str(results[0])
+
+
 def test_stream_yields_what_generate_returns(params):
     p = _no_eos(params)
     pieces = list(llmjax.stream(p, "for i in range(", max_new_tokens=20))
