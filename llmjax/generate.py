@@ -270,6 +270,7 @@ def _parse_prompt(prompt) -> tuple[str, list]:
                          f"lists; got {prompt!r}")
     if all(isinstance(p, str) for p in prompt):
         return "texts", list(prompt)
+    prompt = [scalar(p) for p in prompt]  # a 0-d array (`jnp.argmax(logits)`) is the token id it holds
     if _all_ints(prompt):
         return "ids", [list(prompt)]
     # rows as lists, or as 1-D integer arrays of any library (numpy, jax, torch)

@@ -65,6 +65,12 @@ def test_zero_dimensional_arrays_pass_as_the_numbers_they_hold(params):
         assert llmjax.generate(p, [1, 5, 9], **{k: wrap(v) for k, v in knobs.items()}) == want
     text = llmjax.generate(p, "def f(x):", **knobs)
     assert "".join(llmjax.stream(p, "def f(x):", **{k: jnp.array(v) for k, v in knobs.items()})) == text
+    # token ids as 0-d arrays (ids taken from `jnp.argmax(logits)`), as `decode` takes them
+    ids = [np.array(1), jnp.array(5), torch.tensor(9)]
+    assert llmjax.generate(p, ids, max_new_tokens=5) == llmjax.generate(p, [1, 5, 9], max_new_tokens=5)
+    assert np.array_equal(llmjax.logits(p, ids), llmjax.logits(p, [1, 5, 9]))
+    with pytest.raises(ValueError, match=r"item 1 of the prompt is np.True_ \(bool\)"):
+        llmjax.generate(p, [np.array(1), np.array(True)])
     # a 0-d bool is still no number, and an array of several is still refused
     with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
         llmjax.generate(p, [1, 5, 9], max_new_tokens=np.array(True))
