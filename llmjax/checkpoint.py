@@ -71,10 +71,11 @@ def write_weights(root: str, groups, checkpoint_id: str) -> list[str]:
 def _write_errors(root: str):
     """orbax's error for a write the system refused (TensorStore's text, with its `os_error_code`: a
     full disk, a quota) as the OSError of that errno, naming `root`; other errors as they are."""
+    handled = sys.exc_info()[1]  # a caller's own exception (convert called in an except block): no cause of ours
     try:
         yield
     except Exception as e:
-        cause = _innermost(e)
+        cause = _innermost(e, handled)
         code = cause.errno if isinstance(cause, OSError) else None
         found = re.search(r"os_error_code='?(\d+)", str(cause))
         code = code or (int(found.group(1)) if found else None)

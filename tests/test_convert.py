@@ -378,6 +378,22 @@ def test_failure_midway_leaves_nothing(tmp_path, hf_dir, monkeypatch):
     assert len(reads) == 12
 
 
+def test_an_error_of_a_save_in_an_except_block_is_not_taken_for_the_handled_one(tmp_path, hf_dir, monkeypatch):
+    """convert called while the caller handles an OSError (a load that found no checkpoint): a save's
+    own error is raised as it is, not as a write the system refused with the handled error's errno."""
+    import orbax.checkpoint as ocp
+
+    def failing(self, path, *args, **kwargs):
+        raise ValueError("the save's own error")
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", failing)
+    try:
+        open(tmp_path / "missing")
+    except FileNotFoundError:
+        with pytest.raises(ValueError, match="the save's own error"):
+            hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_ctrl_c_during_a_save_waits_for_it(tmp_path, hf_dir, monkeypatch):
     """A Ctrl-C (or the CLI's SIGTERM) that lands while orbax saves a weight group takes effect once
     the save is done: cut short, the save's writes went on in orbax's threads, into the partial
