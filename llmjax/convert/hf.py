@@ -316,15 +316,6 @@ def _get_path(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def read_hf_weights(folder: str, config: LlamaConfig, dtype: str = "auto",
-                    progress: bool = False) -> tuple[dict, str]:
-    """All weights of a Hugging Face folder as numpy arrays, in memory; returns (weights, dtype)."""
-    source = SafetensorsFolder(folder)
-    entries = check_tensors(source, config)
-    dtype = resolve_dtype(dtype, source)
-    return dict(iter_weight_groups(source, entries, dtype, progress)), dtype
-
-
 def to_hf_tensors(weights: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
     """The inverse map: llmjax weights as Hugging Face tensors (for `safetensors.numpy.save_file`)."""
     tensors = {}
