@@ -125,7 +125,9 @@ def signals_held():
         yield
         return
     caught = []
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # (Windows has no SIGHUP)
+    signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {s: signal.getsignal(s) for s in signals}
     held = [s for s, handler in previous.items() if callable(handler)]  # (not SIG_DFL, SIG_IGN, or set outside Python)
     for s in held:
         signal.signal(s, lambda signum, frame: caught.append(signum))
