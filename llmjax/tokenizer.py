@@ -132,7 +132,8 @@ class Tokenizer:
         no second BOS (where the template writes none, `generate` adds one to the text; the ids of
         `tokenize=True` have none, as transformers').
         """
-        asked = sorted(k for k in _TRANSFORMERS_OPTIONS if kwargs.get(k) not in (None, False))
+        asked = sorted(k for k in _TRANSFORMERS_OPTIONS if not (kwargs.get(k) is None or kwargs[k] is False
+                                                                  or kwargs[k] == {}))  # their defaults: no change
         if asked:
             raise TypeError(f"apply_chat_template does not take transformers' {', '.join(asked)}: it returns the "
                             "prompt's text, or with tokenize=True its ids as a list, neither masked, padded nor "

@@ -502,9 +502,14 @@ def test_chat_template_bad_input_is_refused_clearly(json_dir, tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[print])
     # transformers' options that change what it returns are refused, not handed to the template and ignored
     for option in ({"sanitize_control_tokens": True}, {"return_assistant_tokens_mask": True}, {"return_dict": True},
-                   {"truncation": True, "max_length": 5}, {"return_tensors": "np"}):
+                   {"truncation": True, "max_length": 5}, {"return_tensors": "np"}, {"max_length": 0}):
         with pytest.raises(TypeError, match=f"does not take transformers' {'.*'.join(sorted(option))}"):
             tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, **option)
+    # their defaults, given, change nothing
+    tok.chat_template = "{{ messages[0].content }}"
+    default = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, return_dict=False, padding=False,
+                                   truncation=False, max_length=None, tokenizer_kwargs={}) == default
     import jinja2
 
     tok.chat_template = "{% set ns = namespace(_x=1) %}"
