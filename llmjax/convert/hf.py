@@ -454,8 +454,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     entries = check_tensors(source, config)
     resolved = resolve_dtype(dtype, source)
     out_dir = _checked_output(hf_dir, out_dir, overwrite)
-    if leftovers_note(out_dir):  # (each can hold a whole model's size of disk)
-        warnings.warn(leftovers_note(out_dir), stacklevel=2)
+    note = leftovers_note(out_dir)
+    if note:  # (each can hold a whole model's size of disk)
+        warnings.warn(note, stacklevel=2)
     parent = os.path.dirname(out_dir)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:12]}")
     aside = None  # where an earlier conversion waits while the new one takes its place
@@ -506,7 +507,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         if aside is not None and os.path.exists(aside) and not os.path.exists(out_dir):
             os.rename(aside, out_dir)  # the earlier conversion back in its place
         remove_tree(tmp)  # (a second Ctrl-C waits for it)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
             error = OSError(f"cannot write {out_dir}: {os.strerror(e.errno)} (the disk holding {parent} is full, or "
                             "this user's disk quota or file size limit is reached); what was written is removed: "
                             "free space there, or choose an output folder on another disk")
