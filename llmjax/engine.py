@@ -330,9 +330,38 @@ def _engine_call(weights, pool, rows: _Rows, chunk: _Chunk | None, eos, *, model
 
 _jitted_call = jax.jit(_engine_call, static_argnames=("model", "steps", "greedy", "filters", "out_rows"),
                        donate_argnames=("pool",))
+
+
+class _Programs(dict):
+    """Compiled programs by key, kept for the process's life like jit's own, and emptied with them by
+    `jax.clear_caches()`: each engine size compiles its own step variants (the demo model's hold ~25
+    MiB of host memory each on a CPU), so a notebook that tries many sizes frees them that way.
+    Engines still alive compile again what they next need."""
+
+    __hash__ = object.__hash__  # jax keeps its caches in a WeakKeyDictionary
+
+    def cache_clear(self):
+        self.clear()
+
+    def cache_info(self):
+        return len(self)
+
+    def cache_keys(self):
+        return list(self)
+
+
+def _cleared_with_jax(programs: _Programs) -> _Programs:
+    try:  # jax's registry of what clear_caches() empties (no public one; without it, nothing clears them)
+        from jax._src.util import register_cache
+    except ImportError:
+        return programs
+    register_cache(programs, "llmjax engine programs")
+    return programs
+
+
 # Compiled step variants, shared by every engine of the same model and shapes (as jit shares its
 # own): keyed by the model, the pool's shape and every static size of the call.
-_EXECUTABLES: dict[tuple, jax.stages.Compiled] = {}
+_EXECUTABLES: dict[tuple, jax.stages.Compiled] = _cleared_with_jax(_Programs())
 
 
 @contextlib.contextmanager
@@ -375,7 +404,8 @@ def _feed(out, picks, last):
     return jnp.where(picks >= 0, taken, last)
 
 
-_FEEDS: dict[tuple, jax.stages.Compiled] = {}  # `_feed` compiled, by (tokens' shape, rows, mesh)
+# `_feed` compiled, by (tokens' shape, rows, mesh)
+_FEEDS: dict[tuple, jax.stages.Compiled] = _cleared_with_jax(_Programs())
 
 
 def _key_data(seed: int, index: int) -> np.ndarray:
@@ -1091,13 +1121,14 @@ class Engine:
     def _feeder(self, num_rows: int):
         """`_feed` compiled for calls of `num_rows` decode rows (its compilation goes to compile_s)."""
         key = (self.decode_steps, self.max_slots, num_rows, self.params.mesh)
-        if key not in _FEEDS:
+        feeder = _FEEDS.get(key)
+        if feeder is None:
             start = time.perf_counter()
             spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._input_sharding())  # noqa: E731
-            _FEEDS[key] = jax.jit(_feed).lower(spec((self.decode_steps, self.max_slots)), spec((num_rows,)),
-                                               spec((num_rows,))).compile()
+            feeder = _FEEDS[key] = jax.jit(_feed).lower(spec((self.decode_steps, self.max_slots)),
+                                                        spec((num_rows,)), spec((num_rows,))).compile()
             self.stats.compile_s += time.perf_counter() - start
-        return _FEEDS[key]
+        return feeder
 
     def _land(self, flight: _Flight) -> list[Request]:
         """Waits for a call's tokens and hands each row its own; finishes those that ended. Rows whose
@@ -1274,9 +1305,10 @@ class Engine:
 
     def _executable(self, variant: tuple):
         key = self._cache_key(variant)
-        if key not in _EXECUTABLES:
-            _EXECUTABLES[key] = self._compile(*variant)
-        return _EXECUTABLES[key]
+        compiled = _EXECUTABLES.get(key)  # read once: another thread's jax.clear_caches() may empty it
+        if compiled is None:
+            compiled = _EXECUTABLES[key] = self._compile(*variant)
+        return compiled
 
     def _compile(self, num_rows: int, width: int, chunk_rows: int, greedy: bool, filters: bool):
         start = time.perf_counter()

@@ -1174,3 +1174,19 @@ def test_gemm_setting_asks_xla_for_triton_products_on_nvidia_only(monkeypatch):
     monkeypatch.setenv("LLMJAX_GEMM", "cublas")
     with pytest.raises(ValueError, match="LLMJAX_GEMM must be one of auto, triton, got 'cublas'"):
         dispatch.gemm_options()
+
+
+def test_jax_clear_caches_frees_the_engines_programs_and_the_engine_compiles_again(params):
+    """The engine's compiled steps and token gathers are kept per model and engine size for the
+    process's life (each engine size its own); `jax.clear_caches()`, a notebook's way to free
+    compiled programs, empties them with jax's own, and a live engine compiles what it next needs."""
+    engine_module = importlib.import_module("llmjax.engine")
+    llm = LLM(params, **SMALL)
+    prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8]]
+    first = llm.generate(prompts, max_new_tokens=12, progress=False)
+    assert engine_module._EXECUTABLES and engine_module._FEEDS
+    jax.clear_caches()
+    assert not engine_module._EXECUTABLES and not engine_module._FEEDS
+    compiled = llm.engine.stats.compiled
+    assert llm.generate(prompts, max_new_tokens=12, progress=False) == first
+    assert llm.engine.stats.compiled > compiled and engine_module._EXECUTABLES and engine_module._FEEDS
