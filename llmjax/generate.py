@@ -270,9 +270,11 @@ def _parse_prompt(prompt) -> tuple[str, list]:
                          f"lists; got {prompt!r}")
     if all(isinstance(p, str) for p in prompt):
         return "texts", list(prompt)
-    prompt = [scalar(p) for p in prompt]  # a 0-d array (`jnp.argmax(logits)`) is the token id it holds
     if _all_ints(prompt):
         return "ids", [list(prompt)]
+    prompt = [scalar(p) for p in prompt]  # a 0-d array (`jnp.argmax(logits)`) is the token id it holds
+    if _all_ints(prompt):
+        return "ids", [prompt]
     # rows as lists, or as 1-D integer arrays of any library (numpy, jax, torch)
     rows = [np.asarray(p) if not isinstance(p, (list, tuple, str)) and hasattr(p, "__array__") else p for p in prompt]
     if all(isinstance(p, (list, tuple)) and _all_ints(p) or isinstance(p, np.ndarray) and p.ndim == 1
