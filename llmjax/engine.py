@@ -530,12 +530,11 @@ class Engine:
             raise ValueError(f"decode_steps x max_slots must be below 2**31, got {self.decode_steps} x "
                              f"{self.max_slots}")
         self.prefill_row = _positive("prefill_row", prefill_row)
-        prefill_tokens = scalar(prefill_tokens)
-        if not meshes.is_integer(prefill_tokens) or prefill_tokens < prefill_row or prefill_tokens % prefill_row:
-            raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({prefill_row}), "
+        prefill_tokens = _positive("prefill_tokens", prefill_tokens)
+        if prefill_tokens < self.prefill_row or prefill_tokens % self.prefill_row:
+            raise ValueError(f"prefill_tokens must be a positive multiple of prefill_row ({self.prefill_row}), "
                              f"got {prefill_tokens!r}; pass a multiple, or a prefill_row that divides it")
-        _positive("prefill_tokens", prefill_tokens)
-        self.chunk_rows = prefill_tokens // prefill_row
+        self.chunk_rows = prefill_tokens // self.prefill_row
         context = self.config.max_position_embeddings
         self.max_seq_len = context if max_seq_len is None else _positive("max_seq_len", max_seq_len)
         if self.max_seq_len > context:
