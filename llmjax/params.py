@@ -83,10 +83,10 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shardin
                                  if str(dtype).startswith("int") else
                                  "(or None: as stored on a GPU, float32 on a CPU)")
     if not os.path.exists(path):
+        note = leftovers_note(path)
         raise FileNotFoundError(f"{path}: no such model folder; give an llmjax checkpoint (made by "
                                 "`llmjax convert`), a Hugging Face Llama folder, or a bundled model's "
-                                f"name ({', '.join(BUNDLED)})" + (f". {leftovers_note(path)}; convert the model again"
-                                                                   if leftovers_note(path) else ""))
+                                f"name ({', '.join(BUNDLED)})" + (f". {note}; convert the model again" if note else ""))
     check_folder(path, "model folder")
     config = _with_generation_eos(LlamaConfig.from_hf(path), path)
     tokenizer = Tokenizer.from_dir(path)
