@@ -182,6 +182,7 @@ def _generate(args) -> None:
 
 def _perplexity(args) -> None:
     import llmjax
+    from llmjax.scoring import scored_text
 
     _need_stdout("the perplexity")
     _check_least("--window", args.window, 2)  # BOS and a token to score
@@ -202,13 +203,11 @@ def _perplexity(args) -> None:
     params = llmjax.load(args.model, dtype=args.dtype, mesh=_mesh(args))
     # A file that opens with the BOS token written out has it read as BOS, as perplexity reads it, not
     # scored: those bytes are not counted in bits/byte, and a file of nothing else has nothing to score.
-    tok, chars = params.tokenizer, 0
-    bos = tok.bos_token if tok.bos_token and tok.encode(tok.bos_token, add_special_tokens=False) == [tok.bos_id] \
-        else None
+    chars = 0
     for path, text in zip(args.text, texts):
-        scored = text[len(bos):] if bos and text.startswith(bos) else text
+        scored = scored_text(params.tokenizer, text)
         if not scored:
-            raise ValueError(f"--text {path} holds only the BOS token {bos}, so it has nothing to score; leave "
+            raise ValueError(f"--text {path} holds only the BOS token {text}, so it has nothing to score; leave "
                              "it out")
         chars += len(scored.encode("utf-8"))
     result = llmjax.perplexity(params, texts, window=args.window, stride=args.stride)

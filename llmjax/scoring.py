@@ -96,6 +96,15 @@ def _text_ids(tok, text: str) -> list[int]:
     return ids
 
 
+def scored_text(tok, text: str) -> str:
+    """`text` less a BOS token written at its start, which `_text_ids` reads as BOS, not scores: the text
+    whose bytes a bits-per-byte figure counts."""
+    bos = tok.bos_token
+    if bos and text.startswith(bos) and tok.encode(bos, add_special_tokens=False) == [tok.bos_id]:
+        return text[len(bos):]
+    return text
+
+
 def perplexity(params: Params, text: str | Sequence[str] | Sequence[int], *, window: int | None = None,
                stride: int | None = None) -> Perplexity:
     """Perplexity of the model on a text, a list of texts, or a list of token ids.
