@@ -3,11 +3,16 @@ back with `jax.profiler.ProfileData` and summed per kernel and per kind of kerne
 
     PYTHONPATH=. python benchmarks/kernel_profile.py decode --model llama2-7b --dtype int4-g128 [--tensor 2] [--json F] [--timeline N]
     PYTHONPATH=. python benchmarks/kernel_profile.py engine --model llama2-7b [--max-slots 384] [--page-size P] [--kv-dtype D]
+    PYTHONPATH=. python benchmarks/kernel_profile.py fixed --model llama2-7b [--kv-dtype D]
 
 `decode`: greedy generation at batch 1 (prompt 8, `--gen-len` new tokens), the one-jit loop of
 `llmjax.bench`; the table is per decode step. `engine`: the engine serving `--requests` requests of
 128 in / 128 out, all queued at once; the trace covers the calls from the first in which every slot
-is busy (or the 10th) to the end, and the table is per call. Kinds are read from kernel names
+is busy (or the 10th) to the end, and the table is per call. `fixed`: the fixed set as `llmjax bench
+--throughput` serves it (its engine settings, `overlap` on, the requests queued inside the timed run),
+the whole second run traced: where the GPU waits between the run's start, its calls and its end. On one
+NVIDIA GPU a call's decode iterations after the first run as one CUDA graph, whose kernels the trace
+may not show (their time then counts as gaps): compare with `LLMJAX_LOOP_GRAPH=off`. Kinds are read from kernel names
 (Pallas kernels are named after their functions; cuBLAS and cuDNN kernels by their libraries);
 "gaps" is the trace's span minus the kernels' busy time on the busiest stream. `--timeline N` also
 prints N kernels in the order they ran from the middle of the trace, each with its duration and the
@@ -201,9 +206,43 @@ def engine(args) -> dict:
     return table(kernels, span, busiest, n, "call")
 
 
+def fixed(args) -> dict:
+    from llmjax.engine import Engine
+    from llmjax.params import init_random
+    from llmjax.throughput import BENCH_ENGINE
+
+    params = init_random(args.model, dtype=args.dtype)
+    e = Engine(params, max_seq_len=256, kv_dtype=args.kv_dtype, **BENCH_ENGINE)
+    e.warmup(256, rows=[r for r in e.row_buckets if r >= e.max_slots // 4])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, params.config.vocab_size, 128).tolist() for _ in range(args.requests)]
+    marks = {}
+
+    def run():  # as the bench's `_offline`: requests queued, then steps to the end
+        marks["start"] = time.perf_counter_ns()
+        for p in prompts:
+            e.add_request(p, max_new_tokens=128)
+        marks["queued"] = time.perf_counter_ns()
+        while e.pending:
+            e.step()
+        marks["end"] = time.perf_counter_ns()
+
+    run()  # unprofiled
+    wall = (marks["end"] - marks["start"]) / 1e9
+    print(f"unprofiled: {128 * args.requests / wall:.1f} output tok/s, {wall:.3f} s, queueing "
+          f"{(marks['queued'] - marks['start']) / 1e6:.1f} ms")
+    before = e.stats.calls
+    kernels, span, busiest = traced(run, args.timeline)
+    wall = (marks["end"] - marks["start"]) / 1e9
+    print(f"profiled: {e.stats.calls - before} calls, {wall:.3f} s ({128 * args.requests / wall:.1f} output tok/s); "
+          f"kernels span {span / 1e9:.3f} s, busiest stream busy {busiest / 1e9:.3f} s; the run's wall less that "
+          f"busy time: {wall - busiest / 1e9:.3f} s, of which outside the kernels' span {wall - span / 1e9:.3f} s")
+    return table(kernels, span, busiest, e.stats.calls - before, "call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["decode", "engine"])
+    parser.add_argument("mode", choices=["decode", "engine", "fixed"])
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gen-len", type=int, default=64)
@@ -217,7 +256,7 @@ def main() -> None:
     parser.add_argument("--timeline", type=int, default=0, help="print this many kernels in order")
     args = parser.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.mode} {args.model} {args.dtype}")
-    result = decode(args) if args.mode == "decode" else engine(args)
+    result = {"decode": decode, "engine": engine, "fixed": fixed}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
