@@ -1,6 +1,8 @@
-"""Does compiling the engine's programs several at once cost speed? XLA picks each product's GEMM
-algorithm by timing the candidates on the GPU while it compiles (autotuning); compilations running
-side by side time their candidates at the same time, on the same GPU.
+"""Does compiling the engine's programs several at once change their speed? XLA picks each product's
+GEMM algorithm by timing the candidates on the GPU while it compiles (autotuning); compilations
+running side by side time their candidates at the same time, on the same GPU. (Measured on one H200:
+one at a time ran the fixed set 6-10% slower than 8 at once, and not through the picks; BENCHMARKS.md,
+fortieth session.)
 
 One process per run (XLA keeps its picks for the process's life): build the throughput bench's
 engine (`BENCH_ENGINE`, Llama-2-7B shape, random bf16 weights), compile the variants the fixed set
@@ -40,8 +42,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, params.config.vocab_size, 128).tolist() for _ in range(1000)]
     throughput._offline(engine, "warm", prompts, [128] * len(prompts))
-    compiled = engine.stats.compiled  # by the warmup, then by the warm pass's steps
-    before = engine.stats.compiled
+    compiled = before = engine.stats.compiled  # by the warmup, then by the warm pass's steps
     w = throughput._offline(engine, "fixed", prompts, [128] * len(prompts))
     print(f"threads {args.threads}: {compiled} variants compiled ({compile_s:.1f} s in warmup); fixed set "
           f"{w.output_tok_s:.1f} output tok/s ({w.calls} calls, {w.seconds:.2f} s; "

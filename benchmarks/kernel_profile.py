@@ -227,9 +227,9 @@ def fixed(args) -> dict:
             e.step()
         marks["end"] = time.perf_counter_ns()
 
-    run()  # unprofiled
+    run()  # unprofiled, the first run after the warmup
     wall = (marks["end"] - marks["start"]) / 1e9
-    print(f"unprofiled: {128 * args.requests / wall:.1f} output tok/s, {wall:.3f} s, queueing "
+    print(f"first run, unprofiled: {128 * args.requests / wall:.1f} output tok/s, {wall:.3f} s, queueing "
           f"{(marks['queued'] - marks['start']) / 1e6:.1f} ms")
     before = e.stats.calls
     kernels, span, busiest = traced(run, args.timeline)
