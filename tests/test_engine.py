@@ -169,6 +169,24 @@ def test_sampled_tokens_depend_only_on_seed_and_index(params):
     assert mine.token_ids == alone != expected[0]
 
 
+def test_rows_of_one_call_keep_their_own_knobs_and_keys_through_preemption(params):
+    """Sampled requests that differ in every knob (min-p and 64-bit seeds too) share calls under a pool
+    too small for them all, so some are preempted and recomputed: each still gets the tokens
+    `generate` draws for it alone, so no row took another's knobs or key, nor a step's key twice."""
+    rng = np.random.default_rng(6)
+    knobs = [dict(temperature=0.6, min_p=0.5, seed=-2**40), dict(temperature=1.7, top_p=0.8, seed=3),
+             dict(temperature=1.0, top_k=30, min_p=0.7, seed=2**33 + 3)]
+    # Prompts of 17 to 32 tokens: one length bucket, so generate compiles once.
+    requests = [(rng.integers(3, SP_VOCAB, rng.integers(17, 33)).tolist(), knobs[i % 3]) for i in range(12)]
+    expected = [llmjax.generate(params, prompt, max_new_tokens=14, **k) for prompt, k in requests]
+    engine = Engine(params, **SMALL, kv_memory=10 * _page_bytes(params, 8))
+    handles = [engine.add_request(prompt, max_new_tokens=14, **k) for prompt, k in requests]
+    while engine.pending:
+        engine.step()
+    assert engine.stats.preemptions > 0
+    assert [h.token_ids for h in handles] == expected
+
+
 def test_stream_and_stop_strings_give_generates_text(params):
     no_eos = dataclasses.replace(params, config=dataclasses.replace(params.config, eos_token_ids=()))
     prompt = "def f(x):"
