@@ -332,6 +332,22 @@ def test_first_tokens_follow_transformers_warped_distribution(params):
     assert 0.5 * np.abs(got - want).sum() < 0.05
 
 
+def test_rows_steps_and_seeds_draw_independently(params):
+    """With the LM head zeroed every logit ties, so each token is a uniform draw over the 600 ids and
+    any two draws agree with probability 1/600: rows (copies of one prompt), steps of a row and the
+    same row under another seed. A key shared between rows, steps or seeds would repeat its token
+    (agreement ~1); the counts stay uniform (chi-square ~599 +- 35)."""
+    p = _no_eos(params)
+    p = dataclasses.replace(p, weights=dict(p.weights, lm_head={"kernel": p.weights["lm_head"]["kernel"] * 0}))
+    draws = np.array(llmjax.generate(p, [[1, 5, 9]] * 2048, max_new_tokens=2, temperature=1.0, seed=0))
+    other = np.array(llmjax.generate(p, [[1, 5, 9]] * 2048, max_new_tokens=2, temperature=1.0, seed=1))
+    for a, b in [(draws[:, 0], draws[:, 1]), (draws[1:, 0], draws[:-1, 0]), (draws[:, 0], other[:, 0])]:
+        assert np.mean(a == b) < 0.01
+    for tokens in (draws[:, 0], draws[:, 1], other[:, 0]):
+        counts = np.bincount(tokens, minlength=600)
+        assert counts.size == 600 and ((counts - 2048 / 600) ** 2 / (2048 / 600)).sum() < 800
+
+
 def test_more_prompts_than_one_batch(params, monkeypatch):
     p = _no_eos(params)
     prompts = [[1, 5 + i, 9] for i in range(5)]
