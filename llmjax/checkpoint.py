@@ -3,8 +3,9 @@
 ```
 OUT/
   llmjax.json          format marker, weight dtype, the weight groups in order, the quantization
-                       scheme when the projections are quantized (`llmjax convert --quant`), and
-                       the conversion's id, which each group's orbax metadata repeats
+                       scheme when the projections are quantized (`llmjax convert --quant`), the
+                       conversion's id, which each group's orbax metadata repeats, and each stored
+                       tensor's checksum (`checksums`: group -> tensor -> 32-bit sum)
   config.json          the source model's Hugging Face config (LlamaConfig.from_hf reads it)
   generation_config.json, tokenizer.model | tokenizer.json, tokenizer_config.json, ...
   weights/<group>/     one orbax checkpoint per top-level group: embed, layer_0 ... layer_{L-1},
@@ -15,7 +16,8 @@ layer, not the model) and restore read each tensor straight into the sharding it
 quantized kernel is stored as a plain dict of its arrays (`values`, `scales`, `zeros`); its bits and
 group size follow from the manifest's scheme and the model's declaration. The id makes a group
 that another conversion wrote (copied in, or read while an `--overwrite` swaps the folder) an error
-rather than weights of another model loaded without a word.
+rather than weights of another model loaded without a word; the checksums make a data file whose
+bytes changed after it was written (bit rot, a bad copy) an error rather than other weights.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llmjax.files import read_json, signals_held
@@ -40,22 +44,26 @@ VERSION = 1
 STORED_DTYPES = ("float32", "float16", "bfloat16")  # the float weights' dtype a manifest names
 WEIGHTS_DIR = "weights"
 ID_KEY = "llmjax_checkpoint"  # each group's orbax custom metadata: the manifest's id
+CHECKSUMS = "checksums"  # the manifest's {group: {tensor: checksum}}; absent in checkpoints from before them
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def write_weights(root: str, groups, checkpoint_id: str) -> list[str]:
+def write_weights(root: str, groups, checkpoint_id: str) -> tuple[list[str], dict]:
     """Saves each `(key, subtree)` of `groups` (an iterable) under `root/weights/key`, marked with
-    `checkpoint_id` (the manifest's `id`); returns the keys."""
+    `checkpoint_id` (the manifest's `id`); returns the keys and each group's `checksums` (the
+    manifest's)."""
     checkpointer = ocp.StandardCheckpointer()
-    keys = []
+    keys, sums = [], {}
     with _orbax_quiet():
         try:
             for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
+                stored = to_storage(tree)
+                sums[key] = {name: int(s) for name, s in _named(jax.device_get(checksums(stored)))}
                 with signals_held(), _write_errors(root):
-                    checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), to_storage(tree),
+                    checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), stored,
                                       custom_metadata={ID_KEY: checkpoint_id})
                 keys.append(key)
         finally:
@@ -64,7 +72,25 @@ def write_weights(root: str, groups, checkpoint_id: str) -> list[str]:
             # till it is done): orbax's threads would go on writing into the removed folder.
             with signals_held(), _write_errors(root):
                 checkpointer.close()
-    return keys
+    return keys, sums
+
+
+@jax.jit
+def checksums(tree):
+    """Each array's checksum: the sum of its bits' words (each as an unsigned integer of its dtype's
+    width) times (2i + 1), i its row-major position, modulo 2**32. Integer arithmetic is exact in any
+    order, so every mesh and device computes the same sum; the odd factor makes any change of one
+    element, and most swaps of two, change it. On the stored dtype's bits, before any cast, where
+    `restore_weights` reads them (one program per group, as many devices as the group spans)."""
+    def checksum(w):
+        words = jax.lax.bitcast_convert_type(w, jnp.dtype(f"uint{jnp.dtype(w.dtype).itemsize * 8}"))
+        position = jnp.zeros(w.shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(w.ndim)):
+            position += jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * np.uint32(stride % 2**32)
+            stride *= w.shape[axis]
+        return jnp.sum(words.astype(jnp.uint32) * (2 * position + 1), dtype=jnp.uint32)
+    return jax.tree.map(checksum, tree)
 
 
 @contextlib.contextmanager
@@ -104,12 +130,15 @@ def _orbax_quiet():
         logger.removeFilter(quiet)
 
 
-def write_manifest(root: str, keys: list[str], dtype: str, quant=None, checkpoint_id: str | None = None) -> None:
-    """`quant`: the `QuantScheme` of the projections, or None (all weights in `dtype`); `checkpoint_id`:
-    the one `write_weights` marked the groups with."""
+def write_manifest(root: str, keys: list[str], dtype: str, quant=None, checkpoint_id: str | None = None,
+                   sums: dict | None = None) -> None:
+    """`quant`: the `QuantScheme` of the projections, or None (all weights in `dtype`); `checkpoint_id`
+    and `sums`: the id `write_weights` marked the groups with, and the checksums it returned."""
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "groups": keys}
     if checkpoint_id is not None:
         manifest["id"] = checkpoint_id
+    if sums is not None:
+        manifest[CHECKSUMS] = sums
     if quant is not None:
         manifest["quant"] = quant.to_json()
     with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
@@ -126,6 +155,12 @@ def read_manifest(root: str) -> dict[str, Any]:
             or "dtype" not in manifest or not isinstance(manifest.get("id", ""), str)):
         raise ValueError(f"{path}: not an llmjax checkpoint of version {VERSION} ({manifest!r}); "
                          "convert the model again with this version of `llmjax convert`")
+    sums = manifest.get(CHECKSUMS, {})
+    if not (isinstance(sums, dict) and (not sums or set(sums) == set(groups)) and all(
+            isinstance(group, dict) and all(type(s) is int and 0 <= s < 2**32 for s in group.values())
+            for group in sums.values())):
+        raise ValueError(f"{path}: its {CHECKSUMS!r} are not a weight group's 32-bit checksums by tensor name; the "
+                         "manifest is damaged; restore the files written with it, or convert the model again")
     if manifest["dtype"] not in STORED_DTYPES:
         raise ValueError(f"{path}: dtype {manifest['dtype']!r} is not one llmjax stores ({', '.join(STORED_DTYPES)}); "
                          "the manifest is damaged; convert the model again")
@@ -159,14 +194,29 @@ def restore_weights(root: str, target: dict, manifest: dict) -> dict:
             storage = to_storage(group_target)
             check_stored(checkpointer, path, key, storage, manifest.get("id"))
             try:
-                weights[key] = from_storage(checkpointer.restore(path, storage), group_target)
+                stored = checkpointer.restore(path, storage)
             except Exception as e:  # orbax raises many types; all mean the same to a user
                 cause = _innermost(e, handled)  # orbax wraps TensorStore's error (naming the tensor) in a spec dump
                 detail = " ".join(str(cause).split())[:300]  # orbax's messages span lines (TensorStore reprs)
                 raise ValueError(f"{path}: cannot restore weight group {key!r} ({type(cause).__name__}: {detail}); "
                                  "the checkpoint is damaged or does not match its config.json; convert the "
                                  "model again") from e
+            if CHECKSUMS in manifest:
+                check_sums(path, key, stored, manifest[CHECKSUMS].get(key, {}))
+            weights[key] = from_storage(stored, group_target)
     return weights
+
+
+def check_sums(path: str, key: str, stored: dict, want: dict) -> None:
+    """Refuses a group whose restored tensors (`stored`, in the stored dtype) are not the ones written:
+    their `checksums` differ from the manifest's (`want`), or the manifest has none for one of them."""
+    have = dict(_named(jax.device_get(checksums(stored))))
+    bad = [name for name in have if want.get(name) != int(have[name])]
+    if bad:
+        raise ValueError(f"{path}: weight group {key!r} does not hold the bytes that were written: the checksum of "
+                         f"{', '.join(bad)} differs from the one in {MANIFEST} (its files were damaged after "
+                         "conversion: a failing disk, an interrupted or bad copy); copy the checkpoint folder again "
+                         "from a good copy, or convert the model again")
 
 
 def check_stored(checkpointer, path: str, key: str, target: dict, checkpoint_id: str | None = None) -> None:

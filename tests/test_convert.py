@@ -25,6 +25,7 @@ from llmjax.cli import main as cli_main
 from llmjax.convert import hf
 from llmjax.params import default_dtype
 from llmjax.quant import QuantScheme
+from llmjax.quant.tree import to_storage
 from llmjax.sharding import make_mesh
 
 from conftest import hf_config, needs_devices, save_hf_model
@@ -871,6 +872,95 @@ def test_a_weight_group_from_another_conversion_is_refused(tmp_path, hf_dir, ref
     np.testing.assert_array_equal(np.asarray(llmjax.logits(llmjax.load(tmp_path / "old"), TOKENS)), reference)
 
 
+def _damage_silently(out, group, wanted) -> list[str]:
+    """Flips a bit in the middle of one of the zstd frames that hold `group`'s chunks (the largest
+    first) where the checkpoint, its checksums unchecked, still loads, as other values of tensors all
+    `wanted` (a name's test); returns the changed tensors' names. The frames carry no checksums of
+    their own: most flips decode to other values, a few fail to decode (named by the restore)."""
+    manifest_path = os.path.join(out, checkpoint.MANIFEST)
+    kept = open(manifest_path).read()
+    with open(manifest_path, "w") as f:
+        json.dump({k: v for k, v in json.loads(kept).items() if k != "checksums"}, f)
+
+    def stored():
+        weights = llmjax.load(out, dtype=json.loads(kept)["dtype"]).weights[group]
+        return dict(checkpoint._named(jax.tree.map(np.asarray, to_storage(weights))))
+    before, frames = stored(), []
+    for root, _, files in os.walk(os.path.join(out, "weights", group)):
+        for name in files:
+            held = open(os.path.join(root, name), "rb").read()
+            if held[:4] == b"\x28\xb5\x2f\xfd":  # chunks, not OCDBT's b-tree nodes (which have checksums)
+                starts = [m.start() for m in re.finditer(re.escape(b"\x28\xb5\x2f\xfd"), held)] + [len(held)]
+                frames += [(os.path.join(root, name), a, b) for a, b in zip(starts, starts[1:])]
+    for path, a, b in sorted(frames, key=lambda f: f[1] - f[2]):
+        for at in range((a + b) // 2, min((a + b) // 2 + 4, b)):
+            held = bytearray(open(path, "rb").read())
+            held[at] ^= 0x08
+            open(path, "wb").write(held)
+            try:
+                changed = [name for name, w in stored().items() if not np.array_equal(w, before[name])]
+            except ValueError:
+                changed = []
+            if changed and all(wanted(name) for name in changed):
+                open(manifest_path, "w").write(kept)
+                return changed
+            held[at] ^= 0x08
+            open(path, "wb").write(held)
+    raise AssertionError(f"no flipped bit in {group}'s data files changed only tensors wanted")
+
+
+@pytest.mark.parametrize("quant, meshes", [
+    (None, [dict(tensor=2, data=4), dict(stage=2, tensor=2, data=2)]),
+    ("int8", [dict(stage=2, tensor=2, data=2)]),
+    ("int4-g32", [dict(stage=2, data=4)]),  # (tensor=2 would cut o's groups of 32)
+])
+def test_a_weight_file_damaged_after_conversion_is_refused_by_name(tmp_path, hf_dir, quant, meshes):
+    """Each stored tensor's checksum is in the manifest and checked as it is read, on one device or
+    any mesh: a flipped bit in a data file (a failing disk, a bad copy) loaded as other weights
+    without a word. A manifest from before checksums loads as it did."""
+    out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False, quant=quant)
+    manifest_path = os.path.join(out, checkpoint.MANIFEST)
+    manifest = json.loads(open(manifest_path).read())
+    assert set(manifest["checksums"]) == set(manifest["groups"])
+    meshes = [make_mesh(**m) for m in meshes] if jax.device_count() >= 8 else []
+    for mesh in (None, *meshes):  # clean: the same sums on every mesh
+        llmjax.load(out, mesh=mesh)
+    # a quantized checkpoint's codes (int4: packed in uint32 words)
+    changed = _damage_silently(out, "layer_1", lambda name: quant is None or name.endswith("/values"))
+    for mesh in (None, *meshes):
+        with pytest.raises(ValueError, match=rf"weights/layer_1: weight group 'layer_1' does not hold the bytes "
+                                             rf"that were written: the checksum of {', '.join(changed)} differs from "
+                                             r"the one in llmjax.json .*copy the checkpoint folder again from a good "
+                                             r"copy, or convert the model again"):
+            llmjax.load(out, mesh=mesh)
+    with open(manifest_path, "w") as f:
+        json.dump({k: v for k, v in manifest.items() if k != "checksums"}, f)
+    llmjax.load(out)  # as before checksums: nothing to check against
+
+
+def test_checksums_are_of_the_stored_bits_on_any_mesh():
+    """Each array's checksum is the sum of its bit words times (2i + 1), modulo 2**32, whether the array
+    lies on one device or is sharded over several."""
+    rng = np.random.default_rng(0)
+    arrays = {"f32": rng.standard_normal((6, 40)).astype(np.float32),
+              "bf16": rng.standard_normal((4, 6, 10)).astype(ml_dtypes.bfloat16),
+              "u32": rng.integers(0, 2**32, (8, 5), dtype=np.uint32), "i8": rng.integers(-128, 128, (16,), np.int8)}
+
+    def expected(a):
+        words = a.view(f"uint{a.itemsize * 8}").ravel().astype(np.uint64)
+        return int((words * (2 * np.arange(a.size, dtype=np.uint64) + 1)).sum() % 2**32)
+    want = {k: expected(a) for k, a in arrays.items()}
+    assert {k: int(v) for k, v in checkpoint.checksums(arrays).items()} == want
+    if jax.device_count() >= 8:
+        mesh = jax.make_mesh((2, 4), ("a", "b"))
+        specs = {"f32": ("a", "b"), "bf16": (None, "a"), "u32": ("b",), "i8": ("b",)}
+        sharded = {k: jax.device_put(a, jax.NamedSharding(mesh, jax.P(*specs[k]))) for k, a in arrays.items()}
+        assert {k: int(v) for k, v in checkpoint.checksums(sharded).items()} == want
+    flipped = arrays["f32"].copy()
+    flipped.view(np.uint32)[3, 7] ^= 1 << 31  # the sign bit (an even weight would have hidden it)
+    assert int(checkpoint.checksums(flipped)) != want["f32"]
+
+
 def test_a_quantized_checkpoint_read_as_float_is_refused_by_name(tmp_path, hf_dir):
     out = hf.convert(str(hf_dir), str(tmp_path / "out"), progress=False, quant="int8")
     manifest_path = os.path.join(out, "llmjax.json")
@@ -949,6 +1039,12 @@ def test_a_damaged_manifest_is_named(tmp_path, hf_dir):
         with open(manifest_path, "w") as f:
             json.dump({**manifest, **edit}, f)
         with pytest.raises(ValueError, match=r"llmjax.json: not an llmjax checkpoint of version 1"):
+            llmjax.load(out)
+    for sums in ([1], {"embed": {"embedding": "12"}}, {"embed": {"embedding": 2**32}}, {"layer_9": {}}):
+        with open(manifest_path, "w") as f:
+            json.dump({**manifest, "checksums": sums}, f)
+        with pytest.raises(ValueError, match=r"llmjax.json: its 'checksums' are not a weight group's 32-bit checksums "
+                                             r"by tensor name; the manifest is damaged; restore .* convert the model again"):
             llmjax.load(out)
     os.remove(manifest_path)
     os.mkdir(manifest_path)  # a manifest that is no file is named, not taken for a folder with no weights

@@ -491,8 +491,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
                 print(f"{quant.name}: {line}", file=sys.stderr)
             groups = _quantized(groups, config, resolved, quant)
         checkpoint_id = uuid.uuid4().hex
-        keys = checkpoint.write_weights(tmp, groups, checkpoint_id)
-        checkpoint.write_manifest(tmp, keys, resolved, quant, checkpoint_id)
+        keys, sums = checkpoint.write_weights(tmp, groups, checkpoint_id)
+        checkpoint.write_manifest(tmp, keys, resolved, quant, checkpoint_id, sums)
         # An earlier conversion is moved aside, not deleted, until the new one is in its place: an
         # interrupt then leaves one whole checkpoint at out_dir, the old or the new.
         if os.path.lexists(out_dir) and not overwrite:  # made meanwhile (another conversion into it, say)
