@@ -61,7 +61,7 @@ def write_weights(root: str, groups, checkpoint_id: str) -> tuple[list[str], dic
         try:
             for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
                 stored = to_storage(tree)
-                sums[key] = {name: int(s) for name, s in _named(jax.device_get(checksums(stored)))}
+                sums[key] = tensor_sums(stored)
                 with signals_held(), _write_errors(root):
                     checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), stored,
                                       custom_metadata={ID_KEY: checkpoint_id})
@@ -91,6 +91,11 @@ def checksums(tree):
             stride *= w.shape[axis]
         return jnp.sum(words.astype(jnp.uint32) * (2 * position + 1), dtype=jnp.uint32)
     return jax.tree.map(checksum, tree)
+
+
+def tensor_sums(tree) -> dict[str, int]:
+    """`checksums` of a group's stored tree, by tensor name (`a/b/c`), as the manifest holds them."""
+    return {name: int(s) for name, s in _named(jax.device_get(checksums(tree)))}
 
 
 @contextlib.contextmanager
@@ -210,8 +215,8 @@ def restore_weights(root: str, target: dict, manifest: dict) -> dict:
 def check_sums(path: str, key: str, stored: dict, want: dict) -> None:
     """Refuses a group whose restored tensors (`stored`, in the stored dtype) are not the ones written:
     their `checksums` differ from the manifest's (`want`), or the manifest has none for one of them."""
-    have = dict(_named(jax.device_get(checksums(stored))))
-    bad = [name for name in have if want.get(name) != int(have[name])]
+    have = tensor_sums(stored)
+    bad = [name for name in have if want.get(name) != have[name]]
     if bad:
         raise ValueError(f"{path}: weight group {key!r} does not hold the bytes that were written: the checksum of "
                          f"{', '.join(bad)} differs from the one in {MANIFEST} (its files were damaged after "
