@@ -496,17 +496,20 @@ class _HFTokenizersBackend:
         from tokenizers import AddedToken
 
         flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+        def added(value: dict) -> AddedToken:
+            return AddedToken(value["content"], **{k: bool(value[k]) for k in flags if k in value})
         have = {repr(t) for t in self._tok.get_added_tokens_decoder().values()}
         tokens = []
         for _, value in sorted((cfg.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0])):
             if isinstance(value, dict) and isinstance(value.get("content"), str):
-                token = AddedToken(value["content"], **{k: bool(value[k]) for k in flags if k in value})
+                token = added(value)
                 if repr(token) not in have:
                     tokens.append(token)
         known = {t.content for t in self._tok.get_added_tokens_decoder().values()} | {t.content for t in tokens}
         for value in named:
             if isinstance(value, dict) and isinstance(value.get("content"), str):
-                token = AddedToken(value["content"], **{k: bool(value[k]) for k in flags if k in value})
+                token = added(value)
                 token.special = True
             elif isinstance(value, str) and value:
                 token = AddedToken(value, special=True)
@@ -538,6 +541,11 @@ class _HFTokenizersBackend:
 
 
 _WORD = re.compile(r"\w")
+
+
+def _strip_flags(token: dict) -> tuple[bool, bool, bool]:
+    """An added token's (lstrip, rstrip, single_word), as `_SentencePieceBackend._split` applies them."""
+    return bool(token.get("lstrip")), bool(token.get("rstrip")), bool(token.get("single_word"))
 
 
 def _token_ids(ids) -> list[int]:
@@ -601,8 +609,7 @@ class _SentencePieceBackend:
         # the token, `single_word` matches it only between non-word characters, and `normalized` tokens
         # are looked for after the others, in the text between those.
         added = {_token_str(v): v for v in (cfg.get("added_tokens_decoder") or {}).values() if isinstance(v, dict)}
-        self._strips = {t: (bool(f.get("lstrip")), bool(f.get("rstrip")), bool(f.get("single_word")))
-                        for t, f in added.items()}
+        self._strips = {t: _strip_flags(f) for t, f in added.items()}
         self._normalized = {t for t, f in added.items() if f.get("normalized", not f.get("special", False))}
         # `"split_special_tokens": true`: special tokens written in the text are encoded as text, as transformers does
         self._split_special = bool(cfg.get("split_special_tokens"))
@@ -627,8 +634,7 @@ class _SentencePieceBackend:
                 i, self._size = self._size, self._size + 1
             self._specials[content], self._special_ids[i] = i, content
             if isinstance(value, dict):
-                self._strips[content] = (bool(value.get("lstrip")), bool(value.get("rstrip")),
-                                         bool(value.get("single_word")))
+                self._strips[content] = _strip_flags(value)
         self._find_added_tokens()
 
     def _special_tokens(self, cfg: dict) -> dict[str, int]:
