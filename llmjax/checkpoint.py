@@ -12,7 +12,8 @@ OUT/
                        final_norm, lm_head
 ```
 One orbax item per group lets conversion write a layer at a time (memory bounded by the largest
-layer, not the model) and restore read each tensor straight into the sharding it is asked for. A
+layer, not the model) and restore read each tensor straight into the sharding it is asked for. Each
+tensor is stored in zstd chunks of at most `CHUNK_BYTES`, which a restore decompresses on every core. A
 quantized kernel is stored as a plain dict of its arrays (`values`, `scales`, `zeros`); its bits and
 group size follow from the manifest's scheme and the model's declaration. The id makes a group
 that another conversion wrote (copied in, or read while an `--overwrite` swaps the folder) an error
@@ -45,6 +46,10 @@ STORED_DTYPES = ("float32", "float16", "bfloat16")  # the float weights' dtype a
 WEIGHTS_DIR = "weights"
 ID_KEY = "llmjax_checkpoint"  # each group's orbax custom metadata: the manifest's id
 CHECKSUMS = "checksums"  # the manifest's {group: {tensor: checksum}}; absent in checkpoints from before them
+# Each tensor is stored in zstd-compressed chunks of at most this many bytes (orbax's `chunk_byte_size`),
+# which a restore decompresses in parallel: one chunk per tensor (orbax's default) made a load run at
+# one core's decompression speed, ~1 GB/s (BENCHMARKS.md, forty-first session). None: orbax's default.
+CHUNK_BYTES: int | None = 16 << 20
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -62,9 +67,10 @@ def write_weights(root: str, groups, checkpoint_id: str) -> tuple[list[str], dic
             for key, tree in groups:  # (a Ctrl-C while the next group is read stops at once)
                 stored = to_storage(tree)
                 sums[key] = tensor_sums(stored)
+                save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), stored)
                 with signals_held(), _write_errors(root):
                     checkpointer.save(os.path.join(os.path.abspath(root), WEIGHTS_DIR, key), stored,
-                                      custom_metadata={ID_KEY: checkpoint_id})
+                                      save_args=save_args, custom_metadata={ID_KEY: checkpoint_id})
                 keys.append(key)
         finally:
             # Saves run in the background; on failure too, none may still be writing when the caller

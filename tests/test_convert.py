@@ -972,6 +972,42 @@ def test_a_quantized_checkpoint_read_as_float_is_refused_by_name(tmp_path, hf_di
         llmjax.load(out)
 
 
+def _stored_chunks(out: str, group: str) -> dict:
+    """{tensor: (shape, chunk shape, bytes an element)} as the group's zarr metadata records them."""
+    import tensorstore as ts
+
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{out}/weights/{group}"}).result()
+    found = {}
+    for key in store.list().result():
+        name, _, leaf = key.decode().rpartition("/")
+        if leaf in (".zarray", "zarr.json"):
+            meta = json.loads(store.read(key).result().value)
+            chunks = meta["chunks"] if leaf == ".zarray" else meta["chunk_grid"]["configuration"]["chunk_shape"]
+            found[name] = (tuple(meta["shape"]), tuple(chunks), np.dtype(meta.get("dtype", meta.get("data_type"))).itemsize)
+    return found
+
+
+def test_each_tensor_is_stored_in_chunks_a_load_decompresses_in_parallel(tmp_path, hf_dir, monkeypatch):
+    """Every stored tensor is cut into chunks of at most `checkpoint.CHUNK_BYTES` (a restore decompresses
+    them on every core: a tensor stored as one chunk read at one core's speed, and Llama-2-7B loaded 3x
+    slower), and the chunked checkpoint loads the same weights as one written a chunk a tensor."""
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    chunked = hf.convert(str(hf_dir), str(tmp_path / "chunked"), progress=False)
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", None)  # orbax's default
+    whole = hf.convert(str(hf_dir), str(tmp_path / "whole"), progress=False)
+    for group in ("embed", "layer_0"):
+        stored, before = _stored_chunks(chunked, group), _stored_chunks(whole, group)
+        assert stored.keys() == before.keys() and stored
+        for name, (shape, chunks, itemsize) in stored.items():
+            assert math.prod(chunks) * itemsize <= 4096, (group, name, shape, chunks)
+        assert any(math.prod(shape) * itemsize > 4096 for shape, _, itemsize in stored.values())
+        assert any(chunks == shape and math.prod(shape) * itemsize > 4096 for shape, chunks, itemsize in before.values())
+    a, b = llmjax.load(chunked), llmjax.load(whole)
+    assert jax.tree.structure(a.weights) == jax.tree.structure(b.weights)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize("fraction", [0, 0.01, 0.5, 0.9])
 def test_truncated_weights_name_the_tensor(tmp_path, hf_dir, fraction):
     """The error names the tensor and the damage (TensorStore's own message), not orbax's wrapper,

@@ -1,0 +1,88 @@
+"""How fast `llmjax.load` reads a model, and what the checkpoint's layout and checksums cost it: a random
+model of `--model`'s shape written as a Hugging Face folder (`save_hf`), converted twice (`llmjax.convert`:
+each tensor in chunks of `--chunks` MiB (default: `checkpoint.CHUNK_BYTES`), and, as before the forty-first
+session, in one chunk), then loaded in turns from: each chunked checkpoint; the one-chunk checkpoint; a copy of that whose
+manifest has no checksums (as a checkpoint from before them; its `weights` folder is a link to the
+other's, so both read the same files); and the Hugging Face folder itself. Every turn after the first
+reads from the page cache.
+
+    PYTHONPATH=. python -P benchmarks/load_speed.py --model llama2-7b --dir /tmp/load_speed [--turns 2] [--chunks 16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import jax
+
+import llmjax
+from llmjax import checkpoint
+from llmjax.convert import hf
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dir", required=True, help="a scratch folder (removed first, and at the end)")
+    parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument("--chunks", default=str(checkpoint.CHUNK_BYTES >> 20),
+                        help="chunk sizes to convert with, MiB, comma-separated (default: the library's)")
+    args = parser.parse_args()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hf_dir, one, unsummed = (os.path.join(args.dir, n) for n in ("hf", "one-chunk", "no-checksums"))
+    chunked = {int(mib): os.path.join(args.dir, f"chunks-{mib}") for mib in args.chunks.split(",")}
+    model = llmjax.init_random(args.model, dtype=args.dtype)
+    _, seconds = timed(hf.save_hf, model.weights, model.config, hf_dir, dtype=args.dtype)
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {args.model} {args.dtype} written as a Hugging "
+          f"Face folder in {seconds:.1f} s", flush=True)
+    del model
+    chunk_bytes = checkpoint.CHUNK_BYTES
+    for folder, chunks in [(f, mib << 20) for mib, f in chunked.items()] + [(one, None)]:
+        checkpoint.CHUNK_BYTES = chunks
+        _, seconds = timed(hf.convert, hf_dir, folder, progress=False)
+        print(f"converted in {seconds:.1f} s, {'one chunk' if chunks is None else f'chunks of {chunks >> 20} MiB'} "
+              "a tensor", flush=True)
+    checkpoint.CHUNK_BYTES = chunk_bytes
+    os.makedirs(unsummed)
+    for name in os.listdir(one):
+        if name == checkpoint.WEIGHTS_DIR:
+            os.symlink(os.path.join(one, name), os.path.join(unsummed, name))
+        elif name != checkpoint.MANIFEST:
+            shutil.copy(os.path.join(one, name), unsummed)
+    with open(os.path.join(one, checkpoint.MANIFEST)) as f:
+        manifest = json.load(f)
+    print(f"{sum(len(g) for g in manifest[checkpoint.CHECKSUMS].values())} tensors with checksums", flush=True)
+    del manifest[checkpoint.CHECKSUMS]
+    with open(os.path.join(unsummed, checkpoint.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    folders = {**{f"chunks of {mib} MiB": f for mib, f in chunked.items()}, "one chunk": one, "one chunk, no checksums": unsummed, "Hugging Face folder": hf_dir}
+    times = {kind: [] for kind in folders}
+    for turn in range(args.turns + 1):  # the first turn reads the files into the page cache: not counted
+        for kind, folder in folders.items():
+            loaded, seconds = timed(llmjax.load, folder)
+            del loaded
+            print(f"turn {turn}: {kind:24s} {seconds:6.2f} s{'  (page cache warming)' if not turn else ''}",
+                  flush=True)
+            if turn:
+                times[kind].append(seconds)
+    gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors")) / 1e9
+    print(f"best of {args.turns} turns ({gb:.2f} GB of weights):")
+    for kind, seconds in times.items():
+        print(f"  {kind:24s} {min(seconds):6.2f} s  {gb / min(seconds):5.2f} GB/s")
+    shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()
