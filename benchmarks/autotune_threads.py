@@ -12,11 +12,16 @@ set (1000 x 128 in / 128 out) twice, timing the second, as `llmjax bench --throu
 after its warm pass.
 
     for t in 8 1 8 1; do PYTHONPATH=. python -P benchmarks/autotune_threads.py --threads $t; done
+
+`--kernels F`: then serve the set a third time under the profiler and save each GPU kernel's launches
+and total ns to F (JSON), to compare two runs kernel by kernel (with `LLMJAX_LOOP_GRAPH=off`, as the
+decode loop's CUDA graph hides its kernels from the trace).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -31,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rows", default="256,512", help="the row buckets to compile (the fixed set's)")
     parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--kernels", help="save the kernels of a third, profiled run to this JSON file")
     args = parser.parse_args()
     params = throughput.random_params(throughput._model_config(args.model, "bfloat16"), "bfloat16", 0, None)
     engine = Engine(params, max_seq_len=256, **BENCH_ENGINE)
@@ -47,6 +53,13 @@ def main() -> None:
     print(f"threads {args.threads}: {compiled} variants compiled ({compile_s:.1f} s in warmup); fixed set "
           f"{w.output_tok_s:.1f} output tok/s ({w.calls} calls, {w.seconds:.2f} s; "
           f"{engine.stats.compiled - before} variants compiled while serving)", flush=True)
+    if args.kernels:
+        from kernel_profile import traced
+
+        kernels, span, busiest = traced(lambda: throughput._offline(engine, "traced", prompts, [128] * len(prompts)),
+                                        idles=True)
+        with open(args.kernels, "w") as f:
+            json.dump({"threads": args.threads, "span_ns": span, "busiest_ns": busiest, "kernels": kernels}, f)
 
 
 if __name__ == "__main__":
