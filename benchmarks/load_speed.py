@@ -1,12 +1,13 @@
 """How fast `llmjax.load` reads a model, and what the checkpoint's layout and checksums cost it: a random
-model of `--model`'s shape written as a Hugging Face folder (`save_hf`), converted twice (`llmjax.convert`:
-each tensor in chunks of `--chunks` MiB (default: `checkpoint.CHUNK_BYTES`), and, as before the forty-first
-session, in one chunk), then loaded in turns from: each chunked checkpoint; the one-chunk checkpoint; a copy of that whose
-manifest has no checksums (as a checkpoint from before them; its `weights` folder is a link to the
-other's, so both read the same files); and the Hugging Face folder itself. Every turn after the first
-reads from the page cache.
+model of `--model`'s shape written as a Hugging Face folder (`save_hf`), converted (`llmjax.convert`) once
+for each of `--chunks` (each tensor in chunks of that many MiB; default `checkpoint.CHUNK_BYTES`) and once
+with each tensor in one chunk (as before the forty-first session), then loaded in turns from: each
+chunked checkpoint; the one-chunk checkpoint; a copy of that whose manifest has no checksums (as a
+checkpoint from before them; its `weights` folder is a link to the other's, so both read the same
+files); and the Hugging Face folder itself. Every turn after the first reads from the page cache.
 
-    PYTHONPATH=. python -P benchmarks/load_speed.py --model llama2-7b --dir /tmp/load_speed [--turns 2] [--chunks 16,64]
+    PYTHONPATH=. python -P benchmarks/load_speed.py --model llama2-7b --dir /tmp/load_speed [--turns 2]
+        [--chunks 16,64]
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main() -> None:
     del manifest[checkpoint.CHECKSUMS]
     with open(os.path.join(unsummed, checkpoint.MANIFEST), "w") as f:
         json.dump(manifest, f)
-    folders = {**{f"chunks of {mib} MiB": f for mib, f in chunked.items()}, "one chunk": one, "one chunk, no checksums": unsummed, "Hugging Face folder": hf_dir}
+    folders = {**{f"chunks of {mib} MiB": f for mib, f in chunked.items()}, "one chunk": one,
+               "one chunk, no checksums": unsummed, "Hugging Face folder": hf_dir}
     times = {kind: [] for kind in folders}
     for turn in range(args.turns + 1):  # the first turn reads the files into the page cache: not counted
         for kind, folder in folders.items():
@@ -77,7 +79,8 @@ def main() -> None:
                   flush=True)
             if turn:
                 times[kind].append(seconds)
-    gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors")) / 1e9
+    gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    gb /= 1e9
     print(f"best of {args.turns} turns ({gb:.2f} GB of weights):")
     for kind, seconds in times.items():
         print(f"  {kind:24s} {min(seconds):6.2f} s  {gb / min(seconds):5.2f} GB/s")
