@@ -13,9 +13,10 @@ after its warm pass.
 
     for t in 8 1 8 1; do PYTHONPATH=. python -P benchmarks/autotune_threads.py --threads $t; done
 
-`--kernels F`: then serve the set a third time under the profiler and save each GPU kernel's launches
-and total ns to F (JSON), to compare two runs kernel by kernel (with `LLMJAX_LOOP_GRAPH=off`, as the
-decode loop's CUDA graph hides its kernels from the trace).
+`--kernels F`: then serve the set a third time under the profiler (`kernel_profile.traced`, which
+prints the idle times between kernels) and save each GPU kernel's launches and total ns to F (JSON),
+to compare two runs kernel by kernel (with `LLMJAX_LOOP_GRAPH=off`, as the decode loop's CUDA graph
+hides its kernels from the trace).
 """
 
 from __future__ import annotations
@@ -47,17 +48,17 @@ def main() -> None:
     compile_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, params.config.vocab_size, 128).tolist() for _ in range(1000)]
-    throughput._offline(engine, "warm", prompts, [128] * len(prompts))
+    budgets = [128] * len(prompts)
+    throughput._offline(engine, "warm", prompts, budgets)
     compiled = before = engine.stats.compiled  # by the warmup, then by the warm pass's steps
-    w = throughput._offline(engine, "fixed", prompts, [128] * len(prompts))
+    w = throughput._offline(engine, "fixed", prompts, budgets)
     print(f"threads {args.threads}: {compiled} variants compiled ({compile_s:.1f} s in warmup); fixed set "
           f"{w.output_tok_s:.1f} output tok/s ({w.calls} calls, {w.seconds:.2f} s; "
           f"{engine.stats.compiled - before} variants compiled while serving)", flush=True)
     if args.kernels:
         from kernel_profile import traced
 
-        kernels, span, busiest = traced(lambda: throughput._offline(engine, "traced", prompts, [128] * len(prompts)),
-                                        idles=True)
+        kernels, span, busiest = traced(lambda: throughput._offline(engine, "traced", prompts, budgets))
         with open(args.kernels, "w") as f:
             json.dump({"threads": args.threads, "span_ns": span, "busiest_ns": busiest, "kernels": kernels}, f)
 
