@@ -356,6 +356,49 @@ def test_reading_a_folder_keeps_no_more_of_its_files_mapped_than_a_tensor(tmp_pa
     assert len(paths) > 1 and len(resident) == 11 and max(resident) - min(resident) < largest < sum(os.path.getsize(p) for p in paths) / 2
 
 
+def test_tensors_read_in_pieces_by_threads_land_where_the_name_map_puts_them(hf_dir, monkeypatch):
+    """Pieces of 999 bytes (every run of a fused slot split across them), read by 3 threads: each
+    weight equals the tensors as safetensors reads them, placed by the name map."""
+    monkeypatch.setattr(hf, "READ_PIECE", 999)
+    monkeypatch.setattr(hf, "READERS", 3)
+    config = llmjax.LlamaConfig.from_hf(hf_dir)
+    source = hf.SafetensorsFolder(str(hf_dir))
+    stored = {}
+    for path in set(source.files.values()):
+        stored.update(load_file(path))
+    expected: dict = {}
+    for e in hf.check_tensors(source, config):
+        tree = expected.setdefault(e.path[0], {})
+        array = e.to_llmjax(stored[e.hf_name])
+        if e.fused_shape is None:
+            hf._set_path(tree, e.path[1:], array)
+        else:
+            if hf._get_path(tree, e.path[1:]) is None:
+                hf._set_path(tree, e.path[1:], np.full(e.fused_shape, np.nan, array.dtype))
+            hf._get_path(tree, e.path[1:])[e.index] = array
+    got = dict(hf.iter_weight_groups(source, hf.check_tensors(source, config), "float32",
+                                     progress=False))
+    assert max(math.prod(e.hf_shape) * 4 for e in hf.check_tensors(source, config)) > 20 * 999
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for (names, a), (_, b) in zip(hf.named_leaves(got), hf.named_leaves(expected)):
+        assert a.dtype == b.dtype and np.array_equal(a, b), names
+
+
+def test_a_file_cut_short_after_its_header_was_read_is_named(tmp_path):
+    """A shard truncated while it is read (a copy still under way): the tensor past its end is refused
+    with the file's name, not read as zeros or garbage."""
+    save_hf_model(tmp_path, hf_config())
+    source = hf.SafetensorsFolder(str(tmp_path))
+    path = os.path.join(tmp_path, "model.safetensors")
+    layouts = source._layouts(path)
+    last = max(layouts, key=lambda n: layouts[n][2][1])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: cannot read tensor '{re.escape(last)}'.*corrupt or "
+                       "truncated; download it again"):
+        source.read(last)
+
+
 def test_pickles_are_refused_with_the_way_out(tmp_path, hf_dir):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "config.json").write_text((hf_dir / "config.json").read_text())
@@ -372,15 +415,15 @@ def test_unsupported_architecture_fails_before_any_work(tmp_path, hf_dir):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, hf_dir, monkeypatch):
-    reads = []
+    reads, read_into = [], hf.SafetensorsFolder.read_into
 
-    def failing_read(self, name):
+    def failing_read(self, name, out):  # every tensor is read through it, a fused weight's slots too
         reads.append(name)
         if len(reads) == 12:
             raise ValueError(f"cannot read tensor {name!r}")
-        return load_file(self.files[name])[name]
+        return read_into(self, name, out)
 
-    monkeypatch.setattr(hf.SafetensorsFolder, "read", failing_read)
+    monkeypatch.setattr(hf.SafetensorsFolder, "read_into", failing_read)
     _convert_error(hf_dir, tmp_path / "out")
     assert len(reads) == 12
 
