@@ -329,6 +329,31 @@ def test_loading_a_checkpoint_in_another_dtype_casts_each_group_as_it_is_read(tm
     assert len(held) == len(groups) and max(held) <= max(groups) < _nbytes(params.weights) // 4
 
 
+def test_calls_in_threads_keep_their_order_and_stop_at_the_first_error():
+    """`in_threads` (a tensor's pieces read): results in the items' order; on an error, the first
+    item's is raised and the calls not begun by then never run."""
+    import threading
+    import time
+
+    assert hf.in_threads(lambda i: i * i, list(range(20)), 3) == [i * i for i in range(20)]
+    started, gate = [], threading.Event()
+
+    def fn(i):
+        started.append(i)
+        if i == 3:
+            gate.wait(5)  # the later item fails first
+            raise ValueError("item 3")
+        if i == 5:
+            gate.set()
+            raise ValueError("item 5")
+        time.sleep(0.01)
+        return i
+
+    with pytest.raises(ValueError, match="item 3"):
+        hf.in_threads(fn, list(range(200)), 3)
+    assert 6 <= len(started) < 200
+
+
 def _resident_bytes_of(paths) -> int:
     """This process's resident bytes of its mappings of `paths` (Linux's /proc/self/smaps)."""
     total, counting = 0, False

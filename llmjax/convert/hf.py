@@ -117,12 +117,7 @@ class SafetensorsFolder:
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                if len(pieces) == 1 or READERS == 1:
-                    for offset, piece in pieces:
-                        _read_piece(fd, offset, piece)
-                else:
-                    with ThreadPoolExecutor(min(READERS, len(pieces))) as pool:
-                        list(pool.map(lambda p: _read_piece(fd, *p), pieces))
+                in_threads(lambda p: _read_piece(fd, *p), pieces, READERS)
             finally:
                 os.close(fd)
         except (EOFError, OSError) as e:
@@ -165,6 +160,21 @@ def _read_piece(fd: int, offset: int, piece: memoryview) -> None:
         if got == 0:
             raise EOFError(f"the file ends {len(piece) - done} bytes short of the tensor's data")
         done += got
+
+
+def in_threads(fn, items: list, threads: int) -> list:
+    """`[fn(item) for item in items]`, run by up to `threads` threads. The first item's error (in
+    `items`' order) is raised once the calls under way have ended; calls not begun by then never run."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:  # (a Ctrl-C too: the calls under way end, the rest are dropped)
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def pickled_files(folder: str) -> list[str]:
