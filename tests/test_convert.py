@@ -409,6 +409,21 @@ def test_tensors_read_in_pieces_by_threads_land_where_the_name_map_puts_them(hf_
         assert a.dtype == b.dtype and np.array_equal(a, b), names
 
 
+def test_the_runs_a_slot_is_read_into_cover_its_bytes_in_order():
+    """`read_into` fills a view of a fused weight through its contiguous runs: each run's bytes, at its
+    offset in C order, land in the view, whatever the view's strides (the last axis strided too)."""
+    base = np.zeros((3, 5, 4, 6), ml_dtypes.bfloat16)
+    for index in [(), (slice(None), slice(1, 3)), (slice(None), slice(4, 5)), (1,),
+                  (slice(None),) * 3 + (slice(None, None, 2),), (slice(None), 2, slice(None), slice(1, 2))]:
+        base[...] = 0
+        view = base[index]
+        flat = np.arange(1, view.size + 1).astype(ml_dtypes.bfloat16).view(np.uint8)  # the file's bytes, in order
+        for at, run in hf._runs(view):
+            np.frombuffer(run, np.uint8)[:] = flat[at:at + len(run)]
+        assert np.array_equal(view.reshape(-1).view(np.uint16), flat.view(np.uint16)), index
+        assert np.count_nonzero(base) == view.size, index
+
+
 def test_a_file_cut_short_after_its_header_was_read_is_named(tmp_path):
     """A shard truncated while it is read (a copy still under way): the tensor past its end is refused
     with the file's name, not read as zeros or garbage."""

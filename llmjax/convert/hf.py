@@ -132,11 +132,11 @@ class SafetensorsFolder:
                 with open(path, "rb") as f:
                     size = int.from_bytes(f.read(8), "little")
                     header = json.loads(f.read(size))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e}); download it again") from e
-            self._offsets[path] = {k: (v["dtype"], v["shape"], (8 + size + v["data_offsets"][0],
-                                                               8 + size + v["data_offsets"][1]))
-                                   for k, v in header.items() if k != "__metadata__"}
+                self._offsets[path] = {k: (v["dtype"], v["shape"], (8 + size + v["data_offsets"][0],
+                                                                   8 + size + v["data_offsets"][1]))
+                                       for k, v in header.items() if k != "__metadata__"}
+            except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # (changed since)
+                raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e!r}); download it again") from e
         return self._offsets[path]
 
 
@@ -144,11 +144,11 @@ def _runs(out: np.ndarray) -> Iterator[tuple[int, memoryview]]:
     """`out`'s memory as contiguous runs of bytes, in C order: (where a run starts in that order, the run)."""
     if out.size == 0:
         return
-    lead = 0  # the leading axes to step over, so that what is left is contiguous
-    while not out[(0,) * lead].flags.c_contiguous:
+    lead = 0  # the leading axes to step over, so that what is left is contiguous (a view: `...` keeps a
+    while not out[(0,) * lead + (...,)].flags.c_contiguous:  # single element one, where a scalar would copy)
         lead += 1
     for i, index in enumerate(np.ndindex(out.shape[:lead])):
-        run = out[index]
+        run = out[index + (...,)]
         yield i * run.nbytes, memoryview(run.reshape(-1).view(np.uint8))
 
 
