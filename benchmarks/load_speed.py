@@ -70,7 +70,7 @@ def main() -> None:
     times = {kind: [] for kind in folders}
     for turn in range(args.turns + 1):  # the first turn reads the files into the page cache: not counted
         for kind, (folder, n) in folders.items():
-            hf.READERS = n
+            hf.READERS = n or hf.READERS
             loaded, seconds = timed(llmjax.load, folder)
             del loaded
             print(f"turn {turn}: {kind:24s} {seconds:6.2f} s{'  (page cache warming)' if not turn else ''}",
@@ -80,7 +80,7 @@ def main() -> None:
     gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     gb /= 1e9
     print(f"best of {args.turns} turns ({gb:.2f} GB of weights):")
-    for kind, seconds in times.items():
+    for kind, seconds in times.items() if args.turns else ():
         print(f"  {kind:24s} {min(seconds):6.2f} s  {gb / min(seconds):5.2f} GB/s")
     if not args.keep:
         shutil.rmtree(args.dir)
@@ -90,6 +90,8 @@ def _convert(hf_dir: str, chunked: dict, one: str, unsummed: str) -> None:
     """The checkpoints: `hf_dir` converted with each chunk size of `chunked` (MiB: folder) and with one
     chunk a tensor (`one`); `unsummed`, `one` without its checksums."""
     chunk_bytes = checkpoint.CHUNK_BYTES
+    for folder in [*chunked.values(), one, unsummed]:  # (left by a run with --keep)
+        shutil.rmtree(folder, ignore_errors=True)
     for folder, chunks in [(f, mib << 20) for mib, f in chunked.items()] + [(one, None)]:
         checkpoint.CHUNK_BYTES = chunks
         _, seconds = timed(hf.convert, hf_dir, folder, progress=False)
