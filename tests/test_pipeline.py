@@ -185,6 +185,13 @@ def test_checkpoints_shard_and_perplexity_give_the_same_result(models, tmp_path)
     assert got.tokens == want.tokens and got.nll == pytest.approx(want.nll, abs=1e-5)
 
 
+def test_a_model_of_one_layer_is_refused_stages_in_its_own_words():
+    config = dataclasses.replace(llmjax.LlamaConfig.preset("tiny"), num_layers=1)
+    with pytest.raises(ValueError, match=r"^stage=2 exceeds the model's 1 layer; choose stage=1 \(a model of one "
+                       r"layer has no pipeline\)$"):
+        pipeline.layers_per_stage(config, 2)
+
+
 @needs_devices(8)
 def test_impossible_meshes_are_refused(models):
     folder = models("mha")[0]
