@@ -15,7 +15,6 @@ import dataclasses
 import errno
 import glob
 import json
-import math
 import os
 import shutil
 import sys
@@ -69,37 +68,30 @@ class SafetensorsFolder:
     def __init__(self, folder: str):
         self.folder = folder
         self.files = _tensor_files(folder)  # tensor name -> file path
-        self._handles: dict[str, object] = {}
         self._offsets: dict[str, dict] = {}
 
-    def _open(self, path: str):
-        if path not in self._handles:
-            self._handles[path] = _safe_open(path)
-        return self._handles[path]
-
     def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        handle = self._open(self.files[name])  # (a damaged file: `_safe_open` names it)
-        try:
-            sl = handle.get_slice(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); if the folder's {INDEX} "
-                             "puts it in this file, the index does not match the shards: download them again") from e
-        return tuple(sl.get_shape()), sl.get_dtype()
+        path = self.files[name]
+        if name not in self._layouts(path):
+            raise ValueError(f"{path}: cannot read tensor {name!r} (its header does not list it); if the folder's "
+                             f"{INDEX} puts it in this file, the index does not match the shards: download them again")
+        dtype, shape, _ = self._layouts(path)[name]
+        return tuple(shape), dtype
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a fresh array (`read_into`)."""
-        path = self.files[name]
-        dtype, shape, (start, stop) = self._layouts(path).get(name, (None, (), (0, 0)))
-        if dtype not in _DTYPE_OF or math.prod(shape) * np.dtype(_DTYPE_OF[dtype]).itemsize != stop - start:
-            try:  # safetensors' reader, for its errors
-                with _safe_open(path) as f:
-                    return f.get_tensor(name)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{path}: cannot read tensor {name!r} ({e}); the file is corrupt or truncated; "
-                                 "download it again") from e
-        out = np.empty(shape, _DTYPE_OF[dtype])
-        self.read_into(name, out)
-        return out
+        """The tensor as a fresh array (`read_into`); one of a dtype llmjax does not read (a tied model's
+        copy of its embedding, say), through safetensors' reader."""
+        shape, dtype = self.shape_and_dtype(name)
+        if dtype in _DTYPE_OF:
+            out = np.empty(shape, _DTYPE_OF[dtype])
+            self.read_into(name, out)
+            return out
+        try:
+            with _safe_open(self.files[name]) as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); the file is corrupt or "
+                             "truncated; download it again") from e
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         """Reads the tensor's bytes straight into `out`, an array of its stored dtype and size in any shape
@@ -126,7 +118,7 @@ class SafetensorsFolder:
 
     def _layouts(self, path: str) -> dict[str, tuple[str, list, tuple[int, int]]]:
         """`{name: (dtype, shape, (start, stop))}` of a file's tensors, from its header (byte offsets in
-        the file). safetensors has checked the header when `_tensor_files` opened the file."""
+        the file), read once. safetensors has checked the header when `_tensor_files` opened the file."""
         if path not in self._offsets:
             try:
                 with open(path, "rb") as f:
