@@ -11,8 +11,10 @@ and scales, and loading it never quantizes again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
+import functools
 import glob
 import json
 import os
@@ -21,7 +23,6 @@ import sys
 import uuid
 import warnings
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import jax
@@ -155,18 +156,24 @@ def _read_piece(fd: int, offset: int, piece: memoryview) -> None:
 
 
 def in_threads(fn, items: list, threads: int) -> list:
-    """`[fn(item) for item in items]`, run by up to `threads` threads. The first item's error (in
-    `items`' order) is raised once the calls under way have ended; calls not begun by then never run."""
+    """`[fn(item) for item in items]`, run by a pool of `threads` threads, made once (a pool for each
+    tensor started some 1,000 threads for a 7B model). The first item's error (in `items`' order) is
+    raised once the calls under way have ended; calls not begun by then never run."""
     if threads <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(min(threads, len(items))) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:  # (a Ctrl-C too: the calls under way end, the rest are dropped)
-            for future in futures:
-                future.cancel()
-            raise
+    futures = [_pool(threads).submit(fn, item) for item in items]
+    try:
+        return [future.result() for future in futures]
+    except BaseException:  # (a Ctrl-C too: the calls under way end, the rest are dropped)
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)
+        raise
+
+
+@functools.cache
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llmjax-reader")
 
 
 def pickled_files(folder: str) -> list[str]:
