@@ -68,8 +68,8 @@ def layers_per_stage(config: LlamaConfig, num_stages: int) -> int:
     """Places per stage: ceil(L / S). Stages that hold fewer layers fill the rest with padding."""
     if num_stages > config.num_layers:
         layers = config.num_layers
-        raise ValueError(f"stage={num_stages} exceeds the model's {layers} layer{'s' * (layers != 1)}; choose "
-                         + (f"at most {layers} stages" if layers > 1 else "stage=1 (a model of one layer has no pipeline)"))
+        fix = f"at most {layers} stages" if layers > 1 else "stage=1 (a model of one layer has no pipeline)"
+        raise ValueError(f"stage={num_stages} exceeds the model's {layers} layer{'s' if layers > 1 else ''}; choose {fix}")
     return -(-config.num_layers // num_stages)
 
 
